@@ -1,0 +1,73 @@
+// The optimizer behind the C ABI: life cycle (register -> finalize -> step), the
+// non-finite gradient check, step info, state inspection and checkpoints. The math lives in
+// an Engine; collectives in a Communicator.
+#ifndef MDOPT_DIST_OPT_OPTIMIZER_H_
+#define MDOPT_DIST_OPT_OPTIMIZER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "comm/communicator.h"
+#include "dist_opt/engine.h"
+#include "dist_opt/group_spec.h"
+#include "dist_opt/param_registry.h"
+
+namespace mdopt {
+
+struct OptimizerOptions {
+  enum class Kernels { kFast, kReference };
+  Kernels kernels = Kernels::kFast;
+  int threads = 0;  // 0: leave OpenMP's default
+};
+
+// "device=cpu threads=2 kernels=fast"; device=cuda:K is Unimplemented in a CPU-only build.
+absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options);
+
+struct StepResult {
+  int64_t step = 0;
+  bool skipped = false;
+  double grad_norm = 0.0;
+  double seconds = 0.0;
+  double exposed_comm_seconds = 0.0;
+  std::string skip_reason;  // which param held a non-finite gradient
+};
+
+class Optimizer {
+ public:
+  Optimizer(Communicator* comm, OptimizerOptions options);
+
+  absl::Status AddGroup(const std::string& name, absl::string_view spec);
+  absl::StatusOr<int64_t> AddParam(const ParamDescription& d);
+  absl::Status SetPointers(int64_t index, void* param, const void* grad);
+  absl::Status Finalize();
+  absl::StatusOr<StepResult> Step(double lr_scale, void* stream);
+  absl::Status Save(const std::string& dir);
+  absl::Status Load(const std::string& dir);
+
+  absl::StatusOr<int64_t> StateBytes() const;
+  absl::StatusOr<int64_t> WorkspaceBytes() const;
+  // The fields of mdopt_get_state.
+  absl::StatusOr<std::vector<double>> GetState(int64_t index, absl::string_view field) const;
+
+  int64_t steps_taken() const { return step_; }
+  const std::vector<Group>& groups() const { return groups_; }
+  const ParamRegistry& registry() const { return registry_; }
+
+ private:
+  absl::Status RequireFinalized(const char* call) const;
+
+  Communicator* comm_;
+  OptimizerOptions options_;
+  std::vector<Group> groups_;
+  ParamRegistry registry_;
+  std::unique_ptr<Engine> engine_;  // set by Finalize
+  int64_t step_ = 0;
+};
+
+}  // namespace mdopt
+
+#endif  // MDOPT_DIST_OPT_OPTIMIZER_H_

@@ -1,0 +1,77 @@
+// The tensors registered with an optimizer: names, groups, shapes, dtypes and the model's
+// buffers, validated once here so that the engines can trust them.
+#ifndef MDOPT_DIST_OPT_PARAM_REGISTRY_H_
+#define MDOPT_DIST_OPT_PARAM_REGISTRY_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "dist_opt/group_spec.h"
+#include "kernels/cpu/fast_matrix.h"
+#include "kernels/cpu/update_rule.h"
+
+namespace mdopt {
+
+using kernels::fast::Dtype;
+
+struct Group {
+  std::string name;
+  GroupSpec spec;
+};
+
+// What a caller describes (the C ABI's mdopt_param_desc, with owned strings).
+struct ParamDescription {
+  std::string name;
+  std::string group;
+  int ndim = 0;
+  int64_t shape[3] = {0, 0, 0};
+  int param_dtype = 0;  // mdopt_dtype values; checked here
+  void* param = nullptr;
+  int grad_dtype = 0;
+  const void* grad = nullptr;
+};
+
+struct ParamEntry {
+  std::string name;
+  int group = 0;
+  int ndim = 0;
+  int64_t shape[3] = {0, 0, 0};
+  Dtype param_dtype = Dtype::kF32;
+  Dtype grad_dtype = Dtype::kF32;
+  void* param = nullptr;
+  const void* grad = nullptr;
+  // As matrices: `experts` independent m x n matrices (1-D: one 1 x len matrix).
+  int64_t experts = 1, m = 1, n = 1;
+  // The group's rule made to fit the tensor (1-D: no sphere, no gains).
+  kernels::UpdateRule rule;
+  bool preserve_init = false;
+
+  int64_t numel() const { return experts * m * n; }
+  size_t param_elem_bytes() const { return param_dtype == Dtype::kF32 ? 4 : 2; }
+  size_t grad_elem_bytes() const { return grad_dtype == Dtype::kF32 ? 4 : 2; }
+};
+
+class ParamRegistry {
+ public:
+  // Validates d against the groups and appends it; returns its index.
+  absl::StatusOr<int64_t> Add(const ParamDescription& d, const std::vector<Group>& groups);
+  absl::Status SetPointers(int64_t index, void* param, const void* grad);
+  absl::StatusOr<int64_t> Find(const std::string& name) const;
+  const std::vector<ParamEntry>& params() const { return params_; }
+  int64_t size() const { return static_cast<int64_t>(params_.size()); }
+
+ private:
+  std::vector<ParamEntry> params_;
+  absl::flat_hash_map<std::string, int64_t> by_name_;
+};
+
+// Names of params and groups: 1..256 printable characters, no whitespace (they go into
+// checkpoint manifests as single tokens).
+absl::Status ValidateName(const char* what, const std::string& name);
+
+}  // namespace mdopt
+
+#endif  // MDOPT_DIST_OPT_PARAM_REGISTRY_H_

@@ -1,0 +1,138 @@
+// The float64 engine: kernels/cpu/reference.h on whole matrices, one plain pass per step of
+// the math. It is the oracle the fast engine is tested against and the baseline mdopt-bench
+// reports ratios to. One rank only: it never shards.
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "dist_opt/engine.h"
+#include "kernels/cpu/bf16.h"
+#include "kernels/cpu/reference.h"
+
+namespace mdopt {
+namespace {
+
+namespace ref = kernels::ref;
+
+class ReferenceEngine final : public Engine {
+ public:
+  ReferenceEngine(const std::vector<ParamEntry>* params, Communicator* comm)
+      : params_(*params), comm_(comm) {}
+
+  absl::Status Init() override;
+  double GradSumSq(int64_t index) const override;
+  absl::Status Step(double lr_scale, int64_t t) override;
+  std::vector<StateArray> State(int64_t index, int64_t expert) override;
+  void WriteModels() override;
+  int64_t WorkspaceBytes() const override { return 0; }
+  const char* name() const override { return "reference"; }
+
+ private:
+  // Element q of expert e of a param's tensor (model or gradient) as double.
+  static double Load(const void* base, Dtype dt, int64_t q) {
+    return dt == Dtype::kF32 ? static_cast<const float*>(base)[q]
+                             : kernels::Bf16ToFloat(static_cast<const uint16_t*>(base)[q]);
+  }
+  void WriteModel(int64_t index, int64_t expert);
+
+  const std::vector<ParamEntry>& params_;
+  Communicator* comm_;
+  std::vector<std::vector<ref::MatrixState>> st_;  // [param][expert]
+  std::vector<double> g_;                          // gradient of one matrix, as double
+};
+
+absl::Status ReferenceEngine::Init() {
+  if (comm_->size() != 1) {
+    return absl::UnimplementedError("kernels=reference runs on one rank only");
+  }
+  std::vector<std::vector<ref::MatrixState>> st(params_.size());
+  std::vector<double> w0;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const ParamEntry& p = params_[i];
+    st[i].resize(static_cast<size_t>(p.experts));
+    const int64_t mn = p.m * p.n;
+    w0.resize(static_cast<size_t>(mn));
+    for (int64_t e = 0; e < p.experts; ++e) {
+      for (int64_t q = 0; q < mn; ++q) w0[q] = Load(p.param, p.param_dtype, e * mn + q);
+      const int64_t bad = ref::Init(p.rule, p.m, p.n, w0.data(), !p.preserve_init, &st[i][e]);
+      if (bad >= 0) return absl::InvalidArgumentError(ZeroSliceMessage(p, e, bad));
+    }
+  }
+  st_ = std::move(st);
+  WriteModels();
+  return absl::OkStatus();
+}
+
+double ReferenceEngine::GradSumSq(int64_t index) const {
+  const ParamEntry& p = params_[index];
+  double total = 0.0;
+  for (int64_t q = 0; q < p.numel(); ++q) {
+    const double g = Load(p.grad, p.grad_dtype, q);
+    total += g * g;
+  }
+  return total;
+}
+
+absl::Status ReferenceEngine::Step(double lr_scale, int64_t t) {
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const ParamEntry& p = params_[i];
+    const int64_t mn = p.m * p.n;
+    g_.resize(static_cast<size_t>(mn));
+    for (int64_t e = 0; e < p.experts; ++e) {
+      for (int64_t q = 0; q < mn; ++q) g_[q] = Load(p.grad, p.grad_dtype, e * mn + q);
+      ref::Step(p.rule, g_.data(), p.rule.lr * lr_scale, p.rule.gain_lr * lr_scale, t, &st_[i][e]);
+      WriteModel(static_cast<int64_t>(i), e);
+    }
+  }
+  return absl::OkStatus();
+}
+
+void ReferenceEngine::WriteModel(int64_t index, int64_t e) {
+  const ParamEntry& p = params_[index];
+  const std::vector<double>& w = st_[index][e].w;
+  const int64_t off = e * p.m * p.n;
+  for (size_t q = 0; q < w.size(); ++q) {
+    const float f = static_cast<float>(w[q]);
+    if (p.param_dtype == Dtype::kF32) {
+      static_cast<float*>(p.param)[off + q] = f;
+    } else {
+      static_cast<uint16_t*>(p.param)[off + q] = kernels::FloatToBf16(f);
+    }
+  }
+}
+
+void ReferenceEngine::WriteModels() {
+  for (size_t i = 0; i < params_.size(); ++i)
+    for (int64_t e = 0; e < params_[i].experts; ++e) WriteModel(static_cast<int64_t>(i), e);
+}
+
+std::vector<StateArray> ReferenceEngine::State(int64_t index, int64_t e) {
+  ref::MatrixState& s = st_[index][e];
+  std::vector<StateArray> out;
+  auto add = [&](const char* name, std::vector<double>& vec) {
+    if (!vec.empty()) out.push_back({name, vec.data(), static_cast<int64_t>(vec.size()), 8, false});
+  };
+  add("master", s.w);
+  add("momentum", s.momentum);
+  add("exp_avg", s.exp_avg);
+  add("exp_avg_sq", s.exp_avg_sq);
+  add("row_raw", s.row.raw);
+  add("row_exp_avg", s.row.exp_avg);
+  add("row_exp_avg_sq", s.row.exp_avg_sq);
+  add("col_raw", s.col.raw);
+  add("col_exp_avg", s.col.exp_avg);
+  add("col_exp_avg_sq", s.col.exp_avg_sq);
+  add("scalar_raw", s.scalar.raw);
+  add("scalar_exp_avg", s.scalar.exp_avg);
+  add("scalar_exp_avg_sq", s.scalar.exp_avg_sq);
+  add("radius", s.radius);
+  return out;
+}
+
+}  // namespace
+
+std::unique_ptr<Engine> MakeReferenceEngine(const std::vector<ParamEntry>* params,
+                                            Communicator* comm) {
+  return std::make_unique<ReferenceEngine>(params, comm);
+}
+
+}  // namespace mdopt

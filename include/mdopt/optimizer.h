@@ -1,0 +1,111 @@
+/* mdopt: the Magnitude-Direction optimizer (arXiv 2606.25971) behind a C ABI.
+ *
+ * Life cycle: mdopt_create -> mdopt_add_group* -> mdopt_add_param* -> mdopt_finalize
+ *             -> (mdopt_step | mdopt_save | mdopt_load | mdopt_set_pointers)* -> mdopt_destroy
+ * Every call returns an mdopt_status; on failure mdopt_last_error() names what is wrong
+ * and the optimizer is left exactly as it was before the call. */
+#ifndef MDOPT_OPTIMIZER_H_
+#define MDOPT_OPTIMIZER_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "mdopt/comm.h"
+#include "mdopt/export.h"
+#include "mdopt/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct mdopt_optimizer mdopt_optimizer;
+
+/* Element types of parameters and gradients. bf16 is stored as uint16_t (the top half of
+ * an IEEE float32); mdopt rounds to it with round-to-nearest-even. */
+typedef enum { MDOPT_DTYPE_F32 = 0, MDOPT_DTYPE_BF16 = 1 } mdopt_dtype;
+
+/* One tensor of the model. W is row-major; a 2-D tensor is d_out x d_in (shape[0] rows),
+ * a 3-D tensor is a stack of shape[0] independent shape[1] x shape[2] matrices (MoE
+ * experts), a 1-D tensor is a vector (no sphere, no gains). Unused shape entries are
+ * ignored. Pointers are host memory for device=cpu. Set struct_size = sizeof(mdopt_param_desc). */
+typedef struct {
+  size_t struct_size;
+  const char* name;  /* unique within the optimizer; copied */
+  const char* group; /* a group added with mdopt_add_group; copied */
+  int ndim;          /* 1, 2 or 3 */
+  int64_t shape[3];
+  mdopt_dtype param_dtype;
+  void* param; /* the model's tensor; mdopt writes the updated weights here */
+  mdopt_dtype grad_dtype;
+  const void* grad; /* the data-parallel mean gradient, same shape */
+} mdopt_param_desc;
+
+/* What a step did. Set struct_size = sizeof(mdopt_step_info) before the call. */
+typedef struct {
+  size_t struct_size;
+  int64_t step;                /* steps taken so far, skipped steps excluded */
+  int skipped;                 /* 1 when non-finite gradients made this call skip */
+  double grad_norm;            /* global L2 norm of all gradients (NaN/Inf when skipped) */
+  double seconds;              /* wall time of the call */
+  double exposed_comm_seconds; /* communication not hidden behind compute (0 on one rank) */
+} mdopt_step_info;
+
+/* options: space-separated key=value, all optional:
+ *   device=cpu (default) | cuda:K      threads=N (OpenMP threads; default: the OpenMP default)
+ *   kernels=fast (default) | reference (the float64 unfused oracle, for tests and benchmarks) */
+MDOPT_API mdopt_status mdopt_create(mdopt_comm* comm, const char* options, mdopt_optimizer** out);
+
+/* A named parameter group; spec = "preset=<name> key=value ...", see docs/ABI.md. */
+MDOPT_API mdopt_status mdopt_add_group(mdopt_optimizer* opt, const char* name, const char* spec);
+
+/* Registers a tensor; *index_out (may be NULL) receives its index, 0, 1, 2, ... in order. */
+MDOPT_API mdopt_status mdopt_add_param(mdopt_optimizer* opt, const mdopt_param_desc* desc,
+                                       int64_t* index_out);
+
+/* Points a registered parameter at new buffers (same shape and dtypes). For f32 parameters
+ * the param buffer is the master copy: it must hold the current weights. */
+MDOPT_API mdopt_status mdopt_set_pointers(mdopt_optimizer* opt, int64_t index, void* param,
+                                          const void* grad);
+
+/* Ends registration, allocates state and projects matrices onto their spheres
+ * (unless the group says preserve_init=1), writing the projected weights to the params. */
+MDOPT_API mdopt_status mdopt_finalize(mdopt_optimizer* opt);
+
+/* One optimizer step with every group's lr (and gain_lr) multiplied by lr_scale.
+ * stream: a cudaStream_t for device=cuda:K, NULL on the CPU. info_or_null may be NULL.
+ * Non-finite gradients skip the step: nothing changes, info->skipped = 1, the call
+ * returns MDOPT_SUCCESS and mdopt_last_error() names the first offending parameter. */
+MDOPT_API mdopt_status mdopt_step(mdopt_optimizer* opt, double lr_scale, void* stream,
+                                  mdopt_step_info* info_or_null);
+
+/* Checkpoints: a directory with a manifest and one state file per rank (see docs/ABI.md).
+ * save writes atomically (temporary names, fsync, rename); load verifies checksums, format
+ * version and layout before it changes anything, then restores the state and writes the
+ * restored weights to the params. */
+MDOPT_API mdopt_status mdopt_save(mdopt_optimizer* opt, const char* dir);
+MDOPT_API mdopt_status mdopt_load(mdopt_optimizer* opt, const char* dir);
+
+/* Bytes of optimizer state this rank holds (master copies, moments, gains, radii),
+ * excluding the model's own tensors and transient workspace. Valid after finalize. */
+MDOPT_API mdopt_status mdopt_state_bytes(const mdopt_optimizer* opt, int64_t* bytes);
+
+/* Bytes of transient workspace (Newton-Schulz buffers, partial sums) this rank holds. */
+MDOPT_API mdopt_status mdopt_workspace_bytes(const mdopt_optimizer* opt, int64_t* bytes);
+
+/* Reads one part of a parameter's state as float64, for inspection and logging.
+ * field: "master" (the weights, numel), "direction" (W / gains, numel),
+ *        "gain_row" (E*d_out), "gain_col" (E*d_in), "gain_scalar" (E) (effective gains),
+ *        "radius" (one per sphere slice). count must equal the field's length;
+ * *count_out (may be NULL) receives the length (call with out = NULL to query it). */
+MDOPT_API mdopt_status mdopt_get_state(const mdopt_optimizer* opt, int64_t index,
+                                       const char* field, double* out, int64_t count,
+                                       int64_t* count_out);
+
+/* Frees the optimizer. NULL is accepted and ignored. */
+MDOPT_API mdopt_status mdopt_destroy(mdopt_optimizer* opt);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MDOPT_OPTIMIZER_H_ */

@@ -1,0 +1,107 @@
+// The float32 fast path for one matrix's rows: the step of DESIGN.md section 1 split into
+// the fused passes of section 3 so that a sharded caller can put communication between
+// them. Each pass runs OpenMP over a fixed partition of the rows (row_ranges.h), and every
+// sum is accumulated in float64 per range and combined in range order, so results do not
+// depend on the number of threads and a checkpointed run continues bit for bit.
+//
+// Order for one step (the caller sums the "cross-row" partials over ranks in between):
+//   [RadialDots]  (tangent=1 only)     -> cross-row: radial dot products
+//   Pass1                               -> muon: X for Newton-Schulz; adamw: D' written to w
+//   [NewtonSchulz on X, then Pass2]     (muon only) -> D' written to w
+//   -> cross-row: column-gain and scalar-gain gradients, squared norms of frobenius/col slices
+//   StepGains, then Finish              -> W = g_row (x) project(D') (x) g_col, model copy
+#ifndef MDOPT_KERNELS_CPU_FAST_MATRIX_H_
+#define MDOPT_KERNELS_CPU_FAST_MATRIX_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels/cpu/update_rule.h"
+
+namespace mdopt::kernels::fast {
+
+enum class Dtype { kF32, kBf16 };
+
+// Raw gains and their Adam moments (float32 state).
+struct GainRefs {
+  float* raw = nullptr;
+  float* exp_avg = nullptr;
+  float* exp_avg_sq = nullptr;
+};
+
+// Rows [row_begin, row_begin + rows) of one m x n matrix. Row-indexed pointers (w, states,
+// row gains, row radii, model, grad) point at row_begin; column-indexed ones at column 0.
+struct MatrixView {
+  int64_t m = 0, n = 0;
+  int64_t row_begin = 0, rows = 0;
+  float* w = nullptr;       // master weights; may be the model's own f32 tensor
+  float* state0 = nullptr;  // muon momentum | adam exp_avg
+  float* state1 = nullptr;  // adam exp_avg_sq
+  GainRefs row, col, scalar;
+  const float* radius = nullptr;  // frobenius: 1 value; row: `rows`; col: n
+  void* model = nullptr;          // the model's tensor when it is not w itself
+  Dtype model_dtype = Dtype::kF32;
+  const void* grad = nullptr;
+  Dtype grad_dtype = Dtype::kF32;
+};
+
+// Step-wide numbers of one matrix: the schedule applied to the rule.
+struct StepScalars {
+  double lr = 0.0;       // rule.lr * lr_scale
+  double gain_lr = 0.0;  // rule.gain_lr * lr_scale
+  int64_t t = 1;         // 1-based count of taken steps, for bias correction
+};
+
+// Sums one step accumulates. "Cross-row" entries are partial over this view's rows and
+// must be summed over all row blocks of the matrix before they are used.
+struct Partials {
+  std::vector<double> row_grad;    // d loss / d gamma_row, `rows` entries (exact)
+  std::vector<double> col_grad;    // d loss / d gamma_col, n entries (cross-row)
+  std::vector<double> scalar_grad; // 1 entry (cross-row)
+  std::vector<double> slice_sq;    // ||D'||^2 per slice: frobenius 1 / col n (cross-row), row `rows`
+  std::vector<double> radial_dot;  // tangent: <G_D, D> per slice (frobenius/col cross-row)
+  std::vector<double> radial_dd;   // tangent: <D, D> per slice
+};
+
+// Sizes the partials for the rule and view, all zero.
+void ResetPartials(const UpdateRule& rule, const MatrixView& v, Partials* p);
+
+// The cross-row parts of p in one contiguous list (for one all-reduce), and back.
+void PackCrossRow(const UpdateRule& rule, const Partials& p, std::vector<double>* out);
+void UnpackCrossRow(const UpdateRule& rule, const double* in, Partials* p);
+int64_t CrossRowCount(const UpdateRule& rule, const MatrixView& v);
+
+// tangent=1: <G_D, D> and <D, D> per slice into p.
+void RadialDots(const UpdateRule& rule, const MatrixView& v, Partials* p);
+
+// Recovers D, accumulates gain gradients, forms G_D (tangent-corrected when asked) and runs
+// the base optimizer's elementwise part. muon: writes X (rows x n) for Newton-Schulz and
+// updates the momentum. adamw: updates the moments and writes D' into v.w.
+void Pass1(const UpdateRule& rule, const MatrixView& v, const StepScalars& s, float* x,
+           Partials* p);
+
+// muon: D' = D (1 - lr wd) - lr * scale * O into v.w, where O (rows x n) is NS(X).
+void Pass2(const UpdateRule& rule, const MatrixView& v, const StepScalars& s, const float* o,
+           Partials* p);
+
+// Adam on the raw gains from the (all-reduced) gain gradients in p.
+void StepGains(const UpdateRule& rule, const MatrixView& v, const StepScalars& s,
+               const Partials& p);
+
+// Projects D' (in v.w) with the (all-reduced) slice norms, multiplies the new gains back in
+// and writes the master and the model copy. Does nothing to v.w when the rule has neither
+// sphere nor gains (then Pass1/Pass2 already wrote W), but still writes a separate model copy.
+void Finish(const UpdateRule& rule, const MatrixView& v, const Partials& p);
+
+// ||slice||^2 of v.w into p->slice_sq (frobenius/col: partial over this view's rows).
+void SliceSquares(const UpdateRule& rule, const MatrixView& v, Partials* p);
+
+// Writes the model copy from v.w (after init or a checkpoint load).
+void WriteModel(const MatrixView& v);
+
+// Sum of squares of the gradient rows, in float64 (NaN/Inf propagate: the finite check).
+double GradSumSq(const MatrixView& v);
+
+}  // namespace mdopt::kernels::fast
+
+#endif  // MDOPT_KERNELS_CPU_FAST_MATRIX_H_

@@ -1,0 +1,32 @@
+// Newton-Schulz orthogonalisation in float32 on a BLAS (OpenBLAS): the symmetric products
+// X X^T and A A go through ssyrk (half the flops of a GEMM), B X through sgemm. Tall
+// matrices are handled as X <- a X + X (b A + c A^2) with A = X^T X, so nothing is transposed.
+#ifndef MDOPT_KERNELS_CPU_NEWTON_SCHULZ_H_
+#define MDOPT_KERNELS_CPU_NEWTON_SCHULZ_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels/cpu/update_rule.h"
+
+namespace mdopt::kernels::fast {
+
+// Reusable buffers, grown to the largest matrix seen; one per concurrent caller.
+class NsWorkspace {
+ public:
+  // Bytes currently held.
+  int64_t bytes() const;
+  // Makes room for an m x n matrix.
+  void Reserve(int64_t m, int64_t n);
+
+ private:
+  friend float* NewtonSchulz(NsCoeffSet, int, int64_t, int64_t, float*, NsWorkspace*);
+  std::vector<float> y_, a_, b_;
+};
+
+// Runs NS on x (m x n, overwritten). Returns where O is: x itself or a workspace buffer.
+float* NewtonSchulz(NsCoeffSet set, int steps, int64_t m, int64_t n, float* x, NsWorkspace* ws);
+
+}  // namespace mdopt::kernels::fast
+
+#endif  // MDOPT_KERNELS_CPU_NEWTON_SCHULZ_H_

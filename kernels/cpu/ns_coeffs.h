@@ -1,0 +1,23 @@
+// Newton-Schulz coefficient sets: one (a, b, c) per iteration of
+//   X <- a X + (b A + c A^2) X,  A = X X^T.
+#ifndef MDOPT_KERNELS_CPU_NS_COEFFS_H_
+#define MDOPT_KERNELS_CPU_NS_COEFFS_H_
+
+#include "kernels/cpu/update_rule.h"
+
+namespace mdopt::kernels {
+
+struct NsTuple {
+  double a, b, c;
+};
+
+// The tuple of iteration k (0-based). A set used for more iterations than it has tuples
+// repeats its last tuple (DESIGN.md section 1).
+NsTuple NsCoefficients(NsCoeffSet set, int k);
+
+// Newton-Schulz normalises its input by ||X||_F + kNsNormEps first.
+inline constexpr double kNsNormEps = 1e-7;
+
+}  // namespace mdopt::kernels
+
+#endif  // MDOPT_KERNELS_CPU_NS_COEFFS_H_

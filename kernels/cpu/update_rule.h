@@ -1,0 +1,63 @@
+// The math of one parameter's update, as plain values: what DESIGN.md section 1 calls a
+// group's spec after parsing. Kernels read only this; parsing lives in dist_opt.
+#ifndef MDOPT_KERNELS_CPU_UPDATE_RULE_H_
+#define MDOPT_KERNELS_CPU_UPDATE_RULE_H_
+
+#include <cstdint>
+
+namespace mdopt::kernels {
+
+enum class Base { kAdamW, kMuon };
+enum class Sphere { kNone, kFrobenius, kRow, kCol };
+enum class Gains { kNone, kScalar, kRow, kCol, kRowCol };
+enum class GainParam { kSoftplus, kDirect, kExp };
+enum class MuonScale { kRatio, kMax1, kRms, kNone };
+enum class RadiusMode { kAuto, kInit, kValue };
+enum class NsCoeffSet { kQuintic, kJordan, kPolarExpress };
+
+struct UpdateRule {
+  Base base = Base::kMuon;
+  Sphere sphere = Sphere::kFrobenius;
+  RadiusMode radius_mode = RadiusMode::kAuto;
+  double radius_value = 0.0;  // used when radius_mode == kValue
+  Gains gains = Gains::kRowCol;
+  GainParam gain_param = GainParam::kSoftplus;
+  double lr = 8e-3;
+  double gain_lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double momentum = 0.95;
+  bool nesterov = true;
+  int ns_steps = 5;
+  NsCoeffSet ns_coeffs = NsCoeffSet::kQuintic;
+  MuonScale muon_scale = MuonScale::kRatio;
+  double weight_decay = 0.0;
+  bool tangent = false;
+};
+
+inline bool HasRowGains(Gains g) { return g == Gains::kRow || g == Gains::kRowCol; }
+inline bool HasColGains(Gains g) { return g == Gains::kCol || g == Gains::kRowCol; }
+inline bool HasScalarGain(Gains g) { return g == Gains::kScalar; }
+
+// Number of sphere slices of one m x n matrix: 1 (frobenius), m (row), n (col), 0 (none).
+inline int64_t SphereSlices(Sphere s, int64_t m, int64_t n) {
+  switch (s) {
+    case Sphere::kFrobenius: return 1;
+    case Sphere::kRow: return m;
+    case Sphere::kCol: return n;
+    case Sphere::kNone: return 0;
+  }
+  return 0;
+}
+
+// The radius that `radius=auto` means (DESIGN.md section 1, step 6): the Frobenius norm of
+// a 1/sqrt(d) init for the whole matrix, unit rows/columns for row/col spheres.
+double AutoRadius(Sphere s, int64_t m, int64_t n);
+
+// Shape factor s of U = s * NS(X) for an m x n matrix.
+double MuonScaleFactor(MuonScale s, int64_t m, int64_t n);
+
+}  // namespace mdopt::kernels
+
+#endif  // MDOPT_KERNELS_CPU_UPDATE_RULE_H_

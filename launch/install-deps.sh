@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs everything mdopt needs to build and test on a fresh Debian machine (run as root).
+# Idempotent: apt-get install -y skips what is present; apt-get update runs once per day.
+set -euo pipefail
+
+pkgs=(
+  build-essential cmake pkg-config git
+  libabsl-dev libcli11-dev libgtest-dev libgmock-dev
+  libopenblas-openmp-dev libomp-dev
+  nlohmann-json3-dev
+)
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  stamp=/var/lib/apt/periodic/mdopt-update-stamp
+  if [ ! -f "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440 2>/dev/null)" ]; then
+    $SUDO apt-get update
+    $SUDO mkdir -p "$(dirname "$stamp")" && $SUDO touch "$stamp"
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+echo "mdopt: dependencies present"

@@ -1,0 +1,5 @@
+#include <gtest/gtest.h>
+#include "test_util.h"
+namespace mdopt { namespace {
+TEST(Placeholder, Builds) {}
+}}

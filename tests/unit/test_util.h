@@ -1,0 +1,172 @@
+// Shared helpers for mdopt's tests: the reference vectors, random tensors, and an optimizer
+// driven through the C ABI with its own parameter and gradient buffers.
+#ifndef MDOPT_TESTS_UNIT_TEST_UTIL_H_
+#define MDOPT_TESTS_UNIT_TEST_UTIL_H_
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/bf16.h"
+#include "mdopt/mdopt.h"
+#include "nlohmann/json.hpp"
+
+namespace mdopt::testing {
+
+inline nlohmann::json LoadVectors() {
+  std::ifstream in(std::string(MDOPT_TEST_DATA_DIR) + "/md-vectors.json");
+  EXPECT_TRUE(in.good()) << "cannot open md-vectors.json";
+  return nlohmann::json::parse(in);
+}
+
+// Deterministic normal samples.
+inline std::vector<double> RandomNormal(size_t n, uint64_t seed, double scale = 1.0) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> dist(0.0, scale);
+  std::vector<double> v(n);
+  for (double& x : v) x = dist(rng);
+  return v;
+}
+
+// max |a - b| / max |b| (0 when both are zero).
+inline double RelMaxError(const std::vector<double>& a, const std::vector<double>& b) {
+  double err = 0.0, ref = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    err = std::max(err, std::abs(a[i] - b[i]));
+    ref = std::max(ref, std::abs(b[i]));
+  }
+  return ref > 0.0 ? err / ref : err;
+}
+
+#define MDOPT_ASSERT_OK(call)                                                   \
+  do {                                                                          \
+    mdopt_status _s = (call);                                                   \
+    ASSERT_EQ(_s, MDOPT_SUCCESS) << #call << ": " << mdopt_status_string(_s)    \
+                                 << ": " << mdopt_last_error();                 \
+  } while (0)
+
+// One tensor as a test registers it.
+struct TensorSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+  mdopt_dtype param_dtype = MDOPT_DTYPE_F32;
+  mdopt_dtype grad_dtype = MDOPT_DTYPE_F32;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    return n;
+  }
+};
+
+// Buffers of one tensor in the dtype the optimizer sees.
+struct Buffers {
+  std::vector<float> param_f32, grad_f32;
+  std::vector<uint16_t> param_bf16, grad_bf16;
+  void* param() { return param_f32.empty() ? static_cast<void*>(param_bf16.data()) : param_f32.data(); }
+  const void* grad() const {
+    return grad_f32.empty() ? static_cast<const void*>(grad_bf16.data()) : grad_f32.data();
+  }
+};
+
+inline void Fill(const std::vector<double>& v, mdopt_dtype dt, std::vector<float>* f,
+                 std::vector<uint16_t>* h) {
+  f->clear();
+  h->clear();
+  for (double x : v) {
+    if (dt == MDOPT_DTYPE_F32) {
+      f->push_back(static_cast<float>(x));
+    } else {
+      h->push_back(kernels::FloatToBf16(static_cast<float>(x)));
+    }
+  }
+}
+
+// An optimizer with one group and its tensors, all through the C ABI.
+class AbiHarness {
+ public:
+  AbiHarness(const std::string& options, const std::string& spec,
+             const std::vector<TensorSpec>& tensors, uint64_t seed)
+      : tensors_(tensors), bufs_(tensors.size()) {
+    EXPECT_EQ(mdopt_comm_create_local(&comm_), MDOPT_SUCCESS);
+    EXPECT_EQ(mdopt_create(comm_, options.c_str(), &opt_), MDOPT_SUCCESS) << mdopt_last_error();
+    EXPECT_EQ(mdopt_add_group(opt_, "g", spec.c_str()), MDOPT_SUCCESS) << mdopt_last_error();
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const TensorSpec& t = tensors[i];
+      // Weights of a 1/sqrt(d_in) init, so that spheres and gains see realistic norms.
+      const double scale = 1.0 / std::sqrt(static_cast<double>(t.shape.back()));
+      Fill(RandomNormal(t.numel(), seed * 1000 + i, scale), t.param_dtype,
+           &bufs_[i].param_f32, &bufs_[i].param_bf16);
+      Fill(std::vector<double>(t.numel(), 0.0), t.grad_dtype, &bufs_[i].grad_f32,
+           &bufs_[i].grad_bf16);
+      mdopt_param_desc d{};
+      d.struct_size = sizeof d;
+      d.name = t.name.c_str();
+      d.group = "g";
+      d.ndim = static_cast<int>(t.shape.size());
+      for (size_t k = 0; k < t.shape.size(); ++k) d.shape[k] = t.shape[k];
+      d.param_dtype = t.param_dtype;
+      d.param = bufs_[i].param();
+      d.grad_dtype = t.grad_dtype;
+      d.grad = bufs_[i].grad();
+      EXPECT_EQ(mdopt_add_param(opt_, &d, nullptr), MDOPT_SUCCESS) << mdopt_last_error();
+    }
+  }
+  ~AbiHarness() {
+    mdopt_destroy(opt_);
+    mdopt_comm_destroy(comm_);
+  }
+  AbiHarness(const AbiHarness&) = delete;
+  AbiHarness& operator=(const AbiHarness&) = delete;
+
+  mdopt_optimizer* opt() { return opt_; }
+  size_t size() const { return tensors_.size(); }
+  const TensorSpec& tensor(size_t i) const { return tensors_[i]; }
+  Buffers& buffers(size_t i) { return bufs_[i]; }
+
+  // Gradients for a step: deterministic in (seed, step, tensor).
+  void SetGradients(uint64_t seed, int step) {
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      const std::vector<double> g = RandomNormal(tensors_[i].numel(), seed * 7919 + step * 131 + i, 0.1);
+      const mdopt_dtype dt = tensors_[i].grad_dtype;
+      for (size_t k = 0; k < g.size(); ++k) {
+        if (dt == MDOPT_DTYPE_F32) {
+          bufs_[i].grad_f32[k] = static_cast<float>(g[k]);
+        } else {
+          bufs_[i].grad_bf16[k] = kernels::FloatToBf16(static_cast<float>(g[k]));
+        }
+      }
+    }
+  }
+
+  std::vector<double> State(size_t i, const char* field) {
+    int64_t n = 0;
+    EXPECT_EQ(mdopt_get_state(opt_, static_cast<int64_t>(i), field, nullptr, 0, &n), MDOPT_SUCCESS)
+        << field << ": " << mdopt_last_error();
+    std::vector<double> v(static_cast<size_t>(n));
+    EXPECT_EQ(mdopt_get_state(opt_, static_cast<int64_t>(i), field, v.data(), n, nullptr), MDOPT_SUCCESS);
+    return v;
+  }
+
+  // The model's tensor as doubles.
+  std::vector<double> Model(size_t i) {
+    std::vector<double> v;
+    for (float f : bufs_[i].param_f32) v.push_back(f);
+    for (uint16_t h : bufs_[i].param_bf16) v.push_back(kernels::Bf16ToFloat(h));
+    return v;
+  }
+
+ private:
+  std::vector<TensorSpec> tensors_;
+  std::vector<Buffers> bufs_;
+  mdopt_comm* comm_ = nullptr;
+  mdopt_optimizer* opt_ = nullptr;
+};
+
+}  // namespace mdopt::testing
+
+#endif  // MDOPT_TESTS_UNIT_TEST_UTIL_H_
