@@ -4,7 +4,7 @@
 set -euo pipefail
 
 pkgs=(
-  build-essential cmake pkg-config git
+  build-essential cmake pkg-config git python3
   libabsl-dev libcli11-dev libgtest-dev libgmock-dev
   libopenblas-openmp-dev libomp-dev
   nlohmann-json3-dev

@@ -118,6 +118,7 @@ inline void AccumulateRowSq(Sphere sphere, const float* dn, int64_t n, int64_t k
     return;
   }
   double s = 0.0;
+#pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) s += static_cast<double>(dn[j]) * dn[j];
   if (sphere == Sphere::kRow) {
     p->slice_sq[i] = s;
@@ -216,6 +217,95 @@ void RadialDots(const UpdateRule& r, const MatrixView& v, Partials* p) {
   }
 }
 
+namespace {
+
+// Row kernels of Pass1. Each is one branch-free loop so that it vectorises; the row stays
+// in L1/L2 between them. D_ij = w_ij * inv_row * inv_col_j; the gains' gradients need
+// dg = D (.) G; the direction's gradient is G_D = G * row_scale * col_j.
+
+// Gain-gradient sums of one row: sum_j dg*col_j (row gain), sum_j dg (scalar gain) and, when
+// col_acc is given, col_acc_j += dg * row_gain (column gains).
+void GainGradRow(const float* __restrict w, const float* __restrict g,
+                 const float* __restrict inv_col, const float* __restrict col, float inv_row,
+                 float row_gain, int64_t n, double* __restrict col_acc, double* acc_row,
+                 double* acc_scalar) {
+  double ar = 0.0, as = 0.0;
+  if (col_acc != nullptr) {
+#pragma omp simd reduction(+ : ar, as)
+    for (int64_t j = 0; j < n; ++j) {
+      const float dg = w[j] * inv_row * inv_col[j] * g[j];
+      ar += static_cast<double>(dg * col[j]);
+      as += static_cast<double>(dg);
+      col_acc[j] += static_cast<double>(dg * row_gain);
+    }
+  } else {
+#pragma omp simd reduction(+ : ar, as)
+    for (int64_t j = 0; j < n; ++j) {
+      const float dg = w[j] * inv_row * inv_col[j] * g[j];
+      ar += static_cast<double>(dg * col[j]);
+      as += static_cast<double>(dg);
+    }
+  }
+  *acc_row = ar;
+  *acc_scalar = as;
+}
+
+// G_D of one row into gd, minus the radial part coef_row * coef_col_j * D_ij when tangent.
+void DirectionGradRow(const float* __restrict w, const float* __restrict g,
+                      const float* __restrict inv_col, const float* __restrict col,
+                      float inv_row, float row_scale, const float* __restrict coef_col,
+                      float coef_row, int64_t n, float* __restrict gd) {
+  if (coef_col != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j)
+      gd[j] = g[j] * row_scale * col[j] - coef_row * coef_col[j] * (w[j] * inv_row * inv_col[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) gd[j] = g[j] * row_scale * col[j];
+  }
+}
+
+// Muon momentum and the Newton-Schulz input.
+void MuonRow(const float* __restrict gd, float mu, bool nesterov, int64_t n,
+             float* __restrict buf, float* __restrict x) {
+  if (nesterov) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float b = mu * buf[j] + gd[j];
+      buf[j] = b;
+      x[j] = gd[j] + mu * b;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float b = mu * buf[j] + gd[j];
+      buf[j] = b;
+      x[j] = b;
+    }
+  }
+}
+
+struct AdamScalars {
+  float b1, b2, omb1, omb2, ibc1, ibc2, eps, lr, wdf;
+};
+
+// Adam moments and D' = D (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps), written over w.
+void AdamRow(const float* __restrict gd, const float* __restrict inv_col, float inv_row,
+             const AdamScalars& a, int64_t n, float* __restrict m1, float* __restrict m2,
+             float* __restrict w) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float d = w[j] * inv_row * inv_col[j];
+    const float m = a.b1 * m1[j] + a.omb1 * gd[j];
+    const float q = a.b2 * m2[j] + a.omb2 * gd[j] * gd[j];
+    m1[j] = m;
+    m2[j] = q;
+    w[j] = d * a.wdf - a.lr * (m * a.ibc1) / (std::sqrt(q * a.ibc2) + a.eps);
+  }
+}
+
+}  // namespace
+
 void Pass1(const UpdateRule& r, const MatrixView& v, const StepScalars& s, float* x,
            Partials* p) {
   const GainValues gv = CurrentGains(r, v);
@@ -226,9 +316,10 @@ void Pass1(const UpdateRule& r, const MatrixView& v, const StepScalars& s, float
   const bool want_col = HasColGains(r.gains);
   const bool want_row = HasRowGains(r.gains);
   const bool want_scalar = HasScalarGain(r.gains);
+  const bool gain_grads = r.gains != Gains::kNone;
   const bool tangent = r.tangent && r.sphere != Sphere::kNone;
 
-  // Tangent coefficient of element (i, j) = row_coef[i] * col_coef[j] (see RadialDots).
+  // Tangent coefficient of element (i, j) = row_coef(i) * col_coef[j] (see RadialDots).
   std::vector<float> col_coef;
   if (tangent) {
     col_coef.assign(static_cast<size_t>(n), 1.0f);
@@ -241,19 +332,21 @@ void Pass1(const UpdateRule& r, const MatrixView& v, const StepScalars& s, float
         col_coef[j] = static_cast<float>(ratio(p->radial_dot[j], p->radial_dd[j]));
   }
   auto row_coef = [&](int64_t i) -> float {
-    if (!tangent) return 0.0f;
     if (r.sphere != Sphere::kRow) return 1.0f;
     return p->radial_dd[i] > 0.0 ? static_cast<float>(p->radial_dot[i] / p->radial_dd[i]) : 0.0f;
   };
 
+  AdamScalars a;
+  a.b1 = static_cast<float>(r.beta1);
+  a.b2 = static_cast<float>(r.beta2);
+  a.omb1 = static_cast<float>(1.0 - r.beta1);
+  a.omb2 = static_cast<float>(1.0 - r.beta2);
+  a.ibc1 = static_cast<float>(1.0 / (1.0 - std::pow(r.beta1, static_cast<double>(s.t))));
+  a.ibc2 = static_cast<float>(1.0 / (1.0 - std::pow(r.beta2, static_cast<double>(s.t))));
+  a.eps = static_cast<float>(r.eps);
+  a.lr = static_cast<float>(s.lr);
+  a.wdf = static_cast<float>(1.0 - s.lr * r.weight_decay);
   const float mu = static_cast<float>(r.momentum);
-  const float b1 = static_cast<float>(r.beta1), b2 = static_cast<float>(r.beta2);
-  const float omb1 = static_cast<float>(1.0 - r.beta1), omb2 = static_cast<float>(1.0 - r.beta2);
-  const float ibc1 = static_cast<float>(1.0 / (1.0 - std::pow(r.beta1, static_cast<double>(s.t))));
-  const float ibc2 = static_cast<float>(1.0 / (1.0 - std::pow(r.beta2, static_cast<double>(s.t))));
-  const float eps = static_cast<float>(r.eps);
-  const float lr = static_cast<float>(s.lr);
-  const float wdf = static_cast<float>(1.0 - s.lr * r.weight_decay);
 
   ColumnPartials col_grad;
   if (want_col) col_grad.Init(rr, n);
@@ -263,58 +356,34 @@ void Pass1(const UpdateRule& r, const MatrixView& v, const StepScalars& s, float
 
 #pragma omp parallel for schedule(static) if (ParallelWorthIt(v))
   for (int64_t k = 0; k < rr.count; ++k) {
-    std::vector<float> gbuf;
+    std::vector<float> gbuf, gd(static_cast<size_t>(n));
     double* cg = want_col ? col_grad.Range(k) : nullptr;
     for (int64_t i = rr.begin(k); i < rr.end(k); ++i) {
       const float* g = GradRow(v, i, &gbuf);
       float* w = v.w + i * n;
-      const float sr = static_cast<float>(gv.scalar * gv.row[i]);  // row factor of W = D * scale
-      const float inv_row = static_cast<float>(1.0 / (gv.scalar * gv.row[i]));
-      const float tc_row = row_coef(i);
-      const float* tc_col = tangent ? col_coef.data() : nullptr;
-      double acc_row = 0.0, acc_scalar = 0.0;
-      const float row_gain_for_col = static_cast<float>(gv.scalar * gv.row[i]);
+      const double row_scale = gv.scalar * gv.row[i];  // W_ij = D_ij * row_scale * col_j
+      const float inv_row = static_cast<float>(1.0 / row_scale);
+      if (gain_grads) {
+        double acc_row = 0.0, acc_scalar = 0.0;
+        GainGradRow(w, g, gv.inv_col.data(), gv.col.data(), inv_row,
+                    static_cast<float>(row_scale), n, cg, &acc_row, &acc_scalar);
+        if (want_row) p->row_grad[i] = acc_row * gv.scalar;
+        if (want_scalar) scalar_grad[k] += acc_scalar;
+      }
+      DirectionGradRow(w, g, gv.inv_col.data(), gv.col.data(), inv_row,
+                       static_cast<float>(row_scale), tangent ? col_coef.data() : nullptr,
+                       tangent ? row_coef(i) : 0.0f, n, gd.data());
       if (muon) {
-        float* buf = v.state0 + i * n;
-        float* xr = x + i * n;
-        for (int64_t j = 0; j < n; ++j) {
-          const float d = w[j] * inv_row * gv.inv_col[j];
-          const float dg = d * g[j];
-          acc_row += static_cast<double>(dg * gv.col[j]);
-          if (cg) cg[j] += static_cast<double>(dg * row_gain_for_col);
-          acc_scalar += static_cast<double>(dg);
-          float gd = g[j] * sr * gv.col[j];
-          if (tc_col) gd -= tc_row * tc_col[j] * d;
-          const float b = mu * buf[j] + gd;
-          buf[j] = b;
-          xr[j] = r.nesterov ? gd + mu * b : b;
-        }
+        MuonRow(gd.data(), mu, r.nesterov, n, v.state0 + i * n, x + i * n);
       } else {
-        float* m1 = v.state0 + i * n;
-        float* m2 = v.state1 + i * n;
-        for (int64_t j = 0; j < n; ++j) {
-          const float d = w[j] * inv_row * gv.inv_col[j];
-          const float dg = d * g[j];
-          acc_row += static_cast<double>(dg * gv.col[j]);
-          if (cg) cg[j] += static_cast<double>(dg * row_gain_for_col);
-          acc_scalar += static_cast<double>(dg);
-          float gd = g[j] * sr * gv.col[j];
-          if (tc_col) gd -= tc_row * tc_col[j] * d;
-          const float a = b1 * m1[j] + omb1 * gd;
-          const float q = b2 * m2[j] + omb2 * gd * gd;
-          m1[j] = a;
-          m2[j] = q;
-          const float u = (a * ibc1) / (std::sqrt(q * ibc2) + eps);
-          w[j] = d * wdf - lr * u;
-        }
+        AdamRow(gd.data(), gv.inv_col.data(), inv_row, a, n, v.state0 + i * n,
+                v.state1 + i * n, w);
         if (direct) {
           StoreModelRow(v, i);
         } else {
           AccumulateRowSq(r.sphere, w, n, k, i, &sq, p);
         }
       }
-      if (want_row) p->row_grad[i] = acc_row * gv.scalar;
-      if (want_scalar) scalar_grad[k] += acc_scalar;
     }
   }
   if (want_col) col_grad.AddInto(p->col_grad.data());
@@ -432,9 +501,11 @@ double GradSumSq(const MatrixView& v) {
     const int64_t b = rr.begin(k) * v.n, e = rr.end(k) * v.n;
     if (v.grad_dtype == Dtype::kF32) {
       const float* g = static_cast<const float*>(v.grad);
+#pragma omp simd reduction(+ : acc)
       for (int64_t q = b; q < e; ++q) acc += static_cast<double>(g[q]) * g[q];
     } else {
       const uint16_t* g = static_cast<const uint16_t*>(v.grad);
+#pragma omp simd reduction(+ : acc)
       for (int64_t q = b; q < e; ++q) {
         const double f = Bf16ToFloat(g[q]);
         acc += f * f;
