@@ -57,7 +57,9 @@ class Engine {
   virtual const char* name() const = 0;
 };
 
-std::unique_ptr<Engine> MakeFastEngine(const std::vector<ParamEntry>* params, Communicator* comm);
+// ns_bf16: Newton-Schulz with bf16 products (kernels/cpu/newton_schulz_bf16.h).
+std::unique_ptr<Engine> MakeFastEngine(const std::vector<ParamEntry>* params, Communicator* comm,
+                                       bool ns_bf16);
 std::unique_ptr<Engine> MakeReferenceEngine(const std::vector<ParamEntry>* params,
                                             Communicator* comm);
 

@@ -12,6 +12,7 @@
 #include "kernels/cpu/fast_matrix.h"
 #include "kernels/cpu/gain_param.h"
 #include "kernels/cpu/newton_schulz.h"
+#include "kernels/cpu/newton_schulz_bf16.h"
 
 namespace mdopt {
 namespace {
@@ -34,8 +35,8 @@ struct FastParamState {
 
 class FastEngine final : public Engine {
  public:
-  FastEngine(const std::vector<ParamEntry>* params, Communicator* comm)
-      : params_(*params), comm_(comm) {}
+  FastEngine(const std::vector<ParamEntry>* params, Communicator* comm, bool ns_bf16)
+      : params_(*params), comm_(comm), ns_bf16_(ns_bf16) {}
 
   absl::Status Init() override;
   double GradSumSq(int64_t index) const override;
@@ -43,7 +44,7 @@ class FastEngine final : public Engine {
   std::vector<StateArray> State(int64_t index, int64_t expert) override;
   void WriteModels() override;
   int64_t WorkspaceBytes() const override {
-    return static_cast<int64_t>(x_.capacity() * sizeof(float)) + ns_.bytes();
+    return static_cast<int64_t>(x_.capacity() * sizeof(float)) + ns_.bytes() + ns_bf16_ws_.bytes();
   }
   const char* name() const override { return "fast"; }
 
@@ -54,9 +55,11 @@ class FastEngine final : public Engine {
 
   const std::vector<ParamEntry>& params_;
   Communicator* comm_;
+  const bool ns_bf16_;
   std::vector<FastParamState> st_;
   std::vector<float> x_;  // Newton-Schulz input of the largest Muon matrix
   fast::NsWorkspace ns_;
+  fast::Bf16NewtonSchulz ns_bf16_ws_;
   fast::Partials partials_;
   std::vector<double> cross_;
 };
@@ -176,7 +179,12 @@ absl::Status FastEngine::Init() {
     }
   }
   x_.assign(static_cast<size_t>(x_elems), 0.0f);
-  if (ns_m > 0) ns_.Reserve(ns_m, ns_n);
+  if (ns_m > 0 && !ns_bf16_) ns_.Reserve(ns_m, ns_n);
+  if (ns_bf16_) {
+    // One set of GEMM plans per Muon matrix shape, made here rather than in the first step.
+    for (const ParamEntry& p : params_)
+      if (p.rule.base == Base::kMuon) ns_bf16_ws_.Reserve(p.m, p.n);
+  }
 
   // Phase B: project onto the spheres and write the model tensors.
   for (size_t i = 0; i < params_.size(); ++i) {
@@ -216,7 +224,9 @@ absl::Status FastEngine::Step(double lr_scale, int64_t t) {
       }
       if (r.base == Base::kMuon) {
         fast::Pass1(r, v, sc, x_.data(), &partials_);
-        const float* o = fast::NewtonSchulz(r.ns_coeffs, r.ns_steps, p.m, p.n, x_.data(), &ns_);
+        const float* o =
+            ns_bf16_ ? ns_bf16_ws_.Run(r.ns_coeffs, r.ns_steps, p.m, p.n, x_.data())
+                     : fast::NewtonSchulz(r.ns_coeffs, r.ns_steps, p.m, p.n, x_.data(), &ns_);
         fast::Pass2(r, v, sc, o, &partials_);
       } else {
         fast::Pass1(r, v, sc, nullptr, &partials_);
@@ -281,8 +291,9 @@ std::string ZeroSliceMessage(const ParamEntry& p, int64_t expert, int64_t slice)
                       " has zero or non-finite norm and cannot be put on its sphere");
 }
 
-std::unique_ptr<Engine> MakeFastEngine(const std::vector<ParamEntry>* params, Communicator* comm) {
-  return std::make_unique<FastEngine>(params, comm);
+std::unique_ptr<Engine> MakeFastEngine(const std::vector<ParamEntry>* params, Communicator* comm,
+                                       bool ns_bf16) {
+  return std::make_unique<FastEngine>(params, comm, ns_bf16);
 }
 
 }  // namespace mdopt

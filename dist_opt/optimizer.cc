@@ -12,6 +12,7 @@
 #include "absl/strings/str_split.h"
 #include "dist_opt/checkpoint.h"
 #include "kernels/cpu/gain_param.h"
+#include "kernels/cpu/newton_schulz_bf16.h"
 
 namespace mdopt {
 namespace {
@@ -78,9 +79,22 @@ absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options
         return absl::InvalidArgumentError(
             absl::StrCat("option 'kernels': bad value '", value, "' (fast or reference)"));
       }
+    } else if (key == "ns_dtype") {
+      if (value == "f32") {
+        o.ns_bf16 = false;
+      } else if (value == "bf16") {
+        if (!kernels::fast::Bf16NewtonSchulz::Available()) {
+          return absl::UnimplementedError(
+              "option ns_dtype=bf16: this build of mdopt has no oneDNN (libdnnl-dev)");
+        }
+        o.ns_bf16 = true;
+      } else {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option 'ns_dtype': bad value '", value, "' (f32 or bf16)"));
+      }
     } else {
-      return absl::InvalidArgumentError(
-          absl::StrCat("option '", key, "' is unknown (known: device, threads, kernels)"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "option '", key, "' is unknown (known: device, threads, kernels, ns_dtype)"));
     }
   }
   return o;
@@ -131,7 +145,7 @@ absl::Status Optimizer::Finalize() {
   ThreadsGuard threads(options_.threads);
   std::unique_ptr<Engine> engine =
       options_.kernels == OptimizerOptions::Kernels::kFast
-          ? MakeFastEngine(&registry_.params(), comm_)
+          ? MakeFastEngine(&registry_.params(), comm_, options_.ns_bf16)
           : MakeReferenceEngine(&registry_.params(), comm_);
   if (absl::Status s = engine->Init(); !s.ok()) return s;
   engine_ = std::move(engine);

@@ -21,10 +21,12 @@ namespace mdopt {
 struct OptimizerOptions {
   enum class Kernels { kFast, kReference };
   Kernels kernels = Kernels::kFast;
-  int threads = 0;  // 0: leave OpenMP's default
+  int threads = 0;           // 0: leave OpenMP's default
+  bool ns_bf16 = false;      // ns_dtype=bf16: Newton-Schulz products in bf16 (fast engine)
 };
 
-// "device=cpu threads=2 kernels=fast"; device=cuda:K is Unimplemented in a CPU-only build.
+// "device=cpu threads=2 kernels=fast ns_dtype=f32"; device=cuda:K is Unimplemented in a
+// CPU-only build, ns_dtype=bf16 in a build without oneDNN.
 absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options);
 
 struct StepResult {

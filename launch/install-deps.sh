@@ -6,7 +6,7 @@ set -euo pipefail
 pkgs=(
   build-essential cmake pkg-config git python3
   libabsl-dev libcli11-dev libgtest-dev libgmock-dev
-  libopenblas-openmp-dev libomp-dev
+  libopenblas-openmp-dev libomp-dev libdnnl-dev
   nlohmann-json3-dev
 )
 

@@ -31,16 +31,22 @@ void NsWorkspace::Reserve(int64_t m, int64_t n) {
   if (b_.size() < s * s) b_.resize(s * s);
 }
 
+void NormalizeForNs(float* x, int64_t numel) {
+  double sq = 0.0;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t e = 0; e < numel; ++e) sq += static_cast<double>(x[e]) * x[e];
+  const float inv = static_cast<float>(1.0 / (std::sqrt(sq) + kNsNormEps));
+#pragma omp simd
+  for (int64_t e = 0; e < numel; ++e) x[e] *= inv;
+}
+
 float* NewtonSchulz(NsCoeffSet set, int steps, int64_t m, int64_t n, float* x, NsWorkspace* ws) {
   ws->Reserve(m, n);
   const bool tall = m > n;
   const int64_t s = tall ? n : m;  // side of the Gram matrix
   const int64_t numel = m * n;
 
-  double sq = 0.0;
-  for (int64_t e = 0; e < numel; ++e) sq += static_cast<double>(x[e]) * x[e];
-  const float inv = static_cast<float>(1.0 / (std::sqrt(sq) + kNsNormEps));
-  for (int64_t e = 0; e < numel; ++e) x[e] *= inv;
+  NormalizeForNs(x, numel);
 
   float* cur = x;
   float* next = ws->y_.data();

@@ -24,6 +24,9 @@ class NsWorkspace {
   std::vector<float> y_, a_, b_;
 };
 
+// X /= ||X||_F + 1e-7, the first step of every Newton-Schulz variant.
+void NormalizeForNs(float* x, int64_t numel);
+
 // Runs NS on x (m x n, overwritten). Returns where O is: x itself or a workspace buffer.
 float* NewtonSchulz(NsCoeffSet set, int steps, int64_t m, int64_t n, float* x, NsWorkspace* ws);
 

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/newton_schulz_bf16.h"
 #include "test_util.h"
 
 namespace mdopt {
@@ -16,15 +17,7 @@ namespace {
 using testing::AbiHarness;
 using testing::TensorSpec;
 
-class ThreadCount : public ::testing::TestWithParam<const char*> {};
-
-TEST_P(ThreadCount, OneAndThreeThreadsAgreeBitwise) {
-  const std::string spec = GetParam();
-  // Big enough that passes and BLAS run in parallel, odd sizes so partitions are uneven.
-  std::vector<TensorSpec> t = {{"wide", {97, 701}}, {"tall", {733, 61}}, {"experts", {2, 131, 257}}};
-  if (spec.find("adam") != std::string::npos) t.push_back({"vec", {5000}});
-  AbiHarness one("threads=1", spec, t, 5);
-  AbiHarness three("threads=3", spec, t, 5);
+void RunAndCompare(AbiHarness& one, AbiHarness& three, const std::vector<TensorSpec>& t) {
   MDOPT_ASSERT_OK(mdopt_finalize(one.opt()));
   MDOPT_ASSERT_OK(mdopt_finalize(three.opt()));
   for (int step = 1; step <= 5; ++step) {
@@ -39,6 +32,27 @@ TEST_P(ThreadCount, OneAndThreeThreadsAgreeBitwise) {
     const std::vector<double> x = one.Model(i), y = three.Model(i);
     ASSERT_EQ(0, std::memcmp(x.data(), y.data(), x.size() * sizeof(double))) << t[i].name;
   }
+}
+
+class ThreadCount : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(ThreadCount, OneAndThreeThreadsAgreeBitwise) {
+  const std::string spec = GetParam();
+  // Big enough that passes and BLAS run in parallel, odd sizes so partitions are uneven.
+  std::vector<TensorSpec> t = {{"wide", {97, 701}}, {"tall", {733, 61}}, {"experts", {2, 131, 257}}};
+  if (spec.find("adam") != std::string::npos) t.push_back({"vec", {5000}});
+  AbiHarness one("threads=1", spec, t, 5);
+  AbiHarness three("threads=3", spec, t, 5);
+  RunAndCompare(one, three, t);
+}
+
+// oneDNN's bf16 GEMMs must not change results with the thread count either.
+TEST(ThreadCountBf16Ns, OneAndThreeThreadsAgreeBitwise) {
+  if (!kernels::fast::Bf16NewtonSchulz::Available()) GTEST_SKIP() << "built without oneDNN";
+  std::vector<TensorSpec> t = {{"wide", {97, 701}}, {"tall", {733, 61}}, {"experts", {2, 131, 257}}};
+  AbiHarness one("threads=1 ns_dtype=bf16", "preset=md-muon", t, 5);
+  AbiHarness three("threads=3 ns_dtype=bf16", "preset=md-muon", t, 5);
+  RunAndCompare(one, three, t);
 }
 
 INSTANTIATE_TEST_SUITE_P(Presets, ThreadCount,

@@ -1,0 +1,39 @@
+// Newton-Schulz with bfloat16 matrix products on oneDNN (AVX512-BF16 / AMX where the CPU
+// has them): the precision the authors' code and torch.optim.Muon use, at about twice the
+// speed of float32 GEMMs. Products accumulate in float32 and return float32; X, A and B are
+// rounded to bf16 only as GEMM inputs, and the a X + B X update runs in float32.
+// Available when mdopt is built with oneDNN (MDOPT_HAVE_DNNL).
+#ifndef MDOPT_KERNELS_CPU_NEWTON_SCHULZ_BF16_H_
+#define MDOPT_KERNELS_CPU_NEWTON_SCHULZ_BF16_H_
+
+#include <cstdint>
+#include <memory>
+
+#include "kernels/cpu/update_rule.h"
+
+namespace mdopt::kernels::fast {
+
+class Bf16NewtonSchulz {
+ public:
+  Bf16NewtonSchulz();
+  ~Bf16NewtonSchulz();
+  Bf16NewtonSchulz(const Bf16NewtonSchulz&) = delete;
+  Bf16NewtonSchulz& operator=(const Bf16NewtonSchulz&) = delete;
+
+  // True when this build has oneDNN.
+  static bool Available();
+
+  // Makes room for an m x n matrix (buffers and the GEMM plans of its shape).
+  void Reserve(int64_t m, int64_t n);
+  // Runs NS on x (m x n, overwritten); returns where O is (x or a workspace buffer).
+  float* Run(NsCoeffSet set, int steps, int64_t m, int64_t n, float* x);
+  int64_t bytes() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace mdopt::kernels::fast
+
+#endif  // MDOPT_KERNELS_CPU_NEWTON_SCHULZ_BF16_H_
