@@ -1,0 +1,130 @@
+#include "bench_runner.h"
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+#include <numeric>
+#include <set>
+
+namespace mdopt_bench {
+namespace {
+
+void Check(mdopt_status status, const char* call) {
+  // Copy the message at once: the pointer is only valid until the next mdopt_* call.
+  if (status != MDOPT_SUCCESS) throw AbiError(call, status, mdopt_last_error());
+}
+
+struct OptimizerDeleter {
+  void operator()(mdopt_optimizer* opt) const { mdopt_destroy(opt); }
+};
+using OptimizerPtr = std::unique_ptr<mdopt_optimizer, OptimizerDeleter>;
+
+double Median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const size_t h = v.size() / 2;
+  return v.size() % 2 == 1 ? v[h] : 0.5 * (v[h - 1] + v[h]);
+}
+
+double Mean(const std::vector<double>& v) {
+  if (v.empty()) return 0.0;
+  return std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
+}
+
+std::string CreateOptions(const RunConfig& cfg) {
+  std::string options = "device=cpu kernels=";
+  options += cfg.engine == EngineKind::kFast ? "fast" : "reference";
+  if (cfg.threads > 0) options += " threads=" + std::to_string(cfg.threads);
+  return options;
+}
+
+// One timed or warm-up step; throws when the call fails or the library skipped it.
+void Step(mdopt_optimizer* opt, double* info_seconds, double* wall_seconds) {
+  mdopt_step_info info{};
+  info.struct_size = sizeof info;
+  const auto t0 = std::chrono::steady_clock::now();
+  const mdopt_status status = mdopt_step(opt, 1.0, nullptr, &info);
+  const auto t1 = std::chrono::steady_clock::now();
+  Check(status, "mdopt_step");
+  // Finite N(0, 1) gradients never skip; a skipped step would time nothing, so it is an
+  // error rather than a fast row.
+  if (info.skipped) throw AbiError("mdopt_step", MDOPT_INTERNAL, mdopt_last_error());
+  *info_seconds = info.seconds;
+  *wall_seconds = std::chrono::duration<double>(t1 - t0).count();
+}
+
+}  // namespace
+
+const char* EngineName(EngineKind engine) {
+  return engine == EngineKind::kFast ? "fast" : "reference";
+}
+
+double BenchRow::median_ms() const { return 1e3 * Median(step_seconds); }
+double BenchRow::mean_ms() const { return 1e3 * Mean(step_seconds); }
+double BenchRow::wall_median_ms() const { return 1e3 * Median(wall_seconds); }
+double BenchRow::wall_mean_ms() const { return 1e3 * Mean(wall_seconds); }
+double BenchRow::ns_per_param() const {
+  return params > 0 ? 1e9 * Median(step_seconds) / static_cast<double>(params) : 0.0;
+}
+double BenchRow::state_bytes_per_param() const {
+  return params > 0 ? static_cast<double>(state_bytes) / static_cast<double>(params) : 0.0;
+}
+
+BenchRow RunBenchmark(mdopt_comm* comm, const std::vector<TensorShape>& shapes,
+                      ModelBuffers* buffers, const RunConfig& cfg) {
+  buffers->ResetWeights(cfg.seed);
+
+  mdopt_optimizer* raw = nullptr;
+  Check(mdopt_create(comm, CreateOptions(cfg).c_str(), &raw), "mdopt_create");
+  OptimizerPtr opt(raw);
+
+  // Only the roles the model has become groups.
+  std::set<Role> roles;
+  for (const TensorShape& s : shapes) roles.insert(RoleOf(s.kind));
+  for (Role role : roles) {
+    Check(mdopt_add_group(opt.get(), RoleGroupName(role), RoleSpec(*cfg.preset, role)),
+          "mdopt_add_group");
+  }
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const TensorShape& s = shapes[i];
+    mdopt_param_desc desc{};
+    desc.struct_size = sizeof desc;
+    desc.name = s.name.c_str();
+    desc.group = RoleGroupName(RoleOf(s.kind));
+    desc.ndim = static_cast<int>(s.dims.size());
+    for (size_t k = 0; k < s.dims.size(); ++k) desc.shape[k] = s.dims[k];
+    desc.param_dtype = buffers->param_dtype();
+    desc.param = buffers->param(i);
+    desc.grad_dtype = buffers->grad_dtype();
+    desc.grad = buffers->grad(i);
+    Check(mdopt_add_param(opt.get(), &desc, nullptr), "mdopt_add_param");
+  }
+  Check(mdopt_finalize(opt.get()), "mdopt_finalize");
+
+  BenchRow row;
+  row.preset = cfg.preset->preset;
+  row.engine = EngineName(cfg.engine);
+  row.tensors = static_cast<int64_t>(shapes.size());
+  row.params = TotalNumel(shapes);
+  row.warmup = cfg.warmup;
+  row.steps = cfg.steps;
+  int64_t step = 0;
+  for (int k = 0; k < cfg.warmup; ++k, ++step) {
+    buffers->FillGradients(cfg.seed, step);
+    double info_s, wall_s;
+    Step(opt.get(), &info_s, &wall_s);
+  }
+  for (int k = 0; k < cfg.steps; ++k, ++step) {
+    buffers->FillGradients(cfg.seed, step);  // outside the timed region
+    double info_s, wall_s;
+    Step(opt.get(), &info_s, &wall_s);
+    row.step_seconds.push_back(info_s);
+    row.wall_seconds.push_back(wall_s);
+  }
+  // Queried after stepping: workspace may grow on the first step.
+  Check(mdopt_state_bytes(opt.get(), &row.state_bytes), "mdopt_state_bytes");
+  Check(mdopt_workspace_bytes(opt.get(), &row.workspace_bytes), "mdopt_workspace_bytes");
+  return row;
+}
+
+}  // namespace mdopt_bench

@@ -1,0 +1,149 @@
+#include "report.h"
+
+#include <cmath>
+#include <map>
+
+namespace mdopt_bench {
+namespace {
+
+std::string JsonString(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\t': out += "\\t"; break;
+      case '\r': out += "\\r"; break;
+      default:
+        if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          out += buf;
+        } else {
+          out += static_cast<char>(c);
+        }
+    }
+  }
+  return out + "\"";
+}
+
+// JSON has no NaN or Inf; an unmeasured or broken value becomes null.
+std::string JsonNumber(double v) {
+  if (!std::isfinite(v)) return "null";
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  return buf;
+}
+
+std::string JsonMsArray(const std::vector<double>& seconds) {
+  std::string out = "[";
+  for (size_t k = 0; k < seconds.size(); ++k) {
+    if (k > 0) out += ", ";
+    out += JsonNumber(1e3 * seconds[k]);
+  }
+  return out + "]";
+}
+
+std::string ThreadsText(const MachineInfo& m) {
+  if (m.threads > 0) return std::to_string(m.threads);
+  return "default (OMP_NUM_THREADS=" +
+         (m.omp_num_threads.empty() ? std::string("unset") : m.omp_num_threads) + ")";
+}
+
+std::string ModelText(const BenchSetup& s) {
+  if (s.model == "shapes") return "shapes file " + s.shapes_file;
+  return "gpt d_model=" + std::to_string(s.gpt.d_model) + " layers=" +
+         std::to_string(s.gpt.layers) + " vocab=" + std::to_string(s.gpt.vocab) +
+         " ffn_mult=" + std::to_string(s.gpt.ffn_mult);
+}
+
+}  // namespace
+
+void FillReferenceRatios(std::vector<BenchRow>* rows) {
+  std::map<std::string, double> reference_ms;
+  for (const BenchRow& r : *rows)
+    if (r.engine == EngineName(EngineKind::kReference)) reference_ms[r.preset] = r.median_ms();
+  for (BenchRow& r : *rows) {
+    if (r.engine != EngineName(EngineKind::kFast)) continue;
+    auto it = reference_ms.find(r.preset);
+    if (it != reference_ms.end() && it->second > 0.0) r.ratio_to_reference = r.median_ms() / it->second;
+  }
+}
+
+void PrintTable(std::FILE* out, const MachineInfo& m, const BenchSetup& s,
+                const std::vector<BenchRow>& rows) {
+  std::fprintf(out, "mdopt-bench: mdopt %s (ABI %d), %s\n", m.mdopt_version.c_str(),
+               m.abi_version, m.date_utc.c_str());
+  std::fprintf(out, "cpu: %s, %d logical CPUs; threads: %s\n", m.cpu_model.c_str(),
+               m.logical_cpus, ThreadsText(m).c_str());
+  std::fprintf(out, "model: %s; %lld tensors, %lld params; param %s, grad %s; seed %llu\n",
+               ModelText(s).c_str(), static_cast<long long>(s.tensors),
+               static_cast<long long>(s.params), s.param_dtype.c_str(), s.grad_dtype.c_str(),
+               static_cast<unsigned long long>(s.seed));
+  std::fprintf(out, "steps: fast %d timed after %d warm-up", s.steps, s.warmup);
+  if (s.reference) std::fprintf(out, "; reference %d timed, no warm-up", s.reference_steps);
+  std::fprintf(out, "; times from mdopt_step_info.seconds unless 'wall'\n\n");
+
+  std::fprintf(out, "%-9s %-9s %11s %5s %10s %10s %11s %9s %9s %12s %9s\n", "preset", "engine",
+               "params", "steps", "median ms", "mean ms", "wall med ms", "ns/param",
+               "state B/p", "workspace B", "fast/ref");
+  for (const BenchRow& r : rows) {
+    char ratio[32] = "-";
+    if (r.ratio_to_reference > 0.0) std::snprintf(ratio, sizeof ratio, "%.4f", r.ratio_to_reference);
+    std::fprintf(out, "%-9s %-9s %11lld %5d %10.3f %10.3f %11.3f %9.3f %9.2f %12lld %9s\n",
+                 r.preset.c_str(), r.engine.c_str(), static_cast<long long>(r.params), r.steps,
+                 r.median_ms(), r.mean_ms(), r.wall_median_ms(), r.ns_per_param(),
+                 r.state_bytes_per_param(), static_cast<long long>(r.workspace_bytes), ratio);
+  }
+  std::fflush(out);
+}
+
+void WriteJson(std::ostream& out, const MachineInfo& m, const BenchSetup& s,
+               const std::vector<BenchRow>& rows) {
+  out << "{\n  \"tool\": \"mdopt-bench\",\n  \"machine\": {\n"
+      << "    \"cpu_model\": " << JsonString(m.cpu_model) << ",\n"
+      << "    \"logical_cpus\": " << m.logical_cpus << ",\n"
+      << "    \"threads\": " << (m.threads > 0 ? std::to_string(m.threads) : "null") << ",\n"
+      << "    \"omp_num_threads_env\": "
+      << (m.omp_num_threads.empty() ? "null" : JsonString(m.omp_num_threads)) << ",\n"
+      << "    \"date_utc\": " << JsonString(m.date_utc) << ",\n"
+      << "    \"mdopt_version\": " << JsonString(m.mdopt_version) << ",\n"
+      << "    \"abi_version\": " << m.abi_version << "\n  },\n";
+  out << "  \"setup\": {\n    \"model\": " << JsonString(s.model) << ",\n";
+  if (s.model == "shapes") {
+    out << "    \"shapes_file\": " << JsonString(s.shapes_file) << ",\n";
+  } else {
+    out << "    \"d_model\": " << s.gpt.d_model << ",\n    \"layers\": " << s.gpt.layers
+        << ",\n    \"vocab\": " << s.gpt.vocab << ",\n    \"ffn_mult\": " << s.gpt.ffn_mult
+        << ",\n";
+  }
+  out << "    \"tensors\": " << s.tensors << ",\n    \"params\": " << s.params << ",\n"
+      << "    \"param_dtype\": " << JsonString(s.param_dtype) << ",\n"
+      << "    \"grad_dtype\": " << JsonString(s.grad_dtype) << ",\n"
+      << "    \"warmup\": " << s.warmup << ",\n    \"steps\": " << s.steps << ",\n"
+      << "    \"reference\": " << (s.reference ? "true" : "false") << ",\n"
+      << "    \"reference_steps\": " << s.reference_steps << ",\n"
+      << "    \"seed\": " << s.seed << "\n  },\n  \"rows\": [";
+  for (size_t k = 0; k < rows.size(); ++k) {
+    const BenchRow& r = rows[k];
+    out << (k == 0 ? "\n" : ",\n") << "    {\"preset\": " << JsonString(r.preset)
+        << ", \"engine\": " << JsonString(r.engine) << ", \"tensors\": " << r.tensors
+        << ", \"params\": " << r.params << ", \"warmup\": " << r.warmup
+        << ", \"steps\": " << r.steps << ",\n     \"median_ms\": " << JsonNumber(r.median_ms())
+        << ", \"mean_ms\": " << JsonNumber(r.mean_ms())
+        << ", \"wall_median_ms\": " << JsonNumber(r.wall_median_ms())
+        << ", \"wall_mean_ms\": " << JsonNumber(r.wall_mean_ms())
+        << ", \"ns_per_param\": " << JsonNumber(r.ns_per_param()) << ",\n     \"state_bytes\": "
+        << r.state_bytes << ", \"state_bytes_per_param\": "
+        << JsonNumber(r.state_bytes_per_param()) << ", \"workspace_bytes\": "
+        << r.workspace_bytes << ",\n     \"ratio_to_reference\": "
+        << (r.ratio_to_reference > 0.0 ? JsonNumber(r.ratio_to_reference) : "null")
+        << ",\n     \"step_ms\": " << JsonMsArray(r.step_seconds)
+        << ",\n     \"wall_ms\": " << JsonMsArray(r.wall_seconds) << "}";
+  }
+  out << (rows.empty() ? "]\n}\n" : "\n  ]\n}\n");
+  out.flush();
+}
+
+}  // namespace mdopt_bench
