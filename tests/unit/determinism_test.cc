@@ -23,7 +23,8 @@ void RunAndCompare(AbiHarness& one, AbiHarness& three, const std::vector<TensorS
   for (int step = 1; step <= 5; ++step) {
     one.SetGradients(9, step);
     three.SetGradients(9, step);
-    mdopt_step_info a{sizeof a}, b{sizeof b};
+    mdopt_step_info a{}, b{};
+    a.struct_size = b.struct_size = sizeof(mdopt_step_info);
     MDOPT_ASSERT_OK(mdopt_step(one.opt(), 1.0, nullptr, &a));
     MDOPT_ASSERT_OK(mdopt_step(three.opt(), 1.0, nullptr, &b));
     ASSERT_EQ(a.grad_norm, b.grad_norm);
