@@ -27,6 +27,7 @@ struct Options {
   std::string shapes_file;
   std::string param_dtype = "f32";
   std::string grad_dtype;  // empty: the param dtype
+  std::string ns_dtype = "f32";
   int steps = 10;
   int warmup = 2;
   std::vector<std::string> presets = {"md-muon", "md-adamw", "muon", "adamw"};
@@ -73,6 +74,9 @@ void DefineOptions(CLI::App* app, Options* o) {
                   "dtype of the gradients (default: the param dtype; bf16 grads need bf16 "
                   "params)")
       ->check(CLI::IsMember({"f32", "bf16"}));
+  app->add_option("--ns-dtype", o->ns_dtype,
+                  "precision of the fast engine's Newton-Schulz products (mdopt_create ns_dtype=)")
+      ->capture_default_str()->check(CLI::IsMember({"f32", "bf16"}));
   app->add_option("--steps", o->steps, "timed steps per preset (fast engine)")
       ->capture_default_str()->check(CLI::Range(1, 1000000));
   app->add_option("--warmup", o->warmup, "untimed steps before the timed ones (fast engine)")
@@ -129,6 +133,7 @@ int Run(const Options& o, const std::vector<TensorShape>& shapes, std::ostream* 
   setup.shapes_file = o.shapes_file;
   setup.param_dtype = o.param_dtype;
   setup.grad_dtype = o.grad_dtype.empty() ? o.param_dtype : o.grad_dtype;
+  setup.ns_dtype = o.ns_dtype;
   setup.tensors = static_cast<int64_t>(shapes.size());
   setup.params = TotalNumel(shapes);
   setup.warmup = o.warmup;
@@ -149,6 +154,7 @@ int Run(const Options& o, const std::vector<TensorShape>& shapes, std::ostream* 
     RunConfig cfg;
     cfg.preset = FindPreset(name);
     cfg.threads = o.threads;
+    cfg.ns_dtype = o.ns_dtype;
     cfg.seed = o.seed;
     cfg.engine = EngineKind::kFast;
     cfg.warmup = o.warmup;

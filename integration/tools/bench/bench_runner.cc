@@ -35,6 +35,7 @@ std::string CreateOptions(const RunConfig& cfg) {
   std::string options = "device=cpu kernels=";
   options += cfg.engine == EngineKind::kFast ? "fast" : "reference";
   if (cfg.threads > 0) options += " threads=" + std::to_string(cfg.threads);
+  if (cfg.engine == EngineKind::kFast) options += " ns_dtype=" + cfg.ns_dtype;
   return options;
 }
 

@@ -30,6 +30,7 @@ struct RunConfig {
   const PresetGrouping* preset = nullptr;
   EngineKind engine = EngineKind::kFast;
   int threads = 0;  // 0: leave the OpenMP default alone
+  std::string ns_dtype = "f32";  // fast engine only
   int warmup = 0;
   int steps = 1;
   uint64_t seed = 0;

@@ -77,9 +77,10 @@ void PrintTable(std::FILE* out, const MachineInfo& m, const BenchSetup& s,
                m.abi_version, m.date_utc.c_str());
   std::fprintf(out, "cpu: %s, %d logical CPUs; threads: %s\n", m.cpu_model.c_str(),
                m.logical_cpus, ThreadsText(m).c_str());
-  std::fprintf(out, "model: %s; %lld tensors, %lld params; param %s, grad %s; seed %llu\n",
+  std::fprintf(out, "model: %s; %lld tensors, %lld params; param %s, grad %s; NS %s; seed %llu\n",
                ModelText(s).c_str(), static_cast<long long>(s.tensors),
                static_cast<long long>(s.params), s.param_dtype.c_str(), s.grad_dtype.c_str(),
+               s.ns_dtype.c_str(),
                static_cast<unsigned long long>(s.seed));
   std::fprintf(out, "steps: fast %d timed after %d warm-up", s.steps, s.warmup);
   if (s.reference) std::fprintf(out, "; reference %d timed, no warm-up", s.reference_steps);
@@ -120,6 +121,7 @@ void WriteJson(std::ostream& out, const MachineInfo& m, const BenchSetup& s,
   }
   out << "    \"tensors\": " << s.tensors << ",\n    \"params\": " << s.params << ",\n"
       << "    \"param_dtype\": " << JsonString(s.param_dtype) << ",\n"
+      << "    \"ns_dtype\": " << JsonString(s.ns_dtype) << ",\n"
       << "    \"grad_dtype\": " << JsonString(s.grad_dtype) << ",\n"
       << "    \"warmup\": " << s.warmup << ",\n    \"steps\": " << s.steps << ",\n"
       << "    \"reference\": " << (s.reference ? "true" : "false") << ",\n"

@@ -20,6 +20,7 @@ struct BenchSetup {
   GptSizes gpt;            // when model == "gpt"
   std::string shapes_file; // when model == "shapes"
   std::string param_dtype, grad_dtype;
+  std::string ns_dtype;     // Newton-Schulz precision of the fast engine (mdopt ns_dtype=)
   int64_t tensors = 0, params = 0;
   int warmup = 0, steps = 0, reference_steps = 0;
   bool reference = false;
