@@ -124,15 +124,17 @@ const std::map<std::string, GroupSpec>& Presets() {
   static const auto* presets = [] {
     auto* p = new std::map<std::string, GroupSpec>();
     const auto A = RadiusMode::kAuto;
+    // gain_lr is 1e-3 everywhere, also where the preset has no gains, so that turning gains
+    // on over any preset gets the paper's gain learning rate rather than frozen gains.
     (*p)["md-muon"] = Preset(Base::kMuon, Sphere::kFrobenius, A, 0, Gains::kRowCol, 8e-3, 1e-3, 0, MuonScale::kRatio);
     (*p)["md-adamw"] = Preset(Base::kAdamW, Sphere::kFrobenius, A, 0, Gains::kRowCol, 1e-3, 1e-3, 0, MuonScale::kRatio);
-    (*p)["muon"] = Preset(Base::kMuon, Sphere::kNone, A, 0, Gains::kNone, 2e-2, 0, 0.1, MuonScale::kMax1);
-    (*p)["adamw"] = Preset(Base::kAdamW, Sphere::kNone, A, 0, Gains::kNone, 1e-3, 0, 0.1, MuonScale::kRatio);
-    (*p)["muonh"] = Preset(Base::kMuon, Sphere::kFrobenius, A, 0, Gains::kNone, 8e-3, 0, 0, MuonScale::kRatio);
+    (*p)["muon"] = Preset(Base::kMuon, Sphere::kNone, A, 0, Gains::kNone, 2e-2, 1e-3, 0.1, MuonScale::kMax1);
+    (*p)["adamw"] = Preset(Base::kAdamW, Sphere::kNone, A, 0, Gains::kNone, 1e-3, 1e-3, 0.1, MuonScale::kRatio);
+    (*p)["muonh"] = Preset(Base::kMuon, Sphere::kFrobenius, A, 0, Gains::kNone, 8e-3, 1e-3, 0, MuonScale::kRatio);
     (*p)["router"] = Preset(Base::kMuon, Sphere::kRow, A, 0, Gains::kRowCol, 8e-3, 1e-3, 0, MuonScale::kNone);
-    (*p)["adamh"] = Preset(Base::kAdamW, Sphere::kFrobenius, A, 0, Gains::kNone, 1e-3, 0, 0, MuonScale::kRatio);
-    (*p)["embedding"] = Preset(Base::kAdamW, Sphere::kRow, RadiusMode::kValue, 1.0, Gains::kNone, 3e-3, 0, 0, MuonScale::kRatio);
-    (*p)["vector"] = Preset(Base::kAdamW, Sphere::kNone, A, 0, Gains::kNone, 1e-3, 0, 0, MuonScale::kRatio);
+    (*p)["adamh"] = Preset(Base::kAdamW, Sphere::kFrobenius, A, 0, Gains::kNone, 1e-3, 1e-3, 0, MuonScale::kRatio);
+    (*p)["embedding"] = Preset(Base::kAdamW, Sphere::kRow, RadiusMode::kValue, 1.0, Gains::kNone, 3e-3, 1e-3, 0, MuonScale::kRatio);
+    (*p)["vector"] = Preset(Base::kAdamW, Sphere::kNone, A, 0, Gains::kNone, 1e-3, 1e-3, 0, MuonScale::kRatio);
     for (auto& [name, spec] : *p) spec.preset = name;
     return p;
   }();

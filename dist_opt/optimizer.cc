@@ -2,6 +2,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 
@@ -48,12 +49,17 @@ const StateArray* FindArray(const std::vector<StateArray>& arrays, absl::string_
 
 absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options) {
   OptimizerOptions o;
+  std::vector<absl::string_view> seen;
   for (absl::string_view tok : absl::StrSplit(options, absl::ByAnyChar(" \t\n"), absl::SkipEmpty())) {
     const size_t eq = tok.find('=');
     if (eq == absl::string_view::npos) {
       return absl::InvalidArgumentError(absl::StrCat("option '", tok, "' is not key=value"));
     }
     const absl::string_view key = tok.substr(0, eq), value = tok.substr(eq + 1);
+    if (std::find(seen.begin(), seen.end(), key) != seen.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("option '", key, "' is given twice"));
+    }
+    seen.push_back(key);
     if (key == "device") {
       if (value == "cpu") continue;
       int device;

@@ -50,9 +50,10 @@ typedef struct {
   double exposed_comm_seconds; /* communication not hidden behind compute (0 on one rank) */
 } mdopt_step_info;
 
-/* options: space-separated key=value, all optional:
+/* options: space-separated key=value, each at most once, all optional:
  *   device=cpu (default) | cuda:K      threads=N (OpenMP threads; default: the OpenMP default)
- *   kernels=fast (default) | reference (the float64 unfused oracle, for tests and benchmarks) */
+ *   kernels=fast (default) | reference (the float64 unfused oracle, for tests and benchmarks)
+ *   ns_dtype=f32 (default) | bf16      (Newton-Schulz products in bf16; needs oneDNN) */
 MDOPT_API mdopt_status mdopt_create(mdopt_comm* comm, const char* options, mdopt_optimizer** out);
 
 /* A named parameter group; spec = "preset=<name> key=value ...", see docs/ABI.md. */

@@ -23,8 +23,10 @@ typedef enum {
 /* A static, human-readable name for a status ("MDOPT_INVALID_ARGUMENT"); never NULL. */
 MDOPT_API const char* mdopt_status_string(mdopt_status status);
 
-/* The message of the last failed (or skipped) call on the calling thread, "" if none.
- * The pointer stays valid until the next mdopt_* call on the same thread. */
+/* The message of the calling thread's most recent mdopt_* call: why it failed, or which
+ * gradient made mdopt_step skip; "" when that call succeeded. Each call resets it, so read
+ * it right after the call. The pointer stays valid until the next mdopt_* call on the
+ * same thread. */
 MDOPT_API const char* mdopt_last_error(void);
 
 #ifdef __cplusplus

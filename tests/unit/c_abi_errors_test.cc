@@ -406,6 +406,7 @@ TEST(CAbiCreate, NullArgumentsAndBadOptions) {
       {"device=cuda:", MDOPT_INVALID_ARGUMENT, "device"},
       {"device=", MDOPT_INVALID_ARGUMENT, "device"},
       {"ns_dtype=f16", MDOPT_INVALID_ARGUMENT, "ns_dtype"},
+      {"threads=1 threads=2", MDOPT_INVALID_ARGUMENT, "'threads' is given twice"},
       {"threads", MDOPT_INVALID_ARGUMENT, "threads"},
       {"=cpu", MDOPT_INVALID_ARGUMENT, "unknown"},
   };

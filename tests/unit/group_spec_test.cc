@@ -168,7 +168,7 @@ TEST(GroupSpecPresets, SpellingOutDefaultsChangesNothing) {
 // without gains leaves gain_lr at 0, so turning gains on over it freezes them silently
 // (fast_vs_reference_test's "preset=adamw gains=row" runs with gain_lr = 0). Disabled until
 // dist_opt/group_spec.cc gives gainless presets the documented default.
-TEST(GroupSpecPresets, DISABLED_GainsTurnedOnOverAGainlessPresetGetTheDefaultGainLr) {
+TEST(GroupSpecPresets, GainsTurnedOnOverAGainlessPresetGetTheDefaultGainLr) {
   for (const char* preset : {"muon", "adamw", "muonh", "adamh", "embedding", "vector"}) {
     const GroupSpec g = MustParse(absl::StrCat("preset=", preset, " gains=rowcol"));
     EXPECT_EQ(g.rule.gain_lr, 1e-3) << preset;
