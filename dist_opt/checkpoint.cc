@@ -241,7 +241,17 @@ struct LoadedArray {
 
 }  // namespace
 
-std::string RankFileName(int rank) { return absl::StrFormat("rank-%05d.state", rank); }
+std::string RankFileName(int rank, uint32_t crc) {
+  return absl::StrFormat("rank-%05d.%08x.state", rank, crc);
+}
+
+bool IsRankFileName(const std::string& name, int rank) {
+  const std::string prefix = absl::StrFormat("rank-%05d.", rank);
+  if (name.size() != prefix.size() + 8 + 6 || name.compare(0, prefix.size(), prefix) != 0) return false;
+  uint32_t crc = 0;
+  return absl::SimpleHexAtoi(name.substr(prefix.size(), 8), &crc) &&
+         name.compare(prefix.size() + 8, 6, ".state") == 0;
+}
 
 absl::Status SaveCheckpoint(const std::string& dir, const CheckpointLayout& l, Engine* engine,
                             Communicator* comm) {
@@ -255,7 +265,14 @@ absl::Status SaveCheckpoint(const std::string& dir, const CheckpointLayout& l, E
   if (ec) return IoError(absl::StrCat("cannot create directory '", dir, "': ", ec.message()));
   const int rank = comm->rank();
   const std::string rank_data = BuildRankFile(l, engine, rank);
-  if (absl::Status s = WriteAtomically(dir, RankFileName(rank), rank_data); !s.ok()) return s;
+  // The CRC of the body, which the file's trailer also holds. (Not the CRC of the whole
+  // file: a CRC over data followed by its own CRC is the same constant for every file.)
+  const uint32_t rank_crc = Crc32c(0, rank_data.data(), rank_data.size() - 4);
+  // Named by content, so that a save over an existing checkpoint never replaces the files
+  // the old manifest names: until the new manifest is renamed into place the old
+  // checkpoint stays whole and loadable.
+  const std::string rank_name = RankFileName(rank, rank_crc);
+  if (absl::Status s = WriteAtomically(dir, rank_name, rank_data); !s.ok()) return s;
   std::string m = absl::StrCat(kManifestMagic, " ", kCheckpointFormatVersion, "\n");
   absl::StrAppend(&m, "abi_version ", MDOPT_ABI_VERSION, "\n");
   absl::StrAppend(&m, "engine ", l.engine, "\n");
@@ -263,10 +280,19 @@ absl::Status SaveCheckpoint(const std::string& dir, const CheckpointLayout& l, E
   absl::StrAppend(&m, "step ", l.step, "\n");
   for (const Group& g : *l.groups) absl::StrAppend(&m, GroupLine(g), "\n");
   for (const ParamEntry& p : *l.params) absl::StrAppend(&m, ParamLine(p, *l.groups), "\n");
-  absl::StrAppend(&m, "rank_file 0 ", RankFileName(0), " ", rank_data.size(), " ",
-                  absl::StrFormat("%08x", Crc32c(0, rank_data.data(), rank_data.size())), "\n");
+  absl::StrAppend(&m, "rank_file 0 ", rank_name, " ", rank_data.size(), " ",
+                  absl::StrFormat("%08x", rank_crc), "\n");
   absl::StrAppend(&m, "manifest_crc32c ", absl::StrFormat("%08x", Crc32c(0, m.data(), m.size())), "\n");
-  return WriteAtomically(dir, kManifestName, m);
+  if (absl::Status s = WriteAtomically(dir, kManifestName, m); !s.ok()) return s;
+  // The new checkpoint is in place; this rank's files of earlier saves into this directory
+  // (and temporaries of saves that died) are no longer named by any manifest.
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    std::string name = entry.path().filename().string();
+    if (name == rank_name) continue;
+    if (name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0) name.resize(name.size() - 4);
+    if (IsRankFileName(name, rank)) std::filesystem::remove(entry.path(), ec);
+  }
+  return absl::OkStatus();
 }
 
 absl::Status LoadCheckpoint(const std::string& dir, const CheckpointLayout& want, Engine* engine,
@@ -318,7 +344,10 @@ absl::Status LoadCheckpoint(const std::string& dir, const CheckpointLayout& want
   // This rank's file: size, checksum (manifest and trailer), then structure.
   const int rank = comm->rank();
   const ManifestRankFile& rf = m.rank_files[rank];
-  if (rf.name != RankFileName(rank)) return mismatch(absl::StrCat("rank file is named '", rf.name, "'"));
+  if (!IsRankFileName(rf.name, rank)) {
+    return IoError(absl::StrCat("manifest '", manifest_path, "' names rank file '", rf.name,
+                                "', which is not an mdopt rank file name"));
+  }
   const std::string path = dir + "/" + rf.name;
   std::string data;
   if (absl::Status s = ReadFile(path, &data); !s.ok()) return s;
@@ -328,8 +357,8 @@ absl::Status LoadCheckpoint(const std::string& dir, const CheckpointLayout& want
   }
   uint32_t trailer = 0;
   if (data.size() >= 4) std::memcpy(&trailer, data.data() + data.size() - 4, 4);
-  if (data.size() < 4 || Crc32c(0, data.data(), data.size()) != rf.crc ||
-      Crc32c(0, data.data(), data.size() - 4) != trailer) {
+  const uint32_t body_crc = data.size() >= 4 ? Crc32c(0, data.data(), data.size() - 4) : 0;
+  if (data.size() < 4 || body_crc != trailer || body_crc != rf.crc) {
     return IoError(absl::StrCat("'", path, "' fails its checksum (damaged file)"));
   }
   Reader r(data, path);

@@ -1,8 +1,10 @@
 // Checkpoints (DESIGN.md section 5): a directory holding `manifest.txt` (format version,
-// world size, engine, step, groups, params and shapes, and the size and CRC-32C of every
-// rank file, itself closed by its own CRC-32C) and one binary `rank-NNNNN.state` per rank
-// with that rank's state arrays. Files are written under temporary names, fsynced and
-// renamed, the manifest last. Loading checks everything before it changes anything.
+// world size, engine, step, groups, params and shapes, and the name, size and CRC-32C of
+// every rank file, itself closed by its own CRC-32C) and one binary
+// `rank-NNNNN.<crc32c>.state` per rank with that rank's state arrays. Rank files are named
+// by content and written first, the manifest is renamed into place last, and rank files of
+// earlier saves are removed after it: a save that dies half-way leaves the previous
+// checkpoint loadable. Loading checks everything before it changes anything.
 #ifndef MDOPT_DIST_OPT_CHECKPOINT_H_
 #define MDOPT_DIST_OPT_CHECKPOINT_H_
 
@@ -39,7 +41,9 @@ absl::Status SaveCheckpoint(const std::string& dir, const CheckpointLayout& layo
 absl::Status LoadCheckpoint(const std::string& dir, const CheckpointLayout& expected,
                             Engine* engine, Communicator* comm, int64_t* step);
 
-std::string RankFileName(int rank);
+// "rank-00000.1a2b3c4d.state": the rank and the CRC-32C of the file's bytes.
+std::string RankFileName(int rank, uint32_t crc);
+bool IsRankFileName(const std::string& name, int rank);
 
 }  // namespace mdopt
 

@@ -26,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "numeric_util.h"
 #include "test_util.h"
 
 namespace mdopt {
@@ -96,7 +97,7 @@ std::pair<std::string, std::string> CheckpointBytes(mdopt_optimizer* opt, const 
   const mdopt_status s = mdopt_save(opt, dir.c_str());
   EXPECT_EQ(s, MDOPT_SUCCESS) << mdopt_last_error();
   if (s != MDOPT_SUCCESS) return {};
-  return {ReadBytes(dir + "/manifest.txt"), ReadBytes(dir + "/rank-00000.state")};
+  return {ReadBytes(dir + "/manifest.txt"), ReadBytes(dir + "/" + testing::RankFileOf(dir))};
 }
 
 using OptimizerPtr = std::unique_ptr<mdopt_optimizer, mdopt_status (*)(mdopt_optimizer*)>;
@@ -995,10 +996,11 @@ TEST(CAbiCheckpoint, BadArgumentsAndRefusedCheckpoints) {
   // A damaged one: one byte of the state file flipped.
   MDOPT_ASSERT_OK(mdopt_save(a.opt(), dir.c_str()));
   {
-    std::string state = ReadBytes(dir + "/rank-00000.state");
+    const std::string rank_file = dir + "/" + testing::RankFileOf(dir);
+    std::string state = ReadBytes(rank_file);
     ASSERT_GT(state.size(), 100u);
     state[state.size() / 2] ^= 0x10;
-    std::ofstream(dir + "/rank-00000.state", std::ios::binary | std::ios::trunc) << state;
+    std::ofstream(rank_file, std::ios::binary | std::ios::trunc) << state;
   }
   EXPECT_MDOPT_ERROR(MDOPT_IO_ERROR, mdopt_load(a.opt(), dir.c_str()), "checksum");
 
@@ -1147,7 +1149,8 @@ TEST_P(CAbiNonFinite, StepIsSkippedAndNothingChanges) {
   }
   EXPECT_TRUE(before == a.Snapshot()) << "a skipped step changed the state or the model";
   MDOPT_ASSERT_OK(mdopt_save(a.opt(), (tmp / "after").c_str()));
-  EXPECT_EQ(ReadBytes(tmp / "before/rank-00000.state"), ReadBytes(tmp / "after/rank-00000.state"))
+  EXPECT_EQ(ReadBytes(tmp / "before/" + testing::RankFileOf(tmp / "before")),
+            ReadBytes(tmp / "after/" + testing::RankFileOf(tmp / "after")))
       << "a skipped step changed the optimizer state";
   EXPECT_EQ(ReadBytes(tmp / "before/manifest.txt"), ReadBytes(tmp / "after/manifest.txt"));
 

@@ -31,7 +31,9 @@ using testing::TempDir;
 using testing::TensorSpec;
 
 constexpr char kManifest[] = "manifest.txt";
-constexpr char kRankFile[] = "rank-00000.state";
+// Rank files are named "rank-00000.<crc32c>.state" by content; messages name the file, so
+// they contain this prefix.
+constexpr char kRankFile[] = "rank-00000.";
 
 // Steps a harness from step `from` + 1 to `to`, checking the counter the ABI reports.
 void RunSteps(AbiHarness& h, uint64_t seed, int from, int to) {
@@ -171,7 +173,7 @@ std::string Identity(const std::string& dir) { return dir; }
 void SameConfig(Config*) {}
 
 std::vector<Refusal> Refusals() {
-  auto rank = [](const std::string& dir) { return dir + "/" + kRankFile; };
+  auto rank = [](const std::string& dir) { return dir + "/" + testing::RankFileOf(dir); };
   auto manifest = [](const std::string& dir) { return dir + "/" + kManifest; };
   using testing::ReadBytes;
   using testing::WriteBytes;
@@ -390,20 +392,23 @@ TEST(checkpoint, AtomicSaveLeavesNoTemporariesAndSavesTwice) {
     MDOPT_ASSERT_OK(mdopt_finalize(h.opt()));
     RunSteps(h, 3, 0, 3);
     MDOPT_ASSERT_OK(mdopt_save(h.opt(), dir.c_str()));
-    EXPECT_EQ(testing::ListDir(dir), (std::vector<std::string>{kManifest, kRankFile}));
+    const std::string first_name = testing::RankFileOf(dir);
+    EXPECT_EQ(first_name.rfind(kRankFile, 0), 0u) << first_name;
+    EXPECT_EQ(testing::ListDir(dir), (std::vector<std::string>{kManifest, first_name}));
     EXPECT_FALSE(HasTmpFiles(dir));
-    const std::string first_rank = testing::ReadBytes(dir + "/" + kRankFile);
 
     // Leftovers of a save that crashed before its renames must not get in the way.
     testing::WriteBytes(dir + "/" + kManifest + ".tmp", "junk from a crashed save");
-    testing::WriteBytes(dir + "/" + kRankFile + ".tmp", "junk");
+    testing::WriteBytes(dir + "/" + first_name + ".tmp", "junk");
 
     RunSteps(h, 3, 3, 6);
     const Snapshot at6 = Take(h);
     MDOPT_ASSERT_OK(mdopt_save(h.opt(), dir.c_str()));
-    EXPECT_EQ(testing::ListDir(dir), (std::vector<std::string>{kManifest, kRankFile}));
+    // The new rank file has a new name; the old one, named by no manifest, is gone.
+    const std::string second_name = testing::RankFileOf(dir);
+    EXPECT_NE(second_name, first_name) << "second save did not replace";
+    EXPECT_EQ(testing::ListDir(dir), (std::vector<std::string>{kManifest, second_name}));
     EXPECT_FALSE(HasTmpFiles(dir));
-    EXPECT_NE(testing::ReadBytes(dir + "/" + kRankFile), first_rank) << "second save did not replace";
     EXPECT_NE(testing::ReadBytes(dir + "/" + kManifest).find("\nstep 6\n"), std::string::npos);
 
     // The second checkpoint is the one that loads, and the counter continues from 6.
@@ -417,9 +422,34 @@ TEST(checkpoint, AtomicSaveLeavesNoTemporariesAndSavesTwice) {
   }
 }
 
-// Each file is replaced atomically, the rank file first and the manifest last. A crash
-// between the two renames leaves the new rank file beside the old manifest (or, from a
-// copy of an older directory, the reverse): such a mix must be refused, never loaded.
+// A save into a directory that holds a checkpoint writes its content-named rank file first
+// and renames the manifest into place last. If it dies between the two, the directory holds
+// the old manifest, the old rank file and the new rank file: the old checkpoint must still
+// load, whole.
+TEST(checkpoint, SaveInterruptedBeforeItsManifestLeavesTheOldCheckpoint) {
+  const std::vector<TensorSpec> tensors = {{"wide", {7, 19}}, {"experts", {3, 5, 8}}};
+  TempDir tmp;
+  const std::string dir = tmp.Sub("ckpt");
+  AbiHarness h("kernels=fast", "preset=md-muon", tensors, 5);
+  MDOPT_ASSERT_OK(mdopt_finalize(h.opt()));
+  RunSteps(h, 5, 0, 3);
+  MDOPT_ASSERT_OK(mdopt_save(h.opt(), dir.c_str()));
+  const Snapshot at3 = Take(h);
+  RunSteps(h, 5, 3, 6);
+  // What the interrupted second save had written: its rank file, not its manifest.
+  MDOPT_ASSERT_OK(mdopt_save(h.opt(), tmp.Sub("second").c_str()));
+  const std::string second_rank = testing::RankFileOf(tmp.Sub("second"));
+  ASSERT_NE(second_rank, testing::RankFileOf(dir));
+  std::filesystem::copy_file(tmp.Sub("second") + "/" + second_rank, dir + "/" + second_rank);
+
+  AbiHarness fresh("kernels=fast", "preset=md-muon", tensors, 5);
+  MDOPT_ASSERT_OK(mdopt_finalize(fresh.opt()));
+  MDOPT_ASSERT_OK(mdopt_load(fresh.opt(), dir.c_str()));
+  EXPECT_TRUE(BitwiseEqual(Take(fresh), at3));
+}
+
+// A manifest paired with another save's rank file (copied under the name the manifest
+// gives, or missing under it) must be refused, never loaded.
 TEST(checkpoint, MixOfTwoSavesIsRefused) {
   const std::vector<TensorSpec> tensors = {{"wide", {7, 19}}, {"experts", {3, 5, 8}}};
   TempDir tmp;
@@ -434,7 +464,8 @@ TEST(checkpoint, MixOfTwoSavesIsRefused) {
     const std::string mixed = tmp.Sub("mixed-" + manifest_from);
     std::filesystem::create_directories(mixed);
     std::filesystem::copy_file(tmp.Sub(manifest_from) + "/" + kManifest, mixed + "/" + kManifest);
-    std::filesystem::copy_file(tmp.Sub(rank_from) + "/" + kRankFile, mixed + "/" + kRankFile);
+    std::filesystem::copy_file(tmp.Sub(rank_from) + "/" + testing::RankFileOf(tmp.Sub(rank_from)),
+                               mixed + "/" + testing::RankFileOf(tmp.Sub(manifest_from)));
     AbiHarness fresh("kernels=fast", "preset=md-muon", tensors, 5);
     MDOPT_ASSERT_OK(mdopt_finalize(fresh.opt()));
     const Snapshot before = Take(fresh);

@@ -140,6 +140,18 @@ inline void WriteBytes(const std::string& path, const std::string& data) {
   EXPECT_TRUE(out.good()) << "cannot write " << path;
 }
 
+// The file name of rank 0's state in a checkpoint directory, as its manifest gives it
+// ("rank-00000.<crc32c>.state": rank files are named by content).
+inline std::string RankFileOf(const std::string& dir) {
+  const std::string m = ReadBytes(dir + "/manifest.txt");
+  const std::string key = "\nrank_file 0 ";
+  const size_t at = m.find(key);
+  EXPECT_NE(at, std::string::npos) << "no rank_file line in " << dir;
+  if (at == std::string::npos) return "";
+  const size_t begin = at + key.size();
+  return m.substr(begin, m.find(' ', begin) - begin);
+}
+
 // Copies every regular file of one directory into another (created if needed).
 inline void CopyDir(const std::string& from, const std::string& to) {
   std::filesystem::create_directories(to);
