@@ -11,10 +11,19 @@
 namespace mdopt::kernels::fast {
 namespace {
 
-// ssyrk fills the upper triangle only; mirror it so sgemm can read the whole matrix.
+// ssyrk fills the upper triangle only; the A^2 product reads whole rows, so mirror it.
+// Tiled so that both the rows read and the columns written stay in cache.
 void MirrorUpper(float* a, int64_t s) {
-  for (int64_t i = 0; i < s; ++i)
-    for (int64_t j = i + 1; j < s; ++j) a[j * s + i] = a[i * s + j];
+  constexpr int64_t kTile = 64;
+  const int64_t tiles = (s + kTile - 1) / kTile;
+#pragma omp parallel for schedule(dynamic) if (s >= 256)
+  for (int64_t bi = 0; bi < tiles; ++bi) {
+    for (int64_t bj = bi; bj < tiles; ++bj) {
+      const int64_t i_end = std::min(s, (bi + 1) * kTile), j_end = std::min(s, (bj + 1) * kTile);
+      for (int64_t i = bi * kTile; i < i_end; ++i)
+        for (int64_t j = std::max(i + 1, bj * kTile); j < j_end; ++j) a[j * s + i] = a[i * s + j];
+    }
+  }
 }
 
 }  // namespace
@@ -55,24 +64,29 @@ float* NewtonSchulz(NsCoeffSet set, int steps, int64_t m, int64_t n, float* x, N
   const int mi = static_cast<int>(m), ni = static_cast<int>(n), si = static_cast<int>(s);
   for (int k = 0; k < steps; ++k) {
     const NsTuple c = NsCoefficients(set, k);
-    // A = X X^T (wide) or X^T X (tall).
+    // A = X X^T (wide) or X^T X (tall), upper triangle, then mirrored.
     cblas_ssyrk(CblasRowMajor, CblasUpper, tall ? CblasTrans : CblasNoTrans, si, tall ? mi : ni,
                 1.0f, cur, ni, 0.0f, a, si);
     MirrorUpper(a, s);
-    // B = b A + c A A^T (A is symmetric, so A A = A A^T).
+    // B = a I + b A + c A A^T (A is symmetric, so A A = A A^T), upper triangle: folding
+    // a X into B X saves a copy of X per iteration.
     cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, si, si, static_cast<float>(c.c), a, si,
                 0.0f, b, si);
-    for (int64_t i = 0; i < s; ++i)
-      for (int64_t j = i; j < s; ++j) b[i * s + j] += static_cast<float>(c.b) * a[i * s + j];
-    MirrorUpper(b, s);
-    // next = a X + B X (wide) or a X + X B (tall).
-    std::memcpy(next, cur, sizeof(float) * numel);
+    const float cb = static_cast<float>(c.b), ca = static_cast<float>(c.a);
+#pragma omp parallel for schedule(static) if (s >= 256)
+    for (int64_t i = 0; i < s; ++i) {
+      float* brow = b + i * s;
+      const float* arow = a + i * s;
+      for (int64_t j = i; j < s; ++j) brow[j] += cb * arow[j];
+      brow[i] += ca;
+    }
+    // next = B X (wide) or X B (tall); ssymm reads B's upper triangle only.
     if (tall) {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mi, ni, ni, 1.0f, cur, ni, b, ni,
-                  static_cast<float>(c.a), next, ni);
+      cblas_ssymm(CblasRowMajor, CblasRight, CblasUpper, mi, ni, 1.0f, b, si, cur, ni, 0.0f,
+                  next, ni);
     } else {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mi, ni, mi, 1.0f, b, mi, cur, ni,
-                  static_cast<float>(c.a), next, ni);
+      cblas_ssymm(CblasRowMajor, CblasLeft, CblasUpper, mi, ni, 1.0f, b, si, cur, ni, 0.0f,
+                  next, ni);
     }
     std::swap(cur, next);
   }

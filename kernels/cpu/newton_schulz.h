@@ -1,6 +1,7 @@
 // Newton-Schulz orthogonalisation in float32 on a BLAS (OpenBLAS): the symmetric products
-// X X^T and A A go through ssyrk (half the flops of a GEMM), B X through sgemm. Tall
-// matrices are handled as X <- a X + X (b A + c A^2) with A = X^T X, so nothing is transposed.
+// X X^T and A A go through ssyrk (half the flops of a GEMM), and X <- (a I + b A + c A^2) X
+// through ssymm with the a X term on B's diagonal. Tall matrices are handled as
+// X <- X (a I + b A + c A^2) with A = X^T X, so nothing is transposed.
 #ifndef MDOPT_KERNELS_CPU_NEWTON_SCHULZ_H_
 #define MDOPT_KERNELS_CPU_NEWTON_SCHULZ_H_
 
