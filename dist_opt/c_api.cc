@@ -70,6 +70,19 @@ mdopt_status NullArgument(const char* call, const char* arg) {
   return Fail(MDOPT_INVALID_ARGUMENT, absl::StrCat(call, ": ", arg, " is NULL"));
 }
 
+// The two byte-count queries: check the pointers, ask the optimizer, copy the answer out.
+template <typename Query>
+mdopt_status BytesQuery(const char* call, const mdopt_optimizer* opt, int64_t* bytes, Query query) {
+  return Guard(call, [&] {
+    if (opt == nullptr) return NullArgument(call, "opt");
+    if (bytes == nullptr) return NullArgument(call, "bytes");
+    absl::StatusOr<int64_t> b = query(*opt->impl);
+    if (!b.ok()) return Report(b.status());
+    *bytes = *b;
+    return MDOPT_SUCCESS;
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -231,25 +244,13 @@ mdopt_status mdopt_load(mdopt_optimizer* opt, const char* dir) {
 }
 
 mdopt_status mdopt_state_bytes(const mdopt_optimizer* opt, int64_t* bytes) {
-  return Guard("mdopt_state_bytes", [&] {
-    if (opt == nullptr) return NullArgument("mdopt_state_bytes", "opt");
-    if (bytes == nullptr) return NullArgument("mdopt_state_bytes", "bytes");
-    absl::StatusOr<int64_t> b = opt->impl->StateBytes();
-    if (!b.ok()) return Report(b.status());
-    *bytes = *b;
-    return MDOPT_SUCCESS;
-  });
+  return BytesQuery("mdopt_state_bytes", opt, bytes,
+                    [](const mdopt::Optimizer& o) { return o.StateBytes(); });
 }
 
 mdopt_status mdopt_workspace_bytes(const mdopt_optimizer* opt, int64_t* bytes) {
-  return Guard("mdopt_workspace_bytes", [&] {
-    if (opt == nullptr) return NullArgument("mdopt_workspace_bytes", "opt");
-    if (bytes == nullptr) return NullArgument("mdopt_workspace_bytes", "bytes");
-    absl::StatusOr<int64_t> b = opt->impl->WorkspaceBytes();
-    if (!b.ok()) return Report(b.status());
-    *bytes = *b;
-    return MDOPT_SUCCESS;
-  });
+  return BytesQuery("mdopt_workspace_bytes", opt, bytes,
+                    [](const mdopt::Optimizer& o) { return o.WorkspaceBytes(); });
 }
 
 mdopt_status mdopt_get_state(const mdopt_optimizer* opt, int64_t index, const char* field,
