@@ -176,17 +176,8 @@ class Rig {
 
   mdopt_param_desc Desc(size_t i) {
     const TensorDef& t = defs_[i];
-    mdopt_param_desc d{};
-    d.struct_size = sizeof d;
-    d.name = t.name.c_str();
-    d.group = t.group.c_str();
-    d.ndim = static_cast<int>(t.shape.size());
-    for (size_t k = 0; k < t.shape.size(); ++k) d.shape[k] = t.shape[k];
-    d.param_dtype = t.param_dtype;
-    d.param = bufs_[i].param();
-    d.grad_dtype = t.grad_dtype;
-    d.grad = bufs_[i].grad();
-    return d;
+    return testing::DescFor(t.name, t.group, t.shape, t.param_dtype, bufs_[i].param(),
+                            t.grad_dtype, bufs_[i].grad());
   }
 
   // Gradients of one step: deterministic in (step, tensor), so twins see the same ones.

@@ -38,12 +38,7 @@ constexpr char kRankFile[] = "rank-00000.";
 // Steps a harness from step `from` + 1 to `to`, checking the counter the ABI reports.
 void RunSteps(AbiHarness& h, uint64_t seed, int from, int to) {
   for (int step = from + 1; step <= to; ++step) {
-    h.SetGradients(seed, step);
-    mdopt_step_info info{};
-    info.struct_size = sizeof info;
-    MDOPT_ASSERT_OK(mdopt_step(h.opt(), 1.0, nullptr, &info));
-    ASSERT_EQ(info.step, step);
-    ASSERT_EQ(info.skipped, 0);
+    ASSERT_NO_FATAL_FAILURE(h.StepChecked(seed, step));
   }
 }
 

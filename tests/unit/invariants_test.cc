@@ -223,12 +223,7 @@ TEST_P(Invariants, EveryStep) {
   CheckAll(mode, h, w0, 0, &worst);
   if (HasFatalFailure()) return;
   for (int step = 1; step <= kSteps; ++step) {
-    h.SetGradients(seed, step);
-    mdopt_step_info info{};
-    info.struct_size = sizeof info;
-    MDOPT_ASSERT_OK(mdopt_step(h.opt(), 1.0, nullptr, &info));
-    ASSERT_EQ(info.step, step);
-    ASSERT_EQ(info.skipped, 0);
+    ASSERT_NO_FATAL_FAILURE(h.StepChecked(seed, step));
     CheckAll(mode, h, w0, step, &worst);
     if (HasFatalFailure()) return;
   }

@@ -63,6 +63,24 @@ struct TensorSpec {
   }
 };
 
+// The descriptor of a tensor with its buffers; name and group must outlive the call it is
+// passed to.
+inline mdopt_param_desc DescFor(const std::string& name, const std::string& group,
+                                const std::vector<int64_t>& shape, mdopt_dtype param_dtype,
+                                void* param, mdopt_dtype grad_dtype, const void* grad) {
+  mdopt_param_desc d{};
+  d.struct_size = sizeof d;
+  d.name = name.c_str();
+  d.group = group.c_str();
+  d.ndim = static_cast<int>(shape.size());
+  for (size_t k = 0; k < shape.size() && k < 3; ++k) d.shape[k] = shape[k];
+  d.param_dtype = param_dtype;
+  d.param = param;
+  d.grad_dtype = grad_dtype;
+  d.grad = grad;
+  return d;
+}
+
 // Buffers of one tensor in the dtype the optimizer sees.
 struct Buffers {
   std::vector<float> param_f32, grad_f32;
@@ -94,7 +112,7 @@ class AbiHarness {
       : tensors_(tensors), bufs_(tensors.size()) {
     EXPECT_EQ(mdopt_comm_create_local(&comm_), MDOPT_SUCCESS);
     EXPECT_EQ(mdopt_create(comm_, options.c_str(), &opt_), MDOPT_SUCCESS) << mdopt_last_error();
-    EXPECT_EQ(mdopt_add_group(opt_, "g", spec.c_str()), MDOPT_SUCCESS) << mdopt_last_error();
+    EXPECT_EQ(mdopt_add_group(opt_, kGroup.c_str(), spec.c_str()), MDOPT_SUCCESS) << mdopt_last_error();
     for (size_t i = 0; i < tensors.size(); ++i) {
       const TensorSpec& t = tensors[i];
       // Weights of a 1/sqrt(d_in) init, so that spheres and gains see realistic norms.
@@ -103,16 +121,8 @@ class AbiHarness {
            &bufs_[i].param_f32, &bufs_[i].param_bf16);
       Fill(std::vector<double>(t.numel(), 0.0), t.grad_dtype, &bufs_[i].grad_f32,
            &bufs_[i].grad_bf16);
-      mdopt_param_desc d{};
-      d.struct_size = sizeof d;
-      d.name = t.name.c_str();
-      d.group = "g";
-      d.ndim = static_cast<int>(t.shape.size());
-      for (size_t k = 0; k < t.shape.size(); ++k) d.shape[k] = t.shape[k];
-      d.param_dtype = t.param_dtype;
-      d.param = bufs_[i].param();
-      d.grad_dtype = t.grad_dtype;
-      d.grad = bufs_[i].grad();
+      const mdopt_param_desc d = DescFor(t.name, kGroup, t.shape, t.param_dtype, bufs_[i].param(),
+                                         t.grad_dtype, bufs_[i].grad());
       EXPECT_EQ(mdopt_add_param(opt_, &d, nullptr), MDOPT_SUCCESS) << mdopt_last_error();
     }
   }
@@ -152,6 +162,16 @@ class AbiHarness {
     return v;
   }
 
+  // Gradients for `step`, then one step that must be taken as step number `step`.
+  void StepChecked(uint64_t seed, int step) {
+    SetGradients(seed, step);
+    mdopt_step_info info{};
+    info.struct_size = sizeof info;
+    MDOPT_ASSERT_OK(mdopt_step(opt_, 1.0, nullptr, &info));
+    ASSERT_EQ(info.step, step);
+    ASSERT_EQ(info.skipped, 0);
+  }
+
   // The model's tensor as doubles.
   std::vector<double> Model(size_t i) {
     std::vector<double> v;
@@ -161,6 +181,7 @@ class AbiHarness {
   }
 
  private:
+  const std::string kGroup = "g";
   std::vector<TensorSpec> tensors_;
   std::vector<Buffers> bufs_;
   mdopt_comm* comm_ = nullptr;
