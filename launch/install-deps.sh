@@ -19,10 +19,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   stamp=/var/lib/apt/periodic/mdopt-update-stamp
-  if [ ! -f "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440 2>/dev/null)" ]; then
+  update() {
     $SUDO apt-get update
     $SUDO mkdir -p "$(dirname "$stamp")" && $SUDO touch "$stamp"
+  }
+  if [ ! -f "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440 2>/dev/null)" ]; then
+    update
   fi
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
+  install() { DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"; }
+  # Package lists can be gone even when our stamp is fresh (a cleaned image): refresh once.
+  install || { update && install; }
 fi
 echo "mdopt: dependencies present"
