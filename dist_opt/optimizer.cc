@@ -91,7 +91,8 @@ absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options
       } else if (value == "bf16") {
         if (!kernels::fast::Bf16NewtonSchulz::Available()) {
           return absl::UnimplementedError(
-              "option ns_dtype=bf16: this build of mdopt has no oneDNN (libdnnl-dev)");
+              "option ns_dtype=bf16: needs oneDNN (libdnnl-dev) at build time and a CPU on "
+              "which it runs bf16 matmul (AVX-512 or AMX)");
         }
         o.ns_bf16 = true;
       } else {

@@ -1,6 +1,7 @@
 #include "kernels/cpu/newton_schulz_bf16.h"
 
 #include <algorithm>
+#include <exception>
 #include <map>
 #include <tuple>
 #include <vector>
@@ -83,7 +84,20 @@ struct Bf16NewtonSchulz::Impl {
 Bf16NewtonSchulz::Bf16NewtonSchulz() : impl_(std::make_unique<Impl>()) {}
 Bf16NewtonSchulz::~Bf16NewtonSchulz() = default;
 
-bool Bf16NewtonSchulz::Available() { return true; }
+bool Bf16NewtonSchulz::Available() {
+  // oneDNN has bf16 matmul only on CPUs with AVX-512 (or AMX); elsewhere creating the
+  // primitive throws. Ask once with a tiny product.
+  static const bool available = [] {
+    try {
+      Impl probe;
+      probe.Get(8, 8, 8, false, false);
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return available;
+}
 
 void Bf16NewtonSchulz::Reserve(int64_t m, int64_t n) {
   const size_t s = static_cast<size_t>(std::min(m, n));

@@ -20,7 +20,7 @@ class Bf16NewtonSchulz {
   Bf16NewtonSchulz(const Bf16NewtonSchulz&) = delete;
   Bf16NewtonSchulz& operator=(const Bf16NewtonSchulz&) = delete;
 
-  // True when this build has oneDNN.
+  // True when this build has oneDNN and oneDNN can run bf16 matmul on this CPU.
   static bool Available();
 
   // Makes room for an m x n matrix (buffers and the GEMM plans of its shape).

@@ -49,7 +49,7 @@ TEST_P(ThreadCount, OneAndThreeThreadsAgreeBitwise) {
 
 // oneDNN's bf16 GEMMs must not change results with the thread count either.
 TEST(ThreadCountBf16Ns, OneAndThreeThreadsAgreeBitwise) {
-  if (!kernels::fast::Bf16NewtonSchulz::Available()) GTEST_SKIP() << "built without oneDNN";
+  if (!kernels::fast::Bf16NewtonSchulz::Available()) GTEST_SKIP() << "no oneDNN bf16 matmul in this build or on this CPU";
   std::vector<TensorSpec> t = {{"wide", {97, 701}}, {"tall", {733, 61}}, {"experts", {2, 131, 257}}};
   AbiHarness one("threads=1 ns_dtype=bf16", "preset=md-muon", t, 5);
   AbiHarness three("threads=3 ns_dtype=bf16", "preset=md-muon", t, 5);

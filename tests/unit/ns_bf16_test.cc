@@ -32,7 +32,7 @@ class Bf16Ns : public ::testing::TestWithParam<std::tuple<int, int, NsCoeffSet>>
 // and B along small singular values; a float64 model of exactly those roundings (numpy)
 // gives the same 2.5% to 5.6%, so the error is bf16's, not the implementation's.
 TEST_P(Bf16Ns, MatchesFloat64Reference) {
-  if (!Bf16NewtonSchulz::Available()) GTEST_SKIP() << "built without oneDNN";
+  if (!Bf16NewtonSchulz::Available()) GTEST_SKIP() << "no oneDNN bf16 matmul in this build or on this CPU";
   const auto [m, n, set] = GetParam();
   const std::vector<double> x = testing::RandomNormal(static_cast<size_t>(m * n), m * 31 + n);
   std::vector<double> want(x.size());
@@ -54,7 +54,7 @@ INSTANTIATE_TEST_SUITE_P(
 // (bf16 only perturbs the update direction), and the weights stay within 0.5% of the
 // float64 reference (measured 0.08%: the update is lr-sized, so its 5% error is too).
 TEST(Bf16NsOptimizer, TwentyStepsNearReference) {
-  if (!Bf16NewtonSchulz::Available()) GTEST_SKIP() << "built without oneDNN";
+  if (!Bf16NewtonSchulz::Available()) GTEST_SKIP() << "no oneDNN bf16 matmul in this build or on this CPU";
   const std::vector<testing::TensorSpec> t = {{"wide", {48, 130}}, {"tall", {150, 40}}, {"experts", {2, 24, 36}}};
   testing::AbiHarness fast("ns_dtype=bf16", "preset=md-muon", t, 3);
   testing::AbiHarness ref("kernels=reference", "preset=md-muon", t, 3);
