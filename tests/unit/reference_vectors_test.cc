@@ -61,7 +61,9 @@ TEST_P(ReferenceVectors, PresetParsesToTheVectorsSpec) {
   EXPECT_EQ(r.lr, s["lr"].get<double>());
   // gain_lr only matters with gains (the vectors write 0 for gainless presets, mdopt keeps
   // the default 1e-3 there so that turning gains on does not freeze them).
-  if (r.gains != kernels::Gains::kNone) EXPECT_EQ(r.gain_lr, s["gain_lr"].get<double>());
+  if (r.gains != kernels::Gains::kNone) {
+    EXPECT_EQ(r.gain_lr, s["gain_lr"].get<double>());
+  }
   EXPECT_EQ(r.beta1, s["beta1"].get<double>());
   EXPECT_EQ(r.beta2, s["beta2"].get<double>());
   EXPECT_EQ(r.eps, s["eps"].get<double>());
