@@ -114,7 +114,6 @@ absl::Status FastEngine::Init() {
   }
   st_.assign(params_.size(), FastParamState{});
   int64_t x_elems = 0;
-  int64_t ns_m = 0, ns_n = 0;
   // Phase A: allocate and check every slice; the model tensors are not written.
   std::vector<std::vector<fast::Partials>> norms(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) {
@@ -132,15 +131,10 @@ absl::Status FastEngine::Init() {
           s.master[e * rows * p.n + q] =
               kernels::Bf16ToFloat(src[e * p.m * p.n + s.rows.begin * p.n + q]);
     }
+    s.state0.assign(numel, 0.0f);  // muon momentum | adam exp_avg
     if (r.base == Base::kMuon) {
-      s.state0.assign(numel, 0.0f);
       x_elems = std::max(x_elems, rows * p.n);
-      if (p.m * p.n > ns_m * ns_n) {
-        ns_m = p.m;
-        ns_n = p.n;
-      }
     } else {
-      s.state0.assign(numel, 0.0f);
       s.state1.assign(numel, 0.0f);
     }
     const float one = static_cast<float>(kernels::GainRawForOne(r.gain_param));
@@ -179,11 +173,15 @@ absl::Status FastEngine::Init() {
     }
   }
   x_.assign(static_cast<size_t>(x_elems), 0.0f);
-  if (ns_m > 0 && !ns_bf16_) ns_.Reserve(ns_m, ns_n);
-  if (ns_bf16_) {
-    // One set of GEMM plans per Muon matrix shape, made here rather than in the first step.
-    for (const ParamEntry& p : params_)
-      if (p.rule.base == Base::kMuon) ns_bf16_ws_.Reserve(p.m, p.n);
+  // Newton-Schulz buffers for every Muon shape (the largest matrix need not have the largest
+  // Gram side), and the bf16 path's GEMM plans, made here rather than in the first step.
+  for (const ParamEntry& p : params_) {
+    if (p.rule.base != Base::kMuon) continue;
+    if (ns_bf16_) {
+      ns_bf16_ws_.Reserve(p.m, p.n);
+    } else {
+      ns_.Reserve(p.m, p.n);
+    }
   }
 
   // Phase B: project onto the spheres and write the model tensors.
