@@ -1,7 +1,8 @@
 // Newton-Schulz orthogonalisation in float32 on a BLAS (OpenBLAS): the symmetric products
-// X X^T and A A go through ssyrk (half the flops of a GEMM), and X <- (a I + b A + c A^2) X
-// through ssymm with the a X term on B's diagonal. Tall matrices are handled as
-// X <- X (a I + b A + c A^2) with A = X^T X, so nothing is transposed.
+// X X^T and A A go through ssyrk (half the flops of a GEMM) and X <- (a I + b A + c A^2) X
+// through sgemm with the a X term on B's diagonal. Tall matrices are handled as
+// X <- X (a I + b A + c A^2) with A = X^T X, so nothing is transposed. Every product runs on
+// the fixed tiles of fixed_tiles.h, so the result does not depend on the thread count.
 #ifndef MDOPT_KERNELS_CPU_NEWTON_SCHULZ_H_
 #define MDOPT_KERNELS_CPU_NEWTON_SCHULZ_H_
 

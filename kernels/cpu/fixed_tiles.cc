@@ -1,0 +1,94 @@
+#include "kernels/cpu/fixed_tiles.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+
+namespace mdopt::kernels::fast {
+namespace {
+
+int64_t Blocks(int64_t extent, int64_t side) { return (extent + side - 1) / side; }
+
+// Runs f(t) for t in [0, count) on the OpenMP team. Inside, each thread's own thread-count
+// setting is 1, so the BLAS (OpenMP build: it asks omp_get_max_threads() and
+// omp_in_parallel()) runs every tile on the calling thread alone, also for a team of one.
+// Which thread takes which tile varies (dynamic schedule: diagonal tiles cost half); what a
+// tile computes does not.
+template <typename F>
+void ForEachTile(int64_t count, const F& f) {
+#pragma omp parallel
+  {
+    omp_set_num_threads(1);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < count; ++t) f(t);
+  }
+}
+
+// Block pair (i, j), i <= j, of the upper triangle of nb x nb blocks, numbered row by row.
+void UpperPair(int64_t t, int64_t nb, int64_t* i, int64_t* j) {
+  int64_t row = 0;
+  while (t >= nb - row) {
+    t -= nb - row;
+    ++row;
+  }
+  *i = row;
+  *j = row + t;
+}
+
+}  // namespace
+
+void SyrkUpperTiled(bool trans, int64_t s, int64_t k, float alpha, const float* x, int64_t ldx,
+                    float* c, int64_t ldc) {
+  const int64_t nb = Blocks(s, kTileRows);
+  ForEachTile(nb * (nb + 1) / 2, [&](int64_t t) {
+    int64_t bi = 0, bj = 0;
+    UpperPair(t, nb, &bi, &bj);
+    const int64_t i0 = bi * kTileRows, j0 = bj * kTileRows;
+    const int mi = static_cast<int>(std::min(kTileRows, s - i0));
+    const int nj = static_cast<int>(std::min(kTileRows, s - j0));
+    // Row i of X (trans = false) or column i of X (trans = true).
+    const float* xi = trans ? x + i0 : x + i0 * ldx;
+    const float* xj = trans ? x + j0 : x + j0 * ldx;
+    float* cij = c + i0 * ldc + j0;
+    const int ki = static_cast<int>(k), lx = static_cast<int>(ldx), lc = static_cast<int>(ldc);
+    if (bi == bj) {
+      cblas_ssyrk(CblasRowMajor, CblasUpper, trans ? CblasTrans : CblasNoTrans, mi, ki, alpha, xi,
+                  lx, 0.0f, cij, lc);
+    } else if (trans) {
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, mi, nj, ki, alpha, xi, lx, xj, lx, 0.0f,
+                  cij, lc);
+    } else {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mi, nj, ki, alpha, xi, lx, xj, lx, 0.0f,
+                  cij, lc);
+    }
+  });
+}
+
+void GemmTiled(int64_t m, int64_t n, int64_t k, const float* a, const float* b, float* c) {
+  const int64_t rb = Blocks(m, kTileRows), cb = Blocks(n, kTileCols);
+  ForEachTile(rb * cb, [&](int64_t t) {
+    const int64_t i0 = (t / cb) * kTileRows, j0 = (t % cb) * kTileCols;
+    const int mi = static_cast<int>(std::min(kTileRows, m - i0));
+    const int nj = static_cast<int>(std::min(kTileCols, n - j0));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mi, nj, static_cast<int>(k), 1.0f,
+                a + i0 * k, static_cast<int>(k), b + j0, static_cast<int>(n), 0.0f, c + i0 * n + j0,
+                static_cast<int>(n));
+  });
+}
+
+void MirrorUpper(float* a, int64_t s) {
+  // Tiled so that both the rows read and the columns written stay in cache.
+  constexpr int64_t kTile = 64;
+  const int64_t tiles = Blocks(s, kTile);
+#pragma omp parallel for schedule(dynamic) if (s >= 256)
+  for (int64_t bi = 0; bi < tiles; ++bi) {
+    for (int64_t bj = bi; bj < tiles; ++bj) {
+      const int64_t i_end = std::min(s, (bi + 1) * kTile), j_end = std::min(s, (bj + 1) * kTile);
+      for (int64_t i = bi * kTile; i < i_end; ++i)
+        for (int64_t j = std::max(i + 1, bj * kTile); j < j_end; ++j) a[j * s + i] = a[i * s + j];
+    }
+  }
+}
+
+}  // namespace mdopt::kernels::fast
