@@ -7,8 +7,6 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
@@ -74,13 +72,38 @@ absl::Status WriteAtomically(const std::string& dir, const std::string& name,
   return absl::OkStatus();
 }
 
+// POSIX reads into a buffer sized from fstat: unlike iostreams, which swallow std::bad_alloc
+// into a short read, a failed allocation here reaches the caller as out of memory.
 absl::Status ReadFile(const std::string& path, std::string* out) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return Errno("cannot open", path);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) return Errno("cannot read", path);
-  *out = ss.str();
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Errno("cannot open", path);
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    absl::Status s = Errno("cannot stat", path);
+    ::close(fd);
+    return s;
+  }
+  std::string data;
+  try {
+    data.resize(static_cast<size_t>(st.st_size));
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  size_t done = 0;
+  while (done < data.size()) {
+    const ssize_t r = ::read(fd, data.data() + done, data.size() - done);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) {
+      absl::Status s = r < 0 ? Errno("cannot read", path)
+                             : IoError(absl::StrCat("'", path, "' shrank while being read"));
+      ::close(fd);
+      return s;
+    }
+    done += static_cast<size_t>(r);
+  }
+  ::close(fd);
+  *out = std::move(data);
   return absl::OkStatus();
 }
 

@@ -42,7 +42,7 @@ class Engine {
   virtual absl::Status Init() = 0;
 
   // Sum of squares of this rank's part of a param's gradient (NaN/Inf propagate).
-  virtual double GradSumSq(int64_t index) const = 0;
+  virtual double GradSumSq(int64_t index) = 0;
 
   // One step; lr_scale multiplies lr and gain_lr; t counts taken steps including this one.
   virtual absl::Status Step(double lr_scale, int64_t t) = 0;

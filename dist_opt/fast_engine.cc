@@ -39,12 +39,13 @@ class FastEngine final : public Engine {
       : params_(*params), comm_(comm), ns_bf16_(ns_bf16) {}
 
   absl::Status Init() override;
-  double GradSumSq(int64_t index) const override;
+  double GradSumSq(int64_t index) override;
   absl::Status Step(double lr_scale, int64_t t) override;
   std::vector<StateArray> State(int64_t index, int64_t expert) override;
   void WriteModels() override;
   int64_t WorkspaceBytes() const override {
-    return static_cast<int64_t>(x_.capacity() * sizeof(float)) + ns_.bytes() + ns_bf16_ws_.bytes();
+    return static_cast<int64_t>(x_.capacity() * sizeof(float) + cross_.capacity() * sizeof(double)) +
+           ns_.bytes() + ns_bf16_ws_.bytes() + scratch_.bytes();
   }
   const char* name() const override { return "fast"; }
 
@@ -62,6 +63,7 @@ class FastEngine final : public Engine {
   fast::Bf16NewtonSchulz ns_bf16_ws_;
   fast::Partials partials_;
   std::vector<double> cross_;
+  fast::Scratch scratch_;
 };
 
 bool AliasesModel(const ParamEntry& p) { return p.param_dtype == Dtype::kF32; }
@@ -114,6 +116,18 @@ absl::Status FastEngine::Init() {
   }
   st_.assign(params_.size(), FastParamState{});
   int64_t x_elems = 0;
+  // Every buffer a step uses is sized here, before anything is written: a step allocates
+  // nothing, and running out of memory surfaces from finalize with the optimizer unchanged.
+  int64_t max_rows = 1, max_n = 1, max_cross = 1;
+  for (const ParamEntry& p : params_) {
+    const int64_t rows = OwnedRows(p.m, comm_->rank(), comm_->size()).rows();
+    max_rows = std::max(max_rows, rows);
+    max_n = std::max(max_n, p.n);
+    max_cross = std::max(max_cross, p.n + 1 + std::max(rows, p.n));
+  }
+  scratch_.Reserve(max_rows, max_n);
+  fast::ReservePartials(max_rows, max_n, &partials_);
+  cross_.reserve(static_cast<size_t>(max_cross));
   // Phase A: allocate and check every slice; the model tensors are not written.
   std::vector<std::vector<fast::Partials>> norms(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) {
@@ -157,7 +171,7 @@ absl::Status FastEngine::Init() {
       const fast::MatrixView v = View(static_cast<int64_t>(i), e);
       fast::Partials& np = norms[i][e];
       fast::ResetPartials(r, v, &np);
-      fast::SliceSquares(r, v, &np);
+      fast::SliceSquares(r, v, &np, &scratch_);
       if (absl::Status st = ReduceCrossRow(r, &np); !st.ok()) return st;
       for (int64_t k = 0; k < static_cast<int64_t>(np.slice_sq.size()); ++k) {
         const double sq = np.slice_sq[k];
@@ -189,16 +203,16 @@ absl::Status FastEngine::Init() {
     const ParamEntry& p = params_[i];
     if (p.rule.sphere == Sphere::kNone || p.preserve_init) continue;
     for (int64_t e = 0; e < p.experts; ++e) {
-      fast::Finish(p.rule, View(static_cast<int64_t>(i), e), norms[i][e]);
+      fast::Finish(p.rule, View(static_cast<int64_t>(i), e), norms[i][e], &scratch_);
     }
   }
   return absl::OkStatus();
 }
 
-double FastEngine::GradSumSq(int64_t index) const {
+double FastEngine::GradSumSq(int64_t index) {
   const ParamEntry& p = params_[index];
   double total = 0.0;
-  for (int64_t e = 0; e < p.experts; ++e) total += fast::GradSumSq(View(index, e));
+  for (int64_t e = 0; e < p.experts; ++e) total += fast::GradSumSq(View(index, e), &scratch_);
   return total;
 }
 
@@ -214,24 +228,24 @@ absl::Status FastEngine::Step(double lr_scale, int64_t t) {
       const fast::MatrixView v = View(static_cast<int64_t>(i), e);
       fast::ResetPartials(r, v, &partials_);
       if (r.tangent && r.sphere != Sphere::kNone) {
-        fast::RadialDots(r, v, &partials_);
+        fast::RadialDots(r, v, &partials_, &scratch_);
         if (r.sphere != Sphere::kRow && comm_->size() > 1) {
           if (absl::Status s = comm_->AllReduceSum(absl::MakeSpan(partials_.radial_dot)); !s.ok()) return s;
           if (absl::Status s = comm_->AllReduceSum(absl::MakeSpan(partials_.radial_dd)); !s.ok()) return s;
         }
       }
       if (r.base == Base::kMuon) {
-        fast::Pass1(r, v, sc, x_.data(), &partials_);
+        fast::Pass1(r, v, sc, x_.data(), &partials_, &scratch_);
         const float* o =
             ns_bf16_ ? ns_bf16_ws_.Run(r.ns_coeffs, r.ns_steps, p.m, p.n, x_.data())
                      : fast::NewtonSchulz(r.ns_coeffs, r.ns_steps, p.m, p.n, x_.data(), &ns_);
-        fast::Pass2(r, v, sc, o, &partials_);
+        fast::Pass2(r, v, sc, o, &partials_, &scratch_);
       } else {
-        fast::Pass1(r, v, sc, nullptr, &partials_);
+        fast::Pass1(r, v, sc, nullptr, &partials_, &scratch_);
       }
       if (absl::Status s = ReduceCrossRow(r, &partials_); !s.ok()) return s;
       fast::StepGains(r, v, sc, partials_);
-      fast::Finish(r, v, partials_);
+      fast::Finish(r, v, partials_, &scratch_);
     }
   }
   return absl::OkStatus();

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <new>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -43,6 +44,19 @@ const StateArray* FindArray(const std::vector<StateArray>& arrays, absl::string_
   for (const StateArray& a : arrays)
     if (a.name == name) return &a;
   return nullptr;
+}
+
+// Runs body, turning a failed allocation into ResourceExhausted (MDOPT_OUT_OF_MEMORY). The
+// calls wrapped here allocate only before they change anything, so the optimizer is as it
+// was when this returns the error.
+template <typename F>
+absl::Status CatchOutOfMemory(const char* call, F&& body) {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(call, ": out of memory; the optimizer is unchanged"));
+  }
 }
 
 }  // namespace
@@ -150,13 +164,17 @@ absl::Status Optimizer::Finalize() {
     return absl::FailedPreconditionError("mdopt_finalize with no parameters added");
   }
   ThreadsGuard threads(options_.threads);
-  std::unique_ptr<Engine> engine =
-      options_.kernels == OptimizerOptions::Kernels::kFast
-          ? MakeFastEngine(&registry_.params(), comm_, options_.ns_bf16)
-          : MakeReferenceEngine(&registry_.params(), comm_);
-  if (absl::Status s = engine->Init(); !s.ok()) return s;
-  engine_ = std::move(engine);
-  return absl::OkStatus();
+  return CatchOutOfMemory("mdopt_finalize", [&] {
+    std::unique_ptr<Engine> engine =
+        options_.kernels == OptimizerOptions::Kernels::kFast
+            ? MakeFastEngine(&registry_.params(), comm_, options_.ns_bf16)
+            : MakeReferenceEngine(&registry_.params(), comm_);
+    std::vector<double> sumsq(static_cast<size_t>(registry_.size()));
+    if (absl::Status s = engine->Init(); !s.ok()) return s;
+    engine_ = std::move(engine);
+    grad_sumsq_ = std::move(sumsq);
+    return absl::OkStatus();
+  });
 }
 
 absl::StatusOr<StepResult> Optimizer::Step(double lr_scale, void* stream) {
@@ -180,7 +198,7 @@ absl::StatusOr<StepResult> Optimizer::Step(double lr_scale, void* stream) {
 
   // The finite check: one sum of squares per param, summed over ranks so that every rank
   // sees the same verdict and skips the same steps.
-  std::vector<double> sumsq(params.size());
+  std::vector<double>& sumsq = grad_sumsq_;
   for (size_t i = 0; i < params.size(); ++i) sumsq[i] = engine_->GradSumSq(static_cast<int64_t>(i));
   if (absl::Status s = comm_->AllReduceSum(absl::MakeSpan(sumsq)); !s.ok()) return s;
   StepResult r;
@@ -207,17 +225,19 @@ absl::StatusOr<StepResult> Optimizer::Step(double lr_scale, void* stream) {
 absl::Status Optimizer::Save(const std::string& dir) {
   if (absl::Status s = RequireFinalized("mdopt_save"); !s.ok()) return s;
   CheckpointLayout layout{engine_->name(), comm_->size(), step_, &groups_, &registry_.params()};
-  return SaveCheckpoint(dir, layout, engine_.get(), comm_);
+  return CatchOutOfMemory("mdopt_save", [&] { return SaveCheckpoint(dir, layout, engine_.get(), comm_); });
 }
 
 absl::Status Optimizer::Load(const std::string& dir) {
   if (absl::Status s = RequireFinalized("mdopt_load"); !s.ok()) return s;
   ThreadsGuard threads(options_.threads);
   CheckpointLayout layout{engine_->name(), comm_->size(), step_, &groups_, &registry_.params()};
-  int64_t step = 0;
-  if (absl::Status s = LoadCheckpoint(dir, layout, engine_.get(), comm_, &step); !s.ok()) return s;
-  step_ = step;
-  return absl::OkStatus();
+  return CatchOutOfMemory("mdopt_load", [&] {
+    int64_t step = 0;
+    if (absl::Status s = LoadCheckpoint(dir, layout, engine_.get(), comm_, &step); !s.ok()) return s;
+    step_ = step;
+    return absl::OkStatus();
+  });
 }
 
 absl::StatusOr<int64_t> Optimizer::StateBytes() const {

@@ -67,6 +67,7 @@ class Optimizer {
   std::vector<Group> groups_;
   ParamRegistry registry_;
   std::unique_ptr<Engine> engine_;  // set by Finalize
+  std::vector<double> grad_sumsq_;  // per param, sized at Finalize: a step allocates nothing
   int64_t step_ = 0;
 };
 

@@ -19,7 +19,7 @@ class ReferenceEngine final : public Engine {
       : params_(*params), comm_(comm) {}
 
   absl::Status Init() override;
-  double GradSumSq(int64_t index) const override;
+  double GradSumSq(int64_t index) override;
   absl::Status Step(double lr_scale, int64_t t) override;
   std::vector<StateArray> State(int64_t index, int64_t expert) override;
   void WriteModels() override;
@@ -62,7 +62,7 @@ absl::Status ReferenceEngine::Init() {
   return absl::OkStatus();
 }
 
-double ReferenceEngine::GradSumSq(int64_t index) const {
+double ReferenceEngine::GradSumSq(int64_t index) {
   const ParamEntry& p = params_[index];
   double total = 0.0;
   for (int64_t q = 0; q < p.numel(); ++q) {

@@ -52,6 +52,21 @@ struct StepScalars {
   int64_t t = 1;         // 1-based count of taken steps, for bias correction
 };
 
+// Buffers the passes work in, sized once (Reserve) for the largest view they will see, so
+// that no pass allocates: nothing is allocated inside a parallel region (where a failed
+// allocation could not be reported) and a step allocates nothing at all. One per caller
+// thread; every pass below takes it.
+struct Scratch {
+  // Room for any view of at most `rows` rows and `n` columns.
+  void Reserve(int64_t rows, int64_t n);
+  int64_t bytes() const;
+
+  std::vector<float> row, col, inv_col, col_aux;  // effective gains, tangent/projection factors
+  std::vector<double> range_cols_a, range_cols_b; // per-range column partials (ranges x n)
+  std::vector<double> range_a, range_b, range_c;  // per-range scalar partials
+  std::vector<float> range_grad, range_gd;        // per-range row buffers (ranges x n)
+};
+
 // Sums one step accumulates. "Cross-row" entries are partial over this view's rows and
 // must be summed over all row blocks of the matrix before they are used.
 struct Partials {
@@ -63,6 +78,10 @@ struct Partials {
   std::vector<double> radial_dd;   // tangent: <D, D> per slice
 };
 
+// Makes room in p for any view of at most `rows` rows and `n` columns (Reserve once; then
+// ResetPartials never allocates).
+void ReservePartials(int64_t rows, int64_t n, Partials* p);
+
 // Sizes the partials for the rule and view, all zero.
 void ResetPartials(const UpdateRule& rule, const MatrixView& v, Partials* p);
 
@@ -72,17 +91,17 @@ void UnpackCrossRow(const UpdateRule& rule, const double* in, Partials* p);
 int64_t CrossRowCount(const UpdateRule& rule, const MatrixView& v);
 
 // tangent=1: <G_D, D> and <D, D> per slice into p.
-void RadialDots(const UpdateRule& rule, const MatrixView& v, Partials* p);
+void RadialDots(const UpdateRule& rule, const MatrixView& v, Partials* p, Scratch* scratch);
 
 // Recovers D, accumulates gain gradients, forms G_D (tangent-corrected when asked) and runs
 // the base optimizer's elementwise part. muon: writes X (rows x n) for Newton-Schulz and
 // updates the momentum. adamw: updates the moments and writes D' into v.w.
 void Pass1(const UpdateRule& rule, const MatrixView& v, const StepScalars& s, float* x,
-           Partials* p);
+           Partials* p, Scratch* scratch);
 
 // muon: D' = D (1 - lr wd) - lr * scale * O into v.w, where O (rows x n) is NS(X).
 void Pass2(const UpdateRule& rule, const MatrixView& v, const StepScalars& s, const float* o,
-           Partials* p);
+           Partials* p, Scratch* scratch);
 
 // Adam on the raw gains from the (all-reduced) gain gradients in p.
 void StepGains(const UpdateRule& rule, const MatrixView& v, const StepScalars& s,
@@ -91,16 +110,16 @@ void StepGains(const UpdateRule& rule, const MatrixView& v, const StepScalars& s
 // Projects D' (in v.w) with the (all-reduced) slice norms, multiplies the new gains back in
 // and writes the master and the model copy. Does nothing to v.w when the rule has neither
 // sphere nor gains (then Pass1/Pass2 already wrote W), but still writes a separate model copy.
-void Finish(const UpdateRule& rule, const MatrixView& v, const Partials& p);
+void Finish(const UpdateRule& rule, const MatrixView& v, const Partials& p, Scratch* scratch);
 
 // ||slice||^2 of v.w into p->slice_sq (frobenius/col: partial over this view's rows).
-void SliceSquares(const UpdateRule& rule, const MatrixView& v, Partials* p);
+void SliceSquares(const UpdateRule& rule, const MatrixView& v, Partials* p, Scratch* scratch);
 
 // Writes the model copy from v.w (after init or a checkpoint load).
 void WriteModel(const MatrixView& v);
 
 // Sum of squares of the gradient rows, in float64 (NaN/Inf propagate: the finite check).
-double GradSumSq(const MatrixView& v);
+double GradSumSq(const MatrixView& v, Scratch* scratch);
 
 }  // namespace mdopt::kernels::fast
 

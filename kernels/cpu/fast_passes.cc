@@ -29,38 +29,45 @@ int64_t LocalSlices(Sphere s, const MatrixView& v) {
 
 bool ParallelWorthIt(const MatrixView& v) { return v.rows * v.n >= kParallelMinElements; }
 
-// The effective gains of the view at the current raw values.
+// Resizes v to count elements within the capacity Scratch::Reserve gave it (no allocation)
+// and returns its data.
+template <typename T>
+T* Use(std::vector<T>* v, int64_t count, T fill) {
+  v->assign(static_cast<size_t>(count), fill);
+  return v->data();
+}
+
+// The effective gains of the view at the current raw values, in the scratch.
 struct GainValues {
-  std::vector<float> row;      // `rows` entries (1 when the rule has no row gains)
-  std::vector<float> col;      // n entries
-  std::vector<float> inv_col;  // 1 / col
+  const float* row;      // `rows` entries (1 when the rule has no row gains)
+  const float* col;      // n entries
+  const float* inv_col;  // 1 / col
   double scalar = 1.0;
 };
 
-GainValues CurrentGains(const UpdateRule& r, const MatrixView& v) {
-  GainValues g;
-  g.row.assign(static_cast<size_t>(v.rows), 1.0f);
-  g.col.assign(static_cast<size_t>(v.n), 1.0f);
+GainValues CurrentGains(const UpdateRule& r, const MatrixView& v, Scratch* sc) {
+  float* row = Use(&sc->row, v.rows, 1.0f);
+  float* col = Use(&sc->col, v.n, 1.0f);
+  float* inv_col = Use(&sc->inv_col, v.n, 1.0f);
+  GainValues g{row, col, inv_col, 1.0};
   if (HasRowGains(r.gains))
     for (int64_t i = 0; i < v.rows; ++i)
-      g.row[i] = static_cast<float>(GainValue<double>(r.gain_param, v.row.raw[i]));
+      row[i] = static_cast<float>(GainValue<double>(r.gain_param, v.row.raw[i]));
   if (HasColGains(r.gains))
     for (int64_t j = 0; j < v.n; ++j)
-      g.col[j] = static_cast<float>(GainValue<double>(r.gain_param, v.col.raw[j]));
+      col[j] = static_cast<float>(GainValue<double>(r.gain_param, v.col.raw[j]));
   if (HasScalarGain(r.gains)) g.scalar = GainValue<double>(r.gain_param, v.scalar.raw[0]);
-  g.inv_col.resize(g.col.size());
-  for (size_t j = 0; j < g.col.size(); ++j) g.inv_col[j] = 1.0f / g.col[j];
+  for (int64_t j = 0; j < v.n; ++j) inv_col[j] = 1.0f / col[j];
   return g;
 }
 
-// The gradient row i as float32: the tensor itself, or converted into `scratch`.
-const float* GradRow(const MatrixView& v, int64_t i, std::vector<float>* scratch) {
+// The gradient row i as float32: the tensor itself, or converted into `scratch_row` (n
+// floats owned by the calling range).
+const float* GradRow(const MatrixView& v, int64_t i, float* scratch_row) {
   if (v.grad_dtype == Dtype::kF32) return static_cast<const float*>(v.grad) + i * v.n;
   const uint16_t* src = static_cast<const uint16_t*>(v.grad) + i * v.n;
-  scratch->resize(static_cast<size_t>(v.n));
-  float* dst = scratch->data();
-  for (int64_t j = 0; j < v.n; ++j) dst[j] = Bf16ToFloat(src[j]);
-  return dst;
+  for (int64_t j = 0; j < v.n; ++j) scratch_row[j] = Bf16ToFloat(src[j]);
+  return scratch_row;
 }
 
 // Copies master row i into the model's tensor when that is a separate buffer.
@@ -75,35 +82,37 @@ void StoreModelRow(const MatrixView& v, int64_t i) {
   }
 }
 
-// Per-range column partial sums, combined in range order.
+// Per-range column partial sums (in scratch), combined in range order.
 struct ColumnPartials {
-  int64_t n = 0;
-  std::vector<double> data;  // ranges x n
-  void Init(const RowRanges& rr, int64_t cols) {
+  int64_t n = 0, ranges = 0;
+  double* data = nullptr;  // ranges x n
+  void Init(const RowRanges& rr, int64_t cols, std::vector<double>* storage) {
     n = cols;
-    data.assign(static_cast<size_t>(rr.count * cols), 0.0);
+    ranges = rr.count;
+    data = Use(storage, rr.count * cols, 0.0);
   }
-  double* Range(int64_t k) { return data.data() + k * n; }
+  double* Range(int64_t k) { return data + k * n; }
   void AddInto(double* out) const {
-    const int64_t ranges = n > 0 ? static_cast<int64_t>(data.size()) / n : 0;
     for (int64_t k = 0; k < ranges; ++k)
       for (int64_t j = 0; j < n; ++j) out[j] += data[k * n + j];
   }
 };
 
-// ||D'||^2 bookkeeping shared by Pass1 (adamw) and Pass2 (muon).
+// ||D'||^2 bookkeeping shared by Pass1 (adamw), Pass2 (muon) and SliceSquares.
 struct SliceSqAccumulator {
-  Sphere sphere;
-  std::vector<double> frob;  // one per range
+  Sphere sphere = Sphere::kNone;
+  int64_t ranges = 0;
+  double* frob = nullptr;  // one per range
   ColumnPartials cols;
-  void Init(Sphere s, const RowRanges& rr, int64_t n) {
+  void Init(Sphere s, const RowRanges& rr, int64_t n, Scratch* sc) {
     sphere = s;
-    frob.assign(static_cast<size_t>(rr.count), 0.0);
-    if (s == Sphere::kCol) cols.Init(rr, n);
+    ranges = rr.count;
+    frob = Use(&sc->range_c, rr.count, 0.0);
+    if (s == Sphere::kCol) cols.Init(rr, n, &sc->range_cols_b);
   }
   void Combine(Partials* p) const {
     if (sphere == Sphere::kFrobenius)
-      for (double f : frob) p->slice_sq[0] += f;
+      for (int64_t k = 0; k < ranges; ++k) p->slice_sq[0] += frob[k];
     if (sphere == Sphere::kCol) cols.AddInto(p->slice_sq.data());
   }
 };
@@ -128,6 +137,36 @@ inline void AccumulateRowSq(Sphere sphere, const float* dn, int64_t n, int64_t k
 }
 
 }  // namespace
+
+void Scratch::Reserve(int64_t rows, int64_t n) {
+  const size_t r = static_cast<size_t>(std::max<int64_t>(rows, 1));
+  const size_t c = static_cast<size_t>(std::max<int64_t>(n, 1));
+  const size_t ranges = static_cast<size_t>(kMaxRowRanges);
+  row.reserve(std::max(row.capacity(), r));
+  for (std::vector<float>* v : {&col, &inv_col, &col_aux}) v->reserve(std::max(v->capacity(), c));
+  for (std::vector<double>* v : {&range_cols_a, &range_cols_b})
+    v->reserve(std::max(v->capacity(), ranges * c));
+  for (std::vector<double>* v : {&range_a, &range_b, &range_c})
+    v->reserve(std::max(v->capacity(), ranges));
+  for (std::vector<float>* v : {&range_grad, &range_gd})
+    v->reserve(std::max(v->capacity(), ranges * c));
+}
+
+int64_t Scratch::bytes() const {
+  size_t b = 0;
+  for (const std::vector<float>* v : {&row, &col, &inv_col, &col_aux, &range_grad, &range_gd})
+    b += v->capacity() * sizeof(float);
+  for (const std::vector<double>* v : {&range_cols_a, &range_cols_b, &range_a, &range_b, &range_c})
+    b += v->capacity() * sizeof(double);
+  return static_cast<int64_t>(b);
+}
+
+void ReservePartials(int64_t rows, int64_t n, Partials* p) {
+  const size_t most = static_cast<size_t>(std::max<int64_t>({rows, n, 1}));
+  for (std::vector<double>* v : {&p->row_grad, &p->col_grad, &p->scalar_grad, &p->slice_sq,
+                                 &p->radial_dot, &p->radial_dd})
+    v->reserve(std::max(v->capacity(), most));
+}
 
 void ResetPartials(const UpdateRule& r, const MatrixView& v, Partials* p) {
   p->row_grad.assign(HasRowGains(r.gains) ? static_cast<size_t>(v.rows) : 0, 0.0);
@@ -160,22 +199,24 @@ void UnpackCrossRow(const UpdateRule& r, const double* in, Partials* p) {
     for (double& x : p->slice_sq) x = *in++;
 }
 
-void RadialDots(const UpdateRule& r, const MatrixView& v, Partials* p) {
+void RadialDots(const UpdateRule& r, const MatrixView& v, Partials* p, Scratch* sc) {
   if (!r.tangent || r.sphere == Sphere::kNone) return;
-  const GainValues gv = CurrentGains(r, v);
+  const GainValues gv = CurrentGains(r, v, sc);
   const RowRanges rr(v.rows);
   const int64_t n = v.n;
-  std::vector<double> frob_dot(static_cast<size_t>(rr.count), 0.0), frob_dd(frob_dot);
+  double* frob_dot = Use(&sc->range_a, rr.count, 0.0);
+  double* frob_dd = Use(&sc->range_b, rr.count, 0.0);
   ColumnPartials col_dot, col_dd;
   if (r.sphere == Sphere::kCol) {
-    col_dot.Init(rr, n);
-    col_dd.Init(rr, n);
+    col_dot.Init(rr, n, &sc->range_cols_a);
+    col_dd.Init(rr, n, &sc->range_cols_b);
   }
+  float* grad_rows = Use(&sc->range_grad, rr.count * n, 0.0f);
 #pragma omp parallel for schedule(static) if (ParallelWorthIt(v))
   for (int64_t k = 0; k < rr.count; ++k) {
-    std::vector<float> gbuf;
+    float* gbuf = grad_rows + k * n;
     for (int64_t i = rr.begin(k); i < rr.end(k); ++i) {
-      const float* g = GradRow(v, i, &gbuf);
+      const float* g = GradRow(v, i, gbuf);
       const float* w = v.w + i * n;
       const float inv_row = static_cast<float>(1.0 / (gv.scalar * gv.row[i]));
       const float sr = static_cast<float>(gv.scalar * gv.row[i]);
@@ -307,8 +348,8 @@ void AdamRow(const float* __restrict gd, const float* __restrict inv_col, float 
 }  // namespace
 
 void Pass1(const UpdateRule& r, const MatrixView& v, const StepScalars& s, float* x,
-           Partials* p) {
-  const GainValues gv = CurrentGains(r, v);
+           Partials* p, Scratch* sc) {
+  const GainValues gv = CurrentGains(r, v, sc);
   const RowRanges rr(v.rows);
   const int64_t n = v.n;
   const bool muon = r.base == Base::kMuon;
@@ -320,12 +361,12 @@ void Pass1(const UpdateRule& r, const MatrixView& v, const StepScalars& s, float
   const bool tangent = r.tangent && r.sphere != Sphere::kNone;
 
   // Tangent coefficient of element (i, j) = row_coef(i) * col_coef[j] (see RadialDots).
-  std::vector<float> col_coef;
+  float* col_coef = nullptr;
   if (tangent) {
-    col_coef.assign(static_cast<size_t>(n), 1.0f);
+    col_coef = Use(&sc->col_aux, n, 1.0f);
     auto ratio = [](double dot, double dd) { return dd > 0.0 ? dot / dd : 0.0; };
     if (r.sphere == Sphere::kFrobenius)
-      std::fill(col_coef.begin(), col_coef.end(),
+      std::fill(col_coef, col_coef + n,
                 static_cast<float>(ratio(p->radial_dot[0], p->radial_dd[0])));
     if (r.sphere == Sphere::kCol)
       for (int64_t j = 0; j < n; ++j)
@@ -349,34 +390,36 @@ void Pass1(const UpdateRule& r, const MatrixView& v, const StepScalars& s, float
   const float mu = static_cast<float>(r.momentum);
 
   ColumnPartials col_grad;
-  if (want_col) col_grad.Init(rr, n);
-  std::vector<double> scalar_grad(static_cast<size_t>(rr.count), 0.0);
+  if (want_col) col_grad.Init(rr, n, &sc->range_cols_a);
+  double* scalar_grad = Use(&sc->range_a, rr.count, 0.0);
   SliceSqAccumulator sq;
-  sq.Init(r.sphere, rr, n);
+  sq.Init(r.sphere, rr, n, sc);
+  float* grad_rows = Use(&sc->range_grad, rr.count * n, 0.0f);
+  float* gd_rows = Use(&sc->range_gd, rr.count * n, 0.0f);
 
 #pragma omp parallel for schedule(static) if (ParallelWorthIt(v))
   for (int64_t k = 0; k < rr.count; ++k) {
-    std::vector<float> gbuf, gd(static_cast<size_t>(n));
+    float* gbuf = grad_rows + k * n;
+    float* gd = gd_rows + k * n;
     double* cg = want_col ? col_grad.Range(k) : nullptr;
     for (int64_t i = rr.begin(k); i < rr.end(k); ++i) {
-      const float* g = GradRow(v, i, &gbuf);
+      const float* g = GradRow(v, i, gbuf);
       float* w = v.w + i * n;
       const double row_scale = gv.scalar * gv.row[i];  // W_ij = D_ij * row_scale * col_j
       const float inv_row = static_cast<float>(1.0 / row_scale);
       if (gain_grads) {
         double acc_row = 0.0, acc_scalar = 0.0;
-        GainGradRow(w, g, gv.inv_col.data(), gv.col.data(), inv_row,
+        GainGradRow(w, g, gv.inv_col, gv.col, inv_row,
                     static_cast<float>(row_scale), n, cg, &acc_row, &acc_scalar);
         if (want_row) p->row_grad[i] = acc_row * gv.scalar;
         if (want_scalar) scalar_grad[k] += acc_scalar;
       }
-      DirectionGradRow(w, g, gv.inv_col.data(), gv.col.data(), inv_row,
-                       static_cast<float>(row_scale), tangent ? col_coef.data() : nullptr,
-                       tangent ? row_coef(i) : 0.0f, n, gd.data());
+      DirectionGradRow(w, g, gv.inv_col, gv.col, inv_row, static_cast<float>(row_scale),
+                       tangent ? col_coef : nullptr, tangent ? row_coef(i) : 0.0f, n, gd);
       if (muon) {
-        MuonRow(gd.data(), mu, r.nesterov, n, v.state0 + i * n, x + i * n);
+        MuonRow(gd, mu, r.nesterov, n, v.state0 + i * n, x + i * n);
       } else {
-        AdamRow(gd.data(), gv.inv_col.data(), inv_row, a, n, v.state0 + i * n,
+        AdamRow(gd, gv.inv_col, inv_row, a, n, v.state0 + i * n,
                 v.state1 + i * n, w);
         if (direct) {
           StoreModelRow(v, i);
@@ -388,20 +431,20 @@ void Pass1(const UpdateRule& r, const MatrixView& v, const StepScalars& s, float
   }
   if (want_col) col_grad.AddInto(p->col_grad.data());
   if (want_scalar)
-    for (double sg : scalar_grad) p->scalar_grad[0] += sg;
+    for (int64_t k = 0; k < rr.count; ++k) p->scalar_grad[0] += scalar_grad[k];
   if (!muon) sq.Combine(p);
 }
 
 void Pass2(const UpdateRule& r, const MatrixView& v, const StepScalars& s, const float* o,
-           Partials* p) {
-  const GainValues gv = CurrentGains(r, v);
+           Partials* p, Scratch* sc) {
+  const GainValues gv = CurrentGains(r, v, sc);
   const RowRanges rr(v.rows);
   const int64_t n = v.n;
   const bool direct = Direct(r);
   const float step = static_cast<float>(s.lr * MuonScaleFactor(r.muon_scale, v.m, v.n));
   const float wdf = static_cast<float>(1.0 - s.lr * r.weight_decay);
   SliceSqAccumulator sq;
-  sq.Init(r.sphere, rr, n);
+  sq.Init(r.sphere, rr, n, sc);
 #pragma omp parallel for schedule(static) if (ParallelWorthIt(v))
   for (int64_t k = 0; k < rr.count; ++k) {
     for (int64_t i = rr.begin(k); i < rr.end(k); ++i) {
@@ -448,14 +491,15 @@ void StepGains(const UpdateRule& r, const MatrixView& v, const StepScalars& s,
   if (HasScalarGain(r.gains)) GainAdam(r, s, p.scalar_grad.data(), 1, v.scalar);
 }
 
-void Finish(const UpdateRule& r, const MatrixView& v, const Partials& p) {
+void Finish(const UpdateRule& r, const MatrixView& v, const Partials& p, Scratch* sc) {
   const RowRanges rr(v.rows);
   const int64_t n = v.n;
   if (Direct(r)) return;  // Pass1/Pass2 wrote W and the model copy already
-  const GainValues gv = CurrentGains(r, v);  // the new gains
+  const GainValues gv = CurrentGains(r, v, sc);  // the new gains
   auto factor = [](double radius, double sq) { return sq > 0.0 ? radius / std::sqrt(sq) : 0.0; };
   // W_ij = D'_ij * row_mult[i] * col_mult[j]
-  std::vector<float> col_mult(gv.col);
+  float* col_mult = Use(&sc->col_aux, n, 0.0f);
+  std::copy(gv.col, gv.col + n, col_mult);
   if (r.sphere == Sphere::kCol)
     for (int64_t j = 0; j < n; ++j)
       col_mult[j] = static_cast<float>(gv.col[j] * factor(v.radius[j], p.slice_sq[j]));
@@ -473,10 +517,10 @@ void Finish(const UpdateRule& r, const MatrixView& v, const Partials& p) {
   }
 }
 
-void SliceSquares(const UpdateRule& r, const MatrixView& v, Partials* p) {
+void SliceSquares(const UpdateRule& r, const MatrixView& v, Partials* p, Scratch* sc) {
   const RowRanges rr(v.rows);
   SliceSqAccumulator sq;
-  sq.Init(r.sphere, rr, v.n);
+  sq.Init(r.sphere, rr, v.n, sc);
 #pragma omp parallel for schedule(static) if (ParallelWorthIt(v))
   for (int64_t k = 0; k < rr.count; ++k)
     for (int64_t i = rr.begin(k); i < rr.end(k); ++i)
@@ -492,9 +536,9 @@ void WriteModel(const MatrixView& v) {
     for (int64_t i = rr.begin(k); i < rr.end(k); ++i) StoreModelRow(v, i);
 }
 
-double GradSumSq(const MatrixView& v) {
+double GradSumSq(const MatrixView& v, Scratch* sc) {
   const RowRanges rr(v.rows);
-  std::vector<double> part(static_cast<size_t>(rr.count), 0.0);
+  double* part = Use(&sc->range_a, rr.count, 0.0);
 #pragma omp parallel for schedule(static) if (ParallelWorthIt(v))
   for (int64_t k = 0; k < rr.count; ++k) {
     double acc = 0.0;
@@ -514,7 +558,7 @@ double GradSumSq(const MatrixView& v) {
     part[k] = acc;
   }
   double total = 0.0;
-  for (double x : part) total += x;
+  for (int64_t k = 0; k < rr.count; ++k) total += part[k];
   return total;
 }
 
