@@ -202,6 +202,8 @@ class MpiCommunicator final : public Communicator {
       if (absl::Status s = CheckIntRange("send/recv", p.count); !s.ok()) return s;
     }
     std::vector<P2P> group(ops.begin(), ops.end());
+    int receives = 0;
+    for (const P2P& p : ops) receives += p.is_send ? 0 : 1;
     auto start = [group = std::move(group), tag](MPI_Comm c, std::vector<MPI_Request>* reqs) {
       // Receives first, so that sends find them posted; MPI keeps the order among the sends
       // (and among the receives) of one peer and tag, which is the matching rule.
@@ -219,7 +221,7 @@ class MpiCommunicator final : public Communicator {
       return MPI_SUCCESS;
     };
     return Submit("send/recv", absl::StrCat(" (", ops.size(), " ops, tag ", tag, ")"),
-                  SendRecvTraffic(ops, rank_), std::move(start), nullptr);
+                  SendRecvTraffic(ops, rank_), std::move(start), nullptr, receives);
   }
 
   absl::StatusOr<RequestPtr> Barrier() override {
@@ -249,13 +251,14 @@ class MpiCommunicator final : public Communicator {
   absl::StatusOr<RequestPtr> Submit(absl::string_view what, absl::string_view detail,
                                     int64_t bytes,
                                     std::function<int(MPI_Comm, std::vector<MPI_Request>*)> start,
-                                    std::function<void()> finish) {
+                                    std::function<void()> finish, int receives = 0) {
     absl::StatusOr<std::shared_ptr<OpState>> state = engine_->tracker().Begin(what, detail, bytes);
     if (!state.ok()) return state.status();
     auto op = std::make_shared<mpi::Op>();
     op->state = *std::move(state);
     op->start = std::move(start);
     op->finish = std::move(finish);
+    op->receives = receives;
     return engine_->Submit(std::move(op));
   }
 

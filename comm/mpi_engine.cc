@@ -74,6 +74,7 @@ void Engine::Run() {
       mpi_idle = reqs_.empty();
     }
     std::deque<std::shared_ptr<Op>> fresh;
+    bool stopping = false;
     {
       absl::MutexLock l(&queue_mu_);
       // Nothing in flight: sleep until a submission or the stop request.
@@ -84,11 +85,13 @@ void Engine::Run() {
       }
       fresh.swap(queue_);
       if (stop_ && fresh.empty() && mpi_idle) break;
+      stopping = stop_;
     }
     bool progressed = !fresh.empty();
     {
       absl::MutexLock l(&mpi_mu_);
       for (const std::shared_ptr<Op>& op : fresh) StartLocked(op);
+      if (stopping && !tracker_->healthy()) CancelReceivesLocked();
       progressed = ProgressLocked() || progressed;
     }
     if (progressed) {
@@ -108,9 +111,10 @@ void Engine::StartLocked(const std::shared_ptr<Op>& op) {
   }
   std::vector<MPI_Request> started;
   const int rc = op->start(comm_, &started);
-  for (MPI_Request r : started) {
-    reqs_.push_back(r);
+  for (size_t i = 0; i < started.size(); ++i) {
+    reqs_.push_back(started[i]);
     owners_.push_back(op);
+    cancellable_.push_back(static_cast<int>(i) < op->receives);
   }
   op->pending = static_cast<int>(started.size());
   if (rc != MPI_SUCCESS) {
@@ -136,10 +140,11 @@ void Engine::FinishLocked(const std::shared_ptr<Op>& op) {
 bool Engine::ProgressLocked() {
   if (reqs_.empty()) return false;
   const int n = static_cast<int>(reqs_.size());
-  std::vector<int> done(n);
-  std::vector<MPI_Status> statuses(n);
+  // Reused: the progress thread calls this every few tens of microseconds.
+  done_.resize(n);
+  statuses_.resize(n);
   int outcount = 0;
-  const int rc = MPI_Testsome(n, reqs_.data(), &outcount, done.data(), statuses.data());
+  const int rc = MPI_Testsome(n, reqs_.data(), &outcount, done_.data(), statuses_.data());
   if (rc != MPI_SUCCESS && rc != MPI_ERR_IN_STATUS) {
     // MPI cannot say which request failed: everything in flight is lost.
     const absl::Status s = absl::UnavailableError(
@@ -150,10 +155,10 @@ bool Engine::ProgressLocked() {
   }
   if (outcount == MPI_UNDEFINED) outcount = 0;
   for (int k = 0; k < outcount; ++k) {
-    const std::shared_ptr<Op>& op = owners_[done[k]];
-    if (rc == MPI_ERR_IN_STATUS && statuses[k].MPI_ERROR != MPI_SUCCESS) {
+    const std::shared_ptr<Op>& op = owners_[done_[k]];
+    if (rc == MPI_ERR_IN_STATUS && statuses_[k].MPI_ERROR != MPI_SUCCESS) {
       FailLocked(*op, absl::UnavailableError(
-                          absl::StrCat(op->state->name(), ": ", ErrorString(statuses[k].MPI_ERROR))));
+                          absl::StrCat(op->state->name(), ": ", ErrorString(statuses_[k].MPI_ERROR))));
     }
     if (--op->pending == 0 && !op->failed) FinishLocked(op);
   }
@@ -163,10 +168,12 @@ bool Engine::ProgressLocked() {
     if (reqs_[i] == MPI_REQUEST_NULL) continue;
     reqs_[w] = reqs_[i];
     owners_[w] = std::move(owners_[i]);
+    cancellable_[w] = cancellable_[i];
     ++w;
   }
   reqs_.resize(w);
   owners_.resize(w);
+  cancellable_.resize(w);
   return outcount > 0;
 }
 
@@ -176,6 +183,15 @@ void Engine::AbandonInflight() {
   new std::vector<std::shared_ptr<Op>>(std::move(owners_));
   owners_.clear();
   reqs_.clear();
+  cancellable_.clear();
+}
+
+void Engine::CancelReceivesLocked() {
+  for (size_t i = 0; i < reqs_.size(); ++i) {
+    if (!cancellable_[i] || !owners_[i]->state->done()) continue;
+    cancellable_[i] = false;
+    MPI_Cancel(&reqs_[i]);  // completes the request (as cancelled, or received after all)
+  }
 }
 
 bool Engine::Drain(absl::Duration limit) {
@@ -183,6 +199,7 @@ bool Engine::Drain(absl::Duration limit) {
   for (;;) {
     {
       absl::MutexLock l(&mpi_mu_);
+      if (!tracker_->healthy()) CancelReceivesLocked();
       ProgressLocked();
       if (reqs_.empty()) return true;
     }

@@ -15,7 +15,7 @@
 //    (the main thread for FUNNELED). Overlap depends on MPI's own asynchronous progress.
 //
 // Shutdown drains: up to the timeout when healthy, up to min(timeout, 1 s) when broken or
-// aborted. Requests that still have not completed are abandoned with their buffers, the
+// aborted (pending receives are then cancelled; collectives cannot be). Requests that still have not completed are abandoned with their buffers, the
 // progress thread is detached if it does not stop, and MPI is then not finalised at exit
 // (see mpi_runtime.h); a job in that state should end with MPI_Abort.
 #ifndef MDOPT_COMM_MPI_ENGINE_H_
@@ -48,6 +48,9 @@ struct Op {
   std::function<int(MPI_Comm comm, std::vector<MPI_Request>* reqs)> start;
   // Runs once after every request completed successfully (a mean's division).
   std::function<void()> finish;
+  // How many of the first requests `start` posts are receives: MPI can cancel those (not
+  // collectives), which lets a broken communicator's destruction drain them.
+  int receives = 0;
   int pending = 0;        // requests not yet complete; engine-owned
   bool failed = false;    // an MPI error ended it; engine-owned
 };
@@ -82,6 +85,9 @@ class Engine : public std::enable_shared_from_this<Engine> {
   bool Drain(absl::Duration limit);  // caller mode; true when nothing is left in flight
   void FreeMpiObjects();
   void AbandonInflight() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);
+  // Broken or aborted, shutting down: cancels the receives of failed ops (their sender may
+  // never come), so that only collectives can keep the drain waiting.
+  void CancelReceivesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);
   bool HasWork() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(queue_mu_) {
     return !queue_.empty() || stop_ || abandon_;
   }
@@ -95,6 +101,9 @@ class Engine : public std::enable_shared_from_this<Engine> {
   absl::Mutex mpi_mu_;
   std::vector<MPI_Request> reqs_ ABSL_GUARDED_BY(mpi_mu_);
   std::vector<std::shared_ptr<Op>> owners_ ABSL_GUARDED_BY(mpi_mu_);
+  std::vector<bool> cancellable_ ABSL_GUARDED_BY(mpi_mu_);  // a receive not yet cancelled
+  std::vector<int> done_ ABSL_GUARDED_BY(mpi_mu_);  // MPI_Testsome's outputs, reused
+  std::vector<MPI_Status> statuses_ ABSL_GUARDED_BY(mpi_mu_);
 
   // Thread mode: submissions not yet started, and the stop protocol.
   absl::Mutex queue_mu_;
