@@ -1,16 +1,94 @@
-// The collectives the optimizer needs, independent of any optimizer. Backends: local (one
-// rank) now; mpi and nccl implement the same interface.
+// The collectives the optimizer needs, independent of any optimizer: asynchronous,
+// dtype-aware, with a local (one rank) and an MPI backend; a device backend (NCCL) takes
+// the same calls with MemorySpace::kDevice and a stream.
+//
+// Ordering rule: every rank must issue the same operations in the same order (the order of
+// the calls that start them, not of the waits). Several operations may be in flight at once
+// and their requests may be waited or tested in any order. A program that starts operations
+// from several threads must itself make that order the same on every rank.
+//
+// Failure model: a Wait that runs past the timeout, or any error reported by the transport,
+// marks the communicator broken: every pending request then fails and every later call
+// fails fast with Unavailable("communicator is broken: <first error>"). Abort() does the same
+// with Aborted. A broken or aborted communicator cannot be repaired; buffers of operations
+// that were in flight may still be written by the transport until it completes them, so the
+// only safe recovery is to stop using those buffers (in practice: end the job).
+//
+// Status codes: InvalidArgument (bad arguments, checked before anything starts),
+// DeadlineExceeded (a Wait timed out), Unavailable (transport failure; broken),
+// Aborted (Abort was called), Unimplemented (a backend not built).
+//
+// CommStats.bytes_sent is counted by construction, per rank, not measured on the wire:
+//   reduce-scatter, all-gather: (sum(counts) - counts[rank]) * element size (the lower bound
+//     of a bandwidth-optimal algorithm; equals the ring's when the counts are equal)
+//   all-reduce: 2 * (N - 1) * count * element size / N (integer division)
+//   broadcast: count * element size on the root, 0 elsewhere
+//   send/recv: the bytes of the sends to other ranks (a send to oneself moves nothing)
+//   barrier: 0; every operation of a one-rank communicator: 0
 #ifndef MDOPT_COMM_COMMUNICATOR_H_
 #define MDOPT_COMM_COMMUNICATOR_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "absl/types/span.h"
 
 namespace mdopt {
+
+// kBf16: uint16_t holding the top half of an IEEE float32. kBytes: opaque bytes (no
+// reductions).
+enum class DataType : uint8_t { kF32, kBf16, kF64, kBytes };
+size_t ElementSize(DataType dtype);  // 0 for a value outside the enum
+absl::string_view DataTypeName(DataType dtype);
+
+// kMean = kSum then divided by size(); bf16 adds in float32 and rounds to nearest even at
+// every partial sum, as the transport combines them.
+enum class ReduceOp : uint8_t { kSum, kMean };
+
+// Host backends refuse kDevice with InvalidArgument.
+enum class MemorySpace : uint8_t { kHost, kDevice };
+
+// A cudaStream_t for device backends: the operation is ordered after the work queued on it
+// so far. Host backends ignore it.
+struct StreamSlot {
+  void* stream = nullptr;
+};
+
+// One asynchronous operation. Requests may outlive their communicator (they then report how
+// the operation ended).
+class Request {
+ public:
+  virtual ~Request() = default;
+  // Blocks until the operation is done, at most the communicator's timeout counted from this
+  // call; past it returns DeadlineExceeded naming the operation and comm_timeout_s, and the
+  // communicator is broken. Returns the operation's status; calling it again returns it again.
+  virtual absl::Status Wait() = 0;
+  // Non-blocking: true when done and OK, false while in flight, the error when it failed.
+  virtual absl::StatusOr<bool> Test() = 0;
+};
+using RequestPtr = std::shared_ptr<Request>;
+
+// One half of a point-to-point exchange; `data` holds `count` elements.
+struct P2P {
+  int peer;
+  bool is_send;
+  void* data;
+  int64_t count;
+  DataType dtype;
+};
+
+struct CommStats {
+  int64_t bytes_sent = 0;     // by the formulas above
+  double busy_seconds = 0;    // wall time with at least one operation in flight (union)
+  double wait_seconds = 0;    // time callers spent blocked in Wait: exposed communication
+  int64_t ops = 0;            // operations started
+};
 
 class Communicator {
  public:
@@ -18,17 +96,72 @@ class Communicator {
 
   virtual int rank() const = 0;
   virtual int size() const = 0;
-  virtual std::string backend() const = 0;
+  virtual std::string backend() const = 0;  // "local", "mpi"
+  // How operations make progress: "immediate" (local), "thread" (a progress thread owns
+  // the transport) or "caller" (progress happens inside Wait and Test).
+  virtual std::string progress_mode() const = 0;
 
-  // In place: every rank ends with the element-wise sum over ranks, the same on every rank.
-  virtual absl::Status AllReduceSum(absl::Span<double> data) = 0;
-  // In place: every rank ends with root's bytes.
-  virtual absl::Status Broadcast(absl::Span<uint8_t> data, int root) = 0;
-  virtual absl::Status Barrier() = 0;
+  // The bound of every later Wait (default 600 s, the optimizer's comm_timeout_s).
+  virtual void SetTimeout(absl::Duration timeout) = 0;
+
+  // Reduce-scatter(v): `send` holds sum(counts) elements laid out rank-major (segment r is
+  // counts[r] elements, for rank r); `recv` receives counts[rank()] elements: the element-wise
+  // sum (or mean) over ranks of segment rank(). counts.size() == size(). Equal counts use
+  // the plain (block) collective.
+  virtual absl::StatusOr<RequestPtr> ReduceScatter(const void* send, void* recv,
+                                                   absl::Span<const int64_t> counts,
+                                                   DataType dtype, ReduceOp op,
+                                                   MemorySpace space = MemorySpace::kHost,
+                                                   StreamSlot stream = {}) = 0;
+  // All-gather(v): every rank contributes counts[rank()] elements; `recv` (sum(counts)
+  // elements, rank-major) gets every rank's segment. send == nullptr: in place, this rank's
+  // segment already sits at its offset in `recv`.
+  virtual absl::StatusOr<RequestPtr> AllGather(const void* send, void* recv,
+                                               absl::Span<const int64_t> counts, DataType dtype,
+                                               MemorySpace space = MemorySpace::kHost,
+                                               StreamSlot stream = {}) = 0;
+  // send == recv: in place.
+  virtual absl::StatusOr<RequestPtr> AllReduce(const void* send, void* recv, int64_t count,
+                                               DataType dtype, ReduceOp op,
+                                               MemorySpace space = MemorySpace::kHost,
+                                               StreamSlot stream = {}) = 0;
+  // Every rank ends with root's `count` elements in `data`.
+  virtual absl::StatusOr<RequestPtr> Broadcast(void* data, int64_t count, DataType dtype,
+                                               int root, MemorySpace space = MemorySpace::kHost,
+                                               StreamSlot stream = {}) = 0;
+  // Grouped point-to-point: every op starts together and the request completes when all are
+  // done. Matching uses (peer, tag); ops with the same peer and tag match in order. A send
+  // and its receive must have the same size in bytes. 0 <= tag <= 32767.
+  virtual absl::StatusOr<RequestPtr> SendRecv(absl::Span<const P2P> ops, int tag,
+                                              MemorySpace space = MemorySpace::kHost,
+                                              StreamSlot stream = {}) = 0;
+  virtual absl::StatusOr<RequestPtr> Barrier() = 0;
+
+  // Fails every pending and later operation with Aborted (like ncclCommAbort); never blocks.
+  virtual void Abort(absl::string_view reason) = 0;
+
+  virtual CommStats stats() const = 0;  // cumulative since creation
 };
 
-// Rank 0 of 1: every collective is the identity.
+// Rank 0 of 1: every operation completes at once (a copy where send and recv differ).
 std::unique_ptr<Communicator> MakeLocalCommunicator();
+
+// Whether this build has the MPI backend.
+bool MpiBackendBuilt();
+
+// mpi_comm_or_null: an MPI_Comm* as void* (NULL: MPI_COMM_WORLD), so that no public header
+// needs mpi.h. The communicator is duplicated (MPI_Comm_dup) so that mdopt's traffic never
+// mixes with the host's. When MPI is not initialised this initialises it with
+// MPI_Init_thread(MPI_THREAD_MULTIPLE) and finalises it at process exit (only what it
+// initialised, and only if nobody finalised it first). Progress mode "thread" when MPI
+// provides MPI_THREAD_MULTIPLE, else "caller" (see comm/mpi_engine.h). Unimplemented when
+// the build has no MPI.
+absl::StatusOr<std::unique_ptr<Communicator>> MakeMpiCommunicator(void* mpi_comm_or_null);
+
+// Blocking conveniences: start, then Wait.
+absl::Status AllReduceSum(Communicator& c, absl::Span<double> data);       // in place
+absl::Status BroadcastBytes(Communicator& c, absl::Span<uint8_t> data, int root);
+absl::Status BarrierBlocking(Communicator& c);
 
 }  // namespace mdopt
 

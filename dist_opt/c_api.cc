@@ -115,6 +115,17 @@ mdopt_status mdopt_comm_create_local(mdopt_comm** out) {
   });
 }
 
+mdopt_status mdopt_comm_create_mpi(void* mpi_comm_or_null, mdopt_comm** out) {
+  return Guard("mdopt_comm_create_mpi", [&] {
+    if (out == nullptr) return NullArgument("mdopt_comm_create_mpi", "out");
+    absl::StatusOr<std::unique_ptr<mdopt::Communicator>> c =
+        mdopt::MakeMpiCommunicator(mpi_comm_or_null);
+    if (!c.ok()) return Report(c.status());
+    *out = new mdopt_comm{*std::move(c)};
+    return MDOPT_SUCCESS;
+  });
+}
+
 mdopt_status mdopt_comm_rank(const mdopt_comm* comm, int* rank) {
   return Guard("mdopt_comm_rank", [&] {
     if (comm == nullptr) return NullArgument("mdopt_comm_rank", "comm");

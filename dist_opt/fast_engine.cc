@@ -104,7 +104,7 @@ fast::MatrixView FastEngine::View(int64_t index, int64_t e) const {
 absl::Status FastEngine::ReduceCrossRow(const kernels::UpdateRule& r, fast::Partials* p) {
   if (comm_->size() == 1) return absl::OkStatus();
   fast::PackCrossRow(r, *p, &cross_);
-  if (absl::Status s = comm_->AllReduceSum(absl::MakeSpan(cross_)); !s.ok()) return s;
+  if (absl::Status s = AllReduceSum(*comm_, absl::MakeSpan(cross_)); !s.ok()) return s;
   fast::UnpackCrossRow(r, cross_.data(), p);
   return absl::OkStatus();
 }
@@ -230,8 +230,8 @@ absl::Status FastEngine::Step(double lr_scale, int64_t t) {
       if (r.tangent && r.sphere != Sphere::kNone) {
         fast::RadialDots(r, v, &partials_, &scratch_);
         if (r.sphere != Sphere::kRow && comm_->size() > 1) {
-          if (absl::Status s = comm_->AllReduceSum(absl::MakeSpan(partials_.radial_dot)); !s.ok()) return s;
-          if (absl::Status s = comm_->AllReduceSum(absl::MakeSpan(partials_.radial_dd)); !s.ok()) return s;
+          if (absl::Status s = AllReduceSum(*comm_, absl::MakeSpan(partials_.radial_dot)); !s.ok()) return s;
+          if (absl::Status s = AllReduceSum(*comm_, absl::MakeSpan(partials_.radial_dd)); !s.ok()) return s;
         }
       }
       if (r.base == Base::kMuon) {

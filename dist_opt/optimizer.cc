@@ -200,7 +200,7 @@ absl::StatusOr<StepResult> Optimizer::Step(double lr_scale, void* stream) {
   // sees the same verdict and skips the same steps.
   std::vector<double>& sumsq = grad_sumsq_;
   for (size_t i = 0; i < params.size(); ++i) sumsq[i] = engine_->GradSumSq(static_cast<int64_t>(i));
-  if (absl::Status s = comm_->AllReduceSum(absl::MakeSpan(sumsq)); !s.ok()) return s;
+  if (absl::Status s = AllReduceSum(*comm_, absl::MakeSpan(sumsq)); !s.ok()) return s;
   StepResult r;
   double total = 0.0;
   for (size_t i = 0; i < params.size(); ++i) {

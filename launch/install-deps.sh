@@ -8,6 +8,7 @@ pkgs=(
   libabsl-dev libcli11-dev libgtest-dev libgmock-dev
   libopenblas-openmp-dev libomp-dev libdnnl-dev
   nlohmann-json3-dev
+  libopenmpi-dev openmpi-bin
 )
 
 missing=()

@@ -15,6 +15,17 @@ typedef struct mdopt_comm mdopt_comm;
 /* A single-process communicator: rank 0 of 1. */
 MDOPT_API mdopt_status mdopt_comm_create_local(mdopt_comm** out);
 
+/* A communicator over MPI ranks. mpi_comm_or_null points to an MPI_Comm (a void* so that
+ * this header needs no mpi.h); NULL means MPI_COMM_WORLD. Collective: every rank of that
+ * communicator calls it, and mdopt works on a duplicate (MPI_Comm_dup), so its messages never
+ * mix with the caller's. If MPI is not initialised, this initialises it with
+ * MPI_THREAD_MULTIPLE and finalises it at process exit; a caller that initialised MPI itself
+ * finalises it itself, after destroying every mdopt communicator. With MPI_THREAD_MULTIPLE a
+ * progress thread drives communication; at a lower thread level progress happens inside
+ * mdopt's calls, which must then come from a thread that level allows to call MPI.
+ * MDOPT_UNSUPPORTED in a build without MPI; MDOPT_COMM_ERROR when MPI fails. */
+MDOPT_API mdopt_status mdopt_comm_create_mpi(void* mpi_comm_or_null, mdopt_comm** out);
+
 MDOPT_API mdopt_status mdopt_comm_rank(const mdopt_comm* comm, int* rank);
 MDOPT_API mdopt_status mdopt_comm_size(const mdopt_comm* comm, int* size);
 

@@ -1,0 +1,121 @@
+// Drives mdopt's MPI requests. Internal: includes mpi.h.
+//
+// Two progress modes, chosen by the thread level MPI provides:
+//  - "thread" (MPI_THREAD_MULTIPLE): a progress thread owns every MPI call on mdopt's
+//    communicator. It takes submitted operations from a queue in submission order (so the
+//    order of MPI calls is the order of submission, the same on every rank), starts them and
+//    drives all in-flight requests with MPI_Testsome; when nothing completed it spins a few
+//    rounds, then sleeps ~30 us, and it blocks on a condition variable when idle, so it does
+//    not burn a core. Waiters block on their operation's condition variable. Communication
+//    overlaps whatever the caller computes meanwhile.
+//  - "caller" (FUNNELED, SERIALIZED or SINGLE, when the host initialised MPI so): operations
+//    start when submitted and make progress only inside Wait and Test (MPI_Testsome over all
+//    in-flight requests), under a mutex. Every call into the communicator (submission, Wait,
+//    Test, destruction) must then come from a thread the host's level allows to call MPI
+//    (the main thread for FUNNELED). Overlap depends on MPI's own asynchronous progress.
+//
+// Shutdown drains: up to the timeout when healthy, up to min(timeout, 1 s) when broken or
+// aborted (pending receives are then cancelled; collectives cannot be). Requests that still have not completed are abandoned with their buffers, the
+// progress thread is detached if it does not stop, and MPI is then not finalised at exit
+// (see mpi_runtime.h); a job in that state should end with MPI_Abort.
+#ifndef MDOPT_COMM_MPI_ENGINE_H_
+#define MDOPT_COMM_MPI_ENGINE_H_
+
+#include <mpi.h>
+
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "comm/communicator.h"
+#include "comm/op_state.h"
+#include "comm/op_tracker.h"
+
+namespace mdopt::mpi {
+
+struct Op {
+  std::shared_ptr<OpState> state;
+  // Posts the MPI calls on `comm`, appending their requests; returns an MPI error code.
+  // Owns whatever MPI reads until the requests complete (count arrays).
+  std::function<int(MPI_Comm comm, std::vector<MPI_Request>* reqs)> start;
+  // Runs once after every request completed successfully (a mean's division).
+  std::function<void()> finish;
+  // How many of the first requests `start` posts are receives: MPI can cancel those (not
+  // collectives), which lets a broken communicator's destruction drain them.
+  int receives = 0;
+  int pending = 0;        // requests not yet complete; engine-owned
+  bool failed = false;    // an MPI error ended it; engine-owned
+};
+
+class Engine : public std::enable_shared_from_this<Engine> {
+ public:
+  enum class Mode { kThread, kCaller };
+
+  // Takes ownership of `comm` and `bf16_sum`.
+  Engine(MPI_Comm comm, MPI_Op bf16_sum, Mode mode, std::shared_ptr<OpTracker> tracker);
+  ~Engine();
+
+  void StartThread();  // thread mode, once
+
+  // Queues (thread) or starts (caller) `op`, whose state the tracker already began.
+  absl::StatusOr<RequestPtr> Submit(std::shared_ptr<Op> op);
+  absl::Status Wait(const std::shared_ptr<Op>& op);
+  absl::StatusOr<bool> Test(const std::shared_ptr<Op>& op);
+  // Drains, stops the thread and frees the MPI objects (see above). Called once.
+  void Shutdown();
+
+  Mode mode() const { return mode_; }
+  MPI_Op bf16_sum() const { return bf16_sum_; }
+  OpTracker& tracker() { return *tracker_; }
+
+ private:
+  void Run();
+  void StartLocked(const std::shared_ptr<Op>& op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);
+  bool ProgressLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);  // true when something completed
+  void FinishLocked(const std::shared_ptr<Op>& op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);
+  void FailLocked(Op& op, absl::Status s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);
+  bool Drain(absl::Duration limit);  // caller mode; true when nothing is left in flight
+  void FreeMpiObjects();
+  void AbandonInflight() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);
+  // Broken or aborted, shutting down: cancels the receives of failed ops (their sender may
+  // never come), so that only collectives can keep the drain waiting.
+  void CancelReceivesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);
+  bool HasWork() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(queue_mu_) {
+    return !queue_.empty() || stop_ || abandon_;
+  }
+
+  MPI_Comm comm_;
+  MPI_Op bf16_sum_;
+  const Mode mode_;
+  std::shared_ptr<OpTracker> tracker_;
+
+  // The in-flight MPI requests, flat for MPI_Testsome, with the op each belongs to.
+  absl::Mutex mpi_mu_;
+  std::vector<MPI_Request> reqs_ ABSL_GUARDED_BY(mpi_mu_);
+  std::vector<std::shared_ptr<Op>> owners_ ABSL_GUARDED_BY(mpi_mu_);
+  std::vector<bool> cancellable_ ABSL_GUARDED_BY(mpi_mu_);  // a receive not yet cancelled
+  std::vector<int> done_ ABSL_GUARDED_BY(mpi_mu_);  // MPI_Testsome's outputs, reused
+  std::vector<MPI_Status> statuses_ ABSL_GUARDED_BY(mpi_mu_);
+
+  // Thread mode: submissions not yet started, and the stop protocol.
+  absl::Mutex queue_mu_;
+  std::deque<std::shared_ptr<Op>> queue_ ABSL_GUARDED_BY(queue_mu_);
+  bool stop_ ABSL_GUARDED_BY(queue_mu_) = false;     // drain, then exit
+  bool abandon_ ABSL_GUARDED_BY(queue_mu_) = false;  // exit now
+  bool inflight_ ABSL_GUARDED_BY(queue_mu_) = false;  // requests left when the thread exited
+  std::thread thread_;
+  absl::Notification thread_exited_;
+  bool shut_down_ = false;
+};
+
+}  // namespace mdopt::mpi
+
+#endif  // MDOPT_COMM_MPI_ENGINE_H_
