@@ -437,7 +437,7 @@ absl::Status LoadCheckpoint(const std::string& dir, const CheckpointLayout& want
 
   // Everything checked: commit.
   for (const auto& [live, loaded] : plan) std::memcpy(live.data, loaded.data, static_cast<size_t>(live.bytes()));
-  engine->WriteModels();
+  if (absl::Status s = engine->WriteModels(); !s.ok()) return s;
   *step = m.step;
   return absl::OkStatus();
 }

@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "comm/communicator.h"
 #include "dist_opt/param_registry.h"
+#include "dist_opt/shard_plan.h"
 
 namespace mdopt {
 
@@ -32,35 +33,56 @@ struct StateArray {
   int64_t bytes() const { return count * elem_size; }
 };
 
+// How the engine runs (from mdopt_create's options).
+struct EngineOptions {
+  bool ns_bf16 = false;          // ns_dtype=bf16: Newton-Schulz products in bf16
+  bool ns_comm_bf16 = false;     // ns_comm_dtype=bf16: the NS gather/scatter moves bf16
+  bool grads_reduced = false;    // grads=reduced: every rank passes the mean gradient
+  bool gather_deferred = false;  // gather=deferred: weights are all-gathered by GatherParams
+  int64_t bucket_bytes = int64_t{16} << 20;
+};
+
 class Engine {
  public:
   virtual ~Engine() = default;
 
-  // Allocates this rank's state for every param, checks that every sphere slice can be
-  // projected, then projects (unless preserve_init) and writes the model tensors. On error
+  // Builds the shard plan, allocates this rank's state, checks that every sphere slice can
+  // be projected, then projects (unless preserve_init) and writes the model tensors. On error
   // nothing has been written.
   virtual absl::Status Init() = 0;
 
-  // Sum of squares of this rank's part of a param's gradient (NaN/Inf propagate).
+  // Gradients of params [first, first + count) are final (mdopt_grads_ready): starts the
+  // reduce-scatter of every bucket, in bucket order, whose gradients are all final.
+  virtual absl::Status GradsReady(int64_t first, int64_t count) = 0;
+  // Starts what GradsReady has not and waits for every gradient reduction; afterwards
+  // GradSumSq reads this rank's reduced rows.
+  virtual absl::Status ReduceGradients() = 0;
+
+  // Sum of squares of this rank's rows of a param's (reduced) gradient (NaN/Inf propagate).
   virtual double GradSumSq(int64_t index) = 0;
 
   // One step; lr_scale multiplies lr and gain_lr; t counts taken steps including this one.
   virtual absl::Status Step(double lr_scale, int64_t t) = 0;
 
-  // The state arrays of a param's expert matrix e, in a fixed order.
+  // gather=deferred: the weight all-gather the last step left to do (mdopt_gather_params).
+  virtual absl::Status GatherParams() = 0;
+
+  // The state arrays of this rank's part of a param's expert matrix e, in a fixed order.
   virtual std::vector<StateArray> State(int64_t index, int64_t expert) = 0;
 
-  // Writes the model tensors from the master copies (after a checkpoint load).
-  virtual void WriteModels() = 0;
+  // Writes the model tensors from the master copies (after a checkpoint load; collective).
+  virtual absl::Status WriteModels() = 0;
 
   virtual int64_t WorkspaceBytes() const = 0;
   virtual const char* name() const = 0;
+  virtual const ShardPlan* plan() const = 0;
 };
 
-// ns_bf16: Newton-Schulz with bf16 products (kernels/cpu/newton_schulz_bf16.h).
-std::unique_ptr<Engine> MakeFastEngine(const std::vector<ParamEntry>* params, Communicator* comm,
-                                       bool ns_bf16);
+std::unique_ptr<Engine> MakeFastEngine(const std::vector<ParamEntry>* params,
+                                       const std::vector<Group>* groups, Communicator* comm,
+                                       const EngineOptions& options);
 std::unique_ptr<Engine> MakeReferenceEngine(const std::vector<ParamEntry>* params,
+                                            const std::vector<Group>* groups,
                                             Communicator* comm);
 
 // Message for a slice that cannot go onto its sphere.

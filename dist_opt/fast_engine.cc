@@ -1,6 +1,20 @@
-// The float32 engine: this rank's rows of every matrix, stepped with the fused passes of
-// kernels/cpu/fast_matrix.h and Newton-Schulz on the BLAS. Cross-row sums go through the
-// communicator (the identity on one rank).
+// The float32 engine: this rank's rows of every matrix (the ShardPlan's), stepped bucket by
+// bucket through the fused passes of kernels/cpu/fast_matrix.h with the collectives of the
+// step schedule between them (docs/ARCHITECTURE.md, "The step schedule"):
+//
+//   reduce-scatter of gradients (grads=local, N > 1; may start during backward)
+//   -> [finite check in the optimizer]
+//   per bucket, pipelined over buckets:
+//     S0  tangent dots (+ all-gather), pass 1 -> start the NS gather (rows-layout Muon)
+//     S1  wait gather; Newton-Schulz on the matrices this rank owns -> start the scatter
+//     S2  wait scatter; pass 2 (Muon) -> start the all-gather of cross-row sums
+//     S3  wait sums; gain Adam; finish (project, rescale, write) -> start the weight all-gather
+//     S4  wait weights; unpack other ranks' rows into the model tensors
+// Every collective is started in the same order on every rank (a fixed wave order over
+// (bucket, stage)); waits come as late as the data is needed, so bucket b's communication
+// overlaps the compute of the buckets around it. Cross-row sums are all-gathered and added
+// in rank order, so the replicated column gains are bitwise the same on every rank.
+// With one rank no collective is issued and the passes read and write the model's tensors.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -22,270 +36,767 @@ using kernels::Base;
 using kernels::RadiusMode;
 using kernels::Sphere;
 
-struct FastParamState {
-  RowBlock rows;  // owned rows of each expert matrix
-  std::vector<float> master;  // empty when the model's f32 tensor is the master
+// This rank's part of one slot.
+struct SlotState {
+  int64_t row0 = 0, rows = 0;  // local rows [row0, row0 + rows)
+  std::vector<float> master;   // bf16 params only (f32 params: the model's tensor is the master)
   std::vector<float> state0, state1;
   std::vector<float> row_raw, row_m, row_v;
   std::vector<float> col_raw, col_m, col_v;
   std::vector<float> scalar_raw, scalar_m, scalar_v;
   std::vector<float> radius;
-  int64_t slices = 0;  // sphere slices this rank holds per expert
+  int64_t slices = 0;
+  fast::Partials partials;
+  int64_t xfull_offset = -1;  // rows-layout Muon slots this rank owns: where X sits in xfull
 };
+
+// Buffers of one bucket while it is in flight; a pool of kPipelineDepth is reused.
+struct Workspace {
+  std::vector<float> xloc;        // this rank's X (then O) rows of the bucket's Muon slots
+  std::vector<float> xfull;       // whole X (then O) of the rows-layout Muon slots it owns
+  std::vector<uint16_t> xloc16, xfull16;  // ns_comm_dtype=bf16 staging
+  std::vector<double> cross;      // world x record: cross-row partials of every rank
+  std::vector<uint8_t> weights;   // the bucket's all-gather buffer (param dtype)
+  RequestPtr gather, scatter, sums, ag;
+};
+
+// Stage s of bucket b runs in wave b + s, so kStages buckets are in flight at once.
+constexpr int kStages = 5;
+constexpr int kGatherTag = 11, kScatterTag = 12;
+
+size_t DtypeBytes(Dtype d) { return d == Dtype::kF32 ? 4 : 2; }
+DataType CommType(Dtype d) { return d == Dtype::kF32 ? DataType::kF32 : DataType::kBf16; }
+
+// Cross-row partials of a rows-layout slot (summed over ranks): column-gain and scalar-gain
+// gradients, and the squared norms of frobenius/column slices.
+int64_t CrossRecord(const kernels::UpdateRule& r, int64_t n) {
+  int64_t c = (kernels::HasColGains(r.gains) ? n : 0) + (kernels::HasScalarGain(r.gains) ? 1 : 0);
+  if (r.sphere == Sphere::kFrobenius) c += 1;
+  if (r.sphere == Sphere::kCol) c += n;
+  return c;
+}
+
+// Tangent dots of a rows-layout slot with a frobenius or column sphere.
+int64_t RadialRecord(const kernels::UpdateRule& r, int64_t n) {
+  if (!r.tangent) return 0;
+  if (r.sphere == Sphere::kFrobenius) return 2;
+  if (r.sphere == Sphere::kCol) return 2 * n;
+  return 0;
+}
 
 class FastEngine final : public Engine {
  public:
-  FastEngine(const std::vector<ParamEntry>* params, Communicator* comm, bool ns_bf16)
-      : params_(*params), comm_(comm), ns_bf16_(ns_bf16) {}
+  FastEngine(const std::vector<ParamEntry>* params, const std::vector<Group>* groups,
+             Communicator* comm, const EngineOptions& o)
+      : params_(*params), groups_(*groups), comm_(comm), opt_(o), rank_(comm->rank()),
+        world_(comm->size()) {}
 
   absl::Status Init() override;
+  absl::Status GradsReady(int64_t first, int64_t count) override;
+  absl::Status ReduceGradients() override;
   double GradSumSq(int64_t index) override;
   absl::Status Step(double lr_scale, int64_t t) override;
+  absl::Status GatherParams() override;
   std::vector<StateArray> State(int64_t index, int64_t expert) override;
-  void WriteModels() override;
-  int64_t WorkspaceBytes() const override {
-    return static_cast<int64_t>(x_.capacity() * sizeof(float) + cross_.capacity() * sizeof(double)) +
-           ns_.bytes() + ns_bf16_ws_.bytes() + scratch_.bytes();
-  }
+  absl::Status WriteModels() override;
+  int64_t WorkspaceBytes() const override;
   const char* name() const override { return "fast"; }
+  const ShardPlan* plan() const override { return &plan_; }
 
  private:
-  fast::MatrixView View(int64_t index, int64_t expert) const;
-  // All-reduces the cross-row parts of p (no-op on one rank).
-  absl::Status ReduceCrossRow(const kernels::UpdateRule& r, fast::Partials* p);
+  bool Local() const { return world_ == 1; }
+  bool Sharded() const { return world_ > 1; }
+  const ParamEntry& ParamOf(int k) const { return params_[plan_.slots[k].param]; }
+  fast::MatrixView View(int k) const;
+  const void* GradRows(int k) const;
+
+  absl::Status StartReduceScatter(int b);
+  // Cross-row sums of bucket b over ranks, in rank order (all-gather of `record` doubles).
+  absl::Status StartSums(int b, Workspace& ws, bool radial);
+  void AddSums(int b, const Workspace& ws, bool radial);
+
+  absl::Status Stage(int b, int stage, const fast::StepScalars* scalars_of_group);
+  absl::Status StartWeightGather(int b, Workspace& ws);
+  void UnpackWeights(int b, const Workspace& ws);
+  // The weight all-gather of every bucket, one after another (finalize, load, deferred).
+  absl::Status GatherParamsNow();
+  Workspace& Pool(int b) { return pool_[static_cast<size_t>(b) % pool_.size()]; }
 
   const std::vector<ParamEntry>& params_;
+  const std::vector<Group>& groups_;
   Communicator* comm_;
-  const bool ns_bf16_;
-  std::vector<FastParamState> st_;
-  std::vector<float> x_;  // Newton-Schulz input of the largest Muon matrix
+  const EngineOptions opt_;
+  const int rank_, world_;
+  ShardPlan plan_;
+  std::vector<SlotState> st_;
+  std::vector<int64_t> cross_offset_, radial_offset_;  // per slot within its bucket's record
+  std::vector<int64_t> cross_len_, radial_len_;        // per bucket
+  // Gradient reduce-scatter (grads=local, N > 1): this rank's rows of each bucket, reduced.
+  std::vector<std::vector<uint8_t>> grad_seg_;
+  std::vector<RequestPtr> rs_;
+  std::vector<uint8_t> rs_started_;
+  std::vector<std::vector<uint8_t>> rs_staging_;  // two send buffers, alternating
+  std::vector<Workspace> pool_;
+  std::vector<fast::StepScalars> scalars_;  // per group, for the step in progress
+  std::vector<double> slot_sumsq_;
+  std::vector<int64_t> sum_counts_;
+  std::vector<P2P> p2p_;
+  std::vector<uint8_t> param_ready_;
+  size_t next_rs_ = 0;
   fast::NsWorkspace ns_;
   fast::Bf16NewtonSchulz ns_bf16_ws_;
-  fast::Partials partials_;
-  std::vector<double> cross_;
   fast::Scratch scratch_;
+  bool weights_pending_ = false;  // gather=deferred: the all-gather of the last step is owed
 };
 
 bool AliasesModel(const ParamEntry& p) { return p.param_dtype == Dtype::kF32; }
 
-fast::MatrixView FastEngine::View(int64_t index, int64_t e) const {
-  const ParamEntry& p = params_[index];
-  const FastParamState& s = st_[index];
+fast::MatrixView FastEngine::View(int k) const {
+  const SlotPlan& sp = plan_.slots[k];
+  const ParamEntry& p = params_[sp.param];
+  const SlotState& s = st_[k];
   fast::MatrixView v;
   v.m = p.m;
   v.n = p.n;
-  v.row_begin = s.rows.begin;
-  v.rows = s.rows.rows();
-  const int64_t model_off = e * p.m * p.n + s.rows.begin * p.n;  // elements into the tensor
-  const int64_t state_off = e * v.rows * p.n;                    // elements into our state
-  auto f = [](const std::vector<float>& vec, int64_t off) {
-    return vec.empty() ? nullptr : const_cast<float*>(vec.data()) + off;
+  v.row_begin = s.row0;
+  v.rows = s.rows;
+  const int64_t model_off = sp.TensorOffset() + s.row0 * p.n;
+  auto f = [](const std::vector<float>& vec) {
+    return vec.empty() ? nullptr : const_cast<float*>(vec.data());
   };
   if (AliasesModel(p)) {
     v.w = static_cast<float*>(p.param) + model_off;
   } else {
-    v.w = f(s.master, state_off);
+    v.w = f(s.master);
     v.model = static_cast<uint16_t*>(p.param) + model_off;
     v.model_dtype = Dtype::kBf16;
   }
-  v.state0 = f(s.state0, state_off);
-  v.state1 = f(s.state1, state_off);
-  v.row = {f(s.row_raw, e * v.rows), f(s.row_m, e * v.rows), f(s.row_v, e * v.rows)};
-  v.col = {f(s.col_raw, e * p.n), f(s.col_m, e * p.n), f(s.col_v, e * p.n)};
-  v.scalar = {f(s.scalar_raw, e), f(s.scalar_m, e), f(s.scalar_v, e)};
-  v.radius = f(s.radius, e * s.slices);
-  if (p.grad != nullptr) {
-    v.grad = static_cast<const char*>(p.grad) + model_off * static_cast<int64_t>(p.grad_elem_bytes());
-  }
+  v.state0 = f(s.state0);
+  v.state1 = f(s.state1);
+  v.row = {f(s.row_raw), f(s.row_m), f(s.row_v)};
+  v.col = {f(s.col_raw), f(s.col_m), f(s.col_v)};
+  v.scalar = {f(s.scalar_raw), f(s.scalar_m), f(s.scalar_v)};
+  v.radius = f(s.radius);
+  v.grad = GradRows(k);
   v.grad_dtype = p.grad_dtype;
   return v;
 }
 
-absl::Status FastEngine::ReduceCrossRow(const kernels::UpdateRule& r, fast::Partials* p) {
-  if (comm_->size() == 1) return absl::OkStatus();
-  fast::PackCrossRow(r, *p, &cross_);
-  if (absl::Status s = AllReduceSum(*comm_, absl::MakeSpan(cross_)); !s.ok()) return s;
-  fast::UnpackCrossRow(r, cross_.data(), p);
-  return absl::OkStatus();
+const void* FastEngine::GradRows(int k) const {
+  const SlotPlan& sp = plan_.slots[k];
+  const ParamEntry& p = params_[sp.param];
+  const size_t eb = p.grad_elem_bytes();
+  if (Sharded() && !opt_.grads_reduced) {
+    const BucketPlan& b = plan_.buckets[sp.bucket];
+    const size_t pos = static_cast<size_t>(
+        std::find(b.slots.begin(), b.slots.end(), k) - b.slots.begin());
+    return grad_seg_[sp.bucket].data() + b.Offset(pos, rank_, world_) * eb;
+  }
+  if (p.grad == nullptr) return nullptr;
+  return static_cast<const char*>(p.grad) + (sp.TensorOffset() + st_[k].row0 * p.n) * eb;
 }
 
 absl::Status FastEngine::Init() {
-  if (comm_->size() != 1) {
-    return absl::UnimplementedError("the fast engine runs Newton-Schulz on whole matrices and "
-                                    "needs a one-rank communicator in this build");
-  }
-  st_.assign(params_.size(), FastParamState{});
-  int64_t x_elems = 0;
-  // Every buffer a step uses is sized here, before anything is written: a step allocates
-  // nothing, and running out of memory surfaces from finalize with the optimizer unchanged.
-  int64_t max_rows = 1, max_n = 1, max_cross = 1;
-  for (const ParamEntry& p : params_) {
-    const int64_t rows = OwnedRows(p.m, comm_->rank(), comm_->size()).rows();
-    max_rows = std::max(max_rows, rows);
-    max_n = std::max(max_n, p.n);
-    max_cross = std::max(max_cross, p.n + 1 + std::max(rows, p.n));
-  }
-  scratch_.Reserve(max_rows, max_n);
-  fast::ReservePartials(max_rows, max_n, &partials_);
-  cross_.reserve(static_cast<size_t>(max_cross));
-  // Phase A: allocate and check every slice; the model tensors are not written.
-  std::vector<std::vector<fast::Partials>> norms(params_.size());
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const ParamEntry& p = params_[i];
+  PlanOptions po;
+  po.world = world_;
+  po.bucket_bytes = opt_.bucket_bytes;
+  plan_ = BuildShardPlan(params_, groups_, po);
+  const size_t S = plan_.slots.size();
+  st_.assign(S, SlotState{});
+  cross_offset_.assign(S, 0);
+  radial_offset_.assign(S, 0);
+  slot_sumsq_.assign(S, 0.0);
+  scalars_.assign(groups_.size(), fast::StepScalars{});
+
+  // Phase A: allocate every buffer a step uses and read the initial weights; nothing is
+  // written, so a failure (or running out of memory) leaves the model as it was.
+  int64_t max_rows = 1, max_n = 1;
+  for (size_t k = 0; k < S; ++k) {
+    const SlotPlan& sp = plan_.slots[k];
+    const ParamEntry& p = params_[sp.param];
     const kernels::UpdateRule& r = p.rule;
-    FastParamState& s = st_[i];
-    s.rows = OwnedRows(p.m, comm_->rank(), comm_->size());
-    const int64_t rows = s.rows.rows();
-    const size_t numel = static_cast<size_t>(p.experts * rows * p.n);
+    SlotState& s = st_[k];
+    s.row0 = sp.RowBegin(rank_);
+    s.rows = sp.Rows(rank_);
+    const bool holds = s.rows > 0 || sp.layout == Layout::kRows;
+    const size_t numel = static_cast<size_t>(s.rows * p.n);
+    max_rows = std::max(max_rows, s.rows);
+    max_n = std::max(max_n, p.n);
     if (!AliasesModel(p)) {
       s.master.resize(numel);
-      const uint16_t* src = static_cast<const uint16_t*>(p.param);
-      for (int64_t e = 0; e < p.experts; ++e)
-        for (int64_t q = 0; q < rows * p.n; ++q)
-          s.master[e * rows * p.n + q] =
-              kernels::Bf16ToFloat(src[e * p.m * p.n + s.rows.begin * p.n + q]);
+      const uint16_t* src = static_cast<const uint16_t*>(p.param) + sp.TensorOffset() + s.row0 * p.n;
+      for (size_t q = 0; q < numel; ++q) s.master[q] = kernels::Bf16ToFloat(src[q]);
     }
     s.state0.assign(numel, 0.0f);  // muon momentum | adam exp_avg
-    if (r.base == Base::kMuon) {
-      x_elems = std::max(x_elems, rows * p.n);
-    } else {
-      s.state1.assign(numel, 0.0f);
-    }
+    if (r.base != Base::kMuon) s.state1.assign(numel, 0.0f);
     const float one = static_cast<float>(kernels::GainRawForOne(r.gain_param));
     auto gains = [&](bool has, int64_t count, std::vector<float>* raw, std::vector<float>* m1,
                      std::vector<float>* m2) {
-      if (!has) return;
+      if (!has || !holds) return;
       raw->assign(static_cast<size_t>(count), one);
       m1->assign(static_cast<size_t>(count), 0.0f);
       m2->assign(static_cast<size_t>(count), 0.0f);
     };
-    gains(kernels::HasRowGains(r.gains), p.experts * rows, &s.row_raw, &s.row_m, &s.row_v);
-    gains(kernels::HasColGains(r.gains), p.experts * p.n, &s.col_raw, &s.col_m, &s.col_v);
-    gains(kernels::HasScalarGain(r.gains), p.experts, &s.scalar_raw, &s.scalar_m, &s.scalar_v);
-    s.slices = r.sphere == Sphere::kRow ? rows : kernels::SphereSlices(r.sphere, p.m, p.n);
-    s.radius.assign(static_cast<size_t>(p.experts * s.slices), 0.0f);
+    gains(kernels::HasRowGains(r.gains), s.rows, &s.row_raw, &s.row_m, &s.row_v);
+    gains(kernels::HasColGains(r.gains), p.n, &s.col_raw, &s.col_m, &s.col_v);
+    gains(kernels::HasScalarGain(r.gains), 1, &s.scalar_raw, &s.scalar_m, &s.scalar_v);
+    s.slices = !holds ? 0 : r.sphere == Sphere::kRow ? s.rows : kernels::SphereSlices(r.sphere, p.m, p.n);
+    s.radius.assign(static_cast<size_t>(s.slices), 0.0f);
+    fast::ReservePartials(std::max<int64_t>(s.rows, 1), p.n, &s.partials);
+  }
+  scratch_.Reserve(max_rows, max_n);
 
-    norms[i].resize(static_cast<size_t>(p.experts));
-    if (r.sphere == Sphere::kNone) continue;
-    for (int64_t e = 0; e < p.experts; ++e) {
-      const fast::MatrixView v = View(static_cast<int64_t>(i), e);
-      fast::Partials& np = norms[i][e];
-      fast::ResetPartials(r, v, &np);
-      fast::SliceSquares(r, v, &np, &scratch_);
-      if (absl::Status st = ReduceCrossRow(r, &np); !st.ok()) return st;
-      for (int64_t k = 0; k < static_cast<int64_t>(np.slice_sq.size()); ++k) {
-        const double sq = np.slice_sq[k];
+  // Per bucket: cross-row records, NS placement, workspace sizes.
+  const size_t B = plan_.buckets.size();
+  cross_len_.assign(B, 0);
+  radial_len_.assign(B, 0);
+  size_t xloc = 0, xfull = 0, cross = 0, weights = 0, rs_send = 0;
+  for (size_t b = 0; b < B; ++b) {
+    const BucketPlan& bp = plan_.buckets[b];
+    int64_t full = 0;
+    for (size_t q = 0; q < bp.slots.size(); ++q) {
+      const int k = bp.slots[q];
+      const SlotPlan& sp = plan_.slots[k];
+      const kernels::UpdateRule& r = ParamOf(k).rule;
+      if (sp.layout == Layout::kRows) {
+        cross_offset_[k] = cross_len_[b];
+        cross_len_[b] += CrossRecord(r, sp.n);
+        radial_offset_[k] = radial_len_[b];
+        radial_len_[b] += RadialRecord(r, sp.n);
+        if (sp.muon && Sharded() && sp.owner == rank_) {
+          st_[k].xfull_offset = full;
+          full += sp.m * sp.n;
+        }
+      }
+    }
+    size_t muon_rows = 0;
+    for (size_t q = 0; q < bp.slots.size(); ++q) {
+      const SlotPlan& sp = plan_.slots[bp.slots[q]];
+      if (sp.muon) muon_rows = static_cast<size_t>(bp.Offset(q, rank_, world_) + sp.PackedRows(rank_) * sp.n);
+    }
+    xloc = std::max(xloc, muon_rows);
+    xfull = std::max(xfull, static_cast<size_t>(full));
+    cross = std::max(cross, static_cast<size_t>(world_ * std::max(cross_len_[b], radial_len_[b])));
+    if (Sharded()) {
+      weights = std::max(weights, static_cast<size_t>(bp.total) * DtypeBytes(bp.param_dtype));
+      rs_send = std::max(rs_send, static_cast<size_t>(bp.total) * DtypeBytes(bp.grad_dtype));
+    }
+  }
+  pool_.assign(std::min<size_t>(std::max<size_t>(B, 1), kStages), Workspace{});
+  for (Workspace& ws : pool_) {
+    ws.xloc.assign(xloc, 0.0f);
+    ws.xfull.assign(xfull, 0.0f);
+    if (opt_.ns_comm_bf16 && Sharded()) {
+      ws.xloc16.assign(xloc, 0);
+      ws.xfull16.assign(xfull, 0);
+    }
+    ws.cross.assign(cross, 0.0);
+    ws.weights.assign(weights, 0);
+  }
+  if (Sharded() && !opt_.grads_reduced) {
+    grad_seg_.resize(B);
+    for (size_t b = 0; b < B; ++b) {
+      const BucketPlan& bp = plan_.buckets[b];
+      grad_seg_[b].assign(static_cast<size_t>(bp.seg[rank_]) * DtypeBytes(bp.grad_dtype), 0);
+    }
+    rs_staging_.assign(std::min<size_t>(B, 2), std::vector<uint8_t>(rs_send, 0));
+  }
+  rs_.assign(B, nullptr);
+  rs_started_.assign(B, 0);
+  // Newton-Schulz buffers for every shape this rank orthogonalises (the largest matrix need
+  // not have the largest Gram side), and the bf16 path's GEMM plans.
+  for (const SlotPlan& sp : plan_.slots) {
+    if (!sp.muon || sp.owner != rank_) continue;
+    if (opt_.ns_bf16) {
+      ns_bf16_ws_.Reserve(sp.m, sp.n);
+    } else {
+      ns_.Reserve(sp.m, sp.n);
+    }
+  }
+
+  // Phase B: the norms of every sphere slice (summed over ranks for rows-layout frobenius and
+  // column spheres), the radii, and the check that every slice can be projected.
+  for (size_t b = 0; b < B; ++b) {
+    const BucketPlan& bp = plan_.buckets[b];
+    Workspace& ws = pool_[0];
+    for (int k : bp.slots) {
+      const kernels::UpdateRule& r = ParamOf(k).rule;
+      fast::ResetPartials(r, View(k), &st_[k].partials);
+      if (r.sphere != Sphere::kNone && st_[k].slices > 0) {
+        fast::SliceSquares(r, View(k), &st_[k].partials, &scratch_);
+      }
+    }
+    if (Sharded() && cross_len_[b] > 0) {
+      if (absl::Status s = StartSums(static_cast<int>(b), ws, false); !s.ok()) return s;
+      if (absl::Status s = ws.sums->Wait(); !s.ok()) return s;
+      AddSums(static_cast<int>(b), ws, false);
+    }
+    for (int k : bp.slots) {
+      const SlotPlan& sp = plan_.slots[k];
+      const ParamEntry& p = params_[sp.param];
+      const kernels::UpdateRule& r = p.rule;
+      SlotState& s = st_[k];
+      if (r.sphere == Sphere::kNone) continue;
+      for (int64_t q = 0; q < s.slices; ++q) {
+        const double sq = s.partials.slice_sq[q];
         if (!(sq > 0.0) || !std::isfinite(sq)) {
-          const int64_t slice = r.sphere == Sphere::kRow ? s.rows.begin + k : k;
-          return absl::InvalidArgumentError(ZeroSliceMessage(p, e, slice));
+          const int64_t slice = r.sphere == Sphere::kRow ? s.row0 + q : q;
+          return absl::InvalidArgumentError(ZeroSliceMessage(p, sp.expert, slice));
         }
         double radius = r.radius_value;
         if (r.radius_mode == RadiusMode::kAuto) radius = kernels::AutoRadius(r.sphere, p.m, p.n);
         if (r.radius_mode == RadiusMode::kInit) radius = std::sqrt(sq);
-        s.radius[e * s.slices + k] = static_cast<float>(radius);
+        s.radius[q] = static_cast<float>(radius);
       }
     }
   }
-  x_.assign(static_cast<size_t>(x_elems), 0.0f);
-  // Newton-Schulz buffers for every Muon shape (the largest matrix need not have the largest
-  // Gram side), and the bf16 path's GEMM plans, made here rather than in the first step.
-  for (const ParamEntry& p : params_) {
-    if (p.rule.base != Base::kMuon) continue;
-    if (ns_bf16_) {
-      ns_bf16_ws_.Reserve(p.m, p.n);
-    } else {
-      ns_.Reserve(p.m, p.n);
-    }
-  }
+  // A zero slice on one rank must stop every rank: agree on the verdict.
+  // (Reached only when this rank saw none; a rank that returned above fails its peers' next
+  // collective, which is why the check runs before anything is written.)
 
-  // Phase B: project onto the spheres and write the model tensors.
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const ParamEntry& p = params_[i];
-    if (p.rule.sphere == Sphere::kNone || p.preserve_init) continue;
-    for (int64_t e = 0; e < p.experts; ++e) {
-      fast::Finish(p.rule, View(static_cast<int64_t>(i), e), norms[i][e], &scratch_);
+  // Phase C: project onto the spheres and write the model tensors (and share them).
+  for (size_t b = 0; b < B; ++b) {
+    for (int k : plan_.buckets[b].slots) {
+      const ParamEntry& p = ParamOf(k);
+      if (p.rule.sphere == Sphere::kNone || p.preserve_init || st_[k].rows == 0) continue;
+      fast::Finish(p.rule, View(k), st_[k].partials, &scratch_);
     }
   }
+  if (Sharded()) return GatherParamsNow();
+  return absl::OkStatus();
+}
+
+absl::Status FastEngine::StartSums(int b, Workspace& ws, bool radial) {
+  const int64_t len = radial ? radial_len_[b] : cross_len_[b];
+  double* mine = ws.cross.data() + rank_ * len;
+  std::fill(mine, mine + len, 0.0);
+  for (int k : plan_.buckets[b].slots) {
+    const SlotPlan& sp = plan_.slots[k];
+    if (sp.layout != Layout::kRows) continue;
+    const kernels::UpdateRule& r = ParamOf(k).rule;
+    const fast::Partials& p = st_[k].partials;
+    double* out = mine + (radial ? radial_offset_[k] : cross_offset_[k]);
+    if (radial) {
+      if (RadialRecord(r, sp.n) == 0) continue;
+      out = std::copy(p.radial_dot.begin(), p.radial_dot.end(), out);
+      std::copy(p.radial_dd.begin(), p.radial_dd.end(), out);
+    } else {
+      out = std::copy(p.col_grad.begin(), p.col_grad.end(), out);
+      out = std::copy(p.scalar_grad.begin(), p.scalar_grad.end(), out);
+      if (r.sphere == Sphere::kFrobenius || r.sphere == Sphere::kCol)
+        std::copy(p.slice_sq.begin(), p.slice_sq.end(), out);
+    }
+  }
+  sum_counts_.assign(static_cast<size_t>(world_), len);
+  absl::StatusOr<RequestPtr> req =
+      comm_->AllGather(nullptr, ws.cross.data(), sum_counts_, DataType::kF64);
+  if (!req.ok()) return req.status();
+  ws.sums = *std::move(req);
+  return absl::OkStatus();
+}
+
+void FastEngine::AddSums(int b, const Workspace& ws, bool radial) {
+  const int64_t len = radial ? radial_len_[b] : cross_len_[b];
+  for (int k : plan_.buckets[b].slots) {
+    const SlotPlan& sp = plan_.slots[k];
+    if (sp.layout != Layout::kRows) continue;
+    const kernels::UpdateRule& r = ParamOf(k).rule;
+    fast::Partials& p = st_[k].partials;
+    const int64_t at = radial ? radial_offset_[k] : cross_offset_[k];
+    // Rank order, the same on every rank: the sums are bitwise identical everywhere.
+    auto sum = [&](std::vector<double>& dst, int64_t pos) {
+      for (size_t j = 0; j < dst.size(); ++j) {
+        double acc = 0.0;
+        for (int q = 0; q < world_; ++q) acc += ws.cross[q * len + at + pos + static_cast<int64_t>(j)];
+        dst[j] = acc;
+      }
+      return pos + static_cast<int64_t>(dst.size());
+    };
+    if (radial) {
+      if (RadialRecord(r, sp.n) == 0) continue;
+      sum(p.radial_dd, sum(p.radial_dot, 0));
+    } else {
+      int64_t pos = sum(p.col_grad, 0);
+      pos = sum(p.scalar_grad, pos);
+      if (r.sphere == Sphere::kFrobenius || r.sphere == Sphere::kCol) sum(p.slice_sq, pos);
+    }
+  }
+}
+
+absl::Status FastEngine::StartReduceScatter(int b) {
+  const BucketPlan& bp = plan_.buckets[b];
+  const size_t eb = DtypeBytes(bp.grad_dtype);
+  // The staging buffer alternates between buckets: the one two back must be done with it.
+  if (b >= 2 && rs_[b - 2] != nullptr) {
+    if (absl::Status s = rs_[b - 2]->Wait(); !s.ok()) return s;
+  }
+  uint8_t* send = rs_staging_[static_cast<size_t>(b) % rs_staging_.size()].data();
+  int64_t seg_start = 0;
+  for (int r = 0; r < world_; ++r) {
+    for (size_t q = 0; q < bp.slots.size(); ++q) {
+      const SlotPlan& sp = plan_.slots[bp.slots[q]];
+      const ParamEntry& p = params_[sp.param];
+      if (p.grad == nullptr) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "param '", p.name, "' has no gradient buffer (give one to mdopt_set_pointers)"));
+      }
+      uint8_t* dst = send + (seg_start + bp.Offset(q, r, world_)) * eb;
+      const size_t real = static_cast<size_t>(sp.Rows(r) * sp.n) * eb;
+      const size_t packed = static_cast<size_t>(sp.PackedRows(r) * sp.n) * eb;
+      std::memcpy(dst, static_cast<const uint8_t*>(p.grad) + (sp.TensorOffset() + sp.RowBegin(r) * sp.n) * eb, real);
+      std::memset(dst + real, 0, packed - real);
+    }
+    seg_start += bp.seg[r];
+  }
+  absl::StatusOr<RequestPtr> req = comm_->ReduceScatter(send, grad_seg_[b].data(), bp.seg,
+                                                        CommType(bp.grad_dtype), ReduceOp::kMean);
+  if (!req.ok()) return req.status();
+  rs_[b] = *std::move(req);
+  rs_started_[b] = 1;
+  return absl::OkStatus();
+}
+
+absl::Status FastEngine::GradsReady(int64_t first, int64_t count) {
+  if (first < 0 || count < 0 || first + count > static_cast<int64_t>(params_.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("mdopt_grads_ready: params [", first, ", ",
+                                                   first + count, ") are not in [0, ",
+                                                   params_.size(), ")"));
+  }
+  if (!Sharded() || opt_.grads_reduced) return absl::OkStatus();
+  param_ready_.resize(params_.size(), 0);
+  for (int64_t i = first; i < first + count; ++i) param_ready_[i] = 1;
+  // Buckets start in bucket order on every rank, whatever order the trainer reports in.
+  while (next_rs_ < plan_.buckets.size()) {
+    const BucketPlan& bp = plan_.buckets[next_rs_];
+    bool ready = true;
+    for (int64_t i = bp.first_param; i < bp.end_param; ++i) ready = ready && param_ready_[i];
+    if (!ready) break;
+    if (absl::Status s = StartReduceScatter(static_cast<int>(next_rs_)); !s.ok()) return s;
+    ++next_rs_;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status FastEngine::ReduceGradients() {
+  if (!Sharded() || opt_.grads_reduced) return absl::OkStatus();
+  for (; next_rs_ < plan_.buckets.size(); ++next_rs_) {
+    if (absl::Status s = StartReduceScatter(static_cast<int>(next_rs_)); !s.ok()) return s;
+  }
+  for (size_t b = 0; b < plan_.buckets.size(); ++b) {
+    if (absl::Status s = rs_[b]->Wait(); !s.ok()) return s;
+    rs_[b] = nullptr;
+  }
+  next_rs_ = 0;
+  std::fill(param_ready_.begin(), param_ready_.end(), 0);
   return absl::OkStatus();
 }
 
 double FastEngine::GradSumSq(int64_t index) {
-  const ParamEntry& p = params_[index];
+  const int64_t first = plan_.first_slot[index];
   double total = 0.0;
-  for (int64_t e = 0; e < p.experts; ++e) total += fast::GradSumSq(View(index, e), &scratch_);
+  for (int64_t e = 0; e < params_[index].experts; ++e) {
+    const int k = static_cast<int>(first + e);
+    if (st_[k].rows > 0) total += fast::GradSumSq(View(k), &scratch_);
+  }
   return total;
 }
 
-absl::Status FastEngine::Step(double lr_scale, int64_t t) {
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const ParamEntry& p = params_[i];
-    const kernels::UpdateRule& r = p.rule;
-    fast::StepScalars sc;
-    sc.lr = r.lr * lr_scale;
-    sc.gain_lr = r.gain_lr * lr_scale;
-    sc.t = t;
-    for (int64_t e = 0; e < p.experts; ++e) {
-      const fast::MatrixView v = View(static_cast<int64_t>(i), e);
-      fast::ResetPartials(r, v, &partials_);
-      if (r.tangent && r.sphere != Sphere::kNone) {
-        fast::RadialDots(r, v, &partials_, &scratch_);
-        if (r.sphere != Sphere::kRow && comm_->size() > 1) {
-          if (absl::Status s = AllReduceSum(*comm_, absl::MakeSpan(partials_.radial_dot)); !s.ok()) return s;
-          if (absl::Status s = AllReduceSum(*comm_, absl::MakeSpan(partials_.radial_dd)); !s.ok()) return s;
+absl::Status FastEngine::Stage(int b, int stage, const fast::StepScalars* scalars) {
+  const BucketPlan& bp = plan_.buckets[b];
+  Workspace& ws = Pool(b);
+  auto x_of = [&](size_t q) { return ws.xloc.data() + bp.Offset(q, rank_, world_); };
+  const bool comm_bf16 = opt_.ns_comm_bf16;
+  switch (stage) {
+    case 0: {
+      bool radial = false;
+      for (size_t q = 0; q < bp.slots.size(); ++q) {
+        const int k = bp.slots[q];
+        const kernels::UpdateRule& r = ParamOf(k).rule;
+        const fast::MatrixView v = View(k);
+        fast::ResetPartials(r, v, &st_[k].partials);
+        if (r.tangent && r.sphere != Sphere::kNone && st_[k].rows > 0) {
+          fast::RadialDots(r, v, &st_[k].partials, &scratch_);
+        }
+        radial = radial || RadialRecord(r, plan_.slots[k].n) > 0;
+      }
+      if (radial && Sharded()) {  // rare (tangent=1): no overlap for these sums
+        if (absl::Status s = StartSums(b, ws, true); !s.ok()) return s;
+        if (absl::Status s = ws.sums->Wait(); !s.ok()) return s;
+        AddSums(b, ws, true);
+      }
+      p2p_.clear();
+      for (size_t q = 0; q < bp.slots.size(); ++q) {
+        const int k = bp.slots[q];
+        const SlotPlan& sp = plan_.slots[k];
+        const ParamEntry& p = params_[sp.param];
+        if (st_[k].rows > 0) {
+          fast::Pass1(p.rule, View(k), scalars[p.group], sp.muon ? x_of(q) : nullptr,
+                      &st_[k].partials, &scratch_);
+        }
+        if (!sp.muon || sp.layout != Layout::kRows || !Sharded()) continue;
+        // The NS gather: every rank's block of X to the owner.
+        const int64_t off = bp.Offset(q, rank_, world_);
+        if (rank_ != sp.owner) {
+          if (st_[k].rows == 0) continue;
+          void* data = x_of(q);
+          if (comm_bf16) {
+            for (int64_t e = 0; e < st_[k].rows * sp.n; ++e) ws.xloc16[off + e] = kernels::FloatToBf16(ws.xloc[off + e]);
+            data = ws.xloc16.data() + off;
+          }
+          p2p_.push_back({sp.owner, true, data, st_[k].rows * sp.n, comm_bf16 ? DataType::kBf16 : DataType::kF32});
+        } else {
+          const int64_t full = st_[k].xfull_offset;
+          std::copy(x_of(q), x_of(q) + st_[k].rows * sp.n, ws.xfull.data() + full + st_[k].row0 * sp.n);
+          for (int r = 0; r < world_; ++r) {
+            if (r == rank_ || sp.Rows(r) == 0) continue;
+            const int64_t at = full + sp.RowBegin(r) * sp.n;
+            void* data = comm_bf16 ? static_cast<void*>(ws.xfull16.data() + at) : ws.xfull.data() + at;
+            p2p_.push_back({r, false, data, sp.Rows(r) * sp.n, comm_bf16 ? DataType::kBf16 : DataType::kF32});
+          }
         }
       }
-      if (r.base == Base::kMuon) {
-        fast::Pass1(r, v, sc, x_.data(), &partials_, &scratch_);
-        const float* o =
-            ns_bf16_ ? ns_bf16_ws_.Run(r.ns_coeffs, r.ns_steps, p.m, p.n, x_.data())
-                     : fast::NewtonSchulz(r.ns_coeffs, r.ns_steps, p.m, p.n, x_.data(), &ns_);
-        fast::Pass2(r, v, sc, o, &partials_, &scratch_);
-      } else {
-        fast::Pass1(r, v, sc, nullptr, &partials_, &scratch_);
+      if (!p2p_.empty()) {
+        absl::StatusOr<RequestPtr> req = comm_->SendRecv(p2p_, kGatherTag);
+        if (!req.ok()) return req.status();
+        ws.gather = *std::move(req);
       }
-      if (absl::Status s = ReduceCrossRow(r, &partials_); !s.ok()) return s;
-      fast::StepGains(r, v, sc, partials_);
-      fast::Finish(r, v, partials_, &scratch_);
+      return absl::OkStatus();
+    }
+    case 1: {
+      if (ws.gather != nullptr) {
+        if (absl::Status s = ws.gather->Wait(); !s.ok()) return s;
+        ws.gather = nullptr;
+      }
+      p2p_.clear();
+      for (size_t q = 0; q < bp.slots.size(); ++q) {
+        const int k = bp.slots[q];
+        const SlotPlan& sp = plan_.slots[k];
+        if (!sp.muon || sp.owner != rank_) continue;
+        const kernels::UpdateRule& r = ParamOf(k).rule;
+        const bool gathered = sp.layout == Layout::kRows && Sharded();
+        float* x = gathered ? ws.xfull.data() + st_[k].xfull_offset : x_of(q);
+        const int64_t numel = sp.m * sp.n;
+        if (gathered && comm_bf16) {
+          // The other ranks' blocks arrived as bf16; this rank's block is still f32.
+          for (int rr = 0; rr < world_; ++rr) {
+            if (rr == rank_) continue;
+            const int64_t at = sp.RowBegin(rr) * sp.n;
+            for (int64_t e = 0; e < sp.Rows(rr) * sp.n; ++e)
+              x[at + e] = kernels::Bf16ToFloat(ws.xfull16[st_[k].xfull_offset + at + e]);
+          }
+        }
+        const float* o = opt_.ns_bf16 ? ns_bf16_ws_.Run(r.ns_coeffs, r.ns_steps, sp.m, sp.n, x)
+                                      : fast::NewtonSchulz(r.ns_coeffs, r.ns_steps, sp.m, sp.n, x, &ns_);
+        if (o != x) std::copy(o, o + numel, x);
+        if (!gathered) continue;
+        // The scatter: every other rank's block of O back to it; this rank's block stays.
+        std::copy(x + st_[k].row0 * sp.n, x + (st_[k].row0 + st_[k].rows) * sp.n, x_of(q));
+        for (int rr = 0; rr < world_; ++rr) {
+          if (rr == rank_ || sp.Rows(rr) == 0) continue;
+          const int64_t at = sp.RowBegin(rr) * sp.n;
+          void* data = x + at;
+          if (comm_bf16) {
+            uint16_t* h = ws.xfull16.data() + st_[k].xfull_offset + at;
+            for (int64_t e = 0; e < sp.Rows(rr) * sp.n; ++e) h[e] = kernels::FloatToBf16(x[at + e]);
+            data = h;
+          }
+          p2p_.push_back({rr, true, data, sp.Rows(rr) * sp.n, comm_bf16 ? DataType::kBf16 : DataType::kF32});
+        }
+      }
+      if (Sharded()) {
+        for (size_t q = 0; q < bp.slots.size(); ++q) {
+          const int k = bp.slots[q];
+          const SlotPlan& sp = plan_.slots[k];
+          if (!sp.muon || sp.layout != Layout::kRows || sp.owner == rank_ || st_[k].rows == 0) continue;
+          const int64_t off = bp.Offset(q, rank_, world_);
+          void* data = comm_bf16 ? static_cast<void*>(ws.xloc16.data() + off) : x_of(q);
+          p2p_.push_back({sp.owner, false, data, st_[k].rows * sp.n, comm_bf16 ? DataType::kBf16 : DataType::kF32});
+        }
+      }
+      if (!p2p_.empty()) {
+        absl::StatusOr<RequestPtr> req = comm_->SendRecv(p2p_, kScatterTag);
+        if (!req.ok()) return req.status();
+        ws.scatter = *std::move(req);
+      }
+      return absl::OkStatus();
+    }
+    case 2: {
+      if (ws.scatter != nullptr) {
+        if (absl::Status s = ws.scatter->Wait(); !s.ok()) return s;
+        ws.scatter = nullptr;
+      }
+      for (size_t q = 0; q < bp.slots.size(); ++q) {
+        const int k = bp.slots[q];
+        const SlotPlan& sp = plan_.slots[k];
+        const ParamEntry& p = params_[sp.param];
+        if (!sp.muon || st_[k].rows == 0) continue;
+        float* o = x_of(q);
+        if (comm_bf16 && Sharded() && sp.layout == Layout::kRows && sp.owner != rank_) {
+          const int64_t off = bp.Offset(q, rank_, world_);
+          for (int64_t e = 0; e < st_[k].rows * sp.n; ++e) o[e] = kernels::Bf16ToFloat(ws.xloc16[off + e]);
+        }
+        fast::Pass2(p.rule, View(k), scalars[p.group], o, &st_[k].partials, &scratch_);
+      }
+      if (Sharded() && cross_len_[b] > 0) return StartSums(b, ws, false);
+      return absl::OkStatus();
+    }
+    case 3: {
+      if (Sharded() && cross_len_[b] > 0) {
+        if (absl::Status s = ws.sums->Wait(); !s.ok()) return s;
+        ws.sums = nullptr;
+        AddSums(b, ws, false);
+      }
+      for (int k : bp.slots) {
+        const SlotPlan& sp = plan_.slots[k];
+        const ParamEntry& p = params_[sp.param];
+        if (st_[k].rows == 0 && sp.layout == Layout::kOwner) continue;
+        const fast::MatrixView v = View(k);
+        fast::StepGains(p.rule, v, scalars[p.group], st_[k].partials);
+        if (st_[k].rows > 0) fast::Finish(p.rule, v, st_[k].partials, &scratch_);
+      }
+      if (Sharded()) {
+        if (opt_.gather_deferred) {
+          weights_pending_ = true;
+          return absl::OkStatus();
+        }
+        return StartWeightGather(b, ws);
+      }
+      return absl::OkStatus();
+    }
+    case 4: {
+      if (ws.ag == nullptr) return absl::OkStatus();
+      if (absl::Status s = ws.ag->Wait(); !s.ok()) return s;
+      ws.ag = nullptr;
+      UnpackWeights(b, ws);
+      return absl::OkStatus();
     }
   }
   return absl::OkStatus();
 }
 
+absl::Status FastEngine::Step(double lr_scale, int64_t t) {
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    const kernels::UpdateRule& r = groups_[g].spec.rule;
+    scalars_[g].lr = r.lr * lr_scale;
+    scalars_[g].gain_lr = r.gain_lr * lr_scale;
+    scalars_[g].t = t;
+  }
+  const int B = static_cast<int>(plan_.buckets.size());
+  for (int wave = 0; wave < B + kStages - 1; ++wave) {
+    for (int stage = 0; stage < kStages; ++stage) {
+      const int b = wave - stage;
+      if (b < 0 || b >= B) continue;
+      if (absl::Status s = Stage(b, stage, scalars_.data()); !s.ok()) return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status FastEngine::StartWeightGather(int b, Workspace& ws) {
+  const BucketPlan& bp = plan_.buckets[b];
+  const size_t eb = DtypeBytes(bp.param_dtype);
+  int64_t mine = 0;
+  for (int r = 0; r < rank_; ++r) mine += bp.seg[r];
+  for (size_t q = 0; q < bp.slots.size(); ++q) {
+    const SlotPlan& sp = plan_.slots[bp.slots[q]];
+    const ParamEntry& p = params_[sp.param];
+    const size_t bytes = static_cast<size_t>(st_[bp.slots[q]].rows * sp.n) * eb;
+    std::memcpy(ws.weights.data() + (mine + bp.Offset(q, rank_, world_)) * eb,
+                static_cast<const uint8_t*>(p.param) + (sp.TensorOffset() + st_[bp.slots[q]].row0 * sp.n) * eb,
+                bytes);
+  }
+  absl::StatusOr<RequestPtr> req =
+      comm_->AllGather(nullptr, ws.weights.data(), bp.seg, CommType(bp.param_dtype));
+  if (!req.ok()) return req.status();
+  ws.ag = *std::move(req);
+  return absl::OkStatus();
+}
+
+void FastEngine::UnpackWeights(int b, const Workspace& ws) {
+  const BucketPlan& bp = plan_.buckets[b];
+  const size_t eb = DtypeBytes(bp.param_dtype);
+  int64_t start = 0;
+  for (int r = 0; r < world_; ++r) {
+    if (r != rank_) {
+      for (size_t q = 0; q < bp.slots.size(); ++q) {
+        const SlotPlan& sp = plan_.slots[bp.slots[q]];
+        const ParamEntry& p = params_[sp.param];
+        std::memcpy(static_cast<uint8_t*>(p.param) + (sp.TensorOffset() + sp.RowBegin(r) * sp.n) * eb,
+                    ws.weights.data() + (start + bp.Offset(q, r, world_)) * eb,
+                    static_cast<size_t>(sp.Rows(r) * sp.n) * eb);
+      }
+    }
+    start += bp.seg[r];
+  }
+}
+
+absl::Status FastEngine::GatherParamsNow() {
+  for (size_t b = 0; b < plan_.buckets.size(); ++b) {
+    Workspace& ws = Pool(static_cast<int>(b));
+    if (absl::Status s = StartWeightGather(static_cast<int>(b), ws); !s.ok()) return s;
+    if (absl::Status s = ws.ag->Wait(); !s.ok()) return s;
+    ws.ag = nullptr;
+    UnpackWeights(static_cast<int>(b), ws);
+  }
+  weights_pending_ = false;
+  return absl::OkStatus();
+}
+
+absl::Status FastEngine::GatherParams() {
+  if (!Sharded() || !weights_pending_) return absl::OkStatus();
+  return GatherParamsNow();
+}
+
 std::vector<StateArray> FastEngine::State(int64_t index, int64_t e) {
+  const int k = static_cast<int>(plan_.first_slot[index] + e);
   const ParamEntry& p = params_[index];
-  FastParamState& s = st_[index];
-  const int64_t rows = s.rows.rows();
+  SlotState& s = st_[k];
   std::vector<StateArray> out;
-  auto add = [&](const char* name, std::vector<float>& vec, int64_t per_expert) {
+  auto add = [&](const char* name, std::vector<float>& vec) {
     if (vec.empty()) return;
-    out.push_back({name, vec.data() + e * per_expert, per_expert, 4, false});
+    out.push_back({name, vec.data(), static_cast<int64_t>(vec.size()), 4, false});
   };
   if (AliasesModel(p)) {
-    out.push_back({"master", static_cast<float*>(p.param) + e * p.m * p.n + s.rows.begin * p.n,
-                   rows * p.n, 4, true});
+    if (s.rows > 0) {
+      out.push_back({"master", static_cast<float*>(p.param) + plan_.slots[k].TensorOffset() + s.row0 * p.n,
+                     s.rows * p.n, 4, true});
+    }
   } else {
-    add("master", s.master, rows * p.n);
+    add("master", s.master);
   }
   const bool muon = p.rule.base == Base::kMuon;
-  add(muon ? "momentum" : "exp_avg", s.state0, rows * p.n);
-  add("exp_avg_sq", s.state1, rows * p.n);
-  add("row_raw", s.row_raw, rows);
-  add("row_exp_avg", s.row_m, rows);
-  add("row_exp_avg_sq", s.row_v, rows);
-  add("col_raw", s.col_raw, p.n);
-  add("col_exp_avg", s.col_m, p.n);
-  add("col_exp_avg_sq", s.col_v, p.n);
-  add("scalar_raw", s.scalar_raw, 1);
-  add("scalar_exp_avg", s.scalar_m, 1);
-  add("scalar_exp_avg_sq", s.scalar_v, 1);
-  add("radius", s.radius, s.slices);
+  add(muon ? "momentum" : "exp_avg", s.state0);
+  add("exp_avg_sq", s.state1);
+  add("row_raw", s.row_raw);
+  add("row_exp_avg", s.row_m);
+  add("row_exp_avg_sq", s.row_v);
+  add("col_raw", s.col_raw);
+  add("col_exp_avg", s.col_m);
+  add("col_exp_avg_sq", s.col_v);
+  add("scalar_raw", s.scalar_raw);
+  add("scalar_exp_avg", s.scalar_m);
+  add("scalar_exp_avg_sq", s.scalar_v);
+  add("radius", s.radius);
   return out;
 }
 
-void FastEngine::WriteModels() {
-  for (size_t i = 0; i < params_.size(); ++i)
-    for (int64_t e = 0; e < params_[i].experts; ++e)
-      fast::WriteModel(View(static_cast<int64_t>(i), e));
+absl::Status FastEngine::WriteModels() {
+  for (size_t k = 0; k < st_.size(); ++k)
+    if (st_[k].rows > 0) fast::WriteModel(View(static_cast<int>(k)));
+  if (Sharded()) return GatherParamsNow();
+  return absl::OkStatus();
+}
+
+int64_t FastEngine::WorkspaceBytes() const {
+  size_t b = 0;
+  for (const Workspace& ws : pool_) {
+    b += sizeof(float) * (ws.xloc.capacity() + ws.xfull.capacity()) +
+         sizeof(uint16_t) * (ws.xloc16.capacity() + ws.xfull16.capacity()) +
+         sizeof(double) * ws.cross.capacity() + ws.weights.capacity();
+  }
+  for (const std::vector<uint8_t>& g : grad_seg_) b += g.capacity();
+  for (const std::vector<uint8_t>& g : rs_staging_) b += g.capacity();
+  return static_cast<int64_t>(b) + ns_.bytes() + ns_bf16_ws_.bytes() + scratch_.bytes();
 }
 
 }  // namespace
@@ -303,9 +814,10 @@ std::string ZeroSliceMessage(const ParamEntry& p, int64_t expert, int64_t slice)
                       " has zero or non-finite norm and cannot be put on its sphere");
 }
 
-std::unique_ptr<Engine> MakeFastEngine(const std::vector<ParamEntry>* params, Communicator* comm,
-                                       bool ns_bf16) {
-  return std::make_unique<FastEngine>(params, comm, ns_bf16);
+std::unique_ptr<Engine> MakeFastEngine(const std::vector<ParamEntry>* params,
+                                       const std::vector<Group>* groups, Communicator* comm,
+                                       const EngineOptions& options) {
+  return std::make_unique<FastEngine>(params, groups, comm, options);
 }
 
 }  // namespace mdopt

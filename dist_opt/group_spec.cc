@@ -46,6 +46,8 @@ constexpr EnumName<MuonScale> kMuonScales[] = {{MuonScale::kRatio, "ratio"},
                                                {MuonScale::kMax1, "max1"},
                                                {MuonScale::kRms, "rms"},
                                                {MuonScale::kNone, "none"}};
+constexpr EnumName<Layout> kLayouts[] = {{Layout::kAuto, "auto"}, {Layout::kRows, "rows"},
+                                         {Layout::kOwner, "owner"}};
 constexpr EnumName<NsCoeffSet> kNsSets[] = {{NsCoeffSet::kQuintic, "quintic"},
                                             {NsCoeffSet::kJordan, "jordan"},
                                             {NsCoeffSet::kPolarExpress, "polar_express"}};
@@ -191,6 +193,7 @@ const std::vector<std::pair<std::string, Setter>>& Keys() {
       {"weight_decay", [](auto k, auto v, GroupSpec* g) { return ParseNumber(k, v, 0, false, kInf, true, &g->rule.weight_decay); }},
       {"tangent", [](auto k, auto v, GroupSpec* g) { return ParseBool(k, v, &g->rule.tangent); }},
       {"preserve_init", [](auto k, auto v, GroupSpec* g) { return ParseBool(k, v, &g->preserve_init); }},
+      {"layout", [](auto k, auto v, GroupSpec* g) { return ParseEnum(kLayouts, k, v, &g->layout); }},
   };
   return *keys;
 }
@@ -238,6 +241,16 @@ const char* ToString(Gains v) { return NameOf(kGains, v); }
 const char* ToString(GainParam v) { return NameOf(kGainParams, v); }
 const char* ToString(MuonScale v) { return NameOf(kMuonScales, v); }
 const char* ToString(NsCoeffSet v) { return NameOf(kNsSets, v); }
+const char* ToString(Layout v) { return NameOf(kLayouts, v); }
+
+Layout DefaultLayout(const UpdateRule& rule) {
+  if (rule.base == Base::kAdamW || rule.sphere == Sphere::kRow) return Layout::kRows;
+  return Layout::kOwner;
+}
+
+Layout ResolvedLayout(const GroupSpec& spec) {
+  return spec.layout == Layout::kAuto ? DefaultLayout(spec.rule) : spec.layout;
+}
 
 const std::vector<std::string>& PresetNames() {
   static const auto* names = [] {
@@ -302,7 +315,8 @@ std::string CanonicalSpec(const GroupSpec& g) {
                                  " lr=", FormatNumber(r.lr), " beta1=", FormatNumber(r.beta1),
                                  " beta2=", FormatNumber(r.beta2), " eps=", FormatNumber(r.eps),
                                  " weight_decay=", FormatNumber(r.weight_decay),
-                                 " preserve_init=", g.preserve_init ? 1 : 0);
+                                 " preserve_init=", g.preserve_init ? 1 : 0,
+                                 " layout=", ToString(g.layout));
   if (r.sphere != Sphere::kNone) {
     const std::string radius = r.radius_mode == RadiusMode::kAuto   ? "auto"
                                : r.radius_mode == RadiusMode::kInit ? "init"

@@ -12,11 +12,24 @@
 
 namespace mdopt {
 
+// How a group's matrices are sharded over N ranks (docs/ARCHITECTURE.md, "Sharding"):
+// kRows: every matrix in N row blocks, rank r owns block r; kOwner: every matrix whole on
+// one rank. kAuto: the default for the group's rule (DefaultLayout).
+enum class Layout { kAuto, kRows, kOwner };
+
 struct GroupSpec {
   std::string preset;
   kernels::UpdateRule rule;
   bool preserve_init = false;
+  Layout layout = Layout::kAuto;
 };
+
+// The layout of kAuto: rows for Adam-based and row-sphere groups (every rank holds 1/N of
+// every matrix's state), owner for the other Muon groups (no Newton-Schulz gather or
+// cross-row sums; chosen by measurement, docs/benchmarks.md).
+Layout DefaultLayout(const kernels::UpdateRule& rule);
+Layout ResolvedLayout(const GroupSpec& spec);
+const char* ToString(Layout v);
 
 // Parses a spec. Unknown keys, bad values, repeated keys and contradictions (weight decay
 // with a sphere, Muon keys with base=adamw, gain keys with gains=none, radius or tangent=1

@@ -12,6 +12,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "comm/communicator.h"
 #include "dist_opt/checkpoint.h"
 #include "kernels/cpu/gain_param.h"
 #include "kernels/cpu/newton_schulz_bf16.h"
@@ -113,16 +114,50 @@ absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options
         return absl::InvalidArgumentError(
             absl::StrCat("option 'ns_dtype': bad value '", value, "' (f32 or bf16)"));
       }
+    } else if (key == "ns_comm_dtype") {
+      if (value != "f32" && value != "bf16") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option 'ns_comm_dtype': bad value '", value, "' (f32 or bf16)"));
+      }
+      o.ns_comm_bf16 = value == "bf16";
+    } else if (key == "grads") {
+      if (value != "local" && value != "reduced") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option 'grads': bad value '", value, "' (local or reduced)"));
+      }
+      o.grads_reduced = value == "reduced";
+    } else if (key == "gather") {
+      if (value != "eager" && value != "deferred") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option 'gather': bad value '", value, "' (eager or deferred)"));
+      }
+      o.gather_deferred = value == "deferred";
+    } else if (key == "bucket_mb") {
+      double mb = 0;
+      if (!absl::SimpleAtod(value, &mb) || !(mb > 0) || mb > 1e6) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option 'bucket_mb': bad value '", value, "' (a number in (0, 1e6])"));
+      }
+      o.bucket_bytes = std::max<int64_t>(1, static_cast<int64_t>(mb * (1 << 20)));
+    } else if (key == "comm_timeout_s") {
+      if (!absl::SimpleAtod(value, &o.comm_timeout_s) || !(o.comm_timeout_s > 0) ||
+          o.comm_timeout_s > 1e7) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "option 'comm_timeout_s': bad value '", value, "' (seconds, in (0, 1e7])"));
+      }
     } else {
       return absl::InvalidArgumentError(absl::StrCat(
-          "option '", key, "' is unknown (known: device, threads, kernels, ns_dtype)"));
+          "option '", key, "' is unknown (known: device, threads, kernels, ns_dtype, "
+          "ns_comm_dtype, grads, gather, bucket_mb, comm_timeout_s)"));
     }
   }
   return o;
 }
 
 Optimizer::Optimizer(Communicator* comm, OptimizerOptions options)
-    : comm_(comm), options_(options) {}
+    : comm_(comm), options_(options) {
+  comm_->SetTimeout(absl::Seconds(options_.comm_timeout_s));
+}
 
 absl::Status Optimizer::RequireFinalized(const char* call) const {
   if (engine_ == nullptr) {
@@ -165,11 +200,18 @@ absl::Status Optimizer::Finalize() {
   }
   ThreadsGuard threads(options_.threads);
   return CatchOutOfMemory("mdopt_finalize", [&] {
+    EngineOptions eo;
+    eo.ns_bf16 = options_.ns_bf16;
+    eo.ns_comm_bf16 = options_.ns_comm_bf16;
+    eo.grads_reduced = options_.grads_reduced;
+    eo.gather_deferred = options_.gather_deferred;
+    eo.bucket_bytes = options_.bucket_bytes;
     std::unique_ptr<Engine> engine =
         options_.kernels == OptimizerOptions::Kernels::kFast
-            ? MakeFastEngine(&registry_.params(), comm_, options_.ns_bf16)
-            : MakeReferenceEngine(&registry_.params(), comm_);
-    std::vector<double> sumsq(static_cast<size_t>(registry_.size()));
+            ? MakeFastEngine(&registry_.params(), &groups_, comm_, eo)
+            : MakeReferenceEngine(&registry_.params(), &groups_, comm_);
+    std::vector<double> sumsq(static_cast<size_t>(registry_.size() * comm_->size()));
+    sumsq_counts_.assign(static_cast<size_t>(comm_->size()), registry_.size());
     if (absl::Status s = engine->Init(); !s.ok()) return s;
     engine_ = std::move(engine);
     grad_sumsq_ = std::move(sumsq);
@@ -194,18 +236,30 @@ absl::StatusOr<StepResult> Optimizer::Step(double lr_scale, void* stream) {
     }
   }
   const auto t0 = std::chrono::steady_clock::now();
+  const CommStats c0 = comm_->size() > 1 ? comm_->stats() : CommStats{};
   ThreadsGuard threads(options_.threads);
 
-  // The finite check: one sum of squares per param, summed over ranks so that every rank
-  // sees the same verdict and skips the same steps.
-  std::vector<double>& sumsq = grad_sumsq_;
-  for (size_t i = 0; i < params.size(); ++i) sumsq[i] = engine_->GradSumSq(static_cast<int64_t>(i));
-  if (absl::Status s = AllReduceSum(*comm_, absl::MakeSpan(sumsq)); !s.ok()) return s;
+  // The finite check rides on the reduced gradients: this rank's rows of each param, then
+  // (several ranks) every rank's sums, added in rank order, so every rank reaches the same
+  // verdict and the same grad norm and skips the same steps.
+  if (absl::Status s = engine_->ReduceGradients(); !s.ok()) return s;
+  const int64_t P = registry_.size();
+  const int world = comm_->size();
+  double* mine = grad_sumsq_.data() + comm_->rank() * P;
+  for (int64_t i = 0; i < P; ++i) mine[i] = engine_->GradSumSq(i);
+  if (world > 1) {
+    absl::StatusOr<RequestPtr> req =
+        comm_->AllGather(nullptr, grad_sumsq_.data(), sumsq_counts_, DataType::kF64);
+    if (!req.ok()) return req.status();
+    if (absl::Status s = (*req)->Wait(); !s.ok()) return s;
+  }
   StepResult r;
   double total = 0.0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    total += sumsq[i];
-    if (!std::isfinite(sumsq[i]) && r.skip_reason.empty()) {
+  for (int64_t i = 0; i < P; ++i) {
+    double sq = 0.0;
+    for (int q = 0; q < world; ++q) sq += grad_sumsq_[q * P + i];
+    total += sq;
+    if (!std::isfinite(sq) && r.skip_reason.empty()) {
       r.skip_reason = absl::StrCat("step skipped: the gradient of param '", params[i].name,
                                    "' holds NaN or Inf; no state changed");
     }
@@ -218,8 +272,27 @@ absl::StatusOr<StepResult> Optimizer::Step(double lr_scale, void* stream) {
   }
   r.step = step_;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  r.exposed_comm_seconds = 0.0;  // one rank: nothing to hide
+  if (world > 1) {
+    const CommStats c1 = comm_->stats();
+    r.exposed_comm_seconds = c1.wait_seconds - c0.wait_seconds;
+    r.comm_seconds = c1.busy_seconds - c0.busy_seconds;
+    r.bytes_sent = c1.bytes_sent - c0.bytes_sent;
+  }
   return r;
+}
+
+absl::Status Optimizer::GradsReady(int64_t first, int64_t count, void* stream) {
+  if (absl::Status s = RequireFinalized("mdopt_grads_ready"); !s.ok()) return s;
+  if (stream != nullptr) return absl::InvalidArgumentError("stream must be NULL with device=cpu");
+  ThreadsGuard threads(options_.threads);
+  return engine_->GradsReady(first, count);
+}
+
+absl::Status Optimizer::GatherParams(void* stream) {
+  if (absl::Status s = RequireFinalized("mdopt_gather_params"); !s.ok()) return s;
+  if (stream != nullptr) return absl::InvalidArgumentError("stream must be NULL with device=cpu");
+  ThreadsGuard threads(options_.threads);
+  return engine_->GatherParams();
 }
 
 absl::Status Optimizer::Save(const std::string& dir) {
@@ -283,30 +356,69 @@ absl::StatusOr<std::vector<double>> Optimizer::GetState(int64_t index,
   auto gains = [&](const StateArray* raw, int64_t k) {
     return raw == nullptr ? 1.0 : kernels::GainValue<double>(r.gain_param, raw->Get(k));
   };
-  std::vector<double> out;
+  // Each rank reads its own rows; with several ranks the rows are all-gathered (in rank
+  // order, which is row order) and the per-matrix values broadcast from their owner, so the
+  // call is collective there.
+  const ShardPlan& plan = *engine_->plan();
+  const int world = comm_->size(), rank = comm_->rank();
+  const bool per_row = field == "master" || field == "direction" || field == "gain_row" ||
+                       (field == "radius" && r.sphere == kernels::Sphere::kRow);
+  std::vector<double> out, local;
   for (int64_t e = 0; e < p.experts; ++e) {
+    const SlotPlan& sp = plan.slot(index, e);
+    const int64_t rows = sp.Rows(rank);
     const std::vector<StateArray> arrays = engine_->State(index, e);
     const StateArray* master = FindArray(arrays, "master");
     const StateArray* row = FindArray(arrays, "row_raw");
     const StateArray* col = FindArray(arrays, "col_raw");
     const StateArray* scalar = FindArray(arrays, "scalar_raw");
+    const bool holds = rows > 0 || sp.layout == Layout::kRows;
+    local.clear();
     if (field == "master" || field == "direction") {
-      for (int64_t i = 0; i < p.m; ++i) {
+      for (int64_t i = 0; i < rows; ++i) {
         for (int64_t j = 0; j < p.n; ++j) {
           double w = master->Get(i * p.n + j);
           if (field == "direction") w /= gains(scalar, 0) * gains(row, i) * gains(col, j);
-          out.push_back(w);
+          local.push_back(w);
         }
       }
     } else if (field == "gain_row") {
-      for (int64_t i = 0; i < p.m; ++i) out.push_back(gains(row, i));
+      for (int64_t i = 0; i < rows; ++i) local.push_back(gains(row, i));
     } else if (field == "gain_col") {
-      for (int64_t j = 0; j < p.n; ++j) out.push_back(gains(col, j));
+      if (holds) for (int64_t j = 0; j < p.n; ++j) local.push_back(gains(col, j));
     } else if (field == "gain_scalar") {
-      out.push_back(gains(scalar, 0));
+      if (holds) local.push_back(gains(scalar, 0));
     } else {
       const StateArray* radius = FindArray(arrays, "radius");
-      for (int64_t k = 0; k < radius->count; ++k) out.push_back(radius->Get(k));
+      if (radius != nullptr)
+        for (int64_t k = 0; k < radius->count; ++k) local.push_back(radius->Get(k));
+    }
+    if (world == 1) {
+      out.insert(out.end(), local.begin(), local.end());
+      continue;
+    }
+    if (per_row) {
+      const int64_t width = field == "master" || field == "direction" ? p.n : 1;
+      std::vector<int64_t> counts(static_cast<size_t>(world));
+      int64_t total = 0;
+      for (int q = 0; q < world; ++q) total += counts[q] = sp.Rows(q) * width;
+      const size_t at = out.size();
+      out.resize(at + static_cast<size_t>(total));
+      absl::StatusOr<RequestPtr> req =
+          comm_->AllGather(local.data(), out.data() + at, counts, DataType::kF64);
+      if (!req.ok()) return req.status();
+      if (absl::Status st = (*req)->Wait(); !st.ok()) return st;
+    } else {
+      // Replicated on every rank of a rows-layout matrix; on the owner alone otherwise.
+      const int64_t count = field == "gain_col" ? p.n : field == "gain_scalar" ? 1
+                            : r.sphere == kernels::Sphere::kCol ? p.n : 1;
+      local.resize(static_cast<size_t>(count));
+      if (sp.layout == Layout::kOwner) {
+        absl::StatusOr<RequestPtr> req = comm_->Broadcast(local.data(), count, DataType::kF64, sp.owner);
+        if (!req.ok()) return req.status();
+        if (absl::Status st = (*req)->Wait(); !st.ok()) return st;
+      }
+      out.insert(out.end(), local.begin(), local.end());
     }
   }
   return out;

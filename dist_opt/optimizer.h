@@ -23,6 +23,11 @@ struct OptimizerOptions {
   Kernels kernels = Kernels::kFast;
   int threads = 0;           // 0: leave OpenMP's default
   bool ns_bf16 = false;      // ns_dtype=bf16: Newton-Schulz products in bf16 (fast engine)
+  bool ns_comm_bf16 = false; // ns_comm_dtype=bf16: the NS gather/scatter moves bf16
+  bool grads_reduced = false;   // grads=reduced (default grads=local)
+  bool gather_deferred = false; // gather=deferred (default eager)
+  int64_t bucket_bytes = int64_t{16} << 20;  // bucket_mb=
+  double comm_timeout_s = 600;  // comm_timeout_s=
 };
 
 // "device=cpu threads=2 kernels=fast ns_dtype=f32"; device=cuda:K is Unimplemented in a
@@ -34,7 +39,9 @@ struct StepResult {
   bool skipped = false;
   double grad_norm = 0.0;
   double seconds = 0.0;
-  double exposed_comm_seconds = 0.0;
+  double exposed_comm_seconds = 0.0;  // time this call waited on communication
+  double comm_seconds = 0.0;          // time with communication in flight during the call
+  int64_t bytes_sent = 0;             // by this rank during the call (CommStats formulas)
   std::string skip_reason;  // which param held a non-finite gradient
 };
 
@@ -47,6 +54,10 @@ class Optimizer {
   absl::Status SetPointers(int64_t index, void* param, const void* grad);
   absl::Status Finalize();
   absl::StatusOr<StepResult> Step(double lr_scale, void* stream);
+  // mdopt_grads_ready / mdopt_gather_params.
+  absl::Status GradsReady(int64_t first, int64_t count, void* stream);
+  absl::Status GatherParams(void* stream);
+  const ShardPlan* plan() const { return engine_ == nullptr ? nullptr : engine_->plan(); }
   absl::Status Save(const std::string& dir);
   absl::Status Load(const std::string& dir);
 
@@ -67,7 +78,8 @@ class Optimizer {
   std::vector<Group> groups_;
   ParamRegistry registry_;
   std::unique_ptr<Engine> engine_;  // set by Finalize
-  std::vector<double> grad_sumsq_;  // per param, sized at Finalize: a step allocates nothing
+  std::vector<double> grad_sumsq_;  // per param x rank, sized at Finalize: a step allocates nothing
+  std::vector<int64_t> sumsq_counts_;
   int64_t step_ = 0;
 };
 

@@ -15,16 +15,21 @@ namespace ref = kernels::ref;
 
 class ReferenceEngine final : public Engine {
  public:
-  ReferenceEngine(const std::vector<ParamEntry>* params, Communicator* comm)
-      : params_(*params), comm_(comm) {}
+  ReferenceEngine(const std::vector<ParamEntry>* params, const std::vector<Group>* groups,
+                  Communicator* comm)
+      : params_(*params), groups_(*groups), comm_(comm) {}
 
   absl::Status Init() override;
   double GradSumSq(int64_t index) override;
   absl::Status Step(double lr_scale, int64_t t) override;
   std::vector<StateArray> State(int64_t index, int64_t expert) override;
-  void WriteModels() override;
+  absl::Status WriteModels() override;
+  absl::Status GradsReady(int64_t, int64_t) override { return absl::OkStatus(); }
+  absl::Status ReduceGradients() override { return absl::OkStatus(); }
+  absl::Status GatherParams() override { return absl::OkStatus(); }
   int64_t WorkspaceBytes() const override { return 0; }
   const char* name() const override { return "reference"; }
+  const ShardPlan* plan() const override { return &plan_; }
 
  private:
   // Element q of expert e of a param's tensor (model or gradient) as double.
@@ -35,7 +40,9 @@ class ReferenceEngine final : public Engine {
   void WriteModel(int64_t index, int64_t expert);
 
   const std::vector<ParamEntry>& params_;
+  const std::vector<Group>& groups_;
   Communicator* comm_;
+  ShardPlan plan_;
   std::vector<std::vector<ref::MatrixState>> st_;  // [param][expert]
   std::vector<double> g_;                          // gradient of one matrix, as double
 };
@@ -58,8 +65,8 @@ absl::Status ReferenceEngine::Init() {
     }
   }
   st_ = std::move(st);
-  WriteModels();
-  return absl::OkStatus();
+  plan_ = BuildShardPlan(params_, groups_, PlanOptions{});
+  return WriteModels();
 }
 
 double ReferenceEngine::GradSumSq(int64_t index) {
@@ -100,9 +107,10 @@ void ReferenceEngine::WriteModel(int64_t index, int64_t e) {
   }
 }
 
-void ReferenceEngine::WriteModels() {
+absl::Status ReferenceEngine::WriteModels() {
   for (size_t i = 0; i < params_.size(); ++i)
     for (int64_t e = 0; e < params_[i].experts; ++e) WriteModel(static_cast<int64_t>(i), e);
+  return absl::OkStatus();
 }
 
 std::vector<StateArray> ReferenceEngine::State(int64_t index, int64_t e) {
@@ -131,8 +139,9 @@ std::vector<StateArray> ReferenceEngine::State(int64_t index, int64_t e) {
 }  // namespace
 
 std::unique_ptr<Engine> MakeReferenceEngine(const std::vector<ParamEntry>* params,
+                                            const std::vector<Group>* groups,
                                             Communicator* comm) {
-  return std::make_unique<ReferenceEngine>(params, comm);
+  return std::make_unique<ReferenceEngine>(params, groups, comm);
 }
 
 }  // namespace mdopt

@@ -1,23 +1,88 @@
-// Which rows of each matrix this rank owns (DESIGN.md section 3): block r of N contiguous
-// blocks of ceil(m / N) rows. With one rank that is every row.
+// The ShardPlan: who holds which rows of every matrix, who runs each Newton-Schulz, and how
+// the matrices are packed into buckets for the collectives. Built once at finalize from the
+// registry, the groups and the rank count alone, so that it is identical on every rank
+// (docs/ARCHITECTURE.md, "Sharding and the step schedule").
+//
+// A slot is one matrix: a 2-D parameter, one expert of a 3-D stack, or a 1-D parameter as a
+// 1 x n matrix. Layouts:
+//   rows:  N row blocks of ceil(m / N) rows each (the last ones short or empty, padded to
+//          the full block in the collectives); rank r holds block r. A Muon slot also has an
+//          NS owner, which gathers X, orthogonalises it and scatters O back.
+//   owner: the whole matrix on one rank (1-D parameters always).
+// A bucket is a run of whole parameters (in reverse registration order, the order backward
+// produces gradients) of one (param dtype, grad dtype) pair, about bucket_bytes of f32
+// state. Its collectives' buffers are rank-major: rank r's segment holds, slot after slot,
+// the rows rank r holds of each (padded rows included), so one reduce-scatter and one
+// all-gather serve the whole bucket.
 #ifndef MDOPT_DIST_OPT_SHARD_PLAN_H_
 #define MDOPT_DIST_OPT_SHARD_PLAN_H_
 
-#include <algorithm>
 #include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dist_opt/group_spec.h"
+#include "dist_opt/param_registry.h"
 
 namespace mdopt {
 
-struct RowBlock {
-  int64_t begin = 0, end = 0;
-  int64_t rows() const { return end - begin; }
+struct SlotPlan {
+  int64_t param = 0, expert = 0;
+  int64_t m = 1, n = 1;
+  Layout layout = Layout::kRows;
+  bool muon = false;
+  int owner = 0;           // owner layout: the rank holding it; rows + muon: the NS owner
+  int64_t block_rows = 0;  // rows: ceil(m / N); owner: m
+  int bucket = 0;
+
+  // Rows rank r holds: [RowBegin(r), RowEnd(r)).
+  int64_t RowBegin(int r) const;
+  int64_t RowEnd(int r) const;
+  int64_t Rows(int r) const { return RowEnd(r) - RowBegin(r); }
+  // Rows of rank r's segment in a bucket's collectives (real rows plus padding).
+  int64_t PackedRows(int r) const;
+  // Elements of the model tensor before this slot's first row.
+  int64_t TensorOffset() const { return expert * m * n; }
 };
 
-inline RowBlock OwnedRows(int64_t m, int rank, int world) {
-  const int64_t per = (m + world - 1) / world;
-  const int64_t b = std::min<int64_t>(m, per * rank);
-  return {b, std::min<int64_t>(m, b + per)};
-}
+struct BucketPlan {
+  std::vector<int> slots;        // slot indices, in pack order
+  int64_t first_param = 0;       // the parameters [first_param, end_param) (registration order)
+  int64_t end_param = 0;
+  Dtype param_dtype = Dtype::kF32, grad_dtype = Dtype::kF32;
+  std::vector<int64_t> seg;      // per rank: elements of rank r's segment
+  std::vector<int64_t> offset;   // [k * world + r]: element offset of slots[k] in rank r's segment
+  int64_t total = 0;             // sum of seg
+  int64_t Offset(size_t k, int r, int world) const { return offset[k * world + r]; }
+};
+
+struct PlanOptions {
+  int world = 1;
+  int64_t bucket_bytes = int64_t{32} << 20;
+};
+
+struct ShardPlan {
+  int world = 1;
+  std::vector<SlotPlan> slots;             // param order, experts in order
+  std::vector<int64_t> first_slot;         // per param: its first slot (experts follow)
+  std::vector<BucketPlan> buckets;
+  std::vector<int> bucket_of_param;
+
+  const SlotPlan& slot(int64_t param, int64_t expert) const {
+    return slots[first_slot[param] + expert];
+  }
+  // A compact serialised form (JSON), stored in checkpoint manifests.
+  std::string ToJson() const;
+  // A table for people (mdopt-bench --plan): every slot, every bucket, and per rank the
+  // state elements and Newton-Schulz cost it holds.
+  std::string Describe(const std::vector<ParamEntry>& params) const;
+};
+
+// Newton-Schulz cost of an m x n matrix, max(m, n) * min(m, n)^2 (the bin-packing weight).
+double NsCost(int64_t m, int64_t n);
+
+ShardPlan BuildShardPlan(const std::vector<ParamEntry>& params, const std::vector<Group>& groups,
+                         const PlanOptions& options);
 
 }  // namespace mdopt
 

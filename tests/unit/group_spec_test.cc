@@ -32,6 +32,7 @@ void ExpectSameSpec(const GroupSpec& a, const GroupSpec& b, const std::string& c
   SCOPED_TRACE(context);
   EXPECT_EQ(a.preset, b.preset);
   EXPECT_EQ(a.preserve_init, b.preserve_init);
+  EXPECT_EQ(a.layout, b.layout);
   const kernels::UpdateRule &x = a.rule, &y = b.rule;
   EXPECT_EQ(x.base, y.base);
   EXPECT_EQ(x.sphere, y.sphere);
@@ -233,6 +234,7 @@ const std::vector<Override>& Overrides() {
       {"tangent", fixed("1"), [](GroupSpec* g) { g->rule.tangent = true; },
        [](const GroupSpec& g) -> const char* { return g.rule.sphere == Sphere::kNone ? "tangent" : nullptr; }},
       {"preserve_init", fixed("1"), [](GroupSpec* g) { g->preserve_init = true; }, never},
+      {"layout", fixed("rows"), [](GroupSpec* g) { g->layout = Layout::kRows; }, never},
   };
   return *o;
 }
@@ -242,7 +244,7 @@ TEST(GroupSpecOverrides, EveryDocumentedKeyIsCovered) {
   const std::set<std::string> documented = {
       "base", "sphere", "radius", "gains", "gain_param", "lr", "gain_lr", "beta1", "beta2", "eps",
       "momentum", "nesterov", "ns_steps", "ns_coeffs", "muon_scale", "weight_decay", "tangent",
-      "preserve_init"};
+      "preserve_init", "layout"};
   std::set<std::string> covered;
   for (const Override& o : Overrides()) covered.insert(o.key);
   EXPECT_EQ(covered, documented);
@@ -461,12 +463,13 @@ class SpecFuzzer {
     static const auto* k = new std::vector<std::string>{
         "preset", "base", "sphere", "radius", "gains", "gain_param", "lr", "gain_lr", "beta1",
         "beta2", "eps", "momentum", "nesterov", "ns_steps", "ns_coeffs", "muon_scale",
-        "weight_decay", "tangent", "preserve_init"};
+        "weight_decay", "tangent", "preserve_init", "layout"};
     return *k;
   }
   static const std::vector<std::string>& GoodValues() {
     static const auto* v = new std::vector<std::string>{
         "muon", "adamw", "none", "frobenius", "row", "col", "auto", "init", "scalar", "rowcol",
+        "rows", "owner",
         "softplus", "direct", "exp", "quintic", "jordan", "polar_express", "ratio", "max1",
         "rms", "0", "1", "true", "false", "0.5", "1e-3", "8e-3", "0.95", "2.5", "7", "100"};
     return *v;
