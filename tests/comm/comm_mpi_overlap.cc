@@ -2,7 +2,10 @@
 // fixed amount of arithmetic alone, and both together (start the all-gather, compute, then
 // Wait). With a progress thread the overlapped time should be below the sum. Prints the
 // numbers; asserts only that everything completed (timings on a shared machine flake).
-// Arguments: [floats per rank] [--host-init=funneled: caller-driven progress, to compare].
+// Arguments: [floats per rank] [--host-init=funneled: caller-driven progress, to compare]
+// [--compute=sleep: the caller sleeps instead of computing, as a host thread does while an
+// accelerator computes; this isolates the progress mechanism from the competition for
+// cores, which on a machine with few cores hides little whatever the mode].
 #include <mpi.h>
 
 #include <chrono>
@@ -10,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -33,10 +37,12 @@ double Compute(int64_t iters) {
 
 int main(int argc, char** argv) {
   int64_t per_rank = int64_t{1} << 23;  // floats: 32 MiB per rank
-  bool host_init = false;
+  bool host_init = false, sleep = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--host-init=funneled") == 0) {
       host_init = true;
+    } else if (std::strcmp(argv[i], "--compute=sleep") == 0) {
+      sleep = true;
     } else {
       per_rank = std::atoll(argv[i]);
     }
@@ -79,17 +85,24 @@ int main(int argc, char** argv) {
   // Calibrate the arithmetic to take about as long as the all-gather.
   int64_t iters = 1 << 16;
   double compute = 0, sink = 0;
-  for (;;) {
+  const auto work = [&](int64_t n) {
+    if (sleep) {
+      std::this_thread::sleep_for(std::chrono::duration<double>(comm));
+    } else {
+      sink += Compute(n);
+    }
+  };
+  for (; !sleep;) {
     const auto t0 = Clock::now();
     sink += Compute(iters);
     compute = Since(t0);
     if (compute >= comm || iters > (int64_t{1} << 34)) break;
     iters *= 2;
   }
-  iters = static_cast<int64_t>(iters * comm / compute);
+  if (!sleep) iters = static_cast<int64_t>(iters * comm / compute);
   {
     const auto t0 = Clock::now();
-    sink += Compute(iters);
+    work(iters);
     compute = Since(t0);
   }
   double both = 1e30;
@@ -100,7 +113,7 @@ int main(int argc, char** argv) {
     const auto t0 = Clock::now();
     absl::StatusOr<mdopt::RequestPtr> r = gather();
     check(r.status());
-    sink += Compute(iters);
+    work(iters);
     check((*r)->Wait());
     const double t = Since(t0);
     if (t < both) {
@@ -115,10 +128,10 @@ int main(int argc, char** argv) {
     }
   }
   std::printf(
-      "rank %d/%d progress=%s all-gather %.1f MiB: comm alone %.1f ms, compute alone %.1f ms, "
+      "rank %d/%d progress=%s %s all-gather %.1f MiB: comm alone %.1f ms, compute alone %.1f ms, "
       "sum %.1f ms, overlapped %.1f ms (exposed wait %.1f ms), hidden %.0f%% of the shorter "
       "[sink %.3g]\n",
-      me, n, c.progress_mode().c_str(), per_rank * n * 4.0 / (1 << 20), comm * 1e3,
+      me, n, c.progress_mode().c_str(), sleep ? "sleep" : "arithmetic", per_rank * n * 4.0 / (1 << 20), comm * 1e3,
       compute * 1e3, (comm + compute) * 1e3, both * 1e3, exposed * 1e3,
       100.0 * (comm + compute - both) / std::min(comm, compute), sink);
   made->reset();

@@ -141,6 +141,34 @@ TEST(MpiComm, ProgressModeFollowsTheThreadLevel) {
   EXPECT_EQ(c->size(), world);
 }
 
+TEST(MpiComm, WorksOnADuplicateOfTheGivenCommunicator) {
+  auto world = Make();  // MPI is initialised from here on, whoever did it
+  ASSERT_NE(world, nullptr);
+  int world_rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+  MPI_Comm half = MPI_COMM_NULL;
+  ASSERT_EQ(MPI_Comm_split(MPI_COMM_WORLD, world_rank % 2, world_rank, &half), MPI_SUCCESS);
+  int half_size = 0;
+  MPI_Comm_size(half, &half_size);
+  {
+    absl::StatusOr<std::unique_ptr<Communicator>> c = MakeMpiCommunicator(&half);
+    ASSERT_TRUE(c.ok()) << c.status();
+    EXPECT_EQ((*c)->size(), half_size);
+    std::vector<double> one = {1.0};
+    ASSERT_OK(AllReduceSum(**c, absl::MakeSpan(one)));
+    EXPECT_EQ(one[0], half_size);
+    // The host keeps using `half` alongside mdopt's duplicate.
+    int world_size = 0, token = world_rank, sum = 0, want = 0;
+    MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+    for (int r = world_rank % 2; r < world_size; r += 2) want += r;
+    MPI_Allreduce(&token, &sum, 1, MPI_INT, MPI_SUM, half);
+    EXPECT_EQ(sum, want);
+  }
+  MPI_Comm_free(&half);
+  MPI_Comm null_comm = MPI_COMM_NULL;
+  EXPECT_EQ(MakeMpiCommunicator(&null_comm).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(MpiComm, ReduceScatterEveryDtypeLayoutAndOp) {
   auto c = Make();
   ASSERT_NE(c, nullptr);
