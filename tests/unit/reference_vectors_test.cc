@@ -111,8 +111,7 @@ TEST_P(ReferenceVectors, FastEngineFollowsTheTrajectory) {
   MDOPT_ASSERT_OK(mdopt_comm_create_local(&comm));
   MDOPT_ASSERT_OK(mdopt_create(comm, "kernels=fast", &opt));
   MDOPT_ASSERT_OK(mdopt_add_group(opt, "g", SpecOf(c).c_str()));
-  mdopt_param_desc d{};
-  d.struct_size = sizeof d;
+  mdopt_param_desc d = MDOPT_PARAM_DESC_INIT;
   d.name = "w";
   d.group = "g";
   d.ndim = 2;
