@@ -4,6 +4,7 @@
 # fails the test, with that step's output. Run by ctest (tests/consumer/CMakeLists.txt):
 #   cmake -DMDOPT_BUILD_DIR=... -DCONSUMER_SOURCE_DIR=... -DWORK_DIR=... [-DCONFIG=...]
 #         [-DGENERATOR=...] [-DMAKE_PROGRAM=...] [-DC_COMPILER=...] [-DEXPECTED_VERSION=...]
+#         [-DSANITIZE=address,undefined]
 #         -P run_consumer.cmake
 cmake_minimum_required(VERSION 3.22)
 
@@ -59,6 +60,13 @@ if(C_COMPILER)
 endif()
 if(EXPECTED_VERSION)
   list(APPEND configure_args "-DMDOPT_EXPECTED_VERSION=${EXPECTED_VERSION}")
+endif()
+# A sanitized libmdopt needs its runtime linked into the program too.
+set(sanitize_flags "")
+if(SANITIZE)
+  set(sanitize_flags "-fsanitize=${SANITIZE}")
+  list(APPEND configure_args "-DCMAKE_C_FLAGS=${sanitize_flags}"
+       "-DCMAKE_EXE_LINKER_FLAGS=${sanitize_flags}")
 endif()
 run_step("configure" "${CMAKE_COMMAND}" ${configure_args})
 run_step("build" "${CMAKE_COMMAND}" --build "${build}" --config "${config}")
@@ -116,7 +124,7 @@ if(EXPECTED_VERSION)
   set(version_define "-DMDOPT_EXPECTED_VERSION=\"${EXPECTED_VERSION}\"")
 endif()
 run_step("compile with pkg-config flags"
-  "${cc}" -std=c11 -Wall -Wextra -Wpedantic -Werror ${version_define}
+  "${cc}" -std=c11 -Wall -Wextra -Wpedantic -Werror ${version_define} ${sanitize_flags}
   "${CONSUMER_SOURCE_DIR}/main.c" ${pc_flags} "-Wl,-rpath,${pc_libdir}" -o "${pc_exe}")
 run_step("run ${pc_exe}" "${pc_exe}")
 message(STATUS "${step_output}")
