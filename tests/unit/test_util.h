@@ -24,6 +24,16 @@ inline nlohmann::json LoadVectors() {
   return nlohmann::json::parse(in);
 }
 
+// Why ns_dtype=bf16 cannot run here, for GTEST_SKIP(): mdopt_runtime_info() tells a build
+// without oneDNN from a CPU without bf16 matmul.
+inline std::string Bf16SkipReason() {
+  const std::string info = mdopt_runtime_info();
+  if (info.find("onednn_bf16=no-build") != std::string::npos) {
+    return "ns_dtype=bf16: this build has no oneDNN (install libdnnl-dev and rebuild)";
+  }
+  return "ns_dtype=bf16: this CPU has no bf16 matmul (needs AVX512_BF16 or AMX)";
+}
+
 // Deterministic normal samples.
 inline std::vector<double> RandomNormal(size_t n, uint64_t seed, double scale = 1.0) {
   std::mt19937_64 rng(seed);
