@@ -12,6 +12,8 @@ jobs="$(nproc 2>/dev/null || echo 2)"
 # discovery at build time). Use-after-free, overflows and UB are still fatal.
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=0:halt_on_error=1}"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
+# Sleeping rather than spinning OpenMP waits (see launch/test.sh).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DMDOPT_BUILD_TESTS=ON \
   -DMDOPT_SANITIZE=address,undefined "$@"
 cmake --build "$build" -j "$jobs"
