@@ -1,16 +1,25 @@
 // The C ABI of include/mdopt: thin shims that check pointers and struct sizes, call the C++
 // optimizer, and turn absl::Status (and any exception) into an mdopt_status plus a
 // thread-local message. Nothing thrown inside crosses this file.
+#include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <exception>
 #include <new>
 #include <string>
 
+#include <omp.h>
+
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "comm/communicator.h"
 #include "dist_opt/optimizer.h"
+#include "kernels/cpu/newton_schulz_bf16.h"
 #include "mdopt/mdopt.h"
+
+// OpenBLAS's own queries (cblas.h declares them; declared here to keep its header out).
+extern "C" char* openblas_get_config(void);
+extern "C" char* openblas_get_corename(void);
 
 struct mdopt_comm {
   std::unique_ptr<mdopt::Communicator> impl;
@@ -19,6 +28,28 @@ struct mdopt_comm {
 struct mdopt_optimizer {
   std::unique_ptr<mdopt::Optimizer> impl;
 };
+
+// The dtype fields are int32_t so that any value a caller stores is well defined; on every
+// supported ABI the enum has the same size and alignment, so the layout is what it was
+// when they were declared as mdopt_dtype.
+static_assert(sizeof(mdopt_dtype) == sizeof(int32_t) && alignof(mdopt_dtype) == alignof(int32_t),
+              "mdopt_dtype must be int32_t-sized");
+#if defined(__LP64__) || defined(_LP64)
+static_assert(offsetof(mdopt_param_desc, ndim) == 24 && offsetof(mdopt_param_desc, shape) == 32 &&
+                  offsetof(mdopt_param_desc, param_dtype) == 56 &&
+                  offsetof(mdopt_param_desc, param) == 64 &&
+                  offsetof(mdopt_param_desc, grad_dtype) == 72 &&
+                  offsetof(mdopt_param_desc, grad) == 80,
+              "mdopt_param_desc v1 layout changed");
+static_assert(MDOPT_PARAM_DESC_SIZE_V1 == 88 && MDOPT_STEP_INFO_SIZE_V1 == 48,
+              "v1 struct sizes changed");
+static_assert(offsetof(mdopt_step_info, skipped) == 16 &&
+                  offsetof(mdopt_step_info, exposed_comm_seconds) == 40,
+              "mdopt_step_info v1 layout changed");
+#endif
+static_assert(MDOPT_PARAM_DESC_SIZE_V1 <= sizeof(mdopt_param_desc) &&
+                  MDOPT_STEP_INFO_SIZE_V1 <= sizeof(mdopt_step_info),
+              "the v1 sizes are prefixes of the current structs");
 
 namespace {
 
@@ -37,6 +68,7 @@ mdopt_status ToCode(absl::StatusCode c) {
     case absl::StatusCode::kAborted: return MDOPT_COMM_ERROR;
     case absl::StatusCode::kDataLoss: return MDOPT_IO_ERROR;
     case absl::StatusCode::kUnimplemented: return MDOPT_UNSUPPORTED;
+    case absl::StatusCode::kResourceExhausted: return MDOPT_OUT_OF_MEMORY;
     default: return MDOPT_INTERNAL;
   }
 }
@@ -48,17 +80,22 @@ mdopt_status Fail(mdopt_status code, std::string message) {
 
 mdopt_status Report(const absl::Status& s) {
   if (s.ok()) return MDOPT_SUCCESS;
+  if (s.code() == absl::StatusCode::kResourceExhausted &&
+      s.message().find("out of memory") == absl::string_view::npos) {
+    return Fail(MDOPT_OUT_OF_MEMORY, absl::StrCat("out of memory: ", s.message()));
+  }
   return Fail(ToCode(s.code()), std::string(s.message()));
 }
 
-// Runs body, turning exceptions into MDOPT_INTERNAL so none crosses the ABI.
+// Runs body, turning exceptions into statuses (std::bad_alloc into MDOPT_OUT_OF_MEMORY, any
+// other into MDOPT_INTERNAL) so that none crosses the ABI.
 template <typename F>
 mdopt_status Guard(const char* call, F&& body) {
   g_last_error.clear();
   try {
     return body();
   } catch (const std::bad_alloc&) {
-    return Fail(MDOPT_INTERNAL, absl::StrCat(call, ": out of memory"));
+    return Fail(MDOPT_OUT_OF_MEMORY, absl::StrCat(call, ": out of memory"));
   } catch (const std::exception& e) {
     return Fail(MDOPT_INTERNAL, absl::StrCat(call, ": ", e.what()));
   } catch (...) {
@@ -68,6 +105,38 @@ mdopt_status Guard(const char* call, F&& body) {
 
 mdopt_status NullArgument(const char* call, const char* arg) {
   return Fail(MDOPT_INVALID_ARGUMENT, absl::StrCat(call, ": ", arg, " is NULL"));
+}
+
+// A versioned struct's struct_size must be at least its v1 size (every v1 field present) and
+// at most MDOPT_STRUCT_SIZE_MAX (anything larger is an uninitialised size, not a newer struct).
+bool StructSizeOk(const char* call, const char* what, const char* type, size_t size,
+                  size_t v1_size, mdopt_status* failure) {
+  if (size >= v1_size && size <= MDOPT_STRUCT_SIZE_MAX) return true;
+  *failure = Fail(MDOPT_INVALID_ARGUMENT,
+                  absl::StrCat(call, ": ", what, "->struct_size = ", size, " is outside the range ",
+                               "accepted for ", type, ", [", v1_size, ", ", MDOPT_STRUCT_SIZE_MAX,
+                               "] (the v1 size up to 64 KiB; set it to sizeof(", type, ")"));
+  return false;
+}
+
+// The caller's struct as this library's struct: the bytes within both struct_size and our
+// sizeof, the rest zero. Fields past the caller's struct_size are never read.
+template <typename T>
+T ReadVersioned(const T* in) {
+  T out;
+  std::memset(&out, 0, sizeof out);
+  std::memcpy(&out, in, std::min(in->struct_size, sizeof(T)));
+  return out;
+}
+
+// Writes our struct's fields into the caller's, never past its struct_size (nor our sizeof),
+// and leaves its struct_size as it was.
+template <typename T>
+void WriteVersioned(const T& in, T* out) {
+  const size_t n = std::min(out->struct_size, sizeof(T));
+  constexpr size_t skip = sizeof(size_t);  // struct_size, the first field
+  std::memcpy(reinterpret_cast<char*>(out) + skip, reinterpret_cast<const char*>(&in) + skip,
+              n - skip);
 }
 
 // The two byte-count queries: check the pointers, ask the optimizer, copy the answer out.
@@ -97,6 +166,7 @@ const char* mdopt_status_string(mdopt_status status) {
     case MDOPT_IO_ERROR: return "MDOPT_IO_ERROR";
     case MDOPT_UNSUPPORTED: return "MDOPT_UNSUPPORTED";
     case MDOPT_INTERNAL: return "MDOPT_INTERNAL";
+    case MDOPT_OUT_OF_MEMORY: return "MDOPT_OUT_OF_MEMORY";
   }
   return "MDOPT_UNKNOWN_STATUS";
 }
@@ -106,6 +176,38 @@ const char* mdopt_last_error(void) { return g_last_error.c_str(); }
 int mdopt_abi_version(void) { return MDOPT_ABI_VERSION; }
 
 const char* mdopt_version_string(void) { return MDOPT_VERSION_STRING; }
+
+const char* mdopt_runtime_info(void) try {
+  // Built once (thread-safe static); OpenMP's default thread count is read then.
+  static const std::string info = [] {
+    std::string blas = "OpenBLAS";
+    const char* config = openblas_get_config();  // "OpenBLAS 0.3.21 DYNAMIC_ARCH ..."
+    if (config != nullptr && std::strncmp(config, "OpenBLAS ", 9) == 0) {
+      const char* v = config + 9;
+      blas = absl::StrCat("OpenBLAS-", std::string(v, std::strcspn(v, " ")));
+    }
+    const char* core = openblas_get_corename();
+    if (core != nullptr && *core != '\0') absl::StrAppend(&blas, "/", core);
+    const char* isa = "baseline";
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) {
+      isa = "avx512";
+    } else if (__builtin_cpu_supports("avx2")) {
+      isa = "avx2";
+    }
+#ifdef MDOPT_BUILT_WITH_DNNL
+    const char* bf16 = mdopt::kernels::fast::Bf16NewtonSchulz::Available() ? "yes" : "no-cpu";
+#else
+    const char* bf16 = "no-build";
+#endif
+    return absl::StrCat("version=", MDOPT_VERSION_STRING, " abi=", MDOPT_ABI_VERSION,
+                        " blas=", blas, " threads=", omp_get_max_threads(), " isa=", isa,
+                        " onednn_bf16=", bf16, " cuda=no");
+  }();
+  return info.c_str();
+} catch (...) {
+  return "version=" MDOPT_VERSION_STRING " (runtime info unavailable)";
+}
 
 mdopt_status mdopt_comm_create_local(mdopt_comm** out) {
   return Guard("mdopt_comm_create_local", [&] {
@@ -177,22 +279,23 @@ mdopt_status mdopt_add_param(mdopt_optimizer* opt, const mdopt_param_desc* desc,
   return Guard("mdopt_add_param", [&] {
     if (opt == nullptr) return NullArgument("mdopt_add_param", "opt");
     if (desc == nullptr) return NullArgument("mdopt_add_param", "desc");
-    if (desc->struct_size < sizeof(mdopt_param_desc)) {
-      return Fail(MDOPT_INVALID_ARGUMENT,
-                  absl::StrCat("mdopt_add_param: desc->struct_size = ", desc->struct_size,
-                               ", expected sizeof(mdopt_param_desc) = ", sizeof(mdopt_param_desc)));
+    mdopt_status failure = MDOPT_SUCCESS;
+    if (!StructSizeOk("mdopt_add_param", "desc", "mdopt_param_desc", desc->struct_size,
+                      MDOPT_PARAM_DESC_SIZE_V1, &failure)) {
+      return failure;
     }
-    if (desc->name == nullptr) return NullArgument("mdopt_add_param", "desc->name");
-    if (desc->group == nullptr) return NullArgument("mdopt_add_param", "desc->group");
+    const mdopt_param_desc in = ReadVersioned(desc);
+    if (in.name == nullptr) return NullArgument("mdopt_add_param", "desc->name");
+    if (in.group == nullptr) return NullArgument("mdopt_add_param", "desc->group");
     mdopt::ParamDescription d;
-    d.name = desc->name;
-    d.group = desc->group;
-    d.ndim = desc->ndim;
-    for (int k = 0; k < 3; ++k) d.shape[k] = desc->shape[k];
-    d.param_dtype = static_cast<int>(desc->param_dtype);
-    d.grad_dtype = static_cast<int>(desc->grad_dtype);
-    d.param = desc->param;
-    d.grad = desc->grad;
+    d.name = in.name;
+    d.group = in.group;
+    d.ndim = in.ndim;
+    for (int k = 0; k < 3; ++k) d.shape[k] = in.shape[k];
+    d.param_dtype = in.param_dtype;
+    d.grad_dtype = in.grad_dtype;
+    d.param = in.param;
+    d.grad = in.grad;
     absl::StatusOr<int64_t> index = opt->impl->AddParam(d);
     if (!index.ok()) return Report(index.status());
     if (index_out != nullptr) *index_out = *index;
@@ -219,19 +322,22 @@ mdopt_status mdopt_step(mdopt_optimizer* opt, double lr_scale, void* stream,
                         mdopt_step_info* info_or_null) {
   return Guard("mdopt_step", [&] {
     if (opt == nullptr) return NullArgument("mdopt_step", "opt");
-    if (info_or_null != nullptr && info_or_null->struct_size < sizeof(mdopt_step_info)) {
-      return Fail(MDOPT_INVALID_ARGUMENT,
-                  absl::StrCat("mdopt_step: info->struct_size = ", info_or_null->struct_size,
-                               ", expected sizeof(mdopt_step_info) = ", sizeof(mdopt_step_info)));
+    mdopt_status failure = MDOPT_SUCCESS;
+    if (info_or_null != nullptr &&
+        !StructSizeOk("mdopt_step", "info", "mdopt_step_info", info_or_null->struct_size,
+                      MDOPT_STEP_INFO_SIZE_V1, &failure)) {
+      return failure;
     }
     absl::StatusOr<mdopt::StepResult> r = opt->impl->Step(lr_scale, stream);
     if (!r.ok()) return Report(r.status());
     if (info_or_null != nullptr) {
-      info_or_null->step = r->step;
-      info_or_null->skipped = r->skipped ? 1 : 0;
-      info_or_null->grad_norm = r->grad_norm;
-      info_or_null->seconds = r->seconds;
-      info_or_null->exposed_comm_seconds = r->exposed_comm_seconds;
+      mdopt_step_info info = MDOPT_STEP_INFO_INIT;
+      info.step = r->step;
+      info.skipped = r->skipped ? 1 : 0;
+      info.grad_norm = r->grad_norm;
+      info.seconds = r->seconds;
+      info.exposed_comm_seconds = r->exposed_comm_seconds;
+      WriteVersioned(info, info_or_null);
     }
     if (r->skipped) g_last_error = r->skip_reason;
     return MDOPT_SUCCESS;

@@ -105,9 +105,13 @@ absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options
         o.ns_bf16 = false;
       } else if (value == "bf16") {
         if (!kernels::fast::Bf16NewtonSchulz::Available()) {
+#ifdef MDOPT_BUILT_WITH_DNNL
           return absl::UnimplementedError(
-              "option ns_dtype=bf16: needs oneDNN (libdnnl-dev) at build time and a CPU on "
-              "which it runs bf16 matmul (AVX-512 or AMX)");
+              "option ns_dtype=bf16: this CPU has no bf16 matmul (needs AVX512_BF16 or AMX)");
+#else
+          return absl::UnimplementedError(
+              "option ns_dtype=bf16: this build has no oneDNN (install libdnnl-dev and rebuild)");
+#endif
         }
         o.ns_bf16 = true;
       } else {

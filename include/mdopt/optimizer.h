@@ -27,20 +27,35 @@ typedef enum { MDOPT_DTYPE_F32 = 0, MDOPT_DTYPE_BF16 = 1 } mdopt_dtype;
 /* One tensor of the model. W is row-major; a 2-D tensor is d_out x d_in (shape[0] rows),
  * a 3-D tensor is a stack of shape[0] independent shape[1] x shape[2] matrices (MoE
  * experts), a 1-D tensor is a vector (no sphere, no gains). Unused shape entries are
- * ignored. Pointers are host memory for device=cpu. Set struct_size = sizeof(mdopt_param_desc). */
+ * ignored. Pointers are host memory for device=cpu.
+ *
+ * Versioned by struct_size (docs/ABI.md, "Versioning"): fields are only ever appended, the
+ * library reads only the fields that lie within struct_size, and accepts any struct_size
+ * from MDOPT_PARAM_DESC_SIZE_V1 up. Start from MDOPT_PARAM_DESC_INIT (or
+ * mdopt_param_desc_init()), which sets struct_size = sizeof(mdopt_param_desc) and zeroes
+ * the rest. The dtype fields hold mdopt_dtype values in a fixed-width integer, so that any
+ * value a caller passes is well defined (and refused when it is not a dtype). */
 typedef struct {
   size_t struct_size;
   const char* name;  /* unique within the optimizer; copied */
   const char* group; /* a group added with mdopt_add_group; copied */
   int ndim;          /* 1, 2 or 3 */
   int64_t shape[3];
-  mdopt_dtype param_dtype;
-  void* param; /* the model's tensor; mdopt writes the updated weights here */
-  mdopt_dtype grad_dtype;
-  const void* grad; /* the data-parallel mean gradient, same shape */
+  int32_t param_dtype; /* an mdopt_dtype */
+  void* param;         /* the model's tensor; mdopt writes the updated weights here */
+  int32_t grad_dtype;  /* an mdopt_dtype */
+  const void* grad;    /* the data-parallel mean gradient, same shape */
+  /* New fields go here, at the end, and nowhere else. */
 } mdopt_param_desc;
 
-/* What a step did. Set struct_size = sizeof(mdopt_step_info) before the call. */
+/* The size of the first version of mdopt_param_desc (through `grad`): the smallest
+ * struct_size mdopt_add_param accepts. Stays the same when fields are appended. */
+#define MDOPT_PARAM_DESC_SIZE_V1 \
+  ((size_t)(offsetof(mdopt_param_desc, grad) + sizeof(((mdopt_param_desc*)0)->grad)))
+
+/* What a step did. Versioned like mdopt_param_desc: the library writes only the fields that
+ * lie within struct_size (never past it) and accepts any struct_size from
+ * MDOPT_STEP_INFO_SIZE_V1 up. Start from MDOPT_STEP_INFO_INIT or mdopt_step_info_init(). */
 typedef struct {
   size_t struct_size;
   int64_t step;                /* steps taken so far, skipped steps excluded */
@@ -48,7 +63,34 @@ typedef struct {
   double grad_norm;            /* global L2 norm of all gradients (NaN/Inf when skipped) */
   double seconds;              /* wall time of the call */
   double exposed_comm_seconds; /* communication not hidden behind compute (0 on one rank) */
+  /* New fields go here, at the end, and nowhere else. */
 } mdopt_step_info;
+
+/* The size of the first version of mdopt_step_info (through `exposed_comm_seconds`). */
+#define MDOPT_STEP_INFO_SIZE_V1                              \
+  ((size_t)(offsetof(mdopt_step_info, exposed_comm_seconds) + \
+            sizeof(((mdopt_step_info*)0)->exposed_comm_seconds)))
+
+/* The largest struct_size accepted: anything bigger is a garbage size, not a newer struct. */
+#define MDOPT_STRUCT_SIZE_MAX ((size_t)65536)
+
+/* Initializers: struct_size = sizeof, every other field zero. Every field is spelled out, so
+ * they compile without warnings as C and as C++ (also under -Wmissing-field-initializers):
+ *   mdopt_param_desc d = MDOPT_PARAM_DESC_INIT;   mdopt_step_info i = MDOPT_STEP_INFO_INIT;
+ * A field appended to a struct is appended to its initializer too. */
+#define MDOPT_PARAM_DESC_INIT \
+  { sizeof(mdopt_param_desc), NULL, NULL, 0, {0, 0, 0}, 0, NULL, 0, NULL }
+#define MDOPT_STEP_INFO_INIT { sizeof(mdopt_step_info), 0, 0, 0.0, 0.0, 0.0 }
+
+/* The same as functions, for expressions (d = mdopt_param_desc_init();) and bindings. */
+static inline mdopt_param_desc mdopt_param_desc_init(void) {
+  mdopt_param_desc d = MDOPT_PARAM_DESC_INIT;
+  return d;
+}
+static inline mdopt_step_info mdopt_step_info_init(void) {
+  mdopt_step_info i = MDOPT_STEP_INFO_INIT;
+  return i;
+}
 
 /* options: space-separated key=value, each at most once, all optional:
  *   device=cpu (default) | cuda:K      threads=N (OpenMP threads; default: the OpenMP default)
@@ -59,7 +101,9 @@ MDOPT_API mdopt_status mdopt_create(mdopt_comm* comm, const char* options, mdopt
 /* A named parameter group; spec = "preset=<name> key=value ...", see docs/ABI.md. */
 MDOPT_API mdopt_status mdopt_add_group(mdopt_optimizer* opt, const char* name, const char* spec);
 
-/* Registers a tensor; *index_out (may be NULL) receives its index, 0, 1, 2, ... in order. */
+/* Registers a tensor; *index_out (may be NULL) receives its index, 0, 1, 2, ... in order.
+ * desc->struct_size outside [MDOPT_PARAM_DESC_SIZE_V1, MDOPT_STRUCT_SIZE_MAX] is
+ * MDOPT_INVALID_ARGUMENT. */
 MDOPT_API mdopt_status mdopt_add_param(mdopt_optimizer* opt, const mdopt_param_desc* desc,
                                        int64_t* index_out);
 
@@ -75,7 +119,9 @@ MDOPT_API mdopt_status mdopt_finalize(mdopt_optimizer* opt);
 /* One optimizer step with every group's lr (and gain_lr) multiplied by lr_scale.
  * stream: a cudaStream_t for device=cuda:K, NULL on the CPU. info_or_null may be NULL.
  * Non-finite gradients skip the step: nothing changes, info->skipped = 1, the call
- * returns MDOPT_SUCCESS and mdopt_last_error() names the first offending parameter. */
+ * returns MDOPT_SUCCESS and mdopt_last_error() names the first offending parameter.
+ * info->struct_size outside [MDOPT_STEP_INFO_SIZE_V1, MDOPT_STRUCT_SIZE_MAX] is
+ * MDOPT_INVALID_ARGUMENT (and no step is taken). */
 MDOPT_API mdopt_status mdopt_step(mdopt_optimizer* opt, double lr_scale, void* stream,
                                   mdopt_step_info* info_or_null);
 

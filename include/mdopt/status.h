@@ -17,7 +17,8 @@ typedef enum {
   MDOPT_DEVICE_ERROR = 4,     /* the accelerator or its runtime failed */
   MDOPT_IO_ERROR = 5,         /* a checkpoint could not be written, or was refused on load */
   MDOPT_UNSUPPORTED = 6,      /* valid request this build or backend cannot serve */
-  MDOPT_INTERNAL = 7          /* a bug in mdopt; please report it with mdopt_last_error() */
+  MDOPT_INTERNAL = 7,         /* a bug in mdopt; please report it with mdopt_last_error() */
+  MDOPT_OUT_OF_MEMORY = 8     /* an allocation failed; mdopt_last_error() names the call */
 } mdopt_status;
 
 /* A static, human-readable name for a status ("MDOPT_INVALID_ARGUMENT"); never NULL. */

@@ -78,8 +78,8 @@ static int remove_dir(const char* dir) {
 static int run(const char* tmp_root) {
   mdopt_comm* comm = NULL;
   mdopt_optimizer* opt = NULL;
-  mdopt_param_desc desc;
-  mdopt_step_info info;
+  mdopt_param_desc desc = MDOPT_PARAM_DESC_INIT;
+  mdopt_step_info info = MDOPT_STEP_INFO_INIT;
   float w[M * N], w0[M * N], gw[M * N];
   uint16_t v[V], v0[V], gv[V];
   double dir_state[M * N], master_v0[V], master_v[V];
@@ -91,6 +91,9 @@ static int run(const char* tmp_root) {
 
   CHECK(mdopt_abi_version() == MDOPT_ABI_VERSION);
   CHECK(mdopt_version_string() != NULL && strlen(mdopt_version_string()) > 0);
+  CHECK(mdopt_runtime_info() != NULL && strstr(mdopt_runtime_info(), "abi=") != NULL &&
+        strstr(mdopt_runtime_info(), " blas=") != NULL && strstr(mdopt_runtime_info(), " isa=") != NULL);
+  printf("c_abi_smoke: %s\n", mdopt_runtime_info());
   CHECK(strcmp(mdopt_status_string(MDOPT_INVALID_STATE), "MDOPT_INVALID_STATE") == 0);
   /* status.h: never NULL, even for a value outside the enum (legal to pass from C). */
   CHECK(mdopt_status_string((mdopt_status)42) != NULL);
@@ -117,8 +120,7 @@ static int run(const char* tmp_root) {
     gv[i] = float_to_bf16(0.05f * (float)i - 0.07f);
   }
 
-  memset(&desc, 0, sizeof desc);
-  desc.struct_size = sizeof desc;
+  desc = mdopt_param_desc_init();
   desc.name = "w";
   desc.group = "matrices";
   desc.ndim = 2;
@@ -131,8 +133,7 @@ static int run(const char* tmp_root) {
   CHECK_OK(mdopt_add_param(opt, &desc, &index));
   CHECK(index == 0);
 
-  memset(&desc, 0, sizeof desc);
-  desc.struct_size = sizeof desc;
+  desc = mdopt_param_desc_init();
   desc.name = "v";
   desc.group = "vectors";
   desc.ndim = 1;
@@ -150,8 +151,7 @@ static int run(const char* tmp_root) {
   CHECK_OK(mdopt_get_state(opt, 1, "master", master_v0, V, NULL));
 
   for (step = 1; step <= STEPS; ++step) {
-    memset(&info, 0, sizeof info);
-    info.struct_size = sizeof info;
+    info = mdopt_step_info_init();
     CHECK_OK(mdopt_step(opt, 1.0, NULL, &info));
     CHECK(info.step == step);
     CHECK(info.skipped == 0);

@@ -6,6 +6,7 @@
 // before the call"). So the tests that hold an optimizer end by comparing its state bit for
 // bit with a twin that never saw the bad calls, then stepping both and comparing again.
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <cmath>
@@ -56,14 +57,8 @@ void ExpectFailure(const char* call, mdopt_status got, mdopt_status want,
 }
 #define EXPECT_MDOPT_ERROR(want, call, ...) ExpectFailure(#call, (call), (want), {__VA_ARGS__})
 
-// A dtype value outside the enum, written as the int a C caller could pass (a C++ cast to an
-// enum without a fixed type outside its range would be undefined).
-mdopt_dtype BadDtype(int v) {
-  mdopt_dtype d;
-  static_assert(sizeof d == sizeof v, "mdopt_dtype is int-sized");
-  std::memcpy(&d, &v, sizeof v);
-  return d;
-}
+// A dtype value outside the enum, as a C caller can store it: the dtype fields are int32_t.
+int32_t BadDtype(int32_t v) { return v; }
 
 // A fresh directory under the test's temp dir, removed by the destructor.
 class TempDir {
@@ -204,8 +199,7 @@ class Rig {
 
   void Step(int step, mdopt_step_info* info_out = nullptr) {
     SetGradients(step);
-    mdopt_step_info info{};
-    info.struct_size = sizeof info;
+    mdopt_step_info info = MDOPT_STEP_INFO_INIT;
     MDOPT_ASSERT_OK(mdopt_step(opt_, 1.0, nullptr, &info));
     ASSERT_EQ(info.skipped, 0);
     if (info_out != nullptr) *info_out = info;
@@ -484,9 +478,8 @@ TEST(CAbiAddGroup, NullArgumentsBadSpecsAndBadNames) {
   // The same name with a valid spec after all those failures: nothing was half-added.
   MDOPT_ASSERT_OK(mdopt_add_group(opt, "bad", "preset=vector"));
   // Exactly the groups that succeeded exist, in order (the unknown-group message lists them).
-  mdopt_param_desc d{};
+  mdopt_param_desc d = MDOPT_PARAM_DESC_INIT;
   float w[4] = {1, 2, 3, 4}, g[4] = {0, 0, 0, 0};
-  d.struct_size = sizeof d;
   d.name = "p";
   d.group = "nope";
   d.ndim = 1;
@@ -531,8 +524,7 @@ TEST(CAbiAddParam, NullArgumentsBadNamesShapesAndDtypes) {
   std::vector<float> w(12, 0.5f), g(12, 0.0f), w2(12, 0.25f), g2(12, 0.0f);
   std::vector<uint16_t> wh(12, kernels::FloatToBf16(0.5f));
   auto valid = [&] {
-    mdopt_param_desc d{};
-    d.struct_size = sizeof d;
+    mdopt_param_desc d = MDOPT_PARAM_DESC_INIT;
     d.name = "p";
     d.group = "mat";
     d.ndim = 2;
@@ -564,6 +556,14 @@ TEST(CAbiAddParam, NullArgumentsBadNamesShapesAndDtypes) {
        {"struct_size"}},
       {"struct_size of one field", [](mdopt_param_desc* d) { d->struct_size = sizeof(size_t); },
        {"struct_size"}},
+      {"struct_size one below v1",
+       [](mdopt_param_desc* d) { d->struct_size = MDOPT_PARAM_DESC_SIZE_V1 - 1; },
+       {"mdopt_param_desc", std::to_string(MDOPT_PARAM_DESC_SIZE_V1 - 1),
+        "[" + std::to_string(MDOPT_PARAM_DESC_SIZE_V1) + ", 65536]"}},
+      {"struct_size absurd", [](mdopt_param_desc* d) { d->struct_size = size_t{1} << 40; },
+       {"struct_size = 1099511627776", "mdopt_param_desc", "65536"}},
+      {"struct_size just above 64 KiB",
+       [](mdopt_param_desc* d) { d->struct_size = MDOPT_STRUCT_SIZE_MAX + 1; }, {"65537"}},
       {"name NULL", [](mdopt_param_desc* d) { d->name = nullptr; }, {"desc->name is NULL"}},
       {"group NULL", [](mdopt_param_desc* d) { d->group = nullptr; }, {"desc->group is NULL"}},
       {"param NULL", [](mdopt_param_desc* d) { d->param = nullptr; }, {"'p'", "param pointer is NULL"}},
@@ -706,8 +706,7 @@ TEST(CAbiOrder, CallsOutOfOrderAreInvalidState) {
   ASSERT_NO_FATAL_FAILURE(a.AddParams());
 
   // Before finalize: nothing that needs state.
-  mdopt_step_info info{};
-  info.struct_size = sizeof info;
+  mdopt_step_info info = MDOPT_STEP_INFO_INIT;
   info.step = -5;
   int64_t bytes = -5, count = -5;
   double out[24];
@@ -738,8 +737,7 @@ TEST(CAbiOrder, CallsOutOfOrderAreInvalidState) {
   EXPECT_MDOPT_ERROR(MDOPT_INVALID_STATE, mdopt_add_group(a.opt(), "late", "preset=vector"),
                      "mdopt_add_group after mdopt_finalize");
   std::vector<float> lw(3, 1.0f), lg(3, 0.0f);
-  mdopt_param_desc late{};
-  late.struct_size = sizeof late;
+  mdopt_param_desc late = MDOPT_PARAM_DESC_INIT;
   late.name = "late";
   late.group = "vec";
   late.ndim = 1;
@@ -781,6 +779,12 @@ TEST(CAbiStep, BadArguments) {
   EXPECT_MDOPT_ERROR(MDOPT_INVALID_ARGUMENT, mdopt_step(a.opt(), 1.0, nullptr, &info), "struct_size");
   info.struct_size = sizeof(size_t);
   EXPECT_MDOPT_ERROR(MDOPT_INVALID_ARGUMENT, mdopt_step(a.opt(), 1.0, nullptr, &info), "struct_size");
+  info.struct_size = MDOPT_STEP_INFO_SIZE_V1 - 1;
+  EXPECT_MDOPT_ERROR(MDOPT_INVALID_ARGUMENT, mdopt_step(a.opt(), 1.0, nullptr, &info),
+                     "mdopt_step_info", "[" + std::to_string(MDOPT_STEP_INFO_SIZE_V1) + ", 65536]");
+  info.struct_size = ~size_t{0};
+  EXPECT_MDOPT_ERROR(MDOPT_INVALID_ARGUMENT, mdopt_step(a.opt(), 1.0, nullptr, &info),
+                     "struct_size = 18446744073709551615", "65536");
   info.struct_size = sizeof info;
   for (double lr_scale : {std::nan(""), -1.0, -1e-300, std::numeric_limits<double>::infinity(),
                           -std::numeric_limits<double>::infinity()}) {
@@ -810,8 +814,7 @@ TEST(CAbiStep, NullGradientIsInvalidState) {
   ASSERT_NO_FATAL_FAILURE(twin.BuildFinalized());
 
   a.SetGradients(1);
-  mdopt_step_info info{};
-  info.struct_size = sizeof info;
+  mdopt_step_info info = MDOPT_STEP_INFO_INIT;
   EXPECT_MDOPT_ERROR(MDOPT_INVALID_STATE, mdopt_step(a.opt(), 1.0, nullptr, &info), "'x'",
                      "no gradient buffer");
   ASSERT_NO_FATAL_FAILURE(ExpectSameState(a, twin, "after a step without a gradient"));
@@ -1122,8 +1125,7 @@ TEST_P(CAbiNonFinite, StepIsSkippedAndNothingChanges) {
   const auto before = a.Snapshot();
   MDOPT_ASSERT_OK(mdopt_save(a.opt(), (tmp / "before").c_str()));
   for (int attempt = 0; attempt < 2; ++attempt) {  // a second bad step is skipped as well
-    mdopt_step_info info{};
-    info.struct_size = sizeof info;
+    mdopt_step_info info = MDOPT_STEP_INFO_INIT;
     info.step = -1;
     info.skipped = -1;
     const mdopt_status status = mdopt_step(a.opt(), 1.0, nullptr, &info);
@@ -1164,8 +1166,7 @@ TEST(CAbiNonFiniteOrder, NamesTheFirstOffendingParam) {
   a.SetGradients(1);
   a.PoisonGradient(4, 0, 0, kBf16NaN);
   a.PoisonGradient(2, 1, 0, kBf16Inf);
-  mdopt_step_info info{};
-  info.struct_size = sizeof info;
+  mdopt_step_info info = MDOPT_STEP_INFO_INIT;
   MDOPT_ASSERT_OK(mdopt_step(a.opt(), 1.0, nullptr, &info));
   const std::string message = mdopt_last_error();
   EXPECT_EQ(info.skipped, 1);
@@ -1175,6 +1176,61 @@ TEST(CAbiNonFiniteOrder, NamesTheFirstOffendingParam) {
   // Without info the skip is still reported through the message.
   MDOPT_ASSERT_OK(mdopt_step(a.opt(), 1.0, nullptr, nullptr));
   EXPECT_NE(std::string(mdopt_last_error()).find("'e'"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace mdopt
+
+// --- out of memory -----------------------------------------------------------------------
+
+namespace mdopt {
+namespace {
+
+// A 2^20 x 2^18 f32 matrix (1 TiB) registers (it is under the 2^40-element limit), and its
+// state cannot be allocated: mdopt_finalize answers MDOPT_OUT_OF_MEMORY, not MDOPT_INTERNAL.
+// The fast engine allocates an f32 parameter's state before it reads the tensor, so the
+// param pointer may point at a small buffer: it is never read.
+TEST(CAbiOutOfMemory, HugeParameterAtFinalize) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "under AddressSanitizer a failed operator new aborts the process instead of "
+                  "throwing std::bad_alloc";
+#else
+  mdopt_comm* comm = nullptr;
+  MDOPT_ASSERT_OK(mdopt_comm_create_local(&comm));
+  mdopt_optimizer* opt = nullptr;
+  MDOPT_ASSERT_OK(mdopt_create(comm, "threads=1", &opt));
+  MDOPT_ASSERT_OK(mdopt_add_group(opt, "mat", "preset=adamw"));
+  std::vector<float> dummy(16, 0.0f);
+  mdopt_param_desc d = MDOPT_PARAM_DESC_INIT;
+  d.name = "huge";
+  d.group = "mat";
+  d.ndim = 2;
+  d.shape[0] = int64_t{1} << 20;
+  d.shape[1] = int64_t{1} << 18;
+  d.param_dtype = MDOPT_DTYPE_F32;
+  d.param = dummy.data();
+  d.grad_dtype = MDOPT_DTYPE_F32;
+  d.grad = dummy.data();
+  MDOPT_ASSERT_OK(mdopt_add_param(opt, &d, nullptr));
+  // The allocation must fail whatever the machine's overcommit policy: cap the address
+  // space at 256 GiB for the call (then restore the limit).
+  rlimit saved{};
+  ASSERT_EQ(getrlimit(RLIMIT_AS, &saved), 0);
+  rlimit capped = saved;
+  const rlim_t cap = rlim_t{256} << 30;
+  if (capped.rlim_cur == RLIM_INFINITY || capped.rlim_cur > cap) capped.rlim_cur = cap;
+  ASSERT_EQ(setrlimit(RLIMIT_AS, &capped), 0);
+  const mdopt_status finalized = mdopt_finalize(opt);
+  const std::string message = mdopt_last_error();
+  ASSERT_EQ(setrlimit(RLIMIT_AS, &saved), 0);
+  EXPECT_EQ(finalized, MDOPT_OUT_OF_MEMORY) << mdopt_status_string(finalized) << ": " << message;
+  EXPECT_EQ(message, "mdopt_finalize: out of memory");
+  EXPECT_STREQ(mdopt_status_string(MDOPT_OUT_OF_MEMORY), "MDOPT_OUT_OF_MEMORY");
+  // Not finalized: a step is out of order, not a crash.
+  EXPECT_MDOPT_ERROR(MDOPT_INVALID_STATE, mdopt_step(opt, 1.0, nullptr, nullptr), "before mdopt_finalize");
+  MDOPT_ASSERT_OK(mdopt_destroy(opt));
+  MDOPT_ASSERT_OK(mdopt_comm_destroy(comm));
+#endif
 }
 
 }  // namespace

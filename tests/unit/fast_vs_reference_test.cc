@@ -53,8 +53,7 @@ void Compare(const std::string& spec, mdopt_dtype pd, mdopt_dtype gd, uint64_t s
   for (int step = 1; step <= kSteps; ++step) {
     fast.SetGradients(seed, step);
     ref.SetGradients(seed, step);
-    mdopt_step_info fi{}, ri{};
-    fi.struct_size = ri.struct_size = sizeof(mdopt_step_info);
+    mdopt_step_info fi = MDOPT_STEP_INFO_INIT, ri = MDOPT_STEP_INFO_INIT;
     MDOPT_ASSERT_OK(mdopt_step(fast.opt(), 1.0, nullptr, &fi));
     MDOPT_ASSERT_OK(mdopt_step(ref.opt(), 1.0, nullptr, &ri));
     ASSERT_EQ(fi.step, step);

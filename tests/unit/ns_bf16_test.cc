@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/cpu/newton_schulz_bf16.h"
@@ -32,7 +34,7 @@ class Bf16Ns : public ::testing::TestWithParam<std::tuple<int, int, NsCoeffSet>>
 // and B along small singular values; a float64 model of exactly those roundings (numpy)
 // gives the same 2.5% to 5.6%, so the error is bf16's, not the implementation's.
 TEST_P(Bf16Ns, MatchesFloat64Reference) {
-  if (!Bf16NewtonSchulz::Available()) GTEST_SKIP() << "no oneDNN bf16 matmul in this build or on this CPU";
+  if (!Bf16NewtonSchulz::Available()) GTEST_SKIP() << testing::Bf16SkipReason();
   const auto [m, n, set] = GetParam();
   const std::vector<double> x = testing::RandomNormal(static_cast<size_t>(m * n), m * 31 + n);
   std::vector<double> want(x.size());
@@ -48,13 +50,22 @@ INSTANTIATE_TEST_SUITE_P(
     Shapes, Bf16Ns,
     ::testing::Combine(::testing::Values(17, 64, 300), ::testing::Values(40, 257),
                        ::testing::Values(NsCoeffSet::kQuintic, NsCoeffSet::kJordan,
-                                         NsCoeffSet::kPolarExpress)));
+                                         NsCoeffSet::kPolarExpress)),
+    // m17_n40_quintic, ...
+    [](const ::testing::TestParamInfo<std::tuple<int, int, NsCoeffSet>>& info) {
+      const NsCoeffSet set = std::get<2>(info.param);
+      const char* coeffs = set == NsCoeffSet::kQuintic  ? "quintic"
+                           : set == NsCoeffSet::kJordan ? "jordan"
+                                                        : "polar_express";
+      return "m" + std::to_string(std::get<0>(info.param)) + "_n" +
+             std::to_string(std::get<1>(info.param)) + "_" + coeffs;
+    });
 
 // The optimizer with ns_dtype=bf16 over 20 steps: the sphere and gains are exact in float32
 // (bf16 only perturbs the update direction), and the weights stay within 0.5% of the
 // float64 reference (measured 0.08%: the update is lr-sized, so its 5% error is too).
 TEST(Bf16NsOptimizer, TwentyStepsNearReference) {
-  if (!Bf16NewtonSchulz::Available()) GTEST_SKIP() << "no oneDNN bf16 matmul in this build or on this CPU";
+  if (!Bf16NewtonSchulz::Available()) GTEST_SKIP() << testing::Bf16SkipReason();
   const std::vector<testing::TensorSpec> t = {{"wide", {48, 130}}, {"tall", {150, 40}}, {"experts", {2, 24, 36}}};
   testing::AbiHarness fast("ns_dtype=bf16", "preset=md-muon", t, 3);
   testing::AbiHarness ref("kernels=reference", "preset=md-muon", t, 3);

@@ -4,6 +4,8 @@
 // the float32 fast engine to the same trajectories.
 #include <gtest/gtest.h>
 
+#include <cctype>
+#include <cstdio>
 #include <string>
 
 #include "dist_opt/group_spec.h"
@@ -111,8 +113,7 @@ TEST_P(ReferenceVectors, FastEngineFollowsTheTrajectory) {
   MDOPT_ASSERT_OK(mdopt_comm_create_local(&comm));
   MDOPT_ASSERT_OK(mdopt_create(comm, "kernels=fast", &opt));
   MDOPT_ASSERT_OK(mdopt_add_group(opt, "g", SpecOf(c).c_str()));
-  mdopt_param_desc d{};
-  d.struct_size = sizeof d;
+  mdopt_param_desc d = MDOPT_PARAM_DESC_INIT;
   d.name = "w";
   d.group = "g";
   d.ndim = 2;
@@ -134,7 +135,20 @@ TEST_P(ReferenceVectors, FastEngineFollowsTheTrajectory) {
   mdopt_comm_destroy(comm);
 }
 
-INSTANTIATE_TEST_SUITE_P(AllCases, ReferenceVectors, ::testing::Range(0, 30));
+// case07_preset_md_muon_gains_row_24x16, ...: the case's index, spec and shape.
+INSTANTIATE_TEST_SUITE_P(AllCases, ReferenceVectors, ::testing::Range(0, 30),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           static const json vectors = testing::LoadVectors();
+                           const json& c = vectors["cases"][info.param];
+                           char index[8];
+                           std::snprintf(index, sizeof index, "case%02d_", info.param);
+                           std::string name = index + SpecOf(c) + "_" +
+                                              std::to_string(c["shape"][0].get<int64_t>()) + "x" +
+                                              std::to_string(c["shape"][1].get<int64_t>());
+                           for (char& ch : name)
+                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           return name;
+                         });
 
 }  // namespace
 }  // namespace mdopt

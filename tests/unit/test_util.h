@@ -24,6 +24,16 @@ inline nlohmann::json LoadVectors() {
   return nlohmann::json::parse(in);
 }
 
+// Why ns_dtype=bf16 cannot run here, for GTEST_SKIP(): mdopt_runtime_info() tells a build
+// without oneDNN from a CPU without bf16 matmul.
+inline std::string Bf16SkipReason() {
+  const std::string info = mdopt_runtime_info();
+  if (info.find("onednn_bf16=no-build") != std::string::npos) {
+    return "ns_dtype=bf16: this build has no oneDNN (install libdnnl-dev and rebuild)";
+  }
+  return "ns_dtype=bf16: this CPU has no bf16 matmul (needs AVX512_BF16 or AMX)";
+}
+
 // Deterministic normal samples.
 inline std::vector<double> RandomNormal(size_t n, uint64_t seed, double scale = 1.0) {
   std::mt19937_64 rng(seed);
@@ -68,8 +78,7 @@ struct TensorSpec {
 inline mdopt_param_desc DescFor(const std::string& name, const std::string& group,
                                 const std::vector<int64_t>& shape, mdopt_dtype param_dtype,
                                 void* param, mdopt_dtype grad_dtype, const void* grad) {
-  mdopt_param_desc d{};
-  d.struct_size = sizeof d;
+  mdopt_param_desc d = MDOPT_PARAM_DESC_INIT;
   d.name = name.c_str();
   d.group = group.c_str();
   d.ndim = static_cast<int>(shape.size());
@@ -165,8 +174,7 @@ class AbiHarness {
   // Gradients for `step`, then one step that must be taken as step number `step`.
   void StepChecked(uint64_t seed, int step) {
     SetGradients(seed, step);
-    mdopt_step_info info{};
-    info.struct_size = sizeof info;
+    mdopt_step_info info = MDOPT_STEP_INFO_INIT;
     MDOPT_ASSERT_OK(mdopt_step(opt_, 1.0, nullptr, &info));
     ASSERT_EQ(info.step, step);
     ASSERT_EQ(info.skipped, 0);

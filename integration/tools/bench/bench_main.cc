@@ -33,7 +33,7 @@ struct Options {
   std::vector<std::string> presets = {"md-muon", "md-adamw", "muon", "adamw"};
   int threads = 0;
   bool reference = false;
-  int reference_steps = 1;
+  int reference_steps = 2;
   std::string json;
   uint64_t seed = 0;
 };

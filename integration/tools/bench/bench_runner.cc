@@ -41,8 +41,7 @@ std::string CreateOptions(const RunConfig& cfg) {
 
 // One timed or warm-up step; throws when the call fails or the library skipped it.
 void Step(mdopt_optimizer* opt, double* info_seconds, double* wall_seconds) {
-  mdopt_step_info info{};
-  info.struct_size = sizeof info;
+  mdopt_step_info info = MDOPT_STEP_INFO_INIT;
   const auto t0 = std::chrono::steady_clock::now();
   const mdopt_status status = mdopt_step(opt, 1.0, nullptr, &info);
   const auto t1 = std::chrono::steady_clock::now();
@@ -88,8 +87,7 @@ BenchRow RunBenchmark(mdopt_comm* comm, const std::vector<TensorShape>& shapes,
   }
   for (size_t i = 0; i < shapes.size(); ++i) {
     const TensorShape& s = shapes[i];
-    mdopt_param_desc desc{};
-    desc.struct_size = sizeof desc;
+    mdopt_param_desc desc = MDOPT_PARAM_DESC_INIT;
     desc.name = s.name.c_str();
     desc.group = RoleGroupName(RoleOf(s.kind));
     desc.ndim = static_cast<int>(s.dims.size());

@@ -22,6 +22,20 @@ std::string CpuModel() {
   return "unknown";
 }
 
+// The value of `key=` in mdopt_runtime_info()'s line, "unknown" when absent.
+std::string RuntimeValue(const std::string& info, const std::string& key) {
+  const std::string needle = key + "=";
+  size_t at = 0;
+  while ((at = info.find(needle, at)) != std::string::npos) {
+    if (at == 0 || info[at - 1] == ' ') {
+      const size_t start = at + needle.size();
+      return info.substr(start, info.find(' ', start) - start);
+    }
+    at += needle.size();
+  }
+  return "unknown";
+}
+
 std::string DateUtc() {
   const std::time_t now = std::time(nullptr);
   std::tm tm{};
@@ -42,6 +56,10 @@ MachineInfo CollectMachineInfo(int threads) {
   m.date_utc = DateUtc();
   m.mdopt_version = mdopt_version_string();
   m.abi_version = mdopt_abi_version();
+  m.runtime_info = mdopt_runtime_info();
+  m.isa = RuntimeValue(m.runtime_info, "isa");
+  m.blas = RuntimeValue(m.runtime_info, "blas");
+  m.onednn_bf16 = RuntimeValue(m.runtime_info, "onednn_bf16");
   return m;
 }
 

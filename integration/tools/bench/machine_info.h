@@ -15,6 +15,10 @@ struct MachineInfo {
   std::string date_utc;          // ISO 8601, when the run started
   std::string mdopt_version;     // mdopt_version_string()
   int abi_version = 0;           // mdopt_abi_version()
+  std::string isa;               // "avx512", "avx2" or "baseline" (mdopt_runtime_info)
+  std::string blas;              // OpenBLAS version/kernel family (mdopt_runtime_info)
+  std::string onednn_bf16;       // yes | no-cpu | no-build (mdopt_runtime_info)
+  std::string runtime_info;      // mdopt_runtime_info(), whole
 };
 
 MachineInfo CollectMachineInfo(int threads);

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <map>
+#include <utility>
 
 namespace mdopt_bench {
 namespace {
@@ -58,6 +59,29 @@ std::string ModelText(const BenchSetup& s) {
          " ffn_mult=" + std::to_string(s.gpt.ffn_mult);
 }
 
+std::string IsaText(const std::string& isa) {
+  if (isa == "avx512") return "AVX-512";
+  if (isa == "avx2") return "AVX2";
+  return isa;
+}
+
+// The cost of MD decoupling: each md-* preset's median fast step over its plain baseline's.
+void PrintComparisons(std::FILE* out, const std::vector<BenchRow>& rows) {
+  std::map<std::string, double> fast_ms;
+  for (const BenchRow& r : rows)
+    if (r.engine == EngineName(EngineKind::kFast)) fast_ms[r.preset] = r.median_ms();
+  bool any = false;
+  for (const auto& [md, plain] : {std::pair<const char*, const char*>{"md-muon", "muon"},
+                                  {"md-adamw", "adamw"}}) {
+    auto a = fast_ms.find(md), b = fast_ms.find(plain);
+    if (a == fast_ms.end() || b == fast_ms.end() || !(b->second > 0.0)) continue;
+    if (!any) std::fprintf(out, "\n");
+    any = true;
+    std::fprintf(out, "%s costs %.2fx plain %s per step (fast engine, median %.3f ms vs %.3f ms)\n",
+                 md, a->second / b->second, plain, a->second, b->second);
+  }
+}
+
 }  // namespace
 
 void FillReferenceRatios(std::vector<BenchRow>* rows) {
@@ -75,8 +99,9 @@ void PrintTable(std::FILE* out, const MachineInfo& m, const BenchSetup& s,
                 const std::vector<BenchRow>& rows) {
   std::fprintf(out, "mdopt-bench: mdopt %s (ABI %d), %s\n", m.mdopt_version.c_str(),
                m.abi_version, m.date_utc.c_str());
-  std::fprintf(out, "cpu: %s, %d logical CPUs; threads: %s\n", m.cpu_model.c_str(),
-               m.logical_cpus, ThreadsText(m).c_str());
+  std::fprintf(out, "cpu: %s, %d logical CPUs, ISA %s; BLAS %s; threads: %s; oneDNN bf16: %s\n",
+               m.cpu_model.c_str(), m.logical_cpus, IsaText(m.isa).c_str(), m.blas.c_str(),
+               ThreadsText(m).c_str(), m.onednn_bf16.c_str());
   std::fprintf(out, "model: %s; %lld tensors, %lld params; param %s, grad %s; NS %s; seed %llu\n",
                ModelText(s).c_str(), static_cast<long long>(s.tensors),
                static_cast<long long>(s.params), s.param_dtype.c_str(), s.grad_dtype.c_str(),
@@ -84,19 +109,29 @@ void PrintTable(std::FILE* out, const MachineInfo& m, const BenchSetup& s,
                static_cast<unsigned long long>(s.seed));
   std::fprintf(out, "steps: fast %d timed after %d warm-up", s.steps, s.warmup);
   if (s.reference) std::fprintf(out, "; reference %d timed, no warm-up", s.reference_steps);
+  std::fprintf(out, "; medians over the timed steps");
   std::fprintf(out, "; times from mdopt_step_info.seconds unless 'wall'\n\n");
 
-  std::fprintf(out, "%-9s %-9s %11s %5s %10s %10s %11s %9s %9s %12s %9s\n", "preset", "engine",
-               "params", "steps", "median ms", "mean ms", "wall med ms", "ns/param",
+  std::fprintf(out, "%-9s %-9s %11s %5s %10s %10s %11s %12s %9s %12s %9s\n", "preset", "engine",
+               "params", "steps", "median ms", "mean ms", "wall med ms", "ns per param",
                "state B/p", "workspace B", "fast/ref");
   for (const BenchRow& r : rows) {
     char ratio[32] = "-";
     if (r.ratio_to_reference > 0.0) std::snprintf(ratio, sizeof ratio, "%.4f", r.ratio_to_reference);
-    std::fprintf(out, "%-9s %-9s %11lld %5d %10.3f %10.3f %11.3f %9.3f %9.2f %12lld %9s\n",
+    std::fprintf(out, "%-9s %-9s %11lld %5d %10.3f %10.3f %11.3f %12.3f %9.2f %12lld %9s\n",
                  r.preset.c_str(), r.engine.c_str(), static_cast<long long>(r.params), r.steps,
                  r.median_ms(), r.mean_ms(), r.wall_median_ms(), r.ns_per_param(),
                  r.state_bytes_per_param(), static_cast<long long>(r.workspace_bytes), ratio);
   }
+  PrintComparisons(out, rows);
+  std::fprintf(out,
+               "\nColumns: median/mean ms = time of one optimizer step (mdopt_step_info.seconds);\n"
+               "  wall med ms = the same measured around the call; ns per param = median step\n"
+               "  time divided by the parameter count (nanoseconds per parameter, not Newton-Schulz);\n"
+               "  state B/p = optimizer-state bytes per parameter (mdopt_state_bytes / params; f32\n"
+               "  weights are their own master copy, so Adam's two moments are 8 B/p); workspace B =\n"
+               "  transient buffers (mdopt_workspace_bytes); fast/ref = the fast float32 engine's\n"
+               "  median over the float64 reference engine's (0.01 = 100x faster; --reference).\n");
   std::fflush(out);
 }
 
@@ -110,7 +145,10 @@ void WriteJson(std::ostream& out, const MachineInfo& m, const BenchSetup& s,
       << (m.omp_num_threads.empty() ? "null" : JsonString(m.omp_num_threads)) << ",\n"
       << "    \"date_utc\": " << JsonString(m.date_utc) << ",\n"
       << "    \"mdopt_version\": " << JsonString(m.mdopt_version) << ",\n"
-      << "    \"abi_version\": " << m.abi_version << "\n  },\n";
+      << "    \"abi_version\": " << m.abi_version << ",\n"
+      << "    \"isa\": " << JsonString(m.isa) << ",\n"
+      << "    \"blas\": " << JsonString(m.blas) << ",\n"
+      << "    \"runtime_info\": " << JsonString(m.runtime_info) << "\n  },\n";
   out << "  \"setup\": {\n    \"model\": " << JsonString(s.model) << ",\n";
   if (s.model == "shapes") {
     out << "    \"shapes_file\": " << JsonString(s.shapes_file) << ",\n";

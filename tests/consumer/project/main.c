@@ -16,8 +16,8 @@
 int main(void) {
   mdopt_comm* comm = NULL;
   mdopt_optimizer* opt = NULL;
-  mdopt_param_desc desc;
-  mdopt_step_info info;
+  mdopt_param_desc desc = MDOPT_PARAM_DESC_INIT;
+  mdopt_step_info info = MDOPT_STEP_INFO_INIT;
   float w[4 * 3] = {0.5f, -0.25f, 0.125f, 0.75f, -0.5f, 0.25f, 0.1f, 0.2f, -0.3f, 0.4f, 0.6f, -0.7f};
   float g[4 * 3] = {0.1f, 0.2f, 0.3f, -0.1f, -0.2f, -0.3f, 0.05f, 0.0f, 0.01f, -0.02f, 0.03f, 0.04f};
   const float before = w[0];
@@ -35,8 +35,6 @@ int main(void) {
   CHECK_OK(mdopt_comm_create_local(&comm));
   CHECK_OK(mdopt_create(comm, "threads=1", &opt));
   CHECK_OK(mdopt_add_group(opt, "matrices", "preset=md-adamw"));
-  memset(&desc, 0, sizeof desc);
-  desc.struct_size = sizeof desc;
   desc.name = "w";
   desc.group = "matrices";
   desc.ndim = 2;
@@ -48,8 +46,6 @@ int main(void) {
   desc.grad = g;
   CHECK_OK(mdopt_add_param(opt, &desc, NULL));
   CHECK_OK(mdopt_finalize(opt));
-  memset(&info, 0, sizeof info);
-  info.struct_size = sizeof info;
   CHECK_OK(mdopt_step(opt, 1.0, NULL, &info));
   if (info.step != 1 || info.skipped != 0 || w[0] == before) {
     fprintf(stderr, "unexpected step: step %lld, skipped %d\n", (long long)info.step, info.skipped);
