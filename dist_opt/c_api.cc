@@ -337,10 +337,27 @@ mdopt_status mdopt_step(mdopt_optimizer* opt, double lr_scale, void* stream,
       info.grad_norm = r->grad_norm;
       info.seconds = r->seconds;
       info.exposed_comm_seconds = r->exposed_comm_seconds;
+      info.comm_seconds = r->comm_seconds;
+      info.bytes_sent = r->bytes_sent;
       WriteVersioned(info, info_or_null);
     }
     if (r->skipped) g_last_error = r->skip_reason;
     return MDOPT_SUCCESS;
+  });
+}
+
+mdopt_status mdopt_grads_ready(mdopt_optimizer* opt, int64_t first_index, int64_t count,
+                               void* stream) {
+  return Guard("mdopt_grads_ready", [&] {
+    if (opt == nullptr) return NullArgument("mdopt_grads_ready", "opt");
+    return Report(opt->impl->GradsReady(first_index, count, stream));
+  });
+}
+
+mdopt_status mdopt_gather_params(mdopt_optimizer* opt, void* stream) {
+  return Guard("mdopt_gather_params", [&] {
+    if (opt == nullptr) return NullArgument("mdopt_gather_params", "opt");
+    return Report(opt->impl->GatherParams(stream));
   });
 }
 

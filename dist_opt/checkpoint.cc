@@ -279,9 +279,11 @@ bool IsRankFileName(const std::string& name, int rank) {
 absl::Status SaveCheckpoint(const std::string& dir, const CheckpointLayout& l, Engine* engine,
                             Communicator* comm) {
   if (l.world_size != 1) {
-    // Several ranks: sizes and CRCs of every rank file must reach rank 0; that exchange
-    // belongs to the distributed backend.
-    return absl::UnimplementedError("multi-rank checkpoints need the distributed backend");
+    // Several ranks need rank files of row blocks and a manifest with the shard plan, and a
+    // load that reshards; this version writes single-rank checkpoints only.
+    return absl::UnimplementedError(
+        "mdopt_save at several ranks is not supported in this version (checkpoints are "
+        "single-rank; mdopt_get_state gathers the state at any rank count)");
   }
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);

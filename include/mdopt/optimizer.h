@@ -62,7 +62,10 @@ typedef struct {
   int skipped;                 /* 1 when non-finite gradients made this call skip */
   double grad_norm;            /* global L2 norm of all gradients (NaN/Inf when skipped) */
   double seconds;              /* wall time of the call */
-  double exposed_comm_seconds; /* communication not hidden behind compute (0 on one rank) */
+  double exposed_comm_seconds; /* time the call waited on communication (0 on one rank) */
+  /* Since ABI 1 (minor 1): */
+  double comm_seconds; /* time with this rank's communication in flight during the call */
+  int64_t bytes_sent;  /* bytes this rank sent during the call (docs/ABI.md: how counted) */
   /* New fields go here, at the end, and nowhere else. */
 } mdopt_step_info;
 
@@ -80,7 +83,7 @@ typedef struct {
  * A field appended to a struct is appended to its initializer too. */
 #define MDOPT_PARAM_DESC_INIT \
   { sizeof(mdopt_param_desc), NULL, NULL, 0, {0, 0, 0}, 0, NULL, 0, NULL }
-#define MDOPT_STEP_INFO_INIT { sizeof(mdopt_step_info), 0, 0, 0.0, 0.0, 0.0 }
+#define MDOPT_STEP_INFO_INIT { sizeof(mdopt_step_info), 0, 0, 0.0, 0.0, 0.0, 0.0, 0 }
 
 /* The same as functions, for expressions (d = mdopt_param_desc_init();) and bindings. */
 static inline mdopt_param_desc mdopt_param_desc_init(void) {
@@ -124,6 +127,19 @@ MDOPT_API mdopt_status mdopt_finalize(mdopt_optimizer* opt);
  * MDOPT_INVALID_ARGUMENT (and no step is taken). */
 MDOPT_API mdopt_status mdopt_step(mdopt_optimizer* opt, double lr_scale, void* stream,
                                   mdopt_step_info* info_or_null);
+
+/* Overlap with the trainer (several ranks, grads=local): the gradients of params
+ * [first_index, first_index + count) are final, e.g. from a backward hook. Starts the
+ * reduce-scatter of every bucket whose gradients are all final, buckets in their fixed
+ * order whatever order the calls come in; mdopt_step starts the rest. The gradient buffers
+ * are copied at the call. A no-op on one rank and with grads=reduced. stream: NULL on the CPU. */
+MDOPT_API mdopt_status mdopt_grads_ready(mdopt_optimizer* opt, int64_t first_index, int64_t count,
+                                         void* stream);
+
+/* gather=deferred: all-gathers the weights the last mdopt_step updated into every rank's
+ * model tensors; call it before the next forward (until then each rank's tensors hold only
+ * its own rows updated). A no-op with gather=eager and on one rank. */
+MDOPT_API mdopt_status mdopt_gather_params(mdopt_optimizer* opt, void* stream);
 
 /* Checkpoints: a directory with a manifest and one state file per rank (see docs/ABI.md).
  * save writes atomically (temporary names, fsync, rename); load verifies checksums, format
