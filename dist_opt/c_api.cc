@@ -361,6 +361,26 @@ mdopt_status mdopt_gather_params(mdopt_optimizer* opt, void* stream) {
   });
 }
 
+mdopt_status mdopt_describe_plan(const mdopt_optimizer* opt, char* buf, size_t size,
+                                 size_t* needed_or_null) {
+  return Guard("mdopt_describe_plan", [&] {
+    if (opt == nullptr) return NullArgument("mdopt_describe_plan", "opt");
+    if (buf == nullptr && size > 0) return NullArgument("mdopt_describe_plan", "buf");
+    const mdopt::ShardPlan* plan = opt->impl->plan();
+    if (plan == nullptr) {
+      return Fail(MDOPT_INVALID_STATE, "mdopt_describe_plan before mdopt_finalize");
+    }
+    const std::string text = plan->Describe(opt->impl->registry().params());
+    if (needed_or_null != nullptr) *needed_or_null = text.size() + 1;
+    if (size > 0) {
+      const size_t n = std::min(size - 1, text.size());
+      std::memcpy(buf, text.data(), n);
+      buf[n] = '\0';
+    }
+    return MDOPT_SUCCESS;
+  });
+}
+
 mdopt_status mdopt_save(mdopt_optimizer* opt, const char* dir) {
   return Guard("mdopt_save", [&] {
     if (opt == nullptr) return NullArgument("mdopt_save", "opt");

@@ -164,6 +164,13 @@ MDOPT_API mdopt_status mdopt_get_state(const mdopt_optimizer* opt, int64_t index
                                        const char* field, double* out, int64_t count,
                                        int64_t* count_out);
 
+/* The shard plan as text for people (which rank holds which rows of every matrix, who runs
+ * each Newton-Schulz, the buckets, per-rank state and Newton-Schulz cost, their imbalance).
+ * Writes at most `size` bytes including the terminating NUL into `buf` (may be NULL with
+ * size 0); *needed_or_null receives the size the whole text needs. Valid after finalize. */
+MDOPT_API mdopt_status mdopt_describe_plan(const mdopt_optimizer* opt, char* buf, size_t size,
+                                           size_t* needed_or_null);
+
 /* Frees the optimizer. NULL is accepted and ignored. */
 MDOPT_API mdopt_status mdopt_destroy(mdopt_optimizer* opt);
 

@@ -12,6 +12,9 @@
 
 #include "CLI/CLI.hpp"
 #include "bench_runner.h"
+#ifdef MDOPT_BENCH_MPI
+#include "dist_report.h"
+#endif
 #include "machine_info.h"
 #include "mdopt/mdopt.h"
 #include "model_shapes.h"
@@ -36,6 +39,10 @@ struct Options {
   int reference_steps = 2;
   std::string json;
   uint64_t seed = 0;
+  bool mpi = false;
+  bool plan = false;
+  std::string layout;
+  std::string extra_options;
 };
 
 std::string HelpFooter() {
@@ -94,6 +101,14 @@ void DefineOptions(CLI::App* app, Options* o) {
       ->capture_default_str()->check(CLI::Range(1, 1000000));
   app->add_option("--json", o->json, "also write the results as JSON to FILE ('-': stdout)");
   app->add_option("--seed", o->seed, "seed of the weights and gradients")->capture_default_str();
+  app->add_flag("--mpi", o->mpi,
+                "run on every rank of MPI_COMM_WORLD (under mpirun): the sharded step; rank 0 "
+                "prints, with per-rank communication, bytes and imbalance");
+  app->add_flag("--plan", o->plan, "print the shard plan of each preset after finalize");
+  app->add_option("--layout", o->layout, "layout= for every group (rows, owner, auto)")
+      ->check(CLI::IsMember({"rows", "owner", "auto"}));
+  app->add_option("--options", o->extra_options,
+                  "more mdopt_create options, e.g. \"grads=reduced bucket_mb=4 ns_comm_dtype=bf16\"");
 }
 
 mdopt_dtype ToDtype(const std::string& name) {
@@ -143,10 +158,17 @@ int Run(const Options& o, const std::vector<TensorShape>& shapes, std::ostream* 
   setup.seed = o.seed;
 
   mdopt_comm* raw_comm = nullptr;
-  if (mdopt_status s = mdopt_comm_create_local(&raw_comm); s != MDOPT_SUCCESS) {
+  if (o.mpi) {
+    if (mdopt_status s = mdopt_comm_create_mpi(nullptr, &raw_comm); s != MDOPT_SUCCESS) {
+      throw AbiError("mdopt_comm_create_mpi", s, mdopt_last_error());
+    }
+  } else if (mdopt_status s = mdopt_comm_create_local(&raw_comm); s != MDOPT_SUCCESS) {
     throw AbiError("mdopt_comm_create_local", s, mdopt_last_error());
   }
   std::unique_ptr<mdopt_comm, CommDeleter> comm(raw_comm);
+  int rank = 0, world = 1;
+  mdopt_comm_rank(comm.get(), &rank);
+  mdopt_comm_size(comm.get(), &world);
   ModelBuffers buffers(shapes, ToDtype(setup.param_dtype), ToDtype(setup.grad_dtype));
 
   std::vector<BenchRow> rows;
@@ -159,8 +181,11 @@ int Run(const Options& o, const std::vector<TensorShape>& shapes, std::ostream* 
     cfg.engine = EngineKind::kFast;
     cfg.warmup = o.warmup;
     cfg.steps = o.steps;
+    cfg.layout = o.layout;
+    cfg.extra_options = o.extra_options;
+    cfg.print_plan = o.plan;
     rows.push_back(RunBenchmark(comm.get(), shapes, &buffers, cfg));
-    if (o.reference) {
+    if (o.reference && world == 1) {
       // The reference is plain single-pass loops with nothing to warm up, and a step of it
       // can take seconds; its first steps see the same gradients as the fast engine's.
       cfg.engine = EngineKind::kReference;
@@ -171,6 +196,20 @@ int Run(const Options& o, const std::vector<TensorShape>& shapes, std::ostream* 
   }
   FillReferenceRatios(&rows);
 
+  if (world > 1) {
+#ifdef MDOPT_BENCH_MPI
+    DistSetup ds;
+    ds.world = world;
+    ds.rank = rank;
+    ds.grads_local = o.extra_options.find("grads=reduced") == std::string::npos;
+    ds.grad_bytes = setup.grad_dtype == "bf16" ? 2 : 4;
+    ds.param_bytes = setup.param_dtype == "bf16" ? 2 : 4;
+    ds.params = setup.params;
+    if (rank == 0) PrintTable(stdout, machine, setup, rows);
+    PrintDistributed(stdout, ds, rows);
+#endif
+    return 0;
+  }
   PrintTable(o.json == "-" ? stderr : stdout, machine, setup, rows);
   if (json != nullptr) {
     WriteJson(*json, machine, setup, rows);

@@ -4,7 +4,9 @@
 #include <chrono>
 #include <memory>
 #include <numeric>
+#include <cstdio>
 #include <set>
+#include <string>
 
 namespace mdopt_bench {
 namespace {
@@ -36,11 +38,12 @@ std::string CreateOptions(const RunConfig& cfg) {
   options += cfg.engine == EngineKind::kFast ? "fast" : "reference";
   if (cfg.threads > 0) options += " threads=" + std::to_string(cfg.threads);
   if (cfg.engine == EngineKind::kFast) options += " ns_dtype=" + cfg.ns_dtype;
+  if (!cfg.extra_options.empty()) options += " " + cfg.extra_options;
   return options;
 }
 
 // One timed or warm-up step; throws when the call fails or the library skipped it.
-void Step(mdopt_optimizer* opt, double* info_seconds, double* wall_seconds) {
+mdopt_step_info Step(mdopt_optimizer* opt, double* info_seconds, double* wall_seconds) {
   mdopt_step_info info = MDOPT_STEP_INFO_INIT;
   const auto t0 = std::chrono::steady_clock::now();
   const mdopt_status status = mdopt_step(opt, 1.0, nullptr, &info);
@@ -51,6 +54,7 @@ void Step(mdopt_optimizer* opt, double* info_seconds, double* wall_seconds) {
   if (info.skipped) throw AbiError("mdopt_step", MDOPT_INTERNAL, mdopt_last_error());
   *info_seconds = info.seconds;
   *wall_seconds = std::chrono::duration<double>(t1 - t0).count();
+  return info;
 }
 
 }  // namespace
@@ -82,8 +86,9 @@ BenchRow RunBenchmark(mdopt_comm* comm, const std::vector<TensorShape>& shapes,
   std::set<Role> roles;
   for (const TensorShape& s : shapes) roles.insert(RoleOf(s.kind));
   for (Role role : roles) {
-    Check(mdopt_add_group(opt.get(), RoleGroupName(role), RoleSpec(*cfg.preset, role)),
-          "mdopt_add_group");
+    std::string spec = RoleSpec(*cfg.preset, role);
+    if (!cfg.layout.empty()) spec += " layout=" + cfg.layout;
+    Check(mdopt_add_group(opt.get(), RoleGroupName(role), spec.c_str()), "mdopt_add_group");
   }
   for (size_t i = 0; i < shapes.size(); ++i) {
     const TensorShape& s = shapes[i];
@@ -99,6 +104,15 @@ BenchRow RunBenchmark(mdopt_comm* comm, const std::vector<TensorShape>& shapes,
     Check(mdopt_add_param(opt.get(), &desc, nullptr), "mdopt_add_param");
   }
   Check(mdopt_finalize(opt.get()), "mdopt_finalize");
+  if (cfg.print_plan) {
+    size_t needed = 0;
+    Check(mdopt_describe_plan(opt.get(), nullptr, 0, &needed), "mdopt_describe_plan");
+    std::string text(needed, '\0');
+    Check(mdopt_describe_plan(opt.get(), text.data(), text.size(), nullptr), "mdopt_describe_plan");
+    int rank = 0;
+    Check(mdopt_comm_rank(comm, &rank), "mdopt_comm_rank");
+    if (rank == 0) std::printf("%s: %s", cfg.preset->preset, text.c_str());
+  }
 
   BenchRow row;
   row.preset = cfg.preset->preset;
@@ -116,9 +130,12 @@ BenchRow RunBenchmark(mdopt_comm* comm, const std::vector<TensorShape>& shapes,
   for (int k = 0; k < cfg.steps; ++k, ++step) {
     buffers->FillGradients(cfg.seed, step);  // outside the timed region
     double info_s, wall_s;
-    Step(opt.get(), &info_s, &wall_s);
+    const mdopt_step_info info = Step(opt.get(), &info_s, &wall_s);
     row.step_seconds.push_back(info_s);
     row.wall_seconds.push_back(wall_s);
+    row.comm_seconds.push_back(info.comm_seconds);
+    row.exposed_seconds.push_back(info.exposed_comm_seconds);
+    row.bytes_sent.push_back(info.bytes_sent);
   }
   // Queried after stepping: workspace may grow on the first step.
   Check(mdopt_state_bytes(opt.get(), &row.state_bytes), "mdopt_state_bytes");

@@ -34,6 +34,9 @@ struct RunConfig {
   int warmup = 0;
   int steps = 1;
   uint64_t seed = 0;
+  std::string extra_options;  // appended to mdopt_create's options (--options)
+  std::string layout;         // appended to every group spec as layout=... (--layout); empty: none
+  bool print_plan = false;    // print mdopt_describe_plan after finalize (--plan)
 };
 
 // One row of the report.
@@ -43,6 +46,8 @@ struct BenchRow {
   int warmup = 0, steps = 0;
   std::vector<double> step_seconds;  // mdopt_step_info.seconds of each timed step
   std::vector<double> wall_seconds;  // wall time around each timed mdopt_step
+  std::vector<double> comm_seconds, exposed_seconds;  // per timed step (mdopt_step_info)
+  std::vector<int64_t> bytes_sent;                    // per timed step, this rank
   int64_t state_bytes = 0, workspace_bytes = 0;
   double ratio_to_reference = 0.0;   // median fast / median reference; 0: not measured
 
