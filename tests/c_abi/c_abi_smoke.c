@@ -10,6 +10,7 @@
 #include "mdopt/comm.h"
 #include "mdopt/optimizer.h"
 #include "mdopt/mdopt.h"
+#include "c_check.h"
 
 #include <dirent.h>
 #include <math.h>
@@ -18,27 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-static int g_failures = 0;
-
-#define CHECK(cond)                                                                   \
-  do {                                                                                \
-    if (!(cond)) {                                                                    \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);       \
-      ++g_failures;                                                                   \
-    }                                                                                 \
-  } while (0)
-
-/* A failed call ends the run: later calls would only report its consequences. */
-#define CHECK_OK(call)                                                                \
-  do {                                                                                \
-    const mdopt_status s_ = (call);                                                   \
-    if (s_ != MDOPT_SUCCESS) {                                                        \
-      fprintf(stderr, "%s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #call,             \
-              mdopt_status_string(s_), mdopt_last_error());                           \
-      return 1;                                                                       \
-    }                                                                                 \
-  } while (0)
 
 enum { M = 8, N = 6, V = 5, STEPS = 3 };
 

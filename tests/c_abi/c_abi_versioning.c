@@ -8,29 +8,10 @@
  *   the struct, the size and the accepted range.
  * Exits 0 and prints "c_abi_versioning: ok" only if every check passed. */
 #include "mdopt/mdopt.h"
+#include "c_check.h"
 
 #include <stdio.h>
 #include <string.h>
-
-static int g_failures = 0;
-
-#define CHECK(cond)                                                             \
-  do {                                                                          \
-    if (!(cond)) {                                                              \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++g_failures;                                                             \
-    }                                                                           \
-  } while (0)
-
-#define CHECK_OK(call)                                                          \
-  do {                                                                          \
-    const mdopt_status s_ = (call);                                             \
-    if (s_ != MDOPT_SUCCESS) {                                                  \
-      fprintf(stderr, "%s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #call,       \
-              mdopt_status_string(s_), mdopt_last_error());                     \
-      return 1;                                                                 \
-    }                                                                           \
-  } while (0)
 
 enum { TAIL = 64, GUARD = 32, BUF = 1024 };
 #define GUARD_BYTE 0xA5

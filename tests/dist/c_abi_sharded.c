@@ -14,23 +14,7 @@
 #include <mpi.h>
 
 #include "mdopt/mdopt.h"
-
-#define CHECK_OK(call)                                                                 \
-  do {                                                                                 \
-    const mdopt_status s_ = (call);                                                    \
-    if (s_ != MDOPT_SUCCESS) {                                                         \
-      fprintf(stderr, "%s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #call,              \
-              mdopt_status_string(s_), mdopt_last_error());                            \
-      return 1;                                                                        \
-    }                                                                                  \
-  } while (0)
-#define CHECK(cond)                                                                    \
-  do {                                                                                 \
-    if (!(cond)) {                                                                     \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);        \
-      return 1;                                                                        \
-    }                                                                                  \
-  } while (0)
+#include "../c_abi/c_check.h"
 
 enum { D = 64, LAYERS = 2, VOCAB = 256, MAX_PARAMS = 32, STEPS = 5 };
 
@@ -142,6 +126,8 @@ int main(void) {
     free(t[i].w);
     free(t[i].g);
   }
-  if (rank == 0) printf("c_abi_sharded: ok (%d ranks, %d params, %lld bytes sent by rank 0)\n", size, n, (long long)sent);
-  return 0;
+  if (g_failures == 0 && rank == 0) {
+    printf("c_abi_sharded: ok (%d ranks, %d params, %lld bytes sent by rank 0)\n", size, n, (long long)sent);
+  }
+  return g_failures != 0;
 }
