@@ -775,8 +775,8 @@ TEST(CAbiStep, BadArguments) {
   info.struct_size = 0;
   EXPECT_MDOPT_ERROR(MDOPT_INVALID_ARGUMENT, mdopt_step(a.opt(), 1.0, nullptr, &info),
                      "struct_size = 0", "sizeof(mdopt_step_info)");
-  info.struct_size = sizeof info - 1;
-  EXPECT_MDOPT_ERROR(MDOPT_INVALID_ARGUMENT, mdopt_step(a.opt(), 1.0, nullptr, &info), "struct_size");
+  // (sizeof info - 1 lies between the v1 size and today's: a caller built against an
+  // intermediate header, accepted; the versioning test covers it.)
   info.struct_size = sizeof(size_t);
   EXPECT_MDOPT_ERROR(MDOPT_INVALID_ARGUMENT, mdopt_step(a.opt(), 1.0, nullptr, &info), "struct_size");
   info.struct_size = MDOPT_STEP_INFO_SIZE_V1 - 1;
@@ -1224,7 +1224,7 @@ TEST(CAbiOutOfMemory, HugeParameterAtFinalize) {
   const std::string message = mdopt_last_error();
   ASSERT_EQ(setrlimit(RLIMIT_AS, &saved), 0);
   EXPECT_EQ(finalized, MDOPT_OUT_OF_MEMORY) << mdopt_status_string(finalized) << ": " << message;
-  EXPECT_EQ(message, "mdopt_finalize: out of memory");
+  EXPECT_EQ(message.rfind("mdopt_finalize: out of memory", 0), 0u) << message;
   EXPECT_STREQ(mdopt_status_string(MDOPT_OUT_OF_MEMORY), "MDOPT_OUT_OF_MEMORY");
   // Not finalized: a step is out of order, not a crash.
   EXPECT_MDOPT_ERROR(MDOPT_INVALID_STATE, mdopt_step(opt, 1.0, nullptr, nullptr), "before mdopt_finalize");
