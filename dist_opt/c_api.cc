@@ -381,6 +381,31 @@ mdopt_status mdopt_describe_plan(const mdopt_optimizer* opt, char* buf, size_t s
   });
 }
 
+mdopt_status mdopt_group_info(const mdopt_optimizer* opt, const char* group,
+                              mdopt_group_stats* out) {
+  return Guard("mdopt_group_info", [&] {
+    if (opt == nullptr) return NullArgument("mdopt_group_info", "opt");
+    if (group == nullptr) return NullArgument("mdopt_group_info", "group");
+    if (out == nullptr) return NullArgument("mdopt_group_info", "out");
+    mdopt_status failure = MDOPT_SUCCESS;
+    if (!StructSizeOk("mdopt_group_info", "out", "mdopt_group_stats", out->struct_size,
+                      MDOPT_GROUP_STATS_SIZE_V1, &failure)) {
+      return failure;
+    }
+    absl::StatusOr<mdopt::GroupInfo> g = opt->impl->LastStepOfGroup(group);
+    if (!g.ok()) return Report(g.status());
+    mdopt_group_stats info = MDOPT_GROUP_STATS_INIT;
+    info.matrices = g->matrices;
+    info.orthogonalized = g->orthogonalized;
+    info.projected = g->projected;
+    info.gain_stepped = g->gain_stepped;
+    info.skipped = g->skipped;
+    info.mean_relative_update = g->mean_relative_update;
+    WriteVersioned(info, out);
+    return MDOPT_SUCCESS;
+  });
+}
+
 mdopt_status mdopt_save(mdopt_optimizer* opt, const char* dir) {
   return Guard("mdopt_save", [&] {
     if (opt == nullptr) return NullArgument("mdopt_save", "opt");

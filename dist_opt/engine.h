@@ -39,6 +39,7 @@ struct EngineOptions {
   bool ns_comm_bf16 = false;     // ns_comm_dtype=bf16: the NS gather/scatter moves bf16
   bool grads_reduced = false;    // grads=reduced: every rank passes the mean gradient
   bool gather_deferred = false;  // gather=deferred: weights are all-gathered by GatherParams
+  bool update_norms = false;     // update_norms=1: measure ||dW|| / ||W|| per matrix
   int64_t bucket_bytes = int64_t{16} << 20;
 };
 
@@ -72,6 +73,12 @@ class Engine {
 
   // Writes the model tensors from the master copies (after a checkpoint load; collective).
   virtual absl::Status WriteModels() = 0;
+
+  // What the last step did to the matrices of `group`, as seen by this rank: counts[0..2] =
+  // matrices orthogonalised, projected, gain-stepped (each matrix counted by exactly one
+  // rank), and per matrix of the group (in slot order) this rank's partial sums of
+  // ||W' - W||^2 and ||W'||^2 (zeros unless update_norms). Filled only by the fast engine.
+  virtual void LastStep(int group, int64_t counts[3], std::vector<double>* norms) const = 0;
 
   virtual int64_t WorkspaceBytes() const = 0;
   virtual const char* name() const = 0;

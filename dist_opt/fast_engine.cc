@@ -48,6 +48,10 @@ struct SlotState {
   int64_t slices = 0;
   fast::Partials partials;
   int64_t xfull_offset = -1;  // rows-layout Muon slots this rank owns: where X sits in xfull
+  // What the last step did here (mdopt_group_info): ran Newton-Schulz, projected (counted
+  // on the slot's accounting rank), stepped gains (same), and partial update norms.
+  bool ns_ran = false, projected = false, gains_stepped = false;
+  double delta_sq = 0.0, w_sq = 0.0;
 };
 
 // Buffers of one bucket while it is in flight; a pool of kPipelineDepth is reused.
@@ -57,6 +61,7 @@ struct Workspace {
   std::vector<uint16_t> xloc16, xfull16;  // ns_comm_dtype=bf16 staging
   std::vector<double> cross;      // world x record: cross-row partials of every rank
   std::vector<uint8_t> weights;   // the bucket's all-gather buffer (param dtype)
+  std::vector<float> wold;        // update_norms: this rank's rows before the step
   RequestPtr gather, scatter, sums, ag;
 };
 
@@ -100,6 +105,7 @@ class FastEngine final : public Engine {
   std::vector<StateArray> State(int64_t index, int64_t expert) override;
   absl::Status WriteModels() override;
   int64_t WorkspaceBytes() const override;
+  void LastStep(int group, int64_t counts[3], std::vector<double>* norms) const override;
   const char* name() const override { return "fast"; }
   const ShardPlan* plan() const override { return &plan_; }
 
@@ -250,7 +256,7 @@ absl::Status FastEngine::Init() {
   const size_t B = plan_.buckets.size();
   cross_len_.assign(B, 0);
   radial_len_.assign(B, 0);
-  size_t xloc = 0, xfull = 0, cross = 0, weights = 0, rs_send = 0;
+  size_t xloc = 0, xfull = 0, cross = 0, weights = 0, rs_send = 0, max_seg = 0;
   for (size_t b = 0; b < B; ++b) {
     const BucketPlan& bp = plan_.buckets[b];
     int64_t full = 0;
@@ -275,6 +281,7 @@ absl::Status FastEngine::Init() {
       if (sp.muon) muon_rows = static_cast<size_t>(bp.Offset(q, rank_, world_) + sp.PackedRows(rank_) * sp.n);
     }
     xloc = std::max(xloc, muon_rows);
+    max_seg = std::max(max_seg, static_cast<size_t>(bp.seg[rank_]));
     xfull = std::max(xfull, static_cast<size_t>(full));
     cross = std::max(cross, static_cast<size_t>(world_ * std::max(cross_len_[b], radial_len_[b])));
     if (Sharded()) {
@@ -292,6 +299,7 @@ absl::Status FastEngine::Init() {
     }
     ws.cross.assign(cross, 0.0);
     ws.weights.assign(weights, 0);
+    if (opt_.update_norms) ws.wold.assign(max_seg, 0.0f);
   }
   if (Sharded() && !opt_.grads_reduced) {
     grad_seg_.resize(B);
@@ -513,6 +521,12 @@ absl::Status FastEngine::Stage(int b, int stage, const fast::StepScalars* scalar
         const int k = bp.slots[q];
         const kernels::UpdateRule& r = ParamOf(k).rule;
         const fast::MatrixView v = View(k);
+        SlotState& s = st_[k];
+        s.ns_ran = s.projected = s.gains_stepped = false;
+        s.delta_sq = s.w_sq = 0.0;
+        if (opt_.update_norms && s.rows > 0) {
+          std::copy(v.w, v.w + s.rows * v.n, ws.wold.data() + bp.Offset(q, rank_, world_));
+        }
         fast::ResetPartials(r, v, &st_[k].partials);
         if (r.tangent && r.sphere != Sphere::kNone && st_[k].rows > 0) {
           fast::RadialDots(r, v, &st_[k].partials, &scratch_);
@@ -588,6 +602,7 @@ absl::Status FastEngine::Stage(int b, int stage, const fast::StepScalars* scalar
         const float* o = opt_.ns_bf16 ? ns_bf16_ws_.Run(r.ns_coeffs, r.ns_steps, sp.m, sp.n, x)
                                       : fast::NewtonSchulz(r.ns_coeffs, r.ns_steps, sp.m, sp.n, x, &ns_);
         if (o != x) std::copy(o, o + numel, x);
+        st_[k].ns_ran = true;
         if (!gathered) continue;
         // The scatter: every other rank's block of O back to it; this rank's block stays.
         std::copy(x + st_[k].row0 * sp.n, x + (st_[k].row0 + st_[k].rows) * sp.n, x_of(q));
@@ -646,13 +661,23 @@ absl::Status FastEngine::Stage(int b, int stage, const fast::StepScalars* scalar
         ws.sums = nullptr;
         AddSums(b, ws, false);
       }
-      for (int k : bp.slots) {
+      for (size_t q = 0; q < bp.slots.size(); ++q) {
+        const int k = bp.slots[q];
         const SlotPlan& sp = plan_.slots[k];
         const ParamEntry& p = params_[sp.param];
-        if (st_[k].rows == 0 && sp.layout == Layout::kOwner) continue;
+        SlotState& s = st_[k];
+        if (s.rows == 0 && sp.layout == Layout::kOwner) continue;
         const fast::MatrixView v = View(k);
-        fast::StepGains(p.rule, v, scalars[p.group], st_[k].partials);
-        if (st_[k].rows > 0) fast::Finish(p.rule, v, st_[k].partials, &scratch_);
+        fast::StepGains(p.rule, v, scalars[p.group], s.partials);
+        if (s.rows > 0) fast::Finish(p.rule, v, s.partials, &scratch_);
+        // Each matrix is counted by one rank: its owner, or rank 0 (which always holds rows).
+        const bool accounts = sp.layout == Layout::kOwner ? sp.owner == rank_ : rank_ == 0;
+        s.projected = accounts && p.rule.sphere != Sphere::kNone;
+        s.gains_stepped = accounts && p.rule.gains != kernels::Gains::kNone;
+        if (opt_.update_norms && s.rows > 0) {
+          fast::UpdateNorms(v, ws.wold.data() + bp.Offset(q, rank_, world_), &s.delta_sq, &s.w_sq,
+                            &scratch_);
+        }
       }
       if (Sharded()) {
         if (opt_.gather_deferred) {
@@ -787,12 +812,27 @@ absl::Status FastEngine::WriteModels() {
   return absl::OkStatus();
 }
 
+void FastEngine::LastStep(int group, int64_t counts[3], std::vector<double>* norms) const {
+  counts[0] = counts[1] = counts[2] = 0;
+  norms->clear();
+  for (size_t k = 0; k < st_.size(); ++k) {
+    if (params_[plan_.slots[k].param].group != group) continue;
+    const SlotState& s = st_[k];
+    counts[0] += s.ns_ran;
+    counts[1] += s.projected;
+    counts[2] += s.gains_stepped;
+    norms->push_back(s.delta_sq);
+    norms->push_back(s.w_sq);
+  }
+}
+
 int64_t FastEngine::WorkspaceBytes() const {
   size_t b = 0;
   for (const Workspace& ws : pool_) {
     b += sizeof(float) * (ws.xloc.capacity() + ws.xfull.capacity()) +
          sizeof(uint16_t) * (ws.xloc16.capacity() + ws.xfull16.capacity()) +
-         sizeof(double) * ws.cross.capacity() + ws.weights.capacity();
+         sizeof(double) * ws.cross.capacity() + ws.weights.capacity() +
+         sizeof(float) * ws.wold.capacity();
   }
   for (const std::vector<uint8_t>& g : grad_seg_) b += g.capacity();
   for (const std::vector<uint8_t>& g : rs_staging_) b += g.capacity();

@@ -149,10 +149,16 @@ absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options
         return absl::InvalidArgumentError(absl::StrCat(
             "option 'comm_timeout_s': bad value '", value, "' (seconds, in (0, 1e7])"));
       }
+    } else if (key == "update_norms") {
+      if (value != "0" && value != "1") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option 'update_norms': bad value '", value, "' (0 or 1)"));
+      }
+      o.update_norms = value == "1";
     } else {
       return absl::InvalidArgumentError(absl::StrCat(
           "option '", key, "' is unknown (known: device, threads, kernels, ns_dtype, "
-          "ns_comm_dtype, grads, gather, bucket_mb, comm_timeout_s)"));
+          "ns_comm_dtype, grads, gather, bucket_mb, comm_timeout_s, update_norms)"));
     }
   }
   return o;
@@ -210,6 +216,7 @@ absl::Status Optimizer::Finalize() {
     eo.grads_reduced = options_.grads_reduced;
     eo.gather_deferred = options_.gather_deferred;
     eo.bucket_bytes = options_.bucket_bytes;
+    eo.update_norms = options_.update_norms;
     std::unique_ptr<Engine> engine =
         options_.kernels == OptimizerOptions::Kernels::kFast
             ? MakeFastEngine(&registry_.params(), &groups_, comm_, eo)
@@ -270,6 +277,8 @@ absl::StatusOr<StepResult> Optimizer::Step(double lr_scale, void* stream) {
   }
   r.grad_norm = std::sqrt(total);
   r.skipped = !r.skip_reason.empty();
+  stepped_ = true;
+  last_skipped_ = r.skipped;
   if (!r.skipped) {
     if (absl::Status s = engine_->Step(lr_scale, step_ + 1); !s.ok()) return s;
     ++step_;
@@ -283,6 +292,57 @@ absl::StatusOr<StepResult> Optimizer::Step(double lr_scale, void* stream) {
     r.bytes_sent = c1.bytes_sent - c0.bytes_sent;
   }
   return r;
+}
+
+absl::StatusOr<GroupInfo> Optimizer::LastStepOfGroup(absl::string_view name) const {
+  if (absl::Status s = RequireFinalized("mdopt_group_info"); !s.ok()) return s;
+  int group = -1;
+  for (size_t g = 0; g < groups_.size(); ++g)
+    if (groups_[g].name == name) group = static_cast<int>(g);
+  if (group < 0) return absl::InvalidArgumentError(absl::StrCat("group '", name, "' was not added"));
+  GroupInfo info;
+  for (const ParamEntry& p : registry_.params())
+    if (p.group == group) info.matrices += p.experts;
+  if (!stepped_) return info;
+  if (last_skipped_) {
+    info.skipped = info.matrices;
+    return info;
+  }
+  int64_t counts[3];
+  std::vector<double> norms;
+  engine_->LastStep(group, counts, &norms);
+  // counts and norms of every rank, added in rank order.
+  std::vector<double> mine(norms.size() + 3);
+  for (int k = 0; k < 3; ++k) mine[k] = static_cast<double>(counts[k]);
+  std::copy(norms.begin(), norms.end(), mine.begin() + 3);
+  const int world = comm_->size();
+  std::vector<double> all(mine.size() * world);
+  if (world > 1) {
+    std::vector<int64_t> lens(static_cast<size_t>(world), static_cast<int64_t>(mine.size()));
+    absl::StatusOr<RequestPtr> req = comm_->AllGather(mine.data(), all.data(), lens, DataType::kF64);
+    if (!req.ok()) return req.status();
+    if (absl::Status st = (*req)->Wait(); !st.ok()) return st;
+  } else {
+    all = mine;
+  }
+  std::vector<double> sum(mine.size(), 0.0);
+  for (int q = 0; q < world; ++q)
+    for (size_t k = 0; k < mine.size(); ++k) sum[k] += all[q * mine.size() + k];
+  info.orthogonalized = static_cast<int64_t>(sum[0]);
+  info.projected = static_cast<int64_t>(sum[1]);
+  info.gain_stepped = static_cast<int64_t>(sum[2]);
+  if (!options_.update_norms || options_.kernels != OptimizerOptions::Kernels::kFast) {
+    info.mean_relative_update = std::nan("");
+  } else {
+    double acc = 0.0;
+    const size_t m = norms.size() / 2;
+    for (size_t k = 0; k < m; ++k) {
+      const double d = sum[3 + 2 * k], w = sum[4 + 2 * k];
+      acc += w > 0 ? std::sqrt(d / w) : 0.0;
+    }
+    info.mean_relative_update = m > 0 ? acc / static_cast<double>(m) : 0.0;
+  }
+  return info;
 }
 
 absl::Status Optimizer::GradsReady(int64_t first, int64_t count, void* stream) {

@@ -28,6 +28,13 @@ struct OptimizerOptions {
   bool gather_deferred = false; // gather=deferred (default eager)
   int64_t bucket_bytes = int64_t{16} << 20;  // bucket_mb=
   double comm_timeout_s = 600;  // comm_timeout_s=
+  bool update_norms = false;    // update_norms=1
+};
+
+// mdopt_group_info.
+struct GroupInfo {
+  int64_t matrices = 0, orthogonalized = 0, projected = 0, gain_stepped = 0, skipped = 0;
+  double mean_relative_update = 0.0;
 };
 
 // "device=cpu threads=2 kernels=fast ns_dtype=f32"; device=cuda:K is Unimplemented in a
@@ -58,6 +65,8 @@ class Optimizer {
   absl::Status GradsReady(int64_t first, int64_t count, void* stream);
   absl::Status GatherParams(void* stream);
   const ShardPlan* plan() const { return engine_ == nullptr ? nullptr : engine_->plan(); }
+  // What the last step did to a group (collective at several ranks).
+  absl::StatusOr<GroupInfo> LastStepOfGroup(absl::string_view group) const;
   absl::Status Save(const std::string& dir);
   absl::Status Load(const std::string& dir);
 
@@ -81,6 +90,7 @@ class Optimizer {
   std::vector<double> grad_sumsq_;  // per param x rank, sized at Finalize: a step allocates nothing
   std::vector<int64_t> sumsq_counts_;
   int64_t step_ = 0;
+  bool stepped_ = false, last_skipped_ = false;
 };
 
 }  // namespace mdopt

@@ -28,6 +28,7 @@ class ReferenceEngine final : public Engine {
   absl::Status ReduceGradients() override { return absl::OkStatus(); }
   absl::Status GatherParams() override { return absl::OkStatus(); }
   int64_t WorkspaceBytes() const override { return 0; }
+  void LastStep(int group, int64_t counts[3], std::vector<double>* norms) const override;
   const char* name() const override { return "reference"; }
   const ShardPlan* plan() const override { return &plan_; }
 
@@ -134,6 +135,19 @@ std::vector<StateArray> ReferenceEngine::State(int64_t index, int64_t e) {
   add("scalar_exp_avg_sq", s.scalar.exp_avg_sq);
   add("radius", s.radius);
   return out;
+}
+
+void ReferenceEngine::LastStep(int group, int64_t counts[3], std::vector<double>* norms) const {
+  // One rank, whole matrices: every matrix of the group took the step its rule describes.
+  counts[0] = counts[1] = counts[2] = 0;
+  norms->clear();
+  for (const ParamEntry& p : params_) {
+    if (p.group != group) continue;
+    counts[0] += p.rule.base == kernels::Base::kMuon ? p.experts : 0;
+    counts[1] += p.rule.sphere != kernels::Sphere::kNone ? p.experts : 0;
+    counts[2] += p.rule.gains != kernels::Gains::kNone ? p.experts : 0;
+    norms->insert(norms->end(), static_cast<size_t>(2 * p.experts), 0.0);
+  }
 }
 
 }  // namespace

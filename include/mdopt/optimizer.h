@@ -141,6 +141,33 @@ MDOPT_API mdopt_status mdopt_grads_ready(mdopt_optimizer* opt, int64_t first_ind
  * its own rows updated). A no-op with gather=eager and on one rank. */
 MDOPT_API mdopt_status mdopt_gather_params(mdopt_optimizer* opt, void* stream);
 
+/* What the last mdopt_step did to the matrices of one group: no silent fallback. A matrix is
+ * a 2-D parameter, one expert of a 3-D stack, or a 1-D parameter. Versioned like the
+ * structs above (MDOPT_GROUP_STATS_SIZE_V1, MDOPT_GROUP_STATS_INIT); filled by mdopt_group_info. */
+typedef struct {
+  size_t struct_size;
+  int64_t matrices;       /* in the group */
+  int64_t orthogonalized; /* Newton-Schulz runs */
+  int64_t projected;      /* put back onto their sphere */
+  int64_t gain_stepped;   /* whose gains took an Adam step */
+  int64_t skipped;        /* not updated because the step was skipped (all, or none) */
+  /* mean over the group's matrices of ||W_after - W_before||_F / ||W_after||_F; NaN unless
+   * mdopt_create was given update_norms=1 (it costs a copy of the weights per step) */
+  double mean_relative_update;
+  /* New fields go here, at the end, and nowhere else. */
+} mdopt_group_stats;
+
+#define MDOPT_GROUP_STATS_SIZE_V1                                 \
+  ((size_t)(offsetof(mdopt_group_stats, mean_relative_update) + \
+            sizeof(((mdopt_group_stats*)0)->mean_relative_update)))
+#define MDOPT_GROUP_STATS_INIT { sizeof(mdopt_group_stats), 0, 0, 0, 0, 0, 0.0 }
+
+/* Fills *out for the group named `group`, for the last step (zeros before the first).
+ * Collective at several ranks (every rank calls it, same group): the counts and norms are
+ * summed over ranks. */
+MDOPT_API mdopt_status mdopt_group_info(const mdopt_optimizer* opt, const char* group,
+                                        mdopt_group_stats* out);
+
 /* Checkpoints: a directory with a manifest and one state file per rank (see docs/ABI.md).
  * save writes atomically (temporary names, fsync, rename); load verifies checksums, format
  * version and layout before it changes anything, then restores the state and writes the

@@ -118,6 +118,11 @@ void SliceSquares(const UpdateRule& rule, const MatrixView& v, Partials* p, Scra
 // Writes the model copy from v.w (after init or a checkpoint load).
 void WriteModel(const MatrixView& v);
 
+// sum (w - w_old)^2 and sum w^2 over the view's rows (w: v.w after Finish; w_old: the rows
+// before the step, `rows x n`), in float64 over the fixed row partition.
+void UpdateNorms(const MatrixView& v, const float* w_old, double* delta_sq, double* w_sq,
+                 Scratch* scratch);
+
 // Sum of squares of the gradient rows, in float64 (NaN/Inf propagate: the finite check).
 double GradSumSq(const MatrixView& v, Scratch* scratch);
 

@@ -536,6 +536,32 @@ void WriteModel(const MatrixView& v) {
     for (int64_t i = rr.begin(k); i < rr.end(k); ++i) StoreModelRow(v, i);
 }
 
+void UpdateNorms(const MatrixView& v, const float* w_old, double* delta_sq, double* w_sq,
+                 Scratch* sc) {
+  const RowRanges rr(v.rows);
+  double* d = Use(&sc->range_a, rr.count, 0.0);
+  double* q = Use(&sc->range_b, rr.count, 0.0);
+#pragma omp parallel for schedule(static) if (ParallelWorthIt(v))
+  for (int64_t k = 0; k < rr.count; ++k) {
+    double dk = 0.0, qk = 0.0;
+    const int64_t b = rr.begin(k) * v.n, e = rr.end(k) * v.n;
+#pragma omp simd reduction(+ : dk, qk)
+    for (int64_t x = b; x < e; ++x) {
+      const double w = v.w[x], diff = w - static_cast<double>(w_old[x]);
+      dk += diff * diff;
+      qk += w * w;
+    }
+    d[k] = dk;
+    q[k] = qk;
+  }
+  *delta_sq = 0.0;
+  *w_sq = 0.0;
+  for (int64_t k = 0; k < rr.count; ++k) {
+    *delta_sq += d[k];
+    *w_sq += q[k];
+  }
+}
+
 double GradSumSq(const MatrixView& v, Scratch* sc) {
   const RowRanges rr(v.rows);
   double* part = Use(&sc->range_a, rr.count, 0.0);

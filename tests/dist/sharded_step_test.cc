@@ -197,13 +197,13 @@ void Compare(const Case& c) {
   Communicator* world = World();
   ASSERT_NE(world, nullptr);
   const int N = world->size(), rank = world->rank();
-  std::string options = std::string("threads=1 grads=") + (c.reduced ? "reduced" : "local");
+  std::string options = std::string("threads=1 update_norms=1 grads=") + (c.reduced ? "reduced" : "local");
   if (c.many_buckets) options += " bucket_mb=0.0001";
   if (c.ns_comm_bf16) options += " ns_comm_dtype=bf16";
   const std::string spec = c.spec + " layout=" + c.layout;
   std::unique_ptr<Communicator> local = MakeLocalCommunicator();
   OptRun sharded(world, options, spec, c.bf16);
-  OptRun single(local.get(), "threads=1", spec, c.bf16);
+  OptRun single(local.get(), "threads=1 update_norms=1", spec, c.bf16);
   ASSERT_TRUE(sharded.opt().Finalize().ok());
   ASSERT_TRUE(single.opt().Finalize().ok());
   for (size_t i = 0; i < sharded.size(); ++i)
@@ -236,6 +236,25 @@ void Compare(const Case& c) {
       EXPECT_LE(RelMaxError(*x, *y), c.tolerance) << "tensor " << i << " " << field;
     }
   }
+  // mdopt_group_info: every matrix counted once over the ranks, as on one rank; the relative
+  // update (measured over every rank's rows) as on one rank.
+  absl::StatusOr<GroupInfo> gi = sharded.opt().LastStepOfGroup("g");
+  absl::StatusOr<GroupInfo> gj = single.opt().LastStepOfGroup("g");
+  ASSERT_TRUE(gi.ok() && gj.ok());
+  EXPECT_EQ(gi->matrices, gj->matrices);
+  EXPECT_EQ(gi->orthogonalized, gj->orthogonalized);
+  EXPECT_EQ(gi->projected, gj->projected);
+  EXPECT_EQ(gi->gain_stepped, gj->gain_stepped);
+  EXPECT_EQ(gi->skipped, 0);
+  const kernels::UpdateRule rule = ParseGroupSpec(spec)->rule;
+  const int64_t vectors = rule.base == kernels::Base::kAdamW ? 1 : 0;  // "vec": no sphere, no gains
+  EXPECT_EQ(gi->orthogonalized, rule.base == kernels::Base::kMuon ? gi->matrices : 0);
+  EXPECT_EQ(gi->projected, rule.sphere != kernels::Sphere::kNone ? gi->matrices - vectors : 0);
+  EXPECT_EQ(gi->gain_stepped, rule.gains != kernels::Gains::kNone ? gi->matrices - vectors : 0);
+  EXPECT_GT(gi->mean_relative_update, 0.0);
+  EXPECT_NEAR(gi->mean_relative_update, gj->mean_relative_update,
+              std::max(1e-4, c.tolerance) * gj->mean_relative_update);
+
   // State bytes: owner layout holds every byte once; rows layout 1/N of every matrix's
   // per-element state plus one padded row, replicated column and scalar gains and radii.
   absl::StatusOr<int64_t> mine = sharded.opt().StateBytes();
