@@ -12,7 +12,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "dist_opt/crc32c.h"
-#include "nlohmann/json.hpp"
 
 namespace mdopt {
 namespace {
@@ -116,32 +115,35 @@ absl::Status WriteBody(StreamWriter& w, const RankFileHeader& h,
   PutAt<uint32_t>(head, &at, Crc32c(0, head, at));
   if (absl::Status s = w.Write(head, sizeof head); !s.ok()) return s;
 
-  nlohmann::json index = nlohmann::json::array();
+  // The index is binary, not JSON: building and freeing it must only ever fail as a
+  // std::bad_alloc the caller can catch (a JSON tree frees itself with allocations).
+  std::string text;
+  auto put = [&](auto v) { text.append(reinterpret_cast<const char*>(&v), sizeof v); };
+  put(static_cast<uint64_t>(arrays.size()));
   for (const RankFileArray& a : arrays) {
     const int64_t chunk = ChunkElems(a);
-    nlohmann::json crcs = nlohmann::json::array();
     const uint64_t offset = w.bytes();
+    put(a.param);
+    put(a.expert);
+    put(static_cast<uint16_t>(a.name.size()));
+    text.append(a.name);
+    put(static_cast<uint8_t>(a.rows ? 1 : 0));
+    put(a.row0);
+    put(a.row1);
+    put(a.width);
+    put(static_cast<uint32_t>(a.elem_size));
+    put(a.count);
+    put(offset);
+    put(chunk);
+    put(static_cast<uint64_t>(a.count == 0 ? 0 : (a.count + chunk - 1) / chunk));
     const char* p = static_cast<const char*>(a.data);
     for (int64_t e = 0; e < a.count; e += chunk) {
       const size_t n = static_cast<size_t>(std::min(chunk, a.count - e) * a.elem_size);
-      crcs.push_back(Crc32c(0, p, n));
+      put(Crc32c(0, p, n));
       if (absl::Status s = w.Write(p, n); !s.ok()) return s;
       p += n;
     }
-    index.push_back({{"param", a.param},
-                     {"expert", a.expert},
-                     {"name", a.name},
-                     {"kind", a.rows ? "rows" : "matrix"},
-                     {"row0", a.row0},
-                     {"row1", a.row1},
-                     {"width", a.width},
-                     {"elem_size", a.elem_size},
-                     {"count", a.count},
-                     {"offset", offset},
-                     {"chunk_elems", chunk},
-                     {"chunk_crc32c", std::move(crcs)}});
   }
-  const std::string text = nlohmann::json{{"arrays", std::move(index)}}.dump();
   const uint64_t index_offset = w.bytes();
   if (absl::Status s = w.Write(text.data(), text.size()); !s.ok()) return s;
   char tail[kTrailerBytes];
@@ -273,37 +275,50 @@ absl::Status RankFileReader::Open(const std::string& path, uint64_t bytes, uint3
   std::string text(static_cast<size_t>(index_bytes), '\0');
   if (absl::Status s = ReadAt(index_offset, text.size(), text.data()); !s.ok()) return s;
   if (Crc32c(0, text.data(), text.size()) != index_crc) return Damaged("index");
-  const nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
   auto bad = [&](const std::string& why) {
     return IoError(absl::StrCat("'", path, "' has a malformed index: ", why));
   };
-  if (!j.is_object() || !j.contains("arrays") || !j["arrays"].is_array()) return bad("no arrays");
-  try {
-    for (const nlohmann::json& e : j["arrays"]) {
-      IndexedArray a;
-      a.name = e.at("name").get<std::string>();
-      a.rows = e.at("kind").get<std::string>() == "rows";
-      a.row0 = e.at("row0").get<int64_t>();
-      a.row1 = e.at("row1").get<int64_t>();
-      a.width = e.at("width").get<int64_t>();
-      a.elem_size = e.at("elem_size").get<int>();
-      a.count = e.at("count").get<int64_t>();
-      a.offset = e.at("offset").get<uint64_t>();
-      a.chunk_elems = e.at("chunk_elems").get<int64_t>();
-      a.chunk_crc = e.at("chunk_crc32c").get<std::vector<uint32_t>>();
-      const int64_t chunks = a.chunk_elems > 0 ? (a.count + a.chunk_elems - 1) / a.chunk_elems : -1;
-      if ((a.elem_size != 4 && a.elem_size != 8) || a.count < 0 || a.chunk_elems <= 0 ||
-          chunks != static_cast<int64_t>(a.chunk_crc.size()) || a.offset < kHeaderBytes ||
-          a.offset + static_cast<uint64_t>(a.count * a.elem_size) > index_offset ||
-          (a.rows && (a.width <= 0 || a.row1 < a.row0 || (a.row1 - a.row0) * a.width != a.count))) {
-        return bad(absl::StrCat("array '", a.name, "' is inconsistent"));
-      }
-      const auto key = std::make_tuple(e.at("param").get<int64_t>(), e.at("expert").get<int64_t>(), a.name);
-      arrays_[key] = std::move(a);
+  size_t pos = 0;
+  auto get = [&](auto* v) {
+    if (pos + sizeof *v > text.size()) return false;
+    std::memcpy(v, text.data() + pos, sizeof *v);
+    pos += sizeof *v;
+    return true;
+  };
+  uint64_t n = 0;
+  if (!get(&n)) return bad("no array count");
+  for (uint64_t k = 0; k < n; ++k) {
+    IndexedArray a;
+    int64_t param = 0, expert = 0;
+    uint16_t name_len = 0;
+    uint8_t rows = 0;
+    uint32_t elem = 0;
+    uint64_t chunks = 0;
+    if (!get(&param) || !get(&expert) || !get(&name_len) || pos + name_len > text.size()) {
+      return bad(absl::StrCat("entry ", k, " is cut short"));
     }
-  } catch (const nlohmann::json::exception& ex) {
-    return bad(ex.what());
+    a.name.assign(text.data() + pos, name_len);
+    pos += name_len;
+    if (!get(&rows) || !get(&a.row0) || !get(&a.row1) || !get(&a.width) || !get(&elem) ||
+        !get(&a.count) || !get(&a.offset) || !get(&a.chunk_elems) || !get(&chunks) ||
+        chunks > (text.size() - pos) / sizeof(uint32_t)) {
+      return bad(absl::StrCat("entry ", k, " ('", a.name, "') is cut short"));
+    }
+    a.rows = rows != 0;
+    a.elem_size = static_cast<int>(elem);
+    a.chunk_crc.resize(static_cast<size_t>(chunks));
+    for (uint32_t& c : a.chunk_crc) get(&c);
+    const int64_t want_chunks = a.chunk_elems > 0 ? (a.count + a.chunk_elems - 1) / a.chunk_elems : -1;
+    if ((a.elem_size != 4 && a.elem_size != 8) || a.count < 0 || a.chunk_elems <= 0 ||
+        want_chunks != static_cast<int64_t>(chunks) || a.offset < kHeaderBytes ||
+        a.offset + static_cast<uint64_t>(a.count) * static_cast<uint64_t>(a.elem_size) > index_offset ||
+        (a.rows && (a.width <= 0 || a.row1 < a.row0 || (a.row1 - a.row0) * a.width != a.count))) {
+      return bad(absl::StrCat("array '", a.name, "' is inconsistent"));
+    }
+    auto key = std::make_tuple(param, expert, a.name);
+    arrays_[std::move(key)] = std::move(a);
   }
+  if (pos != text.size()) return bad("trailing bytes");
   return absl::OkStatus();
 }
 

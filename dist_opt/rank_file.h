@@ -4,10 +4,10 @@
 //   header   36 bytes: magic "MDOPTRK2", endian mark, format version, rank, world size,
 //            step, CRC-32C of those 32 bytes
 //   data     every array's bytes, back to back, cut into chunks of about kChunkBytes
-//   index    JSON: per array its slot (param, expert), name, kind (rows: the global rows
-//            [row0, row1) of a row-indexed array, `width` elements each; matrix: one
-//            per-matrix array), element size, count, offset, elements per chunk and the
-//            CRC-32C of every chunk
+//   index    binary: the array count, then per array its slot (param, expert), name,
+//            kind (rows: the global rows [row0, row1) of a row-indexed array, `width`
+//            elements each; matrix: one per-matrix array), element size, count, offset,
+//            elements per chunk, chunk count and the CRC-32C of every chunk
 //   trailer  28 bytes: index offset, index size, index CRC-32C, the CRC-32C of every byte
 //            before the trailer (the file's identity, which the manifest and the file name
 //            carry), CRC-32C of those 24 bytes
