@@ -1,10 +1,12 @@
-// Checkpoints (DESIGN.md section 5): a directory holding `manifest.txt` (format version,
-// world size, engine, step, groups, params and shapes, and the name, size and CRC-32C of
-// every rank file, itself closed by its own CRC-32C) and one binary
-// `rank-NNNNN.<crc32c>.state` per rank with that rank's state arrays. Rank files are named
-// by content and written first, the manifest is renamed into place last, and rank files of
-// earlier saves are removed after it: a save that dies half-way leaves the previous
-// checkpoint loadable. Loading checks everything before it changes anything.
+// Checkpoints at any rank count (docs/ABI.md, mdopt_save / mdopt_load): a directory holding
+// `manifest.json` (checkpoint_manifest.h) and one content-named rank file per saving rank
+// (rank_file.h) with the state arrays of the slots that rank holds, row-indexed arrays
+// tagged with the global rows they cover. Rank files are written first, streamed, under
+// temporary names, then renamed; rank 0 writes the manifest last (the commit point); rank
+// files of earlier saves are removed after it. A load at any rank count reads, for each of
+// its slots, the rows it needs from whichever rank files hold them, checks everything into
+// staging buffers, and changes the live state only when every rank succeeded. Both calls
+// are collective: every rank returns the same status.
 #ifndef MDOPT_DIST_OPT_CHECKPOINT_H_
 #define MDOPT_DIST_OPT_CHECKPOINT_H_
 
@@ -14,12 +16,11 @@
 
 #include "absl/status/status.h"
 #include "comm/communicator.h"
+#include "dist_opt/checkpoint_manifest.h"
 #include "dist_opt/engine.h"
 #include "dist_opt/param_registry.h"
 
 namespace mdopt {
-
-inline constexpr int kCheckpointFormatVersion = 1;
 
 // What a checkpoint describes and what a loading optimizer expects.
 struct CheckpointLayout {
@@ -30,20 +31,20 @@ struct CheckpointLayout {
   const std::vector<ParamEntry>* params = nullptr;
 };
 
-// Writes this rank's state and (rank 0) the manifest. All errors are DataLoss (IO_ERROR).
+// Collective. Writes this rank's file and (rank 0) the manifest. Memory beyond the live
+// state: one write buffer (kWriteBufferBytes) and the index. All errors are DataLoss
+// (IO_ERROR), the same on every rank.
 absl::Status SaveCheckpoint(const std::string& dir, const CheckpointLayout& layout,
                             Engine* engine, Communicator* comm);
 
-// Verifies the checkpoint against `expected` (format version, engine, world size, params,
-// shapes, the state layout of every group, checksums, sizes), then copies it into the
-// engine's state, writes the model tensors and returns the step count it holds. On any
-// error nothing has changed. Errors are DataLoss (IO_ERROR).
+// Collective. Verifies the checkpoint against `expected` (format version, engine, params,
+// shapes, the state layout of every group, sizes, checksums), reads this rank's rows into
+// staging buffers (up to this rank's state again), and only when every rank succeeded
+// copies them into the engine's state, writes the model tensors and returns the step count.
+// The checkpoint may come from any rank count and either layout. On any error on any rank
+// nothing has changed on any rank, and every rank returns the same error (DataLoss).
 absl::Status LoadCheckpoint(const std::string& dir, const CheckpointLayout& expected,
                             Engine* engine, Communicator* comm, int64_t* step);
-
-// "rank-00000.1a2b3c4d.state": the rank and the CRC-32C of the file's bytes.
-std::string RankFileName(int rank, uint32_t crc);
-bool IsRankFileName(const std::string& name, int rank);
 
 }  // namespace mdopt
 

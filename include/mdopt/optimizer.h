@@ -169,9 +169,10 @@ MDOPT_API mdopt_status mdopt_group_info(const mdopt_optimizer* opt, const char* 
                                         mdopt_group_stats* out);
 
 /* Checkpoints: a directory with a manifest and one state file per rank (see docs/ABI.md).
- * save writes atomically (temporary names, fsync, rename); load verifies checksums, format
- * version and layout before it changes anything, then restores the state and writes the
- * restored weights to the params. */
+ * Collective. save writes atomically (temporary names, fsync, rename, manifest last); load
+ * works at any rank count (it reshards), verifies checksums, format version and layout on
+ * every rank before it changes anything, then restores the state and writes the restored
+ * weights to the params. */
 MDOPT_API mdopt_status mdopt_save(mdopt_optimizer* opt, const char* dir);
 MDOPT_API mdopt_status mdopt_load(mdopt_optimizer* opt, const char* dir);
 

@@ -171,7 +171,7 @@ static int run(const char* tmp_root) {
   /* tmp is shorter than 4096 bytes, so neither can be truncated. */
   CHECK(snprintf(ckpt, sizeof ckpt, "%s/ckpt", tmp) < (int)sizeof ckpt);
   CHECK_OK(mdopt_save(opt, ckpt));
-  CHECK(snprintf(manifest, sizeof manifest, "%s/manifest.txt", ckpt) < (int)sizeof manifest);
+  CHECK(snprintf(manifest, sizeof manifest, "%s/manifest.json", ckpt) < (int)sizeof manifest);
   f = fopen(manifest, "r");
   CHECK(f != NULL);
   if (f != NULL) fclose(f);

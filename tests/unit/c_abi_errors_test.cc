@@ -92,7 +92,7 @@ std::pair<std::string, std::string> CheckpointBytes(mdopt_optimizer* opt, const 
   const mdopt_status s = mdopt_save(opt, dir.c_str());
   EXPECT_EQ(s, MDOPT_SUCCESS) << mdopt_last_error();
   if (s != MDOPT_SUCCESS) return {};
-  return {ReadBytes(dir + "/manifest.txt"), ReadBytes(dir + "/" + testing::RankFileOf(dir))};
+  return {ReadBytes(dir + "/manifest.json"), ReadBytes(dir + "/" + testing::RankFileOf(dir))};
 }
 
 using OptimizerPtr = std::unique_ptr<mdopt_optimizer, mdopt_status (*)(mdopt_optimizer*)>;
@@ -1145,7 +1145,7 @@ TEST_P(CAbiNonFinite, StepIsSkippedAndNothingChanges) {
   EXPECT_EQ(ReadBytes(tmp / "before/" + testing::RankFileOf(tmp / "before")),
             ReadBytes(tmp / "after/" + testing::RankFileOf(tmp / "after")))
       << "a skipped step changed the optimizer state";
-  EXPECT_EQ(ReadBytes(tmp / "before/manifest.txt"), ReadBytes(tmp / "after/manifest.txt"));
+  EXPECT_EQ(ReadBytes(tmp / "before/manifest.json"), ReadBytes(tmp / "after/manifest.json"));
 
   // The next finite step is the twin's step 2, bit for bit.
   ASSERT_NO_FATAL_FAILURE(ExpectTwinsAfterSteps(a, twin, 2, 2, "after a skipped step"));

@@ -11,12 +11,16 @@
 // starts with `checkpoint` (suite or instantiation prefix) for `ctest -R checkpoint`.
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <iostream>
 #include <string>
 #include <vector>
 
+#include "dist_opt/crc32c.h"
+#include "nlohmann/json.hpp"
 #include "numeric_util.h"
 #include "test_util.h"
 
@@ -30,7 +34,7 @@ using testing::Take;
 using testing::TempDir;
 using testing::TensorSpec;
 
-constexpr char kManifest[] = "manifest.txt";
+constexpr char kManifest[] = "manifest.json";
 // Rank files are named "rank-00000.<crc32c>.state" by content; messages name the file, so
 // they contain this prefix.
 constexpr char kRankFile[] = "rank-00000.";
@@ -221,9 +225,9 @@ std::vector<Refusal> Refusals() {
   r.push_back({"manifest_bit_flip_step", SameConfig,
                [=](const std::string& d) {
                  const std::string b = ReadBytes(manifest(d));
-                 const size_t at = b.find("\nstep ");
+                 const size_t at = b.find("\"step\": ");
                  EXPECT_NE(at, std::string::npos);
-                 WriteBytes(manifest(d), Flip(b, at + 6, 0x01));  // '7' -> '6'
+                 WriteBytes(manifest(d), Flip(b, at + 8, 0x01));  // '7' -> '6'
                  return d;
                },
                {kManifest, "checksum"}});
@@ -235,16 +239,24 @@ std::vector<Refusal> Refusals() {
                },
                {kManifest, "checksum"}});
   // A newer format: the version must be named, not reported as damage.
-  r.push_back({"manifest_format_version_2", SameConfig,
+  r.push_back({"manifest_format_version_3", SameConfig,
                [=](const std::string& d) {
                  std::string b = ReadBytes(manifest(d));
-                 const size_t eol = b.find('\n');
-                 EXPECT_EQ(b.substr(0, eol), "mdopt-checkpoint-format 1");
-                 b.replace(0, eol, "mdopt-checkpoint-format 2");
+                 const size_t at = b.find("\"format_version\": 2");
+                 EXPECT_NE(at, std::string::npos);
+                 b.replace(at, std::strlen("\"format_version\": 2"), "\"format_version\": 3");
                  WriteBytes(manifest(d), b);
                  return d;
                },
-               {"format version 2"}});
+               {"format version 3"}});
+  // A format 1 checkpoint (manifest.txt): refused by its version, not as a missing file.
+  r.push_back({"format_1_manifest_txt", SameConfig,
+               [=](const std::string& d) {
+                 std::filesystem::remove(manifest(d));
+                 WriteBytes(d + "/manifest.txt", "mdopt-checkpoint-format 1\nengine fast\n");
+                 return d;
+               },
+               {"format version 1", "manifest.txt"}});
   // Missing pieces.
   r.push_back({"rank_file_missing", SameConfig,
                [=](const std::string& d) {
@@ -367,6 +379,31 @@ TEST(checkpoint, OtherLearningRateIsAccepted) {
   EXPECT_TRUE(BitwiseEqual(Take(opt), Take(saver)));
 }
 
+// A later version may add keys to the manifest: a reader ignores what it does not know
+// (the checksum, over every key, still has to match).
+TEST(checkpoint, UnknownManifestKeysAreTolerated) {
+  const Config c = RunningConfig(0);
+  TempDir tmp;
+  const std::string dir = tmp.Sub("ckpt");
+  AbiHarness saver(c.options, c.spec, c.tensors, 10);
+  MDOPT_ASSERT_OK(mdopt_finalize(saver.opt()));
+  RunSteps(saver, 10, 0, 3);
+  MDOPT_ASSERT_OK(mdopt_save(saver.opt(), dir.c_str()));
+  nlohmann::json m = nlohmann::json::parse(testing::ReadBytes(dir + "/" + kManifest));
+  m["added_by_a_later_version"] = {{"anything", 1}};
+  m["params"][0]["also_new"] = "x";
+  m.erase("crc32c");
+  const std::string body = m.dump();
+  char hex[9];
+  std::snprintf(hex, sizeof hex, "%08x", Crc32c(0, body.data(), body.size()));
+  m["crc32c"] = hex;
+  testing::WriteBytes(dir + "/" + kManifest, m.dump(2));
+  AbiHarness opt(c.options, c.spec, c.tensors, 9);
+  MDOPT_ASSERT_OK(mdopt_finalize(opt.opt()));
+  MDOPT_ASSERT_OK(mdopt_load(opt.opt(), dir.c_str()));
+  EXPECT_TRUE(BitwiseEqual(Take(opt), Take(saver)));
+}
+
 // ---------------------------------------------------------------------------------------
 // (c) Atomic saves.
 
@@ -404,7 +441,7 @@ TEST(checkpoint, AtomicSaveLeavesNoTemporariesAndSavesTwice) {
     EXPECT_NE(second_name, first_name) << "second save did not replace";
     EXPECT_EQ(testing::ListDir(dir), (std::vector<std::string>{kManifest, second_name}));
     EXPECT_FALSE(HasTmpFiles(dir));
-    EXPECT_NE(testing::ReadBytes(dir + "/" + kManifest).find("\nstep 6\n"), std::string::npos);
+    EXPECT_EQ(nlohmann::json::parse(testing::ReadBytes(dir + "/" + kManifest))["step"], 6);
 
     // The second checkpoint is the one that loads, and the counter continues from 6.
     AbiHarness fresh(options, "preset=md-muon", tensors, 3);

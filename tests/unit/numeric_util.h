@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "mdopt/mdopt.h"
+#include "nlohmann/json.hpp"
 #include "test_util.h"
 
 namespace mdopt::testing {
@@ -140,16 +141,15 @@ inline void WriteBytes(const std::string& path, const std::string& data) {
   EXPECT_TRUE(out.good()) << "cannot write " << path;
 }
 
-// The file name of rank 0's state in a checkpoint directory, as its manifest gives it
+// The file name of a rank's state in a checkpoint directory, as its manifest.json gives it
 // ("rank-00000.<crc32c>.state": rank files are named by content).
-inline std::string RankFileOf(const std::string& dir) {
-  const std::string m = ReadBytes(dir + "/manifest.txt");
-  const std::string key = "\nrank_file 0 ";
-  const size_t at = m.find(key);
-  EXPECT_NE(at, std::string::npos) << "no rank_file line in " << dir;
-  if (at == std::string::npos) return "";
-  const size_t begin = at + key.size();
-  return m.substr(begin, m.find(' ', begin) - begin);
+inline std::string RankFileOf(const std::string& dir, int rank = 0) {
+  const nlohmann::json m = nlohmann::json::parse(ReadBytes(dir + "/manifest.json"), nullptr, false);
+  const bool ok = m.is_object() && m.contains("rank_files") && m["rank_files"].is_array() &&
+                  rank < static_cast<int>(m["rank_files"].size());
+  EXPECT_TRUE(ok) << "no rank_files entry " << rank << " in " << dir;
+  if (!ok) return "";
+  return m["rank_files"][rank]["name"].get<std::string>();
 }
 
 // Copies every regular file of one directory into another (created if needed).

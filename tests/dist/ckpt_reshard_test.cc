@@ -1,0 +1,404 @@
+// Checkpoints across rank counts, under mpirun at 4 ranks:
+//  (a) a chain 4 -> 3 -> 2 -> 1: train 5 steps at 4 ranks and save; ranks [0, 3) (an
+//      MPI_Comm_split of the world) load it, take 3 steps and save; then [0, 2), then rank
+//      0 alone (a local communicator). Right after every load the state is bitwise the
+//      saver's (the collective mdopt_get_state fields), and after 14 steps the weights and
+//      state equal an uninterrupted one-rank run within the sharded tolerance; for md-muon
+//      (rows and owner layouts) and md-adamw, f32 and bf16 weights, on shapes that do not
+//      divide evenly (odd m, m < N, 1 x n, a 3-D stack);
+//  (b) a checkpoint written at 1 rank loads at 4, bitwise;
+//  (c) at 4 ranks, a missing rank file, a flipped bit in one rank file and a checkpoint of
+//      another param shape are refused on every rank with DataLoss and the same message,
+//      the state bitwise untouched.
+#include <gtest/gtest.h>
+#include <mpi.h>
+#include <stdlib.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "dist_opt/optimizer.h"
+#include "kernels/cpu/bf16.h"
+#include "nlohmann/json.hpp"
+
+namespace mdopt {
+namespace {
+
+// As tests/dist/sharded_step_test.cc: the sharded step equals one rank to ~3e-7.
+constexpr double kTolerance = 5e-6;
+
+double g_worst = 0.0;
+struct ReportWorst : ::testing::Environment {
+  void TearDown() override { std::printf("ckpt_reshard_test: worst relative error vs one rank %.3g\n", g_worst); }
+};
+const auto* const kReport = ::testing::AddGlobalTestEnvironment(new ReportWorst);
+
+Communicator* World() {
+  static std::unique_ptr<Communicator> world = [] {
+    absl::StatusOr<std::unique_ptr<Communicator>> c = MakeMpiCommunicator(nullptr);
+    if (!c.ok()) {
+      ADD_FAILURE() << c.status();
+      return std::unique_ptr<Communicator>();
+    }
+    return *std::move(c);
+  }();
+  return world.get();
+}
+
+void Barrier() { ASSERT_TRUE(BarrierBlocking(*World()).ok()); }
+
+// Ranks [0, k) of the world as a communicator of their own (k == 1: a local one); nullptr
+// on the other ranks. Collective over the world.
+std::unique_ptr<Communicator> FirstRanks(int k) {
+  const int rank = World()->rank();
+  MPI_Comm c = MPI_COMM_NULL;
+  EXPECT_EQ(MPI_Comm_split(MPI_COMM_WORLD, rank < k ? 0 : MPI_UNDEFINED, rank, &c), MPI_SUCCESS);
+  if (c == MPI_COMM_NULL) return nullptr;
+  std::unique_ptr<Communicator> out;
+  if (k == 1) {
+    out = MakeLocalCommunicator();
+  } else {
+    absl::StatusOr<std::unique_ptr<Communicator>> m = MakeMpiCommunicator(&c);
+    EXPECT_TRUE(m.ok()) << m.status();
+    if (m.ok()) out = *std::move(m);
+  }
+  MPI_Comm_free(&c);  // mdopt works on its own duplicate
+  return out;
+}
+
+// A directory every rank names the same: made by rank 0, its name broadcast.
+std::string SharedTempDir() {
+  char name[256] = {};
+  if (World()->rank() == 0) {
+    const char* root = getenv("TMPDIR");
+    std::snprintf(name, sizeof name, "%s/mdopt_reshard_XXXXXX", root != nullptr ? root : "/tmp");
+    EXPECT_NE(mkdtemp(name), nullptr);
+  }
+  EXPECT_TRUE(BroadcastBytes(*World(), absl::MakeSpan(reinterpret_cast<uint8_t*>(name), sizeof name), 0).ok());
+  return name;
+}
+
+std::vector<double> Normal(size_t n, uint64_t seed, double scale) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> d(0.0, scale);
+  std::vector<double> v(n);
+  for (double& x : v) x = d(rng);
+  return v;
+}
+
+struct Tensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    return n;
+  }
+};
+
+std::vector<Tensor> Tensors(bool adam) {
+  std::vector<Tensor> t = {{"odd", {7, 19}}, {"small", {2, 9}},      {"row1", {1, 11}},
+                           {"col1", {9, 1}}, {"experts", {3, 5, 8}}, {"big", {40, 90}}};
+  if (adam) t.push_back({"vec", {13}});
+  return t;
+}
+
+// One optimizer over the test's tensors; every rank passes the same (mean) gradient.
+class Trainer {
+ public:
+  Trainer(Communicator* comm, const std::string& spec, bool bf16, std::vector<Tensor> tensors = {})
+      : bf16_(bf16) {
+    absl::StatusOr<OptimizerOptions> o = ParseOptimizerOptions("threads=1 grads=reduced");
+    EXPECT_TRUE(o.ok()) << o.status();
+    opt_ = std::make_unique<Optimizer>(comm, *o);
+    EXPECT_TRUE(opt_->AddGroup("g", spec).ok());
+    const bool adam = ParseGroupSpec(spec)->rule.base == kernels::Base::kAdamW;
+    tensors_ = tensors.empty() ? Tensors(adam) : tensors;
+    w_.resize(tensors_.size());
+    wb_.resize(tensors_.size());
+    g_.resize(tensors_.size());
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      const Tensor& t = tensors_[i];
+      const std::vector<double> w0 = Normal(t.numel(), 17 + i, 1.0 / std::sqrt(double(t.shape.back())));
+      w_[i].assign(w0.begin(), w0.end());
+      for (float f : w_[i]) wb_[i].push_back(kernels::FloatToBf16(f));
+      g_[i].assign(t.numel(), 0.0f);
+      ParamDescription d;
+      d.name = t.name;
+      d.group = "g";
+      d.ndim = static_cast<int>(t.shape.size());
+      for (size_t k = 0; k < t.shape.size(); ++k) d.shape[k] = t.shape[k];
+      d.param_dtype = bf16 ? 1 : 0;
+      d.param = bf16 ? static_cast<void*>(wb_[i].data()) : w_[i].data();
+      d.grad_dtype = 0;
+      d.grad = g_[i].data();
+      EXPECT_TRUE(opt_->AddParam(d).ok());
+    }
+    EXPECT_TRUE(opt_->Finalize().ok());
+  }
+
+  Optimizer& opt() { return *opt_; }
+  size_t size() const { return tensors_.size(); }
+
+  void Step(int step) {
+    for (size_t i = 0; i < size(); ++i) {
+      const std::vector<double> g = Normal(tensors_[i].numel(), 1000 * step + i, 0.1);
+      std::copy(g.begin(), g.end(), g_[i].begin());
+    }
+    absl::StatusOr<StepResult> r = opt_->Step(1.0, nullptr);
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_FALSE(r->skipped);
+    ASSERT_EQ(r->step, step);
+  }
+  void Steps(int first, int last) {
+    for (int s = first; s <= last; ++s) ASSERT_NO_FATAL_FAILURE(Step(s));
+  }
+
+  std::vector<double> Model(size_t i) const {
+    std::vector<double> v;
+    if (bf16_) {
+      for (uint16_t h : wb_[i]) v.push_back(kernels::Bf16ToFloat(h));
+    } else {
+      v.assign(w_[i].begin(), w_[i].end());
+    }
+    return v;
+  }
+
+  // Every model tensor and every mdopt_get_state field the params have (collective).
+  std::map<std::string, std::vector<double>> Everything() {
+    std::map<std::string, std::vector<double>> out;
+    for (size_t i = 0; i < size(); ++i) {
+      out["model/" + tensors_[i].name] = Model(i);
+      for (const char* field : {"master", "gain_row", "gain_col", "gain_scalar", "radius"}) {
+        absl::StatusOr<std::vector<double>> x = opt_->GetState(static_cast<int64_t>(i), field);
+        if (x.ok()) out[tensors_[i].name + "/" + field] = *x;
+      }
+    }
+    return out;
+  }
+
+ private:
+  bool bf16_;
+  std::unique_ptr<Optimizer> opt_;
+  std::vector<Tensor> tensors_;
+  std::vector<std::vector<float>> w_, g_;
+  std::vector<std::vector<uint16_t>> wb_;
+};
+
+double RelMaxError(const std::vector<double>& a, const std::vector<double>& b) {
+  double err = 0.0, ref = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    err = std::max(err, std::abs(a[i] - b[i]));
+    ref = std::max(ref, std::abs(b[i]));
+  }
+  return ref > 0 ? err / ref : err;
+}
+
+void ExpectClose(const std::map<std::string, std::vector<double>>& got,
+                 const std::map<std::string, std::vector<double>>& want) {
+  ASSERT_EQ(got.size(), want.size());
+  for (const auto& [key, w] : want) {
+    const auto it = got.find(key);
+    ASSERT_NE(it, got.end()) << key;
+    ASSERT_EQ(it->second.size(), w.size()) << key;
+    const double err = RelMaxError(it->second, w);
+    g_worst = std::max(g_worst, err);
+    EXPECT_LE(err, kTolerance) << key;
+  }
+}
+
+struct Case {
+  std::string spec;
+  std::string layout;
+  bool bf16;
+  std::string Name() const { return spec + " layout=" + layout + (bf16 ? " bf16" : " f32"); }
+};
+
+const Case kCases[] = {{"preset=md-muon", "rows", false},
+                       {"preset=md-muon", "owner", false},
+                       {"preset=md-muon", "rows", true},
+                       {"preset=md-muon", "owner", true},
+                       {"preset=md-adamw", "rows", false},
+                       {"preset=md-adamw", "owner", true}};
+
+std::string CaseName(const ::testing::TestParamInfo<int>& info) {
+  std::string n;
+  for (char ch : kCases[info.param].Name()) n += std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
+  return n;
+}
+
+class Reshard : public ::testing::TestWithParam<int> {};
+
+TEST_P(Reshard, ChainFourThreeTwoOneEqualsOneRank) {
+  const Case& c = kCases[GetParam()];
+  SCOPED_TRACE(c.Name());
+  ASSERT_NE(World(), nullptr);
+  ASSERT_EQ(World()->size(), 4) << "run under mpirun -np 4";
+  const std::string spec = c.spec + " layout=" + c.layout;
+  const std::string root = SharedTempDir();
+
+  // The uninterrupted one-rank run (on every rank: it is deterministic).
+  std::unique_ptr<Communicator> local = MakeLocalCommunicator();
+  Trainer straight(local.get(), spec, c.bf16);
+  ASSERT_NO_FATAL_FAILURE(straight.Steps(1, 14));
+  const auto want = straight.Everything();
+
+  struct Segment {
+    int ranks, first, last;
+  };
+  const Segment chain[] = {{4, 1, 5}, {3, 6, 8}, {2, 9, 11}, {1, 12, 14}};
+  std::map<std::string, std::vector<double>> saved;  // the last saver's state, on its ranks
+  for (size_t k = 0; k < std::size(chain); ++k) {
+    const Segment& seg = chain[k];
+    SCOPED_TRACE(seg.ranks);
+    std::unique_ptr<Communicator> sub = FirstRanks(seg.ranks);
+    bool ok = true;
+    if (sub != nullptr) {
+      ok = false;
+      [&] {
+        Trainer run(sub.get(), spec, c.bf16);
+        if (k > 0) {
+          const std::string from = root + "/at" + std::to_string(chain[k - 1].ranks);
+          absl::Status s = run.opt().Load(from);
+          ASSERT_TRUE(s.ok()) << s;
+          ASSERT_EQ(run.opt().steps_taken(), seg.first - 1);
+          const auto loaded = run.Everything();
+          ASSERT_EQ(loaded.size(), saved.size());
+          for (const auto& [key, v] : saved) EXPECT_EQ(loaded.at(key), v) << "right after load: " << key;
+        }
+        ASSERT_NO_FATAL_FAILURE(run.Steps(seg.first, seg.last));
+        saved = run.Everything();
+        absl::Status s = run.opt().Save(root + "/at" + std::to_string(seg.ranks));
+        ASSERT_TRUE(s.ok()) << s;
+        if (k + 1 == std::size(chain)) ExpectClose(saved, want);
+        if (k > 0) {
+          // Over the checkpoint of more ranks: afterwards the directory holds this save's
+          // manifest and files alone (those of ranks this save lacks are gone too).
+          const std::string over = root + "/at" + std::to_string(chain[k - 1].ranks);
+          s = run.opt().Save(over);
+          ASSERT_TRUE(s.ok()) << s;
+          if (sub->rank() == 0) {
+            size_t files = 0;
+            for (const auto& e : std::filesystem::directory_iterator(over)) {
+              const std::string n = e.path().filename().string();
+              EXPECT_TRUE(n == "manifest.json" || (n.rfind("rank-", 0) == 0 && n.size() == 25)) << n;
+              ++files;
+            }
+            EXPECT_EQ(files, static_cast<size_t>(seg.ranks) + 1);
+          }
+        }
+        ok = true;
+      }();
+    }
+    ASSERT_NO_FATAL_FAILURE(Barrier());
+    ASSERT_TRUE(ok);
+  }
+  Barrier();
+  if (World()->rank() == 0) std::filesystem::remove_all(root);
+}
+
+TEST_P(Reshard, OneRankCheckpointLoadsAtFour) {
+  const Case& c = kCases[GetParam()];
+  SCOPED_TRACE(c.Name());
+  ASSERT_NE(World(), nullptr);
+  const std::string spec = c.spec + " layout=" + c.layout;
+  const std::string dir = SharedTempDir() + "/at1";
+  std::unique_ptr<Communicator> local = MakeLocalCommunicator();
+  Trainer single(local.get(), spec, c.bf16);
+  ASSERT_NO_FATAL_FAILURE(single.Steps(1, 5));
+  if (World()->rank() == 0) {
+    ASSERT_TRUE(single.opt().Save(dir).ok());
+  }
+  ASSERT_NO_FATAL_FAILURE(Barrier());
+
+  Trainer four(World(), spec, c.bf16);
+  absl::Status s = four.opt().Load(dir);
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(four.opt().steps_taken(), 5);
+  const auto want = single.Everything(), got = four.Everything();
+  for (const auto& [key, v] : want) EXPECT_EQ(got.at(key), v) << key;
+  ASSERT_NO_FATAL_FAILURE(four.Steps(6, 8));
+  ASSERT_NO_FATAL_FAILURE(single.Steps(6, 8));
+  ExpectClose(four.Everything(), single.Everything());
+  Barrier();
+  if (World()->rank() == 0) std::filesystem::remove_all(std::filesystem::path(dir).parent_path());
+}
+
+INSTANTIATE_TEST_SUITE_P(ckpt, Reshard, ::testing::Range(0, static_cast<int>(std::size(kCases))), CaseName);
+
+std::string RankFileOf(const std::string& dir, int rank) {
+  std::ifstream in(dir + "/manifest.json");
+  const nlohmann::json m = nlohmann::json::parse(in);
+  return m["rank_files"][rank]["name"].get<std::string>();
+}
+
+// Refused on every rank with DataLoss and one message, the state bitwise untouched.
+TEST(ckpt, RefusalsAtFourRanksLeaveStateUntouched) {
+  ASSERT_NE(World(), nullptr);
+  const int rank = World()->rank();
+  const std::string spec = "preset=md-muon layout=rows";
+  const std::string root = SharedTempDir();
+  {
+    Trainer saver(World(), spec, false);
+    ASSERT_NO_FATAL_FAILURE(saver.Steps(1, 5));
+    ASSERT_TRUE(saver.opt().Save(root + "/good").ok());
+    std::vector<Tensor> other = Tensors(false);
+    other[0].shape = {7, 20};
+    Trainer wrong(World(), spec, false, other);
+    ASSERT_NO_FATAL_FAILURE(wrong.Steps(1, 5));
+    ASSERT_TRUE(wrong.opt().Save(root + "/other_shape").ok());
+  }
+  if (rank == 0) {
+    namespace fs = std::filesystem;
+    fs::copy(root + "/good", root + "/missing");
+    fs::remove(root + "/missing/" + RankFileOf(root + "/good", 2));
+    fs::copy(root + "/good", root + "/flipped");
+    const std::string path = root + "/flipped/" + RankFileOf(root + "/good", 1);
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(36);  // the first byte of the first array (its rows are read again at 4 ranks)
+    char b = 0;
+    f.read(&b, 1);
+    b ^= 0x10;
+    f.seekp(36);
+    f.write(&b, 1);
+  }
+  ASSERT_NO_FATAL_FAILURE(Barrier());
+
+  Trainer opt(World(), spec, false);
+  ASSERT_NO_FATAL_FAILURE(opt.Steps(1, 2));
+  for (const auto& [name, want] : std::vector<std::pair<std::string, std::string>>{
+           {"missing", "rank-00002."}, {"flipped", "checksum"}, {"other_shape", "does not match"}}) {
+    SCOPED_TRACE(name);
+    const auto before = opt.Everything();
+    const absl::Status s = opt.opt().Load(root + "/" + name);
+    EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+    EXPECT_NE(s.message().find(want), absl::string_view::npos) << s;
+    if (rank == 0) std::printf("[ refused  ] %s: %s\n", name.c_str(), std::string(s.message()).c_str());
+    // The same message on every rank.
+    char mine[1024] = {}, first[1024] = {};
+    std::snprintf(mine, sizeof mine, "%s", std::string(s.message()).c_str());
+    std::memcpy(first, mine, sizeof mine);
+    ASSERT_TRUE(BroadcastBytes(*World(), absl::MakeSpan(reinterpret_cast<uint8_t*>(first), sizeof first), 0).ok());
+    EXPECT_STREQ(mine, first);
+    EXPECT_EQ(opt.opt().steps_taken(), 2);
+    const auto after = opt.Everything();
+    EXPECT_TRUE(after == before) << "state changed by a refused load";
+  }
+  ASSERT_NO_FATAL_FAILURE(opt.Steps(3, 4));
+  ASSERT_TRUE(opt.opt().Load(root + "/good").ok());
+  EXPECT_EQ(opt.opt().steps_taken(), 5);
+  Barrier();
+  if (rank == 0) std::filesystem::remove_all(root);
+}
+
+}  // namespace
+}  // namespace mdopt
