@@ -167,10 +167,11 @@ struct Case {
   bool bf16 = false;     // bf16 weights (f32 master and grads)
   bool ns_comm_bf16 = false;
   double tolerance = kTolerance;
+  bool deferred = false;  // gather=deferred + GatherParams before comparing
   std::string Name() const {
     std::string n = spec + " layout=" + layout + (reduced ? " grads=reduced" : " grads=local") +
                     (many_buckets ? " bucket_mb=0.0001" : "") + (bf16 ? " bf16" : "") +
-                    (ns_comm_bf16 ? " ns_comm_dtype=bf16" : "");
+                    (ns_comm_bf16 ? " ns_comm_dtype=bf16" : "") + (deferred ? " gather=deferred" : "");
     return n;
   }
 };
@@ -189,6 +190,15 @@ std::vector<Case> Cases() {
   c.push_back({"preset=md-adamw", "rows", false, true, true});
   // bf16 NS traffic: X and O rounded to bf16 on the wire (bf16's own error, not reassociation).
   c.push_back({"preset=md-muon", "rows", false, true, false, true, 2e-2});
+  // The weight all-gather left to mdopt_gather_params (before each forward).
+  for (const char* layout : {"rows", "owner"}) {
+    Case d{"preset=md-muon", layout, false, true};
+    d.deferred = true;
+    c.push_back(d);
+    Case e{"preset=md-adamw", layout, false, false};
+    e.deferred = true;
+    c.push_back(e);
+  }
   return c;
 }
 
@@ -200,6 +210,7 @@ void Compare(const Case& c) {
   std::string options = std::string("threads=1 update_norms=1 grads=") + (c.reduced ? "reduced" : "local");
   if (c.many_buckets) options += " bucket_mb=0.0001";
   if (c.ns_comm_bf16) options += " ns_comm_dtype=bf16";
+  if (c.deferred) options += " gather=deferred";
   const std::string spec = c.spec + " layout=" + c.layout;
   std::unique_ptr<Communicator> local = MakeLocalCommunicator();
   OptRun sharded(world, options, spec, c.bf16);
@@ -219,6 +230,9 @@ void Compare(const Case& c) {
     absl::StatusOr<StepResult> b = single.opt().Step(1.0, nullptr);
     ASSERT_TRUE(a.ok()) << a.status();
     ASSERT_TRUE(b.ok()) << b.status();
+    if (c.deferred) {
+      ASSERT_TRUE(sharded.opt().GatherParams(nullptr).ok());
+    }
     ASSERT_FALSE(a->skipped);
     ASSERT_EQ(a->step, step);
     ASSERT_NEAR(a->grad_norm, b->grad_norm, 1e-5 * b->grad_norm);
