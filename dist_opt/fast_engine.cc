@@ -194,9 +194,8 @@ const void* FastEngine::GradRows(int k) const {
   const size_t eb = p.grad_elem_bytes();
   if (Sharded() && !opt_.grads_reduced) {
     const BucketPlan& b = plan_.buckets[sp.bucket];
-    const size_t pos = static_cast<size_t>(
-        std::find(b.slots.begin(), b.slots.end(), k) - b.slots.begin());
-    return grad_seg_[sp.bucket].data() + b.Offset(pos, rank_, world_) * eb;
+    return grad_seg_[sp.bucket].data() +
+           b.Offset(static_cast<size_t>(sp.bucket_pos), rank_, world_) * eb;
   }
   if (p.grad == nullptr) return nullptr;
   return static_cast<const char*>(p.grad) + (sp.TensorOffset() + st_[k].row0 * p.n) * eb;

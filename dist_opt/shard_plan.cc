@@ -123,6 +123,7 @@ ShardPlan BuildShardPlan(const std::vector<ParamEntry>& params, const std::vecto
       for (int64_t e = 0; e < params[i].experts; ++e) {
         const int k = static_cast<int>(plan.first_slot[i] + e);
         plan.slots[k].bucket = index;
+        plan.slots[k].bucket_pos = static_cast<int64_t>(b.slots.size());
         b.slots.push_back(k);
       }
     }

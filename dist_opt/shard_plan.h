@@ -34,6 +34,7 @@ struct SlotPlan {
   int owner = 0;           // owner layout: the rank holding it; rows + muon: the NS owner
   int64_t block_rows = 0;  // rows: ceil(m / N); owner: m
   int bucket = 0;
+  int64_t bucket_pos = 0;  // index of this slot in its bucket's `slots` (pack order)
 
   // Rows rank r holds: [RowBegin(r), RowEnd(r)).
   int64_t RowBegin(int r) const;
