@@ -152,6 +152,32 @@ mdopt_status BytesQuery(const char* call, const mdopt_optimizer* opt, int64_t* b
   });
 }
 
+
+// Copies `text` into a caller's buffer under the describe_plan rules (NUL-terminated,
+// truncated to `size`, the whole size in *needed).
+void CopyOut(const std::string& text, char* buf, size_t size, size_t* needed_or_null) {
+  if (needed_or_null != nullptr) *needed_or_null = text.size() + 1;
+  if (size > 0) {
+    const size_t n = std::min(size - 1, text.size());
+    std::memcpy(buf, text.data(), n);
+    buf[n] = '\0';
+  }
+}
+
+// The plan as `render` writes it, for mdopt_describe_plan and mdopt_plan_json.
+template <typename Render>
+mdopt_status PlanText(const char* call, const mdopt_optimizer* opt, char* buf, size_t size,
+                      size_t* needed_or_null, Render render) {
+  return Guard(call, [&] {
+    if (opt == nullptr) return NullArgument(call, "opt");
+    if (buf == nullptr && size > 0) return NullArgument(call, "buf");
+    const mdopt::ShardPlan* plan = opt->impl->plan();
+    if (plan == nullptr) return Fail(MDOPT_INVALID_STATE, absl::StrCat(call, " before mdopt_finalize"));
+    CopyOut(render(*plan), buf, size, needed_or_null);
+    return MDOPT_SUCCESS;
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -363,22 +389,16 @@ mdopt_status mdopt_gather_params(mdopt_optimizer* opt, void* stream) {
 
 mdopt_status mdopt_describe_plan(const mdopt_optimizer* opt, char* buf, size_t size,
                                  size_t* needed_or_null) {
-  return Guard("mdopt_describe_plan", [&] {
-    if (opt == nullptr) return NullArgument("mdopt_describe_plan", "opt");
-    if (buf == nullptr && size > 0) return NullArgument("mdopt_describe_plan", "buf");
-    const mdopt::ShardPlan* plan = opt->impl->plan();
-    if (plan == nullptr) {
-      return Fail(MDOPT_INVALID_STATE, "mdopt_describe_plan before mdopt_finalize");
-    }
-    const std::string text = plan->Describe(opt->impl->registry().params());
-    if (needed_or_null != nullptr) *needed_or_null = text.size() + 1;
-    if (size > 0) {
-      const size_t n = std::min(size - 1, text.size());
-      std::memcpy(buf, text.data(), n);
-      buf[n] = '\0';
-    }
-    return MDOPT_SUCCESS;
-  });
+  return PlanText("mdopt_describe_plan", opt, buf, size, needed_or_null,
+                  [&](const mdopt::ShardPlan& plan) {
+                    return plan.Describe(opt->impl->registry().params());
+                  });
+}
+
+mdopt_status mdopt_plan_json(const mdopt_optimizer* opt, char* buf, size_t size,
+                             size_t* needed_or_null) {
+  return PlanText("mdopt_plan_json", opt, buf, size, needed_or_null,
+                  [](const mdopt::ShardPlan& plan) { return plan.ToJson(); });
 }
 
 mdopt_status mdopt_group_info(const mdopt_optimizer* opt, const char* group,

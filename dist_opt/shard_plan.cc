@@ -152,6 +152,7 @@ std::string ShardPlan::ToJson() const {
                           {"m", s.m},
                           {"n", s.n},
                           {"layout", ToString(s.layout)},
+                          {"muon", s.muon},
                           {"owner", s.owner},
                           {"block_rows", s.block_rows},
                           {"bucket", s.bucket}});

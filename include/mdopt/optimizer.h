@@ -199,6 +199,14 @@ MDOPT_API mdopt_status mdopt_get_state(const mdopt_optimizer* opt, int64_t index
 MDOPT_API mdopt_status mdopt_describe_plan(const mdopt_optimizer* opt, char* buf, size_t size,
                                            size_t* needed_or_null);
 
+/* The shard plan for programs, as one JSON object: {"world": N, "slots": [{"param", "expert",
+ * "m", "n", "layout" ("rows" | "owner"), "muon" (runs Newton-Schulz), "owner" (the rank
+ * holding an owner-layout matrix, or a rows-layout Muon matrix's Newton-Schulz owner),
+ * "block_rows", "bucket"}, ...]} — the form stored in checkpoint manifests; later versions
+ * may add keys. Buffer rules as mdopt_describe_plan. Valid after finalize. */
+MDOPT_API mdopt_status mdopt_plan_json(const mdopt_optimizer* opt, char* buf, size_t size,
+                                       size_t* needed_or_null);
+
 /* Frees the optimizer. NULL is accepted and ignored. */
 MDOPT_API mdopt_status mdopt_destroy(mdopt_optimizer* opt);
 

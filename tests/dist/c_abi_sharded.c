@@ -90,6 +90,20 @@ int main(void) {
     CHECK_OK(mdopt_add_param(opt, &d, NULL));
   }
   CHECK_OK(mdopt_finalize(opt));
+  { /* The plan for programs names the world and one slot per matrix. */
+    size_t needed = 0;
+    CHECK_OK(mdopt_plan_json(opt, NULL, 0, &needed));
+    char* plan = malloc(needed);
+    CHECK(plan != NULL);
+    CHECK_OK(mdopt_plan_json(opt, plan, needed, NULL));
+    char world[32];
+    snprintf(world, sizeof world, "\"world\":%d", size);
+    CHECK(strstr(plan, world) != NULL);
+    int slots = 0;
+    for (const char* p = plan; (p = strstr(p, "\"block_rows\"")) != NULL; ++p) ++slots;
+    CHECK(slots == n);
+    free(plan);
+  }
 
   int64_t sent = 0;
   for (int step = 1; step <= STEPS; ++step) {

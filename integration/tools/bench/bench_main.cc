@@ -204,6 +204,7 @@ int Run(const Options& o, const std::vector<TensorShape>& shapes, std::ostream* 
     ds.grads_local = o.extra_options.find("grads=reduced") == std::string::npos;
     ds.grad_bytes = setup.grad_dtype == "bf16" ? 2 : 4;
     ds.param_bytes = setup.param_dtype == "bf16" ? 2 : 4;
+    ds.ns_comm_bytes = o.extra_options.find("ns_comm_dtype=bf16") == std::string::npos ? 4 : 2;
     ds.params = setup.params;
     if (rank == 0) PrintTable(stdout, machine, setup, rows);
     PrintDistributed(stdout, ds, rows);

@@ -8,6 +8,8 @@
 #include <set>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 namespace mdopt_bench {
 namespace {
 
@@ -55,6 +57,22 @@ mdopt_step_info Step(mdopt_optimizer* opt, double* info_seconds, double* wall_se
   *info_seconds = info.seconds;
   *wall_seconds = std::chrono::duration<double>(t1 - t0).count();
   return info;
+}
+
+// Reads what the byte floor needs from the plan the library built.
+void ReadPlan(mdopt_optimizer* opt, BenchRow* row) {
+  size_t needed = 0;
+  Check(mdopt_plan_json(opt, nullptr, 0, &needed), "mdopt_plan_json");
+  std::string text(needed, '\0');
+  Check(mdopt_plan_json(opt, text.data(), text.size(), nullptr), "mdopt_plan_json");
+  text.resize(needed - 1);
+  const nlohmann::json plan = nlohmann::json::parse(text);
+  row->world = plan.at("world").get<int>();
+  for (const nlohmann::json& slot : plan.at("slots")) {
+    if (slot.at("muon").get<bool>() && slot.at("layout").get<std::string>() == "rows") {
+      row->ns_gathered_elements += slot.at("m").get<int64_t>() * slot.at("n").get<int64_t>();
+    }
+  }
 }
 
 }  // namespace
@@ -121,6 +139,7 @@ BenchRow RunBenchmark(mdopt_comm* comm, const std::vector<TensorShape>& shapes,
   row.params = TotalNumel(shapes);
   row.warmup = cfg.warmup;
   row.steps = cfg.steps;
+  ReadPlan(opt.get(), &row);
   int64_t step = 0;
   for (int k = 0; k < cfg.warmup; ++k, ++step) {
     buffers->FillGradients(cfg.seed, step);

@@ -48,6 +48,10 @@ struct BenchRow {
   std::vector<double> wall_seconds;  // wall time around each timed mdopt_step
   std::vector<double> comm_seconds, exposed_seconds;  // per timed step (mdopt_step_info)
   std::vector<int64_t> bytes_sent;                    // per timed step, this rank
+  // From the plan (mdopt_plan_json): elements of the matrices whose X is gathered to a
+  // Newton-Schulz owner and O scattered back (rows-layout Muon matrices), and the world.
+  int64_t ns_gathered_elements = 0;
+  int world = 1;
   int64_t state_bytes = 0, workspace_bytes = 0;
   double ratio_to_reference = 0.0;   // median fast / median reference; 0: not measured
 

@@ -26,10 +26,14 @@ void OverRanks(double x, int world, double* lo, double* mean, double* hi) {
 
 }  // namespace
 
-double FloorBytesPerRank(const DistSetup& s) {
-  const double share = static_cast<double>(s.world - 1) / s.world;
-  return share * static_cast<double>(s.params) *
-         ((s.grads_local ? s.grad_bytes : 0) + s.param_bytes);
+double FloorBytesPerRank(const DistSetup& s, const BenchRow& row) {
+  const double n = s.world;
+  const double share = (n - 1) / n;
+  const double collectives =
+      share * static_cast<double>(s.params) * ((s.grads_local ? s.grad_bytes : 0) + s.param_bytes);
+  const double newton_schulz = 2.0 * share / n * static_cast<double>(row.ns_gathered_elements) *
+                               s.ns_comm_bytes;
+  return collectives + newton_schulz;
 }
 
 void PrintDistributed(std::FILE* out, const DistSetup& s, const std::vector<BenchRow>& rows) {
@@ -50,7 +54,7 @@ void PrintDistributed(std::FILE* out, const DistSetup& s, const std::vector<Benc
     OverRanks(MedianOf(bytes), s.world, &b_lo, &b, &b_hi);
     OverRanks(static_cast<double>(r.state_bytes), s.world, &st_lo, &st, &st_hi);
     if (s.rank != 0) continue;
-    const double floor = FloorBytesPerRank(s);
+    const double floor = FloorBytesPerRank(s, r);
     std::fprintf(out, "%-10s %9.2f %7.3f %9.2f %9.2f %12.0f %12.0f %7.3f %9.3f\n",
                  r.preset.c_str(), 1e3 * step, step > 0 ? step_hi / step : 1.0, 1e3 * comm,
                  1e3 * ex, b, floor, floor > 0 ? b / floor : 0.0, st > 0 ? st_hi / st : 1.0);
@@ -60,8 +64,9 @@ void PrintDistributed(std::FILE* out, const DistSetup& s, const std::vector<Benc
                  "comm ms: time with communication in flight; exposed: time the step waited on "
                  "it (the rest overlapped compute).\nbytes/rank: bytes this rank sent per step "
                  "(mdopt_step_info.bytes_sent); floor = (N-1)/N x params x (grad bytes "
-                 "[grads=local] + weight bytes): the reduce-scatter and all-gather; ratio = "
-                 "bytes/floor (padding, Newton-Schulz gathers, cross-row sums on top).\n");
+                 "[grads=local] + weight bytes) + 2 (N-1)/N^2 x rows-layout Muon elements x "
+                 "NS comm bytes: the reduce-scatter, the all-gather and the Newton-Schulz "
+                 "gather/scatter; ratio = bytes/floor (padding, cross-row sums on top).\n");
   }
 }
 

@@ -16,13 +16,16 @@ struct DistSetup {
   int world = 1, rank = 0;
   bool grads_local = true;
   int grad_bytes = 4, param_bytes = 4;  // element sizes
+  int ns_comm_bytes = 4;                // 2 with ns_comm_dtype=bf16
   int64_t params = 0;
 };
 
-// The floor of bytes one rank sends per step: the gradient reduce-scatter (grads=local) and
-// the weight all-gather each move (N - 1) / N of every element; Newton-Schulz traffic,
-// cross-row sums, the finite check and padding come on top.
-double FloorBytesPerRank(const DistSetup& s);
+// The floor of bytes a rank sends per step, averaged over ranks, that the schedule implies:
+// the gradient reduce-scatter (grads=local) and the weight all-gather each move (N - 1) / N
+// of every element; a rows-layout Muon matrix's X gather to its Newton-Schulz owner and
+// O scatter back move 2 (N - 1) / N^2 of its elements per rank on average. Cross-row sums,
+// the finite check and the padding of uneven row blocks come on top.
+double FloorBytesPerRank(const DistSetup& s, const BenchRow& row);
 
 // Collective over MPI_COMM_WORLD; prints on rank 0. Built only with MPI.
 void PrintDistributed(std::FILE* out, const DistSetup& setup, const std::vector<BenchRow>& rows);
