@@ -14,7 +14,7 @@
 #include "absl/strings/str_split.h"
 #include "comm/communicator.h"
 #include "dist_opt/checkpoint.h"
-#include "kernels/cpu/gain_param.h"
+#include "kernels/common/gain_param.h"
 #include "kernels/cpu/newton_schulz_bf16.h"
 
 namespace mdopt {
