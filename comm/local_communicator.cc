@@ -2,7 +2,6 @@
 // keeps the stats, health and Abort semantics of the other backends, so that code tested on
 // one rank fails the same way on many.
 #include <cstring>
-#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "comm/arg_checks.h"
@@ -14,18 +13,25 @@ namespace {
 
 class DoneRequest final : public Request {
  public:
-  DoneRequest(std::shared_ptr<OpTracker> tracker, std::shared_ptr<OpState> op)
-      : tracker_(std::move(tracker)), op_(std::move(op)) {}
-  absl::Status Wait() override { return tracker_->Wait(op_, nullptr); }
+  DoneRequest(std::shared_ptr<OpTracker> tracker, OpState* op)
+      : tracker_(std::move(tracker)), op_(op) {}
+  ~DoneRequest() override { tracker_->Release(*op_, kUserHolder); }
+  absl::Status Wait() override { return tracker_->Wait(*op_); }
   absl::StatusOr<bool> Test() override {
-    if (absl::Status s = op_->status(); !s.ok()) return s;
+    if (absl::Status s = tracker_->status(*op_); !s.ok()) return s;
     return true;
   }
 
  private:
   std::shared_ptr<OpTracker> tracker_;
-  std::shared_ptr<OpState> op_;
+  OpState* op_;
 };
+
+OpLabel Label(const char* what) {
+  OpLabel l;
+  l.what = what;
+  return l;
+}
 
 void Copy(void* dst, const void* src, int64_t count, DataType dtype) {
   if (dst == src || count == 0) return;
@@ -87,27 +93,39 @@ class LocalCommunicator final : public Communicator {
                                       StreamSlot) override {
     if (absl::Status s = CheckSendRecv(kShape, ops, tag, space); !s.ok()) return s;
     // Every op is to oneself: the k-th send feeds the k-th receive. Nothing is buffered
-    // across calls, so both halves must be in this group.
-    std::vector<const P2P*> sends, recvs;
-    for (const P2P& p : ops) (p.is_send ? sends : recvs).push_back(&p);
-    if (sends.size() != recvs.size()) {
+    // across calls, so both halves must be in this group. (Walked in place: no lists.)
+    size_t sends = 0, recvs = 0;
+    for (const P2P& p : ops) ++(p.is_send ? sends : recvs);
+    if (sends != recvs) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "send/recv: ", sends.size(), " sends and ", recvs.size(),
+          "send/recv: ", sends, " sends and ", recvs,
           " receives to oneself; on a local communicator each send needs its receive in the "
           "same group"));
     }
-    for (size_t k = 0; k < sends.size(); ++k) {
-      const int64_t sb = sends[k]->count * static_cast<int64_t>(ElementSize(sends[k]->dtype));
-      const int64_t rb = recvs[k]->count * static_cast<int64_t>(ElementSize(recvs[k]->dtype));
-      if (sb != rb) {
-        return absl::InvalidArgumentError(absl::StrCat("send/recv: send ", k, " has ", sb,
-                                                       " bytes, its receive ", rb));
+    auto pairs = [&](auto&& fn) {
+      size_t s = 0, r = 0;
+      for (size_t k = 0; k < sends; ++k, ++s, ++r) {
+        while (!ops[s].is_send) ++s;
+        while (ops[r].is_send) ++r;
+        if (absl::Status st = fn(k, ops[s], ops[r]); !st.ok()) return st;
       }
+      return absl::OkStatus();
+    };
+    if (absl::Status st = pairs([](size_t k, const P2P& snd, const P2P& rcv) {
+          const int64_t sb = snd.count * static_cast<int64_t>(ElementSize(snd.dtype));
+          const int64_t rb = rcv.count * static_cast<int64_t>(ElementSize(rcv.dtype));
+          if (sb == rb) return absl::OkStatus();
+          return absl::InvalidArgumentError(
+              absl::StrCat("send/recv: send ", k, " has ", sb, " bytes, its receive ", rb));
+        });
+        !st.ok()) {
+      return st;
     }
     return Done("send/recv", [&] {
-      for (size_t k = 0; k < sends.size(); ++k) {
-        Copy(recvs[k]->data, sends[k]->data, sends[k]->count, sends[k]->dtype);
-      }
+      pairs([](size_t, const P2P& snd, const P2P& rcv) {
+        Copy(rcv.data, snd.data, snd.count, snd.dtype);
+        return absl::OkStatus();
+      }).IgnoreError();
     });
   }
 
@@ -120,12 +138,12 @@ class LocalCommunicator final : public Communicator {
   static constexpr CommShape kShape{0, 1, "local", false};
 
   template <typename Fn>
-  absl::StatusOr<RequestPtr> Done(absl::string_view what, Fn&& work) {
-    absl::StatusOr<std::shared_ptr<OpState>> op = tracker_->Begin(what, "", 0);
+  absl::StatusOr<RequestPtr> Done(const char* what, Fn&& work) {
+    absl::StatusOr<OpState*> op = tracker_->Begin(Label(what), 0);
     if (!op.ok()) return op.status();
     work();
     tracker_->Complete(**op, absl::OkStatus());
-    return RequestPtr(std::make_shared<DoneRequest>(tracker_, *std::move(op)));
+    return tracker_->MakeRequest<DoneRequest>(tracker_, *op);
   }
 
   std::shared_ptr<OpTracker> tracker_ = std::make_shared<OpTracker>("local rank 0 of 1");

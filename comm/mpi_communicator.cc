@@ -2,9 +2,10 @@
 // duplicate of the host's communicator, driven by mpi::Engine. Element counts and
 // displacements are C ints in MPI: a call that needs more than INT_MAX of either is refused
 // with InvalidArgument (not chunked); split it, or use a wider dtype.
+#include <algorithm>
 #include <climits>
 #include <cstring>
-#include <vector>
+#include <new>
 
 #include "absl/strings/str_cat.h"
 #include "comm/arg_checks.h"
@@ -23,16 +24,6 @@ void Bf16SumOp(void* in, void* inout, int* len, MPI_Datatype*) {
   Bf16SumInto(static_cast<const uint16_t*>(in), static_cast<uint16_t*>(inout), *len);
 }
 
-MPI_Datatype ToMpi(DataType dtype) {
-  switch (dtype) {
-    case DataType::kF32: return MPI_FLOAT;
-    case DataType::kBf16: return MPI_UINT16_T;
-    case DataType::kF64: return MPI_DOUBLE;
-    case DataType::kBytes: return MPI_BYTE;
-  }
-  return MPI_DATATYPE_NULL;
-}
-
 absl::Status CheckIntRange(absl::string_view op, int64_t n) {
   if (n <= INT_MAX) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat(
@@ -40,11 +31,19 @@ absl::Status CheckIntRange(absl::string_view op, int64_t n) {
       ") per call (counts and displacements are C ints); split the operation"));
 }
 
-std::string Detail(int64_t count, DataType dtype) {
-  return absl::StrCat(" (", count, " x ", DataTypeName(dtype), ")");
+OpLabel Elements(const char* what, int64_t count, DataType dtype) {
+  OpLabel l;
+  l.what = what;
+  l.detail = OpLabel::Detail::kElements;
+  l.count = count;
+  l.dtype = dtype;
+  return l;
 }
-std::string Detail(int64_t count, DataType dtype, ReduceOp op) {
-  return absl::StrCat(" (", count, " x ", DataTypeName(dtype), ", ", ReduceOpName(op), ")");
+OpLabel Elements(const char* what, int64_t count, DataType dtype, ReduceOp op) {
+  OpLabel l = Elements(what, count, dtype);
+  l.reduces = true;
+  l.reduce = op;
+  return l;
 }
 
 bool AllEqual(absl::Span<const int64_t> counts) {
@@ -54,13 +53,14 @@ bool AllEqual(absl::Span<const int64_t> counts) {
   return true;
 }
 
-// Counts and rank-major displacements as MPI's ints (range-checked by the caller).
-void IntLayout(absl::Span<const int64_t> counts, std::vector<int>* c, std::vector<int>* d) {
+// Counts and rank-major displacements as MPI's ints (range-checked by the caller), into the
+// op's scratch block.
+void IntLayout(absl::Span<const int64_t> counts, int* c, int* d) {
   int64_t off = 0;
-  for (int64_t n : counts) {
-    c->push_back(static_cast<int>(n));
-    d->push_back(static_cast<int>(off));
-    off += n;
+  for (size_t r = 0; r < counts.size(); ++r) {
+    c[r] = static_cast<int>(counts[r]);
+    d[r] = static_cast<int>(off);
+    off += counts[r];
   }
 }
 
@@ -88,30 +88,24 @@ class MpiCommunicator final : public Communicator {
       return s;
     }
     if (absl::Status s = CheckIntRange("reduce-scatter", total); !s.ok()) return s;
-    const MPI_Datatype t = ToMpi(dtype);
-    const MPI_Op mop = Sum(dtype);
-    std::function<int(MPI_Comm, std::vector<MPI_Request>*)> start;
-    if (AllEqual(counts)) {
-      const int n = static_cast<int>(counts[0]);
-      start = [=](MPI_Comm c, std::vector<MPI_Request>* reqs) {
-        MPI_Request r;
-        const int rc = MPI_Ireduce_scatter_block(send, recv, n, t, mop, c, &r);
-        if (rc == MPI_SUCCESS) reqs->push_back(r);
-        return rc;
-      };
-    } else {
-      std::vector<int> cs, ds;
-      IntLayout(counts, &cs, &ds);
-      start = [=, cs = std::move(cs)](MPI_Comm c, std::vector<MPI_Request>* reqs) {
-        MPI_Request r;
-        const int rc = MPI_Ireduce_scatter(send, recv, cs.data(), t, mop, c, &r);
-        if (rc == MPI_SUCCESS) reqs->push_back(r);
-        return rc;
-      };
-    }
-    return Submit("reduce-scatter", Detail(total, dtype, op),
-                  ScatterGatherTraffic(counts, rank_, dtype), std::move(start),
-                  MeanFinish(op, recv, counts[rank_], dtype));
+    const bool block = AllEqual(counts);
+    const size_t ints = block ? 0 : 2 * counts.size();
+    return Submit(Elements("reduce-scatter", total, dtype, op),
+                  ScatterGatherTraffic(counts, rank_, dtype), ints * sizeof(int), 1,
+                  [&](mpi::Op& o, void* extra) {
+                    o.kind = block ? mpi::OpKind::kReduceScatterBlock : mpi::OpKind::kReduceScatterV;
+                    o.send = send;
+                    o.recv = recv;
+                    o.count = static_cast<int>(counts[0]);
+                    o.type = mpi::ToMpi(dtype);
+                    o.reduce = Sum(dtype);
+                    if (!block) {
+                      int* c = static_cast<int*>(extra);
+                      IntLayout(counts, c, c + counts.size());
+                      o.counts = c;
+                    }
+                    MeanFinish(op, recv, counts[rank_], dtype, &o);
+                  });
   }
 
   absl::StatusOr<RequestPtr> AllGather(const void* send, void* recv,
@@ -123,7 +117,6 @@ class MpiCommunicator final : public Communicator {
       return s;
     }
     if (absl::Status s = CheckIntRange("all-gather", total); !s.ok()) return s;
-    const MPI_Datatype t = ToMpi(dtype);
     int64_t offset = 0;
     for (int r = 0; r < rank_; ++r) offset += counts[r];
     // A send buffer that is this rank's own segment of recv is the in-place form too (MPI
@@ -131,29 +124,22 @@ class MpiCommunicator final : public Communicator {
     const bool in_place =
         send == nullptr ||
         send == static_cast<const char*>(recv) + offset * static_cast<int64_t>(ElementSize(dtype));
-    const void* sendbuf = in_place ? MPI_IN_PLACE : send;
-    const int mine = static_cast<int>(counts[rank_]);
-    std::function<int(MPI_Comm, std::vector<MPI_Request>*)> start;
-    if (AllEqual(counts)) {
-      start = [=](MPI_Comm c, std::vector<MPI_Request>* reqs) {
-        MPI_Request r;
-        const int rc = MPI_Iallgather(sendbuf, mine, t, recv, mine, t, c, &r);
-        if (rc == MPI_SUCCESS) reqs->push_back(r);
-        return rc;
-      };
-    } else {
-      std::vector<int> cs, ds;
-      IntLayout(counts, &cs, &ds);
-      start = [=, cs = std::move(cs), ds = std::move(ds)](MPI_Comm c,
-                                                          std::vector<MPI_Request>* reqs) {
-        MPI_Request r;
-        const int rc = MPI_Iallgatherv(sendbuf, mine, t, recv, cs.data(), ds.data(), t, c, &r);
-        if (rc == MPI_SUCCESS) reqs->push_back(r);
-        return rc;
-      };
-    }
-    return Submit("all-gather", Detail(total, dtype), ScatterGatherTraffic(counts, rank_, dtype),
-                  std::move(start), nullptr);
+    const bool block = AllEqual(counts);
+    const size_t ints = block ? 0 : 2 * counts.size();
+    return Submit(Elements("all-gather", total, dtype), ScatterGatherTraffic(counts, rank_, dtype),
+                  ints * sizeof(int), 1, [&](mpi::Op& o, void* extra) {
+                    o.kind = block ? mpi::OpKind::kAllGather : mpi::OpKind::kAllGatherV;
+                    o.send = in_place ? MPI_IN_PLACE : send;
+                    o.recv = recv;
+                    o.count = static_cast<int>(counts[rank_]);
+                    o.type = mpi::ToMpi(dtype);
+                    if (!block) {
+                      int* c = static_cast<int*>(extra);
+                      IntLayout(counts, c, c + counts.size());
+                      o.counts = c;
+                      o.displs = c + counts.size();
+                    }
+                  });
   }
 
   absl::StatusOr<RequestPtr> AllReduce(const void* send, void* recv, int64_t count,
@@ -163,18 +149,16 @@ class MpiCommunicator final : public Communicator {
       return s;
     }
     if (absl::Status s = CheckIntRange("all-reduce", count); !s.ok()) return s;
-    const MPI_Datatype t = ToMpi(dtype);
-    const MPI_Op mop = Sum(dtype);
-    const void* sendbuf = send == recv ? MPI_IN_PLACE : send;
-    const int n = static_cast<int>(count);
-    auto start = [=](MPI_Comm c, std::vector<MPI_Request>* reqs) {
-      MPI_Request r;
-      const int rc = MPI_Iallreduce(sendbuf, recv, n, t, mop, c, &r);
-      if (rc == MPI_SUCCESS) reqs->push_back(r);
-      return rc;
-    };
-    return Submit("all-reduce", Detail(count, dtype, op), AllReduceTraffic(count, size_, dtype),
-                  std::move(start), MeanFinish(op, recv, count, dtype));
+    return Submit(Elements("all-reduce", count, dtype, op), AllReduceTraffic(count, size_, dtype),
+                  0, 1, [&](mpi::Op& o, void*) {
+                    o.kind = mpi::OpKind::kAllReduce;
+                    o.send = send == recv ? MPI_IN_PLACE : send;
+                    o.recv = recv;
+                    o.count = static_cast<int>(count);
+                    o.type = mpi::ToMpi(dtype);
+                    o.reduce = Sum(dtype);
+                    MeanFinish(op, recv, count, dtype, &o);
+                  });
   }
 
   absl::StatusOr<RequestPtr> Broadcast(void* data, int64_t count, DataType dtype, int root,
@@ -183,16 +167,16 @@ class MpiCommunicator final : public Communicator {
       return s;
     }
     if (absl::Status s = CheckIntRange("broadcast", count); !s.ok()) return s;
-    const MPI_Datatype t = ToMpi(dtype);
-    const int n = static_cast<int>(count);
-    auto start = [=](MPI_Comm c, std::vector<MPI_Request>* reqs) {
-      MPI_Request r;
-      const int rc = MPI_Ibcast(data, n, t, root, c, &r);
-      if (rc == MPI_SUCCESS) reqs->push_back(r);
-      return rc;
-    };
-    return Submit("broadcast", absl::StrCat(Detail(count, dtype), " from root ", root),
-                  BroadcastTraffic(count, dtype, root, rank_), std::move(start), nullptr);
+    OpLabel label = Elements("broadcast", count, dtype);
+    label.root = root;
+    return Submit(label, BroadcastTraffic(count, dtype, root, rank_), 0, 1,
+                  [&](mpi::Op& o, void*) {
+                    o.kind = mpi::OpKind::kBroadcast;
+                    o.recv = data;
+                    o.count = static_cast<int>(count);
+                    o.type = mpi::ToMpi(dtype);
+                    o.root = root;
+                  });
   }
 
   absl::StatusOr<RequestPtr> SendRecv(absl::Span<const P2P> ops, int tag, MemorySpace space,
@@ -201,37 +185,31 @@ class MpiCommunicator final : public Communicator {
     for (const P2P& p : ops) {
       if (absl::Status s = CheckIntRange("send/recv", p.count); !s.ok()) return s;
     }
-    std::vector<P2P> group(ops.begin(), ops.end());
     int receives = 0;
     for (const P2P& p : ops) receives += p.is_send ? 0 : 1;
-    auto start = [group = std::move(group), tag](MPI_Comm c, std::vector<MPI_Request>* reqs) {
-      // Receives first, so that sends find them posted; MPI keeps the order among the sends
-      // (and among the receives) of one peer and tag, which is the matching rule.
-      for (int pass = 0; pass < 2; ++pass) {
-        for (const P2P& p : group) {
-          if (p.is_send != (pass == 1)) continue;
-          MPI_Request r;
-          const int n = static_cast<int>(p.count);
-          const int rc = p.is_send ? MPI_Isend(p.data, n, ToMpi(p.dtype), p.peer, tag, c, &r)
-                                   : MPI_Irecv(p.data, n, ToMpi(p.dtype), p.peer, tag, c, &r);
-          if (rc != MPI_SUCCESS) return rc;
-          reqs->push_back(r);
-        }
-      }
-      return MPI_SUCCESS;
-    };
-    return Submit("send/recv", absl::StrCat(" (", ops.size(), " ops, tag ", tag, ")"),
-                  SendRecvTraffic(ops, rank_), std::move(start), nullptr, receives);
+    OpLabel label;
+    label.what = "send/recv";
+    label.detail = OpLabel::Detail::kGroup;
+    label.count = static_cast<int64_t>(ops.size());
+    label.tag = tag;
+    const int n = static_cast<int>(ops.size());
+    return Submit(label, SendRecvTraffic(ops, rank_), ops.size() * sizeof(P2P), n,
+                  [&](mpi::Op& o, void* extra) {
+                    // The group is copied: in thread mode it starts after this returns.
+                    P2P* group = static_cast<P2P*>(extra);
+                    std::copy(ops.begin(), ops.end(), group);
+                    o.kind = mpi::OpKind::kSendRecv;
+                    o.group = group;
+                    o.group_size = n;
+                    o.tag = tag;
+                    o.receives = receives;
+                  });
   }
 
   absl::StatusOr<RequestPtr> Barrier() override {
-    auto start = [](MPI_Comm c, std::vector<MPI_Request>* reqs) {
-      MPI_Request r;
-      const int rc = MPI_Ibarrier(c, &r);
-      if (rc == MPI_SUCCESS) reqs->push_back(r);
-      return rc;
-    };
-    return Submit("barrier", "", 0, std::move(start), nullptr);
+    OpLabel label;
+    label.what = "barrier";
+    return Submit(label, 0, 0, 1, [](mpi::Op& o, void*) { o.kind = mpi::OpKind::kBarrier; });
   }
 
   void Abort(absl::string_view reason) override { engine_->tracker().Abort(reason); }
@@ -242,24 +220,26 @@ class MpiCommunicator final : public Communicator {
   MPI_Op Sum(DataType dtype) const {
     return dtype == DataType::kBf16 ? engine_->bf16_sum() : MPI_SUM;
   }
-  std::function<void()> MeanFinish(ReduceOp op, void* data, int64_t count, DataType dtype) const {
-    if (op != ReduceOp::kMean || size_ == 1) return nullptr;
-    const int n = size_;
-    return [=] { DivideInPlace(data, count, dtype, n); };
+  void MeanFinish(ReduceOp op, void* data, int64_t count, DataType dtype, mpi::Op* o) const {
+    if (op != ReduceOp::kMean || size_ == 1) return;
+    o->divide_by = size_;
+    o->divide_count = count;
+    o->divide_dtype = dtype;
   }
 
-  absl::StatusOr<RequestPtr> Submit(absl::string_view what, absl::string_view detail,
-                                    int64_t bytes,
-                                    std::function<int(MPI_Comm, std::vector<MPI_Request>*)> start,
-                                    std::function<void()> finish, int receives = 0) {
-    absl::StatusOr<std::shared_ptr<OpState>> state = engine_->tracker().Begin(what, detail, bytes);
+  // Begins the record (with room for an mpi::Op and `extra` bytes after it, and `requests`
+  // MPI requests counted against it), lets `fill` describe the op, and submits it.
+  template <typename Fill>
+  absl::StatusOr<RequestPtr> Submit(const OpLabel& label, int64_t bytes, size_t extra,
+                                    int requests, Fill&& fill) {
+    absl::StatusOr<OpState*> state =
+        engine_->tracker().Begin(label, bytes, sizeof(mpi::Op) + extra, requests);
     if (!state.ok()) return state.status();
-    auto op = std::make_shared<mpi::Op>();
-    op->state = *std::move(state);
-    op->start = std::move(start);
-    op->finish = std::move(finish);
-    op->receives = receives;
-    return engine_->Submit(std::move(op));
+    auto* op = new ((*state)->scratch()) mpi::Op();
+    op->state = *state;
+    op->requests = requests;
+    fill(*op, static_cast<void*>(op + 1));
+    return engine_->Submit(*op);
   }
 
   std::shared_ptr<mpi::Engine> engine_;

@@ -6,8 +6,8 @@
 //    order of MPI calls is the order of submission, the same on every rank), starts them and
 //    drives all in-flight requests with MPI_Testsome; when nothing completed it spins a few
 //    rounds, then sleeps ~30 us, and it blocks on a condition variable when idle, so it does
-//    not burn a core. Waiters block on their operation's condition variable. Communication
-//    overlaps whatever the caller computes meanwhile.
+//    not burn a core. Waiters block on the tracker's mutex with a condition on their
+//    operation. Communication overlaps whatever the caller computes meanwhile.
 //  - "caller" (FUNNELED, SERIALIZED or SINGLE, when the host initialised MPI so): operations
 //    start when submitted and make progress only inside Wait and Test (MPI_Testsome over all
 //    in-flight requests), under a mutex. Every call into the communicator (submission, Wait,
@@ -15,18 +15,25 @@
 //    (the main thread for FUNNELED). Overlap depends on MPI's own asynchronous progress.
 //
 // Shutdown drains: up to the timeout when healthy, up to min(timeout, 1 s) when broken or
-// aborted (pending receives are then cancelled; collectives cannot be). Requests that still have not completed are abandoned with their buffers, the
-// progress thread is detached if it does not stop, and MPI is then not finalised at exit
-// (see mpi_runtime.h); a job in that state should end with MPI_Abort.
+// aborted (pending receives are then cancelled; collectives cannot be). Requests that still
+// have not completed are abandoned with their buffers (and the tracker that holds their
+// count arrays is kept alive for good), the progress thread is detached if it does not stop,
+// and MPI is then not finalised at exit (see mpi_runtime.h); a job in that state should end
+// with MPI_Abort.
+//
+// Nothing here allocates per operation: an operation is plain data (Op) in its record's
+// scratch block, the submission queue is a list threaded through those blocks, and the flat
+// arrays of in-flight MPI requests are reserved, at submission, for the most MPI requests
+// the tracker's live records have ever counted (OpTracker::handles_high_water), which bounds
+// what can be in flight however fast MPI completes.
 #ifndef MDOPT_COMM_MPI_ENGINE_H_
 #define MDOPT_COMM_MPI_ENGINE_H_
 
 #include <mpi.h>
 
-#include <deque>
-#include <functional>
+#include <atomic>
+#include <cstdint>
 #include <memory>
-#include <string>
 #include <thread>
 #include <vector>
 
@@ -41,19 +48,50 @@
 
 namespace mdopt::mpi {
 
-struct Op {
-  std::shared_ptr<OpState> state;
-  // Posts the MPI calls on `comm`, appending their requests; returns an MPI error code.
-  // Owns whatever MPI reads until the requests complete (count arrays).
-  std::function<int(MPI_Comm comm, std::vector<MPI_Request>* reqs)> start;
-  // Runs once after every request completed successfully (a mean's division).
-  std::function<void()> finish;
-  // How many of the first requests `start` posts are receives: MPI can cancel those (not
-  // collectives), which lets a broken communicator's destruction drain them.
-  int receives = 0;
-  int pending = 0;        // requests not yet complete; engine-owned
-  bool failed = false;    // an MPI error ended it; engine-owned
+enum class OpKind : uint8_t {
+  kReduceScatterBlock,
+  kReduceScatterV,
+  kAllGather,
+  kAllGatherV,
+  kAllReduce,
+  kBroadcast,
+  kSendRecv,
+  kBarrier,
 };
+
+// One operation as plain data, placed in its record's scratch block by the communicator,
+// with the arrays MPI reads until the requests complete (counts, displacements, a group)
+// after it in the same block. Never destroyed: the block is simply recycled.
+struct Op {
+  OpState* state = nullptr;
+  OpKind kind = OpKind::kBarrier;
+  const void* send = nullptr;  // MPI_IN_PLACE already substituted
+  void* recv = nullptr;
+  int count = 0;  // elements per rank (block forms), or of the all-reduce / broadcast
+  MPI_Datatype type = MPI_DATATYPE_NULL;
+  MPI_Op reduce = MPI_OP_NULL;
+  int root = 0;
+  int tag = 0;
+  const int* counts = nullptr;  // the v-forms: size() ints each
+  const int* displs = nullptr;
+  const P2P* group = nullptr;   // send/recv
+  int group_size = 0;
+  // Runs once after every request completed successfully: a mean's division.
+  int divide_by = 0;  // 0: nothing to do
+  int64_t divide_count = 0;
+  DataType divide_dtype = DataType::kF32;
+  // How many MPI requests Post makes (the record's handles), and how many of the first of
+  // them are receives: MPI can cancel those (not collectives), which lets a broken
+  // communicator's destruction drain them.
+  int requests = 0;
+  int receives = 0;
+  int pending = 0;      // requests not yet complete; engine-owned
+  bool failed = false;  // an MPI error ended it; engine-owned
+  Op* next = nullptr;   // the submission queue; engine-owned
+};
+
+// MPI's type for a dtype (bf16 travels as MPI_UINT16_T).
+MPI_Datatype ToMpi(DataType dtype);
 
 class Engine : public std::enable_shared_from_this<Engine> {
  public:
@@ -65,10 +103,10 @@ class Engine : public std::enable_shared_from_this<Engine> {
 
   void StartThread();  // thread mode, once
 
-  // Queues (thread) or starts (caller) `op`, whose state the tracker already began.
-  absl::StatusOr<RequestPtr> Submit(std::shared_ptr<Op> op);
-  absl::Status Wait(const std::shared_ptr<Op>& op);
-  absl::StatusOr<bool> Test(const std::shared_ptr<Op>& op);
+  // Queues (thread) or starts (caller) `op`, whose record the tracker already began.
+  absl::StatusOr<RequestPtr> Submit(Op& op);
+  absl::Status Wait(OpState& op);
+  absl::StatusOr<bool> Test(OpState& op);
   // Drains, stops the thread and frees the MPI objects (see above). Called once.
   void Shutdown();
 
@@ -78,9 +116,12 @@ class Engine : public std::enable_shared_from_this<Engine> {
 
  private:
   void Run();
-  void StartLocked(const std::shared_ptr<Op>& op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);
+  static void DriveThunk(void* self);
+  void ReserveLocked(int64_t handles) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);
+  int PostLocked(Op& op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);  // an MPI error code
+  void StartLocked(Op& op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);
   bool ProgressLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);  // true when something completed
-  void FinishLocked(const std::shared_ptr<Op>& op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);
+  void FinishLocked(Op& op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);
   void FailLocked(Op& op, absl::Status s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);
   bool Drain(absl::Duration limit);  // caller mode; true when nothing is left in flight
   void FreeMpiObjects();
@@ -89,7 +130,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // never come), so that only collectives can keep the drain waiting.
   void CancelReceivesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mpi_mu_);
   bool HasWork() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(queue_mu_) {
-    return !queue_.empty() || stop_ || abandon_;
+    return queue_head_ != nullptr || stop_ || abandon_;
   }
 
   MPI_Comm comm_;
@@ -97,17 +138,20 @@ class Engine : public std::enable_shared_from_this<Engine> {
   const Mode mode_;
   std::shared_ptr<OpTracker> tracker_;
 
-  // The in-flight MPI requests, flat for MPI_Testsome, with the op each belongs to.
+  // The in-flight MPI requests, flat for MPI_Testsome, with the op each belongs to; all five
+  // arrays have capacity for `reserved_` requests.
   absl::Mutex mpi_mu_;
   std::vector<MPI_Request> reqs_ ABSL_GUARDED_BY(mpi_mu_);
-  std::vector<std::shared_ptr<Op>> owners_ ABSL_GUARDED_BY(mpi_mu_);
-  std::vector<bool> cancellable_ ABSL_GUARDED_BY(mpi_mu_);  // a receive not yet cancelled
+  std::vector<Op*> owners_ ABSL_GUARDED_BY(mpi_mu_);
+  std::vector<uint8_t> cancellable_ ABSL_GUARDED_BY(mpi_mu_);  // a receive not yet cancelled
   std::vector<int> done_ ABSL_GUARDED_BY(mpi_mu_);  // MPI_Testsome's outputs, reused
   std::vector<MPI_Status> statuses_ ABSL_GUARDED_BY(mpi_mu_);
+  std::atomic<int64_t> reserved_{0};  // written under mpi_mu_
 
-  // Thread mode: submissions not yet started, and the stop protocol.
+  // Thread mode: submissions not yet started (in order), and the stop protocol.
   absl::Mutex queue_mu_;
-  std::deque<std::shared_ptr<Op>> queue_ ABSL_GUARDED_BY(queue_mu_);
+  Op* queue_head_ ABSL_GUARDED_BY(queue_mu_) = nullptr;
+  Op* queue_tail_ ABSL_GUARDED_BY(queue_mu_) = nullptr;
   bool stop_ ABSL_GUARDED_BY(queue_mu_) = false;     // drain, then exit
   bool abandon_ ABSL_GUARDED_BY(queue_mu_) = false;  // exit now
   bool inflight_ ABSL_GUARDED_BY(queue_mu_) = false;  // requests left when the thread exited

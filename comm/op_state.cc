@@ -1,44 +1,25 @@
 #include "comm/op_state.h"
 
+#include "absl/strings/str_cat.h"
+#include "comm/arg_checks.h"
+
 namespace mdopt {
 
-bool OpState::BeginFinish() {
-  absl::MutexLock l(&mu_);
-  if (phase_ != Phase::kPending) return false;
-  phase_ = Phase::kFinishing;
-  return true;
-}
-
-bool OpState::Complete(absl::Status s) {
-  absl::MutexLock l(&mu_);
-  if (phase_ == Phase::kDone) return false;
-  phase_ = Phase::kDone;
-  status_ = std::move(s);
-  return true;
-}
-
-bool OpState::Fail(absl::Status s) {
-  absl::MutexLock l(&mu_);
-  if (phase_ != Phase::kPending) return false;
-  phase_ = Phase::kDone;
-  status_ = std::move(s);
-  return true;
-}
-
-bool OpState::WaitUntil(absl::Time deadline) const {
-  absl::MutexLock l(&mu_);
-  auto is_done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return phase_ == Phase::kDone; };
-  return mu_.AwaitWithDeadline(absl::Condition(&is_done), deadline);
-}
-
-bool OpState::done() const {
-  absl::MutexLock l(&mu_);
-  return phase_ == Phase::kDone;
-}
-
-absl::Status OpState::status() const {
-  absl::MutexLock l(&mu_);
-  return status_;
+std::string OpLabel::Format() const {
+  switch (detail) {
+    case Detail::kNone:
+      return "";
+    case Detail::kElements: {
+      std::string s = absl::StrCat(" (", count, " x ", DataTypeName(dtype));
+      if (reduces) absl::StrAppend(&s, ", ", ReduceOpName(reduce));
+      absl::StrAppend(&s, ")");
+      if (root >= 0) absl::StrAppend(&s, " from root ", root);
+      return s;
+    }
+    case Detail::kGroup:
+      return absl::StrCat(" (", count, " ops, tag ", tag, ")");
+  }
+  return "";
 }
 
 }  // namespace mdopt

@@ -367,7 +367,7 @@ mdopt_status mdopt_step(mdopt_optimizer* opt, double lr_scale, void* stream,
       info.bytes_sent = r->bytes_sent;
       WriteVersioned(info, info_or_null);
     }
-    if (r->skipped) g_last_error = r->skip_reason;
+    if (r->skipped) g_last_error.assign(r->skip_reason.data(), r->skip_reason.size());
     return MDOPT_SUCCESS;
   });
 }

@@ -56,6 +56,10 @@ absl::Status CatchOutOfMemory(const char* call, F&& body) {
   }
 }
 
+// The message of a skipped step, around the param's name.
+constexpr char kSkipPrefix[] = "step skipped: the gradient of param '";
+constexpr char kSkipSuffix[] = "' holds NaN or Inf; no state changed";
+
 }  // namespace
 
 Optimizer::Optimizer(Communicator* comm, OptimizerOptions options)
@@ -117,9 +121,14 @@ absl::Status Optimizer::Finalize() {
             : MakeReferenceEngine(&registry_.params(), &groups_, comm_);
     std::vector<double> sumsq(static_cast<size_t>(registry_.size() * comm_->size()));
     sumsq_counts_.assign(static_cast<size_t>(comm_->size()), registry_.size());
+    size_t longest = 0;
+    for (const ParamEntry& p : registry_.params()) longest = std::max(longest, p.name.size());
+    std::string reason;
+    reason.reserve(sizeof(kSkipPrefix) + longest + sizeof(kSkipSuffix));
     if (absl::Status s = engine->Init(); !s.ok()) return s;
     engine_ = std::move(engine);
     grad_sumsq_ = std::move(sumsq);
+    skip_reason_ = std::move(reason);
     return absl::OkStatus();
   });
 }
@@ -164,13 +173,13 @@ absl::StatusOr<StepResult> Optimizer::Step(double lr_scale, void* stream) {
     double sq = 0.0;
     for (int q = 0; q < world; ++q) sq += grad_sumsq_[q * P + i];
     total += sq;
-    if (!std::isfinite(sq) && r.skip_reason.empty()) {
-      r.skip_reason = absl::StrCat("step skipped: the gradient of param '", params[i].name,
-                                   "' holds NaN or Inf; no state changed");
+    if (!std::isfinite(sq) && !r.skipped) {
+      skip_reason_.assign(kSkipPrefix).append(params[i].name).append(kSkipSuffix);
+      r.skip_reason = skip_reason_;
+      r.skipped = true;
     }
   }
   r.grad_norm = std::sqrt(total);
-  r.skipped = !r.skip_reason.empty();
   stepped_ = true;
   last_skipped_ = r.skipped;
   if (!r.skipped) {

@@ -33,7 +33,9 @@ struct StepResult {
   double exposed_comm_seconds = 0.0;  // time this call waited on communication
   double comm_seconds = 0.0;          // time with communication in flight during the call
   int64_t bytes_sent = 0;             // by this rank during the call (CommStats formulas)
-  std::string skip_reason;  // which param held a non-finite gradient
+  // Which param held a non-finite gradient; points into the optimizer, valid until its next
+  // Step (the message is built in a buffer sized at Finalize: a skipped step allocates nothing).
+  absl::string_view skip_reason;
 };
 
 class Optimizer {
@@ -73,6 +75,7 @@ class Optimizer {
   std::unique_ptr<Engine> engine_;  // set by Finalize
   std::vector<double> grad_sumsq_;  // per param x rank, sized at Finalize: a step allocates nothing
   std::vector<int64_t> sumsq_counts_;
+  std::string skip_reason_;  // StepResult::skip_reason's text, capacity reserved at Finalize
   int64_t step_ = 0;
   bool stepped_ = false, last_skipped_ = false;
 };

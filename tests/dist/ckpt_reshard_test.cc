@@ -169,6 +169,8 @@ TEST_P(Reshard, ChainFourThreeTwoOneEqualsOneRank) {
           const std::string over = root + "/at" + std::to_string(chain[k - 1].ranks);
           s = run.opt().Save(over);
           ASSERT_TRUE(s.ok()) << s;
+          // Each rank removes its own earlier file after the commit: wait for all of them.
+          ASSERT_TRUE(BarrierBlocking(*sub).ok());
           if (sub->rank() == 0) {
             size_t files = 0;
             for (const auto& e : std::filesystem::directory_iterator(over)) {

@@ -1,0 +1,434 @@
+// A sharded step allocates nothing after the first, at N ranks on the MPI backend: this
+// program replaces every form of the global operator new and delete (plain, array, nothrow,
+// aligned, sized) and counts the calls and bytes, on every thread of the process (the
+// caller's and the communicator's progress thread), while steps 2..kSteps run. Covered:
+// md-muon and md-adamw, layout=rows and layout=owner, grads=local and grads=reduced,
+// gather=eager and gather=deferred (+ mdopt_gather_params, counted), one or many buckets,
+// bf16 weights and bf16 Newton-Schulz traffic, mdopt_grads_ready in backward order before
+// the step (counted), and a step skipped because one rank's gradient holds a NaN. After the
+// run every rank's weights must equal the same optimizer's on one rank fed the mean gradient
+// (as in sharded_step_test), so that recycled records cannot have mixed up buffers unseen.
+//
+// What is not counted: malloc, which is what MPI (Open MPI, MPICH: C libraries) and the
+// OpenMP runtime allocate with internally, and Abseil's low-level allocator (mmap) behind
+// absl::Mutex's per-thread state. A failure prints every rank's count per step, and with
+// MDOPT_ALLOC_TRACE=1 the stack of the first counted allocation of each failing step.
+//
+// --host-init=funneled: the program initialises MPI with MPI_THREAD_FUNNELED itself, so the
+// communicator runs caller-driven (no progress thread).
+#include <execinfo.h>
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <new>
+#include <ostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "dist_opt/optimizer.h"
+#include "kernels/cpu/bf16.h"
+
+namespace {
+
+std::atomic<bool> g_counting{false};
+std::atomic<int64_t> g_calls{0}, g_bytes{0};
+// MDOPT_ALLOC_TRACE=1: the stack of the first counted allocation.
+bool g_trace = false;
+std::atomic<bool> g_traced{false};
+void* g_frames[32];
+int g_depth = 0;
+
+void Count(std::size_t size) {
+  if (!g_counting.load(std::memory_order_relaxed)) return;
+  g_calls.fetch_add(1, std::memory_order_relaxed);
+  g_bytes.fetch_add(static_cast<int64_t>(size), std::memory_order_relaxed);
+  if (g_trace && !g_traced.exchange(true)) g_depth = backtrace(g_frames, 32);
+}
+
+void* Allocate(std::size_t size) {
+  Count(size);
+  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
+  throw std::bad_alloc();
+}
+
+void* AllocateAligned(std::size_t size, std::align_val_t align) {
+  Count(size);
+  const std::size_t a = static_cast<std::size_t>(align);
+  // aligned_alloc takes a multiple of the alignment.
+  const std::size_t rounded = size == 0 ? a : (size + a - 1) / a * a;
+  if (void* p = std::aligned_alloc(a, rounded)) return p;
+  throw std::bad_alloc();
+}
+
+}  // namespace
+
+// Every replaceable form, so that each allocation and its release go through one pair.
+void* operator new(std::size_t size) { return Allocate(size); }
+void* operator new[](std::size_t size) { return Allocate(size); }
+void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
+  try {
+    return Allocate(size);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void* operator new[](std::size_t size, const std::nothrow_t&) noexcept {
+  try {
+    return Allocate(size);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void* operator new(std::size_t size, std::align_val_t a) { return AllocateAligned(size, a); }
+void* operator new[](std::size_t size, std::align_val_t a) { return AllocateAligned(size, a); }
+void* operator new(std::size_t size, std::align_val_t a, const std::nothrow_t&) noexcept {
+  try {
+    return AllocateAligned(size, a);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void* operator new[](std::size_t size, std::align_val_t a, const std::nothrow_t&) noexcept {
+  try {
+    return AllocateAligned(size, a);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
+
+namespace mdopt {
+namespace {
+
+constexpr int kSteps = 6;       // step 1 may allocate (first use); 2..kSteps must not
+constexpr int kNanStep = 4;     // grads=local cases: rank N-1's gradient holds a NaN
+constexpr double kTolerance = 5e-6;
+
+bool g_host_init = false;
+std::unique_ptr<Communicator> g_world;
+
+Communicator* World() {
+  if (g_world == nullptr) {
+    absl::StatusOr<std::unique_ptr<Communicator>> c = MakeMpiCommunicator(nullptr);
+    if (!c.ok()) {
+      ADD_FAILURE() << c.status();
+      return nullptr;
+    }
+    g_world = *std::move(c);
+  }
+  return g_world.get();
+}
+
+// Counts the allocations made while it lives (every thread).
+class AllocationWatch {
+ public:
+  AllocationWatch() {
+    g_calls = 0;
+    g_bytes = 0;
+    g_traced = false;
+    g_depth = 0;
+    g_counting = true;
+  }
+  ~AllocationWatch() { g_counting = false; }
+  void Stop(int64_t* calls, int64_t* bytes) {
+    g_counting = false;
+    *calls = g_calls.load();
+    *bytes = g_bytes.load();
+  }
+};
+
+std::vector<double> Normal(size_t n, uint64_t seed, double scale) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> d(0.0, scale);
+  std::vector<double> v(n);
+  for (double& x : v) x = d(rng);
+  return v;
+}
+
+struct Tensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    return n;
+  }
+};
+
+// Uneven shapes (m < N, odd m, 1 x n, m x 1, a 3-D stack, a 1-D vector for Adam groups).
+std::vector<Tensor> Tensors(bool adam) {
+  std::vector<Tensor> t = {{"odd", {7, 19}}, {"small", {2, 9}},      {"row1", {1, 11}},
+                           {"col1", {9, 1}}, {"experts", {3, 5, 8}}, {"big", {40, 90}}};
+  if (adam) t.push_back({"vec", {13}});
+  return t;
+}
+
+class OptRun {
+ public:
+  OptRun(Communicator* comm, const std::string& options, const std::string& spec, bool bf16)
+      : bf16_(bf16) {
+    absl::StatusOr<OptimizerOptions> o = ParseOptimizerOptions(options);
+    EXPECT_TRUE(o.ok()) << o.status();
+    opt_ = std::make_unique<Optimizer>(comm, *o);
+    EXPECT_TRUE(opt_->AddGroup("g", spec).ok());
+    tensors_ = Tensors(ParseGroupSpec(spec)->rule.base == kernels::Base::kAdamW);
+    w_.resize(tensors_.size());
+    wb_.resize(tensors_.size());
+    g_.resize(tensors_.size());
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      const Tensor& t = tensors_[i];
+      const std::vector<double> w0 = Normal(t.numel(), 17 + i, 1.0 / std::sqrt(double(t.shape.back())));
+      w_[i].assign(w0.begin(), w0.end());
+      for (float f : w_[i]) wb_[i].push_back(kernels::FloatToBf16(f));
+      g_[i].assign(t.numel(), 0.0f);
+      ParamDescription d;
+      d.name = t.name;
+      d.group = "g";
+      d.ndim = static_cast<int>(t.shape.size());
+      for (size_t k = 0; k < t.shape.size(); ++k) d.shape[k] = t.shape[k];
+      d.param_dtype = bf16 ? 1 : 0;
+      d.param = bf16 ? static_cast<void*>(wb_[i].data()) : w_[i].data();
+      d.grad_dtype = 0;
+      d.grad = g_[i].data();
+      EXPECT_TRUE(opt_->AddParam(d).ok());
+    }
+  }
+
+  Optimizer& opt() { return *opt_; }
+  size_t size() const { return tensors_.size(); }
+
+  static std::vector<double> Grad(const Tensor& t, size_t i, int step, int rank) {
+    std::vector<double> g = Normal(t.numel(), 1000 * step + i, 0.1);
+    const std::vector<double> own = Normal(t.numel(), 77 + 1000 * step + 31 * i + 7919 * rank, 0.05);
+    for (size_t k = 0; k < g.size(); ++k) g[k] += own[k];
+    return g;
+  }
+  void SetLocal(int step, int rank) {
+    for (size_t i = 0; i < size(); ++i) {
+      const std::vector<double> g = Grad(tensors_[i], i, step, rank);
+      std::copy(g.begin(), g.end(), g_[i].begin());
+    }
+  }
+  void SetMean(int step, int world) {
+    for (size_t i = 0; i < size(); ++i) {
+      std::vector<double> mean(tensors_[i].numel(), 0.0);
+      for (int r = 0; r < world; ++r) {
+        const std::vector<double> g = Grad(tensors_[i], i, step, r);
+        for (size_t k = 0; k < g.size(); ++k) mean[k] += g[k] / world;
+      }
+      std::copy(mean.begin(), mean.end(), g_[i].begin());
+    }
+  }
+  void Poison(size_t i) { g_[i][g_[i].size() / 2] = NAN; }
+
+  std::vector<double> Model(size_t i) const {
+    std::vector<double> v;
+    if (bf16_) {
+      for (uint16_t h : wb_[i]) v.push_back(kernels::Bf16ToFloat(h));
+    } else {
+      v.assign(w_[i].begin(), w_[i].end());
+    }
+    return v;
+  }
+
+ private:
+  bool bf16_;
+  std::unique_ptr<Optimizer> opt_;
+  std::vector<Tensor> tensors_;
+  std::vector<std::vector<float>> w_, g_;
+  std::vector<std::vector<uint16_t>> wb_;
+};
+
+double RelMaxError(const std::vector<double>& a, const std::vector<double>& b) {
+  double err = 0.0, ref = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    err = std::max(err, std::abs(a[i] - b[i]));
+    ref = std::max(ref, std::abs(b[i]));
+  }
+  return ref > 0 ? err / ref : err;
+}
+
+struct Case {
+  std::string spec;     // preset=md-muon | preset=md-adamw
+  std::string layout;   // rows | owner
+  bool reduced;         // grads=reduced
+  bool deferred;        // gather=deferred (+ GatherParams after each step, counted)
+  bool many_buckets;    // bucket_mb=0.0001: one bucket per parameter, many ops in flight
+  bool grads_ready = false;  // mdopt_grads_ready per param, backward order (counted)
+  bool bf16 = false;         // bf16 weights
+  bool ns_comm_bf16 = false;
+  double tolerance = kTolerance;
+  std::string Name() const {
+    return spec + " layout=" + layout + (reduced ? " grads=reduced" : " grads=local") +
+           (deferred ? " gather=deferred" : " gather=eager") +
+           (many_buckets ? " bucket_mb=0.0001" : "") + (grads_ready ? " grads_ready" : "") +
+           (bf16 ? " bf16" : "") + (ns_comm_bf16 ? " ns_comm_dtype=bf16" : "");
+  }
+};
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.Name(); }
+
+std::vector<Case> Cases() {
+  std::vector<Case> c;
+  for (const char* spec : {"preset=md-muon", "preset=md-adamw"})
+    for (const char* layout : {"rows", "owner"})
+      for (bool reduced : {false, true})
+        for (bool deferred : {false, true}) c.push_back({spec, layout, reduced, deferred, !deferred});
+  for (const char* spec : {"preset=md-muon", "preset=md-adamw"})
+    for (const char* layout : {"rows", "owner"}) {
+      Case g{spec, layout, false, false, true};
+      g.grads_ready = true;
+      c.push_back(g);
+    }
+  Case b{"preset=md-muon", "rows", false, false, true};
+  b.bf16 = true;
+  c.push_back(b);
+  Case n{"preset=md-muon", "rows", false, true, false};
+  n.ns_comm_bf16 = true;
+  n.tolerance = 2e-2;  // X and O rounded to bf16 on the wire
+  c.push_back(n);
+  return c;
+}
+
+void RunCase(const Case& c) {
+  SCOPED_TRACE(c.Name());
+  Communicator* world = World();
+  ASSERT_NE(world, nullptr);
+  const int N = world->size(), rank = world->rank();
+  std::string options = std::string("threads=1 grads=") + (c.reduced ? "reduced" : "local");
+  if (c.deferred) options += " gather=deferred";
+  if (c.many_buckets) options += " bucket_mb=0.0001";
+  if (c.ns_comm_bf16) options += " ns_comm_dtype=bf16";
+  const std::string spec = c.spec + " layout=" + c.layout;
+  std::unique_ptr<Communicator> local = MakeLocalCommunicator();
+  OptRun sharded(world, options, spec, c.bf16);
+  OptRun single(local.get(), "threads=1", spec, c.bf16);
+  ASSERT_TRUE(sharded.opt().Finalize().ok());
+  ASSERT_TRUE(single.opt().Finalize().ok());
+  const bool nan_step = !c.reduced;  // one rank's local gradient; the contract of reduced
+                                     // gradients is the same mean everywhere
+  // Per rank x step: calls, bytes (filled by this rank, summed over ranks afterwards).
+  std::vector<double> calls(static_cast<size_t>(N * kSteps), 0.0), bytes(calls.size(), 0.0);
+  std::vector<std::string> traces(kSteps);
+  const int64_t P = static_cast<int64_t>(sharded.size());
+  for (int step = 1; step <= kSteps; ++step) {
+    const bool poisoned = nan_step && step == kNanStep;
+    if (c.reduced) {
+      sharded.SetMean(step, N);
+    } else {
+      sharded.SetLocal(step, rank);
+    }
+    if (poisoned && rank == N - 1) sharded.Poison(5);
+    absl::Status ready = absl::OkStatus(), gathered = absl::OkStatus();
+    absl::StatusOr<StepResult> r;
+    int64_t n = 0, b = 0;
+    {
+      AllocationWatch watch;
+      if (c.grads_ready) {
+        for (int64_t i = P - 1; i >= 0 && ready.ok(); --i) ready = sharded.opt().GradsReady(i, 1, nullptr);
+      }
+      r = sharded.opt().Step(1.0, nullptr);
+      if (c.deferred && r.ok()) gathered = sharded.opt().GatherParams(nullptr);
+      watch.Stop(&n, &b);
+    }
+    ASSERT_TRUE(ready.ok()) << ready;
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_TRUE(gathered.ok()) << gathered;
+    ASSERT_EQ(r->skipped, poisoned) << "step " << step;
+    if (poisoned) {
+      EXPECT_NE(r->skip_reason.find("param 'big'"), absl::string_view::npos) << r->skip_reason;
+    } else {
+      single.SetMean(step, N);
+      ASSERT_TRUE(single.opt().Step(1.0, nullptr).ok());
+    }
+    calls[static_cast<size_t>(rank * kSteps + step - 1)] = static_cast<double>(n);
+    bytes[static_cast<size_t>(rank * kSteps + step - 1)] = static_cast<double>(b);
+    if (n > 0 && step > 1 && g_depth > 0) {
+      char** names = backtrace_symbols(g_frames, g_depth);
+      std::string t;
+      for (int k = 0; names != nullptr && k < g_depth; ++k) t += std::string("    ") + names[k] + "\n";
+      std::free(names);
+      traces[step - 1] = t;
+    }
+  }
+  ASSERT_TRUE(AllReduceSum(*world, absl::MakeSpan(calls)).ok());
+  ASSERT_TRUE(AllReduceSum(*world, absl::MakeSpan(bytes)).ok());
+  std::string table;
+  bool any = false;
+  for (int q = 0; q < N; ++q) {
+    table += "  rank " + std::to_string(q) + ": allocations (bytes) per step 1.." + std::to_string(kSteps) + ":";
+    for (int s = 0; s < kSteps; ++s) {
+      const size_t at = static_cast<size_t>(q * kSteps + s);
+      table += " " + std::to_string(static_cast<int64_t>(calls[at])) + " (" +
+               std::to_string(static_cast<int64_t>(bytes[at])) + ")";
+      any = any || (s > 0 && calls[at] != 0);
+    }
+    table += "\n";
+  }
+  if (rank == 0) std::printf("%s:\n%s", c.Name().c_str(), table.c_str());
+  std::string stacks;
+  for (int s = 1; s < kSteps; ++s)
+    if (!traces[s].empty()) stacks += "  rank " + std::to_string(rank) + " step " + std::to_string(s + 1) + ", first allocation:\n" + traces[s];
+  EXPECT_FALSE(any) << "steps 2.." << kSteps << " must allocate nothing on every rank:\n"
+                    << table << (stacks.empty() ? "  (MDOPT_ALLOC_TRACE=1 prints where)\n" : stacks);
+  // The steps still did the right thing.
+  for (size_t i = 0; i < sharded.size(); ++i)
+    EXPECT_LE(RelMaxError(sharded.Model(i), single.Model(i)), c.tolerance) << "tensor " << i;
+}
+
+class StepAllocations : public ::testing::TestWithParam<Case> {};
+
+TEST_P(StepAllocations, NoneAfterTheFirstStep) { RunCase(GetParam()); }
+
+INSTANTIATE_TEST_SUITE_P(Sharded, StepAllocations, ::testing::ValuesIn(Cases()),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           std::string n;
+                           for (char ch : info.param.Name()) n += std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
+                           return n + "_" + std::to_string(info.index);
+                         });
+
+}  // namespace
+}  // namespace mdopt
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--host-init=funneled") mdopt::g_host_init = true;
+  }
+  const char* trace = std::getenv("MDOPT_ALLOC_TRACE");
+  g_trace = trace != nullptr && std::string(trace) == "1";
+  if (g_trace) {
+    void* prime[1];
+    backtrace(prime, 1);  // loads the unwinder now, not inside a counted allocation
+  }
+  if (mdopt::g_host_init) {
+    int provided = 0;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+  }
+  const int rc = RUN_ALL_TESTS();
+  if (mdopt::g_world != nullptr) {
+    std::printf("progress mode: %s\n", mdopt::g_world->progress_mode().c_str());
+  }
+  mdopt::g_world.reset();
+  // mdopt finalises only what it initialised; a host that initialised finalises itself.
+  if (mdopt::g_host_init) MPI_Finalize();
+  return rc;
+}
