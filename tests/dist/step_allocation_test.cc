@@ -33,7 +33,7 @@
 
 #include "comm/communicator.h"
 #include "dist_opt/optimizer.h"
-#include "kernels/cpu/bf16.h"
+#include "kernels/common/bf16.h"
 
 namespace {
 
