@@ -117,7 +117,10 @@ class MDOptimizer(torch.optim.Optimizer):
         for k, v in defaults.items():
             if k in OPTION_KEYS:
                 opts.append("%s=%s" % (k, _spec_value(v)))
-            elif k in SPEC_KEYS or k in ("betas",) or k in _TORCH_OFF_KEYS:
+            elif k in _TORCH_OFF_KEYS:
+                if v:
+                    raise ValueError("MDOptimizer: %s=%r is not available in mdopt" % (k, v))
+            elif k in SPEC_KEYS or k == "betas":
                 group_defaults[k] = v
             else:
                 raise TypeError(
