@@ -256,3 +256,15 @@ def test_bfloat16_weights_are_the_rounded_float32_master():
         # which is what torch's float32 -> bfloat16 conversion does.
         assert torch.equal(p, master.float().to(torch.bfloat16))
         assert not torch.equal(master.float(), p.float())  # the master has more bits
+
+
+def test_an_attention_output_projection_is_not_the_head():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(40, 8)
+            self.output = torch.nn.Linear(8, 8, bias=False)   # attention-style "output"
+            self.lm_head = torch.nn.Linear(8, 40, bias=False)
+
+    groups = {g["name"]: g["names"] for g in param_groups(Block())}
+    assert groups["matrices"] == ["output.weight"] and groups["head"] == ["lm_head.weight"]
