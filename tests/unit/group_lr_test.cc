@@ -73,7 +73,9 @@ TEST_P(GroupLr, EqualsTheLrBakedIntoTheSpec) {
   }
   Lrs(set.opt(), &lr, &gain_lr);
   EXPECT_EQ(lr, 0.002);
-  if (c.gains) EXPECT_EQ(gain_lr, 0.00025);
+  if (c.gains) {
+    EXPECT_EQ(gain_lr, 0.00025);
+  }
   EXPECT_EQ(Models(set), Models(baked2));
 }
 
