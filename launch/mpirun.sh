@@ -49,7 +49,8 @@ if [ $# -eq 0 ]; then
   exit 2
 fi
 case "$ranks" in ''|*[!0-9]*|0) echo "launch/mpirun.sh: --ranks must be a positive integer, not '$ranks'" >&2; exit 2 ;; esac
-cores="$(nproc 2>/dev/null || echo 1)"
+# GNU nproc would answer OMP_NUM_THREADS if set: ask for the cores themselves.
+cores="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)"
 if [ -z "$threads" ]; then
   threads=$(( cores / ranks ))
   [ "$threads" -ge 1 ] || threads=1

@@ -54,7 +54,8 @@ fi
 for v in "$nproc_per_node" "$nnodes"; do
   case "$v" in ''|*[!0-9]*|0) echo "launch/torchrun.sh: counts must be positive integers, not '$v'" >&2; exit 2 ;; esac
 done
-cores="$(nproc 2>/dev/null || echo 1)"
+# GNU nproc would answer OMP_NUM_THREADS if set: ask for the cores themselves.
+cores="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)"
 if [ -z "$threads" ]; then
   threads=$(( cores / nproc_per_node ))
   [ "$threads" -ge 1 ] || threads=1

@@ -66,7 +66,7 @@ show_logs() {
 
 # munge: its own key, socket and pid file, so a system munged (if any) is left alone.
 mkdir -p "$tmp/munge"
-chmod 700 "$tmp/munge"
+chmod 755 "$tmp/munge"
 dd if=/dev/urandom of="$tmp/munge/munge.key" bs=1024 count=1 status=none
 chmod 400 "$tmp/munge/munge.key"
 munged --force --socket="$tmp/munge/munge.socket" --key-file="$tmp/munge/munge.key" \
@@ -74,7 +74,10 @@ munged --force --socket="$tmp/munge/munge.socket" --key-file="$tmp/munge/munge.k
   { show_logs; skip "munged does not start here (log above)"; }
 
 host="$(hostname -s)"
-cpus="$(nproc)"
+# GNU nproc honours OMP_NUM_THREADS (ctest sets it to 1); the node needs the real count,
+# and at least the 2 CPUs the jobs ask for (no binding here, so more is harmless).
+cpus="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
+[ "$cpus" -ge 2 ] || cpus=2
 ctld_port="$(free_port)"
 slurmd_port="$(free_port)"
 mkdir -p "$tmp/state" "$tmp/spool"
