@@ -2,7 +2,7 @@
 (gloo, mdopt.comm.torch_distributed()) or of mpirun (mdopt.comm.mpi()), each rank on its
 own rows of every batch, or in one process as the reference: the same rows per "rank",
 their gradients averaged by hand, on a local communicator. Run as a script (a rank) it
-writes rank<r>.pt, the final weights, into --out.
+writes rank<r>.pt (per layout: the final weights and the bytes mdopt sent) into --out.
 
     python3 -m torch.distributed.run --standalone --nproc-per-node 2 dist_train.py --comm torch --out DIR
     mpirun -np 2 python3 dist_train.py --comm mpi --out DIR
@@ -89,11 +89,46 @@ def train_reference(world, layout):
     return {n: p.detach().clone() for n, p in net.named_parameters()}
 
 
+def stall(comm, out):
+    """Rank 1 never steps: rank 0's step must end with MDOPT_COMM_ERROR within its
+    comm_timeout_s (2 s), naming the timeout, and its next step must fail at once. Rank 1 waits long enough for that, then leaves."""
+    import time
+    from mdopt import MdoptError
+    net = model()
+    mats = [p for p in net.parameters() if p.dim() == 2]
+    vecs = [p for p in net.parameters() if p.dim() == 1]
+    opt = MDOptimizer([{"params": mats, "preset": "md-muon"}, {"params": vecs, "preset": "vector"}],
+                      comm=comm, threads=1, comm_timeout_s=2)
+    x, y = batch(0, comm.size)
+    shard_grads(net, x, y, comm.rank)
+    result = {}
+    if comm.rank == 0:
+        t0 = time.monotonic()
+        try:
+            opt.step()
+            result["first"] = ("no error", "")
+        except MdoptError as e:
+            result["first"] = (e.status, e.message)
+        result["seconds"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        try:
+            opt.step()
+            result["second"] = ("no error", "")
+        except MdoptError as e:
+            result["second"] = (e.status, e.message)
+        result["second_seconds"] = time.monotonic() - t0
+        torch.save(result, os.path.join(out, "stall.pt"))
+    else:
+        time.sleep(12)
+    os._exit(0)  # the group is unusable after the failure: no collective teardown
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--comm", choices=("torch", "mpi"), required=True)
     ap.add_argument("--layouts", default="rows,owner", help="one run per layout, in order")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--stall", action="store_true", help="rank 1 never steps (timeout test)")
     a = ap.parse_args()
     if a.comm == "torch":
         import torch.distributed as dist
@@ -101,6 +136,8 @@ def main():
         comm = mdopt.comm.torch_distributed()
     else:
         comm = mdopt.comm.mpi()
+    if a.stall:
+        stall(comm, a.out)
     runs = {layout: train_rank(comm, comm.size, layout) for layout in a.layouts.split(",")}
     torch.save({"world": comm.size, "rank": comm.rank,
                 "weights": {k: v[0] for k, v in runs.items()},
