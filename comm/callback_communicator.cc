@@ -203,9 +203,9 @@ class CallbackRequest final : public Request {
       }
       handle = pending_;
     }
-    if (absl::Status h = shared_->health(); !h.ok()) return Wait();
-    // Without a test callback, Test waits: a poll loop then still ends.
-    if (shared_->cb.test == nullptr) {
+    // Dead communicator, or no test callback (Test then waits, so that a poll loop still
+    // ends): the outcome is Wait's.
+    if (!shared_->health().ok() || shared_->cb.test == nullptr) {
       absl::Status s = Wait();
       if (!s.ok()) return s;
       return true;
