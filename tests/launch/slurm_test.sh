@@ -175,5 +175,20 @@ grep -q "worst relative error vs one rank" "$tmp/mdopt-mpirun.out" ||
   fail "sharded_step_test did not print its comparison with one rank"
 grep -q "\[  FAILED  \]" "$tmp/mdopt-mpirun.out" && fail "sharded_step_test reported failures"
 
-echo "slurm_test: ok (2 jobs through sbatch launch/slurm.sbatch: srun --mpi=pmix and mpirun in the allocation)"
+# Optional (torch's start-up is slow on small machines): MDOPT_SLURM_TORCHRUN=1 adds a job
+# through the torchrun launcher, the Python training of integration/python/tests at 2 gloo
+# ranks, checked against one process as test_distributed.py does.
+jobs="srun --mpi=pmix and mpirun in the allocation"
+if [ "${MDOPT_SLURM_TORCHRUN:-0}" = 1 ]; then
+  pyt="$src/integration/python/tests"
+  mkdir -p "$tmp/torch-out"
+  run_job mdopt-torchrun 600 --launcher torchrun --port "$(free_port)" -- \
+    "$pyt/dist_train.py" --comm torch --out "$tmp/torch-out" ||
+    { show_logs; fail "the torchrun job failed"; }
+  (cd "$pyt" && python3 -c "import sys, test_distributed as t; t._check(sys.argv[1], 2, ['rows', 'owner'])" "$tmp/torch-out") ||
+    fail "the torchrun job's weights differ from one process"
+  jobs="$jobs, torchrun"
+fi
+
+echo "slurm_test: ok (jobs through sbatch launch/slurm.sbatch: $jobs)"
 exit 0
