@@ -78,6 +78,11 @@ static size_t esize(int32_t dtype) {
   }
 }
 
+/* memcpy without its undefined behaviour for empty buffers (a rank may own no rows: NULL). */
+static void copy(void* dst, const void* src, size_t bytes) {
+  if (bytes > 0) memcpy(dst, src, bytes);
+}
+
 static double load(const void* p, int32_t dtype, int64_t i) {
   if (dtype == MDOPT_COMM_DTYPE_F32) return ((const float*)p)[i];
   if (dtype == MDOPT_COMM_DTYPE_F64) return ((const double*)p)[i];
@@ -129,7 +134,7 @@ static mdopt_status cb_all_reduce(void* user, const void* send, void* recv, int6
   fabric_barrier();
   sum_posted(0, count, dtype, tmp);
   fabric_barrier(); /* everyone has read every send (send may be recv) */
-  memcpy(recv, tmp, (size_t)count * esize(dtype));
+  copy(recv, tmp, (size_t)count * esize(dtype));
   free(tmp);
   return MDOPT_SUCCESS;
 }
@@ -166,7 +171,7 @@ static mdopt_status cb_all_gather(void* user, const void* send, void* recv, cons
   fabric_barrier();
   int64_t off = 0;
   for (int r = 0; r < RANKS; ++r) {
-    memcpy(p->data + off * es, g_fabric.posted[r], (size_t)counts[r] * es);
+    copy(p->data + off * es, g_fabric.posted[r], (size_t)counts[r] * es);
     off += counts[r];
   }
   fabric_barrier();
@@ -181,7 +186,7 @@ static mdopt_status cb_broadcast(void* user, void* data, int64_t count, int32_t 
   if (fail_check(c, "broadcast")) return MDOPT_COMM_ERROR;
   g_fabric.posted[c->rank] = data;
   fabric_barrier();
-  if (c->rank != root) memcpy(data, g_fabric.posted[root], (size_t)count * esize(dtype));
+  if (c->rank != root) copy(data, g_fabric.posted[root], (size_t)count * esize(dtype));
   fabric_barrier();
   return MDOPT_SUCCESS;
 }
@@ -202,7 +207,7 @@ static mdopt_status cb_send_recv(void* user, const mdopt_comm_p2p* ops, int64_t 
     m->tag = tag;
     m->bytes = bytes;
     m->next = NULL;
-    memcpy(m->data, ops[k].data, bytes);
+    copy(m->data, ops[k].data, bytes);
     message** tail = &g_fabric.mail;
     while (*tail != NULL) tail = &(*tail)->next;
     *tail = m;
@@ -219,7 +224,7 @@ static mdopt_status cb_send_recv(void* user, const mdopt_comm_p2p* ops, int64_t 
         message* m = *at;
         *at = m->next;
         const size_t want = (size_t)ops[k].count * esize(ops[k].dtype);
-        memcpy(ops[k].data, m->data, m->bytes < want ? m->bytes : want);
+        copy(ops[k].data, m->data, m->bytes < want ? m->bytes : want);
         const int ok = m->bytes == want;
         free(m);
         if (!ok) {
@@ -240,7 +245,7 @@ static mdopt_status cb_wait(void* user, void* pending, double timeout_s) {
   (void)user;
   (void)timeout_s;
   parked* p = pending;
-  memcpy(p->dst, p->data, p->bytes);
+  copy(p->dst, p->data, p->bytes);
   free(p);
   return MDOPT_SUCCESS;
 }
