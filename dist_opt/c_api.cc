@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "comm/callback_communicator.h"
 #include "comm/communicator.h"
 #include "dist_opt/optimizer.h"
 #include "kernels/cpu/newton_schulz_bf16.h"
@@ -47,6 +48,17 @@ static_assert(offsetof(mdopt_step_info, skipped) == 16 &&
                   offsetof(mdopt_step_info, exposed_comm_seconds) == 40,
               "mdopt_step_info v1 layout changed");
 #endif
+#if defined(__LP64__) || defined(_LP64)
+static_assert(MDOPT_COMM_CALLBACKS_SIZE_V1 == 120 && offsetof(mdopt_comm_callbacks, user) == 16 &&
+                  offsetof(mdopt_comm_callbacks, all_reduce) == 24,
+              "mdopt_comm_callbacks v1 layout changed");
+static_assert(sizeof(mdopt_comm_p2p) == 32 && offsetof(mdopt_comm_p2p, data) == 8 &&
+                  offsetof(mdopt_comm_p2p, count) == 16 && offsetof(mdopt_comm_p2p, dtype) == 24,
+              "mdopt_comm_p2p layout changed (it is frozen)");
+#endif
+static_assert(static_cast<int>(MDOPT_COMM_DTYPE_F32) == static_cast<int>(MDOPT_DTYPE_F32) &&
+                  static_cast<int>(MDOPT_COMM_DTYPE_BF16) == static_cast<int>(MDOPT_DTYPE_BF16),
+              "the communicator's dtypes extend mdopt_dtype");
 static_assert(MDOPT_PARAM_DESC_SIZE_V1 <= sizeof(mdopt_param_desc) &&
                   MDOPT_STEP_INFO_SIZE_V1 <= sizeof(mdopt_step_info),
               "the v1 sizes are prefixes of the current structs");
@@ -248,6 +260,24 @@ mdopt_status mdopt_comm_create_mpi(void* mpi_comm_or_null, mdopt_comm** out) {
     if (out == nullptr) return NullArgument("mdopt_comm_create_mpi", "out");
     absl::StatusOr<std::unique_ptr<mdopt::Communicator>> c =
         mdopt::MakeMpiCommunicator(mpi_comm_or_null);
+    if (!c.ok()) return Report(c.status());
+    *out = new mdopt_comm{*std::move(c)};
+    return MDOPT_SUCCESS;
+  });
+}
+
+mdopt_status mdopt_comm_create_callbacks(const mdopt_comm_callbacks* cb, mdopt_comm** out) {
+  const char* call = "mdopt_comm_create_callbacks";
+  return Guard(call, [&] {
+    if (cb == nullptr) return NullArgument(call, "cb");
+    if (out == nullptr) return NullArgument(call, "out");
+    mdopt_status failure = MDOPT_SUCCESS;
+    if (!StructSizeOk(call, "cb", "mdopt_comm_callbacks", cb->struct_size,
+                      MDOPT_COMM_CALLBACKS_SIZE_V1, &failure)) {
+      return failure;
+    }
+    absl::StatusOr<std::unique_ptr<mdopt::Communicator>> c =
+        mdopt::MakeCallbackCommunicator(ReadVersioned(cb));
     if (!c.ok()) return Report(c.status());
     *out = new mdopt_comm{*std::move(c)};
     return MDOPT_SUCCESS;

@@ -9,6 +9,9 @@ pkgs=(
   libopenblas-openmp-dev libomp-dev libdnnl-dev
   nlohmann-json3-dev
   libopenmpi-dev openmpi-bin
+  # A single-node Slurm for tests/launch/slurm_test.sh (sbatch launch/slurm.sbatch): the
+  # daemons, the client commands and munge; the daemons are started by the test only.
+  slurmctld slurmd slurm-client munge
 )
 
 missing=()

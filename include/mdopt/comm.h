@@ -2,6 +2,9 @@
 #ifndef MDOPT_COMM_H_
 #define MDOPT_COMM_H_
 
+#include <stddef.h>
+#include <stdint.h>
+
 #include "mdopt/export.h"
 #include "mdopt/status.h"
 
@@ -25,6 +28,112 @@ MDOPT_API mdopt_status mdopt_comm_create_local(mdopt_comm** out);
  * mdopt's calls, which must then come from a thread that level allows to call MPI.
  * MDOPT_UNSUPPORTED in a build without MPI; MDOPT_COMM_ERROR when MPI fails. */
 MDOPT_API mdopt_status mdopt_comm_create_mpi(void* mpi_comm_or_null, mdopt_comm** out);
+
+/* ---- A communicator over the caller's own collectives ----------------------------------
+ * For hosts that already have a transport (a torch.distributed process group under
+ * torchrun, a custom fabric): the caller supplies the collectives as C callbacks and mdopt
+ * drives them. Every rank of the job creates one with the same size and its own rank.
+ *
+ * Element types of the buffers handed to the callbacks. F32 and BF16 have the values of
+ * mdopt_dtype; BF16 is uint16_t holding the top half of an IEEE float32; BYTES are opaque
+ * (never reduced). */
+typedef enum {
+  MDOPT_COMM_DTYPE_F32 = 0,
+  MDOPT_COMM_DTYPE_BF16 = 1,
+  MDOPT_COMM_DTYPE_F64 = 2,
+  MDOPT_COMM_DTYPE_BYTES = 3
+} mdopt_comm_dtype;
+
+/* One half of a point-to-point exchange. Frozen layout (not versioned: a later field would
+ * come with a new callback). */
+typedef struct {
+  int32_t peer;    /* the other rank, 0 <= peer < size */
+  int32_t is_send; /* 1: send `count` elements of `data` to peer; 0: receive them into it */
+  void* data;
+  int64_t count;
+  int32_t dtype; /* an mdopt_comm_dtype */
+} mdopt_comm_p2p;
+
+/* The collectives, as function pointers. Every operation callback returns MDOPT_SUCCESS or
+ * a failure (any other mdopt_status); a failure breaks the communicator (every pending and
+ * later operation fails, MDOPT_COMM_ERROR), with error_message's text in mdopt_last_error().
+ *
+ * Completion: a callback either completes the operation before it returns (leaving
+ * *pending as it found it, NULL), or starts it and stores a non-NULL handle of its own in
+ * *pending; mdopt then calls wait(user, handle, timeout_s) exactly once for that handle
+ * (from the mdopt call that waits for the operation; handles may be waited in any order),
+ * and may call test(user, handle, &done) before. Buffers stay valid until then.
+ *
+ * Semantics (every rank calls the same collectives in the same order; reductions are sums,
+ * mdopt divides a mean itself afterwards):
+ *   all_reduce:     recv = sum over ranks of send (count elements); send == recv: in place
+ *   reduce_scatter: send holds sum(counts) elements rank-major (segment r: counts[r]
+ *                   elements); recv gets the sum over ranks of segment `rank` (counts[rank])
+ *   all_gather:     recv (sum(counts) elements, rank-major) gets every rank's counts[r]
+ *                   elements; send holds this rank's and may be recv's own segment
+ *   broadcast:      every rank ends with root's count elements in data
+ *   send_recv:      n_ops point-to-point halves started together, done when all are; ops
+ *                   to the same peer with the same tag match in order; ranks without a part
+ *                   in the exchange do not call it. 0 <= tag <= 32767
+ *   barrier:        optional (NULL: mdopt runs an all_reduce of one double instead)
+ * counts has `size` entries. bf16 sums are the transport's (e.g. float32 then rounded).
+ *
+ * Timeouts: set_timeout (optional) is told comm_timeout_s when the optimizer is created; a
+ * pending operation's wait gets it too and should fail once it passes (mdopt then reports a
+ * timeout). A callback that completes at once is bounded by the transport's own timeout.
+ * abort (optional) is called once by the first failure or abort; it must not block.
+ * error_message (optional) copies a description of the last failure into buf (at most
+ * size bytes, NUL included); destroy (optional) is called by mdopt_comm_destroy, last.
+ *
+ * Versioned like the other ABI structs (docs/ABI.md, "Versioning"): struct_size first,
+ * fields only appended; accepted sizes MDOPT_COMM_CALLBACKS_SIZE_V1 .. MDOPT_STRUCT_SIZE_MAX.
+ * Start from MDOPT_COMM_CALLBACKS_INIT. */
+typedef struct {
+  size_t struct_size;
+  int32_t rank; /* this process, 0 <= rank < size */
+  int32_t size; /* ranks in the job, >= 1 */
+  void* user;   /* passed back to every callback */
+  mdopt_status (*all_reduce)(void* user, const void* send, void* recv, int64_t count,
+                             int32_t dtype, void** pending);
+  mdopt_status (*reduce_scatter)(void* user, const void* send, void* recv,
+                                 const int64_t* counts, int32_t dtype, void** pending);
+  mdopt_status (*all_gather)(void* user, const void* send, void* recv, const int64_t* counts,
+                             int32_t dtype, void** pending);
+  mdopt_status (*broadcast)(void* user, void* data, int64_t count, int32_t dtype, int32_t root,
+                            void** pending);
+  mdopt_status (*send_recv)(void* user, const mdopt_comm_p2p* ops, int64_t n_ops, int32_t tag,
+                            void** pending);
+  mdopt_status (*barrier)(void* user, void** pending);
+  mdopt_status (*wait)(void* user, void* pending, double timeout_s);
+  mdopt_status (*test)(void* user, void* pending, int32_t* done);
+  void (*set_timeout)(void* user, double timeout_s);
+  void (*abort)(void* user, const char* reason);
+  void (*error_message)(void* user, char* buf, size_t size);
+  void (*destroy)(void* user);
+  /* New fields go here, at the end, and nowhere else. */
+} mdopt_comm_callbacks;
+
+/* The size of the first version (through `destroy`). */
+#define MDOPT_COMM_CALLBACKS_SIZE_V1                         \
+  ((size_t)(offsetof(mdopt_comm_callbacks, destroy) +        \
+            sizeof(((mdopt_comm_callbacks*)0)->destroy)))
+
+#define MDOPT_COMM_CALLBACKS_INIT                                                            \
+  { sizeof(mdopt_comm_callbacks), 0, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+    NULL, NULL, NULL, NULL }
+
+static inline mdopt_comm_callbacks mdopt_comm_callbacks_init(void) {
+  mdopt_comm_callbacks c = MDOPT_COMM_CALLBACKS_INIT;
+  return c;
+}
+
+/* A communicator that runs its collectives through `cb` (copied; `user` must outlive the
+ * communicator). Required: all_reduce, reduce_scatter, all_gather, broadcast, send_recv;
+ * wait too when any callback may leave an operation pending. 0 <= rank < size. Not
+ * collective: it calls nothing. MDOPT_INVALID_ARGUMENT names a missing callback or a bad
+ * rank, size or struct_size. */
+MDOPT_API mdopt_status mdopt_comm_create_callbacks(const mdopt_comm_callbacks* cb,
+                                                   mdopt_comm** out);
 
 MDOPT_API mdopt_status mdopt_comm_rank(const mdopt_comm* comm, int* rank);
 MDOPT_API mdopt_status mdopt_comm_size(const mdopt_comm* comm, int* size);

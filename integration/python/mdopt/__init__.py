@@ -6,7 +6,7 @@ its C ABI, with ctypes (nothing to compile).
 
     opt = MDOptimizer(param_groups(model, matrix_preset="md-muon", lr=0.02), threads=2)
 
-`mdopt.comm` has the communicators (local, mpi); `MdoptError` is what a failed call
+`mdopt.comm` has the communicators (local, mpi, torch_distributed); `MdoptError` is what a failed call
 raises, carrying the status name and mdopt_last_error()'s message.
 """
 

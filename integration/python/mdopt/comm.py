@@ -2,6 +2,7 @@
 
     comm = mdopt.comm.local()   # one process (what MDOptimizer uses by default)
     comm = mdopt.comm.mpi()     # every rank of MPI_COMM_WORLD, under mpirun; no mpi4py needed
+    comm = mdopt.comm.torch_distributed()  # a torch.distributed group (gloo), under torchrun
 
 A communicator must outlive the optimizers created on it (MDOptimizer keeps a reference).
 """
@@ -72,3 +73,17 @@ def mpi(comm=None):
         ptr = ctypes.c_void_p(MPI._addressof(comm))  # an MPI_Comm*
     _lib.check(lib.mdopt_comm_create_mpi(ptr, ctypes.byref(h)), "mdopt_comm_create_mpi")
     return Comm(h, "mpi")
+
+
+def torch_distributed(group=None):
+    """The ranks of a torch.distributed process group (None: the default group), e.g. under
+    torchrun after dist.init_process_group("gloo"): mdopt's collectives run as callbacks
+    on that group (mdopt_comm_create_callbacks; mdopt/torch_comm.py says how each maps onto
+    gloo; gloo has no reduce-scatter, so an all-reduce stands in for it). The group must
+    take CPU tensors. Not collective by itself; the returned Comm keeps the callbacks
+    alive."""
+    from . import torch_comm  # imports torch only when asked for
+    handle, callbacks = torch_comm.create(group)
+    c = Comm(handle, "torch.distributed(%s)" % callbacks.backend)
+    c._callbacks = callbacks  # the C side holds only the function pointers' addresses
+    return c

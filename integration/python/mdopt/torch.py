@@ -99,7 +99,8 @@ class MDOptimizer(torch.optim.Optimizer):
         `preset`, `name` (the mdopt group name; default "group<i>"), `names` (one per
         tensor) and any spec key in torch or spec spelling.
     preset: the default preset of groups that give none.
-    comm: an mdopt.comm.Comm (default mdopt.comm.local()), or "mpi" for mdopt.comm.mpi().
+    comm: an mdopt.comm.Comm (default mdopt.comm.local()), or "mpi" for mdopt.comm.mpi();
+        under torchrun, mdopt.comm.torch_distributed().
     options: mdopt_create's option string; keyword arguments named like an option
         (threads=2, grads="local", gather="deferred", kernels="reference", ...) are added.
     named_parameters: (name, tensor) pairs, e.g. model.named_parameters(), to name tensors
