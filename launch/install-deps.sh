@@ -31,4 +31,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
   # Package lists can be gone even when our stamp is fresh (a cleaned image): refresh once.
   install || { update && install; }
 fi
+# Megatron-Core for the adapter's tests (integration/python/tests/test_megatron.py): 0.16.1,
+# the newest release for Python 3.11 (0.17 on need 3.12). Only next to an installed torch,
+# which megatron-core would otherwise pull in; the tests skip without it.
+megatron_core=0.16.1
+# Exit status 0: torch is there and megatron-core is absent or another version.
+if python3 -c 'import sys, importlib.metadata as m
+m.version("torch")
+try:
+    sys.exit(m.version("megatron-core") == sys.argv[1])
+except m.PackageNotFoundError:
+    pass' "$megatron_core" >/dev/null 2>&1; then
+  python3 -m pip install --quiet --root-user-action=ignore "megatron-core==$megatron_core"
+fi
 echo "mdopt: dependencies present"
