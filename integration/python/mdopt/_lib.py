@@ -136,9 +136,9 @@ _SIGNATURES = {
 def candidate_paths():
     """Where libmdopt.so.1 is looked for, in order (docs/integration.md):
     $MDOPT_LIBRARY (a file or a directory), a copy next to this package, lib/ under the
-    Python prefix and under /usr/local (cmake --install), the build tree of the checkout
-    this package sits in ($MDOPT_BUILD_DIR, build/), and last the dynamic loader's own
-    search (LD_LIBRARY_PATH, ld.so.conf)."""
+    Python prefix, /usr/local and /usr (cmake --install), $MDOPT_BUILD_DIR/dist_opt, the
+    build tree (build/dist_opt) of the checkout this package sits in or was installed
+    from, and last the dynamic loader's own search (LD_LIBRARY_PATH, ld.so.conf)."""
     out = []
     env = os.environ.get("MDOPT_LIBRARY")
     if env:
@@ -150,12 +150,20 @@ def candidate_paths():
         out.append(os.path.join(prefix, "lib", SONAME))
         if multiarch:
             out.append(os.path.join(prefix, "lib", multiarch, SONAME))
-    # integration/python/mdopt/_lib.py -> the repository root three levels up.
-    root = os.path.normpath(os.path.join(here, "..", "..", ".."))
     build = os.environ.get("MDOPT_BUILD_DIR")
     if build:
         out.append(os.path.join(build, "dist_opt", SONAME))
-    out.append(os.path.join(root, "build", "dist_opt", SONAME))
+    # Run from the checkout (integration/python/mdopt/_lib.py: the root three levels up), or
+    # installed from one (pip install integration/python records it in _checkout.py).
+    roots = [os.path.normpath(os.path.join(here, "..", "..", ".."))]
+    try:
+        from . import _checkout
+        roots.append(_checkout.ROOT)
+    except ImportError:
+        pass
+    for root in dict.fromkeys(roots):
+        if os.path.isfile(os.path.join(root, "include", "mdopt", "mdopt.h")):
+            out.append(os.path.join(root, "build", "dist_opt", SONAME))
     out.append(SONAME)  # the loader's search path
     return out
 

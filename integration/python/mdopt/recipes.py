@@ -48,9 +48,10 @@ def param_groups(model, matrix_preset="md-muon", lr=None, *, embedding_lr=3e-3, 
       (spec keys, e.g. ns_coeffs="polar_express"); tensors of more than 3 dimensions (conv
       kernels) as 2-D (d0, rest);
     - `embeddings`: nn.Embedding weights, `embedding` preset (unit rows) at `embedding_lr`;
-    - `head`: the output layer (a parameter named like lm_head/output/head/classifier.weight,
-      or listed in `head_names`; a head tied to the embedding is the embedding's Parameter
-      and stays there), `embedding` preset at `head_lr`;
+    - `head`: the output layer (a 2-D parameter named like lm_head/output/head/classifier
+      .weight -- with as many rows as an embedding has entries, when the model has one --,
+      or those listed in `head_names`; a head tied to the embedding is the embedding's
+      Parameter and stays there), `embedding` preset at `head_lr`;
     - `routers`: 2-D weights named like *router* or *.gate, `router` preset at `router_lr`
       (default: the matrix lr);
     - `vectors`: 1-D tensors (norm gains, biases), `vector` preset at `vector_lr`.
@@ -63,15 +64,21 @@ def param_groups(model, matrix_preset="md-muon", lr=None, *, embedding_lr=3e-3, 
     head_names = set(head_names or ())
     owner = {}
     embeddings = set()
+    vocab_sizes = set()
     for mname, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding):
+            vocab_sizes.add(module.num_embeddings)
         for pname, p in module.named_parameters(recurse=False):
             full = "%s.%s" % (mname, pname) if mname else pname
             owner.setdefault(id(p), module)
             if isinstance(module, torch.nn.Embedding):
                 embeddings.add(full)
     if not head_names:
+        # By name; in a model with embeddings only a layer with a vocabulary's worth of
+        # rows (so that, e.g., an attention block's "output" projection stays a matrix).
         for name, p in model.named_parameters():
-            if _HEAD.search(name) and p.dim() == 2:
+            if _HEAD.search(name) and p.dim() == 2 and \
+                    (not vocab_sizes or p.shape[0] in vocab_sizes):
                 head_names.add(name)
     buckets = {k: [] for k in ("matrix", "router", "embedding", "head", "vector")}
     for name, p in model.named_parameters():  # each Parameter once: tied weights are one

@@ -107,11 +107,15 @@ class MDOptimizer(torch.optim.Optimizer):
     state_dir: on several ranks, a directory every rank sees where state_dict() lets mdopt
         write its checkpoint (default: $MDOPT_STATE_DIR, else a per-job directory in the
         temporary directory, which holds on one machine only).
+    overlap: on several ranks with grads=local, report each gradient as final from a
+        post-accumulate-grad hook (mdopt_grads_ready), so that the reduce-scatter of full
+        buckets overlaps the rest of backward. Only for one backward per step (with
+        gradient accumulation the first backward's gradients would be sent). torch >= 2.1.
     **defaults: spec keys for every group (lr=, betas=, gain_lr=, ...).
     """
 
     def __init__(self, params, preset="md-muon", *, comm=None, options="",
-                 named_parameters=None, state_dir=None, **defaults):
+                 named_parameters=None, state_dir=None, overlap=False, **defaults):
         opts = [options] if options else []
         group_defaults = {"preset": preset}
         for k, v in defaults.items():
@@ -140,6 +144,12 @@ class MDOptimizer(torch.optim.Optimizer):
             for n, t in named_parameters:
                 self._names.setdefault(id(t), n)
         self._state_dir = state_dir
+        if overlap and not hasattr(torch.Tensor, "register_post_accumulate_grad_hook"):
+            raise RuntimeError("MDOptimizer(overlap=True) needs torch >= 2.1 "
+                               "(register_post_accumulate_grad_hook); this is %s"
+                               % torch.__version__)
+        self._overlap = bool(overlap)
+        self._hooks = []
         global _serial
         _serial += 1
         self._serial = _serial
@@ -273,6 +283,9 @@ class MDOptimizer(torch.optim.Optimizer):
             if "lr" not in group:
                 group["lr"] = lr
             lrs.append(float(group["lr"]))
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
         if self._opt is not None:
             self._opt.destroy()
         self._opt = opt
@@ -282,6 +295,20 @@ class MDOptimizer(torch.optim.Optimizer):
         self._pushed = [None] * len(self.param_groups)  # lr last set in mdopt, per group
         self._fixed = [_fixed(g) for g in self.param_groups]
         self._warned_no_grad = set()
+        if self._overlap and self.comm.size > 1:
+            for k, (t, _, _) in enumerate(entries):
+                self._hooks.append(t.register_post_accumulate_grad_hook(
+                    lambda _t, k=k: self._grad_final(k)))
+
+    def _grad_final(self, k):
+        """overlap=True: parameter k's gradient is final; mdopt copies it now and starts
+        the reduce-scatter of every bucket whose gradients are all final."""
+        t = self._entries[k][0]
+        ptrs = (t.data_ptr(), self._grad_pointer(k))
+        if ptrs != self._pointers[k]:
+            self._opt.set_pointers(k, ptrs[0], ptrs[1])
+            self._pointers[k] = ptrs
+        self._opt.grads_ready(k, 1)
 
     # --- stepping -----------------------------------------------------------------------
 

@@ -31,12 +31,35 @@ opt = MDOptimizer(param_groups(model, matrix_preset="md-muon", lr=0.02), comm=co
 n = 32  # the batch of helpers.batch, split into equal shares
 share = slice(rank * n // size, (rank + 1) * n // size)
 train(model, opt, steps, x_slice=share)
+# The same run with gradients reported from backward hooks, and the weight gather deferred.
+overlapped = mlp(21)
+o2 = MDOptimizer(param_groups(overlapped, matrix_preset="md-muon", lr=0.02), comm=comm,
+                 threads=1, overlap=True, gather="deferred", bucket_mb=0.001)
+reported = []
+_final = o2._grad_final
+
+
+def counted(k):  # counts the hooks' reports
+    reported.append(k)
+    _final(k)
+
+
+o2._grad_final = counted
+for t in range(steps):
+    from helpers import batch
+    x, y = batch(100 + t)
+    o2.zero_grad()
+    torch.nn.functional.mse_loss(overlapped(x[share]), y[share]).backward()
+    o2.step()
+    o2.gather_params()
 sd = opt.state_dict()
 info = opt.group_info("matrices")
 if rank == 0:
     torch.save({"weights": [p.detach().clone() for p in model.parameters()], "sd": sd,
+                "overlapped": [p.detach().clone() for p in overlapped.parameters()],
+                "reported": len(reported), "params": len(list(overlapped.parameters())),
                 "size": size, "step": opt.last_step.step, "orthogonalized": info.orthogonalized,
                 "bytes_sent": opt.last_step.bytes_sent}, out)
-opt = None
+opt = o2 = None
 comm.close()
 print("rank %d of %d: ok" % (rank, size))

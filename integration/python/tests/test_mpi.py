@@ -2,7 +2,9 @@
 gradient of its half of every batch with grads=local) against one rank on whole batches:
 mdopt averages the ranks' gradients, so both take the same steps up to float32 rounding of
 the reduction order (bound 1e-5 relative, measured in the output). Then the 2-rank
-state_dict loads into a 1-rank optimizer and continues like the 1-rank run."""
+state_dict loads into a 1-rank optimizer and continues like the 1-rank run. The same
+2-rank run with overlap=True (gradients reported from backward hooks) and gather=deferred
+gives the same weights bit for bit."""
 import os
 import shutil
 import subprocess
@@ -52,6 +54,11 @@ def test_two_ranks_equal_one(tmp_path):
               for a, b in zip(two["weights"], model.parameters()))
     print("2 ranks vs 1 rank, md-muon, %d steps: max rel error %.3g" % (STEPS, err))
     assert err < 1e-5
+    # overlap=True (mdopt_grads_ready from backward hooks, small buckets) with
+    # gather=deferred: the same steps as the plain 2-rank run.
+    assert two["reported"] == STEPS * two["params"]  # every gradient, every step
+    for a, b in zip(two["overlapped"], two["weights"]):
+        assert torch.equal(a, b)
 
     # The 2-rank checkpoint at 1 rank: resharded, it continues like the 1-rank run.
     resumed = mlp(21)

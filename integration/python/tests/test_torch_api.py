@@ -235,3 +235,36 @@ def test_recipe_trains_a_tiny_gpt_with_the_examples_spelling():
     info = opt.group_info("matrices")
     assert info.matrices == 1 + 3 + 1 and info.orthogonalized == 5 and info.projected == 5
     assert opt.group_info("routers").orthogonalized == 1
+
+
+def test_bfloat16_weights_are_the_rounded_float32_master():
+    model = mlp(14).to(torch.bfloat16)
+    opt = MDOptimizer(param_groups(model, matrix_preset="md-muon", lr=0.02), threads=1)
+    x, y = batch(400, dtype=torch.bfloat16)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for p in model.parameters():
+        master = torch.tensor(opt.mdopt.get_state(opt.param_index(p), "master"),
+                              dtype=torch.float64).reshape(p.shape)
+        # mdopt keeps an f32 master for bf16 weights and writes it rounded to nearest even,
+        # which is what torch's float32 -> bfloat16 conversion does.
+        assert torch.equal(p, master.float().to(torch.bfloat16))
+        assert not torch.equal(master.float(), p.float())  # the master has more bits
+
+
+def test_an_attention_output_projection_is_not_the_head():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(40, 8)
+            self.output = torch.nn.Linear(8, 8, bias=False)   # attention-style "output"
+            self.lm_head = torch.nn.Linear(8, 40, bias=False)
+
+    groups = {g["name"]: g["names"] for g in param_groups(Block())}
+    assert groups["matrices"] == ["output.weight"] and groups["head"] == ["lm_head.weight"]
