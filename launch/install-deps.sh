@@ -52,4 +52,19 @@ if ! "$py" -c 'import pytest, numpy, torch' 2>/dev/null; then
   "$py" -c 'import pytest, numpy, torch' 2>/dev/null ||
     echo "mdopt: pytest, numpy or torch could not be installed for $py; the Python tests will skip"
 fi
+# Megatron-Core for the adapter's tests (integration/python/tests/test_megatron.py): 0.16.1,
+# the newest release for Python 3.11 (0.17 on need 3.12). Only next to an installed torch
+# (above), which megatron-core would otherwise pull in; the tests skip without it.
+megatron_core=0.16.1
+# Exit status 0: torch is there and megatron-core is absent or another version.
+if "$py" -c 'import sys, importlib.metadata as m
+m.version("torch")
+try:
+    sys.exit(m.version("megatron-core") == sys.argv[1])
+except m.PackageNotFoundError:
+    pass' "$megatron_core" >/dev/null 2>&1; then
+  PIP_BREAK_SYSTEM_PACKAGES=1 "$py" -m pip install --quiet --root-user-action=ignore \
+    "megatron-core==$megatron_core" \
+    || echo "mdopt: megatron-core $megatron_core did not install; its tests will skip" >&2
+fi
 echo "mdopt: dependencies present"

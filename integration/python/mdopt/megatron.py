@@ -1,0 +1,464 @@
+"""mdopt behind Megatron-Core's optimizer interface (megatron.core.optimizer.MegatronOptimizer).
+
+    from mdopt.megatron import get_megatron_mdopt_optimizer
+    optimizer = get_megatron_mdopt_optimizer(optimizer_config, model_chunks, threads=2)
+    scheduler = OptimizerParamScheduler(optimizer, max_lr=..., min_lr=..., ...)
+    ...
+    update_successful, grad_norm, num_zeros_in_grad = optimizer.step()
+    if update_successful: scheduler.step(increment=1)
+
+Written against megatron-core 0.16.1 (the newest release that installs on Python 3.11; its
+optimizer module imports and runs on the CPU). Every tensor is registered with one
+mdopt.torch.MDOptimizer, which is `self.optimizer`. Megatron's own parameter groups (built
+by megatron.core.optimizer._get_param_groups from the config and config_overrides, so
+wd_mult, max_lr/min_lr and decoupled_lr behave as in get_megatron_optimizer) are what
+`param_groups` shows, and what OptimizerParamScheduler writes lr and weight_decay into.
+Each is split by the tensor's role into mdopt groups named "<role>.<index>":
+
+    matrix     2-D weights of the transformer          config.optimizer "muon" -> md-muon,
+                                                        "adam" -> md-adamw
+    embedding  word/position embeddings                embedding (rows on the unit sphere)
+    output     the LM head (output_layer.weight)       embedding, lr 1e-3
+    router     MoE routers (".router." in the name)    router
+    vector     1-D tensors (norms, biases)             vector
+
+as the method does (matrices on their sphere with row and column gains; embeddings and the
+LM head with unit-norm rows and fixed Adam learning rates; gains, norms and biases with
+Adam). `presets=`, `lrs=` and `spec=` change this per role.
+
+Learning rates: the matrix and router groups take their Megatron group's max_lr (config.lr);
+embedding, output and vector groups take their fixed learning rate (`lrs`, default 3e-3,
+1e-3 and 1e-3), or their Megatron group's max_lr when an override (decoupled_lr) gave it
+one. At every step each mdopt group's lr is that base times its Megatron group's
+lr / max_lr, so Megatron's warmup and decay shape every group alike, gains included (mdopt
+scales gain_lr with lr).
+
+Weight decay: mdopt groups on a sphere have none (the sphere fixes the norm); groups without
+one (vector, and muon/adamw presets) get config.weight_decay * wd_mult, fixed when the
+optimizer is built: a scheduler that changes it (wd_incr_style other than constant) is
+refused at the next step rather than ignored.
+
+Not supported (refused with a message): fp16 and loss scaling, Megatron's distributed
+optimizer (mdopt shards its own state), precision-aware optimizer and CPU offload, tensor
+parallelism (mdopt would put each shard on its own sphere), muon_extra_scale_factor != 1.
+"""
+
+import io
+import math
+
+import torch
+
+try:
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig
+    from megatron.core.optimizer import _get_param_groups
+    from megatron.core.transformer.module import param_is_not_shared
+except ImportError as e:  # pragma: no cover - exercised only without megatron-core
+    raise ImportError("mdopt.megatron needs megatron-core (tested with 0.16.1: "
+                      "pip install megatron-core==0.16.1): %s" % e) from e
+
+from .torch import MDOptimizer
+
+MEGATRON_CORE_TESTED = "0.16.1"
+
+ROLES = ("matrix", "embedding", "output", "router", "vector")
+# The method's recipe per role; "matrix" is filled from config.optimizer.
+DEFAULT_PRESETS = {"embedding": "embedding", "output": "embedding", "router": "router",
+                   "vector": "vector"}
+MATRIX_PRESETS = {"muon": "md-muon", "adam": "md-adamw"}
+# Roles whose base lr is fixed (the paper holds them while sweeping the matrix lr).
+DEFAULT_LRS = {"embedding": 3e-3, "output": 1e-3, "vector": 1e-3}
+# Presets by their base optimizer and sphere (docs/ABI.md, "Group specs").
+_MUON_PRESETS = {"md-muon", "muon", "muonh", "router"}
+_FLAT_PRESETS = {"muon", "adamw", "vector"}  # no sphere
+_STATE_FORMAT = "mdopt-megatron-state"
+SHARDED_KEY = "optimizer.mdopt.state"
+
+
+def megatron_role(name, param):
+    """The role of a Megatron parameter: matrix, embedding, output, router or vector."""
+    if param.dim() <= 1:
+        return "vector"
+    if name.endswith("output_layer.weight"):
+        return "output"
+    if getattr(param, "is_embedding_or_output_parameter", False) or "embedding" in name:
+        return "embedding"
+    if ".router." in name or name.startswith("router."):
+        return "router"
+    return "matrix"
+
+
+def _check_config(config):
+    if config.lr is None:
+        raise ValueError("mdopt.megatron: OptimizerConfig.lr is not set (it is the matrix "
+                         "groups' peak learning rate)")
+    refused = [("fp16", "fp16 needs a loss scaler, which mdopt has not; use bf16 or fp32"),
+               ("use_distributed_optimizer",
+                "mdopt shards its own state over its communicator; set "
+                "use_distributed_optimizer=False"),
+               ("use_precision_aware_optimizer", "mdopt keeps its own f32 state"),
+               ("optimizer_cpu_offload", "mdopt's state already lives where it runs")]
+    for key, why in refused:
+        if getattr(config, key, False):
+            raise ValueError("mdopt.megatron: OptimizerConfig.%s=True is not supported: %s"
+                             % (key, why))
+    if config.loss_scale:
+        raise ValueError("mdopt.megatron: OptimizerConfig.loss_scale is not supported "
+                         "(mdopt has no loss scaling)")
+    if getattr(config, "muon_extra_scale_factor", 1.0) != 1.0:
+        raise ValueError("mdopt.megatron: muon_extra_scale_factor=%r has no mdopt "
+                         "equivalent; scale the lr instead" % config.muon_extra_scale_factor)
+
+
+def _spec_for(role, preset, config, wd_mult, spec):
+    """The mdopt spec keys of one role's group from the Megatron config."""
+    keys = {"betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_eps}
+    base = spec.get("base", "muon" if preset in _MUON_PRESETS else "adamw")
+    if base == "muon":
+        keys.update(momentum=config.muon_momentum, nesterov=bool(config.muon_use_nesterov),
+                    ns_steps=int(config.muon_num_ns_steps))
+    flat = spec.get("sphere", "none" if preset in _FLAT_PRESETS else "sphere") == "none"
+    if flat:
+        keys["weight_decay"] = float(config.weight_decay) * float(wd_mult)
+    keys.update(spec)
+    if "beta1" in keys or "beta2" in keys:
+        keys.pop("betas")
+    return keys, flat
+
+
+class MegatronMDOptimizer(MegatronOptimizer):
+    """A MegatronOptimizer whose step is mdopt's (see the module's docstring).
+
+    config: megatron.core.optimizer.OptimizerConfig (lr, weight_decay, adam_beta1/2,
+        adam_eps, muon_momentum, muon_use_nesterov, muon_num_ns_steps, clip_grad,
+        log_num_zeros_in_grad, bf16; `optimizer` "muon" or "adam" picks the matrix preset).
+    model_chunks: the MegatronModule(s) of this pipeline stage.
+    config_overrides: as for get_megatron_optimizer (None: no weight decay on biases and
+        1-D tensors, decoupled_lr on embeddings and the output layer).
+    presets: {role: preset} over the defaults (e.g. {"matrix": "muon"} for plain Muon).
+    lrs: {role: lr} base learning rates of the embedding, output and vector roles.
+    spec: {role: {spec key: value}} extra mdopt spec keys (e.g. {"matrix": {"gains": "row"}}).
+    comm, options and keyword arguments (threads=2, kernels="reference", ...): as for
+        mdopt.torch.MDOptimizer.
+    """
+
+    def __init__(self, config, model_chunks, config_overrides=None, *, presets=None,
+                 lrs=None, spec=None, comm=None, options="", **mdopt_kwargs):
+        if not isinstance(config, OptimizerConfig):
+            raise TypeError("mdopt.megatron: config must be a megatron.core.optimizer."
+                            "OptimizerConfig, not %r" % type(config).__name__)
+        _check_config(config)
+        if not isinstance(model_chunks, (list, tuple)):
+            model_chunks = [model_chunks]
+        if parallel_state.model_parallel_is_initialized() and \
+                parallel_state.get_tensor_model_parallel_world_size() > 1:
+            raise ValueError(
+                "mdopt.megatron: tensor parallelism (TP=%d) is not supported: each rank "
+                "holds a shard of every matrix and mdopt would put each shard on its own "
+                "sphere and orthogonalize it alone" %
+                parallel_state.get_tensor_model_parallel_world_size())
+        presets = dict(presets or {})
+        for role in list(presets) + list(lrs or {}) + list(spec or {}):
+            if role not in ROLES:
+                raise ValueError("mdopt.megatron: unknown role '%s' (roles: %s)"
+                                 % (role, ", ".join(ROLES)))
+        matrix_preset = presets.get("matrix") or MATRIX_PRESETS.get(config.optimizer)
+        if matrix_preset is None:
+            raise ValueError("mdopt.megatron: OptimizerConfig.optimizer=%r has no mdopt "
+                             "preset (muon -> md-muon, adam -> md-adamw); pass "
+                             "presets={'matrix': ...}" % config.optimizer)
+        self._presets = dict(DEFAULT_PRESETS, **presets)
+        self._presets["matrix"] = matrix_preset
+        self._lrs = dict(DEFAULT_LRS, **(lrs or {}))
+        self._spec = {r: dict(s) for r, s in (spec or {}).items()}
+
+        names = {}
+        for ci, chunk in enumerate(model_chunks):
+            for n, p in chunk.named_parameters():
+                names.setdefault(p, n if len(model_chunks) == 1 else "chunk%d.%s" % (ci, n))
+        # Megatron's groups: the same as get_megatron_optimizer builds (wd_mult, max_lr...),
+        # expert-parallel ones included (one mdopt optimizer serves them all).
+        megatron_groups = _get_param_groups(list(model_chunks), config, config_overrides)
+        self._megatron_groups = []
+        mdopt_groups = []
+        self._links = []  # per mdopt group: (megatron group index, base lr, flat, role)
+        for gi, mg in enumerate(megatron_groups):
+            params = list(mg["params"])
+            if not params:
+                continue
+            max_lr = mg.get("max_lr", config.lr)
+            by_role = {}
+            for p in params:
+                by_role.setdefault(megatron_role(names.get(p, ""), p), []).append(p)
+            mi = len(self._megatron_groups)
+            for role in ROLES:
+                if role not in by_role:
+                    continue
+                preset = self._presets[role]
+                keys, flat = _spec_for(role, preset, config, mg.get("wd_mult", 1.0),
+                                       self._spec.get(role, {}))
+                if role in ("matrix", "router") or max_lr != config.lr:
+                    base_lr = float(max_lr)
+                else:
+                    base_lr = float(self._lrs[role])
+                ps = by_role[role]
+                mdopt_groups.append(dict(keys, params=ps, preset=preset, lr=base_lr,
+                                         name="%s.%d" % (role, mi),
+                                         names=[names.get(p, "") for p in ps]))
+                self._links.append((mi, base_lr, flat, role))
+            group = {k: v for k, v in mg.items() if k != "params"}
+            group["params"] = params
+            group.setdefault("lr", max_lr)
+            group.setdefault("max_lr", max_lr)
+            group.setdefault("weight_decay",
+                             float(config.weight_decay) * float(mg.get("wd_mult", 1.0)))
+            self._megatron_groups.append(group)
+        if not mdopt_groups:
+            raise ValueError("mdopt.megatron: the model chunks have no trainable parameters")
+        self._mdopt_args = (mdopt_groups, dict(comm=comm, options=options, **mdopt_kwargs))
+        self._built_wd = [mg["weight_decay"] for mg in self._megatron_groups]
+        super().__init__(self._make_mdopt(), config, init_state_fn=lambda *a: None)
+        self.is_stub_optimizer = False
+
+    def _make_mdopt(self):
+        groups, kwargs = self._mdopt_args
+        fresh = [dict(g, params=list(g["params"]), names=list(g["names"])) for g in groups]
+        return MDOptimizer(fresh, **kwargs)
+
+    # --- what Megatron reads and writes -------------------------------------------------
+
+    @property
+    def param_groups(self):
+        """Megatron's groups (lr, weight_decay, max_lr, min_lr, wd_mult, ...): the
+        scheduler writes lr and weight_decay here; step() passes them on to mdopt."""
+        return self._megatron_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self._megatron_groups = value
+
+    def mdopt_groups(self):
+        """(mdopt group name, role, Megatron group index) of every mdopt group."""
+        return [(g["name"], link[3], link[0])
+                for g, link in zip(self.optimizer.param_groups, self._links)]
+
+    def _device(self):
+        return self._megatron_groups[0]["params"][0].device
+
+    def get_loss_scale(self):
+        """No loss scaling: a 1-element tensor holding 1, on the parameters' device."""
+        return torch.ones(1, dtype=torch.float32, device=self._device())
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.get_parameters():
+            for attr in ("grad", "main_grad"):
+                g = getattr(p, attr, None)
+                if g is None:
+                    continue
+                if attr == "grad" and set_to_none:
+                    p.grad = None
+                else:
+                    if g.grad_fn is not None:
+                        g.detach_()
+                    else:
+                        g.requires_grad_(False)
+                    g.zero_()
+
+    # --- gradient statistics on any device (Megatron's own helpers allocate on CUDA) ---
+
+    def _all_reduce(self, t, op):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t, op=op, group=self.get_grad_stats_parallel_group())
+        return t
+
+    def _stats_grads(self):
+        tp = getattr(self, "tp_group", None)
+        out = []
+        for p in self.get_parameters():
+            if p.grad is None or not param_is_not_shared(p):
+                continue
+            if not tensor_parallel.param_is_not_tensor_parallel_duplicate(p, tp):
+                continue
+            out.append(p.grad)
+        return out
+
+    @torch.no_grad()
+    def get_grad_norm(self):
+        """Global L2 norm of the gradients (shared and TP-duplicate tensors counted once),
+        computed in float32 like Megatron's get_grad_norm_fp32."""
+        grads = self._stats_grads()
+        sq = torch.zeros(1, dtype=torch.float32, device=self._device())
+        for g in grads:
+            sq += g.detach().float().square().sum()
+        self._all_reduce(sq, torch.distributed.ReduceOp.SUM)
+        return sq.item() ** 0.5
+
+    @torch.no_grad()
+    def clip_grad_norm(self, clip_grad):
+        """Megatron's semantics: returns the norm before clipping and scales every gradient
+        by clip_grad / (norm + 1e-6) when that is below 1 (mdopt itself does not clip)."""
+        norm = self.get_grad_norm()
+        coeff = clip_grad / (norm + 1.0e-6)
+        if coeff < 1.0:  # False for a NaN/Inf norm: mdopt then skips the step
+            grads = [p.grad for p in self.get_parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, coeff)
+        return norm
+
+    @torch.no_grad()
+    def count_zeros(self):
+        total = torch.zeros(1, dtype=torch.float64, device=self._device())
+        for g in self._stats_grads():
+            total += g.numel() - torch.count_nonzero(g)
+        self._all_reduce(total, torch.distributed.ReduceOp.SUM)
+        return total.item()
+
+    # --- the step -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prepare_grads(self):
+        """Megatron's DDP leaves gradients in param.main_grad: point param.grad at them.
+        Returns False: mdopt itself finds NaN/Inf and skips (step_with_ready_grads)."""
+        for p in self.get_parameters():
+            mg = getattr(p, "main_grad", None)
+            if mg is not None:
+                p.grad = mg
+        return False
+
+    def _push_lrs(self):
+        for gi, mg in enumerate(self._megatron_groups):
+            wd = float(mg.get("weight_decay", self._built_wd[gi]))
+            flat_links = [l for l in self._links if l[0] == gi and l[2]]
+            if flat_links and not math.isclose(wd, self._built_wd[gi], rel_tol=1e-12,
+                                                abs_tol=1e-15):
+                raise RuntimeError(
+                    "mdopt.megatron: param group %d's weight_decay changed from %r to %r; "
+                    "mdopt fixes it when the optimizer is built (use wd_incr_style="
+                    "'constant', or a sphere preset, which has none)"
+                    % (gi, self._built_wd[gi], wd))
+        for g, (gi, base_lr, _, _) in zip(self.optimizer.param_groups, self._links):
+            mg = self._megatron_groups[gi]
+            max_lr = float(mg.get("max_lr") or 0.0)
+            lr = float(mg["lr"])
+            # lr / max_lr is where the schedule is (warmup, decay); max_lr 0 means no steps.
+            g["lr"] = base_lr * (lr / max_lr) if max_lr > 0 else 0.0
+
+    @torch.no_grad()
+    def step_with_ready_grads(self):
+        """One mdopt step with the scheduled learning rates; False when mdopt skipped it
+        (NaN/Inf in a gradient: nothing changed)."""
+        self._push_lrs()
+        self.optimizer.step()
+        return not self.optimizer.last_step.skipped
+
+    @torch.no_grad()
+    def step(self):
+        """(update_successful, grad_norm, num_zeros_in_grad) as Megatron's optimizers
+        return: (False, None, None) for a skipped step; grad_norm is the norm before
+        clipping (mdopt's measured norm when clip_grad is 0)."""
+        if self.prepare_grads():
+            return False, None, None
+        grad_norm = None
+        if self.config.clip_grad > 0.0:
+            grad_norm = self.clip_grad_norm(self.config.clip_grad)
+        num_zeros = self.count_zeros() if self.config.log_num_zeros_in_grad else None
+        if not self.step_with_ready_grads():
+            return False, None, None
+        if grad_norm is None:
+            grad_norm = self.optimizer.last_step.grad_norm
+        return True, grad_norm, num_zeros
+
+    @property
+    def last_step(self):
+        """mdopt's telemetry of the last step (step, skipped, grad_norm, seconds, ...)."""
+        return self.optimizer.last_step
+
+    def group_info(self, name):
+        """mdopt_group_info of one mdopt group ("matrix.0", ...): what the last step did."""
+        return self.optimizer.group_info(name)
+
+    # --- state --------------------------------------------------------------------------
+
+    def state_dict(self):
+        """mdopt's checkpoint (MDOptimizer.state_dict: the whole checkpoint, loadable at any
+        rank count) and Megatron's group hyperparameters (lr, weight_decay, ...)."""
+        return {"format": _STATE_FORMAT, "version": 1,
+                "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                 for g in self._megatron_groups],
+                "mdopt": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        """Restores what state_dict() (or dist_checkpointing.load of sharded_state_dict())
+        returned. Like mdopt_load, this also writes the saved weights into the model."""
+        if not isinstance(state_dict, dict) or state_dict.get("format") != _STATE_FORMAT:
+            raise ValueError("mdopt.megatron: not a MegatronMDOptimizer state_dict")
+        if state_dict.get("version") != 1:
+            raise ValueError("mdopt.megatron: state_dict version %r; this reads version 1"
+                             % state_dict.get("version"))
+        blob = state_dict["mdopt"]
+        if isinstance(blob, ShardedObject):
+            raise ValueError("mdopt.megatron: load_state_dict got an unloaded ShardedObject; "
+                             "pass what dist_checkpointing.load returned")
+        if isinstance(blob, (bytes, bytearray)):
+            blob = torch.load(io.BytesIO(blob), weights_only=False)
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self._megatron_groups):
+            raise ValueError("mdopt.megatron: the state_dict has %d param groups, this "
+                             "optimizer %d" % (len(groups), len(self._megatron_groups)))
+        self.optimizer.load_state_dict(blob)
+        for mine, saved in zip(self._megatron_groups, groups):
+            for k, v in saved.items():
+                if k != "params":
+                    mine[k] = v
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, metadata=None):
+        """For megatron.core.dist_checkpointing: mdopt's whole checkpoint as one
+        ShardedObject (key "optimizer.mdopt.state", replicated over the data-parallel ranks:
+        replica 0 writes it), the group hyperparameters as common state. Loading it back
+        with dist_checkpointing.load and passing the result to load_state_dict restores the
+        optimizer, at any data-parallel size (mdopt reshards). The model's sharded state
+        dict is not needed: mdopt's checkpoint names its tensors itself."""
+        dp_rank = 0
+        if parallel_state.model_parallel_is_initialized():
+            dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        if is_loading:
+            data = None
+        else:
+            buf = io.BytesIO()
+            torch.save(self.optimizer.state_dict(), buf)
+            data = buf.getvalue()
+        replica = (0, 0, dp_rank)
+        return {"format": _STATE_FORMAT, "version": 1,
+                "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                 for g in self._megatron_groups],
+                "mdopt": ShardedObject(SHARDED_KEY, data, (1,), (0,), replica_id=replica)}
+
+    def reload_model_params(self, state_dict=None):
+        """The model's weights were changed outside the optimizer (a model-only checkpoint
+        was loaded): mdopt is rebuilt on them. Its state starts afresh (gains 1, no
+        moments) and the matrices are projected onto their spheres, unless their group
+        says preserve_init=1 (spec={"matrix": {"preserve_init": 1}})."""
+        if state_dict is not None:
+            raise TypeError("mdopt.megatron: reload_model_params(state_dict) is not "
+                            "supported; load the weights into the model, then call it "
+                            "without arguments")
+        self.optimizer = self._make_mdopt()  # the old one frees its mdopt state when dropped
+
+    def offload_to_cpu(self):
+        raise NotImplementedError("mdopt.megatron: offload_to_cpu is not supported (mdopt "
+                                  "holds pointers to the parameters' memory)")
+
+    def restore_from_cpu(self):
+        raise NotImplementedError("mdopt.megatron: restore_from_cpu is not supported")
+
+
+def get_megatron_mdopt_optimizer(config, model_chunks, config_overrides=None, **kwargs):
+    """The counterpart of megatron.core.optimizer.get_megatron_optimizer (and, for
+    config.optimizer == "muon", of get_megatron_muon_optimizer): one MegatronMDOptimizer
+    over every trainable tensor of the model chunks. Keyword arguments: those of
+    MegatronMDOptimizer (presets, lrs, spec, comm, options, threads, ...)."""
+    return MegatronMDOptimizer(config, model_chunks, config_overrides, **kwargs)
+
+
+__all__ = ["MEGATRON_CORE_TESTED", "MegatronMDOptimizer", "ROLES", "SHARDED_KEY",
+           "get_megatron_mdopt_optimizer", "megatron_role"]

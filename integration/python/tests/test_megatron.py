@@ -1,0 +1,387 @@
+"""mdopt.megatron against Megatron-Core (megatron-core 0.16.1) on the CPU.
+
+A two-layer GPTModel of Megatron-Core (its own embedding, attention, MLP and output layer)
+trains with MegatronMDOptimizer driven by Megatron's OptimizerParamScheduler, and every
+step is checked against mdopt.torch.MDOptimizer run by hand on an identical model with the
+groups, learning rates and clipping written out here independently. Megatron-Core's
+dist_checkpointing.save needs CUDA in this release (it synchronises the device), so the
+sharded path is checked on what sharded_state_dict returns and on what load would hand back.
+
+Two CPU shims, test-only, make Megatron-Core's attention run without a GPU: its global
+memory buffer allocates on torch.cuda.current_device(), and its dropout forks the CUDA RNG
+tracker (dropout is 0 here, so the fork is a no-op).
+"""
+
+import contextlib
+import io
+import math
+import os
+import socket
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(__file__), "..")))
+
+try:
+    import megatron.core  # noqa: F401
+except ImportError:
+    pytest.skip("megatron-core is not installed (pip install megatron-core==0.16.1): the "
+                "Megatron-Core adapter is not tested", allow_module_level=True)
+
+import torch.distributed as dist  # noqa: E402
+from megatron.core import parallel_state, tensor_parallel  # noqa: E402
+from megatron.core import utils as megatron_utils  # noqa: E402
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace  # noqa: E402
+from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.models.gpt.gpt_model import GPTModel  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig  # noqa: E402
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+
+from mdopt.megatron import SHARDED_KEY, MegatronMDOptimizer, get_megatron_mdopt_optimizer  # noqa: E402
+from mdopt.torch import MDOptimizer  # noqa: E402
+
+VOCAB, SEQ, BATCH, LAYERS = 64, 16, 2, 2
+LR, DECAY_STEPS = 0.01, 5
+
+
+class _CPUMemoryBuffer(megatron_utils.GlobalMemoryBuffer):
+    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+        n = math.prod(tensor_shape)
+        buf = self.buffer.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self.buffer[(name, dtype)] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(*tensor_shape)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_cpu():
+    """torch.distributed on gloo at world size 1 and Megatron's parallel state (TP=PP=1)."""
+    started = not dist.is_initialized()
+    if started:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d" % port, rank=0,
+                                world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    parallel_state._GLOBAL_MEMORY_BUFFER = _CPUMemoryBuffer()
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    tracker.fork = lambda *a, **k: contextlib.nullcontext()
+    yield
+    del tracker.fork
+    parallel_state.destroy_model_parallel()
+    if started:
+        dist.destroy_process_group()
+
+
+def make_model(seed):
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(num_layers=LAYERS, hidden_size=32, num_attention_heads=4,
+                            use_cpu_initialization=True, hidden_dropout=0.0,
+                            attention_dropout=0.0)
+    return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(),
+                    vocab_size=VOCAB, max_sequence_length=SEQ)
+
+
+def batches(n, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
+             torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)) for _ in range(n)]
+
+
+_POS = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+_MASK = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).tril().logical_not()
+
+
+def backward(model, batch):
+    tokens, labels = batch
+    loss = model(tokens, _POS, _MASK, labels=labels).mean()
+    loss.backward()
+    return loss.item()
+
+
+def config(**kw):
+    base = dict(optimizer="muon", lr=LR, min_lr=0.0, weight_decay=0.1, adam_beta1=0.9,
+                adam_beta2=0.95, adam_eps=1e-8, clip_grad=0.0, muon_momentum=0.95,
+                muon_use_nesterov=True, muon_num_ns_steps=5)
+    base.update(kw)
+    return OptimizerConfig(**base)
+
+
+def scheduler(opt, start_wd=0.1, end_wd=0.1, wd_style="constant"):
+    return OptimizerParamScheduler(opt, init_lr=0.0, max_lr=LR, min_lr=0.0, lr_warmup_steps=0,
+                                   lr_decay_steps=DECAY_STEPS, lr_decay_style="linear",
+                                   start_wd=start_wd, end_wd=end_wd,
+                                   wd_incr_steps=DECAY_STEPS, wd_incr_style=wd_style)
+
+
+def to_main_grad(model):
+    """What Megatron's DDP leaves behind: gradients in param.main_grad, param.grad None."""
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if getattr(p, "main_grad", None) is None:
+            p.main_grad = torch.zeros_like(p)
+        p.main_grad.add_(p.grad)
+        p.grad = None
+
+
+def reference_groups(model, matrix_preset, cfg):
+    """The groups the method's recipe gives this model, written out by name: 2-D weights
+    of the blocks -> the matrix preset at cfg.lr; word and position embeddings -> embedding
+    at 3e-3; the LM head -> embedding at 1e-3; 1-D tensors -> vector at 1e-3 (Megatron puts
+    no weight decay on them). Same order as the adapter's: matrix, embedding, output, vector."""
+    named = list(model.named_parameters())
+    muon = matrix_preset in ("md-muon", "muon")
+    common = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    mat = dict(common, preset=matrix_preset, lr=cfg.lr, name="matrix.0")
+    if muon:
+        mat.update(momentum=cfg.muon_momentum, nesterov=True, ns_steps=cfg.muon_num_ns_steps)
+    if matrix_preset in ("muon", "adamw"):
+        mat["weight_decay"] = cfg.weight_decay
+    emb_names = ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight")
+    groups = [
+        (mat, [n for n, p in named if p.dim() == 2 and n.startswith("decoder.")]),
+        (dict(common, preset="embedding", lr=3e-3, name="embedding.0"), list(emb_names)),
+        (dict(common, preset="embedding", lr=1e-3, name="output.0"), ["output_layer.weight"]),
+        (dict(common, preset="vector", lr=1e-3, weight_decay=0.0, name="vector.1"),
+         [n for n, p in named if p.dim() == 1]),
+    ]
+    params = dict(named)
+    assert sum(len(ns) for _, ns in groups) == len(named)
+    return [dict(g, params=[params[n] for n in ns], names=ns) for g, ns in groups]
+
+
+def lr_mult(t):
+    """Megatron's linear decay without warmup, written out: 1 - t / decay_steps."""
+    return max(0.0, 1.0 - t / DECAY_STEPS)
+
+
+BASE_LRS = {"matrix.0": LR, "embedding.0": 3e-3, "output.0": 1e-3, "vector.1": 1e-3}
+
+
+def set_reference_lrs(ref, t):
+    """Each group's base lr times where the schedule is: Megatron's lr over its max_lr."""
+    scheduled = 0.0 + lr_mult(t) * (LR - 0.0)  # min_lr + coeff * (max_lr - min_lr)
+    for g in ref.param_groups:
+        g["lr"] = BASE_LRS[g["name"]] * (scheduled / LR)
+
+
+def grad_stats(model):
+    grads = [p.grad if p.grad is not None else p.main_grad for p in model.parameters()]
+    norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+    zeros = sum(int((g == 0).sum()) for g in grads)
+    return norm, zeros
+
+
+def weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("optimizer,presets,matrix_preset", [
+    ("muon", None, "md-muon"),
+    ("adam", None, "md-adamw"),
+    ("muon", {"matrix": "muon"}, "muon"),
+])
+def test_steps_equal_mdoptimizer(optimizer, presets, matrix_preset):
+    """Adapter (gradients in main_grad, Megatron's scheduler) == MDOptimizer by hand, bit
+    for bit; telemetry and the returned grad norm and zero count against float64."""
+    cfg = config(optimizer=optimizer, log_num_zeros_in_grad=True)
+    model_a, model_b = make_model(1), make_model(1)
+    opt = get_megatron_mdopt_optimizer(cfg, [model_a], presets=presets, threads=1)
+    sched = scheduler(opt)
+    ref = MDOptimizer(reference_groups(model_b, matrix_preset, cfg), threads=1)
+    assert [n for n, _, _ in opt.mdopt_groups()] == ["matrix.0", "embedding.0", "output.0",
+                                                     "vector.1"]
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)  # both projected onto their spheres alike at build
+
+    for t, batch in enumerate(batches(4)):
+        opt.zero_grad()
+        backward(model_a, batch)
+        to_main_grad(model_a)
+        norm64, zeros = grad_stats(model_a)
+        ok, grad_norm, num_zeros = opt.step()
+        assert ok
+        assert grad_norm == pytest.approx(norm64, rel=1e-5)
+        assert num_zeros == zeros
+        sched.step(increment=1)
+
+        ref.zero_grad()
+        backward(model_b, batch)
+        set_reference_lrs(ref, t)
+        ref.step()
+        assert opt.last_step.step == ref.last_step.step == t + 1
+        for (n, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+            assert torch.equal(a, b), "%s differs after step %d" % (n, t + 1)
+
+    # The scheduler's lr reached mdopt: base lr (and gain_lr) times lr / max_lr.
+    mult = lr_mult(3)
+    lr, gain_lr = opt.optimizer.mdopt.group_lr("embedding.0")
+    assert lr == pytest.approx(3e-3 * mult, rel=1e-12)
+    lr, gain_lr = opt.optimizer.mdopt.group_lr("matrix.0")
+    assert lr == pytest.approx(LR * mult, rel=1e-12)
+    if matrix_preset.startswith("md-"):
+        assert gain_lr == pytest.approx(1e-3 * mult, rel=1e-12)
+    # No silent fallback: every block matrix was orthogonalized (Muon) and projected (MD).
+    info = opt.group_info("matrix.0")
+    assert info.matrices == 4 * LAYERS
+    assert info.orthogonalized == (4 * LAYERS if "muon" in matrix_preset else 0)
+    assert info.projected == (4 * LAYERS if matrix_preset.startswith("md-") else 0)
+    assert opt.group_info("embedding.0").projected == 2
+
+
+def test_clipping():
+    """clip_grad: Megatron's semantics (the norm before clipping is returned; every
+    gradient is scaled by clip / (norm + 1e-6) when that is below 1), checked against the
+    float64 norm and torch.nn.utils.clip_grad_norm_; the step then uses the clipped
+    gradients (MDOptimizer by hand on them gives the same weights, bit for bit)."""
+    cfg = config(clip_grad=0.05)
+    model_a, model_b = make_model(2), make_model(2)
+    opt = get_megatron_mdopt_optimizer(cfg, [model_a], threads=1)
+    sched = scheduler(opt)
+    ref = MDOptimizer(reference_groups(model_b, "md-muon", cfg), threads=1)
+    for t, batch in enumerate(batches(3, seed=11)):
+        opt.zero_grad()
+        backward(model_a, batch)
+        raw = [p.grad.clone() for p in model_a.parameters()]
+        norm64, _ = grad_stats(model_a)
+        ok, grad_norm, num_zeros = opt.step()
+        assert ok and num_zeros is None
+        assert grad_norm == pytest.approx(norm64, rel=1e-5)
+        coeff = 0.05 / (norm64 + 1e-6)
+        assert coeff < 0.5  # the threshold is well below every step's norm: clipping ran
+        for (n, p), g in zip(model_a.named_parameters(), raw):
+            torch.testing.assert_close(p.grad, g * coeff, rtol=1e-5, atol=1e-9, msg=n)
+        sched.step(increment=1)
+
+        ref.zero_grad()
+        backward(model_b, batch)
+        torch_norm = float(torch.nn.utils.clip_grad_norm_(list(model_b.parameters()), 0.05))
+        assert grad_norm == pytest.approx(torch_norm, rel=1e-5)
+        for a, b in zip(model_a.parameters(), model_b.parameters()):
+            b.grad = a.grad.clone()  # the adapter's clipped gradients, as they are
+        set_reference_lrs(ref, t)
+        ref.step()
+        for (n, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+            assert torch.equal(a, b), "%s differs after step %d" % (n, t + 1)
+
+
+def _train(model, opt, sched, data):
+    for batch in data:
+        opt.zero_grad()
+        backward(model, batch)
+        ok, _, _ = opt.step()
+        assert ok
+        sched.step(increment=1)
+
+
+@pytest.mark.parametrize("path", ["state_dict", "sharded"])
+def test_checkpoint_round_trip(path, tmp_path):
+    """Train 2 steps, save; a fresh model and adapter load it and continue 3 steps: the
+    same weights, bit for bit, as training 5 steps without stopping."""
+    cfg = config()
+    data = batches(5, seed=3)
+    model = make_model(4)
+    opt = get_megatron_mdopt_optimizer(cfg, [model], threads=1)
+    sched = scheduler(opt)
+    _train(model, opt, sched, data[:2])
+    saved_weights = weights(model)
+    if path == "state_dict":
+        buf = io.BytesIO()
+        torch.save({"optimizer": opt.state_dict(), "sched": sched.state_dict()}, buf)
+        loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+        opt_sd = loaded["optimizer"]
+    else:
+        sharded = opt.sharded_state_dict(model.sharded_state_dict())
+        obj = sharded["mdopt"]
+        assert isinstance(obj, ShardedObject) and obj.key == SHARDED_KEY
+        assert obj.global_shape == (1,) and obj.global_offset == (0,)
+        assert obj.replica_id == (0, 0, 0) and isinstance(obj.data, bytes)
+        template = opt.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+        assert template["mdopt"].without_data() == obj.without_data()
+        assert template["mdopt"].data is None
+        # What dist_checkpointing.load returns: every ShardedObject replaced by its data,
+        # the common (non-sharded) entries as saved by torch.save.
+        buf = io.BytesIO()
+        torch.save(dict_list_map_inplace(lambda x: x.data if isinstance(x, ShardedObject)
+                                         else x, sharded), buf)
+        opt_sd = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+        loaded = {"sched": sched.state_dict()}
+    _train(model, opt, sched, data[2:])
+
+    fresh = make_model(5)  # other initial weights: the load must bring the saved ones
+    assert not torch.equal(fresh.output_layer.weight, saved_weights["output_layer.weight"])
+    opt2 = get_megatron_mdopt_optimizer(cfg, [fresh], threads=1)
+    sched2 = scheduler(opt2)
+    sched2.load_state_dict(loaded["sched"])
+    opt2.load_state_dict(opt_sd)
+    for n, p in fresh.named_parameters():
+        assert torch.equal(p, saved_weights[n]), n
+    _train(fresh, opt2, sched2, data[2:])
+    assert opt2.last_step.step == opt.last_step.step == 5
+    for (n, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), "%s differs after the resumed steps" % n
+
+
+def test_non_finite_gradient_skips():
+    """A NaN gradient: (False, None, None), nothing changes; the next step proceeds."""
+    cfg = config(clip_grad=1.0)
+    model = make_model(6)
+    opt = get_megatron_mdopt_optimizer(cfg, [model], threads=1)
+    data = batches(2, seed=5)
+    backward(model, data[0])
+    model.decoder.layers[1].mlp.linear_fc1.weight.grad[3, 4] = float("nan")
+    before = weights(model)
+    assert opt.step() == (False, None, None)
+    assert opt.last_step.skipped and opt.last_step.step == 0
+    assert "linear_fc1" in opt.last_step.message
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert opt.group_info("matrix.0").skipped == 4 * LAYERS
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    backward(model, data[1])
+    ok, grad_norm, _ = opt.step()
+    assert ok and math.isfinite(grad_norm) and opt.last_step.step == 1
+
+
+def test_weight_decay_is_fixed_when_built():
+    """A flat group (plain Muon) takes config.weight_decay * wd_mult; a scheduler that
+    changes weight decay is refused at the step, not ignored."""
+    cfg = config()
+    model = make_model(8)
+    opt = get_megatron_mdopt_optimizer(cfg, [model], presets={"matrix": "muon"}, threads=1)
+    scheduler(opt, start_wd=0.0, end_wd=0.1, wd_style="linear")
+    backward(model, batches(1)[0])
+    with pytest.raises(RuntimeError, match="weight_decay changed"):
+        opt.step()
+
+
+def test_interface_and_refusals():
+    model = make_model(9)
+    opt = get_megatron_mdopt_optimizer(config(), [model], threads=1)
+    assert isinstance(opt, MegatronMDOptimizer)
+    assert torch.equal(opt.get_loss_scale(), torch.ones(1))
+    assert opt.scale_loss(torch.tensor(2.5)).item() == 2.5
+    assert {id(p) for p in opt.get_parameters()} == {id(p) for p in model.parameters()}
+    assert [g["wd_mult"] for g in opt.param_groups] == [1.0, 0.0]
+    assert opt.state_dict()["mdopt"]["mdopt"]["step"] == 0
+    # reload_model_params: weights set from outside; mdopt is rebuilt on them (projected).
+    with torch.no_grad():
+        model.output_layer.weight.mul_(3.0)
+    opt.reload_model_params()
+    rows = model.output_layer.weight.detach().double().norm(dim=1)
+    torch.testing.assert_close(rows, torch.ones_like(rows), rtol=1e-6, atol=1e-6)
+    for bad, match in [(dict(fp16=True), "fp16"),
+                       (dict(use_distributed_optimizer=True), "use_distributed_optimizer"),
+                       (dict(optimizer="sgd"), "no mdopt preset"),
+                       (dict(lr=None), "lr is not set")]:
+        with pytest.raises(ValueError, match=match):
+            get_megatron_mdopt_optimizer(config(**bad), [model], threads=1)
+    with pytest.raises(ValueError, match="unknown role"):
+        get_megatron_mdopt_optimizer(config(), [model], presets={"matrices": "muon"})
