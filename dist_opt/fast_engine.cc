@@ -122,9 +122,9 @@ class FastEngine final : public Engine {
   absl::Status StartSums(int b, Workspace& ws, bool radial);
   void AddSums(int b, const Workspace& ws, bool radial);
 
-  // Stage `stage` of bucket b for its slots [q0, q1) (q1 < 0: to the end).
+  // Stage `stage` of bucket b for its slots [q0, q1_or_end) (q1_or_end < 0: to the end).
   absl::Status Stage(int b, int stage, const fast::StepScalars* scalars_of_group, size_t q0 = 0,
-                     int64_t q1 = -1);
+                     int64_t q1_or_end = -1);
   absl::Status StartWeightGather(int b, Workspace& ws);
   void UnpackWeights(int b, const Workspace& ws);
   // The weight all-gather of every bucket, one after another (finalize, load, deferred).
