@@ -14,7 +14,8 @@
 // (bucket, stage)); waits come as late as the data is needed, so bucket b's communication
 // overlaps the compute of the buckets around it. Cross-row sums are all-gathered and added
 // in rank order, so the replicated column gains are bitwise the same on every rank.
-// With one rank no collective is issued and the passes read and write the model's tensors.
+// With one rank no collective is issued, the passes read and write the model's tensors, and
+// each matrix runs stages S0-S3 before the next one starts (its rows stay in cache).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -121,7 +122,9 @@ class FastEngine final : public Engine {
   absl::Status StartSums(int b, Workspace& ws, bool radial);
   void AddSums(int b, const Workspace& ws, bool radial);
 
-  absl::Status Stage(int b, int stage, const fast::StepScalars* scalars_of_group);
+  // Stage `stage` of bucket b for its slots [q0, q1_or_end) (q1_or_end < 0: to the end).
+  absl::Status Stage(int b, int stage, const fast::StepScalars* scalars_of_group, size_t q0 = 0,
+                     int64_t q1_or_end = -1);
   absl::Status StartWeightGather(int b, Workspace& ws);
   void UnpackWeights(int b, const Workspace& ws);
   // The weight all-gather of every bucket, one after another (finalize, load, deferred).
@@ -508,15 +511,17 @@ double FastEngine::GradSumSq(int64_t index) {
   return total;
 }
 
-absl::Status FastEngine::Stage(int b, int stage, const fast::StepScalars* scalars) {
+absl::Status FastEngine::Stage(int b, int stage, const fast::StepScalars* scalars, size_t q0,
+                                int64_t q1_or_end) {
   const BucketPlan& bp = plan_.buckets[b];
+  const size_t q1 = q1_or_end < 0 ? bp.slots.size() : static_cast<size_t>(q1_or_end);
   Workspace& ws = Pool(b);
   auto x_of = [&](size_t q) { return ws.xloc.data() + bp.Offset(q, rank_, world_); };
   const bool comm_bf16 = opt_.ns_comm_bf16;
   switch (stage) {
     case 0: {
       bool radial = false;
-      for (size_t q = 0; q < bp.slots.size(); ++q) {
+      for (size_t q = q0; q < q1; ++q) {
         const int k = bp.slots[q];
         const kernels::UpdateRule& r = ParamOf(k).rule;
         const fast::MatrixView v = View(k);
@@ -538,7 +543,7 @@ absl::Status FastEngine::Stage(int b, int stage, const fast::StepScalars* scalar
         AddSums(b, ws, true);
       }
       p2p_.clear();
-      for (size_t q = 0; q < bp.slots.size(); ++q) {
+      for (size_t q = q0; q < q1; ++q) {
         const int k = bp.slots[q];
         const SlotPlan& sp = plan_.slots[k];
         const ParamEntry& p = params_[sp.param];
@@ -581,7 +586,7 @@ absl::Status FastEngine::Stage(int b, int stage, const fast::StepScalars* scalar
         ws.gather = nullptr;
       }
       p2p_.clear();
-      for (size_t q = 0; q < bp.slots.size(); ++q) {
+      for (size_t q = q0; q < q1; ++q) {
         const int k = bp.slots[q];
         const SlotPlan& sp = plan_.slots[k];
         if (!sp.muon || sp.owner != rank_) continue;
@@ -618,7 +623,7 @@ absl::Status FastEngine::Stage(int b, int stage, const fast::StepScalars* scalar
         }
       }
       if (Sharded()) {
-        for (size_t q = 0; q < bp.slots.size(); ++q) {
+        for (size_t q = q0; q < q1; ++q) {
           const int k = bp.slots[q];
           const SlotPlan& sp = plan_.slots[k];
           if (!sp.muon || sp.layout != Layout::kRows || sp.owner == rank_ || st_[k].rows == 0) continue;
@@ -639,7 +644,7 @@ absl::Status FastEngine::Stage(int b, int stage, const fast::StepScalars* scalar
         if (absl::Status s = ws.scatter->Wait(); !s.ok()) return s;
         ws.scatter = nullptr;
       }
-      for (size_t q = 0; q < bp.slots.size(); ++q) {
+      for (size_t q = q0; q < q1; ++q) {
         const int k = bp.slots[q];
         const SlotPlan& sp = plan_.slots[k];
         const ParamEntry& p = params_[sp.param];
@@ -660,7 +665,7 @@ absl::Status FastEngine::Stage(int b, int stage, const fast::StepScalars* scalar
         ws.sums = nullptr;
         AddSums(b, ws, false);
       }
-      for (size_t q = 0; q < bp.slots.size(); ++q) {
+      for (size_t q = q0; q < q1; ++q) {
         const int k = bp.slots[q];
         const SlotPlan& sp = plan_.slots[k];
         const ParamEntry& p = params_[sp.param];
@@ -706,6 +711,23 @@ absl::Status FastEngine::Step(double lr_scale, int64_t t) {
     scalars_[g].t = t;
   }
   const int B = static_cast<int>(plan_.buckets.size());
+  if (Local()) {
+    // Nothing to overlap: each matrix goes through all its passes before the next starts,
+    // so that the finishing pass finds the rows the first pass wrote still in cache (a
+    // bucket's worth of matrices in between would have evicted them). Matrices are
+    // independent, so the order changes no result.
+    for (int b = 0; b < B; ++b) {
+      for (size_t q = 0; q < plan_.buckets[b].slots.size(); ++q) {
+        for (int stage = 0; stage < kStages; ++stage) {
+          if (absl::Status s = Stage(b, stage, scalars_.data(), q, static_cast<int64_t>(q) + 1);
+              !s.ok()) {
+            return s;
+          }
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
   for (int wave = 0; wave < B + kStages - 1; ++wave) {
     for (int stage = 0; stage < kStages; ++stage) {
       const int b = wave - stage;

@@ -1,6 +1,7 @@
 // mdopt-bench: times mdopt's presets on a GPT-shaped (or user-given) set of tensors through
 // the public C ABI only, optionally next to the float64 reference engine, and prints a
 // table and/or JSON. Exit codes: 0 done, 1 an mdopt call failed, 2 bad command line.
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -16,6 +17,7 @@
 #include "dist_report.h"
 #endif
 #include "machine_info.h"
+#include "memory_traffic.h"
 #include "mdopt/mdopt.h"
 #include "model_shapes.h"
 #include "preset_groups.h"
@@ -43,6 +45,7 @@ struct Options {
   bool plan = false;
   std::string layout;
   std::string extra_options;
+  int stream_mib = 64;
 };
 
 std::string HelpFooter() {
@@ -104,6 +107,9 @@ void DefineOptions(CLI::App* app, Options* o) {
   app->add_flag("--mpi", o->mpi,
                 "run on every rank of MPI_COMM_WORLD (under mpirun): the sharded step; rank 0 "
                 "prints, with per-rank communication, bytes and imbalance");
+  app->add_option("--stream-mib", o->stream_mib,
+                  "MiB per array of the memory-bandwidth stream (4 arrays; 0: skip it)")
+      ->capture_default_str()->check(CLI::Range(0, 1 << 16));
   app->add_flag("--plan", o->plan, "print the shard plan of each preset after finalize");
   app->add_option("--layout", o->layout, "layout= for every group (rows, owner, auto)")
       ->check(CLI::IsMember({"rows", "owner", "auto"}));
@@ -170,6 +176,12 @@ int Run(const Options& o, const std::vector<TensorShape>& shapes, std::ostream* 
   mdopt_comm_rank(comm.get(), &rank);
   mdopt_comm_size(comm.get(), &world);
   ModelBuffers buffers(shapes, ToDtype(setup.param_dtype), ToDtype(setup.grad_dtype));
+  if (o.stream_mib > 0) {
+    const int threads = o.threads > 0 ? o.threads : std::max(1, machine.logical_cpus);
+    setup.stream = MeasureStream(int64_t{o.stream_mib} << 18, threads, 5);
+  }
+  const int param_bytes = setup.param_dtype == "bf16" ? 2 : 4;
+  const int grad_bytes = setup.grad_dtype == "bf16" ? 2 : 4;
 
   std::vector<BenchRow> rows;
   for (const std::string& name : o.presets) {
@@ -185,6 +197,8 @@ int Run(const Options& o, const std::vector<TensorShape>& shapes, std::ostream* 
     cfg.extra_options = o.extra_options;
     cfg.print_plan = o.plan;
     rows.push_back(RunBenchmark(comm.get(), shapes, &buffers, cfg));
+    // The model is of one rank's passes over the whole model (at N ranks each moves ~1/N).
+    if (world == 1) rows.back().model_bytes = ModelStepBytes(*cfg.preset, shapes, param_bytes, grad_bytes);
     if (o.reference && world == 1) {
       // The reference is plain single-pass loops with nothing to warm up, and a step of it
       // can take seconds; its first steps see the same gradients as the fast engine's.

@@ -54,6 +54,7 @@ struct BenchRow {
   int world = 1;
   int64_t state_bytes = 0, workspace_bytes = 0;
   double ratio_to_reference = 0.0;   // median fast / median reference; 0: not measured
+  int64_t model_bytes = 0;           // ModelStepBytes (memory_traffic.h); 0: not modelled
 
   double median_ms() const;
   double mean_ms() const;
@@ -61,6 +62,8 @@ struct BenchRow {
   double wall_mean_ms() const;
   double ns_per_param() const;  // median step time / params
   double state_bytes_per_param() const;
+  double model_bytes_per_param() const;
+  double achieved_gbps() const;  // model_bytes / median step time
 };
 
 // Runs cfg on the tensors, resetting the weights in `buffers` first. Throws AbiError.

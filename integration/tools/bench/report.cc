@@ -110,18 +110,36 @@ void PrintTable(std::FILE* out, const MachineInfo& m, const BenchSetup& s,
   std::fprintf(out, "steps: fast %d timed after %d warm-up", s.steps, s.warmup);
   if (s.reference) std::fprintf(out, "; reference %d timed, no warm-up", s.reference_steps);
   std::fprintf(out, "; medians over the timed steps");
-  std::fprintf(out, "; times from mdopt_step_info.seconds unless 'wall'\n\n");
+  std::fprintf(out, "; times from mdopt_step_info.seconds unless 'wall'\n");
+  if (s.stream.elements > 0) {
+    std::fprintf(out,
+                 "memory: %.1f GB/s in place (4 arrays read, 3 written: Adam's pattern), triad "
+                 "%.1f GB/s; %d threads, 4 x %lld MiB, medians\n",
+                 s.stream.inplace_gbps, s.stream.triad_gbps, s.stream.threads,
+                 static_cast<long long>(s.stream.elements * 4 >> 20));
+  }
+  std::fprintf(out, "\n");
 
-  std::fprintf(out, "%-9s %-9s %11s %5s %10s %10s %11s %12s %9s %12s %9s\n", "preset", "engine",
-               "params", "steps", "median ms", "mean ms", "wall med ms", "ns per param",
-               "state B/p", "workspace B", "fast/ref");
+  std::fprintf(out, "%-9s %-9s %11s %5s %10s %10s %11s %12s %9s %12s %9s %9s %6s %9s\n",
+               "preset", "engine", "params", "steps", "median ms", "mean ms", "wall med ms",
+               "ns per param", "state B/p", "workspace B", "fast/ref", "model B/p", "GB/s",
+               "floor ms");
   for (const BenchRow& r : rows) {
-    char ratio[32] = "-";
+    char ratio[32] = "-", model[32] = "-", gbps[32] = "-", floor_ms[32] = "-";
     if (r.ratio_to_reference > 0.0) std::snprintf(ratio, sizeof ratio, "%.4f", r.ratio_to_reference);
-    std::fprintf(out, "%-9s %-9s %11lld %5d %10.3f %10.3f %11.3f %12.3f %9.2f %12lld %9s\n",
+    if (r.model_bytes > 0) {
+      std::snprintf(model, sizeof model, "%.1f", r.model_bytes_per_param());
+      std::snprintf(gbps, sizeof gbps, "%.1f", r.achieved_gbps());
+      if (s.stream.inplace_gbps > 0.0) {
+        std::snprintf(floor_ms, sizeof floor_ms, "%.1f",
+                      1e3 * static_cast<double>(r.model_bytes) / (s.stream.inplace_gbps * 1e9));
+      }
+    }
+    std::fprintf(out, "%-9s %-9s %11lld %5d %10.3f %10.3f %11.3f %12.3f %9.2f %12lld %9s %9s %6s %9s\n",
                  r.preset.c_str(), r.engine.c_str(), static_cast<long long>(r.params), r.steps,
                  r.median_ms(), r.mean_ms(), r.wall_median_ms(), r.ns_per_param(),
-                 r.state_bytes_per_param(), static_cast<long long>(r.workspace_bytes), ratio);
+                 r.state_bytes_per_param(), static_cast<long long>(r.workspace_bytes), ratio,
+                 model, gbps, floor_ms);
   }
   PrintComparisons(out, rows);
   std::fprintf(out,
@@ -131,7 +149,11 @@ void PrintTable(std::FILE* out, const MachineInfo& m, const BenchSetup& s,
                "  state B/p = optimizer-state bytes per parameter (mdopt_state_bytes / params; f32\n"
                "  weights are their own master copy, so Adam's two moments are 8 B/p); workspace B =\n"
                "  transient buffers (mdopt_workspace_bytes); fast/ref = the fast float32 engine's\n"
-               "  median over the float64 reference engine's (0.01 = 100x faster; --reference).\n");
+               "  median over the float64 reference engine's (0.01 = 100x faster; --reference);\n"
+               "  model B/p = bytes per parameter a step of the fast engine moves by a model of its\n"
+               "  element-wise passes (every pass from and to DRAM; Newton-Schulz's products not\n"
+               "  counted; see docs/mdopt-bench.md); GB/s = those bytes / median ms; floor ms = those\n"
+               "  bytes at the in-place stream's bandwidth.\n");
   std::fflush(out);
 }
 
@@ -148,7 +170,11 @@ void WriteJson(std::ostream& out, const MachineInfo& m, const BenchSetup& s,
       << "    \"abi_version\": " << m.abi_version << ",\n"
       << "    \"isa\": " << JsonString(m.isa) << ",\n"
       << "    \"blas\": " << JsonString(m.blas) << ",\n"
-      << "    \"runtime_info\": " << JsonString(m.runtime_info) << "\n  },\n";
+      << "    \"runtime_info\": " << JsonString(m.runtime_info) << ",\n"
+      << "    \"stream_inplace_gbps\": "
+      << (s.stream.elements > 0 ? JsonNumber(s.stream.inplace_gbps) : "null") << ",\n"
+      << "    \"stream_triad_gbps\": "
+      << (s.stream.elements > 0 ? JsonNumber(s.stream.triad_gbps) : "null") << "\n  },\n";
   out << "  \"setup\": {\n    \"model\": " << JsonString(s.model) << ",\n";
   if (s.model == "shapes") {
     out << "    \"shapes_file\": " << JsonString(s.shapes_file) << ",\n";
@@ -179,6 +205,8 @@ void WriteJson(std::ostream& out, const MachineInfo& m, const BenchSetup& s,
         << JsonNumber(r.state_bytes_per_param()) << ", \"workspace_bytes\": "
         << r.workspace_bytes << ",\n     \"ratio_to_reference\": "
         << (r.ratio_to_reference > 0.0 ? JsonNumber(r.ratio_to_reference) : "null")
+        << ", \"model_bytes\": " << (r.model_bytes > 0 ? std::to_string(r.model_bytes) : "null")
+        << ", \"achieved_gbps\": " << (r.model_bytes > 0 ? JsonNumber(r.achieved_gbps()) : "null")
         << ",\n     \"step_ms\": " << JsonMsArray(r.step_seconds)
         << ",\n     \"wall_ms\": " << JsonMsArray(r.wall_seconds) << "}";
   }

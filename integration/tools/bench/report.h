@@ -10,6 +10,7 @@
 
 #include "bench_runner.h"
 #include "machine_info.h"
+#include "memory_traffic.h"
 #include "model_shapes.h"
 
 namespace mdopt_bench {
@@ -25,6 +26,7 @@ struct BenchSetup {
   int warmup = 0, steps = 0, reference_steps = 0;
   bool reference = false;
   uint64_t seed = 0;
+  StreamBandwidth stream;   // elements == 0: not measured (--stream-mib 0)
 };
 
 // Sets ratio_to_reference on each fast row whose preset also has a reference row.

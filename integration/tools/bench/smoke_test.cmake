@@ -40,7 +40,7 @@ if(CASE STREQUAL "gpt")
   message(STATUS "mdopt-bench output:\n${so}")
   foreach(word "median ms" "fast/ref" "mdopt-bench: mdopt" "cpu:" " ISA " "BLAS OpenBLAS"
                "md-muon costs " "x plain muon per step" "md-adamw costs " "Columns:"
-               "ns per param =")
+               "ns per param =" "model B/p" "floor ms" "memory: ")
     string(FIND "${so}" "${word}" at)
     if(at EQUAL -1)
       message(FATAL_ERROR "the table lacks '${word}':\n${so}")
@@ -57,8 +57,12 @@ elseif(CASE STREQUAL "shapes")
   expect_success("${rc}" "${so}" "${se}" "mdopt-bench --shapes")
   message(STATUS "mdopt-bench table (stderr):\n${se}")
   file(WRITE ${json} "${so}")  # stdout must be the JSON alone
+  # The traffic model by hand (bf16 weights: +4 B where the final W is written; f32 grads):
+  # 81920 matrix, 32768 table (embedding, head) and 192 vector elements. adamw: 36 B each;
+  # muon: matrices 4 + 20 + 16 = 40, the rest adamw's 36; md-muon: matrices 4 + 24 + 12 + 12
+  # = 52, tables (preset=embedding) 4 + 28 + 12 = 44, vectors 36.
   check_json(${json} --presets md-muon,adamw,muon --engines fast --params 114880 --tensors 9
-             --steps 2)
+             --steps 2 --model-bytes md-muon=5708544,adamw=4135680,muon=4463360)
 
 elseif(CASE STREQUAL "exit_codes")
   set(bad_shapes ${WORK_DIR}/bad_shapes.txt)
