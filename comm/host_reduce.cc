@@ -1,6 +1,6 @@
 #include "comm/host_reduce.h"
 
-#include "kernels/cpu/bf16.h"
+#include "kernels/common/bf16.h"
 
 namespace mdopt {
 

@@ -1,19 +1,15 @@
 #include "dist_opt/checkpoint.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <memory>
 #include <new>
 
 #include "absl/status/status.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "dist_opt/checkpoint_manifest.h"
+#include "dist_opt/file_io.h"
 #include "dist_opt/rank_file.h"
 
 namespace mdopt {
@@ -96,37 +92,6 @@ absl::Status NoThrow(const char* call, F&& body) {
 
 // --- save ----------------------------------------------------------------------------------
 
-// Writes `data` to dir/name through dir/name.tmp: write, fsync, rename, fsync the directory.
-absl::Status WriteSmallFileAtomically(const std::string& dir, const std::string& name,
-                                      const std::string& data) {
-  const std::string path = dir + "/" + name;
-  const std::string tmp = path + ".tmp";
-  auto fail = [&](absl::string_view what, int fd) {
-    absl::Status s = IoError(absl::StrCat(what, " '", tmp, "': ", std::strerror(errno)));
-    if (fd >= 0) ::close(fd);
-    ::unlink(tmp.c_str());
-    return s;
-  };
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return IoError(absl::StrCat("cannot create '", tmp, "': ", std::strerror(errno)));
-  size_t done = 0;
-  while (done < data.size()) {
-    const ssize_t w = ::write(fd, data.data() + done, data.size() - done);
-    if (w < 0 && errno == EINTR) continue;
-    if (w < 0) return fail("cannot write", fd);
-    done += static_cast<size_t>(w);
-  }
-  if (::fsync(fd) != 0) return fail("cannot fsync", fd);
-  if (::close(fd) != 0) return fail("cannot close", -1);
-  if (::rename(tmp.c_str(), path.c_str()) != 0) return fail("cannot rename into place", -1);
-  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
-  return absl::OkStatus();
-}
-
 absl::Status SaveLocal(const std::string& dir, const CheckpointLayout& l, Engine* engine, int rank,
                        WrittenRankFile* out) {
   std::error_code ec;
@@ -161,18 +126,6 @@ absl::Status SaveLocal(const std::string& dir, const CheckpointLayout& l, Engine
   return WriteRankFile(dir, RankFileHeader{rank, l.world_size, l.step}, arrays, out);
 }
 
-// A rank file or its temporary: the rank it belongs to.
-bool RankOfFile(std::string name, int* rank) {
-  if (name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0) {
-    name.resize(name.size() - 4);
-    // rank-NNNNN.state (the temporary of a rank file being written)
-    if (name.size() == 16 && name.compare(0, 5, "rank-") == 0 && name.compare(10, 6, ".state") == 0) {
-      return absl::SimpleAtoi(name.substr(5, 5), rank);
-    }
-  }
-  return ParseRankFileName(name, rank);
-}
-
 // After the commit: files of earlier saves that no manifest names any more. Each rank
 // removes its own; rank 0 also those of ranks this save did not have, and a format 1
 // manifest (its rank files are among them).
@@ -183,7 +136,7 @@ void RemoveEarlierFiles(const std::string& dir, const std::string& keep, int ran
     const std::string name = entry.path().filename().string();
     int r = -1;
     if (name == keep) continue;
-    if ((RankOfFile(name, &r) && (r == rank || (rank == 0 && r >= world))) ||
+    if ((ParseRankFileOrTempName(name, &r) && (r == rank || (rank == 0 && r >= world))) ||
         (rank == 0 && name == kManifestV1Name)) {
       doomed.push_back(entry.path());
     }
@@ -333,7 +286,7 @@ absl::Status SaveCheckpoint(const std::string& dir, const CheckpointLayout& l, E
         f.name = std::string(reinterpret_cast<const char*>(r.bytes + kNameAt));
         c.rank_files.push_back(std::move(f));
       }
-      return WriteSmallFileAtomically(dir, kManifestName, ManifestText(c));
+      return WriteFileAtomically(dir, kManifestName, ManifestText(c));
     });
     PutStatus(s, &outcome);
   }

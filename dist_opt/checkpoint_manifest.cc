@@ -1,17 +1,11 @@
 #include "dist_opt/checkpoint_manifest.h"
 
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
-
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "dist_opt/crc32c.h"
+#include "dist_opt/file_io.h"
 #include "mdopt/mdopt.h"
 #include "nlohmann/json.hpp"
 
@@ -61,27 +55,6 @@ uint32_t ManifestCrc(json j) {
   return Crc32c(0, s.data(), s.size());
 }
 
-absl::Status ReadSmallFile(const std::string& path, std::string* out) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return IoError(absl::StrCat("cannot open '", path, "': ", std::strerror(errno)));
-  std::string data;
-  char buf[1 << 16];
-  while (true) {
-    const ssize_t r = ::read(fd, buf, sizeof buf);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) {
-      absl::Status s = IoError(absl::StrCat("cannot read '", path, "': ", std::strerror(errno)));
-      ::close(fd);
-      return s;
-    }
-    if (r == 0) break;
-    data.append(buf, static_cast<size_t>(r));
-  }
-  ::close(fd);
-  *out = std::move(data);
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 std::string ManifestText(const ManifestContent& c) {
@@ -113,11 +86,10 @@ absl::Status ReadManifest(const std::string& dir, const std::string& engine,
                           const std::vector<Group>& groups, const std::vector<ParamEntry>& params,
                           LoadedManifest* out) {
   const std::string path = dir + "/" + kManifestName;
-  struct stat st;
-  if (::stat(path.c_str(), &st) != 0 && errno == ENOENT) {
+  if (IsMissing(path)) {
     // An older checkpoint: name its version rather than report a missing file.
     std::string old;
-    if (ReadSmallFile(dir + "/" + kManifestV1Name, &old).ok()) {
+    if (ReadWholeFile(dir + "/" + kManifestV1Name, &old).ok()) {
       const std::vector<std::string> head = absl::StrSplit(old.substr(0, old.find('\n')), ' ');
       int version = 0;
       if (head.size() == 2 && head[0] == "mdopt-checkpoint-format" && absl::SimpleAtoi(head[1], &version)) {
@@ -128,7 +100,7 @@ absl::Status ReadManifest(const std::string& dir, const std::string& engine,
     }
   }
   std::string text;
-  if (absl::Status s = ReadSmallFile(path, &text); !s.ok()) return s;
+  if (absl::Status s = ReadWholeFile(path, &text); !s.ok()) return s;
   const json j = json::parse(text, nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
     return IoError(absl::StrCat("manifest '", path,

@@ -22,9 +22,9 @@
 #include "absl/strings/str_cat.h"
 #include "dist_opt/engine.h"
 #include "dist_opt/shard_plan.h"
-#include "kernels/cpu/bf16.h"
+#include "kernels/common/bf16.h"
+#include "kernels/common/gain_param.h"
 #include "kernels/cpu/fast_matrix.h"
-#include "kernels/cpu/gain_param.h"
 #include "kernels/cpu/newton_schulz.h"
 #include "kernels/cpu/newton_schulz_bf16.h"
 

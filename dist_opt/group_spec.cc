@@ -11,7 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/str_split.h"
+#include "dist_opt/key_values.h"
 
 namespace mdopt {
 namespace {
@@ -262,31 +262,24 @@ const std::vector<std::string>& PresetNames() {
 }
 
 absl::StatusOr<GroupSpec> ParseGroupSpec(absl::string_view spec) {
-  std::vector<std::pair<std::string, std::string>> pairs;
+  absl::StatusOr<std::vector<KeyValue>> tokens = SplitKeyValues(spec, "spec");
+  if (!tokens.ok()) return tokens.status();
+  std::vector<KeyValue> pairs;
   std::set<std::string> given;
   std::string preset;
-  for (absl::string_view tok : absl::StrSplit(spec, absl::ByAnyChar(" \t\n\r"), absl::SkipEmpty())) {
-    const size_t eq = tok.find('=');
-    if (eq == absl::string_view::npos || eq == 0 || eq + 1 == tok.size()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("spec: '", tok, "' is not of the form key=value"));
-    }
-    std::string key(tok.substr(0, eq));
-    std::string value(tok.substr(eq + 1));
-    if (!given.insert(key).second) {
-      return absl::InvalidArgumentError(absl::StrCat("spec key '", key, "' is given twice"));
-    }
-    if (key == "preset") {
-      preset = value;
+  for (const KeyValue& kv : *tokens) {
+    given.emplace(kv.key);
+    if (kv.key == "preset") {
+      preset = std::string(kv.value);
       continue;
     }
-    if (FindKey(key) == nullptr) {
+    if (FindKey(kv.key) == nullptr) {
       std::vector<std::string> known = {"preset"};
       for (const auto& [name, setter] : Keys()) known.push_back(name);
-      return absl::InvalidArgumentError(absl::StrCat("spec key '", key, "' is unknown (known: ",
+      return absl::InvalidArgumentError(absl::StrCat("spec key '", kv.key, "' is unknown (known: ",
                                                      absl::StrJoin(known, ", "), ")"));
     }
-    pairs.emplace_back(std::move(key), std::move(value));
+    pairs.push_back(kv);
   }
   if (preset.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("spec key 'preset' is required (one of ",
@@ -299,8 +292,8 @@ absl::StatusOr<GroupSpec> ParseGroupSpec(absl::string_view spec) {
                                                    ")"));
   }
   GroupSpec g = it->second;
-  for (const auto& [key, value] : pairs) {
-    absl::Status s = (*FindKey(key))(key, value, &g);
+  for (const KeyValue& kv : pairs) {
+    absl::Status s = (*FindKey(kv.key))(kv.key, kv.value, &g);
     if (!s.ok()) return s;
   }
   absl::Status s = CheckConsistency(g, given);

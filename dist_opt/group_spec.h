@@ -8,7 +8,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "kernels/cpu/update_rule.h"
+#include "kernels/common/update_rule.h"
 
 namespace mdopt {
 

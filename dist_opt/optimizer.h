@@ -14,32 +14,16 @@
 #include "comm/communicator.h"
 #include "dist_opt/engine.h"
 #include "dist_opt/group_spec.h"
+#include "dist_opt/options.h"
 #include "dist_opt/param_registry.h"
 
 namespace mdopt {
-
-struct OptimizerOptions {
-  enum class Kernels { kFast, kReference };
-  Kernels kernels = Kernels::kFast;
-  int threads = 0;           // 0: leave OpenMP's default
-  bool ns_bf16 = false;      // ns_dtype=bf16: Newton-Schulz products in bf16 (fast engine)
-  bool ns_comm_bf16 = false; // ns_comm_dtype=bf16: the NS gather/scatter moves bf16
-  bool grads_reduced = false;   // grads=reduced (default grads=local)
-  bool gather_deferred = false; // gather=deferred (default eager)
-  int64_t bucket_bytes = int64_t{16} << 20;  // bucket_mb=
-  double comm_timeout_s = 600;  // comm_timeout_s=
-  bool update_norms = false;    // update_norms=1
-};
 
 // mdopt_group_info.
 struct GroupInfo {
   int64_t matrices = 0, orthogonalized = 0, projected = 0, gain_stepped = 0, skipped = 0;
   double mean_relative_update = 0.0;
 };
-
-// "device=cpu threads=2 kernels=fast ns_dtype=f32"; device=cuda:K is Unimplemented in a
-// CPU-only build, ns_dtype=bf16 in a build without oneDNN.
-absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options);
 
 struct StepResult {
   int64_t step = 0;

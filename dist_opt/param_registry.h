@@ -10,12 +10,12 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "dist_opt/group_spec.h"
-#include "kernels/cpu/fast_matrix.h"
-#include "kernels/cpu/update_rule.h"
+#include "kernels/common/dtype.h"
+#include "kernels/common/update_rule.h"
 
 namespace mdopt {
 
-using kernels::fast::Dtype;
+using kernels::Dtype;
 
 struct Group {
   std::string name;

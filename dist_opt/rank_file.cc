@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "dist_opt/crc32c.h"
+#include "dist_opt/file_io.h"
 
 namespace mdopt {
 namespace {
@@ -22,10 +23,6 @@ constexpr size_t kHeaderBytes = 36;
 constexpr size_t kTrailerBytes = 28;
 
 absl::Status IoError(absl::string_view what) { return absl::DataLossError(what); }
-
-absl::Status Errno(absl::string_view what, const std::string& path) {
-  return IoError(absl::StrCat(what, " '", path, "': ", std::strerror(errno)));
-}
 
 template <typename T>
 void PutAt(char* p, size_t* at, T v) {
@@ -67,7 +64,7 @@ class StreamWriter {
       const ssize_t w = ::write(fd_, buf_.data() + done, buf_.size() - done);
       if (w < 0) {
         if (errno == EINTR) continue;
-        return Errno("cannot write", path_);
+        return ErrnoError("cannot write", path_);
       }
       done += static_cast<size_t>(w);
     }
@@ -90,14 +87,6 @@ int64_t ChunkElems(const RankFileArray& a) {
   if (!a.rows) return per;
   // Whole rows per chunk, so that a row range maps onto whole chunks plus two partial ones.
   return std::max<int64_t>(1, per / a.width) * a.width;
-}
-
-void FsyncDir(const std::string& dir) {
-  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
 }
 
 // Header, arrays, index, trailer; *identity: the CRC-32C of every byte before the trailer.
@@ -166,6 +155,17 @@ std::string RankFileName(int rank, uint32_t crc) {
 
 std::string TempRankFileName(int rank) { return absl::StrFormat("rank-%05d.state.tmp", rank); }
 
+bool ParseRankFileOrTempName(std::string name, int* rank) {
+  if (name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0) {
+    name.resize(name.size() - 4);
+    // rank-NNNNN.state (the temporary of a rank file being written)
+    if (name.size() == 16 && name.compare(0, 5, "rank-") == 0 && name.compare(10, 6, ".state") == 0) {
+      return absl::SimpleAtoi(name.substr(5, 5), rank);
+    }
+  }
+  return ParseRankFileName(name, rank);
+}
+
 bool ParseRankFileName(const std::string& name, int* rank) {
   // rank-NNNNN.XXXXXXXX.state
   if (name.size() != 25 || name.compare(0, 5, "rank-") != 0 || name[10] != '.' ||
@@ -180,12 +180,12 @@ absl::Status WriteRankFile(const std::string& dir, const RankFileHeader& header,
                            const std::vector<RankFileArray>& arrays, WrittenRankFile* out) {
   const std::string tmp = dir + "/" + TempRankFileName(header.rank);
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return Errno("cannot create", tmp);
+  if (fd < 0) return ErrnoError("cannot create", tmp);
   StreamWriter w(fd, tmp);
   uint32_t identity = 0;
   absl::Status s = WriteBody(w, header, arrays, &identity);
-  if (s.ok() && ::fsync(fd) != 0) s = Errno("cannot fsync", tmp);
-  if (::close(fd) != 0 && s.ok()) s = Errno("cannot close", tmp);
+  if (s.ok() && ::fsync(fd) != 0) s = ErrnoError("cannot fsync", tmp);
+  if (::close(fd) != 0 && s.ok()) s = ErrnoError("cannot close", tmp);
   if (!s.ok()) {
     ::unlink(tmp.c_str());
     return s;
@@ -193,7 +193,7 @@ absl::Status WriteRankFile(const std::string& dir, const RankFileHeader& header,
   const std::string name = RankFileName(header.rank, identity);
   const std::string path = dir + "/" + name;
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    absl::Status e = Errno("cannot rename into place", path);
+    absl::Status e = ErrnoError("cannot rename into place", path);
     ::unlink(tmp.c_str());
     return e;
   }
@@ -215,7 +215,7 @@ absl::Status RankFileReader::ReadAt(uint64_t offset, size_t n, char* dst) const 
   while (done < n) {
     const ssize_t r = ::pread(fd_, dst + done, n - done, static_cast<off_t>(offset + done));
     if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return Errno("cannot read", path_);
+    if (r < 0) return ErrnoError("cannot read", path_);
     if (r == 0) return IoError(absl::StrCat("'", path_, "' is truncated (it shrank while being read)"));
     done += static_cast<size_t>(r);
   }
@@ -226,9 +226,9 @@ absl::Status RankFileReader::Open(const std::string& path, uint64_t bytes, uint3
                                   const RankFileHeader& want) {
   path_ = path;
   fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd_ < 0) return Errno("cannot open", path);
+  if (fd_ < 0) return ErrnoError("cannot open", path);
   struct stat st;
-  if (::fstat(fd_, &st) != 0) return Errno("cannot stat", path);
+  if (::fstat(fd_, &st) != 0) return ErrnoError("cannot stat", path);
   size_ = static_cast<uint64_t>(st.st_size);
   if (size_ != bytes) {
     return IoError(absl::StrCat("'", path, "' has ", size_, " bytes, the manifest says ", bytes,

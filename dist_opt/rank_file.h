@@ -110,6 +110,8 @@ std::string RankFileName(int rank, uint32_t crc);
 bool ParseRankFileName(const std::string& name, int* rank);
 // The name a rank file is written under before it is renamed to its content name.
 std::string TempRankFileName(int rank);
+// Whether `name` is a rank file name or a TempRankFileName; sets *rank.
+bool ParseRankFileOrTempName(std::string name, int* rank);
 
 }  // namespace mdopt
 

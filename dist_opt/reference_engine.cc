@@ -5,7 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "dist_opt/engine.h"
-#include "kernels/cpu/bf16.h"
+#include "kernels/common/bf16.h"
 #include "kernels/cpu/reference.h"
 
 namespace mdopt {

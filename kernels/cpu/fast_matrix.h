@@ -16,11 +16,12 @@
 #include <cstdint>
 #include <vector>
 
-#include "kernels/cpu/update_rule.h"
+#include "kernels/common/dtype.h"
+#include "kernels/common/update_rule.h"
 
 namespace mdopt::kernels::fast {
 
-enum class Dtype { kF32, kBf16 };
+using kernels::Dtype;
 
 // Raw gains and their Adam moments (float32 state).
 struct GainRefs {

@@ -3,10 +3,10 @@
 #include <cstring>
 #include <vector>
 
-#include "kernels/cpu/bf16.h"
+#include "kernels/common/bf16.h"
+#include "kernels/common/gain_param.h"
+#include "kernels/common/row_ranges.h"
 #include "kernels/cpu/fast_matrix.h"
-#include "kernels/cpu/gain_param.h"
-#include "kernels/cpu/row_ranges.h"
 
 namespace mdopt::kernels::fast {
 namespace {

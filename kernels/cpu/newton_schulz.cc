@@ -4,8 +4,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/common/ns_coeffs.h"
 #include "kernels/cpu/fixed_tiles.h"
-#include "kernels/cpu/ns_coeffs.h"
 
 namespace mdopt::kernels::fast {
 

@@ -6,9 +6,9 @@
 #include <tuple>
 #include <vector>
 
-#include "kernels/cpu/bf16.h"
+#include "kernels/common/bf16.h"
+#include "kernels/common/ns_coeffs.h"
 #include "kernels/cpu/newton_schulz.h"
-#include "kernels/cpu/ns_coeffs.h"
 
 #ifdef MDOPT_HAVE_DNNL
 #include <oneapi/dnnl/dnnl.hpp>

@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <memory>
 
-#include "kernels/cpu/update_rule.h"
+#include "kernels/common/update_rule.h"
 
 namespace mdopt::kernels::fast {
 

@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
-#include "kernels/cpu/gain_param.h"
-#include "kernels/cpu/ns_coeffs.h"
+#include "kernels/common/gain_param.h"
+#include "kernels/common/ns_coeffs.h"
 
 namespace mdopt::kernels::ref {
 namespace {

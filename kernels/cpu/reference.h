@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "kernels/cpu/update_rule.h"
+#include "kernels/common/update_rule.h"
 
 namespace mdopt::kernels::ref {
 

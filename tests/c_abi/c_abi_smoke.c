@@ -11,6 +11,8 @@
 #include "mdopt/optimizer.h"
 #include "mdopt/mdopt.h"
 #include "c_check.h"
+/* The project's one bf16 rounding (plain C), which optimizer.h promises: nearest even. */
+#include "kernels/common/bf16.h"
 
 #include <dirent.h>
 #include <math.h>
@@ -21,21 +23,6 @@
 #include <unistd.h>
 
 enum { M = 8, N = 6, V = 5, STEPS = 3 };
-
-static float bf16_to_float(uint16_t h) {
-  const uint32_t u = (uint32_t)h << 16;
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-/* Round to nearest even, as optimizer.h says mdopt does (finite inputs only). */
-static uint16_t float_to_bf16(float f) {
-  uint32_t u;
-  memcpy(&u, &f, sizeof u);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
 
 /* Removes dir and the plain files in it (a checkpoint holds nothing else). */
 static int remove_dir(const char* dir) {
@@ -96,8 +83,8 @@ static int run(const char* tmp_root) {
   }
   /* Small values, so that bf16's spacing (about 1e-4 here) shows three Adam steps of 1e-3. */
   for (i = 0; i < V; ++i) {
-    v[i] = float_to_bf16(0.02f + 0.01f * (float)i);
-    gv[i] = float_to_bf16(0.05f * (float)i - 0.07f);
+    v[i] = FloatToBf16(0.02f + 0.01f * (float)i);
+    gv[i] = FloatToBf16(0.05f * (float)i - 0.07f);
   }
 
   desc = mdopt_param_desc_init();
@@ -148,10 +135,10 @@ static int run(const char* tmp_root) {
   changed = 0;
   CHECK_OK(mdopt_get_state(opt, 1, "master", master_v, V, NULL));
   for (i = 0; i < V; ++i) {
-    CHECK(isfinite(bf16_to_float(v[i])));
+    CHECK(isfinite(Bf16ToFloat(v[i])));
     CHECK(master_v[i] != master_v0[i]);
     /* The model's bf16 copy is the master rounded to nearest even. */
-    CHECK(v[i] == float_to_bf16((float)master_v[i]));
+    CHECK(v[i] == FloatToBf16((float)master_v[i]));
     changed += v[i] != v0[i];
   }
   CHECK(changed > 0);

@@ -9,7 +9,7 @@
 #include "comm/host_reduce.h"
 #include "comm/traffic.h"
 #include "gtest/gtest.h"
-#include "kernels/cpu/bf16.h"
+#include "kernels/common/bf16.h"
 
 namespace mdopt {
 namespace {

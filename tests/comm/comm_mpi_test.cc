@@ -15,7 +15,7 @@
 
 #include "comm/communicator.h"
 #include "gtest/gtest.h"
-#include "kernels/cpu/bf16.h"
+#include "kernels/common/bf16.h"
 
 namespace mdopt {
 namespace {

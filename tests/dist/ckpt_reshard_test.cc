@@ -14,47 +14,28 @@
 #include <mpi.h>
 #include <stdlib.h>
 
-#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
-#include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "comm/communicator.h"
 #include "dist_opt/optimizer.h"
-#include "kernels/cpu/bf16.h"
 #include "nlohmann/json.hpp"
+#include "tests/dist/dist_harness.h"
 
-namespace mdopt {
+namespace mdopt::dist_test {
 namespace {
 
 // As tests/dist/sharded_step_test.cc: the sharded step equals one rank to ~3e-7.
 constexpr double kTolerance = 5e-6;
 
-double g_worst = 0.0;
-struct ReportWorst : ::testing::Environment {
-  void TearDown() override { std::printf("ckpt_reshard_test: worst relative error vs one rank %.3g\n", g_worst); }
-};
-const auto* const kReport = ::testing::AddGlobalTestEnvironment(new ReportWorst);
-
-Communicator* World() {
-  static std::unique_ptr<Communicator> world = [] {
-    absl::StatusOr<std::unique_ptr<Communicator>> c = MakeMpiCommunicator(nullptr);
-    if (!c.ok()) {
-      ADD_FAILURE() << c.status();
-      return std::unique_ptr<Communicator>();
-    }
-    return *std::move(c);
-  }();
-  return world.get();
-}
-
-void Barrier() { ASSERT_TRUE(BarrierBlocking(*World()).ok()); }
+WorstError* const g_worst = AddWorstErrorReport("ckpt_reshard_test");
 
 // Ranks [0, k) of the world as a communicator of their own (k == 1: a local one); nullptr
 // on the other ranks. Collective over the world.
@@ -87,74 +68,17 @@ std::string SharedTempDir() {
   return name;
 }
 
-std::vector<double> Normal(size_t n, uint64_t seed, double scale) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> d(0.0, scale);
-  std::vector<double> v(n);
-  for (double& x : v) x = d(rng);
-  return v;
-}
-
-struct Tensor {
-  std::string name;
-  std::vector<int64_t> shape;
-  int64_t numel() const {
-    int64_t n = 1;
-    for (int64_t s : shape) n *= s;
-    return n;
-  }
-};
-
-std::vector<Tensor> Tensors(bool adam) {
-  std::vector<Tensor> t = {{"odd", {7, 19}}, {"small", {2, 9}},      {"row1", {1, 11}},
-                           {"col1", {9, 1}}, {"experts", {3, 5, 8}}, {"big", {40, 90}}};
-  if (adam) t.push_back({"vec", {13}});
-  return t;
-}
-
-// One optimizer over the test's tensors; every rank passes the same (mean) gradient.
-class Trainer {
+// The test's model, finalized; every rank passes the same (mean) gradient.
+class Trainer : public TestModel {
  public:
   Trainer(Communicator* comm, const std::string& spec, bool bf16, std::vector<Tensor> tensors = {})
-      : bf16_(bf16) {
-    absl::StatusOr<OptimizerOptions> o = ParseOptimizerOptions("threads=1 grads=reduced");
-    EXPECT_TRUE(o.ok()) << o.status();
-    opt_ = std::make_unique<Optimizer>(comm, *o);
-    EXPECT_TRUE(opt_->AddGroup("g", spec).ok());
-    const bool adam = ParseGroupSpec(spec)->rule.base == kernels::Base::kAdamW;
-    tensors_ = tensors.empty() ? Tensors(adam) : tensors;
-    w_.resize(tensors_.size());
-    wb_.resize(tensors_.size());
-    g_.resize(tensors_.size());
-    for (size_t i = 0; i < tensors_.size(); ++i) {
-      const Tensor& t = tensors_[i];
-      const std::vector<double> w0 = Normal(t.numel(), 17 + i, 1.0 / std::sqrt(double(t.shape.back())));
-      w_[i].assign(w0.begin(), w0.end());
-      for (float f : w_[i]) wb_[i].push_back(kernels::FloatToBf16(f));
-      g_[i].assign(t.numel(), 0.0f);
-      ParamDescription d;
-      d.name = t.name;
-      d.group = "g";
-      d.ndim = static_cast<int>(t.shape.size());
-      for (size_t k = 0; k < t.shape.size(); ++k) d.shape[k] = t.shape[k];
-      d.param_dtype = bf16 ? 1 : 0;
-      d.param = bf16 ? static_cast<void*>(wb_[i].data()) : w_[i].data();
-      d.grad_dtype = 0;
-      d.grad = g_[i].data();
-      EXPECT_TRUE(opt_->AddParam(d).ok());
-    }
-    EXPECT_TRUE(opt_->Finalize().ok());
+      : TestModel(comm, "threads=1 grads=reduced", spec, bf16, std::move(tensors)) {
+    EXPECT_TRUE(opt().Finalize().ok());
   }
 
-  Optimizer& opt() { return *opt_; }
-  size_t size() const { return tensors_.size(); }
-
   void Step(int step) {
-    for (size_t i = 0; i < size(); ++i) {
-      const std::vector<double> g = Normal(tensors_[i].numel(), 1000 * step + i, 0.1);
-      std::copy(g.begin(), g.end(), g_[i].begin());
-    }
-    absl::StatusOr<StepResult> r = opt_->Step(1.0, nullptr);
+    SetShared(step);
+    absl::StatusOr<StepResult> r = opt().Step(1.0, nullptr);
     ASSERT_TRUE(r.ok()) << r.status();
     ASSERT_FALSE(r->skipped);
     ASSERT_EQ(r->step, step);
@@ -162,46 +86,7 @@ class Trainer {
   void Steps(int first, int last) {
     for (int s = first; s <= last; ++s) ASSERT_NO_FATAL_FAILURE(Step(s));
   }
-
-  std::vector<double> Model(size_t i) const {
-    std::vector<double> v;
-    if (bf16_) {
-      for (uint16_t h : wb_[i]) v.push_back(kernels::Bf16ToFloat(h));
-    } else {
-      v.assign(w_[i].begin(), w_[i].end());
-    }
-    return v;
-  }
-
-  // Every model tensor and every mdopt_get_state field the params have (collective).
-  std::map<std::string, std::vector<double>> Everything() {
-    std::map<std::string, std::vector<double>> out;
-    for (size_t i = 0; i < size(); ++i) {
-      out["model/" + tensors_[i].name] = Model(i);
-      for (const char* field : {"master", "gain_row", "gain_col", "gain_scalar", "radius"}) {
-        absl::StatusOr<std::vector<double>> x = opt_->GetState(static_cast<int64_t>(i), field);
-        if (x.ok()) out[tensors_[i].name + "/" + field] = *x;
-      }
-    }
-    return out;
-  }
-
- private:
-  bool bf16_;
-  std::unique_ptr<Optimizer> opt_;
-  std::vector<Tensor> tensors_;
-  std::vector<std::vector<float>> w_, g_;
-  std::vector<std::vector<uint16_t>> wb_;
 };
-
-double RelMaxError(const std::vector<double>& a, const std::vector<double>& b) {
-  double err = 0.0, ref = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err = std::max(err, std::abs(a[i] - b[i]));
-    ref = std::max(ref, std::abs(b[i]));
-  }
-  return ref > 0 ? err / ref : err;
-}
 
 void ExpectClose(const std::map<std::string, std::vector<double>>& got,
                  const std::map<std::string, std::vector<double>>& want) {
@@ -211,7 +96,7 @@ void ExpectClose(const std::map<std::string, std::vector<double>>& got,
     ASSERT_NE(it, got.end()) << key;
     ASSERT_EQ(it->second.size(), w.size()) << key;
     const double err = RelMaxError(it->second, w);
-    g_worst = std::max(g_worst, err);
+    g_worst->Record(err);
     EXPECT_LE(err, kTolerance) << key;
   }
 }
@@ -231,9 +116,7 @@ const Case kCases[] = {{"preset=md-muon", "rows", false},
                        {"preset=md-adamw", "owner", true}};
 
 std::string CaseName(const ::testing::TestParamInfo<int>& info) {
-  std::string n;
-  for (char ch : kCases[info.param].Name()) n += std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
-  return n;
+  return TestNameOf(kCases[info.param].Name());
 }
 
 class Reshard : public ::testing::TestWithParam<int> {};
@@ -401,4 +284,4 @@ TEST(ckpt, RefusalsAtFourRanksLeaveStateUntouched) {
 }
 
 }  // namespace
-}  // namespace mdopt
+}  // namespace mdopt::dist_test

@@ -8,18 +8,16 @@
 // every rank skip the same step with identical state.
 #include <gtest/gtest.h>
 
-#include <cmath>
-#include <cstdio>
+#include <algorithm>
 #include <memory>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "comm/communicator.h"
 #include "dist_opt/optimizer.h"
-#include "kernels/cpu/bf16.h"
+#include "tests/dist/dist_harness.h"
 
-namespace mdopt {
+namespace mdopt::dist_test {
 namespace {
 
 // f32 state on both sides; the only differences are the order of cross-rank sums and the
@@ -27,137 +25,7 @@ namespace {
 constexpr double kTolerance = 5e-6;
 constexpr int kSteps = 20;
 
-// Worst error seen (f32 cases), printed at the end for the tolerance table.
-double g_worst = 0.0;
-struct ReportWorst : ::testing::Environment {
-  void TearDown() override { std::printf("sharded_step_test: worst relative error vs one rank %.3g\n", g_worst); }
-};
-const auto* const kReport = ::testing::AddGlobalTestEnvironment(new ReportWorst);
-
-Communicator* World() {
-  static std::unique_ptr<Communicator> world = [] {
-    absl::StatusOr<std::unique_ptr<Communicator>> c = MakeMpiCommunicator(nullptr);
-    if (!c.ok()) {
-      ADD_FAILURE() << c.status();
-      return std::unique_ptr<Communicator>();
-    }
-    return *std::move(c);
-  }();
-  return world.get();
-}
-
-std::vector<double> Normal(size_t n, uint64_t seed, double scale) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> d(0.0, scale);
-  std::vector<double> v(n);
-  for (double& x : v) x = d(rng);
-  return v;
-}
-
-struct Tensor {
-  std::string name;
-  std::vector<int64_t> shape;
-  int64_t numel() const {
-    int64_t n = 1;
-    for (int64_t s : shape) n *= s;
-    return n;
-  }
-};
-
-std::vector<Tensor> Tensors(bool adam) {
-  std::vector<Tensor> t = {{"odd", {7, 19}}, {"small", {2, 9}},   {"row1", {1, 11}},
-                           {"col1", {9, 1}}, {"experts", {3, 5, 8}}, {"big", {40, 90}}};
-  if (adam) t.push_back({"vec", {13}});
-  return t;
-}
-
-// One optimizer over the test's tensors with its own weight and gradient buffers.
-class OptRun {
- public:
-  OptRun(Communicator* comm, const std::string& options, const std::string& spec, bool bf16)
-      : bf16_(bf16) {
-    absl::StatusOr<OptimizerOptions> o = ParseOptimizerOptions(options);
-    EXPECT_TRUE(o.ok()) << o.status();
-    opt_ = std::make_unique<Optimizer>(comm, *o);
-    EXPECT_TRUE(opt_->AddGroup("g", spec).ok());
-    const bool adam = ParseGroupSpec(spec)->rule.base == kernels::Base::kAdamW;
-    tensors_ = Tensors(adam);
-    w_.resize(tensors_.size());
-    wb_.resize(tensors_.size());
-    g_.resize(tensors_.size());
-    for (size_t i = 0; i < tensors_.size(); ++i) {
-      const Tensor& t = tensors_[i];
-      const std::vector<double> w0 = Normal(t.numel(), 17 + i, 1.0 / std::sqrt(double(t.shape.back())));
-      w_[i].assign(w0.begin(), w0.end());
-      for (float f : w_[i]) wb_[i].push_back(kernels::FloatToBf16(f));
-      g_[i].assign(t.numel(), 0.0f);
-      ParamDescription d;
-      d.name = t.name;
-      d.group = "g";
-      d.ndim = static_cast<int>(t.shape.size());
-      for (size_t k = 0; k < t.shape.size(); ++k) d.shape[k] = t.shape[k];
-      d.param_dtype = bf16 ? 1 : 0;
-      d.param = bf16 ? static_cast<void*>(wb_[i].data()) : w_[i].data();
-      d.grad_dtype = 0;
-      d.grad = g_[i].data();
-      EXPECT_TRUE(opt_->AddParam(d).ok());
-    }
-  }
-
-  Optimizer& opt() { return *opt_; }
-  size_t size() const { return tensors_.size(); }
-
-  // Gradient of `rank` at `step`: a shared part plus a rank's own part; mean() is their mean.
-  static std::vector<double> Grad(const Tensor& t, size_t i, int step, int rank) {
-    std::vector<double> g = Normal(t.numel(), 1000 * step + i, 0.1);
-    const std::vector<double> own = Normal(t.numel(), 77 + 1000 * step + 31 * i + 7919 * rank, 0.05);
-    for (size_t k = 0; k < g.size(); ++k) g[k] += own[k];
-    return g;
-  }
-  void SetLocal(int step, int rank) {
-    for (size_t i = 0; i < size(); ++i) {
-      const std::vector<double> g = Grad(tensors_[i], i, step, rank);
-      std::copy(g.begin(), g.end(), g_[i].begin());
-    }
-  }
-  void SetMean(int step, int world) {
-    for (size_t i = 0; i < size(); ++i) {
-      std::vector<double> mean(tensors_[i].numel(), 0.0);
-      for (int r = 0; r < world; ++r) {
-        const std::vector<double> g = Grad(tensors_[i], i, step, r);
-        for (size_t k = 0; k < g.size(); ++k) mean[k] += g[k] / world;
-      }
-      std::copy(mean.begin(), mean.end(), g_[i].begin());
-    }
-  }
-  void Poison(size_t i) { g_[i][g_[i].size() / 2] = NAN; }
-
-  std::vector<double> Model(size_t i) const {
-    std::vector<double> v;
-    if (bf16_) {
-      for (uint16_t h : wb_[i]) v.push_back(kernels::Bf16ToFloat(h));
-    } else {
-      v.assign(w_[i].begin(), w_[i].end());
-    }
-    return v;
-  }
-
- private:
-  bool bf16_;
-  std::unique_ptr<Optimizer> opt_;
-  std::vector<Tensor> tensors_;
-  std::vector<std::vector<float>> w_, g_;
-  std::vector<std::vector<uint16_t>> wb_;
-};
-
-double RelMaxError(const std::vector<double>& a, const std::vector<double>& b) {
-  double err = 0.0, ref = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err = std::max(err, std::abs(a[i] - b[i]));
-    ref = std::max(ref, std::abs(b[i]));
-  }
-  return ref > 0 ? err / ref : err;
-}
+WorstError* const g_worst = AddWorstErrorReport("sharded_step_test");
 
 struct Case {
   std::string spec;
@@ -213,8 +81,8 @@ void Compare(const Case& c) {
   if (c.deferred) options += " gather=deferred";
   const std::string spec = c.spec + " layout=" + c.layout;
   std::unique_ptr<Communicator> local = MakeLocalCommunicator();
-  OptRun sharded(world, options, spec, c.bf16);
-  OptRun single(local.get(), "threads=1 update_norms=1", spec, c.bf16);
+  TestModel sharded(world, options, spec, c.bf16);
+  TestModel single(local.get(), "threads=1 update_norms=1", spec, c.bf16);
   ASSERT_TRUE(sharded.opt().Finalize().ok());
   ASSERT_TRUE(single.opt().Finalize().ok());
   for (size_t i = 0; i < sharded.size(); ++i)
@@ -239,9 +107,9 @@ void Compare(const Case& c) {
   }
   for (size_t i = 0; i < sharded.size(); ++i) {
     const double err = RelMaxError(sharded.Model(i), single.Model(i));
-    if (!c.ns_comm_bf16) g_worst = std::max(g_worst, err);
+    if (!c.ns_comm_bf16) g_worst->Record(err);
     EXPECT_LE(err, c.tolerance) << "tensor " << i;
-    for (const char* field : {"master", "gain_row", "gain_col", "gain_scalar", "radius"}) {
+    for (const char* field : kStateFields) {
       absl::StatusOr<std::vector<double>> x = sharded.opt().GetState(static_cast<int64_t>(i), field);
       absl::StatusOr<std::vector<double>> y = single.opt().GetState(static_cast<int64_t>(i), field);
       ASSERT_EQ(x.ok(), y.ok()) << field;
@@ -301,9 +169,7 @@ TEST_P(Sharded, EqualsOneRank) { Compare(GetParam()); }
 
 INSTANTIATE_TEST_SUITE_P(Presets, Sharded, ::testing::ValuesIn(Cases()),
                          [](const ::testing::TestParamInfo<Case>& info) {
-                           std::string n;
-                           for (char ch : info.param.Name()) n += std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
-                           return n + "_" + std::to_string(info.index);
+                           return TestNameOf(info.param.Name()) + "_" + std::to_string(info.index);
                          });
 
 // A NaN in one rank's local gradient: the mean is NaN on the rows' owner only, yet every rank
@@ -315,9 +181,9 @@ TEST(ShardedSkip, NanOnOneRankSkipsEverywhere) {
   for (const char* layout : {"rows", "owner"}) {
     SCOPED_TRACE(layout);
     const std::string spec = std::string("preset=md-muon layout=") + layout;
-    OptRun a(world, "threads=1 bucket_mb=0.0001", spec, false);
+    TestModel a(world, "threads=1 bucket_mb=0.0001", spec, false);
     std::unique_ptr<Communicator> local = MakeLocalCommunicator();
-    OptRun b(local.get(), "threads=1", spec, false);
+    TestModel b(local.get(), "threads=1", spec, false);
     ASSERT_TRUE(a.opt().Finalize().ok());
     ASSERT_TRUE(b.opt().Finalize().ok());
     int taken = 0;
@@ -339,4 +205,4 @@ TEST(ShardedSkip, NanOnOneRankSkipsEverywhere) {
 }
 
 }  // namespace
-}  // namespace mdopt
+}  // namespace mdopt::dist_test

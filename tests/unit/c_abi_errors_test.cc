@@ -394,7 +394,7 @@ TEST(CAbiCreate, NullArgumentsAndBadOptions) {
       {"ns_dtype=f16", MDOPT_INVALID_ARGUMENT, "ns_dtype"},
       {"threads=1 threads=2", MDOPT_INVALID_ARGUMENT, "'threads' is given twice"},
       {"threads", MDOPT_INVALID_ARGUMENT, "threads"},
-      {"=cpu", MDOPT_INVALID_ARGUMENT, "unknown"},
+      {"=cpu", MDOPT_INVALID_ARGUMENT, "'=cpu'"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.options);

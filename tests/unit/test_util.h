@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels/cpu/bf16.h"
+#include "kernels/common/bf16.h"
 #include "mdopt/mdopt.h"
 #include "nlohmann/json.hpp"
 

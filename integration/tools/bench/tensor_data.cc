@@ -2,10 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
+
+#include "kernels/common/bf16.h"
 
 namespace mdopt_bench {
 namespace {
+
+using mdopt::kernels::FloatToBf16;
 
 uint64_t SplitMix64(uint64_t* state) {
   uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
@@ -76,17 +79,6 @@ uint64_t StreamSeed(uint64_t seed, uint64_t purpose, uint64_t step, uint64_t ten
     h = SplitMix64(&s);
   }
   return h;
-}
-
-// Round to nearest even, as mdopt does; the library's own helper is internal.
-uint16_t FloatToBf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0) {
-    return static_cast<uint16_t>((bits >> 16) | 0x0040u);
-  }
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
 }
 
 constexpr uint64_t kWeights = 1, kGradients = 2;

@@ -1,4 +1,4 @@
-#include "kernels/cpu/ns_coeffs.h"
+#include "kernels/common/ns_coeffs.h"
 
 #include <algorithm>
 #include <array>

@@ -1,4 +1,4 @@
-#include "kernels/cpu/update_rule.h"
+#include "kernels/common/update_rule.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,28 +1,29 @@
 // The gain reparameterisation gamma = phi(r) and its derivative, for float and double.
-#ifndef MDOPT_KERNELS_CPU_GAIN_PARAM_H_
-#define MDOPT_KERNELS_CPU_GAIN_PARAM_H_
+#ifndef MDOPT_KERNELS_COMMON_GAIN_PARAM_H_
+#define MDOPT_KERNELS_COMMON_GAIN_PARAM_H_
 
 #include <cmath>
 
-#include "kernels/cpu/update_rule.h"
+#include "kernels/common/host_device.h"
+#include "kernels/common/update_rule.h"
 
 namespace mdopt::kernels {
 
 // softplus(r) = log(1 + e^r), written to stay finite for large |r|.
 template <typename T>
-inline T Softplus(T r) {
+MDOPT_HD inline T Softplus(T r) {
   return r > T(0) ? r + std::log1p(std::exp(-r)) : std::log1p(std::exp(r));
 }
 
 template <typename T>
-inline T Sigmoid(T r) {
+MDOPT_HD inline T Sigmoid(T r) {
   if (r >= T(0)) return T(1) / (T(1) + std::exp(-r));
   const T e = std::exp(r);
   return e / (T(1) + e);
 }
 
 template <typename T>
-inline T GainValue(GainParam p, T r) {
+MDOPT_HD inline T GainValue(GainParam p, T r) {
   switch (p) {
     case GainParam::kSoftplus: return Softplus(r);
     case GainParam::kDirect: return r;
@@ -33,7 +34,7 @@ inline T GainValue(GainParam p, T r) {
 
 // d gamma / d r.
 template <typename T>
-inline T GainDerivative(GainParam p, T r) {
+MDOPT_HD inline T GainDerivative(GainParam p, T r) {
   switch (p) {
     case GainParam::kSoftplus: return Sigmoid(r);
     case GainParam::kDirect: return T(1);
@@ -43,7 +44,7 @@ inline T GainDerivative(GainParam p, T r) {
 }
 
 // The raw value whose gain is 1: where every gain starts.
-inline double GainRawForOne(GainParam p) {
+MDOPT_HD inline double GainRawForOne(GainParam p) {
   switch (p) {
     case GainParam::kSoftplus: return std::log(std::expm1(1.0));  // log(e - 1)
     case GainParam::kDirect: return 1.0;
@@ -54,4 +55,4 @@ inline double GainRawForOne(GainParam p) {
 
 }  // namespace mdopt::kernels
 
-#endif  // MDOPT_KERNELS_CPU_GAIN_PARAM_H_
+#endif  // MDOPT_KERNELS_COMMON_GAIN_PARAM_H_

@@ -1,9 +1,9 @@
 // Newton-Schulz coefficient sets: one (a, b, c) per iteration of
 //   X <- a X + (b A + c A^2) X,  A = X X^T.
-#ifndef MDOPT_KERNELS_CPU_NS_COEFFS_H_
-#define MDOPT_KERNELS_CPU_NS_COEFFS_H_
+#ifndef MDOPT_KERNELS_COMMON_NS_COEFFS_H_
+#define MDOPT_KERNELS_COMMON_NS_COEFFS_H_
 
-#include "kernels/cpu/update_rule.h"
+#include "kernels/common/update_rule.h"
 
 namespace mdopt::kernels {
 
@@ -20,4 +20,4 @@ inline constexpr double kNsNormEps = 1e-7;
 
 }  // namespace mdopt::kernels
 
-#endif  // MDOPT_KERNELS_CPU_NS_COEFFS_H_
+#endif  // MDOPT_KERNELS_COMMON_NS_COEFFS_H_

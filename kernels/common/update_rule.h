@@ -1,9 +1,12 @@
 // The math of one parameter's update, as plain values: what DESIGN.md section 1 calls a
-// group's spec after parsing. Kernels read only this; parsing lives in dist_opt.
-#ifndef MDOPT_KERNELS_CPU_UPDATE_RULE_H_
-#define MDOPT_KERNELS_CPU_UPDATE_RULE_H_
+// group's spec after parsing. Kernels of every device read only this; parsing lives in
+// dist_opt. AutoRadius and MuonScaleFactor are per-matrix constants, computed on the host.
+#ifndef MDOPT_KERNELS_COMMON_UPDATE_RULE_H_
+#define MDOPT_KERNELS_COMMON_UPDATE_RULE_H_
 
 #include <cstdint>
+
+#include "kernels/common/host_device.h"
 
 namespace mdopt::kernels {
 
@@ -36,12 +39,12 @@ struct UpdateRule {
   bool tangent = false;
 };
 
-inline bool HasRowGains(Gains g) { return g == Gains::kRow || g == Gains::kRowCol; }
-inline bool HasColGains(Gains g) { return g == Gains::kCol || g == Gains::kRowCol; }
-inline bool HasScalarGain(Gains g) { return g == Gains::kScalar; }
+MDOPT_HD inline bool HasRowGains(Gains g) { return g == Gains::kRow || g == Gains::kRowCol; }
+MDOPT_HD inline bool HasColGains(Gains g) { return g == Gains::kCol || g == Gains::kRowCol; }
+MDOPT_HD inline bool HasScalarGain(Gains g) { return g == Gains::kScalar; }
 
 // Number of sphere slices of one m x n matrix: 1 (frobenius), m (row), n (col), 0 (none).
-inline int64_t SphereSlices(Sphere s, int64_t m, int64_t n) {
+MDOPT_HD inline int64_t SphereSlices(Sphere s, int64_t m, int64_t n) {
   switch (s) {
     case Sphere::kFrobenius: return 1;
     case Sphere::kRow: return m;
@@ -60,4 +63,4 @@ double MuonScaleFactor(MuonScale s, int64_t m, int64_t n);
 
 }  // namespace mdopt::kernels
 
-#endif  // MDOPT_KERNELS_CPU_UPDATE_RULE_H_
+#endif  // MDOPT_KERNELS_COMMON_UPDATE_RULE_H_

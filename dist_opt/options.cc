@@ -1,0 +1,109 @@
+#include "dist_opt/options.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "dist_opt/key_values.h"
+#include "kernels/cpu/newton_schulz_bf16.h"
+
+namespace mdopt {
+
+absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options) {
+  absl::StatusOr<std::vector<KeyValue>> pairs = SplitKeyValues(options, "option");
+  if (!pairs.ok()) return pairs.status();
+  OptimizerOptions o;
+  for (const auto& [key, value] : *pairs) {
+    if (key == "device") {
+      if (value == "cpu") continue;
+      int device;
+      absl::string_view ordinal = value;
+      if (absl::ConsumePrefix(&ordinal, "cuda:") && absl::SimpleAtoi(ordinal, &device) &&
+          device >= 0) {
+        return absl::UnimplementedError(absl::StrCat(
+            "option device=cuda:", device, ": this build of mdopt has no CUDA backend"));
+      }
+      return absl::InvalidArgumentError(
+          absl::StrCat("option 'device': bad value '", value, "' (cpu or cuda:K)"));
+    } else if (key == "threads") {
+      if (!absl::SimpleAtoi(value, &o.threads) || o.threads < 1 || o.threads > 4096) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option 'threads': bad value '", value, "' (an integer in [1, 4096])"));
+      }
+    } else if (key == "kernels") {
+      if (value == "fast") {
+        o.kernels = OptimizerOptions::Kernels::kFast;
+      } else if (value == "reference") {
+        o.kernels = OptimizerOptions::Kernels::kReference;
+      } else {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option 'kernels': bad value '", value, "' (fast or reference)"));
+      }
+    } else if (key == "ns_dtype") {
+      if (value == "f32") {
+        o.ns_bf16 = false;
+      } else if (value == "bf16") {
+        if (!kernels::fast::Bf16NewtonSchulz::Available()) {
+#ifdef MDOPT_BUILT_WITH_DNNL
+          return absl::UnimplementedError(
+              "option ns_dtype=bf16: this CPU has no bf16 matmul (needs AVX512_BF16 or AMX)");
+#else
+          return absl::UnimplementedError(
+              "option ns_dtype=bf16: this build has no oneDNN (install libdnnl-dev and rebuild)");
+#endif
+        }
+        o.ns_bf16 = true;
+      } else {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option 'ns_dtype': bad value '", value, "' (f32 or bf16)"));
+      }
+    } else if (key == "ns_comm_dtype") {
+      if (value != "f32" && value != "bf16") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option 'ns_comm_dtype': bad value '", value, "' (f32 or bf16)"));
+      }
+      o.ns_comm_bf16 = value == "bf16";
+    } else if (key == "grads") {
+      if (value != "local" && value != "reduced") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option 'grads': bad value '", value, "' (local or reduced)"));
+      }
+      o.grads_reduced = value == "reduced";
+    } else if (key == "gather") {
+      if (value != "eager" && value != "deferred") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option 'gather': bad value '", value, "' (eager or deferred)"));
+      }
+      o.gather_deferred = value == "deferred";
+    } else if (key == "bucket_mb") {
+      double mb = 0;
+      if (!absl::SimpleAtod(value, &mb) || !(mb > 0) || mb > 1e6) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option 'bucket_mb': bad value '", value, "' (a number in (0, 1e6])"));
+      }
+      o.bucket_bytes = std::max<int64_t>(1, static_cast<int64_t>(mb * (1 << 20)));
+    } else if (key == "comm_timeout_s") {
+      if (!absl::SimpleAtod(value, &o.comm_timeout_s) || !(o.comm_timeout_s > 0) ||
+          o.comm_timeout_s > 1e7) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "option 'comm_timeout_s': bad value '", value, "' (seconds, in (0, 1e7])"));
+      }
+    } else if (key == "update_norms") {
+      if (value != "0" && value != "1") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option 'update_norms': bad value '", value, "' (0 or 1)"));
+      }
+      o.update_norms = value == "1";
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "option '", key, "' is unknown (known: device, threads, kernels, ns_dtype, "
+          "ns_comm_dtype, grads, gather, bucket_mb, comm_timeout_s, update_norms)"));
+    }
+  }
+  return o;
+}
+
+}  // namespace mdopt

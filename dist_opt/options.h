@@ -1,0 +1,35 @@
+// The optimizer's options string ("device=cpu threads=2 kernels=fast ..."), parsed apart from
+// the optimizer's life cycle: what each key means is documented in docs/ABI.md (mdopt_create).
+#ifndef MDOPT_DIST_OPT_OPTIONS_H_
+#define MDOPT_DIST_OPT_OPTIONS_H_
+
+#include <cstdint>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace mdopt {
+
+struct OptimizerOptions {
+  enum class Kernels { kFast, kReference };
+  Kernels kernels = Kernels::kFast;
+  int threads = 0;           // 0: leave OpenMP's default
+  bool ns_bf16 = false;      // ns_dtype=bf16: Newton-Schulz products in bf16 (fast engine)
+  bool ns_comm_bf16 = false; // ns_comm_dtype=bf16: the NS gather/scatter moves bf16
+  bool grads_reduced = false;   // grads=reduced (default grads=local)
+  bool gather_deferred = false; // gather=deferred (default eager)
+  int64_t bucket_bytes = int64_t{16} << 20;  // bucket_mb=
+  double comm_timeout_s = 600;  // comm_timeout_s=
+  bool update_norms = false;    // update_norms=1
+};
+
+// Keys: device, threads, kernels, ns_dtype, ns_comm_dtype, grads, gather, bucket_mb,
+// comm_timeout_s, update_norms; each at most once, every key optional. InvalidArgument for
+// malformed text (key_values.h), an unknown key or a bad value, naming the key;
+// Unimplemented for a valid request this build or CPU cannot serve: device=cuda:K (no CUDA
+// backend), ns_dtype=bf16 without oneDNN or without a bf16 matmul on this CPU.
+absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options);
+
+}  // namespace mdopt
+
+#endif  // MDOPT_DIST_OPT_OPTIONS_H_
