@@ -63,23 +63,25 @@ for t in cuda_fused_passes_test cuda_newton_schulz_test nccl_comm_test; do
     continue
   fi
   start=$(date +%s)
-  timeout 300 "$bin/$t" --gtest_color=no >>"$out/tests.log" 2>&1
+  timeout 300 "$bin/$t" --gtest_color=no >"$out/$t.part" 2>&1
   rc=$?
   secs=$(( $(date +%s) - start ))
-  passed=$(grep -c '^\[       OK \]' "$out/tests.log" || true)
-  failed=$(grep -E '^\[  FAILED  \] [A-Za-z]' "$out/tests.log" | grep -v 'listed below' | sort -u | wc -l)
-  skipped=$(grep -c '^\[  SKIPPED \]' "$out/tests.log" || true)
-  say "- $t: exit $rc in ${secs}s (log totals so far: $passed passed, $failed failed, $skipped skipped)"
+  cat "$out/$t.part" >>"$out/tests.log"
+  passed=$(grep -c '^\[       OK \] ' "$out/$t.part" || true)
+  failed=$(grep -E '^\[  FAILED  \] [A-Za-z].* \([0-9]+ ms\)$' "$out/$t.part" | wc -l)
+  skipped=$(grep -E '^\[  SKIPPED \] [A-Za-z].* \([0-9]+ ms\)$' "$out/$t.part" | wc -l)
+  rm -f "$out/$t.part"
+  say "- $t: exit $rc in ${secs}s: $passed passed, $failed failed, $skipped skipped"
   [ "$rc" -ne 0 ] && status=1
 done
-if grep -q '^\[  SKIPPED \]' "$out/tests.log"; then
+if grep -qE '^\[  SKIPPED \] [A-Za-z].* \([0-9]+ ms\)$' "$out/tests.log"; then
   say "- SKIPPED tests on a GPU machine (a failure of this check):"
-  grep '^\[  SKIPPED \]' "$out/tests.log" | sort -u | head -20 | sed 's/^/    /' | tee -a "$summary"
+  grep -E -B1 '^\[  SKIPPED \] [A-Za-z].* \([0-9]+ ms\)$' "$out/tests.log" | head -20 | sed 's/^/    /' | tee -a "$summary"
   status=1
 fi
 if grep -q '^\[  FAILED  \]' "$out/tests.log"; then
   say "- failures:"
-  grep -E '^\[  FAILED  \] [A-Za-z]' "$out/tests.log" | sort -u | head -40 | sed 's/^/    /' | tee -a "$summary"
+  grep -E '^\[  FAILED  \] [A-Za-z].* \([0-9]+ ms\)$' "$out/tests.log" | head -40 | sed 's/^/    /' | tee -a "$summary"
   grep -B2 -A6 'Failure$' "$out/tests.log" | head -120 >>"$summary"
 fi
 say ""
