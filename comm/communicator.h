@@ -96,7 +96,7 @@ class Communicator {
 
   virtual int rank() const = 0;
   virtual int size() const = 0;
-  virtual std::string backend() const = 0;  // "local", "mpi"
+  virtual std::string backend() const = 0;  // "local", "mpi", "nccl"
   // How operations make progress: "immediate" (local), "thread" (a progress thread owns
   // the transport) or "caller" (progress happens inside Wait and Test).
   virtual std::string progress_mode() const = 0;
@@ -157,6 +157,22 @@ bool MpiBackendBuilt();
 // provides MPI_THREAD_MULTIPLE, else "caller" (see comm/mpi_engine.h). Unimplemented when
 // the build has no MPI.
 absl::StatusOr<std::unique_ptr<Communicator>> MakeMpiCommunicator(void* mpi_comm_or_null);
+
+// Whether this build has the NCCL backend (CUDA and NCCL found at configure time).
+bool NcclBackendBuilt();
+
+// The bytes of an ncclUniqueId: rank 0 makes one and every rank passes it to
+// MakeNcclCommunicator (out of band: MPI, a file, the launcher's store).
+inline constexpr int kNcclIdBytes = 128;
+absl::Status NcclUniqueId(char id[kNcclIdBytes]);
+
+// One rank of an NCCL communicator on CUDA device `device`, created non-blocking: past
+// `timeout` (a peer that never joins) it is aborted and this returns DeadlineExceeded.
+// Device memory only; progress mode "caller" (Wait and Test poll its CUDA event and the
+// communicator's asynchronous error). Unimplemented when the build has no NCCL.
+absl::StatusOr<std::unique_ptr<Communicator>> MakeNcclCommunicator(const char* id, int size,
+                                                                   int rank, int device,
+                                                                   absl::Duration timeout);
 
 // Blocking conveniences: start, then Wait.
 absl::Status AllReduceSum(Communicator& c, absl::Span<double> data);       // in place

@@ -284,6 +284,28 @@ mdopt_status mdopt_comm_create_callbacks(const mdopt_comm_callbacks* cb, mdopt_c
   });
 }
 
+mdopt_status mdopt_comm_nccl_unique_id(char id[MDOPT_NCCL_UNIQUE_ID_BYTES]) {
+  return Guard("mdopt_comm_nccl_unique_id", [&] {
+    if (id == nullptr) return NullArgument("mdopt_comm_nccl_unique_id", "id");
+    static_assert(MDOPT_NCCL_UNIQUE_ID_BYTES == mdopt::kNcclIdBytes, "ncclUniqueId size");
+    if (absl::Status s = mdopt::NcclUniqueId(id); !s.ok()) return Report(s);
+    return MDOPT_SUCCESS;
+  });
+}
+
+mdopt_status mdopt_comm_create_nccl(const char* id, int size, int rank, int device,
+                                    mdopt_comm** out) {
+  return Guard("mdopt_comm_create_nccl", [&] {
+    if (out == nullptr) return NullArgument("mdopt_comm_create_nccl", "out");
+    if (id == nullptr) return NullArgument("mdopt_comm_create_nccl", "id");
+    absl::StatusOr<std::unique_ptr<mdopt::Communicator>> c =
+        mdopt::MakeNcclCommunicator(id, size, rank, device, absl::Seconds(600));
+    if (!c.ok()) return Report(c.status());
+    *out = new mdopt_comm{*std::move(c)};
+    return MDOPT_SUCCESS;
+  });
+}
+
 mdopt_status mdopt_comm_rank(const mdopt_comm* comm, int* rank) {
   return Guard("mdopt_comm_rank", [&] {
     if (comm == nullptr) return NullArgument("mdopt_comm_rank", "comm");

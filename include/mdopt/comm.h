@@ -135,6 +135,17 @@ static inline mdopt_comm_callbacks mdopt_comm_callbacks_init(void) {
 MDOPT_API mdopt_status mdopt_comm_create_callbacks(const mdopt_comm_callbacks* cb,
                                                    mdopt_comm** out);
 
+/* NCCL: rank 0 calls mdopt_comm_nccl_unique_id and hands the 128 bytes to every rank (out of
+ * band: MPI, a file, the launcher's store); each rank then calls mdopt_comm_create_nccl with
+ * its rank and CUDA device. Creation is non-blocking inside: if the ranks have not all
+ * joined within 600 s (the default comm_timeout_s) the NCCL communicator is aborted and the
+ * call returns MDOPT_COMM_ERROR. Its collectives take device memory only. Both return
+ * MDOPT_UNSUPPORTED in a build without CUDA and NCCL. */
+#define MDOPT_NCCL_UNIQUE_ID_BYTES 128
+MDOPT_API mdopt_status mdopt_comm_nccl_unique_id(char id[MDOPT_NCCL_UNIQUE_ID_BYTES]);
+MDOPT_API mdopt_status mdopt_comm_create_nccl(const char* id, int size, int rank, int device,
+                                              mdopt_comm** out);
+
 MDOPT_API mdopt_status mdopt_comm_rank(const mdopt_comm* comm, int* rank);
 MDOPT_API mdopt_status mdopt_comm_size(const mdopt_comm* comm, int* size);
 

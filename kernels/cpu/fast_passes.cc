@@ -7,6 +7,7 @@
 
 #include "kernels/common/bf16.h"
 #include "kernels/common/gain_param.h"
+#include "kernels/common/md_elementwise.h"
 #include "kernels/common/row_ranges.h"
 #include "kernels/cpu/fast_matrix.h"
 
@@ -63,11 +64,9 @@ GainValues CurrentGains(const UpdateRule& r, const MatrixView& v, Scratch* sc) {
   float* inv_col = Use(&sc->inv_col, v.n, 1.0f);
   GainValues g{row, col, inv_col, 1.0};
   if (HasRowGains(r.gains))
-    for (int64_t i = 0; i < v.rows; ++i)
-      row[i] = static_cast<float>(GainValue<double>(r.gain_param, v.row.raw[i]));
+    for (int64_t i = 0; i < v.rows; ++i) row[i] = md::EffectiveGain(r.gain_param, v.row.raw[i]);
   if (HasColGains(r.gains))
-    for (int64_t j = 0; j < v.n; ++j)
-      col[j] = static_cast<float>(GainValue<double>(r.gain_param, v.col.raw[j]));
+    for (int64_t j = 0; j < v.n; ++j) col[j] = md::EffectiveGain(r.gain_param, v.col.raw[j]);
   if (HasScalarGain(r.gains)) g.scalar = GainValue<double>(r.gain_param, v.scalar.raw[0]);
   for (int64_t j = 0; j < v.n; ++j) inv_col[j] = 1.0f / col[j];
   return g;
@@ -230,22 +229,22 @@ void RadialDots(const UpdateRule& r, const MatrixView& v, Partials* p, Scratch* 
     for (int64_t i = rr.begin(k); i < rr.end(k); ++i) {
       const float* g = GradRow(v, i, gbuf);
       const float* w = v.w + i * n;
-      const float inv_row = static_cast<float>(1.0 / (gv.scalar * gv.row[i]));
+      const float inv_row = md::InverseRowScale(gv.scalar * gv.row[i]);
       const float sr = static_cast<float>(gv.scalar * gv.row[i]);
       if (r.sphere == Sphere::kCol) {
         double* cd = col_dot.Range(k);
         double* cdd = col_dd.Range(k);
         for (int64_t j = 0; j < n; ++j) {
-          const float d = w[j] * inv_row * gv.inv_col[j];
-          const float gd = g[j] * sr * gv.col[j];
+          const float d = md::Direction(w[j], inv_row, gv.inv_col[j]);
+          const float gd = md::DirectionGrad(g[j], sr, gv.col[j]);
           cd[j] += static_cast<double>(gd) * d;
           cdd[j] += static_cast<double>(d) * d;
         }
       } else {
         double dot = 0.0, dd = 0.0;
         for (int64_t j = 0; j < n; ++j) {
-          const float d = w[j] * inv_row * gv.inv_col[j];
-          const float gd = g[j] * sr * gv.col[j];
+          const float d = md::Direction(w[j], inv_row, gv.inv_col[j]);
+          const float gd = md::DirectionGrad(g[j], sr, gv.col[j]);
           dot += static_cast<double>(gd) * d;
           dd += static_cast<double>(d) * d;
         }
@@ -286,7 +285,7 @@ void GainGradRow(const float* __restrict w, const float* __restrict g,
   if (col_acc != nullptr) {
 #pragma omp simd reduction(+ : ar, as)
     for (int64_t j = 0; j < n; ++j) {
-      const float dg = w[j] * inv_row * inv_col[j] * g[j];
+      const float dg = md::GainGradTerm(w[j], inv_row, inv_col[j], g[j]);
       ar += static_cast<double>(dg * col[j]);
       as += static_cast<double>(dg);
       col_acc[j] += static_cast<double>(dg * row_gain);
@@ -294,7 +293,7 @@ void GainGradRow(const float* __restrict w, const float* __restrict g,
   } else {
 #pragma omp simd reduction(+ : ar, as)
     for (int64_t j = 0; j < n; ++j) {
-      const float dg = w[j] * inv_row * inv_col[j] * g[j];
+      const float dg = md::GainGradTerm(w[j], inv_row, inv_col[j], g[j]);
       ar += static_cast<double>(dg * col[j]);
       as += static_cast<double>(dg);
     }
@@ -311,10 +310,11 @@ void DirectionGradRow(const float* __restrict w, const float* __restrict g,
   if (coef_col != nullptr) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j)
-      gd[j] = g[j] * row_scale * col[j] - coef_row * coef_col[j] * (w[j] * inv_row * inv_col[j]);
+      gd[j] = md::TangentDirectionGrad(g[j], row_scale, col[j], coef_row, coef_col[j],
+                                       md::Direction(w[j], inv_row, inv_col[j]));
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) gd[j] = g[j] * row_scale * col[j];
+    for (int64_t j = 0; j < n; ++j) gd[j] = md::DirectionGrad(g[j], row_scale, col[j]);
   }
 }
 
@@ -324,23 +324,21 @@ void MuonRow(const float* __restrict gd, float mu, bool nesterov, int64_t n,
   if (nesterov) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const float b = mu * buf[j] + gd[j];
+      const float b = md::MuonMomentum(mu, buf[j], gd[j]);
       buf[j] = b;
-      x[j] = gd[j] + mu * b;
+      x[j] = md::MuonInput(true, mu, b, gd[j]);
     }
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const float b = mu * buf[j] + gd[j];
+      const float b = md::MuonMomentum(mu, buf[j], gd[j]);
       buf[j] = b;
-      x[j] = b;
+      x[j] = md::MuonInput(false, mu, b, gd[j]);
     }
   }
 }
 
-struct AdamScalars {
-  float b1, b2, omb1, omb2, ibc1, ibc2, eps, lr, wdf;
-};
+using md::AdamScalars;
 
 // Adam moments and D' = D (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps), written over w.
 void AdamRow(const float* __restrict gd, const float* __restrict inv_col, float inv_row,
@@ -348,12 +346,12 @@ void AdamRow(const float* __restrict gd, const float* __restrict inv_col, float 
              float* __restrict w) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const float d = w[j] * inv_row * inv_col[j];
-    const float m = a.b1 * m1[j] + a.omb1 * gd[j];
-    const float q = a.b2 * m2[j] + a.omb2 * gd[j] * gd[j];
+    const float d = md::Direction(w[j], inv_row, inv_col[j]);
+    const float m = md::AdamFirstMoment(a, m1[j], gd[j]);
+    const float q = md::AdamSecondMoment(a, m2[j], gd[j]);
     m1[j] = m;
     m2[j] = q;
-    w[j] = d * a.wdf - a.lr * (m * a.ibc1) / (std::sqrt(q * a.ibc2) + a.eps);
+    w[j] = md::AdamApply(a, d, m, q);
   }
 }
 
@@ -376,29 +374,19 @@ void Pass1(const UpdateRule& r, const MatrixView& v, const StepScalars& s, float
   float* col_coef = nullptr;
   if (tangent) {
     col_coef = Use(&sc->col_aux, n, 1.0f);
-    auto ratio = [](double dot, double dd) { return dd > 0.0 ? dot / dd : 0.0; };
     if (r.sphere == Sphere::kFrobenius)
       std::fill(col_coef, col_coef + n,
-                static_cast<float>(ratio(p->radial_dot[0], p->radial_dd[0])));
+                static_cast<float>(md::RadialRatio(p->radial_dot[0], p->radial_dd[0])));
     if (r.sphere == Sphere::kCol)
       for (int64_t j = 0; j < n; ++j)
-        col_coef[j] = static_cast<float>(ratio(p->radial_dot[j], p->radial_dd[j]));
+        col_coef[j] = static_cast<float>(md::RadialRatio(p->radial_dot[j], p->radial_dd[j]));
   }
   auto row_coef = [&](int64_t i) -> float {
     if (r.sphere != Sphere::kRow) return 1.0f;
-    return p->radial_dd[i] > 0.0 ? static_cast<float>(p->radial_dot[i] / p->radial_dd[i]) : 0.0f;
+    return static_cast<float>(md::RadialRatio(p->radial_dot[i], p->radial_dd[i]));
   };
 
-  AdamScalars a;
-  a.b1 = static_cast<float>(r.beta1);
-  a.b2 = static_cast<float>(r.beta2);
-  a.omb1 = static_cast<float>(1.0 - r.beta1);
-  a.omb2 = static_cast<float>(1.0 - r.beta2);
-  a.ibc1 = static_cast<float>(1.0 / (1.0 - std::pow(r.beta1, static_cast<double>(s.t))));
-  a.ibc2 = static_cast<float>(1.0 / (1.0 - std::pow(r.beta2, static_cast<double>(s.t))));
-  a.eps = static_cast<float>(r.eps);
-  a.lr = static_cast<float>(s.lr);
-  a.wdf = static_cast<float>(1.0 - s.lr * r.weight_decay);
+  const AdamScalars a = md::MakeAdamScalars(r, s.lr, s.t);
   const float mu = static_cast<float>(r.momentum);
 
   ColumnPartials col_grad;
@@ -418,7 +406,7 @@ void Pass1(const UpdateRule& r, const MatrixView& v, const StepScalars& s, float
       const float* g = GradRow(v, i, gbuf);
       float* w = v.w + i * n;
       const double row_scale = gv.scalar * gv.row[i];  // W_ij = D_ij * row_scale * col_j
-      const float inv_row = static_cast<float>(1.0 / row_scale);
+      const float inv_row = md::InverseRowScale(row_scale);
       if (gain_grads) {
         double acc_row = 0.0, acc_scalar = 0.0;
         GainGradRow(w, g, gv.inv_col, gv.col, inv_row,
@@ -462,11 +450,9 @@ void Pass2(const UpdateRule& r, const MatrixView& v, const StepScalars& s, const
     for (int64_t i = rr.begin(k); i < rr.end(k); ++i) {
       float* w = v.w + i * n;
       const float* orow = o + i * n;
-      const float inv_row = static_cast<float>(1.0 / (gv.scalar * gv.row[i]));
-      for (int64_t j = 0; j < n; ++j) {
-        const float d = w[j] * inv_row * gv.inv_col[j];
-        w[j] = d * wdf - step * orow[j];
-      }
+      const float inv_row = md::InverseRowScale(gv.scalar * gv.row[i]);
+      for (int64_t j = 0; j < n; ++j)
+        w[j] = md::MuonApply(md::Direction(w[j], inv_row, gv.inv_col[j]), wdf, step, orow[j]);
       if (direct) {
         StoreModelRow(v, i);
       } else {
@@ -481,17 +467,10 @@ namespace {
 
 void GainAdam(const UpdateRule& r, const StepScalars& s, const double* grad_gamma, int64_t count,
               const GainRefs& g) {
-  const double bc1 = 1.0 - std::pow(r.beta1, static_cast<double>(s.t));
-  const double bc2 = 1.0 - std::pow(r.beta2, static_cast<double>(s.t));
-  for (int64_t k = 0; k < count; ++k) {
-    const double raw = g.raw[k];
-    const double grad = grad_gamma[k] * GainDerivative<double>(r.gain_param, raw);
-    const double a = r.beta1 * g.exp_avg[k] + (1.0 - r.beta1) * grad;
-    const double q = r.beta2 * g.exp_avg_sq[k] + (1.0 - r.beta2) * grad * grad;
-    g.exp_avg[k] = static_cast<float>(a);
-    g.exp_avg_sq[k] = static_cast<float>(q);
-    g.raw[k] = static_cast<float>(raw - s.gain_lr * (a / bc1) / (std::sqrt(q / bc2) + r.eps));
-  }
+  const md::GainAdamScalars gs = md::MakeGainAdamScalars(r, s.gain_lr, s.t);
+  for (int64_t k = 0; k < count; ++k)
+    md::GainAdamElement(r.gain_param, gs, grad_gamma[k], g.raw + k, g.exp_avg + k,
+                        g.exp_avg_sq + k);
 }
 
 }  // namespace
@@ -508,14 +487,14 @@ void Finish(const UpdateRule& r, const MatrixView& v, const Partials& p, Scratch
   const int64_t n = v.n;
   if (Direct(r)) return;  // Pass1/Pass2 wrote W and the model copy already
   const GainValues gv = CurrentGains(r, v, sc);  // the new gains
-  auto factor = [](double radius, double sq) { return sq > 0.0 ? radius / std::sqrt(sq) : 0.0; };
   // W_ij = D'_ij * row_mult[i] * col_mult[j]
   float* col_mult = Use(&sc->col_aux, n, 0.0f);
   std::copy(gv.col, gv.col + n, col_mult);
   if (r.sphere == Sphere::kCol)
     for (int64_t j = 0; j < n; ++j)
-      col_mult[j] = static_cast<float>(gv.col[j] * factor(v.radius[j], p.slice_sq[j]));
-  const double frob = r.sphere == Sphere::kFrobenius ? factor(v.radius[0], p.slice_sq[0]) : 1.0;
+      col_mult[j] = static_cast<float>(gv.col[j] * md::ProjectionFactor(v.radius[j], p.slice_sq[j]));
+  const double frob =
+      r.sphere == Sphere::kFrobenius ? md::ProjectionFactor(v.radius[0], p.slice_sq[0]) : 1.0;
   // Element-wise, so any order gives the same bits. Each thread walks the ranges Pass1 or
   // Pass2 gave it (schedule(static), forwards) backwards: the rows of D' written last are
   // the ones still in cache, and on a matrix larger than the cache a forward walk would
@@ -527,10 +506,10 @@ void Finish(const UpdateRule& r, const MatrixView& v, const Partials& p, Scratch
     for (int64_t k = hi - 1; k >= lo; --k) {
       for (int64_t i = rr.end(k) - 1; i >= rr.begin(k); --i) {
         double rm = gv.scalar * gv.row[i] * frob;
-        if (r.sphere == Sphere::kRow) rm *= factor(v.radius[i], p.slice_sq[i]);
+        if (r.sphere == Sphere::kRow) rm *= md::ProjectionFactor(v.radius[i], p.slice_sq[i]);
         const float rowm = static_cast<float>(rm);
         float* w = v.w + i * n;
-        for (int64_t j = 0; j < n; ++j) w[j] = w[j] * rowm * col_mult[j];
+        for (int64_t j = 0; j < n; ++j) w[j] = md::Rescale(w[j], rowm, col_mult[j]);
         StoreModelRow(v, i);
       }
     }

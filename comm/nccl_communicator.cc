@@ -1,0 +1,429 @@
+// The NCCL backend: every operation is one NCCL call, or one NCCL group, queued on the
+// caller's stream (StreamSlot) or the communicator's own, followed by a CUDA event. The
+// request is done when its event has completed; Wait polls the event and the communicator's
+// asynchronous error (ncclCommGetAsyncError) from the calling thread (progress mode
+// "caller"). A timeout, an NCCL error or Abort() aborts the NCCL communicator
+// (ncclCommAbort) so that no kernel of it keeps a GPU spinning on a dead peer.
+//
+// The communicator is created non-blocking (ncclConfig_t.blocking = 0): creation itself
+// polls ncclCommGetAsyncError up to the timeout and aborts past it, so a peer that never
+// joins does not hang the others.
+//
+// Device memory only (MemorySpace::kDevice); NCCL cannot reduce host buffers. Counts that
+// differ per rank (the -v collectives) become a group of ncclReduce / ncclBroadcast calls,
+// one per rank. Point-to-point ops match in issue order per peer: NCCL has no tags, so two
+// tags in flight to the same peer must be issued in the same order on both sides.
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "comm/arg_checks.h"
+#include "comm/communicator.h"
+#include "comm/op_tracker.h"
+#include "comm/traffic.h"
+
+namespace mdopt {
+namespace {
+
+absl::Status NcclError(absl::string_view what, ncclResult_t r, ncclComm_t comm) {
+  std::string last;
+  if (comm != nullptr) {
+    const char* l = ncclGetLastError(comm);
+    if (l != nullptr && *l != '\0') last = absl::StrCat(": ", l);
+  }
+  return absl::UnavailableError(absl::StrCat(what, ": ", ncclGetErrorString(r), last));
+}
+
+absl::Status CudaError(absl::string_view what, cudaError_t e) {
+  return absl::UnavailableError(
+      absl::StrCat(what, ": ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")"));
+}
+
+ncclDataType_t ToNccl(DataType d) {
+  switch (d) {
+    case DataType::kF32: return ncclFloat32;
+    case DataType::kBf16: return ncclBfloat16;
+    case DataType::kF64: return ncclFloat64;
+    case DataType::kBytes: return ncclUint8;
+  }
+  return ncclUint8;
+}
+
+ncclRedOp_t ToNccl(ReduceOp op) { return op == ReduceOp::kMean ? ncclAvg : ncclSum; }
+
+// Shared by the communicator and its requests (which may outlive it).
+struct NcclShared {
+  ncclComm_t comm = nullptr;
+  int device = 0;
+  std::shared_ptr<OpTracker> tracker;
+  std::atomic<bool> aborted{false};
+
+  // Aborts the NCCL communicator once; later calls do nothing.
+  void AbortNccl() {
+    bool expected = false;
+    if (aborted.compare_exchange_strong(expected, true) && comm != nullptr) ncclCommAbort(comm);
+  }
+
+  // OK while the communicator has no asynchronous error (ncclInProgress counts as none).
+  absl::Status AsyncError() {
+    if (aborted.load()) return absl::AbortedError("NCCL communicator aborted");
+    ncclResult_t async = ncclSuccess;
+    const ncclResult_t r = ncclCommGetAsyncError(comm, &async);
+    if (r != ncclSuccess) return NcclError("ncclCommGetAsyncError", r, comm);
+    if (async != ncclSuccess && async != ncclInProgress)
+      return NcclError("NCCL asynchronous error", async, comm);
+    return absl::OkStatus();
+  }
+
+  ~NcclShared() {
+    if (comm == nullptr) return;
+    if (aborted.load()) return;  // ncclCommAbort freed it
+    // Non-blocking: finalising may be in progress for a while; bounded by the timeout, past
+    // which the communicator is aborted instead of destroyed.
+    ncclResult_t r = ncclCommFinalize(comm);
+    const absl::Time deadline = absl::Now() + tracker->timeout();
+    while (r == ncclInProgress && absl::Now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      if (ncclCommGetAsyncError(comm, &r) != ncclSuccess) break;
+    }
+    if (r == ncclSuccess) {
+      ncclCommDestroy(comm);
+    } else {
+      ncclCommAbort(comm);
+    }
+  }
+};
+
+class NcclRequest final : public Request {
+ public:
+  NcclRequest(std::shared_ptr<NcclShared> shared, std::shared_ptr<OpState> op, cudaEvent_t ev)
+      : shared_(std::move(shared)), op_(std::move(op)), event_(ev) {}
+  ~NcclRequest() override {
+    if (event_ != nullptr) cudaEventDestroy(event_);
+  }
+
+  absl::Status Wait() override {
+    absl::Status s = shared_->tracker->Wait(op_, [this] { Poll(); });
+    if (!s.ok()) shared_->AbortNccl();  // a timeout or error: stop NCCL's kernels
+    return s;
+  }
+
+  absl::StatusOr<bool> Test() override {
+    if (!op_->done()) Poll();
+    if (!op_->done()) return false;
+    if (absl::Status s = op_->status(); !s.ok()) return s;
+    return true;
+  }
+
+ private:
+  // One look at the event and the communicator's error state.
+  void Poll() {
+    if (op_->done()) return;
+    const cudaError_t e = cudaEventQuery(event_);
+    if (e == cudaSuccess) {
+      shared_->tracker->Complete(*op_, absl::OkStatus());
+      return;
+    }
+    if (e != cudaErrorNotReady) {
+      const absl::Status s = CudaError("cudaEventQuery", e);
+      shared_->tracker->Break(s);
+      shared_->AbortNccl();
+      return;
+    }
+    if (absl::Status s = shared_->AsyncError(); !s.ok()) {
+      shared_->tracker->Break(s);
+      shared_->AbortNccl();
+      return;
+    }
+    std::this_thread::yield();
+  }
+
+  std::shared_ptr<NcclShared> shared_;
+  std::shared_ptr<OpState> op_;
+  cudaEvent_t event_;
+};
+
+class NcclCommunicator final : public Communicator {
+ public:
+  NcclCommunicator(std::shared_ptr<NcclShared> shared, int rank, int size, cudaStream_t stream,
+                   void* scratch)
+      : shared_(std::move(shared)), rank_(rank), size_(size), stream_(stream), scratch_(scratch),
+        shape_{rank, size, "nccl", true} {}
+  ~NcclCommunicator() override {
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    if (scratch_ != nullptr) cudaFree(scratch_);
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string backend() const override { return "nccl"; }
+  std::string progress_mode() const override { return "caller"; }
+  void SetTimeout(absl::Duration timeout) override { shared_->tracker->SetTimeout(timeout); }
+
+  absl::StatusOr<RequestPtr> ReduceScatter(const void* send, void* recv,
+                                           absl::Span<const int64_t> counts, DataType dtype,
+                                           ReduceOp op, MemorySpace space,
+                                           StreamSlot stream) override {
+    int64_t total = 0;
+    if (absl::Status s = CheckReduceScatter(shape_, send, recv, counts, dtype, op, space, &total);
+        !s.ok())
+      return s;
+    if (absl::Status s = DeviceOnly("reduce-scatter", space); !s.ok()) return s;
+    const std::vector<int64_t> c(counts.begin(), counts.end());
+    const size_t es = ElementSize(dtype);
+    return Issue("reduce-scatter", ScatterGatherTraffic(counts, rank_, dtype), stream,
+                 [&, c](cudaStream_t st) -> ncclResult_t {
+                   if (AllEqual(c))
+                     return ncclReduceScatter(send, recv, static_cast<size_t>(c[0]), ToNccl(dtype),
+                                              ToNccl(op), shared_->comm, st);
+                   ncclResult_t r = ncclGroupStart();
+                   int64_t off = 0;
+                   for (int p = 0; p < size_ && r == ncclSuccess; ++p) {
+                     r = ncclReduce(static_cast<const char*>(send) + off * es,
+                                    p == rank_ ? recv : nullptr, static_cast<size_t>(c[p]),
+                                    ToNccl(dtype), ToNccl(op), p, shared_->comm, st);
+                     off += c[p];
+                   }
+                   const ncclResult_t e = ncclGroupEnd();
+                   return r != ncclSuccess ? r : e;
+                 });
+  }
+
+  absl::StatusOr<RequestPtr> AllGather(const void* send, void* recv,
+                                       absl::Span<const int64_t> counts, DataType dtype,
+                                       MemorySpace space, StreamSlot stream) override {
+    int64_t total = 0;
+    if (absl::Status s = CheckAllGather(shape_, send, recv, counts, dtype, space, &total); !s.ok())
+      return s;
+    if (absl::Status s = DeviceOnly("all-gather", space); !s.ok()) return s;
+    const std::vector<int64_t> c(counts.begin(), counts.end());
+    const size_t es = ElementSize(dtype);
+    int64_t mine = 0;
+    for (int p = 0; p < rank_; ++p) mine += c[p];
+    const void* src = send != nullptr ? send : static_cast<const char*>(recv) + mine * es;
+    return Issue("all-gather", ScatterGatherTraffic(counts, rank_, dtype), stream,
+                 [&, c, src](cudaStream_t st) -> ncclResult_t {
+                   if (AllEqual(c))
+                     return ncclAllGather(src, recv, static_cast<size_t>(c[0]), ToNccl(dtype),
+                                          shared_->comm, st);
+                   ncclResult_t r = ncclGroupStart();
+                   int64_t off = 0;
+                   for (int p = 0; p < size_ && r == ncclSuccess; ++p) {
+                     r = ncclBroadcast(p == rank_ ? src : nullptr,
+                                       static_cast<char*>(recv) + off * es,
+                                       static_cast<size_t>(c[p]), ToNccl(dtype), p, shared_->comm,
+                                       st);
+                     off += c[p];
+                   }
+                   const ncclResult_t e = ncclGroupEnd();
+                   return r != ncclSuccess ? r : e;
+                 });
+  }
+
+  absl::StatusOr<RequestPtr> AllReduce(const void* send, void* recv, int64_t count,
+                                       DataType dtype, ReduceOp op, MemorySpace space,
+                                       StreamSlot stream) override {
+    if (absl::Status s = CheckAllReduce(shape_, send, recv, count, dtype, op, space); !s.ok())
+      return s;
+    if (absl::Status s = DeviceOnly("all-reduce", space); !s.ok()) return s;
+    return Issue("all-reduce", AllReduceTraffic(count, size_, dtype), stream,
+                 [&](cudaStream_t st) {
+                   return ncclAllReduce(send, recv, static_cast<size_t>(count), ToNccl(dtype),
+                                        ToNccl(op), shared_->comm, st);
+                 });
+  }
+
+  absl::StatusOr<RequestPtr> Broadcast(void* data, int64_t count, DataType dtype, int root,
+                                       MemorySpace space, StreamSlot stream) override {
+    if (absl::Status s = CheckBroadcast(shape_, data, count, dtype, root, space); !s.ok()) return s;
+    if (absl::Status s = DeviceOnly("broadcast", space); !s.ok()) return s;
+    return Issue("broadcast", BroadcastTraffic(count, dtype, root, rank_), stream,
+                 [&](cudaStream_t st) {
+                   return ncclBroadcast(data, data, static_cast<size_t>(count), ToNccl(dtype),
+                                        root, shared_->comm, st);
+                 });
+  }
+
+  absl::StatusOr<RequestPtr> SendRecv(absl::Span<const P2P> ops, int tag, MemorySpace space,
+                                      StreamSlot stream) override {
+    if (absl::Status s = CheckSendRecv(shape_, ops, tag, space); !s.ok()) return s;
+    if (absl::Status s = DeviceOnly("send/recv", space); !s.ok()) return s;
+    const std::vector<P2P> list(ops.begin(), ops.end());
+    return Issue("send/recv", SendRecvTraffic(ops, rank_), stream,
+                 [&, list](cudaStream_t st) -> ncclResult_t {
+                   ncclResult_t r = ncclGroupStart();
+                   for (const P2P& p : list) {
+                     if (r != ncclSuccess) break;
+                     r = p.is_send ? ncclSend(p.data, static_cast<size_t>(p.count), ToNccl(p.dtype),
+                                              p.peer, shared_->comm, st)
+                                   : ncclRecv(p.data, static_cast<size_t>(p.count), ToNccl(p.dtype),
+                                              p.peer, shared_->comm, st);
+                   }
+                   const ncclResult_t e = ncclGroupEnd();
+                   return r != ncclSuccess ? r : e;
+                 });
+  }
+
+  // An all-reduce of one float in the communicator's own scratch word.
+  absl::StatusOr<RequestPtr> Barrier() override {
+    return Issue("barrier", 0, StreamSlot{}, [&](cudaStream_t st) {
+      return ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, shared_->comm, st);
+    });
+  }
+
+  void Abort(absl::string_view reason) override {
+    shared_->tracker->Abort(reason);
+    shared_->AbortNccl();
+  }
+  CommStats stats() const override { return shared_->tracker->stats(); }
+
+ private:
+  static bool AllEqual(const std::vector<int64_t>& c) {
+    for (int64_t v : c)
+      if (v != c[0]) return false;
+    return true;
+  }
+
+  static absl::Status DeviceOnly(absl::string_view op, MemorySpace space) {
+    if (space == MemorySpace::kDevice) return absl::OkStatus();
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": the nccl backend takes device memory only (MemorySpace::kDevice)"));
+  }
+
+  // Begins the op, queues `call` on the stream, records the completion event.
+  template <typename Call>
+  absl::StatusOr<RequestPtr> Issue(absl::string_view what, int64_t bytes, StreamSlot slot,
+                                   Call&& call) {
+    if (absl::Status s = shared_->AsyncError(); !s.ok()) {
+      shared_->tracker->Break(s);
+      shared_->AbortNccl();
+    }
+    absl::StatusOr<std::shared_ptr<OpState>> op = shared_->tracker->Begin(what, "", bytes);
+    if (!op.ok()) return op.status();
+    cudaStream_t st = slot.stream != nullptr ? static_cast<cudaStream_t>(slot.stream) : stream_;
+    cudaEvent_t ev = nullptr;
+    cudaError_t ce = cudaSetDevice(shared_->device);
+    if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+    if (ce != cudaSuccess) {
+      const absl::Status s = CudaError(absl::StrCat(what, ": cudaEventCreate"), ce);
+      shared_->tracker->Fail(**op, s);
+      return s;
+    }
+    ncclResult_t r = call(st);
+    // Non-blocking communicator: the call may still be enqueueing (ncclInProgress); the
+    // stream is only ordered once that ends.
+    while (r == ncclInProgress) {
+      ncclResult_t async = ncclSuccess;
+      if (ncclCommGetAsyncError(shared_->comm, &async) != ncclSuccess) break;
+      r = async;
+      if (r == ncclInProgress) std::this_thread::yield();
+    }
+    if (r != ncclSuccess) {
+      const absl::Status s = NcclError(what, r, shared_->comm);
+      cudaEventDestroy(ev);
+      shared_->tracker->Fail(**op, s);
+      shared_->tracker->Break(s);
+      shared_->AbortNccl();
+      return s;
+    }
+    ce = cudaEventRecord(ev, st);
+    if (ce != cudaSuccess) {
+      const absl::Status s = CudaError(absl::StrCat(what, ": cudaEventRecord"), ce);
+      cudaEventDestroy(ev);
+      shared_->tracker->Fail(**op, s);
+      shared_->tracker->Break(s);
+      return s;
+    }
+    return RequestPtr(std::make_shared<NcclRequest>(shared_, *std::move(op), ev));
+  }
+
+  std::shared_ptr<NcclShared> shared_;
+  const int rank_, size_;
+  cudaStream_t stream_;
+  void* scratch_;
+  const CommShape shape_;
+};
+
+}  // namespace
+
+bool NcclBackendBuilt() { return true; }
+
+absl::Status NcclUniqueId(char id[kNcclIdBytes]) {
+  ncclUniqueId uid;
+  static_assert(sizeof(uid.internal) == kNcclIdBytes, "ncclUniqueId is 128 bytes");
+  const ncclResult_t r = ncclGetUniqueId(&uid);
+  if (r != ncclSuccess) return NcclError("ncclGetUniqueId", r, nullptr);
+  std::memcpy(id, uid.internal, kNcclIdBytes);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Communicator>> MakeNcclCommunicator(const char* id, int size,
+                                                                   int rank, int device,
+                                                                   absl::Duration timeout) {
+  if (id == nullptr) return absl::InvalidArgumentError("nccl: the unique id is null");
+  if (size < 1 || rank < 0 || rank >= size)
+    return absl::InvalidArgumentError(
+        absl::StrCat("nccl: rank ", rank, " of size ", size, " is out of range"));
+  int devices = 0;
+  cudaError_t ce = cudaGetDeviceCount(&devices);
+  if (ce != cudaSuccess) return absl::UnavailableError(CudaError("cudaGetDeviceCount", ce).message());
+  if (device < 0 || device >= devices)
+    return absl::InvalidArgumentError(
+        absl::StrCat("nccl: device ", device, " is out of range (", devices, " CUDA devices)"));
+  if ((ce = cudaSetDevice(device)) != cudaSuccess) return CudaError("cudaSetDevice", ce);
+
+  auto shared = std::make_shared<NcclShared>();
+  shared->device = device;
+  shared->tracker = std::make_shared<OpTracker>(absl::StrCat("nccl rank ", rank, " of ", size));
+  shared->tracker->SetTimeout(timeout);
+  ncclUniqueId uid;
+  std::memcpy(uid.internal, id, kNcclIdBytes);
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  ncclResult_t r = ncclCommInitRankConfig(&shared->comm, size, uid, rank, &config);
+  const absl::Time deadline = absl::Now() + timeout;
+  // Creation completes asynchronously; a peer that never joins must not hang this rank.
+  while (r == ncclInProgress || r == ncclSuccess) {
+    ncclResult_t async = ncclSuccess;
+    if (shared->comm == nullptr) break;
+    r = ncclCommGetAsyncError(shared->comm, &async);
+    if (r != ncclSuccess) break;
+    if (async != ncclInProgress) {
+      r = async;
+      break;
+    }
+    if (absl::Now() > deadline) {
+      shared->AbortNccl();
+      return absl::DeadlineExceededError(absl::StrCat(
+          "nccl: communicator creation (rank ", rank, " of ", size, ") did not complete within ",
+          absl::FormatDuration(timeout), " (comm_timeout_s); aborted: a peer did not join"));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  if (r != ncclSuccess) {
+    const absl::Status s = NcclError("ncclCommInitRankConfig", r, shared->comm);
+    shared->AbortNccl();
+    return s;
+  }
+  cudaStream_t stream = nullptr;
+  void* scratch = nullptr;
+  if ((ce = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)) != cudaSuccess)
+    return CudaError("cudaStreamCreate", ce);
+  if ((ce = cudaMalloc(&scratch, sizeof(float))) != cudaSuccess) {
+    cudaStreamDestroy(stream);
+    return CudaError("cudaMalloc", ce);
+  }
+  return std::unique_ptr<Communicator>(
+      std::make_unique<NcclCommunicator>(std::move(shared), rank, size, stream, scratch));
+}
+
+}  // namespace mdopt
