@@ -103,34 +103,41 @@ struct NcclShared {
   }
 };
 
+// Holds the record for its user (kUserHolder) and, until the completion event is seen, for
+// the backend (kBackendHolder): OpTracker::Complete lets the backend's hold go; an op that
+// failed or was broken first is let go here.
 class NcclRequest final : public Request {
  public:
-  NcclRequest(std::shared_ptr<NcclShared> shared, std::shared_ptr<OpState> op, cudaEvent_t ev)
-      : shared_(std::move(shared)), op_(std::move(op)), event_(ev) {}
+  NcclRequest(std::shared_ptr<NcclShared> shared, OpState* op, cudaEvent_t ev)
+      : shared_(std::move(shared)), op_(op), event_(ev) {}
   ~NcclRequest() override {
     if (event_ != nullptr) cudaEventDestroy(event_);
+    if (backend_held_) shared_->tracker->Release(*op_, kBackendHolder);
+    shared_->tracker->Release(*op_, kUserHolder);
   }
 
   absl::Status Wait() override {
-    absl::Status s = shared_->tracker->Wait(op_, [this] { Poll(); });
+    absl::Status s = shared_->tracker->Wait(
+        *op_, [](void* self) { static_cast<NcclRequest*>(self)->Poll(); }, this);
     if (!s.ok()) shared_->AbortNccl();  // a timeout or error: stop NCCL's kernels
     return s;
   }
 
   absl::StatusOr<bool> Test() override {
-    if (!op_->done()) Poll();
-    if (!op_->done()) return false;
-    if (absl::Status s = op_->status(); !s.ok()) return s;
+    if (!shared_->tracker->done(*op_)) Poll();
+    if (!shared_->tracker->done(*op_)) return false;
+    if (absl::Status s = shared_->tracker->status(*op_); !s.ok()) return s;
     return true;
   }
 
  private:
   // One look at the event and the communicator's error state.
   void Poll() {
-    if (op_->done()) return;
+    if (!backend_held_ || shared_->tracker->done(*op_)) return;
     const cudaError_t e = cudaEventQuery(event_);
     if (e == cudaSuccess) {
       shared_->tracker->Complete(*op_, absl::OkStatus());
+      backend_held_ = false;
       return;
     }
     if (e != cudaErrorNotReady) {
@@ -148,8 +155,9 @@ class NcclRequest final : public Request {
   }
 
   std::shared_ptr<NcclShared> shared_;
-  std::shared_ptr<OpState> op_;
+  OpState* op_;
   cudaEvent_t event_;
+  bool backend_held_ = true;
 };
 
 class NcclCommunicator final : public Communicator {
@@ -301,21 +309,29 @@ class NcclCommunicator final : public Communicator {
 
   // Begins the op, queues `call` on the stream, records the completion event.
   template <typename Call>
-  absl::StatusOr<RequestPtr> Issue(absl::string_view what, int64_t bytes, StreamSlot slot,
+  absl::StatusOr<RequestPtr> Issue(const char* what, int64_t bytes, StreamSlot slot,
                                    Call&& call) {
     if (absl::Status s = shared_->AsyncError(); !s.ok()) {
       shared_->tracker->Break(s);
       shared_->AbortNccl();
     }
-    absl::StatusOr<std::shared_ptr<OpState>> op = shared_->tracker->Begin(what, "", bytes);
+    OpLabel label;
+    label.what = what;  // a string literal at every call site
+    absl::StatusOr<OpState*> op = shared_->tracker->Begin(label, bytes);
     if (!op.ok()) return op.status();
+    // A failure before a request exists ends the op and lets both holds go.
+    auto give_up = [&](const absl::Status& s) {
+      shared_->tracker->Fail(**op, s);
+      shared_->tracker->Release(**op, kBackendHolder);
+      shared_->tracker->Release(**op, kUserHolder);
+    };
     cudaStream_t st = slot.stream != nullptr ? static_cast<cudaStream_t>(slot.stream) : stream_;
     cudaEvent_t ev = nullptr;
     cudaError_t ce = cudaSetDevice(shared_->device);
     if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
     if (ce != cudaSuccess) {
       const absl::Status s = CudaError(absl::StrCat(what, ": cudaEventCreate"), ce);
-      shared_->tracker->Fail(**op, s);
+      give_up(s);
       return s;
     }
     ncclResult_t r = call(st);
@@ -330,7 +346,7 @@ class NcclCommunicator final : public Communicator {
     if (r != ncclSuccess) {
       const absl::Status s = NcclError(what, r, shared_->comm);
       cudaEventDestroy(ev);
-      shared_->tracker->Fail(**op, s);
+      give_up(s);
       shared_->tracker->Break(s);
       shared_->AbortNccl();
       return s;
@@ -339,11 +355,11 @@ class NcclCommunicator final : public Communicator {
     if (ce != cudaSuccess) {
       const absl::Status s = CudaError(absl::StrCat(what, ": cudaEventRecord"), ce);
       cudaEventDestroy(ev);
-      shared_->tracker->Fail(**op, s);
+      give_up(s);
       shared_->tracker->Break(s);
       return s;
     }
-    return RequestPtr(std::make_shared<NcclRequest>(shared_, *std::move(op), ev));
+    return shared_->tracker->MakeRequest<NcclRequest>(shared_, *op, ev);
   }
 
   std::shared_ptr<NcclShared> shared_;
