@@ -274,6 +274,23 @@ mdopt_status mdopt_add_group(mdopt_optimizer* opt, const char* name, const char*
   });
 }
 
+mdopt_status mdopt_set_group_lr(mdopt_optimizer* opt, const char* group, double lr) {
+  return Guard("mdopt_set_group_lr", [&] {
+    if (opt == nullptr) return NullArgument("mdopt_set_group_lr", "opt");
+    if (group == nullptr) return NullArgument("mdopt_set_group_lr", "group");
+    return Report(opt->impl->SetGroupLr(group, lr));
+  });
+}
+
+mdopt_status mdopt_get_group_lr(const mdopt_optimizer* opt, const char* group, double* lr,
+                                double* gain_lr) {
+  return Guard("mdopt_get_group_lr", [&] {
+    if (opt == nullptr) return NullArgument("mdopt_get_group_lr", "opt");
+    if (group == nullptr) return NullArgument("mdopt_get_group_lr", "group");
+    return Report(opt->impl->GetGroupLr(group, lr, gain_lr));
+  });
+}
+
 mdopt_status mdopt_add_param(mdopt_optimizer* opt, const mdopt_param_desc* desc,
                              int64_t* index_out) {
   return Guard("mdopt_add_param", [&] {

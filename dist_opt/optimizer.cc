@@ -188,7 +188,41 @@ absl::Status Optimizer::AddGroup(const std::string& name, absl::string_view spec
     return absl::Status(parsed.status().code(),
                         absl::StrCat("group '", name, "': ", parsed.status().message()));
   }
-  groups_.push_back({name, *std::move(parsed)});
+  Group g{name, *std::move(parsed)};
+  g.spec_lr = g.spec.rule.lr;
+  g.spec_gain_lr = g.spec.rule.gain_lr;
+  groups_.push_back(std::move(g));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> Optimizer::FindGroup(const char* call, absl::string_view name) const {
+  for (size_t g = 0; g < groups_.size(); ++g)
+    if (groups_[g].name == name) return static_cast<int>(g);
+  return absl::InvalidArgumentError(absl::StrCat(call, ": group '", name, "' was not added"));
+}
+
+absl::Status Optimizer::SetGroupLr(absl::string_view group, double lr) {
+  absl::StatusOr<int> g = FindGroup("mdopt_set_group_lr", group);
+  if (!g.ok()) return g.status();
+  if (!std::isfinite(lr) || lr < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("mdopt_set_group_lr: group '", group,
+                                                   "': lr = ", lr, " must be finite and >= 0"));
+  }
+  Group& G = groups_[*g];
+  // gain_lr moves with lr by the same factor (the paper decays every group together); a
+  // spec with lr=0 gives no factor, so its gain_lr stays as the spec set it.
+  const double gain_lr = G.spec_lr > 0 ? G.spec_gain_lr * (lr / G.spec_lr) : G.spec_gain_lr;
+  G.spec.rule.lr = lr;
+  G.spec.rule.gain_lr = gain_lr;
+  registry_.SetGroupLr(*g, lr, gain_lr);
+  return absl::OkStatus();
+}
+
+absl::Status Optimizer::GetGroupLr(absl::string_view group, double* lr, double* gain_lr) const {
+  absl::StatusOr<int> g = FindGroup("mdopt_get_group_lr", group);
+  if (!g.ok()) return g.status();
+  if (lr != nullptr) *lr = groups_[*g].spec.rule.lr;
+  if (gain_lr != nullptr) *gain_lr = groups_[*g].spec.rule.gain_lr;
   return absl::OkStatus();
 }
 

@@ -58,6 +58,10 @@ class Optimizer {
 
   absl::Status AddGroup(const std::string& name, absl::string_view spec);
   absl::StatusOr<int64_t> AddParam(const ParamDescription& d);
+  // mdopt_set_group_lr / mdopt_get_group_lr: the group's current lr, gain_lr following it
+  // by the factor lr / (the spec's lr).
+  absl::Status SetGroupLr(absl::string_view group, double lr);
+  absl::Status GetGroupLr(absl::string_view group, double* lr, double* gain_lr) const;
   absl::Status SetPointers(int64_t index, void* param, const void* grad);
   absl::Status Finalize();
   absl::StatusOr<StepResult> Step(double lr_scale, void* stream);
@@ -81,6 +85,7 @@ class Optimizer {
 
  private:
   absl::Status RequireFinalized(const char* call) const;
+  absl::StatusOr<int> FindGroup(const char* call, absl::string_view name) const;
 
   Communicator* comm_;
   OptimizerOptions options_;

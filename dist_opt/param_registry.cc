@@ -140,4 +140,12 @@ absl::StatusOr<int64_t> ParamRegistry::Find(const std::string& name) const {
   return it->second;
 }
 
+void ParamRegistry::SetGroupLr(int group, double lr, double gain_lr) {
+  for (ParamEntry& p : params_) {
+    if (p.group != group) continue;
+    p.rule.lr = lr;
+    p.rule.gain_lr = gain_lr;
+  }
+}
+
 }  // namespace mdopt

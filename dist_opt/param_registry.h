@@ -19,7 +19,9 @@ using kernels::fast::Dtype;
 
 struct Group {
   std::string name;
-  GroupSpec spec;
+  GroupSpec spec;  // spec.rule.lr and gain_lr are the current values (mdopt_set_group_lr)
+  // lr and gain_lr as the spec gave them: mdopt_set_group_lr scales gain_lr by lr / spec_lr.
+  double spec_lr = 0.0, spec_gain_lr = 0.0;
 };
 
 // What a caller describes (the C ABI's mdopt_param_desc, with owned strings).
@@ -60,6 +62,8 @@ class ParamRegistry {
   absl::StatusOr<int64_t> Add(const ParamDescription& d, const std::vector<Group>& groups);
   absl::Status SetPointers(int64_t index, void* param, const void* grad);
   absl::StatusOr<int64_t> Find(const std::string& name) const;
+  // Sets lr and gain_lr of every param of `group` (their rules are copies of the group's).
+  void SetGroupLr(int group, double lr, double gain_lr);
   const std::vector<ParamEntry>& params() const { return params_; }
   int64_t size() const { return static_cast<int64_t>(params_.size()); }
 

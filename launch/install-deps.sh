@@ -31,4 +31,22 @@ if [ "${#missing[@]}" -gt 0 ]; then
   # Package lists can be gone even when our stamp is fresh (a cleaned image): refresh once.
   install || { update && install; }
 fi
+# The Python tests (integration/python) need pytest, numpy and torch in the python3 that
+# runs them (the first on PATH, or $MDOPT_PYTHON): installed with pip when missing, torch as
+# the CPU wheel. PIP_BREAK_SYSTEM_PACKAGES lets pip install into Debian's own python3 too
+# (a CI machine as root); a pyenv or venv python ignores it. Offline, the tests skip.
+py="${MDOPT_PYTHON:-python3}"
+if ! "$py" -c 'import pytest, numpy, torch' 2>/dev/null; then
+  if ! "$py" -m pip --version >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends python3-pip || true
+  fi
+  pip_install() { PIP_BREAK_SYSTEM_PACKAGES=1 "$py" -m pip install --quiet "$@"; }
+  "$py" -c 'import pytest' 2>/dev/null || pip_install pytest || true
+  "$py" -c 'import numpy' 2>/dev/null || pip_install numpy || true
+  "$py" -c 'import torch' 2>/dev/null ||
+    pip_install torch --index-url https://download.pytorch.org/whl/cpu || true
+  "$py" -c 'import pytest, numpy, torch' 2>/dev/null ||
+    echo "mdopt: pytest, numpy or torch could not be installed for $py; the Python tests will skip"
+fi
 echo "mdopt: dependencies present"

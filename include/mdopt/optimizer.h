@@ -1,7 +1,8 @@
 /* mdopt: the Magnitude-Direction optimizer (arXiv 2606.25971) behind a C ABI.
  *
  * Life cycle: mdopt_create -> mdopt_add_group* -> mdopt_add_param* -> mdopt_finalize
- *             -> (mdopt_step | mdopt_save | mdopt_load | mdopt_set_pointers)* -> mdopt_destroy
+ *             -> (mdopt_step | mdopt_save | mdopt_load | mdopt_set_pointers
+ *                 | mdopt_set_group_lr)* -> mdopt_destroy
  * Every call returns an mdopt_status; on failure mdopt_last_error() names what is wrong
  * and the optimizer is left exactly as it was before the call. */
 #ifndef MDOPT_OPTIMIZER_H_
@@ -103,6 +104,18 @@ MDOPT_API mdopt_status mdopt_create(mdopt_comm* comm, const char* options, mdopt
 
 /* A named parameter group; spec = "preset=<name> key=value ...", see docs/ABI.md. */
 MDOPT_API mdopt_status mdopt_add_group(mdopt_optimizer* opt, const char* name, const char* spec);
+
+/* Sets the learning rate of one group, e.g. from a torch LR scheduler that drives each
+ * group's lr. The group's gain_lr follows by the same factor: gain_lr = (the spec's gain_lr)
+ * * lr / (the spec's lr), so a schedule decays the gains with their matrices (a spec with
+ * lr=0 keeps its gain_lr). mdopt_step's lr_scale still multiplies both. Any time after
+ * mdopt_add_group of that group, before or after finalize; lr must be finite and >= 0. */
+MDOPT_API mdopt_status mdopt_set_group_lr(mdopt_optimizer* opt, const char* group, double lr);
+
+/* The group's current lr and gain_lr (what mdopt_step multiplies by lr_scale); either
+ * pointer may be NULL. */
+MDOPT_API mdopt_status mdopt_get_group_lr(const mdopt_optimizer* opt, const char* group,
+                                          double* lr, double* gain_lr);
 
 /* Registers a tensor; *index_out (may be NULL) receives its index, 0, 1, 2, ... in order.
  * desc->struct_size outside [MDOPT_PARAM_DESC_SIZE_V1, MDOPT_STRUCT_SIZE_MAX] is

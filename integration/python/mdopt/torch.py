@@ -1,0 +1,465 @@
+"""MDOptimizer: mdopt as a torch.optim.Optimizer (CPU tensors, float32 or bfloat16).
+
+    from mdopt.torch import MDOptimizer
+    opt = MDOptimizer(model.parameters(), preset="md-muon", lr=0.02, threads=2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / steps)
+    for batch in data:
+        opt.zero_grad(); loss_fn(model(batch)).backward(); opt.step(); sched.step()
+
+Every param group becomes one mdopt group, "preset=<preset> key=value ..." (docs/ABI.md,
+"Group specs"). Its keys may be spelled as in torch (lr, betas, eps, weight_decay, momentum,
+nesterov) or as in the spec (beta1, beta2, gain_lr, sphere, gains, ns_coeffs, ...); keys
+not given take the preset's values, and `lr` is filled in with the preset's lr when absent,
+so LR schedulers see it. `param_groups[i]["lr"]` is read at every step and pushed with
+mdopt_set_group_lr (the group's gain_lr follows by the same factor), which is how every
+torch LR scheduler works; the other keys are fixed once the optimizer is built.
+
+Building the optimizer registers every tensor and projects each sphere matrix onto its
+sphere, writing the model's weights (the method's initialisation), as mdopt_finalize does.
+mdopt keeps its own state (f32 weights are their own master copy; bf16 weights get an f32
+master inside mdopt); `self.state` stays empty, and state_dict() carries mdopt's checkpoint.
+"""
+
+import os
+import re
+import tempfile
+import warnings
+
+import torch
+
+from . import _core
+from . import comm as _comm
+from ._lib import DTYPE_BF16, DTYPE_F32, MdoptError
+
+# Keys of a group spec (docs/ABI.md), passed through as they are.
+SPEC_KEYS = ("base", "sphere", "radius", "gains", "gain_param", "lr", "gain_lr", "beta1",
+             "beta2", "eps", "momentum", "nesterov", "ns_steps", "ns_coeffs", "muon_scale",
+             "weight_decay", "tangent", "preserve_init", "layout")
+# mdopt_create's options: keyword arguments of MDOptimizer with these names go there.
+OPTION_KEYS = ("device", "threads", "kernels", "ns_dtype", "ns_comm_dtype", "grads", "gather",
+               "bucket_mb", "comm_timeout_s", "update_norms")
+# Group keys that are not spec keys: the preset, mdopt's group name, parameter names.
+_META_KEYS = ("params", "preset", "name", "names")
+# torch.optim spellings of features mdopt does not have: accepted only when off.
+_TORCH_OFF_KEYS = ("amsgrad", "maximize", "foreach", "fused", "capturable", "differentiable")
+_DTYPES = {torch.float32: DTYPE_F32, torch.bfloat16: DTYPE_BF16}
+_serial = 0  # optimizers created in this process (names per-job state directories)
+_NAME_BAD = re.compile(r"[^\x21-\x7e]")  # mdopt names: printable, no whitespace
+
+
+def _spec_value(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def _spec_items(group):
+    """The spec's key=value pairs of a group (torch spellings mapped), preset first."""
+    items = [("preset", group["preset"])]
+    for k in SPEC_KEYS:
+        if k == "beta1" and "betas" in group:
+            items += [("beta1", group["betas"][0]), ("beta2", group["betas"][1])]
+        elif k == "beta2" and "betas" in group:
+            continue
+        elif k in group:
+            items.append((k, group[k]))
+    return [(k, _spec_value(v)) for k, v in items]
+
+
+def _spec(group):
+    return " ".join("%s=%s" % kv for kv in _spec_items(group))
+
+
+def _fixed(group):
+    """What must not change after the build: the spec without lr."""
+    return [kv for kv in _spec_items(group) if kv[0] != "lr"]
+
+
+def _mdopt_shape(t):
+    """mdopt's view of a tensor: 0-D as 1-D, 1..3-D as they are, more as 2-D (d0, rest)."""
+    s = tuple(t.shape)
+    if len(s) == 0:
+        return (1,)
+    if len(s) <= 3:
+        return s
+    rest = 1
+    for d in s[1:]:
+        rest *= d
+    return (s[0], rest)
+
+
+class MDOptimizer(torch.optim.Optimizer):
+    """The mdopt optimizer over torch parameters.
+
+    params: an iterable of tensors or of param-group dicts (torch style); a group may carry
+        `preset`, `name` (the mdopt group name; default "group<i>"), `names` (one per
+        tensor) and any spec key in torch or spec spelling.
+    preset: the default preset of groups that give none.
+    comm: an mdopt.comm.Comm (default mdopt.comm.local()), or "mpi" for mdopt.comm.mpi().
+    options: mdopt_create's option string; keyword arguments named like an option
+        (threads=2, grads="local", gather="deferred", kernels="reference", ...) are added.
+    named_parameters: (name, tensor) pairs, e.g. model.named_parameters(), to name tensors
+        in messages, checkpoints and telemetry.
+    state_dir: on several ranks, a directory every rank sees where state_dict() lets mdopt
+        write its checkpoint (default: $MDOPT_STATE_DIR, else a per-job directory in the
+        temporary directory, which holds on one machine only).
+    **defaults: spec keys for every group (lr=, betas=, gain_lr=, ...).
+    """
+
+    def __init__(self, params, preset="md-muon", *, comm=None, options="",
+                 named_parameters=None, state_dir=None, **defaults):
+        opts = [options] if options else []
+        group_defaults = {"preset": preset}
+        for k, v in defaults.items():
+            if k in OPTION_KEYS:
+                opts.append("%s=%s" % (k, _spec_value(v)))
+            elif k in _TORCH_OFF_KEYS:
+                if v:
+                    raise ValueError("MDOptimizer: %s=%r is not available in mdopt" % (k, v))
+            elif k in SPEC_KEYS or k == "betas":
+                group_defaults[k] = v
+            else:
+                raise TypeError(
+                    "MDOptimizer: unknown keyword argument '%s' (group keys: %s, betas; "
+                    "options: %s)" % (k, ", ".join(SPEC_KEYS), ", ".join(OPTION_KEYS)))
+        self._options = " ".join(opts)
+        if comm is None:
+            comm = _comm.local()
+        elif comm == "mpi":
+            comm = _comm.mpi()
+        elif not isinstance(comm, _comm.Comm):
+            raise TypeError("MDOptimizer: comm must be an mdopt.comm.Comm, 'mpi' or None, "
+                            "not %r" % type(comm).__name__)
+        self.comm = comm
+        self._names = {}
+        if named_parameters is not None:
+            for n, t in named_parameters:
+                self._names.setdefault(id(t), n)
+        self._state_dir = state_dir
+        global _serial
+        _serial += 1
+        self._serial = _serial
+        self._opt = None
+        self._built = False
+        self._stepped = False
+        self.last_step = None
+        super().__init__(params, group_defaults)
+        self._build()
+        self._built = True
+
+    # --- registration -------------------------------------------------------------------
+
+    def add_param_group(self, param_group):
+        """Adds a group. Before the first step the mdopt optimizer is rebuilt with it (no
+        state exists yet); after the first step this is refused: mdopt's state layout is
+        fixed by then."""
+        if self._stepped:
+            raise RuntimeError(
+                "MDOptimizer.add_param_group after the first step: mdopt fixes its "
+                "parameters and state when it first steps; pass every group to "
+                "MDOptimizer(...) or add it before the first step()")
+        if not isinstance(param_group, dict):
+            raise TypeError("MDOptimizer: a param group must be a dict, not %r"
+                            % type(param_group).__name__)
+        for k, v in param_group.items():
+            if k in _META_KEYS or k in SPEC_KEYS or k == "betas":
+                continue
+            if k in _TORCH_OFF_KEYS:
+                if v:
+                    raise ValueError("MDOptimizer: %s=%r is not available in mdopt" % (k, v))
+                continue
+            raise ValueError(
+                "MDOptimizer: param group key '%s' is unknown (spec keys: %s; torch "
+                "spellings: betas; and preset, name, names)" % (k, ", ".join(SPEC_KEYS)))
+        if "betas" in param_group and ("beta1" in param_group or "beta2" in param_group):
+            raise ValueError("MDOptimizer: give either betas or beta1/beta2, not both")
+        index = len(self.param_groups)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            group.setdefault("name", "group%d" % index)
+            self._check_group(group, index)
+            if self._built:
+                self._build()
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    def _param_name(self, group, i, t):
+        names = group.get("names")
+        if names is not None:
+            if len(names) != len(group["params"]):
+                raise ValueError("MDOptimizer: group '%s' has %d params but %d names"
+                                 % (group["name"], len(group["params"]), len(names)))
+            n = names[i]
+        else:
+            n = self._names.get(id(t), "%s.%d" % (group["name"], i))
+        return _NAME_BAD.sub("_", str(n))[:256] or "param"
+
+    def _check_group(self, group, index):
+        name = group["name"]
+        if not isinstance(name, str) or not name or _NAME_BAD.search(name) or len(name) > 256:
+            raise ValueError("MDOptimizer: group name %r must be 1-256 printable characters "
+                             "without whitespace" % (name,))
+        for j, other in enumerate(self.param_groups[:-1]):
+            if other["name"] == name:
+                raise ValueError("MDOptimizer: groups %d and %d are both named '%s'"
+                                 % (j, index, name))
+        for i, t in enumerate(group["params"]):
+            pname = self._param_name(group, i, t)
+            where = "parameter '%s' (group '%s')" % (pname, name)
+            if t.device.type != "cpu":
+                raise ValueError("MDOptimizer: %s is on %s; this build of mdopt runs on the "
+                                 "CPU only (device=cpu)" % (where, t.device))
+            if t.dtype not in _DTYPES:
+                raise ValueError("MDOptimizer: %s is %s; mdopt takes float32 or bfloat16"
+                                 % (where, t.dtype))
+            if t.is_sparse or not t.is_contiguous():
+                raise ValueError("MDOptimizer: %s is not contiguous (mdopt reads and writes "
+                                 "its memory row-major in place); make it contiguous before "
+                                 "building the optimizer" % where)
+            if t.numel() == 0:
+                raise ValueError("MDOptimizer: %s is empty" % where)
+            if not t.requires_grad:
+                raise ValueError("MDOptimizer: %s does not require grad; leave frozen "
+                                 "parameters out (mdopt would project and step them)" % where)
+        # Aliasing: two tensors over the same memory would be updated twice.
+        spans = []
+        for g in self.param_groups:
+            for i, t in enumerate(g["params"]):
+                start = t.data_ptr()
+                spans.append((start, start + t.numel() * t.element_size(),
+                              self._param_name(g, i, t), g["name"]))
+        spans.sort()
+        for a, b in zip(spans, spans[1:]):
+            if b[0] < a[1]:
+                raise ValueError(
+                    "MDOptimizer: parameters '%s' (group '%s') and '%s' (group '%s') share "
+                    "memory; a tensor may be registered once (tie weights by using the same "
+                    "Parameter, which is listed once)" % (a[2], a[3], b[2], b[3]))
+
+    def _build(self):
+        """Creates the mdopt optimizer with every group and tensor and finalizes it (which
+        projects the sphere matrices). The previous one, if any, is replaced only once the
+        new one is complete."""
+        opt = _core.Optimizer(self.comm, self._options)
+        entries = []
+        for group in self.param_groups:
+            try:
+                opt.add_group(group["name"], _spec(group))
+            except MdoptError as e:
+                raise MdoptError(e.status, "param group '%s' (%s): %s"
+                                 % (group["name"], _spec(group), e.message)) from None
+            for i, t in enumerate(group["params"]):
+                pname = self._param_name(group, i, t)
+                dt = _DTYPES[t.dtype]
+                try:
+                    index = opt.add_param(pname, group["name"], _mdopt_shape(t), dt,
+                                          t.data_ptr(), dt, None)
+                except MdoptError as e:
+                    raise MdoptError(e.status, "parameter '%s' (group '%s', shape %s, %s): %s"
+                                     % (pname, group["name"], tuple(t.shape), t.dtype,
+                                        e.message)) from None
+                entries.append((t, dt, pname))
+        with torch.no_grad():
+            opt.finalize()
+        lrs = []
+        for group in self.param_groups:
+            lr, _ = opt.group_lr(group["name"])
+            if "lr" not in group:
+                group["lr"] = lr
+            lrs.append(float(group["lr"]))
+        if self._opt is not None:
+            self._opt.destroy()
+        self._opt = opt
+        self._entries = entries
+        self._pointers = [None] * len(entries)
+        self._buffers = {}  # index -> staging/zero gradient buffer
+        self._pushed = [None] * len(self.param_groups)  # lr last set in mdopt, per group
+        self._fixed = [_fixed(g) for g in self.param_groups]
+        self._warned_no_grad = set()
+
+    # --- stepping -----------------------------------------------------------------------
+
+    def _push_lrs(self):
+        for gi, group in enumerate(self.param_groups):
+            if _fixed(group) != self._fixed[gi]:
+                raise RuntimeError(
+                    "MDOptimizer: param group '%s' changed after the optimizer was built "
+                    "(%s, was %s); only lr is read at every step (a scheduler that cycles "
+                    "momentum or betas needs cycle_momentum=False)"
+                    % (group["name"], _spec_items(group), self._fixed[gi]))
+            lr = group["lr"]
+            lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+            if lr != self._pushed[gi]:
+                self._opt.set_group_lr(group["name"], lr)
+                self._pushed[gi] = lr
+
+    def _grad_pointer(self, k):
+        t, dt, pname = self._entries[k]
+        g = t.grad
+        if g is not None and g.device.type == "cpu" and not g.is_sparse and \
+                g.dtype == t.dtype and g.is_contiguous() and g.shape == t.shape:
+            return g.data_ptr()
+        buf = self._buffers.get(k)
+        if buf is None:
+            buf = self._buffers[k] = torch.zeros_like(t, memory_format=torch.contiguous_format)
+        if g is None:
+            if pname not in self._warned_no_grad:
+                self._warned_no_grad.add(pname)
+                warnings.warn("MDOptimizer: parameter '%s' has no gradient; mdopt steps it "
+                              "with a zero gradient" % pname, stacklevel=3)
+            buf.zero_()
+        else:
+            if g.is_sparse:
+                raise ValueError("MDOptimizer: parameter '%s' has a sparse gradient" % pname)
+            buf.copy_(g.reshape(t.shape))
+        return buf.data_ptr()
+
+    def _point(self):
+        for k, (t, _, _) in enumerate(self._entries):
+            ptrs = (t.data_ptr(), self._grad_pointer(k))
+            if ptrs != self._pointers[k]:
+                self._opt.set_pointers(k, ptrs[0], ptrs[1])
+                self._pointers[k] = ptrs
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One mdopt step (collective on several ranks, each passing its own gradients with
+        grads=local). Returns the closure's loss. A NaN/Inf gradient skips the step:
+        nothing changes and `last_step.skipped` is True."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._push_lrs()
+        self._point()
+        self.last_step = self._opt.step(1.0)
+        self._stepped = True
+        return loss
+
+    def gather_params(self):
+        """With gather=deferred on several ranks: all-gathers the weights the last step
+        updated; call it before the next forward. A no-op otherwise."""
+        self._opt.gather_params()
+
+    def group_info(self, group):
+        """What the last step did to a group (by name or index): a GroupStats of matrices,
+        orthogonalized, projected, gain_stepped, skipped, mean_relative_update (NaN unless
+        built with update_norms=1). Collective on several ranks."""
+        if isinstance(group, int):
+            group = self.param_groups[group]["name"]
+        return self._opt.group_info(group)
+
+    @property
+    def mdopt(self):
+        """The underlying mdopt._core.Optimizer (get_state, describe_plan, state_bytes)."""
+        return self._opt
+
+    def param_index(self, tensor):
+        """mdopt's index of a registered tensor (for mdopt.get_state)."""
+        for k, (t, _, _) in enumerate(self._entries):
+            if t is tensor:
+                return k
+        raise KeyError("tensor is not registered with this MDOptimizer")
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def save_checkpoint(self, directory):
+        """mdopt_save: the sharded checkpoint directory (collective; a directory every rank
+        sees). Loads at any rank count with load_checkpoint. For large models, instead of
+        state_dict(), which holds the whole checkpoint in memory on every rank."""
+        self._opt.save(directory)
+
+    def load_checkpoint(self, directory):
+        """mdopt_load: restores the state and writes the saved weights into the model."""
+        self._opt.load(directory)
+        self._stepped = True
+        self._pushed = [None] * len(self.param_groups)
+
+    def _shared_state_dir(self):
+        if self._state_dir is not None:
+            return self._state_dir
+        if os.environ.get("MDOPT_STATE_DIR"):
+            return os.environ["MDOPT_STATE_DIR"]
+        for keys in (("PMIX_NAMESPACE",), ("OMPI_MCA_orte_ess_jobid",),
+                     ("SLURM_JOB_ID", "SLURM_STEP_ID"), ("TORCHELASTIC_RUN_ID",),
+                     ("MASTER_ADDR", "MASTER_PORT")):
+            if all(os.environ.get(k) for k in keys):
+                job = "-".join(os.environ[k] for k in keys)
+                # Same on every rank: the job, and this optimizer's place in creation order.
+                return os.path.join(tempfile.gettempdir(), "mdopt-state-%d-%s-%d" % (
+                    os.getuid(), _NAME_BAD.sub("_", job).replace("/", "_"), self._serial))
+        raise RuntimeError(
+            "MDOptimizer.state_dict on %d ranks needs a directory every rank sees: pass "
+            "state_dir= or set MDOPT_STATE_DIR" % self.comm.size)
+
+    def state_dict(self):
+        """torch's state_dict plus "mdopt": mdopt's checkpoint (docs/ABI.md) as bytes, one
+        entry per file: the manifest and every rank's state file. Every rank returns the
+        whole checkpoint, so rank 0 may torch.save it; it loads at any rank count."""
+        sd = super().state_dict()
+        if self.comm.size == 1:
+            with tempfile.TemporaryDirectory(prefix="mdopt-state-") as d:
+                self._opt.save(d)
+                files = self._read_dir(d)
+        else:
+            d = self._shared_state_dir()
+            self._opt.save(d)  # collective: every rank writes its file, rank 0 the manifest
+            files = self._read_dir(d)
+            self._opt.group_info(self.param_groups[0]["name"])  # a barrier: all have read
+        sd["mdopt"] = {"format": "mdopt-torch-state", "version": 1,
+                       "world_size": self.comm.size, "step": self._step_count(files),
+                       "files": files}
+        return sd
+
+    @staticmethod
+    def _read_dir(d):
+        import json
+        with open(os.path.join(d, "manifest.json"), "rb") as f:
+            manifest = f.read()
+        files = {"manifest.json": manifest}
+        for rf in json.loads(manifest.decode())["rank_files"]:
+            with open(os.path.join(d, rf["name"]), "rb") as f:
+                files[rf["name"]] = f.read()
+        return files
+
+    @staticmethod
+    def _step_count(files):
+        import json
+        return int(json.loads(files["manifest.json"].decode()).get("step", 0))
+
+    def load_state_dict(self, state_dict):
+        """Restores param_groups (torch) and mdopt's state from state_dict(), saved at any
+        rank count. Like mdopt_load, it also writes the saved weights into the model. If the
+        groups' specs differ from this optimizer's, mdopt is rebuilt with the saved ones
+        first (mdopt refuses a checkpoint whose state layout does not match)."""
+        sd = dict(state_dict)
+        blob = sd.pop("mdopt", None)
+        if not isinstance(blob, dict) or blob.get("format") != "mdopt-torch-state":
+            raise ValueError("MDOptimizer.load_state_dict: not an MDOptimizer state_dict "
+                             "(no 'mdopt' entry)")
+        if blob.get("version") != 1:
+            raise ValueError("MDOptimizer.load_state_dict: state_dict version %r; this "
+                             "package reads version 1" % blob.get("version"))
+        names = [g["name"] for g in self.param_groups]
+        fixed = [_fixed(g) for g in self.param_groups]
+        super().load_state_dict(sd)
+        for g, n in zip(self.param_groups, names):
+            g.setdefault("name", n)
+        if [_fixed(g) for g in self.param_groups] != fixed or \
+                [g["name"] for g in self.param_groups] != names:
+            self._build()
+        with tempfile.TemporaryDirectory(prefix="mdopt-load-") as d:
+            for name, data in blob["files"].items():
+                if os.path.basename(name) != name:
+                    raise ValueError("MDOptimizer.load_state_dict: bad file name %r" % name)
+                with open(os.path.join(d, name), "wb") as f:
+                    f.write(data)
+            self._opt.load(d)  # collective; each rank reads its own full copy
+        self._stepped = self._stepped or blob.get("step", 0) > 0
+        self._pushed = [None] * len(self.param_groups)

@@ -1,0 +1,44 @@
+"""Small models and helpers shared by the tests."""
+import torch
+
+
+def mlp(seed, bias=True, dims=(12, 24, 16, 6)):
+    """A small tanh MLP with 1/sqrt(d_in) weights."""
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        lin = torch.nn.Linear(a, b, bias=bias)
+        with torch.no_grad():
+            lin.weight.normal_(0.0, a ** -0.5)
+            if bias:
+                lin.bias.normal_(0.0, 0.1)
+        layers.append(lin)
+        if i + 2 < len(dims):
+            layers.append(torch.nn.Tanh())
+    return torch.nn.Sequential(*layers)
+
+
+def batch(seed, n=32, d_in=12, d_out=6, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d_in, generator=g, dtype=dtype),
+            torch.randn(n, d_out, generator=g, dtype=dtype))
+
+
+def train(model, opt, steps, sched=None, seed=100, x_slice=None):
+    """`steps` steps of MSE regression on fixed batches; x_slice picks this rank's rows."""
+    for t in range(steps):
+        x, y = batch(seed + t)
+        if x_slice is not None:
+            x, y = x[x_slice], y[x_slice]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def rel_err(model_a, model_b):
+    """max over tensors of max|a - b| / max|b|."""
+    return max(((a.detach().double() - b.detach().double()).abs().max() /
+                b.detach().double().abs().max()).item()
+               for a, b in zip(model_a.parameters(), model_b.parameters()))

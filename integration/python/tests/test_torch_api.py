@@ -1,0 +1,258 @@
+"""MDOptimizer as a torch.optim.Optimizer: refusals with clear messages, state_dict round
+trips, param groups, LR schedulers, and the recipes."""
+import copy
+import io
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not importable: pip install torch")
+
+import mdopt  # noqa: E402
+from helpers import batch, mlp, train  # noqa: E402
+from mdopt.recipes import linear_decay, param_groups, wsd  # noqa: E402
+from mdopt.torch import MDOptimizer  # noqa: E402
+
+
+def P(*shape, **kw):
+    return torch.nn.Parameter(torch.randn(*shape, **kw))
+
+
+# --- refusals -----------------------------------------------------------------------------
+
+def test_refuses_bad_tensors_naming_them():
+    good = P(4, 3)
+    with pytest.raises(ValueError, match=r"'w'.*float64.*float32 or bfloat16"):
+        MDOptimizer([{"params": [P(4, 3, dtype=torch.float64)], "names": ["w"]}],
+                    preset="adamw")
+    with pytest.raises(ValueError, match=r"'t'.*not contiguous"):
+        MDOptimizer([{"params": [torch.nn.Parameter(torch.randn(4, 3).t())], "names": ["t"]}])
+    with pytest.raises(ValueError, match=r"'m'.*meta.*CPU only"):
+        MDOptimizer([{"params": [torch.nn.Parameter(torch.empty(4, 3, device="meta"))],
+                      "names": ["m"]}])
+    base = torch.randn(10)
+    a, b = torch.nn.Parameter(base[:6]), torch.nn.Parameter(base[4:])
+    with pytest.raises(ValueError, match=r"'a'.*'b'.*share memory"):
+        MDOptimizer([good, a, b], preset="vector",
+                    named_parameters=[("good", good), ("a", a), ("b", b)])
+    frozen = torch.nn.Parameter(torch.randn(3, 3), requires_grad=False)
+    with pytest.raises(ValueError, match="does not require grad"):
+        MDOptimizer([frozen])
+
+
+def test_refuses_bad_groups_and_arguments():
+    with pytest.raises(TypeError, match="unknown keyword argument 'lrr'"):
+        MDOptimizer([P(4, 3)], lrr=1e-3)
+    with pytest.raises(ValueError, match="key 'sphre' is unknown"):
+        MDOptimizer([{"params": [P(4, 3)], "sphre": "row"}])
+    with pytest.raises(ValueError, match="amsgrad=True is not available"):
+        MDOptimizer([P(4, 3)], preset="adamw", amsgrad=True)
+    MDOptimizer([P(4, 3)], preset="adamw", amsgrad=False, foreach=None)  # off: accepted
+    with pytest.raises(mdopt.MdoptError) as e:
+        MDOptimizer([{"params": [P(4, 3)], "name": "hidden", "preset": "md-muon",
+                      "weight_decay": 0.1}])
+    assert e.value.status == "MDOPT_INVALID_ARGUMENT"
+    assert "'hidden'" in e.value.message and "weight_decay" in e.value.message
+    with pytest.raises(mdopt.MdoptError, match="preset"):
+        MDOptimizer([P(4, 3)], preset="sgd")
+    with pytest.raises(mdopt.MdoptError) as e:  # Muon needs matrices
+        MDOptimizer([{"params": [P(5)], "names": ["bias"]}], preset="muon")
+    assert "'bias'" in e.value.message
+    with pytest.raises(mdopt.MdoptError, match="threads"):
+        MDOptimizer([P(4, 3)], threads=0)
+    with pytest.raises(ValueError, match="both named 'x'"):
+        MDOptimizer([{"params": [P(4, 3)], "name": "x"}, {"params": [P(4, 3)], "name": "x"}])
+
+
+def test_add_param_group_before_and_after_the_first_step():
+    model = mlp(8)
+    opt = MDOptimizer([model[0].weight, model[2].weight, model[4].weight], threads=1)
+    opt.add_param_group({"params": [model[0].bias, model[2].bias, model[4].bias],
+                         "preset": "vector", "name": "biases"})
+    # No lr given anywhere: each group gets its preset's (torch's defaults= would apply to all).
+    assert [g["lr"] for g in opt.param_groups] == [8e-3, 1e-3]
+    with pytest.raises(mdopt.MdoptError):     # a bad group is refused and not kept
+        opt.add_param_group({"params": [P(3, 3)], "preset": "nope"})
+    assert len(opt.param_groups) == 2
+    train(model, opt, 2)
+    assert opt.group_info("biases").matrices == 3
+    with pytest.raises(RuntimeError, match="after the first step"):
+        opt.add_param_group({"params": [P(3, 3)]})
+
+
+def test_changing_a_fixed_key_after_the_build_is_refused():
+    model = mlp(9)
+    opt = MDOptimizer(model.parameters(), preset="adamw", threads=1)
+    opt.param_groups[0]["betas"] = (0.8, 0.9)
+    with pytest.raises(RuntimeError, match="only lr is read"):
+        train(model, opt, 1)
+
+
+# --- lr, schedulers -----------------------------------------------------------------------
+
+def test_group_lr_is_pushed_every_step():
+    model = mlp(10)
+    opt = MDOptimizer(model.parameters(), preset="md-adamw", lr=2e-3, gain_lr=1e-3, threads=1)
+    train(model, opt, 1)
+    opt.param_groups[0]["lr"] = 5e-4
+    train(model, opt, 1)
+    assert opt.mdopt.group_lr("group0") == (5e-4, 2.5e-4)  # gain_lr by the same factor
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_schedules():
+    model = mlp(11)
+    opt = MDOptimizer(model.parameters(), preset="vector", lr=1.0, threads=1)
+    s = linear_decay(opt, 10)
+    seen = []
+    for _ in range(11):
+        seen.append(opt.param_groups[0]["lr"])
+        s.step()
+    assert seen[0] == 1.0 and seen[5] == pytest.approx(0.5 + 0.5e-8)
+    assert seen[10] == pytest.approx(1e-8)
+    lam = wsd(MDOptimizer(mlp(11).parameters(), preset="vector", lr=1.0, threads=1), 100,
+              warmup_steps=10, cooldown_frac=0.2).lr_lambdas[0]
+    assert lam(0) == pytest.approx(0.1) and lam(9) == 1.0 and lam(50) == 1.0
+    assert lam(80) == 1.0
+    assert lam(85) == pytest.approx(1e-8 + (1 - 1e-8) * (1 - math.sqrt(0.25)))
+    assert lam(100) == pytest.approx(1e-8)
+    with pytest.raises(ValueError):
+        linear_decay(opt, 10, warmup_steps=10)
+
+
+# --- state_dict ---------------------------------------------------------------------------
+
+def run_with_checkpoint(preset, sched):
+    """10 steps straight, and 5 + state_dict -> a fresh optimizer -> 5 more."""
+    def build(model):
+        opt = MDOptimizer(param_groups(model, matrix_preset=preset, lr=0.02), threads=1)
+        return opt, (linear_decay(opt, 10) if sched else None)
+
+    model = mlp(12)
+    straight = copy.deepcopy(model)
+    o1, s1 = build(straight)
+    train(straight, o1, 10, s1)
+
+    o2, s2 = build(model)
+    train(model, o2, 5, s2)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": o2.state_dict(),
+                "sched": s2.state_dict() if sched else None}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False) if "weights_only" in \
+        torch.load.__code__.co_varnames else torch.load(buf)
+    resumed = mlp(99)  # other weights: everything must come from the checkpoint
+    resumed.load_state_dict(ck["model"])
+    o3, s3 = build(resumed)
+    o3.load_state_dict(ck["opt"])
+    if sched:
+        s3.load_state_dict(ck["sched"])
+    train(resumed, o3, 5, s3, seed=105)
+    return straight, resumed, o3
+
+
+@pytest.mark.parametrize("preset,sched", [("md-muon", True), ("md-adamw", False)])
+def test_state_dict_round_trip_continues_identically(preset, sched):
+    straight, resumed, opt = run_with_checkpoint(preset, sched)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert opt.last_step.step == 10
+    sd = opt.state_dict()
+    assert sd["mdopt"]["world_size"] == 1 and sd["mdopt"]["step"] == 10
+    assert "manifest.json" in sd["mdopt"]["files"]
+
+
+def test_load_state_dict_refuses_foreign_dicts():
+    opt = MDOptimizer(mlp(13).parameters(), preset="adamw", threads=1)
+    with pytest.raises(ValueError, match="not an MDOptimizer state_dict"):
+        opt.load_state_dict(torch.optim.AdamW(mlp(13).parameters()).state_dict())
+    sd = opt.state_dict()
+    sd["mdopt"]["files"]["manifest.json"] = b"{}"
+    with pytest.raises(mdopt.MdoptError) as e:
+        opt.load_state_dict(sd)
+    assert e.value.status == "MDOPT_IO_ERROR"
+
+
+# --- recipes ------------------------------------------------------------------------------
+
+class TinyGPT(torch.nn.Module):
+    def __init__(self, vocab=50, d=16, experts=3, tied=False):
+        super().__init__()
+        self.tok = torch.nn.Embedding(vocab, d)
+        self.norm = torch.nn.LayerNorm(d)
+        self.attn = torch.nn.Linear(d, 3 * d, bias=False)
+        self.router = torch.nn.Linear(d, experts, bias=False)
+        self.experts = torch.nn.Parameter(torch.randn(experts, 2 * d, d) / d ** 0.5)
+        self.proj = torch.nn.Linear(2 * d, d, bias=False)
+        self.lm_head = torch.nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.tok.weight
+
+    def forward(self, idx):
+        h = self.norm(self.tok(idx))
+        h = h + self.attn(h)[..., :h.shape[-1]]
+        gate = torch.softmax(self.router(h), -1)
+        up = torch.einsum("btd,emd->btem", h, self.experts)
+        h = h + self.proj(torch.tanh((gate[..., None] * up).sum(2)))
+        return self.lm_head(h)
+
+
+def test_param_groups_follow_the_method():
+    groups = {g["name"]: g for g in param_groups(TinyGPT(), matrix_preset="md-muon", lr=0.02)}
+    assert sorted(groups["matrices"]["names"]) == ["attn.weight", "experts", "proj.weight"]
+    assert groups["matrices"]["preset"] == "md-muon" and groups["matrices"]["lr"] == 0.02
+    assert groups["matrices"]["gain_lr"] == 1e-3
+    assert groups["embeddings"]["names"] == ["tok.weight"]
+    assert groups["embeddings"]["preset"] == "embedding" and groups["embeddings"]["lr"] == 3e-3
+    assert groups["head"]["names"] == ["lm_head.weight"] and groups["head"]["lr"] == 1e-3
+    assert groups["routers"]["names"] == ["router.weight"]
+    assert groups["routers"]["preset"] == "router" and groups["routers"]["lr"] == 0.02
+    assert groups["vectors"]["names"] == ["norm.weight", "norm.bias"]
+    assert groups["vectors"]["lr"] == 1e-3
+    tied = {g["name"]: g for g in param_groups(TinyGPT(tied=True))}
+    assert "head" not in tied and tied["embeddings"]["names"] == ["tok.weight"]
+
+
+def test_recipe_trains_a_tiny_gpt_with_the_examples_spelling():
+    torch.manual_seed(0)
+    model = TinyGPT()
+    opt = MDOptimizer(param_groups(model, matrix_preset="md-muon", lr=0.02), threads=1)
+    sched = linear_decay(opt, 30)
+    idx = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        logits = model(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), idx[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    # Embedding and head rows at unit norm; every expert of the stack on its own sphere.
+    assert torch.allclose(model.tok.weight.norm(dim=1), torch.ones(50), atol=1e-5)
+    assert torch.allclose(model.lm_head.weight.norm(dim=1), torch.ones(50), atol=1e-5)
+    info = opt.group_info("matrices")
+    assert info.matrices == 1 + 3 + 1 and info.orthogonalized == 5 and info.projected == 5
+    assert opt.group_info("routers").orthogonalized == 1
+
+
+def test_bfloat16_weights_are_the_rounded_float32_master():
+    model = mlp(14).to(torch.bfloat16)
+    opt = MDOptimizer(param_groups(model, matrix_preset="md-muon", lr=0.02), threads=1)
+    x, y = batch(400, dtype=torch.bfloat16)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for p in model.parameters():
+        master = torch.tensor(opt.mdopt.get_state(opt.param_index(p), "master"),
+                              dtype=torch.float64).reshape(p.shape)
+        # mdopt keeps an f32 master for bf16 weights and writes it rounded to nearest even,
+        # which is what torch's float32 -> bfloat16 conversion does.
+        assert torch.equal(p, master.float().to(torch.bfloat16))
+        assert not torch.equal(master.float(), p.float())  # the master has more bits
