@@ -9,6 +9,7 @@ pkgs=(
   libopenblas-openmp-dev libomp-dev libdnnl-dev
   nlohmann-json3-dev
   libopenmpi-dev openmpi-bin
+  fortunes fortune-mod  # English text the examples train on (integration/examples)
 )
 
 missing=()
@@ -48,5 +49,10 @@ if ! "$py" -c 'import pytest, numpy, torch' 2>/dev/null; then
     pip_install torch --index-url https://download.pytorch.org/whl/cpu || true
   "$py" -c 'import pytest, numpy, torch' 2>/dev/null ||
     echo "mdopt: pytest, numpy or torch could not be installed for $py; the Python tests will skip"
+fi
+# The examples (integration/examples) draw a progress bar and plots: tqdm, matplotlib.
+if ! "$py" -c 'import tqdm, matplotlib' 2>/dev/null; then
+  PIP_BREAK_SYSTEM_PACKAGES=1 "$py" -m pip install --quiet tqdm matplotlib ||
+    echo "mdopt: tqdm or matplotlib could not be installed for $py; the examples need them"
 fi
 echo "mdopt: dependencies present"
