@@ -46,6 +46,11 @@ def parse_args(argv=None):
                    help="matrix LRs = each optimizer's default times these")
     p.add_argument("--out-dir", default="lr_sweep_out")
     p.add_argument("--resume", action="store_true", help="keep the runs already in the CSV")
+    p.add_argument("--merge", default="",
+                   help="comma-separated CSVs of other sweeps (same model flags) to add; "
+                        "with --report-only, to combine sweeps run in parallel")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the table and plot from the CSV (and --merge)")
     own, rest = p.parse_known_args(argv)
     rest = rest + ["--no-plot", "--no-progress"]
     targs = train_gpt.parse_args(["--optimizer", "adamw"] + rest)
@@ -130,9 +135,14 @@ def main(argv=None) -> int:
     corpus = fortunes_data.load(targs.data_dir)
     os.makedirs(own.out_dir, exist_ok=True)
     csv_path = os.path.join(own.out_dir, "lr_sweep.csv")
-    rows = read_csv(csv_path) if own.resume else []
+    rows = read_csv(csv_path) if own.resume or own.report_only else []
+    for extra in filter(None, own.merge.split(",")):
+        have = {_key(r["optimizer"], float(r["matrix_lr"])) for r in rows}
+        rows += [r for r in read_csv(extra) if _key(r["optimizer"], float(r["matrix_lr"])) not in have]
     done = {_key(r["optimizer"], float(r["matrix_lr"])) for r in rows}
     plan = [(n, optimizers.DEFAULT_MATRIX_LR[n] * m, m) for n in own.optimizers for m in own.multipliers]
+    if own.report_only:
+        plan = []
     try:
         from tqdm import tqdm
         bar = tqdm(plan, unit="run", dynamic_ncols=True)
@@ -153,7 +163,8 @@ def main(argv=None) -> int:
         })
         write_csv(csv_path, rows)  # after every run: an interrupted sweep keeps its results
     order = {n: i for i, n in enumerate(own.optimizers)}
-    rows.sort(key=lambda r: (order.get(r["optimizer"], 99), float(r["matrix_lr"])))
+    rows = [r for r in rows if r["optimizer"] in order]
+    rows.sort(key=lambda r: (order[r["optimizer"]], float(r["matrix_lr"])))
     write_csv(csv_path, rows)
     md_path = os.path.join(own.out_dir, "lr_sweep.md")
     with open(md_path, "w") as f:

@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=fortunes_data.DEFAULT_DIR)
     p.add_argument("--out-dir", default="train_gpt_out")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs every eval instead)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (prints a line at every evaluation instead)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.optimizer.split(",") if n.strip()]
     bad = [n for n in names if n not in optimizers.NAMES]
@@ -99,7 +99,8 @@ def evaluate(model: TinyGPT, val: tuple[torch.Tensor, torch.Tensor], device, bat
     return total / x.shape[0]
 
 
-def train_one(args, name: str, corpus, lr: float | None = None, progress: bool = True) -> dict:
+def train_one(args, name: str, corpus, lr: float | None = None, progress: bool = True,
+              log_evals: bool = False) -> dict:
     """One run; returns {'rows': [...], 'final_val': float, 'diverged': bool, 'seconds': float}."""
     device = torch.device(args.device)
     if device.type != "cpu" and name in optimizers.MDOPT:
@@ -158,8 +159,9 @@ def train_one(args, name: str, corpus, lr: float | None = None, progress: bool =
         if bar is not None:
             bar.update(1)
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-        elif not progress and evaluated and args.__dict__.get("verbose", True):
-            pass
+        elif log_evals and evaluated:
+            print(f"  {name} step {step + 1}/{args.steps}: train {train_loss:.4f}, "
+                  f"validation {val_loss:.4f} nats/byte, {time.perf_counter() - t_start:.1f} s")
         if diverged:
             break
     if bar is not None:
@@ -236,7 +238,8 @@ def main(argv=None) -> int:
     tokens = args.batch_size * args.seq_len
     runs, results = {}, {}
     for name in args.optimizers:
-        res = train_one(args, name, corpus, args.lr, progress=not args.no_progress)
+        res = train_one(args, name, corpus, args.lr, progress=not args.no_progress,
+                        log_evals=args.no_progress)
         if name == args.optimizers[0]:
             print(f"model: {res['params'] / 1e6:.2f} M parameters (d={args.d_model}, L={args.layers}, "
                   f"{args.heads} heads); {args.steps} steps of {tokens} bytes")
