@@ -163,9 +163,9 @@ def main(argv=None) -> int:
         })
         write_csv(csv_path, rows)  # after every run: an interrupted sweep keeps its results
     order = {n: i for i, n in enumerate(own.optimizers)}
-    rows = [r for r in rows if r["optimizer"] in order]
-    rows.sort(key=lambda r: (order[r["optimizer"]], float(r["matrix_lr"])))
-    write_csv(csv_path, rows)
+    rows.sort(key=lambda r: (order.get(r["optimizer"], len(order)), r["optimizer"], float(r["matrix_lr"])))
+    write_csv(csv_path, rows)  # every run, also of optimizers not asked for this time
+    rows = [r for r in rows if r["optimizer"] in order]  # the report: those asked for
     md_path = os.path.join(own.out_dir, "lr_sweep.md")
     with open(md_path, "w") as f:
         f.write(markdown(rows))
