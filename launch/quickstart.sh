@@ -8,7 +8,7 @@
 #     fortunes (real English text shipped by the distribution) for 300 steps with md-muon
 #     through mdopt's Python package, and with torch's own AdamW and Muon as references, then
 #     prints each one's validation loss (nats per byte) and writes a CSV and a PNG of the loss,
-#     gradient norm and relative updates (about 90 s on 2 vCPUs).
+#     gradient norm and relative updates (1-2 minutes on 2 idle vCPUs).
 # Both come after a build of a few minutes. The demo builds into its own folder (build-demo,
 # without tests), so that "Building by hand" in the README, into build/, still gets the
 # test suite.
