@@ -38,8 +38,11 @@ FIELDS = ("optimizer", "matrix_lr", "lr_multiplier", "final_val_loss", "final_tr
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Every other flag (--steps, --d-model, --layers, --batch-size, --seq-len, "
+               "--schedule, --threads, --seed, ...) goes to train_gpt.py: see its --help.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--optimizers", default="adamw,muon,muonh,md-muon",
                    help="comma-separated, from: " + ", ".join(optimizers.NAMES))
     p.add_argument("--multipliers", default="0.25,0.5,1,2,4,8",
