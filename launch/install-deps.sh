@@ -12,6 +12,7 @@ pkgs=(
   # A single-node Slurm for tests/launch/slurm_test.sh (sbatch launch/slurm.sbatch): the
   # daemons, the client commands and munge; the daemons are started by the test only.
   slurmctld slurmd slurm-client munge
+  fortunes fortune-mod  # English text the examples train on (integration/examples)
 )
 
 missing=()
@@ -35,8 +36,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   install || { update && install; }
 fi
 # The Python tests (integration/python) need pytest, numpy and torch in the python3 that
-# runs them (the first on PATH, or $MDOPT_PYTHON): installed with pip when missing, torch as
-# the CPU wheel. PIP_BREAK_SYSTEM_PACKAGES lets pip install into Debian's own python3 too
+# runs them (the first on PATH, or $MDOPT_PYTHON): installed with pip when missing (torch
+# 2.15.0, the release the tests and docs were measured with; it runs on the CPU). PIP_BREAK_SYSTEM_PACKAGES lets pip install into Debian's own python3 too
 # (a CI machine as root); a pyenv or venv python ignores it. Offline, the tests skip.
 py="${MDOPT_PYTHON:-python3}"
 if ! "$py" -c 'import pytest, numpy, torch' 2>/dev/null; then
@@ -48,9 +49,14 @@ if ! "$py" -c 'import pytest, numpy, torch' 2>/dev/null; then
   "$py" -c 'import pytest' 2>/dev/null || pip_install pytest || true
   "$py" -c 'import numpy' 2>/dev/null || pip_install numpy || true
   "$py" -c 'import torch' 2>/dev/null ||
-    pip_install torch --index-url https://download.pytorch.org/whl/cpu || true
+    pip_install torch==2.15.0 || true
   "$py" -c 'import pytest, numpy, torch' 2>/dev/null ||
     echo "mdopt: pytest, numpy or torch could not be installed for $py; the Python tests will skip"
+fi
+# The examples (integration/examples) draw a progress bar and plots: tqdm, matplotlib.
+if ! "$py" -c 'import tqdm, matplotlib' 2>/dev/null; then
+  PIP_BREAK_SYSTEM_PACKAGES=1 "$py" -m pip install --quiet tqdm matplotlib ||
+    echo "mdopt: tqdm or matplotlib could not be installed for $py; the examples need them"
 fi
 # Megatron-Core for the adapter's tests (integration/python/tests/test_megatron.py): 0.16.1,
 # the newest release for Python 3.11 (0.17 on need 3.12). Only next to an installed torch
