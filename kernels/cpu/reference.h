@@ -1,6 +1,7 @@
-// The float64 reference of DESIGN.md section 1: plain loops, one whole matrix at a time,
-// every step of the math a separate pass. It is the oracle every faster path is held to,
-// and it is itself held to ../shared/reference/md-vectors.json (tests/unit/reference_vectors_test).
+// The float64 reference of the math (docs/ARCHITECTURE.md): plain loops, one whole matrix at
+// a time, every step of the math a separate pass. It is the oracle every faster path is held
+// to, and it is itself held to an independent implementation's trajectories in
+// tests/data/md-vectors.json (tests/unit/reference_vectors_test).
 // Nothing here is tuned for speed; clarity over cleverness.
 #ifndef MDOPT_KERNELS_CPU_REFERENCE_H_
 #define MDOPT_KERNELS_CPU_REFERENCE_H_
