@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""mdopt against PyTorch's optimizers on the same tensors, in one process.
+
+The set is the hidden matrices of a GPT (default d=1024, 4 layers: per layer q (d,d),
+k (d/4,d), v (d/4,d), o (d,d), fc1 (4d,d), fc2 (d,4d); 44.0 M parameters), f32 weights and
+gradients, fixed random gradients. Every optimizer gets its own copy of the same weights and
+the same gradients; each step is timed alone (median of --steps after --warmup) with
+torch.set_num_threads(--threads) and mdopt's threads= option set alike.
+
+Pairs (ratio = mdopt / torch; below 1 is faster):
+  md-adamw, adamw   vs torch.optim.AdamW(fused=True)
+  md-muon, muon     vs torch.optim.Muon where the CPU has bf16 GEMM (AVX512_BF16 or AMX),
+                    else vs the same algorithm in torch with f32 products ("torch-muon-f32":
+                    torch.optim.Muon's bf16 products fall back to a slow path on such CPUs)
+Beside them: the machine's copy bandwidth and f32 GEMM rate measured here, and each step's
+achieved GB/s from the bytes it must move per parameter (AdamW: read W, G, m, v and write
+W, m, v = 28 B; md-adamw: 36 B, one more read and write of the weights for the projection
+and gains) and its Newton-Schulz GFLOP/s (5 quintic iterations).
+
+  python3 integration/tools/compare_torch.py --threads 2 --steps 5
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "python"))
+
+import torch  # noqa: E402
+
+import mdopt  # noqa: E402
+from mdopt.torch import MDOptimizer  # noqa: E402
+
+BYTES_PER_PARAM = {"adamw": 28, "md-adamw": 36}
+
+
+def shapes(d, layers):
+    out = []
+    for l in range(layers):
+        for name, (m, n) in (("q", (d, d)), ("k", (d // 4, d)), ("v", (d // 4, d)),
+                             ("o", (d, d)), ("fc1", (4 * d, d)), ("fc2", (d, 4 * d))):
+            out.append(("layer%d.%s" % (l, name), (m, n)))
+    return out
+
+
+def cpu_has_bf16_gemm():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def make_params(shape_list, seed):
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for _, (m, n) in shape_list:
+        p = torch.nn.Parameter(torch.randn(m, n, generator=g) / n ** 0.5)
+        p.grad = torch.randn(m, n, generator=g) * 1e-2
+        params.append(p)
+    return params
+
+
+def time_steps(opt, steps, warmup):
+    for _ in range(warmup):
+        opt.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+class TorchMuonF32(torch.optim.Optimizer):
+    """torch.optim.Muon's algorithm with f32 products (same coefficients and steps)."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.1, ns_steps=5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      ns_steps=ns_steps))
+
+    @staticmethod
+    def orthogonalize(g, steps):
+        a, b, c = 3.4445, -4.7750, 2.0315
+        x = g / (g.norm() + 1e-7)
+        tall = x.size(0) > x.size(1)
+        if tall:
+            x = x.T
+        for _ in range(steps):
+            A = x @ x.T
+            B = torch.addmm(A, A, A, beta=b, alpha=c)
+            x = torch.addmm(x, B, x, beta=a)
+        return x.T if tall else x
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                buf = st.setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                u = p.grad.lerp(buf, group["momentum"])  # nesterov
+                o = self.orthogonalize(u, group["ns_steps"])
+                m, n = p.shape
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(o, alpha=-group["lr"] * max(1.0, m / n) ** 0.5)
+
+
+def copy_bandwidth(mib=512, reps=5):
+    src = torch.ones(mib * (1 << 20) // 4)
+    dst = torch.empty_like(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(reps))
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def gemm_rate(n=2048, reps=3):
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def ns_flops(shape_list, steps=5):
+    total = 0
+    for _, (m, n) in shape_list:
+        s, l = min(m, n), max(m, n)
+        # per iteration: X X^T (2 s^2 l), A A (2 s^3), B X (2 s^2 l)
+        total += steps * (4 * s * s * l + 2 * s ** 3)
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--d-model", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--pairs", default="adamw,muon",
+                    help="which comparisons: adamw (md-adamw, adamw vs fused AdamW), muon "
+                         "(md-muon, muon vs torch's Muon)")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    sl = shapes(args.d_model, args.layers)
+    nparams = sum(m * n for _, (m, n) in sl)
+    bf16 = cpu_has_bf16_gemm()
+    print("mdopt %s (%s) vs torch %s, %d threads, %d matrices, %.1f M parameters, f32"
+          % (mdopt.__version__ if hasattr(mdopt, "__version__") else "", mdopt.library_path,
+             torch.__version__, args.threads, len(sl), nparams / 1e6))
+    bw = copy_bandwidth()
+    gf = gemm_rate()
+    print("machine: copy %.1f GB/s (read + write, 512 MiB), f32 GEMM %.0f GFLOP/s (2048^3), "
+          "bf16 GEMM in the CPU: %s" % (bw, gf, "yes" if bf16 else "no"))
+
+    rows = []
+
+    def run(label, make, baseline=None, kind=None):
+        params = make_params(sl, seed=1)
+        opt = make(params)
+        med, _ = time_steps(opt, args.steps, args.warmup)
+        row = {"step": label, "ms": 1e3 * med}
+        if kind in BYTES_PER_PARAM:
+            row["GB/s"] = BYTES_PER_PARAM[kind] * nparams / med / 1e9
+        if kind == "ns":
+            row["GFLOP/s"] = ns_flops(sl) / med / 1e9
+        if baseline is not None:
+            row["vs"] = baseline["step"]
+            row["ratio"] = med * 1e3 / baseline["ms"]
+        rows.append(row)
+        print("  %-28s %10.1f ms%s%s" % (
+            label, row["ms"],
+            "  %5.1f GB/s" % row["GB/s"] if "GB/s" in row else
+            "  %5.1f GFLOP/s" % row["GFLOP/s"] if "GFLOP/s" in row else "",
+            "  %.2fx %s" % (row["ratio"], row["vs"]) if "ratio" in row else ""))
+        del opt, params
+        return row
+
+    threads = "threads=%d" % args.threads
+    pairs = set(args.pairs.split(","))
+    if "adamw" in pairs:
+        base = run("torch AdamW(fused=True)",
+                   lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1, fused=True),
+                   kind="adamw")
+        run("mdopt md-adamw", lambda p: MDOptimizer(p, preset="md-adamw", options=threads),
+            base, kind="md-adamw")
+        run("mdopt adamw", lambda p: MDOptimizer(p, preset="adamw", options=threads), base,
+            kind="adamw")
+    if "muon" in pairs:
+        if bf16 and hasattr(torch.optim, "Muon"):
+            base = run("torch.optim.Muon (bf16 NS)",
+                       lambda p: torch.optim.Muon(p, lr=0.02, weight_decay=0.1), kind="ns")
+        else:
+            base = run("torch Muon, f32 products", lambda p: TorchMuonF32(p), kind="ns")
+        run("mdopt md-muon", lambda p: MDOptimizer(p, preset="md-muon", options=threads), base,
+            kind="ns")
+        run("mdopt muon", lambda p: MDOptimizer(p, preset="muon", options=threads), base,
+            kind="ns")
+    print("ratio = mdopt / torch on the same tensors (median step); GB/s from 28 B/param "
+          "(AdamW) or 36 B/param (md-adamw); GFLOP/s: Newton-Schulz flops of 5 quintic "
+          "iterations / step time")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads, "params": nparams, "copy_GBps": bw,
+                       "gemm_GFLOPps": gf, "bf16_gemm": bf16, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
