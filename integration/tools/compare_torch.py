@@ -208,8 +208,9 @@ def main():
         run("mdopt muon", lambda p: MDOptimizer(p, preset="muon", options=threads), base,
             kind="ns")
     print("ratio = mdopt / torch on the same tensors (median step); GB/s from 28 B/param "
-          "(AdamW) or 36 B/param (md-adamw); GFLOP/s: Newton-Schulz flops of 5 quintic "
-          "iterations / step time")
+          "(AdamW) or 36 B/param (md-adamw); GFLOP/s: effective, the general-GEMM flops of 5 "
+          "quintic Newton-Schulz iterations / step time (a symmetric product done as such "
+          "costs half)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "params": nparams, "copy_GBps": bw,
