@@ -34,6 +34,7 @@
 #include "comm/communicator.h"
 #include "dist_opt/optimizer.h"
 #include "kernels/common/bf16.h"
+#include "tests/dist/dist_harness.h"
 
 namespace {
 
@@ -155,116 +156,9 @@ class AllocationWatch {
   }
 };
 
-std::vector<double> Normal(size_t n, uint64_t seed, double scale) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> d(0.0, scale);
-  std::vector<double> v(n);
-  for (double& x : v) x = d(rng);
-  return v;
-}
-
-struct Tensor {
-  std::string name;
-  std::vector<int64_t> shape;
-  int64_t numel() const {
-    int64_t n = 1;
-    for (int64_t s : shape) n *= s;
-    return n;
-  }
-};
-
-// Uneven shapes (m < N, odd m, 1 x n, m x 1, a 3-D stack, a 1-D vector for Adam groups).
-std::vector<Tensor> Tensors(bool adam) {
-  std::vector<Tensor> t = {{"odd", {7, 19}}, {"small", {2, 9}},      {"row1", {1, 11}},
-                           {"col1", {9, 1}}, {"experts", {3, 5, 8}}, {"big", {40, 90}}};
-  if (adam) t.push_back({"vec", {13}});
-  return t;
-}
-
-class OptRun {
- public:
-  OptRun(Communicator* comm, const std::string& options, const std::string& spec, bool bf16)
-      : bf16_(bf16) {
-    absl::StatusOr<OptimizerOptions> o = ParseOptimizerOptions(options);
-    EXPECT_TRUE(o.ok()) << o.status();
-    opt_ = std::make_unique<Optimizer>(comm, *o);
-    EXPECT_TRUE(opt_->AddGroup("g", spec).ok());
-    tensors_ = Tensors(ParseGroupSpec(spec)->rule.base == kernels::Base::kAdamW);
-    w_.resize(tensors_.size());
-    wb_.resize(tensors_.size());
-    g_.resize(tensors_.size());
-    for (size_t i = 0; i < tensors_.size(); ++i) {
-      const Tensor& t = tensors_[i];
-      const std::vector<double> w0 = Normal(t.numel(), 17 + i, 1.0 / std::sqrt(double(t.shape.back())));
-      w_[i].assign(w0.begin(), w0.end());
-      for (float f : w_[i]) wb_[i].push_back(kernels::FloatToBf16(f));
-      g_[i].assign(t.numel(), 0.0f);
-      ParamDescription d;
-      d.name = t.name;
-      d.group = "g";
-      d.ndim = static_cast<int>(t.shape.size());
-      for (size_t k = 0; k < t.shape.size(); ++k) d.shape[k] = t.shape[k];
-      d.param_dtype = bf16 ? 1 : 0;
-      d.param = bf16 ? static_cast<void*>(wb_[i].data()) : w_[i].data();
-      d.grad_dtype = 0;
-      d.grad = g_[i].data();
-      EXPECT_TRUE(opt_->AddParam(d).ok());
-    }
-  }
-
-  Optimizer& opt() { return *opt_; }
-  size_t size() const { return tensors_.size(); }
-
-  static std::vector<double> Grad(const Tensor& t, size_t i, int step, int rank) {
-    std::vector<double> g = Normal(t.numel(), 1000 * step + i, 0.1);
-    const std::vector<double> own = Normal(t.numel(), 77 + 1000 * step + 31 * i + 7919 * rank, 0.05);
-    for (size_t k = 0; k < g.size(); ++k) g[k] += own[k];
-    return g;
-  }
-  void SetLocal(int step, int rank) {
-    for (size_t i = 0; i < size(); ++i) {
-      const std::vector<double> g = Grad(tensors_[i], i, step, rank);
-      std::copy(g.begin(), g.end(), g_[i].begin());
-    }
-  }
-  void SetMean(int step, int world) {
-    for (size_t i = 0; i < size(); ++i) {
-      std::vector<double> mean(tensors_[i].numel(), 0.0);
-      for (int r = 0; r < world; ++r) {
-        const std::vector<double> g = Grad(tensors_[i], i, step, r);
-        for (size_t k = 0; k < g.size(); ++k) mean[k] += g[k] / world;
-      }
-      std::copy(mean.begin(), mean.end(), g_[i].begin());
-    }
-  }
-  void Poison(size_t i) { g_[i][g_[i].size() / 2] = NAN; }
-
-  std::vector<double> Model(size_t i) const {
-    std::vector<double> v;
-    if (bf16_) {
-      for (uint16_t h : wb_[i]) v.push_back(kernels::Bf16ToFloat(h));
-    } else {
-      v.assign(w_[i].begin(), w_[i].end());
-    }
-    return v;
-  }
-
- private:
-  bool bf16_;
-  std::unique_ptr<Optimizer> opt_;
-  std::vector<Tensor> tensors_;
-  std::vector<std::vector<float>> w_, g_;
-  std::vector<std::vector<uint16_t>> wb_;
-};
-
-double RelMaxError(const std::vector<double>& a, const std::vector<double>& b) {
-  double err = 0.0, ref = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err = std::max(err, std::abs(a[i] - b[i]));
-    ref = std::max(ref, std::abs(b[i]));
-  }
-  return ref > 0 ? err / ref : err;
-}
+// The model, its gradients and the comparison are the other multi-rank tests' own.
+using dist_test::RelMaxError;
+using dist_test::TestModel;
 
 struct Case {
   std::string spec;     // preset=md-muon | preset=md-adamw
@@ -319,8 +213,8 @@ void RunCase(const Case& c) {
   if (c.ns_comm_bf16) options += " ns_comm_dtype=bf16";
   const std::string spec = c.spec + " layout=" + c.layout;
   std::unique_ptr<Communicator> local = MakeLocalCommunicator();
-  OptRun sharded(world, options, spec, c.bf16);
-  OptRun single(local.get(), "threads=1", spec, c.bf16);
+  TestModel sharded(world, options, spec, c.bf16);
+  TestModel single(local.get(), "threads=1", spec, c.bf16);
   ASSERT_TRUE(sharded.opt().Finalize().ok());
   ASSERT_TRUE(single.opt().Finalize().ok());
   const bool nan_step = !c.reduced;  // one rank's local gradient; the contract of reduced
