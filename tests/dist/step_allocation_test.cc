@@ -194,6 +194,11 @@ std::vector<Case> Cases() {
     }
   Case b{"preset=md-muon", "rows", false, false, true};
   b.bf16 = true;
+  // The bf16 model copy is compared, not the float32 master: where the ranks' cross-row
+  // sums (added in another order than one rank adds them) move a master weight by an ulp
+  // across a bf16 rounding boundary, that element differs by one bf16 ulp, up to 2^-8 of
+  // the largest weight (seen at 3 ranks with OpenBLAS's AVX-512 kernels: 8.9e-5).
+  b.tolerance = 1.0 / 256;
   c.push_back(b);
   Case n{"preset=md-muon", "rows", false, true, false};
   n.ns_comm_bf16 = true;
