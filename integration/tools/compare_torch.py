@@ -4,18 +4,25 @@
 The set is the hidden matrices of a GPT (default d=1024, 4 layers: per layer q (d,d),
 k (d/4,d), v (d/4,d), o (d,d), fc1 (4d,d), fc2 (d,4d); 44.0 M parameters), f32 weights and
 gradients, fixed random gradients. Every optimizer gets its own copy of the same weights and
-the same gradients; each step is timed alone (median of --steps after --warmup) with
-torch.set_num_threads(--threads) and mdopt's threads= option set alike.
+the same gradients, torch.set_num_threads(--threads) and mdopt's threads= option set alike.
+The optimizers of one comparison step in turn, once per round (the order rotates), each
+step timed alone: the machine's drift lands on baseline and candidate alike, and a ratio is
+the median over --steps rounds of candidate time / baseline time in the same round.
 
-Pairs (ratio = mdopt / torch; below 1 is faster):
-  md-adamw, adamw   vs torch.optim.AdamW(fused=True)
-  md-muon, muon     vs torch.optim.Muon where the CPU has bf16 GEMM (AVX512_BF16 or AMX),
-                    else vs the same algorithm in torch with f32 products ("torch-muon-f32":
-                    torch.optim.Muon's bf16 products fall back to a slow path on such CPUs)
-Beside them: the machine's copy bandwidth and f32 GEMM rate measured here, and each step's
-achieved GB/s from the bytes it must move per parameter (AdamW: read W, G, m, v and write
-W, m, v = 28 B; md-adamw: 36 B, one more read and write of the weights for the projection
-and gains) and its Newton-Schulz GFLOP/s (5 quintic iterations).
+Comparisons (ratio = mdopt / torch; below 1 is faster):
+  adamw  md-adamw, adamw   vs torch.optim.AdamW(fused=True)
+  muon   md-muon, muon     vs torch.optim.Muon with ns_dtype=bf16, where the CPU has bf16 GEMM
+                           (AVX512_BF16 or AMX; torch.optim.Muon's bf16 products fall back to
+                           a slow path elsewhere), and in float32 (mdopt's default) vs the
+                           same algorithm in torch with f32 products, on every CPU
+  ns     Newton-Schulz alone, f32: torch's 5 quintic iterations per gradient vs mdopt's muon
+         with momentum 0 and no weight decay (NS and one elementwise pass)
+Beside them: the machine's copy bandwidth and f32 GEMM rate measured here, each AdamW step's
+achieved GB/s from the bytes it moves per parameter, counted by construction (torch: read
+W, G, m, v, write W, m, v = 28 B; mdopt adamw: 4 B more for the finite check that reads G
+before any state changes = 32 B; md-adamw: that, and one more read and write of the weights
+for the projection and gains = 40 B, less whatever the finishing pass finds in cache) and
+each Muon step's Newton-Schulz GFLOP/s (5 quintic iterations counted as general GEMMs).
 
   python3 integration/tools/compare_torch.py --threads 2 --steps 5
 """
@@ -34,7 +41,7 @@ import torch  # noqa: E402
 import mdopt  # noqa: E402
 from mdopt.torch import MDOptimizer  # noqa: E402
 
-BYTES_PER_PARAM = {"adamw": 28, "md-adamw": 36}
+BYTES_PER_PARAM = {"adamw": 28, "mdopt-adamw": 32, "md-adamw": 40}
 
 
 def shapes(d, layers):
@@ -65,15 +72,21 @@ def make_params(shape_list, seed):
     return params
 
 
-def time_steps(opt, steps, warmup):
-    for _ in range(warmup):
-        opt.step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+def interleaved(opts, rounds, warmup):
+    """Step every optimizer once per round, in an order that rotates each round, and time each
+    step alone. The machine's speed drifts (other tenants, frequency); stepping the baseline
+    and the candidates side by side puts the same drift on both, and a candidate's ratio is
+    the median over rounds of its time / the baseline's time in the same round."""
+    times = [[] for _ in opts]
+    for r in range(warmup + rounds):
+        for k in range(len(opts)):
+            i = (k + r) % len(opts)
+            t0 = time.perf_counter()
+            opts[i].step()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[i].append(dt)
+    return times
 
 
 class TorchMuonF32(torch.optim.Optimizer):
@@ -110,6 +123,19 @@ class TorchMuonF32(torch.optim.Optimizer):
                 p.add_(o, alpha=-group["lr"] * max(1.0, m / n) ** 0.5)
 
 
+class TorchNsOnly(torch.optim.Optimizer):
+    """Newton-Schulz alone: each gradient orthogonalised, nothing else (the result is kept)."""
+
+    def __init__(self, params, ns_steps=5):
+        super().__init__(params, dict(ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["o"] = TorchMuonF32.orthogonalize(p.grad, group["ns_steps"])
+
+
 def copy_bandwidth(mib=512, reps=5):
     src = torch.ones(mib * (1 << 20) // 4)
     dst = torch.empty_like(src)
@@ -144,11 +170,14 @@ def main():
     ap.add_argument("--d-model", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--pairs", default="adamw,muon",
+    ap.add_argument("--steps", type=int, default=5, help="timed rounds")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure each comparison this many times on the same optimizers")
+    ap.add_argument("--pairs", default="adamw,muon,ns",
                     help="which comparisons: adamw (md-adamw, adamw vs fused AdamW), muon "
-                         "(md-muon, muon vs torch's Muon)")
+                         "(md-muon, muon vs torch's Muon; in bf16 too where the CPU has it), "
+                         "ns (Newton-Schulz alone)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -166,54 +195,72 @@ def main():
 
     rows = []
 
-    def run(label, make, baseline=None, kind=None):
-        params = make_params(sl, seed=1)
-        opt = make(params)
-        med, _ = time_steps(opt, args.steps, args.warmup)
-        row = {"step": label, "ms": 1e3 * med}
-        if kind in BYTES_PER_PARAM:
-            row["GB/s"] = BYTES_PER_PARAM[kind] * nparams / med / 1e9
-        if kind == "ns":
-            row["GFLOP/s"] = ns_flops(sl) / med / 1e9
-        if baseline is not None:
-            row["vs"] = baseline["step"]
-            row["ratio"] = med * 1e3 / baseline["ms"]
-        rows.append(row)
-        print("  %-28s %10.1f ms%s%s" % (
-            label, row["ms"],
-            "  %5.1f GB/s" % row["GB/s"] if "GB/s" in row else
-            "  %5.1f GFLOP/s" % row["GFLOP/s"] if "GFLOP/s" in row else "",
-            "  %.2fx %s" % (row["ratio"], row["vs"]) if "ratio" in row else ""))
-        del opt, params
-        return row
+    def measure(title, baseline, candidates):
+        """baseline and each candidate: (label, make(params) -> optimizer, bytes/flops kind)."""
+        entries = [baseline] + candidates
+        params = [make_params(sl, seed=1) for _ in entries]
+        opts = [make(p) for (_, make, _), p in zip(entries, params)]
+        print(title)
+        for rep in range(args.repeat):
+            times = interleaved(opts, args.steps, args.warmup if rep == 0 else 0)
+            base_ms = 1e3 * statistics.median(times[0])
+            for k, ((label, _, kind), t) in enumerate(zip(entries, times)):
+                med = statistics.median(t)
+                row = {"step": label, "ms": 1e3 * med, "repeat": rep}
+                if kind in BYTES_PER_PARAM:
+                    row["GB/s"] = BYTES_PER_PARAM[kind] * nparams / med / 1e9
+                if kind == "ns":
+                    row["GFLOP/s"] = ns_flops(sl) / med / 1e9
+                if k > 0:
+                    row["vs"] = entries[0][0]
+                    row["ratio"] = statistics.median(a / b for a, b in zip(t, times[0]))
+                rows.append(row)
+                print("  %-34s %10.1f ms%s%s" % (
+                    label + (" [%d]" % rep if args.repeat > 1 else ""), row["ms"],
+                    "  %5.1f GB/s" % row["GB/s"] if "GB/s" in row else
+                    "  %5.1f GFLOP/s" % row["GFLOP/s"] if "GFLOP/s" in row else "",
+                    "  %.2fx" % row["ratio"] if "ratio" in row else "  (baseline)"))
+        del opts, params
 
     threads = "threads=%d" % args.threads
     pairs = set(args.pairs.split(","))
+    md = lambda preset, opts=threads: (lambda p: MDOptimizer(p, preset=preset, options=opts))
     if "adamw" in pairs:
-        base = run("torch AdamW(fused=True)",
-                   lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1, fused=True),
-                   kind="adamw")
-        run("mdopt md-adamw", lambda p: MDOptimizer(p, preset="md-adamw", options=threads),
-            base, kind="md-adamw")
-        run("mdopt adamw", lambda p: MDOptimizer(p, preset="adamw", options=threads), base,
-            kind="adamw")
+        measure("AdamW-based (ratio vs torch.optim.AdamW(fused=True)):",
+                ("torch AdamW(fused=True)",
+                 lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1, fused=True), "adamw"),
+                [("mdopt md-adamw", md("md-adamw"), "md-adamw"),
+                 ("mdopt adamw", md("adamw"), "mdopt-adamw")])
+    torch_muon = bf16 and hasattr(torch.optim, "Muon")
+    f32_base = ("torch Muon, f32 products", lambda p: TorchMuonF32(p), "ns")
+    f32_cands = [("mdopt md-muon", md("md-muon"), "ns"), ("mdopt muon", md("muon"), "ns")]
     if "muon" in pairs:
-        if bf16 and hasattr(torch.optim, "Muon"):
-            base = run("torch.optim.Muon (bf16 NS)",
-                       lambda p: torch.optim.Muon(p, lr=0.02, weight_decay=0.1), kind="ns")
-        else:
-            base = run("torch Muon, f32 products", lambda p: TorchMuonF32(p), kind="ns")
-        run("mdopt md-muon", lambda p: MDOptimizer(p, preset="md-muon", options=threads), base,
-            kind="ns")
-        run("mdopt muon", lambda p: MDOptimizer(p, preset="muon", options=threads), base,
-            kind="ns")
-    print("ratio = mdopt / torch on the same tensors (median step); GB/s from 28 B/param "
-          "(AdamW) or 36 B/param (md-adamw); GFLOP/s: effective, the general-GEMM flops of 5 "
-          "quintic Newton-Schulz iterations / step time (a symmetric product done as such "
-          "costs half)")
+        if torch_muon:
+            nsb = threads + " ns_dtype=bf16"
+            measure("Muon-based, bf16 products (ratio vs torch.optim.Muon):",
+                    ("torch.optim.Muon (bf16 NS)",
+                     lambda p: torch.optim.Muon(p, lr=0.02, weight_decay=0.1), "ns"),
+                    [("mdopt md-muon ns_dtype=bf16", md("md-muon", nsb), "ns"),
+                     ("mdopt muon ns_dtype=bf16", md("muon", nsb), "ns")])
+        measure("Muon-based, f32 products (ratio vs torch.optim.Muon's algorithm in f32):",
+                f32_base, f32_cands)
+    if "ns" in pairs:
+        # Newton-Schulz alone: torch's orthogonalisation of each gradient against mdopt's
+        # muon with momentum 0 and no weight decay (NS plus one elementwise pass, about 1 %
+        # of the step), both f32.
+        ns_opts = threads
+        measure("Newton-Schulz alone, f32 products:",
+                ("torch NS (f32 products)", lambda p: TorchNsOnly(p), "ns"),
+                [("mdopt NS (muon, momentum=0)",
+                  lambda p: MDOptimizer(p, preset="muon", momentum=0, nesterov=False,
+                                        weight_decay=0, options=ns_opts), "ns")])
+    print("ratio = median over rounds of mdopt / torch in the same round; GB/s from 28 B/param "
+          "(torch AdamW), 32 (mdopt adamw), 40 (md-adamw); GFLOP/s: effective, the general-GEMM "
+          "flops of 5 quintic Newton-Schulz iterations / step time (a symmetric product done "
+          "as such costs half)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "params": nparams, "copy_GBps": bw,
+            json.dump({"threads": args.threads, "repeat": args.repeat, "params": nparams, "copy_GBps": bw,
                        "gemm_GFLOPps": gf, "bf16_gemm": bf16, "rows": rows}, f, indent=1)
 
 
