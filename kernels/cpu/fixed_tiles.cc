@@ -77,6 +77,20 @@ void GemmTiled(int64_t m, int64_t n, int64_t k, const float* a, const float* b, 
   });
 }
 
+void GemmUpperTiled(int64_t s, int64_t k, const float* a, const float* b, float* c) {
+  const int64_t nb = Blocks(s, kTileRows);
+  ForEachTile(nb * (nb + 1) / 2, [&](int64_t t) {
+    int64_t bi = 0, bj = 0;
+    UpperPair(t, nb, &bi, &bj);
+    const int64_t i0 = bi * kTileRows, j0 = bj * kTileRows;
+    const int mi = static_cast<int>(std::min(kTileRows, s - i0));
+    const int nj = static_cast<int>(std::min(kTileRows, s - j0));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mi, nj, static_cast<int>(k), 1.0f,
+                a + i0 * k, static_cast<int>(k), b + j0, static_cast<int>(s), 0.0f, c + i0 * s + j0,
+                static_cast<int>(s));
+  });
+}
+
 void MirrorUpper(float* a, int64_t s) {
   // Tiled so that both the rows read and the columns written stay in cache.
   constexpr int64_t kTile = 64;

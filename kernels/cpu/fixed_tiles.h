@@ -25,6 +25,13 @@ void SyrkUpperTiled(bool trans, int64_t s, int64_t k, float alpha, const float* 
 // C (m x n) = A (m x k) B (k x n), all row-major and dense (leading dimensions k, n, n).
 void GemmTiled(int64_t m, int64_t n, int64_t k, const float* a, const float* b, float* c);
 
+// C (s x s) = A (s x k) B (k x s), all row-major and dense (leading dimensions k, s, s), for
+// a product known to be symmetric (two commuting symmetric matrices): only the kTileRows
+// blocks on and above the diagonal are computed, about half the flops of a full product.
+// Diagonal blocks are computed whole; MirrorUpper then makes C exactly symmetric. Below
+// the diagonal blocks C is left as it was.
+void GemmUpperTiled(int64_t s, int64_t k, const float* a, const float* b, float* c);
+
 // Copies the upper triangle of the s x s matrix a onto its lower triangle.
 void MirrorUpper(float* a, int64_t s);
 
