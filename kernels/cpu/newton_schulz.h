@@ -32,11 +32,12 @@ class NsWorkspace {
  public:
   // Bytes currently held.
   int64_t bytes() const;
-  // Makes room for an m x n matrix in the given form (kAuto: the one it resolves to).
-  void Reserve(int64_t m, int64_t n, NsForm form = NsForm::kStandard);
+  // Makes room for `batch` m x n matrices in the given form (kAuto: the one it resolves to).
+  void Reserve(int64_t m, int64_t n, NsForm form = NsForm::kStandard, int64_t batch = 1);
 
  private:
-  friend float* NewtonSchulz(NsCoeffSet, int, int64_t, int64_t, float*, NsWorkspace*, NsForm);
+  friend float* NewtonSchulzBatch(NsCoeffSet, int, int64_t, int64_t, int64_t, float*,
+                                  NsWorkspace*, NsForm);
   std::vector<float> y_, a_, b_;  // both forms: an m x n result, two s x s matrices
   std::vector<float> q_, t_;      // Gram form only: two more s x s matrices
 };
@@ -49,6 +50,14 @@ void NormalizeForNs(float* x, int64_t numel);
 // form yet.
 float* NewtonSchulz(NsCoeffSet set, int steps, int64_t m, int64_t n, float* x, NsWorkspace* ws,
                     NsForm form = NsForm::kStandard);
+
+// The same on `batch` m x n matrices stored one after the other in x, each product's tiles
+// of all of them shared out as one list (fixed_tiles.h): a batch of small matrices keeps
+// every thread busy where one of them alone has a single Gram tile. Each matrix's O is
+// bitwise NewtonSchulz's on it alone. Returns where the O are (x or a workspace buffer,
+// matrix b at b m n).
+float* NewtonSchulzBatch(NsCoeffSet set, int steps, int64_t batch, int64_t m, int64_t n,
+                         float* x, NsWorkspace* ws, NsForm form = NsForm::kStandard);
 
 }  // namespace mdopt::kernels::fast
 

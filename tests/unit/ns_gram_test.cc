@@ -1,6 +1,7 @@
 // The Gram form of Newton-Schulz (ns_form=gram, kernels/cpu/newton_schulz.cc) against the
 // float64 reference, next to the standard float32 form on the same input; its independence
-// of the thread count; and the optimizer with ns_form=gram against ns_form=standard.
+// of the thread count; the optimizer with ns_form=gram against ns_form=standard; and the
+// batched Newton-Schulz (both forms) against one call per matrix.
 //
 // Tolerance. Both float32 forms are float32 roundings (6e-8) amplified by NS along the
 // small singular values. The Gram form rounds more often on that path (A_0 = X X^T carries
@@ -191,6 +192,38 @@ TEST(GramNsOptimizer, GramAgreesWithStandard) {
     EXPECT_LE(testing::RelMaxError(g, s), 2e-6) << t[i].name;
     EXPECT_TRUE(a == (i < 2 ? g : s)) << t[i].name;
   }
+}
+
+// NewtonSchulzBatch gives each matrix the bits NewtonSchulz gives it alone, in both forms,
+// at 1 and 3 threads (single-tile Gram matrices, several tiles, tall, square, steps 0 and 5).
+TEST(NsBatch, BitwiseEqualToOneCallPerMatrix) {
+  const int saved = omp_get_max_threads();
+  constexpr int64_t kBatch = 3;
+  for (const Shape shape : {Shape{256, 1024}, Shape{1024, 256}, Shape{300, 600}, Shape{96, 96}}) {
+    const int64_t numel = int64_t{shape.m} * shape.n;
+    const std::vector<double> x = Input(shape.m, shape.n * static_cast<int>(kBatch), 2, 21);
+    for (NsForm form : {NsForm::kStandard, NsForm::kGram}) {
+      for (int steps : {0, 5}) {
+        std::vector<float> one(x.size());
+        for (int64_t e = 0; e < kBatch; ++e) {
+          const std::vector<double> xe(x.begin() + e * numel, x.begin() + (e + 1) * numel);
+          const std::vector<float> o = RunNs(form, NsCoeffSet::kPolarExpress, steps, shape.m, shape.n, xe);
+          std::copy(o.begin(), o.end(), one.begin() + e * numel);
+        }
+        for (int threads : {1, 3}) {
+          omp_set_num_threads(threads);
+          std::vector<float> xf(x.begin(), x.end());
+          kernels::fast::NsWorkspace ws;
+          const float* o = kernels::fast::NewtonSchulzBatch(NsCoeffSet::kPolarExpress, steps, kBatch,
+                                                            shape.m, shape.n, xf.data(), &ws, form);
+          EXPECT_TRUE(std::equal(one.begin(), one.end(), o))
+              << shape.m << " x " << shape.n << (form == NsForm::kGram ? " gram" : " standard")
+              << " steps " << steps << " threads " << threads;
+        }
+      }
+    }
+  }
+  omp_set_num_threads(saved);
 }
 
 }  // namespace
