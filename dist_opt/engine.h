@@ -15,6 +15,7 @@
 #include "comm/communicator.h"
 #include "dist_opt/param_registry.h"
 #include "dist_opt/shard_plan.h"
+#include "kernels/common/ns_coeffs.h"
 
 namespace mdopt {
 
@@ -37,6 +38,7 @@ struct StateArray {
 struct EngineOptions {
   bool ns_bf16 = false;          // ns_dtype=bf16: Newton-Schulz products in bf16
   bool ns_comm_bf16 = false;     // ns_comm_dtype=bf16: the NS gather/scatter moves bf16
+  kernels::NsForm ns_form = kernels::NsForm::kAuto;  // ns_form: of the float32 NS
   bool grads_reduced = false;    // grads=reduced: every rank passes the mean gradient
   bool gather_deferred = false;  // gather=deferred: weights are all-gathered by GatherParams
   bool update_norms = false;     // update_norms=1: measure ||dW|| / ||W|| per matrix

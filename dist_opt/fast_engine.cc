@@ -320,7 +320,7 @@ absl::Status FastEngine::Init() {
     if (opt_.ns_bf16) {
       ns_bf16_ws_.Reserve(sp.m, sp.n);
     } else {
-      ns_.Reserve(sp.m, sp.n);
+      ns_.Reserve(sp.m, sp.n, opt_.ns_form);
     }
   }
 
@@ -604,7 +604,8 @@ absl::Status FastEngine::Stage(int b, int stage, const fast::StepScalars* scalar
           }
         }
         const float* o = opt_.ns_bf16 ? ns_bf16_ws_.Run(r.ns_coeffs, r.ns_steps, sp.m, sp.n, x)
-                                      : fast::NewtonSchulz(r.ns_coeffs, r.ns_steps, sp.m, sp.n, x, &ns_);
+                                      : fast::NewtonSchulz(r.ns_coeffs, r.ns_steps, sp.m, sp.n, x, &ns_,
+                                                           opt_.ns_form);
         if (o != x) std::copy(o, o + numel, x);
         st_[k].ns_ran = true;
         if (!gathered) continue;

@@ -145,6 +145,7 @@ absl::Status Optimizer::Finalize() {
     EngineOptions eo;
     eo.ns_bf16 = options_.ns_bf16;
     eo.ns_comm_bf16 = options_.ns_comm_bf16;
+    eo.ns_form = options_.ns_form;
     eo.grads_reduced = options_.grads_reduced;
     eo.gather_deferred = options_.gather_deferred;
     eo.bucket_bytes = options_.bucket_bytes;

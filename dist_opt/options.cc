@@ -60,6 +60,17 @@ absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options
         return absl::InvalidArgumentError(
             absl::StrCat("option 'ns_dtype': bad value '", value, "' (f32 or bf16)"));
       }
+    } else if (key == "ns_form") {
+      if (value == "auto") {
+        o.ns_form = kernels::NsForm::kAuto;
+      } else if (value == "standard") {
+        o.ns_form = kernels::NsForm::kStandard;
+      } else if (value == "gram") {
+        o.ns_form = kernels::NsForm::kGram;
+      } else {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "option 'ns_form': bad value '", value, "' (auto, standard or gram)"));
+      }
     } else if (key == "ns_comm_dtype") {
       if (value != "f32" && value != "bf16") {
         return absl::InvalidArgumentError(
@@ -100,8 +111,13 @@ absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options
     } else {
       return absl::InvalidArgumentError(absl::StrCat(
           "option '", key, "' is unknown (known: device, threads, kernels, ns_dtype, "
-          "ns_comm_dtype, grads, gather, bucket_mb, comm_timeout_s, update_norms)"));
+          "ns_form, ns_comm_dtype, grads, gather, bucket_mb, comm_timeout_s, update_norms)"));
     }
+  }
+  if (o.ns_bf16 && o.ns_form == kernels::NsForm::kGram) {
+    return absl::InvalidArgumentError(
+        "option 'ns_form': gram needs ns_dtype=f32 (the bf16 Newton-Schulz has the standard form "
+        "only)");
   }
   return o;
 }

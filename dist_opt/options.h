@@ -7,6 +7,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "kernels/common/ns_coeffs.h"
 
 namespace mdopt {
 
@@ -16,6 +17,7 @@ struct OptimizerOptions {
   int threads = 0;           // 0: leave OpenMP's default
   bool ns_bf16 = false;      // ns_dtype=bf16: Newton-Schulz products in bf16 (fast engine)
   bool ns_comm_bf16 = false; // ns_comm_dtype=bf16: the NS gather/scatter moves bf16
+  kernels::NsForm ns_form = kernels::NsForm::kAuto;  // ns_form=auto|standard|gram
   bool grads_reduced = false;   // grads=reduced (default grads=local)
   bool gather_deferred = false; // gather=deferred (default eager)
   int64_t bucket_bytes = int64_t{16} << 20;  // bucket_mb=
@@ -23,9 +25,10 @@ struct OptimizerOptions {
   bool update_norms = false;    // update_norms=1
 };
 
-// Keys: device, threads, kernels, ns_dtype, ns_comm_dtype, grads, gather, bucket_mb,
+// Keys: device, threads, kernels, ns_dtype, ns_form, ns_comm_dtype, grads, gather, bucket_mb,
 // comm_timeout_s, update_norms; each at most once, every key optional. InvalidArgument for
-// malformed text (key_values.h), an unknown key or a bad value, naming the key;
+// malformed text (key_values.h), an unknown key or a bad value, naming the key (also for
+// ns_form=gram with ns_dtype=bf16, which has only the standard form);
 // Unimplemented for a valid request this build or CPU cannot serve: device=cuda:K (no CUDA
 // backend), ns_dtype=bf16 without oneDNN or without a bf16 matmul on this CPU.
 absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options);

@@ -15,6 +15,11 @@ struct NsTuple {
 // repeats its last tuple (DESIGN.md section 1).
 NsTuple NsCoefficients(NsCoeffSet set, int k);
 
+// How the iteration is evaluated (option ns_form): kStandard iterates on X itself, kGram on
+// the Gram matrix X X^T alone (cheaper for rectangular X, see kernels/cpu/newton_schulz.h);
+// kAuto leaves the choice to the backend by shape.
+enum class NsForm { kAuto, kStandard, kGram };
+
 // Newton-Schulz normalises its input by ||X||_F + kNsNormEps first.
 inline constexpr double kNsNormEps = 1e-7;
 

@@ -26,6 +26,7 @@ TEST(OptimizerOptionsParse, EmptyTextGivesTheDefaults) {
     EXPECT_EQ(o.threads, 0);
     EXPECT_FALSE(o.ns_bf16);
     EXPECT_FALSE(o.ns_comm_bf16);
+    EXPECT_EQ(o.ns_form, kernels::NsForm::kAuto);
     EXPECT_FALSE(o.grads_reduced);
     EXPECT_FALSE(o.gather_deferred);
     EXPECT_EQ(o.bucket_bytes, int64_t{16} << 20);
@@ -40,6 +41,9 @@ TEST(OptimizerOptionsParse, EveryKeySetsItsField) {
   EXPECT_EQ(MustParse("kernels=reference").kernels, OptimizerOptions::Kernels::kReference);
   EXPECT_EQ(MustParse("kernels=fast").kernels, OptimizerOptions::Kernels::kFast);
   EXPECT_FALSE(MustParse("ns_dtype=f32").ns_bf16);
+  EXPECT_EQ(MustParse("ns_form=auto").ns_form, kernels::NsForm::kAuto);
+  EXPECT_EQ(MustParse("ns_form=standard").ns_form, kernels::NsForm::kStandard);
+  EXPECT_EQ(MustParse("ns_form=gram").ns_form, kernels::NsForm::kGram);
   EXPECT_TRUE(MustParse("ns_comm_dtype=bf16").ns_comm_bf16);
   EXPECT_FALSE(MustParse("ns_comm_dtype=f32").ns_comm_bf16);
   EXPECT_TRUE(MustParse("grads=reduced").grads_reduced);
@@ -80,6 +84,23 @@ TEST(OptimizerOptionsParse, NsDtypeBf16FollowsAvailability) {
   }
 }
 
+// The bf16 Newton-Schulz has the standard form only: ns_form=gram with it is refused (auto
+// and standard are fine), naming ns_form; with f32 products every form is fine.
+TEST(OptimizerOptionsParse, NsFormGramNeedsF32Products) {
+  EXPECT_EQ(MustParse("ns_dtype=f32 ns_form=gram").ns_form, kernels::NsForm::kGram);
+  if (!kernels::fast::Bf16NewtonSchulz::Available()) GTEST_SKIP() << "no bf16 Newton-Schulz here";
+  EXPECT_EQ(MustParse("ns_dtype=bf16 ns_form=standard").ns_form, kernels::NsForm::kStandard);
+  EXPECT_TRUE(MustParse("ns_form=auto ns_dtype=bf16").ns_bf16);
+  for (const char* text : {"ns_dtype=bf16 ns_form=gram", "ns_form=gram ns_dtype=bf16"}) {
+    absl::StatusOr<OptimizerOptions> o = ParseOptimizerOptions(text);
+    ASSERT_FALSE(o.ok()) << text;
+    EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(o.status().message(),
+              "option 'ns_form': gram needs ns_dtype=f32 (the bf16 Newton-Schulz has the standard "
+              "form only)");
+  }
+}
+
 TEST(OptimizerOptionsParse, RefusalsNameTheKey) {
   struct Case {
     const char* text;
@@ -96,6 +117,8 @@ TEST(OptimizerOptionsParse, RefusalsNameTheKey) {
       {"threads=2.0", C::kInvalidArgument, "option 'threads': bad value '2.0' (an integer in [1, 4096])"},
       {"kernels=slow", C::kInvalidArgument, "option 'kernels': bad value 'slow' (fast or reference)"},
       {"ns_dtype=f16", C::kInvalidArgument, "option 'ns_dtype': bad value 'f16' (f32 or bf16)"},
+      {"ns_form=Gram", C::kInvalidArgument, "option 'ns_form': bad value 'Gram' (auto, standard or gram)"},
+      {"ns_form=", C::kInvalidArgument, "option: 'ns_form=' is not of the form key=value (empty value)"},
       {"ns_comm_dtype=f64", C::kInvalidArgument, "option 'ns_comm_dtype': bad value 'f64' (f32 or bf16)"},
       {"grads=summed", C::kInvalidArgument, "option 'grads': bad value 'summed' (local or reduced)"},
       {"gather=lazy", C::kInvalidArgument, "option 'gather': bad value 'lazy' (eager or deferred)"},
@@ -106,8 +129,8 @@ TEST(OptimizerOptionsParse, RefusalsNameTheKey) {
       {"comm_timeout_s=inf", C::kInvalidArgument, "option 'comm_timeout_s': bad value 'inf' (seconds, in (0, 1e7])"},
       {"update_norms=yes", C::kInvalidArgument, "option 'update_norms': bad value 'yes' (0 or 1)"},
       {"threads=2 colour=red", C::kInvalidArgument,
-       "option 'colour' is unknown (known: device, threads, kernels, ns_dtype, ns_comm_dtype, grads, "
-       "gather, bucket_mb, comm_timeout_s, update_norms)"},
+       "option 'colour' is unknown (known: device, threads, kernels, ns_dtype, ns_form, ns_comm_dtype, "
+       "grads, gather, bucket_mb, comm_timeout_s, update_norms)"},
       // Malformed text, from the shared tokeniser.
       {"threads=1 threads=2", C::kInvalidArgument, "option key 'threads' is given twice"},
       {"threads", C::kInvalidArgument, "option: 'threads' is not of the form key=value (no '=')"},
