@@ -216,10 +216,18 @@ def main():
 
     def measure(title, baseline, candidates):
         """baseline and each candidate: (label, make(params) -> optimizer, bytes/flops kind)."""
-        entries = [baseline] + candidates
-        params = [make_params(sl, seed=1) for _ in entries]
-        opts = [make(p) for (_, make, _), p in zip(entries, params)]
         print(title)
+        entries, params, opts = [], [], []
+        for entry in [baseline] + candidates:
+            p = make_params(sl, seed=1)
+            try:
+                opt = entry[1](p)
+            except mdopt.MdoptError as e:  # e.g. ns_dtype=bf16 in a build without oneDNN
+                print("  %-34s skipped: %s" % (entry[0], e))
+                continue
+            entries.append(entry)
+            params.append(p)
+            opts.append(opt)
         for rep in range(args.repeat):
             times = interleaved(opts, args.steps, args.warmup if rep == 0 else 0)
             base_ms = 1e3 * statistics.median(times[0])
