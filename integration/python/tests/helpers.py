@@ -42,3 +42,18 @@ def rel_err(model_a, model_b):
     return max(((a.detach().double() - b.detach().double()).abs().max() /
                 b.detach().double().abs().max()).item()
                for a, b in zip(model_a.parameters(), model_b.parameters()))
+
+
+def float64_ns(grad, ns_coefficients, ns_steps, eps):
+    """torch.optim.Muon's _zeropower_via_newtonschulz with float64 products."""
+    a, b, c = ns_coefficients
+    x = grad.to(torch.float64)
+    if grad.size(0) > grad.size(1):
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if grad.size(0) > grad.size(1):
+        x = x.T
+    return x.to(grad.dtype)

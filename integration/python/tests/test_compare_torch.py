@@ -28,6 +28,8 @@ def _cpu_fused_adamw():
 pytestmark = pytest.mark.skipif(
     not _cpu_fused_adamw(), reason="this torch has no fused AdamW on the CPU (needs torch >= 2.4)")
 
+from helpers import float64_ns  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOOL = os.path.join(HERE, "..", "..", "tools", "compare_torch.py")
 
@@ -39,25 +41,12 @@ def load_tool():
     return mod
 
 
-def float64_quintic_ns(g, steps):
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.to(torch.float64)
-    x = x / (x.norm() + 1e-7)
-    tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T
-    for _ in range(steps):
-        A = x @ x.T
-        x = a * x + (b * A + c * A @ A) @ x
-    return x.T if tall else x
-
-
 @pytest.mark.parametrize("shape", [(32, 96), (96, 32)], ids=["wide", "tall"])
 def test_f32_muon_reference_is_the_quintic_iteration(shape):
     tool = load_tool()
     g = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
     got = tool.TorchMuonF32.orthogonalize(g, 5).to(torch.float64)
-    want = float64_quintic_ns(g, 5)
+    want = float64_ns(g, (3.4445, -4.7750, 2.0315), 5, 1e-7).to(torch.float64)
     err = ((got - want).norm() / want.norm()).item()
     print("compare_torch f32 NS vs float64, %s: %.3g" % (shape, err))
     assert err < 1e-5

@@ -18,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not importable: pip install torch")
 
-from helpers import batch, mlp, rel_err, train  # noqa: E402
+from helpers import batch, float64_ns, mlp, rel_err, train  # noqa: E402
 from mdopt.torch import MDOptimizer  # noqa: E402
 
 
@@ -50,21 +50,6 @@ def test_adamw_equals_torch_adamw(sched):
     if sched:
         assert opt.param_groups[0]["lr"] == pytest.approx(3e-3 * (1 - 20 / 25.0))
     assert opt.last_step.step == 20 and not opt.last_step.skipped
-
-
-def float64_ns(grad, ns_coefficients, ns_steps, eps):
-    """torch.optim.Muon's _zeropower_via_newtonschulz with float64 products."""
-    a, b, c = ns_coefficients
-    x = grad.to(torch.float64)
-    if grad.size(0) > grad.size(1):
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(ns_steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    if grad.size(0) > grad.size(1):
-        x = x.T
-    return x.to(grad.dtype)
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="this torch has no torch.optim.Muon")
