@@ -37,22 +37,24 @@ void Bf16NewtonSchulz::Reserve(int64_t m, int64_t n, NsForm form) {
   const bool gram = ResolveForm(form, m, n) == NsForm::kGram;
   Impl& I = *impl_;
   if (I.xb.size() < numel) I.xb.resize(numel);
-  // The standard form's B X is m x n; the Gram form's P is s x s (its O lands in x).
-  const size_t p = gram ? s * s : numel;
-  if (I.p.size() < p) I.p.resize(p);
   if (I.ab.size() < s * s) I.ab.resize(s * s);
   if (I.bb.size() < s * s) I.bb.resize(s * s);
   if (I.a.size() < s * s) I.a.resize(s * s);
-  if (I.a2.size() < s * s) I.a2.resize(s * s);
-  if (gram && I.q.size() < s * s) I.q.resize(s * s);
+  if (gram) {  // four bf16 s x s and one float32 (O lands in x)
+    if (I.tb.size() < s * s) I.tb.resize(s * s);
+    if (I.qb.size() < s * s) I.qb.resize(s * s);
+  } else {
+    if (I.a2.size() < s * s) I.a2.resize(s * s);
+    if (I.p.size() < numel) I.p.resize(numel);
+  }
   I.Plans(m, n);
 }
 
 int64_t Bf16NewtonSchulz::bytes() const {
   const Impl& I = *impl_;
-  return static_cast<int64_t>(2 * (I.xb.capacity() + I.ab.capacity() + I.bb.capacity()) +
-                              4 * (I.a.capacity() + I.a2.capacity() + I.p.capacity() +
-                                   I.q.capacity()));
+  return static_cast<int64_t>(2 * (I.xb.capacity() + I.ab.capacity() + I.bb.capacity() +
+                                   I.tb.capacity() + I.qb.capacity()) +
+                              4 * (I.a.capacity() + I.a2.capacity() + I.p.capacity()));
 }
 
 float* Bf16NewtonSchulz::Run(NsCoeffSet set, int steps, int64_t m, int64_t n, float* x,

@@ -39,8 +39,8 @@ struct Bf16NewtonSchulz::Impl {
   dnnl::stream stream{engine};
   std::map<Key, Plan> plans;
   std::vector<uint16_t> xb, ab, bb;  // bf16 GEMM inputs: m x n, two s x s
-  std::vector<float> a, a2, p;       // A, A^2 (s x s); standard: B X (m x n), Gram: P (s x s)
-  std::vector<float> q;              // Gram form only: Q_k (s x s)
+  std::vector<uint16_t> tb, qb;      // Gram form only: two more s x s
+  std::vector<float> a, a2, p;       // standard form: A, A^2 (s x s), B X (m x n); Gram: a
 
   Plan& Get(int64_t m, int64_t k, int64_t n, bool a_transposed, bool b_transposed) {
     const Key key{m, k, n, a_transposed, b_transposed};

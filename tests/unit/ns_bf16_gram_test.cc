@@ -131,8 +131,7 @@ TEST(Bf16GramNsForm, AutoPicksGramFromAspectTwo) {
   EXPECT_EQ(Bf16NewtonSchulz::ResolveForm(NsForm::kStandard, 64, 512), NsForm::kStandard);
 }
 
-// After Reserve for a shape and form, NS on it allocates nothing (also a Gram call after a
-// standard Reserve of a larger matrix: its buffers are no larger than the standard form's).
+// After Reserve for a shape and form, NS on it allocates nothing.
 TEST(Bf16GramNsForm, ReserveCoversTheCall) {
   if (!Bf16NewtonSchulz::Available()) GTEST_SKIP() << testing::Bf16SkipReason();
   for (NsForm form : {NsForm::kAuto, NsForm::kGram, NsForm::kStandard}) {
