@@ -1,8 +1,10 @@
 // Newton-Schulz with bfloat16 matrix products on oneDNN (AVX512-BF16 / AMX where the CPU
 // has them): the precision the authors' code and torch.optim.Muon use, at about twice the
 // speed of float32 GEMMs. Products accumulate in float32 and return float32; X, A and B are
-// rounded to bf16 only as GEMM inputs, and the a X + B X update runs in float32.
-// Available when mdopt is built with oneDNN (MDOPT_HAVE_DNNL).
+// rounded to bf16 only as GEMM inputs, and the a X + B X update runs in float32. Both forms
+// of newton_schulz.h: standard (newton_schulz_bf16.cc) and Gram (newton_schulz_bf16_gram.cc,
+// where its rounding points are argued). Available when mdopt is built with oneDNN
+// (MDOPT_HAVE_DNNL).
 #ifndef MDOPT_KERNELS_CPU_NEWTON_SCHULZ_BF16_H_
 #define MDOPT_KERNELS_CPU_NEWTON_SCHULZ_BF16_H_
 

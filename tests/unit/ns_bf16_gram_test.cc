@@ -150,8 +150,8 @@ TEST(Bf16GramNsForm, ReserveCoversTheCall) {
 // The optimizer over 20 md-muon steps with ns_dtype=bf16: ns_form=gram and ns_form=standard
 // each stay within ns_bf16_test's trajectory tolerance of the float64 reference (0.5%
 // relative max; measured 2.5e-4 to 3.1e-4 for gram, 6.7e-4 to 7.2e-4 for standard, 6.9e-4
-// apart, the same with OPENBLAS_CORETYPE=Haswell) and of each other; ns_form=auto (the default) gives the Gram
-// form's bits at aspect 4.
+// apart, the same with OPENBLAS_CORETYPE=Haswell) and of each other; ns_form=auto (the
+// default) gives the Gram form's bits at aspect 4.
 TEST(Bf16GramNsOptimizer, TwentyStepsGramAgreesWithStandard) {
   if (!Bf16NewtonSchulz::Available()) GTEST_SKIP() << testing::Bf16SkipReason();
   const std::vector<testing::TensorSpec> t = {{"wide", {128, 512}}, {"tall", {512, 128}}};

@@ -134,7 +134,9 @@ int main(int argc, char** argv) {
     } else if (ParseShape(argv[i], &sh)) {
       shapes.push_back(sh);
     } else {
-      std::fprintf(stderr, "usage: %s [--threads T] [--reps R] [--steps K] [--batch B | --bf16] [MxN ...]\n",
+      std::fprintf(stderr,
+                   "usage: %s [--threads T] [--reps R] [--steps K] [--batch B | --bf16] "
+                   "[MxN ...]\n",
                    argv[0]);
       return 2;
     }
@@ -196,9 +198,10 @@ int main(int argc, char** argv) {
     char name[32];
     std::snprintf(name, sizeof(name), "%lldx%lld", static_cast<long long>(sh.m),
                   static_cast<long long>(sh.n));
+    const double gf_std = Flops(NsForm::kStandard, steps, sh, bf16) / t_std * 1e-9;
+    const double gf_gram = Flops(NsForm::kGram, steps, sh, bf16) / t_gram * 1e-9;
     std::printf("%-11s %-5s %12.1f %10.1f %10.1f %10.1f %8.2fx %11.2e\n", name,
-                gram ? "gram" : "std", t_std * 1e3, Flops(NsForm::kStandard, steps, sh, bf16) / t_std * 1e-9,
-                t_gram * 1e3, Flops(NsForm::kGram, steps, sh, bf16) / t_gram * 1e-9, t_std / t_gram,
+                gram ? "gram" : "std", t_std * 1e3, gf_std, t_gram * 1e3, gf_gram, t_std / t_gram,
                 std::sqrt(e / r));
   }
   return 0;
