@@ -318,7 +318,7 @@ absl::Status FastEngine::Init() {
   for (const SlotPlan& sp : plan_.slots) {
     if (!sp.muon || sp.owner != rank_) continue;
     if (opt_.ns_bf16) {
-      ns_bf16_ws_.Reserve(sp.m, sp.n);
+      ns_bf16_ws_.Reserve(sp.m, sp.n, opt_.ns_form);
     } else {
       ns_.Reserve(sp.m, sp.n, opt_.ns_form);
     }
@@ -603,7 +603,8 @@ absl::Status FastEngine::Stage(int b, int stage, const fast::StepScalars* scalar
               x[at + e] = kernels::Bf16ToFloat(ws.xfull16[st_[k].xfull_offset + at + e]);
           }
         }
-        const float* o = opt_.ns_bf16 ? ns_bf16_ws_.Run(r.ns_coeffs, r.ns_steps, sp.m, sp.n, x)
+        const float* o = opt_.ns_bf16 ? ns_bf16_ws_.Run(r.ns_coeffs, r.ns_steps, sp.m, sp.n, x,
+                                                        opt_.ns_form)
                                       : fast::NewtonSchulz(r.ns_coeffs, r.ns_steps, sp.m, sp.n, x, &ns_,
                                                            opt_.ns_form);
         if (o != x) std::copy(o, o + numel, x);

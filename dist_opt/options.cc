@@ -114,11 +114,6 @@ absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options
           "ns_form, ns_comm_dtype, grads, gather, bucket_mb, comm_timeout_s, update_norms)"));
     }
   }
-  if (o.ns_bf16 && o.ns_form == kernels::NsForm::kGram) {
-    return absl::InvalidArgumentError(
-        "option 'ns_form': gram needs ns_dtype=f32 (the bf16 Newton-Schulz has the standard form "
-        "only)");
-  }
   return o;
 }
 

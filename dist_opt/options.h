@@ -27,8 +27,7 @@ struct OptimizerOptions {
 
 // Keys: device, threads, kernels, ns_dtype, ns_form, ns_comm_dtype, grads, gather, bucket_mb,
 // comm_timeout_s, update_norms; each at most once, every key optional. InvalidArgument for
-// malformed text (key_values.h), an unknown key or a bad value, naming the key (also for
-// ns_form=gram with ns_dtype=bf16, which has only the standard form);
+// malformed text (key_values.h), an unknown key or a bad value, naming the key;
 // Unimplemented for a valid request this build or CPU cannot serve: device=cuda:K (no CUDA
 // backend), ns_dtype=bf16 without oneDNN or without a bf16 matmul on this CPU.
 absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options);
