@@ -88,16 +88,20 @@ class Trainer : public TestModel {
   }
 };
 
+// bf16 model copies ("model/<name>" of bf16 params) are held to one bf16 ulp of their largest
+// weight: a float32 master an ulp apart (cross-row sums added in another order at another
+// rank count) can round to the neighbouring bf16 value. Their float32 masters keep kTolerance.
 void ExpectClose(const std::map<std::string, std::vector<double>>& got,
-                 const std::map<std::string, std::vector<double>>& want) {
+                 const std::map<std::string, std::vector<double>>& want, bool bf16) {
   ASSERT_EQ(got.size(), want.size());
   for (const auto& [key, w] : want) {
     const auto it = got.find(key);
     ASSERT_NE(it, got.end()) << key;
     ASSERT_EQ(it->second.size(), w.size()) << key;
     const double err = RelMaxError(it->second, w);
-    g_worst->Record(err);
-    EXPECT_LE(err, kTolerance) << key;
+    const bool bf16_model = bf16 && key.rfind("model/", 0) == 0;
+    if (!bf16_model) g_worst->Record(err);
+    EXPECT_LE(err, bf16_model ? 1.0 / 256 : kTolerance) << key;
   }
 }
 
@@ -162,7 +166,7 @@ TEST_P(Reshard, ChainFourThreeTwoOneEqualsOneRank) {
         saved = run.Everything();
         absl::Status s = run.opt().Save(root + "/at" + std::to_string(seg.ranks));
         ASSERT_TRUE(s.ok()) << s;
-        if (k + 1 == std::size(chain)) ExpectClose(saved, want);
+        if (k + 1 == std::size(chain)) ExpectClose(saved, want, c.bf16);
         if (k > 0) {
           // Over the checkpoint of more ranks: afterwards the directory holds this save's
           // manifest and files alone (those of ranks this save lacks are gone too).
@@ -213,7 +217,7 @@ TEST_P(Reshard, OneRankCheckpointLoadsAtFour) {
   for (const auto& [key, v] : want) EXPECT_EQ(got.at(key), v) << key;
   ASSERT_NO_FATAL_FAILURE(four.Steps(6, 8));
   ASSERT_NO_FATAL_FAILURE(single.Steps(6, 8));
-  ExpectClose(four.Everything(), single.Everything());
+  ExpectClose(four.Everything(), single.Everything(), c.bf16);
   Barrier();
   if (World()->rank() == 0) std::filesystem::remove_all(std::filesystem::path(dir).parent_path());
 }

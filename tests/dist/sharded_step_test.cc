@@ -105,10 +105,15 @@ void Compare(const Case& c) {
     ASSERT_EQ(a->step, step);
     ASSERT_NEAR(a->grad_norm, b->grad_norm, 1e-5 * b->grad_norm);
   }
+  // A bf16 model copy is held to one bf16 ulp of its largest weight: where the ranks' cross-row
+  // sums (added in another order than one rank adds them) move a master weight by a float32
+  // ulp across a bf16 rounding boundary, that element differs by a whole bf16 ulp (seen: 7.2e-4
+  // at 4 ranks). The float32 master itself is compared at c.tolerance below.
+  const double model_tolerance = c.bf16 ? std::max(c.tolerance, 1.0 / 256) : c.tolerance;
   for (size_t i = 0; i < sharded.size(); ++i) {
     const double err = RelMaxError(sharded.Model(i), single.Model(i));
-    if (!c.ns_comm_bf16) g_worst->Record(err);
-    EXPECT_LE(err, c.tolerance) << "tensor " << i;
+    if (!c.ns_comm_bf16 && !c.bf16) g_worst->Record(err);
+    EXPECT_LE(err, model_tolerance) << "tensor " << i;
     for (const char* field : kStateFields) {
       absl::StatusOr<std::vector<double>> x = sharded.opt().GetState(static_cast<int64_t>(i), field);
       absl::StatusOr<std::vector<double>> y = single.opt().GetState(static_cast<int64_t>(i), field);
