@@ -21,6 +21,7 @@
 
 #include "kernels/cpu/newton_schulz_bf16.h"
 #include "kernels/cpu/reference.h"
+#include "ns_test_inputs.h"
 #include "test_util.h"
 
 namespace mdopt {
@@ -28,6 +29,9 @@ namespace {
 
 using kernels::NsCoeffSet;
 using kernels::NsForm;
+using testing::NsSetName;
+using testing::NsShape;
+using testing::SpreadInput;
 using kernels::fast::Bf16NewtonSchulz;
 
 constexpr double kRatio = 1.5, kFloor = 4e-3, kAbsRelFrob = 8e-2;
@@ -39,17 +43,6 @@ double RelFrobError(const float* got, const std::vector<double>& want) {
     r += want[i] * want[i];
   }
   return std::sqrt(e / r);
-}
-
-// Gaussian m x n, its short side's rows (wide) or columns (tall) scaled geometrically from
-// 1 down to 10^-decades: singular values spread over that many decades, as in a gradient.
-std::vector<double> Input(int m, int n, double decades, uint64_t seed) {
-  std::vector<double> x = testing::RandomNormal(static_cast<size_t>(m) * n, seed);
-  const int s = std::min(m, n);
-  for (int i = 0; i < m; ++i)
-    for (int j = 0; j < n; ++j)
-      x[static_cast<size_t>(i) * n + j] *= std::pow(10.0, -decades * (m <= n ? i : j) / (s - 1));
-  return x;
 }
 
 // The bf16 NS in `form` on (a float32 copy of) x: its relative Frobenius error.
@@ -70,34 +63,18 @@ void ExpectGramNearReference(NsCoeffSet set, int steps, int m, int n,
   EXPECT_LE(gram, kAbsRelFrob);
 }
 
-const char* SetName(NsCoeffSet set) {
-  return set == NsCoeffSet::kQuintic  ? "quintic"
-         : set == NsCoeffSet::kJordan ? "jordan"
-                                      : "polar_express";
-}
-
-struct Shape {
-  int m, n;
-};
-
-class Bf16GramNs : public ::testing::TestWithParam<std::tuple<Shape, NsCoeffSet, int>> {};
+class Bf16GramNs : public ::testing::TestWithParam<std::tuple<NsShape, NsCoeffSet, int>> {};
 
 TEST_P(Bf16GramNs, MatchesFloat64ReferenceLikeStandardForm) {
   if (!Bf16NewtonSchulz::Available()) GTEST_SKIP() << testing::Bf16SkipReason();
   const auto [shape, set, decades] = GetParam();
   ExpectGramNearReference(set, 5, shape.m, shape.n,
-                          Input(shape.m, shape.n, decades, shape.m * 131 + shape.n));
+                          SpreadInput(shape.m, shape.n, decades, shape.m * 131 + shape.n));
 }
 
 // Wide and tall, aspect 2, 4 and 8.
-const Shape kShapes[] = {{256, 512}, {128, 512}, {512, 128},  {256, 1024},
+const NsShape kShapes[] = {{256, 512}, {128, 512}, {512, 128},  {256, 1024},
                          {1024, 256}, {128, 1024}, {1024, 128}};
-
-std::string ParamName(const ::testing::TestParamInfo<Bf16GramNs::ParamType>& info) {
-  const Shape shape = std::get<0>(info.param);
-  return "m" + std::to_string(shape.m) + "_n" + std::to_string(shape.n) + "_" +
-         SetName(std::get<1>(info.param)) + "_spread" + std::to_string(std::get<2>(info.param));
-}
 
 INSTANTIATE_TEST_SUITE_P(Shapes, Bf16GramNs,
                          ::testing::Combine(::testing::ValuesIn(kShapes),
@@ -105,16 +82,16 @@ INSTANTIATE_TEST_SUITE_P(Shapes, Bf16GramNs,
                                                               NsCoeffSet::kJordan,
                                                               NsCoeffSet::kPolarExpress),
                                             ::testing::Values(0, 2, 4)),
-                         ParamName);
+                         testing::NsCaseName<Bf16GramNs::ParamType>);
 
 // Any step count: 0 (normalisation only), 1 (O = P_0 X_0), 2, 3, and more steps than a set
 // has tuples (the last one repeats).
 TEST(Bf16GramNsSteps, AnyStepCount) {
   if (!Bf16NewtonSchulz::Available()) GTEST_SKIP() << testing::Bf16SkipReason();
-  const std::vector<double> wide = Input(96, 384, 2, 5), tall = Input(384, 96, 2, 5);
+  const std::vector<double> wide = SpreadInput(96, 384, 2, 5), tall = SpreadInput(384, 96, 2, 5);
   for (NsCoeffSet set : {NsCoeffSet::kQuintic, NsCoeffSet::kJordan, NsCoeffSet::kPolarExpress}) {
     for (int steps : {0, 1, 2, 3, 9, 15}) {
-      SCOPED_TRACE(std::string(SetName(set)) + " steps " + std::to_string(steps));
+      SCOPED_TRACE(std::string(NsSetName(set)) + " steps " + std::to_string(steps));
       ExpectGramNearReference(set, steps, 96, 384, wide);
       ExpectGramNearReference(set, steps, 384, 96, tall);
     }
@@ -135,7 +112,7 @@ TEST(Bf16GramNsForm, AutoPicksGramFromAspectTwo) {
 TEST(Bf16GramNsForm, ReserveCoversTheCall) {
   if (!Bf16NewtonSchulz::Available()) GTEST_SKIP() << testing::Bf16SkipReason();
   for (NsForm form : {NsForm::kAuto, NsForm::kGram, NsForm::kStandard}) {
-    for (const Shape sh : {Shape{96, 384}, Shape{384, 96}}) {
+    for (const NsShape sh : {NsShape{96, 384}, NsShape{384, 96}}) {
       Bf16NewtonSchulz ns;
       ns.Reserve(sh.m, sh.n, form);
       const int64_t bytes = ns.bytes();

@@ -23,6 +23,7 @@
 #include "kernels/common/ns_coeffs.h"
 #include "kernels/cpu/newton_schulz.h"
 #include "kernels/cpu/reference.h"
+#include "ns_test_inputs.h"
 #include "test_util.h"
 
 namespace mdopt {
@@ -30,6 +31,9 @@ namespace {
 
 using kernels::NsCoeffSet;
 using kernels::NsForm;
+using testing::NsSetName;
+using testing::NsShape;
+using testing::SpreadInput;
 using kernels::fast::ResolveNsForm;
 
 constexpr double kRatio = 4.0, kFloor = 1e-6, kAbsRelFrob = 1e-4;
@@ -59,17 +63,6 @@ std::vector<float> RunNs(NsForm form, NsCoeffSet set, int steps, int64_t m, int6
   return std::vector<float>(o, o + xf.size());
 }
 
-// Gaussian m x n, its short side's rows (wide) or columns (tall) scaled geometrically from
-// 1 down to 10^-decades: singular values spread over that many decades, as in a gradient.
-std::vector<double> Input(int m, int n, double decades, uint64_t seed) {
-  std::vector<double> x = testing::RandomNormal(static_cast<size_t>(m) * n, seed);
-  const int s = std::min(m, n);
-  for (int i = 0; i < m; ++i)
-    for (int j = 0; j < n; ++j)
-      x[static_cast<size_t>(i) * n + j] *= std::pow(10.0, -decades * (m <= n ? i : j) / (s - 1));
-  return x;
-}
-
 // Checks the Gram form against the reference, bounded by the standard form's own error.
 void ExpectGramNearReference(NsCoeffSet set, int steps, int m, int n,
                              const std::vector<double>& x) {
@@ -82,39 +75,24 @@ void ExpectGramNearReference(NsCoeffSet set, int steps, int m, int n,
   EXPECT_LE(gram.rel_frob, kAbsRelFrob);
 }
 
-const char* SetName(NsCoeffSet set) {
-  return set == NsCoeffSet::kQuintic  ? "quintic"
-         : set == NsCoeffSet::kJordan ? "jordan"
-                                      : "polar_express";
-}
-
-struct Shape {
-  int m, n;
-};
-
-class GramNs : public ::testing::TestWithParam<std::tuple<Shape, NsCoeffSet, int>> {};
+class GramNs : public ::testing::TestWithParam<std::tuple<NsShape, NsCoeffSet, int>> {};
 
 TEST_P(GramNs, MatchesFloat64ReferenceLikeStandardForm) {
   const auto [shape, set, decades] = GetParam();
   ExpectGramNearReference(set, 5, shape.m, shape.n,
-                          Input(shape.m, shape.n, decades, shape.m * 131 + shape.n));
+                          SpreadInput(shape.m, shape.n, decades, shape.m * 131 + shape.n));
 }
 
 // Wide and tall, aspect 2, 3, 4 and 8; 264 x 528 has a 2 x 2 grid of Gram tiles with partial
 // last ones (and 3 of the s x s products' 128-row tiles).
-const Shape kShapes[] = {{64, 256},  {256, 64},   {128, 256},  {300, 100},
+const NsShape kShapes[] = {{64, 256},  {256, 64},   {128, 256},  {300, 100},
                          {96, 384},  {128, 1024}, {1024, 256}, {264, 528}};
 
 // A 3 x 3 grid of Gram tiles, once: the float64 reference on it takes seconds under the
 // sanitizers, so it is not in the coefficient-set x spread grid above.
 TEST(GramNsLarge, ThreeByThreeTilesMatchFloat64Reference) {
-  ExpectGramNearReference(NsCoeffSet::kQuintic, 5, 520, 1040, Input(520, 1040, 4, 520 * 131 + 1040));
-}
-
-std::string ParamName(const ::testing::TestParamInfo<GramNs::ParamType>& info) {
-  const Shape shape = std::get<0>(info.param);
-  return "m" + std::to_string(shape.m) + "_n" + std::to_string(shape.n) + "_" +
-         SetName(std::get<1>(info.param)) + "_spread" + std::to_string(std::get<2>(info.param));
+  ExpectGramNearReference(NsCoeffSet::kQuintic, 5, 520, 1040,
+                          SpreadInput(520, 1040, 4, 520 * 131 + 1040));
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, GramNs,
@@ -123,15 +101,15 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GramNs,
                                                               NsCoeffSet::kJordan,
                                                               NsCoeffSet::kPolarExpress),
                                             ::testing::Values(0, 4)),
-                         ParamName);
+                         testing::NsCaseName<GramNs::ParamType>);
 
 // Any step count: 0 (normalisation only), 1 (no s x s product but P_0), 2, and more steps
 // than a set has tuples (the last one repeats).
 TEST(GramNsSteps, AnyStepCount) {
-  const std::vector<double> wide = Input(96, 384, 2, 5), tall = Input(384, 96, 2, 6);
+  const std::vector<double> wide = SpreadInput(96, 384, 2, 5), tall = SpreadInput(384, 96, 2, 6);
   for (NsCoeffSet set : {NsCoeffSet::kQuintic, NsCoeffSet::kJordan, NsCoeffSet::kPolarExpress}) {
     for (int steps : {0, 1, 2, 3, 9}) {
-      SCOPED_TRACE(std::string(SetName(set)) + " steps " + std::to_string(steps));
+      SCOPED_TRACE(std::string(NsSetName(set)) + " steps " + std::to_string(steps));
       ExpectGramNearReference(set, steps, 96, 384, wide);
       ExpectGramNearReference(set, steps, 384, 96, tall);
     }
@@ -141,8 +119,8 @@ TEST(GramNsSteps, AnyStepCount) {
 // The same bits at 1 and 3 threads: every product is on fixed tiles.
 TEST(GramNsThreads, BitwiseAcrossThreadCounts) {
   const int saved = omp_get_max_threads();
-  for (const Shape shape : {Shape{520, 1040}, Shape{1040, 520}, Shape{64, 256}}) {
-    const std::vector<double> x = Input(shape.m, shape.n, 3, 11);
+  for (const NsShape shape : {NsShape{520, 1040}, NsShape{1040, 520}, NsShape{64, 256}}) {
+    const std::vector<double> x = SpreadInput(shape.m, shape.n, 3, 11);
     omp_set_num_threads(1);
     const std::vector<float> one = RunNs(NsForm::kGram, NsCoeffSet::kQuintic, 5, shape.m, shape.n, x);
     omp_set_num_threads(3);
@@ -206,9 +184,9 @@ TEST(GramNsOptimizer, GramAgreesWithStandard) {
 TEST(NsBatch, BitwiseEqualToOneCallPerMatrix) {
   const int saved = omp_get_max_threads();
   constexpr int64_t kBatch = 3;
-  for (const Shape shape : {Shape{256, 1024}, Shape{1024, 256}, Shape{300, 600}, Shape{96, 96}}) {
+  for (const NsShape shape : {NsShape{256, 1024}, NsShape{1024, 256}, NsShape{300, 600}, NsShape{96, 96}}) {
     const int64_t numel = int64_t{shape.m} * shape.n;
-    const std::vector<double> x = Input(shape.m, shape.n * static_cast<int>(kBatch), 2, 21);
+    const std::vector<double> x = SpreadInput(shape.m, shape.n * static_cast<int>(kBatch), 2, 21);
     for (NsForm form : {NsForm::kStandard, NsForm::kGram}) {
       for (int steps : {0, 5}) {
         std::vector<float> one(x.size());
