@@ -1,8 +1,8 @@
-// An engine holds the optimizer state of this rank and runs the math on it. Two exist:
-// FastEngine (float32 state, fused OpenMP passes, BLAS Newton-Schulz) and ReferenceEngine
-// (float64 state, the unfused reference of kernels/cpu/reference.h), chosen by
-// mdopt_create's kernels= option. The optimizer around them owns the life cycle, the
-// non-finite check, checkpoints and the C ABI.
+// An engine holds the optimizer state of this rank and runs the math on it. Two exist: the
+// scheduled engine (dist_opt/schedule.h: the step schedule over a device backend, the CPU's
+// or a GPU's) and ReferenceEngine (float64 state, the unfused reference of
+// kernels/cpu/reference.h, one rank), chosen by mdopt_create's kernels= option. The
+// optimizer around them owns the life cycle, step info, checkpoints and the C ABI.
 #ifndef MDOPT_DIST_OPT_ENGINE_H_
 #define MDOPT_DIST_OPT_ENGINE_H_
 
@@ -14,25 +14,15 @@
 #include "absl/status/status.h"
 #include "comm/communicator.h"
 #include "dist_opt/param_registry.h"
+#include "dist_opt/schedule.h"
 #include "dist_opt/shard_plan.h"
+#include "kernels/backend.h"
 #include "kernels/common/ns_coeffs.h"
 
 namespace mdopt {
 
-// One named array of a parameter's state for one expert matrix, pointing into live state.
-struct StateArray {
-  std::string name;      // "master", "momentum", "exp_avg", "exp_avg_sq", "row_raw", ...
-  void* data = nullptr;  // elem_size * count bytes
-  int64_t count = 0;
-  int elem_size = 4;     // 4: float32, 8: float64
-  bool is_model = false; // the model's own tensor (f32 weights serve as the master copy)
-
-  double Get(int64_t k) const {
-    return elem_size == 8 ? static_cast<const double*>(data)[k]
-                          : static_cast<double>(static_cast<const float*>(data)[k]);
-  }
-  int64_t bytes() const { return count * elem_size; }
-};
+using kernels::StateArray;
+using kernels::StepOutcome;
 
 // How the engine runs (from mdopt_create's options).
 struct EngineOptions {
@@ -42,6 +32,7 @@ struct EngineOptions {
   bool grads_reduced = false;    // grads=reduced: every rank passes the mean gradient
   bool gather_deferred = false;  // gather=deferred: weights are all-gathered by GatherParams
   bool update_norms = false;     // update_norms=1: measure ||dW|| / ||W|| per matrix
+  bool grad_comm_bf16 = false;   // grad_comm_dtype=bf16: gradients reduced in bf16
   int64_t bucket_bytes = int64_t{16} << 20;
 };
 
@@ -57,15 +48,15 @@ class Engine {
   // Gradients of params [first, first + count) are final (mdopt_grads_ready): starts the
   // reduce-scatter of every bucket, in bucket order, whose gradients are all final.
   virtual absl::Status GradsReady(int64_t first, int64_t count) = 0;
-  // Starts what GradsReady has not and waits for every gradient reduction; afterwards
-  // GradSumSq reads this rank's reduced rows.
-  virtual absl::Status ReduceGradients() = 0;
 
-  // Sum of squares of this rank's rows of a param's (reduced) gradient (NaN/Inf propagate).
-  virtual double GradSumSq(int64_t index) = 0;
-
-  // One step; lr_scale multiplies lr and gain_lr; t counts taken steps including this one.
-  virtual absl::Status Step(double lr_scale, int64_t t) = 0;
+  // One step, lr_scale multiplying lr and gain_lr: the finite check, then (unless a gradient
+  // holds NaN/Inf anywhere) the update. Enqueued on the backend's stream; what the step did
+  // is known after Outcome.
+  virtual absl::Status Step(double lr_scale) = 0;
+  // Waits for the last step and tells what it did and how many steps were taken so far.
+  virtual absl::Status Outcome(StepOutcome* out) = 0;
+  // The count of taken steps (checkpoint load).
+  virtual void SetStepsTaken(int64_t t) = 0;
 
   // gather=deferred: the weight all-gather the last step left to do (mdopt_gather_params).
   virtual absl::Status GatherParams() = 0;
@@ -83,13 +74,23 @@ class Engine {
   virtual void LastStep(int group, int64_t counts[3], std::vector<double>* norms) const = 0;
 
   virtual int64_t WorkspaceBytes() const = 0;
+  // Bracket every public call of the optimizer (a CPU backend sets its thread count for the
+  // call and gives the caller's back after it).
+  virtual void Enter() {}
+  virtual void Leave() {}
+  // Whether Outcome can be read without waiting for queued work (a host backend).
+  virtual bool HostSynchronous() const { return true; }
+  // Bytes this rank sent in the last step, by purpose (nullptr: not counted).
+  virtual const StepTraffic* Traffic() const { return nullptr; }
   virtual const char* name() const = 0;
   virtual const ShardPlan* plan() const = 0;
 };
 
-std::unique_ptr<Engine> MakeFastEngine(const std::vector<ParamEntry>* params,
-                                       const std::vector<Group>* groups, Communicator* comm,
-                                       const EngineOptions& options);
+// The step schedule over `backend` (dist_opt/schedule.h).
+std::unique_ptr<Engine> MakeScheduledEngine(const std::vector<ParamEntry>* params,
+                                            const std::vector<Group>* groups, Communicator* comm,
+                                            const EngineOptions& options,
+                                            std::unique_ptr<kernels::StepBackend> backend);
 std::unique_ptr<Engine> MakeReferenceEngine(const std::vector<ParamEntry>* params,
                                             const std::vector<Group>* groups,
                                             Communicator* comm);

@@ -1,7 +1,5 @@
 #include "dist_opt/optimizer.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -11,30 +9,27 @@
 #include "absl/strings/str_cat.h"
 #include "comm/communicator.h"
 #include "dist_opt/checkpoint.h"
+#include "kernels/backend_factory.h"
 #include "kernels/common/gain_param.h"
 
 namespace mdopt {
 namespace {
 
-// Sets the OpenMP thread count of the calling thread for one call and restores it after,
-// so that the host program's own setting is left alone. OpenBLAS (OpenMP build) follows it.
-class ThreadsGuard {
+// Brackets one public call with the engine's Enter/Leave (a CPU backend sets its thread
+// count for the call and restores the caller's after it).
+class EngineScope {
  public:
-  explicit ThreadsGuard(int threads) : active_(threads > 0) {
-    if (active_) {
-      previous_ = omp_get_max_threads();
-      omp_set_num_threads(threads);
-    }
+  explicit EngineScope(Engine* engine) : engine_(engine) {
+    if (engine_ != nullptr) engine_->Enter();
   }
-  ~ThreadsGuard() {
-    if (active_) omp_set_num_threads(previous_);
+  ~EngineScope() {
+    if (engine_ != nullptr) engine_->Leave();
   }
-  ThreadsGuard(const ThreadsGuard&) = delete;
-  ThreadsGuard& operator=(const ThreadsGuard&) = delete;
+  EngineScope(const EngineScope&) = delete;
+  EngineScope& operator=(const EngineScope&) = delete;
 
  private:
-  bool active_;
-  int previous_ = 0;
+  Engine* engine_;
 };
 
 const StateArray* FindArray(const std::vector<StateArray>& arrays, absl::string_view name) {
@@ -140,8 +135,7 @@ absl::Status Optimizer::Finalize() {
   if (registry_.size() == 0) {
     return absl::FailedPreconditionError("mdopt_finalize with no parameters added");
   }
-  ThreadsGuard threads(options_.threads);
-  return CatchOutOfMemory("mdopt_finalize", [&] {
+  return CatchOutOfMemory("mdopt_finalize", [&]() -> absl::Status {
     EngineOptions eo;
     eo.ns_bf16 = options_.ns_bf16;
     eo.ns_comm_bf16 = options_.ns_comm_bf16;
@@ -150,25 +144,31 @@ absl::Status Optimizer::Finalize() {
     eo.gather_deferred = options_.gather_deferred;
     eo.bucket_bytes = options_.bucket_bytes;
     eo.update_norms = options_.update_norms;
-    std::unique_ptr<Engine> engine =
-        options_.kernels == OptimizerOptions::Kernels::kFast
-            ? MakeFastEngine(&registry_.params(), &groups_, comm_, eo)
-            : MakeReferenceEngine(&registry_.params(), &groups_, comm_);
-    std::vector<double> sumsq(static_cast<size_t>(registry_.size() * comm_->size()));
-    sumsq_counts_.assign(static_cast<size_t>(comm_->size()), registry_.size());
+    eo.grad_comm_bf16 = options_.grad_comm_bf16;
+    std::unique_ptr<Engine> engine;
+    if (options_.kernels == OptimizerOptions::Kernels::kFast) {
+      kernels::BackendRequest request;
+      request.device = options_.device;
+      request.threads = options_.threads;
+      absl::StatusOr<std::unique_ptr<kernels::StepBackend>> backend = kernels::MakeBackend(request);
+      if (!backend.ok()) return backend.status();
+      engine = MakeScheduledEngine(&registry_.params(), &groups_, comm_, eo, *std::move(backend));
+    } else {
+      engine = MakeReferenceEngine(&registry_.params(), &groups_, comm_);
+    }
     size_t longest = 0;
     for (const ParamEntry& p : registry_.params()) longest = std::max(longest, p.name.size());
     std::string reason;
     reason.reserve(sizeof(kSkipPrefix) + longest + sizeof(kSkipSuffix));
+    EngineScope scope(engine.get());
     if (absl::Status s = engine->Init(); !s.ok()) return s;
     engine_ = std::move(engine);
-    grad_sumsq_ = std::move(sumsq);
     skip_reason_ = std::move(reason);
     return absl::OkStatus();
   });
 }
 
-absl::StatusOr<StepResult> Optimizer::Step(double lr_scale, void* stream) {
+absl::StatusOr<StepResult> Optimizer::Step(double lr_scale, void* stream, bool want_info) {
   if (absl::Status s = RequireFinalized("mdopt_step"); !s.ok()) return s;
   if (!std::isfinite(lr_scale) || lr_scale < 0) {
     return absl::InvalidArgumentError(
@@ -186,50 +186,44 @@ absl::StatusOr<StepResult> Optimizer::Step(double lr_scale, void* stream) {
   }
   const auto t0 = std::chrono::steady_clock::now();
   const CommStats c0 = comm_->size() > 1 ? comm_->stats() : CommStats{};
-  ThreadsGuard threads(options_.threads);
-
-  // The finite check rides on the reduced gradients: this rank's rows of each param, then
-  // (several ranks) every rank's sums, added in rank order, so every rank reaches the same
-  // verdict and the same grad norm and skips the same steps.
-  if (absl::Status s = engine_->ReduceGradients(); !s.ok()) return s;
-  const int64_t P = registry_.size();
-  const int world = comm_->size();
-  double* mine = grad_sumsq_.data() + comm_->rank() * P;
-  for (int64_t i = 0; i < P; ++i) mine[i] = engine_->GradSumSq(i);
-  if (world > 1) {
-    absl::StatusOr<RequestPtr> req =
-        comm_->AllGather(nullptr, grad_sumsq_.data(), sumsq_counts_, DataType::kF64);
-    if (!req.ok()) return req.status();
-    if (absl::Status s = (*req)->Wait(); !s.ok()) return s;
-  }
-  StepResult r;
-  double total = 0.0;
-  for (int64_t i = 0; i < P; ++i) {
-    double sq = 0.0;
-    for (int q = 0; q < world; ++q) sq += grad_sumsq_[q * P + i];
-    total += sq;
-    if (!std::isfinite(sq) && !r.skipped) {
-      skip_reason_.assign(kSkipPrefix).append(params[i].name).append(kSkipSuffix);
-      r.skip_reason = skip_reason_;
-      r.skipped = true;
-    }
-  }
-  r.grad_norm = std::sqrt(total);
+  EngineScope scope(engine_.get());
+  // The engine decides the skip itself (the finite check is a stage of the step): the host
+  // learns of it from the outcome, read here only when it costs no wait or is asked for.
+  if (absl::Status s = engine_->Step(lr_scale); !s.ok()) return s;
   stepped_ = true;
-  last_skipped_ = r.skipped;
-  if (!r.skipped) {
-    if (absl::Status s = engine_->Step(lr_scale, step_ + 1); !s.ok()) return s;
-    ++step_;
+  outcome_pending_ = true;
+  StepResult r;
+  if (want_info || engine_->HostSynchronous()) {
+    if (absl::Status s = SyncOutcome(); !s.ok()) return s;
+    r.skipped = last_skipped_;
+    r.grad_norm = last_grad_norm_;
+    r.skip_reason = skip_reason_;
   }
   r.step = step_;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  if (world > 1) {
+  if (comm_->size() > 1) {
     const CommStats c1 = comm_->stats();
     r.exposed_comm_seconds = c1.wait_seconds - c0.wait_seconds;
     r.comm_seconds = c1.busy_seconds - c0.busy_seconds;
     r.bytes_sent = c1.bytes_sent - c0.bytes_sent;
   }
   return r;
+}
+
+absl::Status Optimizer::SyncOutcome() const {
+  if (!outcome_pending_) return absl::OkStatus();
+  StepOutcome o;
+  if (absl::Status s = engine_->Outcome(&o); !s.ok()) return s;
+  outcome_pending_ = false;
+  step_ = o.steps_taken;
+  last_skipped_ = o.skipped;
+  last_grad_norm_ = o.grad_norm;
+  if (o.skipped && o.bad_param >= 0) {
+    skip_reason_.assign(kSkipPrefix).append(registry_.params()[o.bad_param].name).append(kSkipSuffix);
+  } else {
+    skip_reason_.clear();
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<GroupInfo> Optimizer::LastStepOfGroup(absl::string_view name) const {
@@ -242,6 +236,7 @@ absl::StatusOr<GroupInfo> Optimizer::LastStepOfGroup(absl::string_view name) con
   for (const ParamEntry& p : registry_.params())
     if (p.group == group) info.matrices += p.experts;
   if (!stepped_) return info;
+  if (absl::Status s = SyncOutcome(); !s.ok()) return s;
   if (last_skipped_) {
     info.skipped = info.matrices;
     return info;
@@ -286,31 +281,35 @@ absl::StatusOr<GroupInfo> Optimizer::LastStepOfGroup(absl::string_view name) con
 absl::Status Optimizer::GradsReady(int64_t first, int64_t count, void* stream) {
   if (absl::Status s = RequireFinalized("mdopt_grads_ready"); !s.ok()) return s;
   if (stream != nullptr) return absl::InvalidArgumentError("stream must be NULL with device=cpu");
-  ThreadsGuard threads(options_.threads);
+  EngineScope scope(engine_.get());
   return engine_->GradsReady(first, count);
 }
 
 absl::Status Optimizer::GatherParams(void* stream) {
   if (absl::Status s = RequireFinalized("mdopt_gather_params"); !s.ok()) return s;
   if (stream != nullptr) return absl::InvalidArgumentError("stream must be NULL with device=cpu");
-  ThreadsGuard threads(options_.threads);
+  EngineScope scope(engine_.get());
   return engine_->GatherParams();
 }
 
 absl::Status Optimizer::Save(const std::string& dir) {
   if (absl::Status s = RequireFinalized("mdopt_save"); !s.ok()) return s;
+  if (absl::Status s = SyncOutcome(); !s.ok()) return s;
+  EngineScope scope(engine_.get());
   CheckpointLayout layout{engine_->name(), comm_->size(), step_, &groups_, &registry_.params()};
   return CatchOutOfMemory("mdopt_save", [&] { return SaveCheckpoint(dir, layout, engine_.get(), comm_); });
 }
 
 absl::Status Optimizer::Load(const std::string& dir) {
   if (absl::Status s = RequireFinalized("mdopt_load"); !s.ok()) return s;
-  ThreadsGuard threads(options_.threads);
+  if (absl::Status s = SyncOutcome(); !s.ok()) return s;
+  EngineScope scope(engine_.get());
   CheckpointLayout layout{engine_->name(), comm_->size(), step_, &groups_, &registry_.params()};
   return CatchOutOfMemory("mdopt_load", [&] {
     int64_t step = 0;
     if (absl::Status s = LoadCheckpoint(dir, layout, engine_.get(), comm_, &step); !s.ok()) return s;
     step_ = step;
+    engine_->SetStepsTaken(step);
     return absl::OkStatus();
   });
 }
@@ -333,6 +332,7 @@ absl::StatusOr<int64_t> Optimizer::WorkspaceBytes() const {
 absl::StatusOr<std::vector<double>> Optimizer::GetState(int64_t index,
                                                         absl::string_view field) const {
   if (absl::Status s = RequireFinalized("mdopt_get_state"); !s.ok()) return s;
+  if (absl::Status s = SyncOutcome(); !s.ok()) return s;
   if (index < 0 || index >= registry_.size()) {
     return absl::InvalidArgumentError(
         absl::StrCat("param index ", index, " is out of range [0, ", registry_.size(), ")"));

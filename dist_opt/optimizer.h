@@ -50,7 +50,9 @@ class Optimizer {
   absl::Status GetGroupLr(absl::string_view group, double* lr, double* gain_lr) const;
   absl::Status SetPointers(int64_t index, void* param, const void* grad);
   absl::Status Finalize();
-  absl::StatusOr<StepResult> Step(double lr_scale, void* stream);
+  // want_info: the caller reads the result (mdopt_step with info): a device backend then
+  // waits for the step; without it, skipped/grad_norm are filled only where that is free.
+  absl::StatusOr<StepResult> Step(double lr_scale, void* stream, bool want_info = true);
   // mdopt_grads_ready / mdopt_gather_params.
   absl::Status GradsReady(int64_t first, int64_t count, void* stream);
   absl::Status GatherParams(void* stream);
@@ -65,12 +67,21 @@ class Optimizer {
   // The fields of mdopt_get_state.
   absl::StatusOr<std::vector<double>> GetState(int64_t index, absl::string_view field) const;
 
-  int64_t steps_taken() const { return step_; }
+  int64_t steps_taken() const {
+    (void)SyncOutcome();
+    return step_;
+  }
+  // Bytes this rank sent in the last step by purpose (nullptr before finalize or for the
+  // reference engine).
+  const StepTraffic* last_traffic() const { return engine_ == nullptr ? nullptr : engine_->Traffic(); }
   const std::vector<Group>& groups() const { return groups_; }
   const ParamRegistry& registry() const { return registry_; }
 
  private:
   absl::Status RequireFinalized(const char* call) const;
+  // Reads the outcome of the last step from the engine if it has not been read (waits for a
+  // device step).
+  absl::Status SyncOutcome() const;
   absl::StatusOr<int> FindGroup(const char* call, absl::string_view name) const;
 
   Communicator* comm_;
@@ -78,11 +89,13 @@ class Optimizer {
   std::vector<Group> groups_;
   ParamRegistry registry_;
   std::unique_ptr<Engine> engine_;  // set by Finalize
-  std::vector<double> grad_sumsq_;  // per param x rank, sized at Finalize: a step allocates nothing
-  std::vector<int64_t> sumsq_counts_;
-  std::string skip_reason_;  // StepResult::skip_reason's text, capacity reserved at Finalize
-  int64_t step_ = 0;
-  bool stepped_ = false, last_skipped_ = false;
+  // What the last step did, as read from the engine (SyncOutcome; mutable: reading it is not
+  // a change of the optimizer).
+  mutable std::string skip_reason_;  // StepResult::skip_reason's text, capacity reserved at Finalize
+  mutable int64_t step_ = 0;
+  mutable bool last_skipped_ = false, outcome_pending_ = false;
+  mutable double last_grad_norm_ = 0.0;
+  bool stepped_ = false;
 };
 
 }  // namespace mdopt

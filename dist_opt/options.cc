@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "dist_opt/key_values.h"
-#include "kernels/cpu/newton_schulz_bf16.h"
+#include "kernels/backend_factory.h"
 
 namespace mdopt {
 
@@ -46,15 +46,8 @@ absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options
       if (value == "f32") {
         o.ns_bf16 = false;
       } else if (value == "bf16") {
-        if (!kernels::fast::Bf16NewtonSchulz::Available()) {
-#ifdef MDOPT_BUILT_WITH_DNNL
-          return absl::UnimplementedError(
-              "option ns_dtype=bf16: this CPU has no bf16 matmul (needs AVX512_BF16 or AMX)");
-#else
-          return absl::UnimplementedError(
-              "option ns_dtype=bf16: this build has no oneDNN (install libdnnl-dev and rebuild)");
-#endif
-        }
+        const std::string why = kernels::Bf16NsUnavailableReason();
+        if (!why.empty()) return absl::UnimplementedError(absl::StrCat("option ns_dtype=bf16: ", why));
         o.ns_bf16 = true;
       } else {
         return absl::InvalidArgumentError(
@@ -71,6 +64,12 @@ absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options
         return absl::InvalidArgumentError(absl::StrCat(
             "option 'ns_form': bad value '", value, "' (auto, standard or gram)"));
       }
+    } else if (key == "grad_comm_dtype") {
+      if (value != "f32" && value != "bf16") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option 'grad_comm_dtype': bad value '", value, "' (f32 or bf16)"));
+      }
+      o.grad_comm_bf16 = value == "bf16";
     } else if (key == "ns_comm_dtype") {
       if (value != "f32" && value != "bf16") {
         return absl::InvalidArgumentError(
@@ -111,7 +110,7 @@ absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options
     } else {
       return absl::InvalidArgumentError(absl::StrCat(
           "option '", key, "' is unknown (known: device, threads, kernels, ns_dtype, "
-          "ns_form, ns_comm_dtype, grads, gather, bucket_mb, comm_timeout_s, update_norms)"));
+          "ns_form, ns_comm_dtype, grad_comm_dtype, grads, gather, bucket_mb, comm_timeout_s, update_norms)"));
     }
   }
   return o;

@@ -4,6 +4,7 @@
 #define MDOPT_DIST_OPT_OPTIONS_H_
 
 #include <cstdint>
+#include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -14,9 +15,11 @@ namespace mdopt {
 struct OptimizerOptions {
   enum class Kernels { kFast, kReference };
   Kernels kernels = Kernels::kFast;
+  std::string device = "cpu";  // device=
   int threads = 0;           // 0: leave OpenMP's default
   bool ns_bf16 = false;      // ns_dtype=bf16: Newton-Schulz products in bf16 (fast engine)
   bool ns_comm_bf16 = false; // ns_comm_dtype=bf16: the NS gather/scatter moves bf16
+  bool grad_comm_bf16 = false;  // grad_comm_dtype=bf16: the gradient reduce-scatter moves bf16
   kernels::NsForm ns_form = kernels::NsForm::kAuto;  // ns_form=auto|standard|gram
   bool grads_reduced = false;   // grads=reduced (default grads=local)
   bool gather_deferred = false; // gather=deferred (default eager)
@@ -25,8 +28,8 @@ struct OptimizerOptions {
   bool update_norms = false;    // update_norms=1
 };
 
-// Keys: device, threads, kernels, ns_dtype, ns_form, ns_comm_dtype, grads, gather, bucket_mb,
-// comm_timeout_s, update_norms; each at most once, every key optional. InvalidArgument for
+// Keys: device, threads, kernels, ns_dtype, ns_form, ns_comm_dtype, grad_comm_dtype, grads,
+// gather, bucket_mb, comm_timeout_s, update_norms; each at most once, every key optional. InvalidArgument for
 // malformed text (key_values.h), an unknown key or a bad value, naming the key;
 // Unimplemented for a valid request this build or CPU cannot serve: device=cuda:K (no CUDA
 // backend), ns_dtype=bf16 without oneDNN or without a bf16 matmul on this CPU.

@@ -1,6 +1,7 @@
 // The float64 engine: kernels/cpu/reference.h on whole matrices, one plain pass per step of
 // the math. It is the oracle the fast engine is tested against and the baseline mdopt-bench
 // reports ratios to. One rank only: it never shards.
+#include <cmath>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -20,12 +21,16 @@ class ReferenceEngine final : public Engine {
       : params_(*params), groups_(*groups), comm_(comm) {}
 
   absl::Status Init() override;
-  double GradSumSq(int64_t index) override;
-  absl::Status Step(double lr_scale, int64_t t) override;
+  absl::Status Step(double lr_scale) override;
+  absl::Status Outcome(StepOutcome* out) override {
+    *out = outcome_;
+    out->steps_taken = t_;
+    return absl::OkStatus();
+  }
+  void SetStepsTaken(int64_t t) override { t_ = t; }
   std::vector<StateArray> State(int64_t index, int64_t expert) override;
   absl::Status WriteModels() override;
   absl::Status GradsReady(int64_t, int64_t) override { return absl::OkStatus(); }
-  absl::Status ReduceGradients() override { return absl::OkStatus(); }
   absl::Status GatherParams() override { return absl::OkStatus(); }
   int64_t WorkspaceBytes() const override { return 0; }
   void LastStep(int group, int64_t counts[3], std::vector<double>* norms) const override;
@@ -39,6 +44,7 @@ class ReferenceEngine final : public Engine {
                              : kernels::Bf16ToFloat(static_cast<const uint16_t*>(base)[q]);
   }
   void WriteModel(int64_t index, int64_t expert);
+  double GradSumSq(int64_t index) const;
 
   const std::vector<ParamEntry>& params_;
   const std::vector<Group>& groups_;
@@ -46,6 +52,8 @@ class ReferenceEngine final : public Engine {
   ShardPlan plan_;
   std::vector<std::vector<ref::MatrixState>> st_;  // [param][expert]
   std::vector<double> g_;                          // gradient of one matrix, as double
+  StepOutcome outcome_;
+  int64_t t_ = 0;
 };
 
 absl::Status ReferenceEngine::Init() {
@@ -70,7 +78,7 @@ absl::Status ReferenceEngine::Init() {
   return WriteModels();
 }
 
-double ReferenceEngine::GradSumSq(int64_t index) {
+double ReferenceEngine::GradSumSq(int64_t index) const {
   const ParamEntry& p = params_[index];
   double total = 0.0;
   for (int64_t q = 0; q < p.numel(); ++q) {
@@ -80,7 +88,21 @@ double ReferenceEngine::GradSumSq(int64_t index) {
   return total;
 }
 
-absl::Status ReferenceEngine::Step(double lr_scale, int64_t t) {
+absl::Status ReferenceEngine::Step(double lr_scale) {
+  // The finite check first: a NaN/Inf anywhere skips the whole step.
+  outcome_ = StepOutcome{};
+  double total = 0.0;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const double sq = GradSumSq(static_cast<int64_t>(i));
+    total += sq;
+    if (!std::isfinite(sq) && !outcome_.skipped) {
+      outcome_.skipped = true;
+      outcome_.bad_param = static_cast<int64_t>(i);
+    }
+  }
+  outcome_.grad_norm = std::sqrt(total);
+  if (outcome_.skipped) return absl::OkStatus();
+  const int64_t t = ++t_;
   for (size_t i = 0; i < params_.size(); ++i) {
     const ParamEntry& p = params_[i];
     const int64_t mn = p.m * p.n;

@@ -124,9 +124,11 @@ TEST(OptimizerOptionsParse, RefusalsNameTheKey) {
       {"comm_timeout_s=-1", C::kInvalidArgument, "option 'comm_timeout_s': bad value '-1' (seconds, in (0, 1e7])"},
       {"comm_timeout_s=inf", C::kInvalidArgument, "option 'comm_timeout_s': bad value 'inf' (seconds, in (0, 1e7])"},
       {"update_norms=yes", C::kInvalidArgument, "option 'update_norms': bad value 'yes' (0 or 1)"},
+      {"grad_comm_dtype=fp16", C::kInvalidArgument,
+       "option 'grad_comm_dtype': bad value 'fp16' (f32 or bf16)"},
       {"threads=2 colour=red", C::kInvalidArgument,
        "option 'colour' is unknown (known: device, threads, kernels, ns_dtype, ns_form, ns_comm_dtype, "
-       "grads, gather, bucket_mb, comm_timeout_s, update_norms)"},
+       "grad_comm_dtype, grads, gather, bucket_mb, comm_timeout_s, update_norms)"},
       // Malformed text, from the shared tokeniser.
       {"threads=1 threads=2", C::kInvalidArgument, "option key 'threads' is given twice"},
       {"threads", C::kInvalidArgument, "option: 'threads' is not of the form key=value (no '=')"},

@@ -1,0 +1,590 @@
+// The scheduled engine (schedule.h): this rank's part of the ShardPlan described to a
+// backend once, then every step driven through the backend's stages with the collectives of
+// the schedule between them. Every collective is started in the same order on every rank (a
+// fixed wave order over (bucket, stage)); the backend's work is ordered after a collective
+// by Request::OrderBefore as late as the data is needed, so bucket b's communication
+// overlaps the compute of the buckets around it. With one rank no collective is issued and,
+// for a backend that prefers it, each matrix runs all its stages before the next starts.
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "dist_opt/engine.h"
+#include "dist_opt/schedule.h"
+#include "dist_opt/shard_plan.h"
+
+namespace mdopt {
+namespace {
+
+using kernels::BucketBuffers;
+using kernels::SlotRange;
+using kernels::Sphere;
+
+constexpr int kGatherTag = 11, kScatterTag = 12;
+
+// Cross-row partials of a rows-layout slot (summed over ranks): column-gain and scalar-gain
+// gradients, and the squared norms of frobenius/column slices.
+int64_t CrossRecord(const kernels::UpdateRule& r, int64_t n) {
+  int64_t c = (kernels::HasColGains(r.gains) ? n : 0) + (kernels::HasScalarGain(r.gains) ? 1 : 0);
+  if (r.sphere == Sphere::kFrobenius) c += 1;
+  if (r.sphere == Sphere::kCol) c += n;
+  return c;
+}
+
+// Tangent dots of a rows-layout slot with a frobenius or column sphere.
+int64_t RadialRecord(const kernels::UpdateRule& r, int64_t n) {
+  if (!r.tangent) return 0;
+  if (r.sphere == Sphere::kFrobenius) return 2;
+  if (r.sphere == Sphere::kCol) return 2 * n;
+  return 0;
+}
+
+DataType CommType(Dtype d) { return d == Dtype::kF32 ? DataType::kF32 : DataType::kBf16; }
+
+// The collectives of one bucket in flight (a pool of kScheduleStages, reused round-robin).
+struct InFlight {
+  RequestPtr gather, scatter, sums, ag;
+};
+
+class ScheduledEngine final : public Engine {
+ public:
+  ScheduledEngine(const std::vector<ParamEntry>* params, const std::vector<Group>* groups,
+                  Communicator* comm, const EngineOptions& o,
+                  std::unique_ptr<kernels::StepBackend> backend)
+      : params_(*params), groups_(*groups), comm_(comm), opt_(o), rank_(comm->rank()),
+        world_(comm->size()), backend_(std::move(backend)) {}
+
+  absl::Status Init() override;
+  absl::Status GradsReady(int64_t first, int64_t count) override;
+  absl::Status Step(double lr_scale) override;
+  absl::Status Outcome(StepOutcome* out) override { return backend_->ReadOutcome(out); }
+  void SetStepsTaken(int64_t t) override { backend_->SetStepsTaken(t); }
+  absl::Status GatherParams() override;
+  std::vector<StateArray> State(int64_t index, int64_t expert) override {
+    return backend_->State(static_cast<int>(plan_.first_slot[index] + expert));
+  }
+  absl::Status WriteModels() override;
+  void LastStep(int group, int64_t counts[3], std::vector<double>* norms) const override;
+  int64_t WorkspaceBytes() const override { return backend_->WorkspaceBytes(); }
+  const char* name() const override { return "fast"; }
+  const ShardPlan* plan() const override { return &plan_; }
+  void Enter() override { backend_->Enter(); }
+  void Leave() override { backend_->Leave(); }
+  bool HostSynchronous() const override { return !backend_->device_memory(); }
+  const StepTraffic* Traffic() const override { return &traffic_; }
+
+ private:
+  bool Sharded() const { return world_ > 1; }
+  bool Segmented() const { return Sharded() && !opt_.grads_reduced; }
+  MemorySpace Space() const {
+    return backend_->device_memory() ? MemorySpace::kDevice : MemorySpace::kHost;
+  }
+  StreamSlot Stream() const { return StreamSlot{backend_->stream()}; }
+  InFlight& Pool(int b) { return pool_[static_cast<size_t>(b) % pool_.size()]; }
+  SlotRange Whole(int b) const { return SlotRange{b, 0, plan_.buckets[b].slots.size()}; }
+
+  kernels::BackendConfig Describe() const;
+  void BuildExchanges(int b, const BucketBuffers& buf);
+  void BindPointers();
+  // Starts a collective through `start` and charges its bytes to `*ledger`.
+  template <typename F>
+  absl::StatusOr<RequestPtr> Issue(int64_t* ledger, F&& start);
+  absl::Status Order(RequestPtr* req);
+  absl::Status SumRecord(double* record, int64_t len, int64_t* ledger);
+  absl::Status StartReduceScatter(int b);
+  absl::Status Stage(int b, int stage, const SlotRange& r);
+  absl::Status StartWeightGather(int b);
+  absl::Status GatherParamsNow();
+
+  const std::vector<ParamEntry>& params_;
+  const std::vector<Group>& groups_;
+  Communicator* comm_;
+  const EngineOptions opt_;
+  const int rank_, world_;
+  std::unique_ptr<kernels::StepBackend> backend_;
+  ShardPlan plan_;
+  std::vector<kernels::ParamPointers> ptrs_;
+  std::vector<kernels::GroupScalars> scalars_;
+  std::vector<InFlight> pool_;
+  std::vector<RequestPtr> rs_;  // per bucket: the gradient reduce-scatter in flight
+  std::vector<std::vector<P2P>> gather_ops_, scatter_ops_;  // per bucket, built at Init
+  std::vector<int64_t> cross_len_, radial_len_;              // per bucket
+  std::vector<uint8_t> param_ready_;
+  size_t next_rs_ = 0;
+  bool weights_pending_ = false;  // gather=deferred: the all-gather of the last step is owed
+  StepTraffic traffic_;
+};
+
+kernels::BackendConfig ScheduledEngine::Describe() const {
+  kernels::BackendConfig c;
+  c.groups = static_cast<int>(groups_.size());
+  c.pipeline = static_cast<int>(std::min<size_t>(std::max<size_t>(plan_.buckets.size(), 1),
+                                                 kScheduleStages));
+  c.sharded = Sharded();
+  c.grads_segmented = Segmented();
+  c.grad_comm_bf16 = opt_.grad_comm_bf16;
+  c.ns_comm_bf16 = opt_.ns_comm_bf16;
+  c.ns_bf16 = opt_.ns_bf16;
+  c.ns_form = opt_.ns_form;
+  c.update_norms = opt_.update_norms;
+  c.check_len = static_cast<int64_t>(params_.size());
+  for (const ParamEntry& p : params_) {
+    kernels::ParamDesc d;
+    d.group = p.group;
+    d.experts = p.experts;
+    d.m = p.m;
+    d.n = p.n;
+    d.param_dtype = p.param_dtype;
+    d.grad_dtype = p.grad_dtype;
+    d.rule = p.rule;
+    d.preserve_init = p.preserve_init;
+    c.params.push_back(d);
+  }
+  c.slots.resize(plan_.slots.size());
+  for (size_t k = 0; k < plan_.slots.size(); ++k) {
+    const SlotPlan& sp = plan_.slots[k];
+    kernels::SlotDesc& s = c.slots[k];
+    s.param = sp.param;
+    s.expert = sp.expert;
+    s.bucket = sp.bucket;
+    s.tensor_offset = sp.TensorOffset();
+    s.row_begin = sp.RowBegin(rank_);
+    s.rows = sp.Rows(rank_);
+    s.holds = s.rows > 0 || sp.layout == Layout::kRows;
+    s.cross = sp.layout == Layout::kRows && Sharded();
+    s.muon = sp.muon;
+    s.ns_here = sp.muon && sp.owner == rank_;
+    s.ns_gathered = s.ns_here && sp.layout == Layout::kRows && Sharded();
+    // Each matrix is counted by one rank: its owner, or rank 0 (which always holds rows).
+    s.accounts = sp.layout == Layout::kOwner ? sp.owner == rank_ : rank_ == 0;
+    s.seg_offset = plan_.buckets[sp.bucket].Offset(static_cast<size_t>(sp.bucket_pos), rank_, world_);
+  }
+  for (size_t b = 0; b < plan_.buckets.size(); ++b) {
+    const BucketPlan& bp = plan_.buckets[b];
+    kernels::BucketDesc d;
+    d.slots = bp.slots;
+    d.first_param = bp.first_param;
+    d.end_param = bp.end_param;
+    d.param_dtype = bp.param_dtype;
+    d.grad_dtype = bp.grad_dtype;
+    d.seg = bp.seg[rank_];
+    d.total = bp.total;
+    int64_t mine = 0;
+    for (int r = 0; r < rank_; ++r) mine += bp.seg[r];
+    int64_t start = 0;
+    for (int r = 0; r < world_; ++r) {
+      for (size_t q = 0; q < bp.slots.size(); ++q) {
+        const SlotPlan& sp = plan_.slots[bp.slots[q]];
+        const int64_t at = start + bp.Offset(q, r, world_);
+        const int64_t rows = sp.Rows(r);
+        const int64_t tensor = sp.TensorOffset() + sp.RowBegin(r) * sp.n;
+        if (Segmented()) {
+          const int64_t pad = (sp.PackedRows(r) - rows) * sp.n;
+          if (rows > 0 || pad > 0) d.grad_pack.push_back({sp.param, tensor, at, rows * sp.n, pad});
+        }
+        if (Sharded() && rows > 0) {
+          (r == rank_ ? d.weight_pack : d.weight_unpack).push_back({sp.param, tensor, at, rows * sp.n, 0});
+        }
+      }
+      start += bp.seg[r];
+    }
+    for (size_t q = 0; q < bp.slots.size(); ++q) {
+      const int k = bp.slots[q];
+      const SlotPlan& sp = plan_.slots[k];
+      kernels::SlotDesc& s = c.slots[k];
+      const kernels::UpdateRule& rule = params_[sp.param].rule;
+      if (sp.muon) {
+        d.x_local = std::max(d.x_local, s.seg_offset + sp.PackedRows(rank_) * sp.n);
+      }
+      if (s.cross) {
+        s.cross_offset = d.cross_len;
+        d.cross_len += CrossRecord(rule, sp.n);
+        s.radial_offset = d.radial_len;
+        d.radial_len += RadialRecord(rule, sp.n);
+      }
+      if (s.ns_gathered) {
+        s.full_offset = d.full;
+        for (int r = 0; r < world_; ++r) {
+          if (r != rank_ && sp.Rows(r) > 0)
+            d.full_remote.push_back({d.full + sp.RowBegin(r) * sp.n, sp.Rows(r) * sp.n});
+        }
+        d.full += sp.m * sp.n;
+      } else if (sp.muon && sp.layout == Layout::kRows && Sharded() && s.rows > 0) {
+        d.local_remote.push_back({s.seg_offset, s.rows * sp.n});
+      }
+    }
+    c.buckets.push_back(std::move(d));
+  }
+  return c;
+}
+
+// The NS gather and scatter of bucket b as point-to-point lists into its pool buffers: every
+// rank's block of X to the owner, O's blocks back. Built once; the step only starts them.
+void ScheduledEngine::BuildExchanges(int b, const BucketBuffers& buf) {
+  const BucketPlan& bp = plan_.buckets[b];
+  const bool bf16 = opt_.ns_comm_bf16;
+  const DataType dt = bf16 ? DataType::kBf16 : DataType::kF32;
+  auto local = [&](int64_t off) -> void* {
+    return bf16 ? static_cast<void*>(buf.x_local16 + off) : buf.x_local + off;
+  };
+  auto full = [&](int64_t off) -> void* {
+    return bf16 ? static_cast<void*>(buf.x_full16 + off) : buf.x_full + off;
+  };
+  std::vector<P2P>& gather = gather_ops_[b];
+  std::vector<P2P>& scatter = scatter_ops_[b];
+  std::vector<P2P> receives;  // the scatter's receives follow all of its sends
+  int64_t full_at = 0;
+  for (size_t q = 0; q < bp.slots.size(); ++q) {
+    const SlotPlan& sp = plan_.slots[bp.slots[q]];
+    if (!sp.muon || sp.layout != Layout::kRows) continue;
+    const int64_t off = bp.Offset(q, rank_, world_);
+    if (rank_ != sp.owner) {
+      if (sp.Rows(rank_) == 0) continue;
+      gather.push_back({sp.owner, true, local(off), sp.Rows(rank_) * sp.n, dt});
+      receives.push_back({sp.owner, false, local(off), sp.Rows(rank_) * sp.n, dt});
+      continue;
+    }
+    for (int r = 0; r < world_; ++r) {
+      if (r == rank_ || sp.Rows(r) == 0) continue;
+      void* at = full(full_at + sp.RowBegin(r) * sp.n);
+      gather.push_back({r, false, at, sp.Rows(r) * sp.n, dt});
+      scatter.push_back({r, true, at, sp.Rows(r) * sp.n, dt});
+    }
+    full_at += sp.m * sp.n;
+  }
+  scatter.insert(scatter.end(), receives.begin(), receives.end());
+}
+
+void ScheduledEngine::BindPointers() {
+  for (size_t i = 0; i < params_.size(); ++i) ptrs_[i] = {params_[i].param, params_[i].grad};
+  backend_->BindParams(ptrs_);
+}
+
+template <typename F>
+absl::StatusOr<RequestPtr> ScheduledEngine::Issue(int64_t* ledger, F&& start) {
+  const int64_t before = comm_->stats().bytes_sent;
+  absl::StatusOr<RequestPtr> req = start();
+  if (req.ok()) {
+    *ledger += comm_->stats().bytes_sent - before;
+    ++traffic_.collectives;
+  }
+  return req;
+}
+
+absl::Status ScheduledEngine::Order(RequestPtr* req) {
+  if (*req == nullptr) return absl::OkStatus();
+  absl::Status s = (*req)->OrderBefore(Stream());
+  *req = nullptr;
+  return s;
+}
+
+// A record of partial sums, summed over ranks in place by one all-reduce: O(len) bytes per
+// rank whatever the rank count, and every rank receives the same reduction, so the column
+// gains and norms built from it stay bitwise identical everywhere.
+absl::Status ScheduledEngine::SumRecord(double* record, int64_t len, int64_t* ledger) {
+  absl::StatusOr<RequestPtr> req = Issue(ledger, [&] {
+    return comm_->AllReduce(record, record, len, DataType::kF64, ReduceOp::kSum, Space(), Stream());
+  });
+  if (!req.ok()) return req.status();
+  return Order(&*req);
+}
+
+absl::Status ScheduledEngine::Init() {
+  PlanOptions po;
+  po.world = world_;
+  po.bucket_bytes = opt_.bucket_bytes;
+  plan_ = BuildShardPlan(params_, groups_, po);
+  const size_t B = plan_.buckets.size();
+  ptrs_.resize(params_.size());
+  for (size_t i = 0; i < params_.size(); ++i) ptrs_[i] = {params_[i].param, params_[i].grad};
+  scalars_.assign(groups_.size(), kernels::GroupScalars{});
+  kernels::BackendConfig config = Describe();
+  cross_len_.assign(B, 0);
+  radial_len_.assign(B, 0);
+  for (size_t b = 0; b < B; ++b) {
+    cross_len_[b] = config.buckets[b].cross_len;
+    radial_len_[b] = config.buckets[b].radial_len;
+  }
+  // Allocates every buffer a step uses and reads the initial weights; nothing is written, so
+  // a failure (or running out of memory) leaves the model as it was.
+  if (absl::Status s = backend_->Setup(std::move(config), ptrs_); !s.ok()) return s;
+  pool_.assign(std::min<size_t>(std::max<size_t>(B, 1), kScheduleStages), InFlight{});
+  rs_.assign(B, nullptr);
+  gather_ops_.assign(B, {});
+  scatter_ops_.assign(B, {});
+  if (Sharded()) {
+    for (size_t b = 0; b < B; ++b) BuildExchanges(static_cast<int>(b), backend_->Buffers(static_cast<int>(b)));
+  }
+  param_ready_.assign(params_.size(), 0);
+
+  // The norms of every sphere slice (summed over ranks for rows-layout frobenius and column
+  // spheres), the radii, and the check that every slice can be projected. A zero slice on
+  // one rank returns before anything is written; its peers fail at their next collective.
+  int64_t init_bytes = 0;
+  for (size_t b = 0; b < B; ++b) {
+    const int bi = static_cast<int>(b);
+    backend_->InitNorms(bi);
+    if (Sharded() && cross_len_[b] > 0) {
+      backend_->AssembleCross(Whole(bi));
+      if (absl::Status s = SumRecord(backend_->Buffers(bi).cross, cross_len_[b], &init_bytes); !s.ok())
+        return s;
+      backend_->ApplyCross(Whole(bi));
+    }
+    kernels::BadSlice bad;
+    if (!backend_->InitRadii(bi, &bad)) {
+      const SlotPlan& sp = plan_.slots[bad.slot];
+      return absl::InvalidArgumentError(ZeroSliceMessage(params_[sp.param], sp.expert, bad.slice));
+    }
+  }
+  // Project onto the spheres and write the model tensors (and share them).
+  for (size_t b = 0; b < B; ++b) backend_->InitProject(static_cast<int>(b));
+  if (Sharded()) return GatherParamsNow();
+  return absl::OkStatus();
+}
+
+absl::Status ScheduledEngine::StartReduceScatter(int b) {
+  const BucketPlan& bp = plan_.buckets[b];
+  for (int64_t i = bp.first_param; i < bp.end_param; ++i) {
+    if (params_[i].grad == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "param '", params_[i].name, "' has no gradient buffer (give one to mdopt_set_pointers)"));
+    }
+  }
+  // The staging buffer alternates between buckets: the one two back must be done with it.
+  if (b >= 2) {
+    if (absl::Status s = Order(&rs_[b - 2]); !s.ok()) return s;
+  }
+  backend_->PackGrads(b);
+  const BucketBuffers buf = backend_->Buffers(b);
+  const DataType dt = opt_.grad_comm_bf16 ? DataType::kBf16 : DataType::kF32;
+  absl::StatusOr<RequestPtr> req = Issue(&traffic_.grads, [&] {
+    return comm_->ReduceScatter(buf.grad_send, buf.grad_seg, bp.seg, dt, ReduceOp::kMean, Space(),
+                                Stream());
+  });
+  if (!req.ok()) return req.status();
+  rs_[b] = *std::move(req);
+  return absl::OkStatus();
+}
+
+absl::Status ScheduledEngine::GradsReady(int64_t first, int64_t count) {
+  if (first < 0 || count < 0 || first + count > static_cast<int64_t>(params_.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("mdopt_grads_ready: params [", first, ", ",
+                                                   first + count, ") are not in [0, ",
+                                                   params_.size(), ")"));
+  }
+  if (!Segmented()) return absl::OkStatus();
+  if (next_rs_ == 0) traffic_ = StepTraffic{};
+  // The trainer may give gradient buffers between calls (torch allocates them in backward).
+  BindPointers();
+  for (int64_t i = first; i < first + count; ++i) param_ready_[i] = 1;
+  // Buckets start in bucket order on every rank, whatever order the trainer reports in.
+  while (next_rs_ < plan_.buckets.size()) {
+    const BucketPlan& bp = plan_.buckets[next_rs_];
+    bool ready = true;
+    for (int64_t i = bp.first_param; i < bp.end_param; ++i) ready = ready && param_ready_[i];
+    if (!ready) break;
+    if (absl::Status s = StartReduceScatter(static_cast<int>(next_rs_)); !s.ok()) return s;
+    ++next_rs_;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ScheduledEngine::Step(double lr_scale) {
+  if (next_rs_ == 0) traffic_ = StepTraffic{};
+  BindPointers();
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    const kernels::UpdateRule& r = groups_[g].spec.rule;
+    scalars_[g] = {r.lr * lr_scale, r.gain_lr * lr_scale};
+  }
+  backend_->BeginStep(scalars_);
+  const int B = static_cast<int>(plan_.buckets.size());
+
+  // The finite check rides on the reduced gradients: this rank's rows of each param, summed
+  // over ranks, so every rank reaches the same verdict and the same grad norm.
+  if (Segmented()) {
+    for (; next_rs_ < plan_.buckets.size(); ++next_rs_) {
+      if (absl::Status s = StartReduceScatter(static_cast<int>(next_rs_)); !s.ok()) return s;
+    }
+  }
+  for (int b = 0; b < B; ++b) {
+    if (absl::Status s = Order(&rs_[b]); !s.ok()) return s;
+    backend_->CheckFinite(b);
+  }
+  next_rs_ = 0;
+  std::fill(param_ready_.begin(), param_ready_.end(), 0);
+  if (Sharded()) {
+    if (absl::Status s = SumRecord(backend_->check_record(), static_cast<int64_t>(params_.size()),
+                                   &traffic_.check);
+        !s.ok()) {
+      return s;
+    }
+  }
+  backend_->ApplyCheck();
+
+  if (!Sharded() && backend_->prefers_matrix_order()) {
+    // Nothing to overlap: each matrix goes through all its stages before the next starts,
+    // so that the finishing pass finds the rows the first pass wrote still in cache (a
+    // bucket's worth of matrices in between would have evicted them). Matrices are
+    // independent, so the order changes no result.
+    for (int b = 0; b < B; ++b) {
+      for (size_t q = 0; q < plan_.buckets[b].slots.size(); ++q) {
+        for (int stage = 0; stage < kScheduleStages; ++stage) {
+          if (absl::Status s = Stage(b, stage, SlotRange{b, q, q + 1}); !s.ok()) return s;
+        }
+      }
+    }
+  } else {
+    for (int wave = 0; wave < B + kScheduleStages - 1; ++wave) {
+      for (int stage = 0; stage < kScheduleStages; ++stage) {
+        const int b = wave - stage;
+        if (b < 0 || b >= B) continue;
+        if (absl::Status s = Stage(b, stage, Whole(b)); !s.ok()) return s;
+      }
+    }
+  }
+  backend_->EndStep();
+  return absl::OkStatus();
+}
+
+absl::Status ScheduledEngine::Stage(int b, int stage, const SlotRange& r) {
+  InFlight& fl = Pool(b);
+  switch (stage) {
+    case 0: {
+      backend_->Prepare(r);
+      if (Sharded() && radial_len_[b] > 0) {  // tangent=1 only: no overlap for these sums
+        if (absl::Status s = SumRecord(backend_->Buffers(b).radial, radial_len_[b], &traffic_.cross);
+            !s.ok()) {
+          return s;
+        }
+        backend_->ApplyRadial(b);
+      }
+      backend_->Pass1(r);
+      if (gather_ops_[b].empty()) return absl::OkStatus();
+      absl::StatusOr<RequestPtr> req = Issue(&traffic_.ns, [&] {
+        return comm_->SendRecv(gather_ops_[b], kGatherTag, Space(), Stream());
+      });
+      if (!req.ok()) return req.status();
+      fl.gather = *std::move(req);
+      return absl::OkStatus();
+    }
+    case 1: {
+      if (absl::Status s = Order(&fl.gather); !s.ok()) return s;
+      backend_->NewtonSchulz(r);
+      if (scatter_ops_[b].empty()) return absl::OkStatus();
+      absl::StatusOr<RequestPtr> req = Issue(&traffic_.ns, [&] {
+        return comm_->SendRecv(scatter_ops_[b], kScatterTag, Space(), Stream());
+      });
+      if (!req.ok()) return req.status();
+      fl.scatter = *std::move(req);
+      return absl::OkStatus();
+    }
+    case 2: {
+      if (absl::Status s = Order(&fl.scatter); !s.ok()) return s;
+      backend_->Pass2(r);
+      if (!Sharded() || cross_len_[b] == 0) return absl::OkStatus();
+      backend_->AssembleCross(r);
+      double* record = backend_->Buffers(b).cross;
+      absl::StatusOr<RequestPtr> req = Issue(&traffic_.cross, [&] {
+        return comm_->AllReduce(record, record, cross_len_[b], DataType::kF64, ReduceOp::kSum,
+                                Space(), Stream());
+      });
+      if (!req.ok()) return req.status();
+      fl.sums = *std::move(req);
+      return absl::OkStatus();
+    }
+    case 3: {
+      if (fl.sums != nullptr) {
+        if (absl::Status s = Order(&fl.sums); !s.ok()) return s;
+        backend_->ApplyCross(r);
+      }
+      backend_->Finish(r);
+      if (!Sharded()) return absl::OkStatus();
+      if (opt_.gather_deferred) {
+        weights_pending_ = true;
+        return absl::OkStatus();
+      }
+      return StartWeightGather(b);
+    }
+    case 4: {
+      if (Pool(b).ag == nullptr) return absl::OkStatus();
+      if (absl::Status s = Order(&fl.ag); !s.ok()) return s;
+      backend_->UnpackWeights(b);
+      return absl::OkStatus();
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ScheduledEngine::StartWeightGather(int b) {
+  const BucketPlan& bp = plan_.buckets[b];
+  backend_->PackWeights(b);
+  void* weights = backend_->Buffers(b).weights;
+  absl::StatusOr<RequestPtr> req = Issue(&traffic_.weights, [&] {
+    return comm_->AllGather(nullptr, weights, bp.seg, CommType(bp.param_dtype), Space(), Stream());
+  });
+  if (!req.ok()) return req.status();
+  Pool(b).ag = *std::move(req);
+  return absl::OkStatus();
+}
+
+absl::Status ScheduledEngine::GatherParamsNow() {
+  BindPointers();
+  for (size_t b = 0; b < plan_.buckets.size(); ++b) {
+    const int bi = static_cast<int>(b);
+    if (absl::Status s = StartWeightGather(bi); !s.ok()) return s;
+    if (absl::Status s = Order(&Pool(bi).ag); !s.ok()) return s;
+    backend_->UnpackWeights(bi);
+  }
+  weights_pending_ = false;
+  return absl::OkStatus();
+}
+
+absl::Status ScheduledEngine::GatherParams() {
+  if (!Sharded() || !weights_pending_) return absl::OkStatus();
+  return GatherParamsNow();
+}
+
+absl::Status ScheduledEngine::WriteModels() {
+  BindPointers();
+  backend_->WriteModelRows();
+  if (Sharded()) return GatherParamsNow();
+  return absl::OkStatus();
+}
+
+void ScheduledEngine::LastStep(int group, int64_t counts[3], std::vector<double>* norms) const {
+  counts[0] = counts[1] = counts[2] = 0;
+  norms->clear();
+  for (size_t k = 0; k < plan_.slots.size(); ++k) {
+    if (params_[plan_.slots[k].param].group != group) continue;
+    const kernels::SlotCounters c = backend_->Counters(static_cast<int>(k));
+    counts[0] += c.ns_ran;
+    counts[1] += c.projected;
+    counts[2] += c.gains_stepped;
+    norms->push_back(c.delta_sq);
+    norms->push_back(c.w_sq);
+  }
+}
+
+}  // namespace
+
+std::string ZeroSliceMessage(const ParamEntry& p, int64_t expert, int64_t slice) {
+  const char* kind = p.rule.sphere == Sphere::kRow   ? "row"
+                     : p.rule.sphere == Sphere::kCol ? "column"
+                                                     : "matrix";
+  std::string where = p.experts > 1 ? absl::StrCat(" of expert ", expert) : "";
+  if (p.rule.sphere == Sphere::kFrobenius) {
+    return absl::StrCat("param '", p.name, "': the ", kind, where,
+                        " has zero or non-finite norm and cannot be put on its sphere");
+  }
+  return absl::StrCat("param '", p.name, "': ", kind, " ", slice, where,
+                      " has zero or non-finite norm and cannot be put on its sphere");
+}
+
+std::unique_ptr<Engine> MakeScheduledEngine(const std::vector<ParamEntry>* params,
+                                            const std::vector<Group>* groups, Communicator* comm,
+                                            const EngineOptions& options,
+                                            std::unique_ptr<kernels::StepBackend> backend) {
+  return std::make_unique<ScheduledEngine>(params, groups, comm, options, std::move(backend));
+}
+
+}  // namespace mdopt

@@ -1,0 +1,257 @@
+// The backend interface: what the step schedule (dist_opt/schedule.h) asks of a device. A
+// backend owns this rank's optimizer state in its own memory and runs the math of one bucket
+// at a time, stage by stage; the schedule puts the collectives between the stages. The
+// interface knows nothing of ranks or communicators: the schedule describes this rank's part
+// of the plan once (BackendConfig: matrices, rows, buffer offsets, copy lists) and from then
+// on names buckets and slot ranges only. kernels/cpu implements it (CpuBackend); a device
+// backend implements the same calls (docs/ARCHITECTURE.md, "The backend interface").
+//
+// Contract (every call below unless it says otherwise):
+//   - Stream order. A call enqueues its work on the backend's stream() and returns without
+//     waiting for it; work runs in the order the calls were made. A host backend has no
+//     queue: its stream is the calling thread, so its calls run to completion. Collectives
+//     on the backend's buffers are ordered against its stream by the communicator
+//     (Request::OrderBefore), never by a host wait in the schedule.
+//   - The skip flag. CheckFinite accumulates, ApplyCheck decides: a NaN or Inf in any
+//     gradient of the step sets a flag in the backend's memory that every later stage of
+//     the step reads and turns into a no-op (state, master weights and model tensors are
+//     left bit for bit as they were). The host learns of it only through ReadOutcome. The
+//     copy stages (PackGrads, PackWeights, UnpackWeights, the NS pack/unpack inside the
+//     stages) do not read it: they move values that do not change.
+//   - Failure. A call returns an error only for what the host can see at the call (a bad
+//     argument, out of memory at Setup); device faults surface at the next call that
+//     synchronises (ReadOutcome, the state calls) as DEVICE_ERROR.
+//   - Memory. Setup allocates everything; no later call allocates.
+#ifndef MDOPT_KERNELS_BACKEND_H_
+#define MDOPT_KERNELS_BACKEND_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "kernels/common/dtype.h"
+#include "kernels/common/ns_coeffs.h"
+#include "kernels/common/update_rule.h"
+
+namespace mdopt::kernels {
+
+// One parameter tensor: `experts` matrices of m x n, its rule and its model pointers.
+struct ParamDesc {
+  int group = 0;                  // index into BeginStep's per-group scalars
+  int64_t experts = 1, m = 1, n = 1;
+  Dtype param_dtype = Dtype::kF32, grad_dtype = Dtype::kF32;
+  UpdateRule rule;                // the param's rule (1-D: no sphere, no gains)
+  bool preserve_init = false;
+};
+
+// The model's buffers of one param for the step to come (settable every step).
+struct ParamPointers {
+  void* param = nullptr;
+  const void* grad = nullptr;
+};
+
+// One matrix (a slot of the plan) as this rank holds it. Offsets count elements.
+struct SlotDesc {
+  int64_t param = 0, expert = 0;
+  int bucket = 0;
+  int64_t tensor_offset = 0;       // elements of the param tensor before this matrix
+  int64_t row_begin = 0, rows = 0; // the rows this rank holds (rows may be 0)
+  bool holds = false;              // holds the column/scalar gains and radii (every rank
+                                   // of a rows-layout matrix; the owner of a whole one)
+  bool cross = false;              // column/scalar/frobenius/column-norm sums are partial
+                                   // here: they go through the bucket's cross record
+  bool muon = false;
+  bool ns_here = false;            // this rank runs Newton-Schulz on the whole matrix
+  bool ns_gathered = false;        // ... on the bucket's full buffer, gathered from the
+                                   // other ranks' blocks (else on its own X rows)
+  bool accounts = false;           // this rank counts it in the group counters
+  int64_t seg_offset = 0;          // its rows in this rank's segment (grads, X, weights)
+  int64_t cross_offset = 0;        // in the bucket's cross record
+  int64_t radial_offset = 0;       // in the bucket's radial record (tangent=1)
+  int64_t full_offset = 0;         // ns_gathered: the whole X in the bucket's full buffer
+};
+
+// A copy between a param tensor and a bucket buffer (the collectives' pack and unpack).
+struct CopySpan {
+  int64_t param = 0;
+  int64_t tensor_offset = 0;  // elements into the param tensor
+  int64_t buffer_offset = 0;  // elements into the buffer
+  int64_t count = 0;          // elements copied
+  int64_t pad = 0;            // zeros written after them (packing for a collective)
+};
+
+// A range of a float buffer that crosses the wire in bf16 (ns_comm_dtype=bf16).
+struct ElementRange {
+  int64_t offset = 0, count = 0;
+};
+
+struct BucketDesc {
+  std::vector<int> slots;               // slot indices
+  int64_t first_param = 0, end_param = 0;
+  Dtype param_dtype = Dtype::kF32, grad_dtype = Dtype::kF32;
+  int64_t seg = 0;                      // elements of this rank's segment
+  int64_t total = 0;                    // elements of every rank's segment together
+  std::vector<CopySpan> grad_pack;      // model gradients -> staging (every rank's rows)
+  std::vector<CopySpan> weight_pack;    // this rank's rows -> the weights buffer
+  std::vector<CopySpan> weight_unpack;  // the weights buffer -> other ranks' rows
+  int64_t x_local = 0;                  // elements of X rows this rank holds (Muon slots)
+  int64_t full = 0;                     // elements of the whole-X buffer
+  std::vector<ElementRange> full_remote;  // where the full buffer holds other ranks' blocks
+  std::vector<ElementRange> local_remote; // where x_local goes to / comes from an NS owner
+  int64_t cross_len = 0, radial_len = 0;  // record lengths, padded for the all-reduce
+};
+
+struct BackendConfig {
+  std::vector<ParamDesc> params;
+  std::vector<SlotDesc> slots;
+  std::vector<BucketDesc> buckets;
+  int groups = 1;
+  int pipeline = 1;          // buckets in flight at once (buffers of the rotating pool)
+  bool sharded = false;      // several ranks: collectives run between the stages
+  bool grads_segmented = false;  // gradients arrive reduced in the bucket's grad segment
+  bool grad_comm_bf16 = false;   // that reduction moves bf16 (else float32)
+  bool ns_comm_bf16 = false;     // the NS gather/scatter moves bf16
+  bool ns_bf16 = false;          // Newton-Schulz products in bf16
+  NsForm ns_form = NsForm::kAuto;
+  bool update_norms = false;
+  int64_t check_len = 1;     // the finite-check record: one double per param, padded
+};
+
+// Buffers of one bucket in the backend's memory (stable after Setup), for the collectives.
+struct BucketBuffers {
+  void* grad_send = nullptr;     // `total` elements in the grad comm dtype (staging)
+  void* grad_seg = nullptr;      // `seg` elements in the grad comm dtype (reduced rows)
+  float* x_local = nullptr;      // X, then O, of the Muon rows this rank holds
+  uint16_t* x_local16 = nullptr; // their bf16 copies (ns_comm_dtype=bf16)
+  float* x_full = nullptr;       // the whole X, then O, of the matrices gathered here
+  uint16_t* x_full16 = nullptr;
+  double* cross = nullptr;       // cross record (cross_len doubles, summed in place)
+  double* radial = nullptr;      // radial record (radial_len doubles)
+  void* weights = nullptr;       // `total` elements in the param dtype (all-gather)
+};
+
+// Per group for one step: lr and gain_lr with the schedule's scale applied.
+struct GroupScalars {
+  double lr = 0.0, gain_lr = 0.0;
+};
+
+// What the host learns of a step (ReadOutcome; waits for the step).
+struct StepOutcome {
+  bool skipped = false;
+  double grad_norm = 0.0;
+  int64_t bad_param = -1;   // the first param whose gradient held NaN/Inf
+  int64_t steps_taken = 0;  // steps applied so far (the bias-correction count)
+};
+
+// What the last step did to one slot (mdopt_group_info).
+struct SlotCounters {
+  bool ns_ran = false, projected = false, gains_stepped = false;
+  double delta_sq = 0.0, w_sq = 0.0;
+};
+
+// One named array of a slot's state: host-addressable for the CPU backend; a device
+// backend stages it (docs/ARCHITECTURE.md).
+struct StateArray {
+  std::string name;      // "master", "momentum", "exp_avg", "exp_avg_sq", "row_raw", ...
+  void* data = nullptr;  // elem_size * count bytes
+  int64_t count = 0;
+  int elem_size = 4;     // 4: float32, 8: float64
+  bool is_model = false; // the model's own tensor (f32 weights serve as the master copy)
+
+  double Get(int64_t k) const {
+    return elem_size == 8 ? static_cast<const double*>(data)[k]
+                          : static_cast<double>(static_cast<const float*>(data)[k]);
+  }
+  int64_t bytes() const { return count * elem_size; }
+};
+
+// A sphere slice that cannot be projected (Init): which slot and slice.
+struct BadSlice {
+  int slot = -1;
+  int64_t slice = 0;
+};
+
+// Slots [q0, q1) of bucket b, in the bucket's order.
+struct SlotRange {
+  int bucket = 0;
+  size_t q0 = 0, q1 = 0;
+};
+
+class StepBackend {
+ public:
+  virtual ~StepBackend() = default;
+
+  virtual const char* name() const = 0;
+  // Whether the collectives' buffers live in device memory, and the stream they and the
+  // stages are ordered on (nullptr for a host backend).
+  virtual bool device_memory() const = 0;
+  virtual void* stream() const = 0;
+  // A host backend runs each matrix's stages back to back when nothing is to overlap (one
+  // rank), so its rows stay in cache; a device backend wants whole buckets per call.
+  virtual bool prefers_matrix_order() const = 0;
+
+  // Allocates every buffer and the state, reading the initial master weights from the
+  // model tensors (nothing is written). ResourceExhausted when memory runs out.
+  virtual absl::Status Setup(BackendConfig config, absl::Span<const ParamPointers> ptrs) = 0;
+  virtual BucketBuffers Buffers(int bucket) = 0;
+
+  // Enter/Leave bracket every public call of the optimizer: a CPU backend sets its thread
+  // count for the call and restores the caller's after it.
+  virtual void Enter() = 0;
+  virtual void Leave() = 0;
+
+  // --- Init (after Setup): the spheres' norms, radii and the first projection.
+  // Partial squared norms of every slice into the cross record (as AssembleCross).
+  virtual void InitNorms(int bucket) = 0;
+  // After ApplyCross: radii from the summed norms; false with the first bad slice.
+  virtual bool InitRadii(int bucket, BadSlice* bad) = 0;
+  // Projects the bucket's matrices (unless preserve_init) and writes the model rows.
+  virtual void InitProject(int bucket) = 0;
+
+  // --- One step. BindParams first (pointers may change between steps), then BeginStep.
+  virtual void BindParams(absl::Span<const ParamPointers> ptrs) = 0;
+  virtual void BeginStep(absl::Span<const GroupScalars> groups) = 0;
+  // Model gradients -> the bucket's staging buffer (grad comm dtype; bf16 upcast to f32).
+  virtual void PackGrads(int bucket) = 0;
+  // Sums of squares of this rank's gradient rows, per param, into the check record.
+  virtual void CheckFinite(int bucket) = 0;
+  virtual double* check_record() = 0;
+  // After the record is summed over ranks: the skip flag and the grad norm.
+  virtual void ApplyCheck() = 0;
+  // Resets the step's partial sums; tangent=1: radial dots into the radial record.
+  virtual void Prepare(const SlotRange& r) = 0;
+  virtual void ApplyRadial(int bucket) = 0;  // after the radial record is summed
+  // Pass 1: D, gain gradients, G_D, base step; Muon: X into x_local, packed for its owner.
+  virtual void Pass1(const SlotRange& r) = 0;
+  // Newton-Schulz on the matrices this rank owns (batched by shape); O back to x_local and
+  // packed for the other ranks.
+  virtual void NewtonSchulz(const SlotRange& r) = 0;
+  // Pass 2 (Muon): D' from O.
+  virtual void Pass2(const SlotRange& r) = 0;
+  // The cross-row partial sums into the cross record; after it is summed, back.
+  virtual void AssembleCross(const SlotRange& r) = 0;
+  virtual void ApplyCross(const SlotRange& r) = 0;
+  // Gains Adam, projection, W = gains (x) D' and the model copy of this rank's rows.
+  virtual void Finish(const SlotRange& r) = 0;
+  // This rank's model rows -> the weights buffer; the buffer -> other ranks' rows.
+  virtual void PackWeights(int bucket) = 0;
+  virtual void UnpackWeights(int bucket) = 0;
+  // Counts the step (unless skipped).
+  virtual void EndStep() = 0;
+  // Waits for the step; what the host may know of it.
+  virtual absl::Status ReadOutcome(StepOutcome* out) = 0;
+
+  // --- State (host-synchronous).
+  virtual std::vector<StateArray> State(int slot) = 0;
+  virtual SlotCounters Counters(int slot) const = 0;
+  virtual void SetStepsTaken(int64_t t) = 0;
+  // Writes this rank's model rows from the master copies (after a checkpoint load).
+  virtual void WriteModelRows() = 0;
+  virtual int64_t WorkspaceBytes() const = 0;
+};
+
+}  // namespace mdopt::kernels
+
+#endif  // MDOPT_KERNELS_BACKEND_H_

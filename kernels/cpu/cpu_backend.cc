@@ -1,0 +1,689 @@
+// The CPU backend (cpu_backend.h): this rank's float32 state in host vectors, the fused
+// passes of fast_matrix.h over each slot's rows, Newton-Schulz on OpenBLAS or oneDNN. Calls
+// run to completion on the calling thread (the "stream" of a host backend), so the skip flag
+// is a plain bool that each stage reads when it starts.
+#include "kernels/cpu/cpu_backend.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <new>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/common/bf16.h"
+#include "kernels/common/gain_param.h"
+#include "kernels/cpu/fast_matrix.h"
+#include "kernels/cpu/newton_schulz.h"
+#include "kernels/cpu/newton_schulz_bf16.h"
+
+extern "C" char* openblas_get_config(void);
+extern "C" char* openblas_get_corename(void);
+
+namespace mdopt::kernels {
+namespace {
+
+namespace fast = kernels::fast;
+
+// This rank's part of one slot.
+struct SlotState {
+  std::vector<float> master;  // bf16 params only (f32 params: the model's tensor is the master)
+  std::vector<float> state0, state1;
+  std::vector<float> row_raw, row_m, row_v;
+  std::vector<float> col_raw, col_m, col_v;
+  std::vector<float> scalar_raw, scalar_m, scalar_v;
+  std::vector<float> radius;
+  int64_t slices = 0;
+  fast::Partials partials;
+  SlotCounters counters;
+};
+
+// Buffers of one bucket in flight; a pool of `pipeline` is reused round-robin.
+struct Workspace {
+  std::vector<float> x_local, x_full;
+  std::vector<uint16_t> x_local16, x_full16;
+  std::vector<double> cross, radial;
+  std::vector<uint8_t> weights;
+  std::vector<float> wold;  // update_norms: this rank's rows before the step
+};
+
+size_t Bytes(Dtype d) { return d == Dtype::kF32 ? 4 : 2; }
+
+class CpuBackend final : public StepBackend {
+ public:
+  explicit CpuBackend(int threads) : threads_(threads) {}
+
+  const char* name() const override { return "cpu"; }
+  bool device_memory() const override { return false; }
+  void* stream() const override { return nullptr; }
+  bool prefers_matrix_order() const override { return true; }
+
+  absl::Status Setup(BackendConfig config, absl::Span<const ParamPointers> ptrs) override;
+  BucketBuffers Buffers(int bucket) override;
+
+  void Enter() override {
+    if (threads_ > 0 && depth_++ == 0) {
+      previous_threads_ = omp_get_max_threads();
+      omp_set_num_threads(threads_);
+    }
+  }
+  void Leave() override {
+    if (threads_ > 0 && --depth_ == 0) omp_set_num_threads(previous_threads_);
+  }
+
+  void InitNorms(int bucket) override;
+  bool InitRadii(int bucket, BadSlice* bad) override;
+  void InitProject(int bucket) override;
+
+  void BindParams(absl::Span<const ParamPointers> ptrs) override {
+    std::copy(ptrs.begin(), ptrs.end(), ptrs_.begin());
+  }
+  void BeginStep(absl::Span<const GroupScalars> groups) override;
+  void PackGrads(int bucket) override;
+  void CheckFinite(int bucket) override;
+  double* check_record() override { return check_.data(); }
+  void ApplyCheck() override;
+  void Prepare(const SlotRange& r) override;
+  void ApplyRadial(int bucket) override;
+  void Pass1(const SlotRange& r) override;
+  void NewtonSchulz(const SlotRange& r) override;
+  void Pass2(const SlotRange& r) override;
+  void AssembleCross(const SlotRange& r) override;
+  void ApplyCross(const SlotRange& r) override;
+  void Finish(const SlotRange& r) override;
+  void PackWeights(int bucket) override;
+  void UnpackWeights(int bucket) override;
+  void EndStep() override {
+    if (!skip_) ++t_;
+  }
+  absl::Status ReadOutcome(StepOutcome* out) override {
+    *out = outcome_;
+    out->steps_taken = t_;
+    return absl::OkStatus();
+  }
+
+  std::vector<StateArray> State(int slot) override;
+  SlotCounters Counters(int slot) const override { return st_[slot].counters; }
+  void SetStepsTaken(int64_t t) override { t_ = t; }
+  void WriteModelRows() override;
+  int64_t WorkspaceBytes() const override;
+
+ private:
+  const ParamDesc& ParamOf(int k) const { return cfg_.params[cfg_.slots[k].param]; }
+  bool AliasesModel(const ParamDesc& p) const { return p.param_dtype == Dtype::kF32; }
+  fast::MatrixView View(int k) const;
+  Workspace& Pool(int b) { return pool_[static_cast<size_t>(b) % pool_.size()]; }
+  float* XOf(int b, int k) { return Pool(b).x_local.data() + cfg_.slots[k].seg_offset; }
+  void ConvertToBf16(const float* src, uint16_t* dst, const std::vector<ElementRange>& ranges);
+  void ConvertToF32(const uint16_t* src, float* dst, const std::vector<ElementRange>& ranges);
+
+  const int threads_;
+  int depth_ = 0, previous_threads_ = 0;
+  BackendConfig cfg_;
+  std::vector<ParamPointers> ptrs_;
+  std::vector<int64_t> first_slot_;  // per param
+  std::vector<SlotState> st_;
+  std::vector<Workspace> pool_;
+  std::vector<std::vector<uint8_t>> grad_seg_;  // per bucket: this rank's reduced rows
+  std::vector<std::vector<uint8_t>> grad_send_;  // two staging buffers, alternating
+  std::vector<double> check_;
+  std::vector<fast::StepScalars> scalars_;  // per group, for the step in progress
+  fast::NsWorkspace ns_;
+  fast::Bf16NewtonSchulz ns_bf16_;
+  fast::Scratch scratch_;
+  bool skip_ = false;
+  StepOutcome outcome_;
+  int64_t t_ = 0;
+};
+
+fast::MatrixView CpuBackend::View(int k) const {
+  const SlotDesc& sd = cfg_.slots[k];
+  const ParamDesc& p = cfg_.params[sd.param];
+  const SlotState& s = st_[k];
+  const ParamPointers& ptr = ptrs_[sd.param];
+  fast::MatrixView v;
+  v.m = p.m;
+  v.n = p.n;
+  v.row_begin = sd.row_begin;
+  v.rows = sd.rows;
+  const int64_t model_off = sd.tensor_offset + sd.row_begin * p.n;
+  auto f = [](const std::vector<float>& vec) {
+    return vec.empty() ? nullptr : const_cast<float*>(vec.data());
+  };
+  if (AliasesModel(p)) {
+    v.w = static_cast<float*>(ptr.param) + model_off;
+  } else {
+    v.w = f(s.master);
+    v.model = static_cast<uint16_t*>(ptr.param) + model_off;
+    v.model_dtype = Dtype::kBf16;
+  }
+  v.state0 = f(s.state0);
+  v.state1 = f(s.state1);
+  v.row = {f(s.row_raw), f(s.row_m), f(s.row_v)};
+  v.col = {f(s.col_raw), f(s.col_m), f(s.col_v)};
+  v.scalar = {f(s.scalar_raw), f(s.scalar_m), f(s.scalar_v)};
+  v.radius = f(s.radius);
+  if (cfg_.grads_segmented) {
+    const uint8_t* seg = grad_seg_[sd.bucket].data();
+    v.grad_dtype = cfg_.grad_comm_bf16 ? Dtype::kBf16 : Dtype::kF32;
+    v.grad = seg + sd.seg_offset * Bytes(v.grad_dtype);
+  } else {
+    v.grad_dtype = p.grad_dtype;
+    v.grad = ptr.grad == nullptr ? nullptr
+                                 : static_cast<const char*>(ptr.grad) + model_off * Bytes(p.grad_dtype);
+  }
+  return v;
+}
+
+absl::Status CpuBackend::Setup(BackendConfig config, absl::Span<const ParamPointers> ptrs) {
+  cfg_ = std::move(config);
+  ptrs_.assign(ptrs.begin(), ptrs.end());
+  const size_t S = cfg_.slots.size();
+  st_.assign(S, SlotState{});
+  first_slot_.assign(cfg_.params.size(), 0);
+  for (size_t k = S; k-- > 0;) first_slot_[cfg_.slots[k].param] = static_cast<int64_t>(k);
+  scalars_.assign(static_cast<size_t>(std::max(cfg_.groups, 1)), fast::StepScalars{});
+  check_.assign(static_cast<size_t>(std::max<int64_t>(cfg_.check_len, 1)), 0.0);
+
+  // State, with the initial master weights read from the model; nothing is written.
+  int64_t max_rows = 1, max_n = 1;
+  for (size_t k = 0; k < S; ++k) {
+    const SlotDesc& sd = cfg_.slots[k];
+    const ParamDesc& p = cfg_.params[sd.param];
+    const UpdateRule& r = p.rule;
+    SlotState& s = st_[k];
+    const size_t numel = static_cast<size_t>(sd.rows * p.n);
+    max_rows = std::max(max_rows, sd.rows);
+    max_n = std::max(max_n, p.n);
+    if (!AliasesModel(p)) {
+      s.master.resize(numel);
+      const uint16_t* src =
+          static_cast<const uint16_t*>(ptrs_[sd.param].param) + sd.tensor_offset + sd.row_begin * p.n;
+      for (size_t q = 0; q < numel; ++q) s.master[q] = Bf16ToFloat(src[q]);
+    }
+    s.state0.assign(numel, 0.0f);  // muon momentum | adam exp_avg
+    if (r.base != Base::kMuon) s.state1.assign(numel, 0.0f);
+    const float one = static_cast<float>(GainRawForOne(r.gain_param));
+    auto gains = [&](bool has, int64_t count, std::vector<float>* raw, std::vector<float>* m1,
+                     std::vector<float>* m2) {
+      if (!has || !sd.holds) return;
+      raw->assign(static_cast<size_t>(count), one);
+      m1->assign(static_cast<size_t>(count), 0.0f);
+      m2->assign(static_cast<size_t>(count), 0.0f);
+    };
+    gains(HasRowGains(r.gains), sd.rows, &s.row_raw, &s.row_m, &s.row_v);
+    gains(HasColGains(r.gains), p.n, &s.col_raw, &s.col_m, &s.col_v);
+    gains(HasScalarGain(r.gains), 1, &s.scalar_raw, &s.scalar_m, &s.scalar_v);
+    s.slices = !sd.holds ? 0 : r.sphere == Sphere::kRow ? sd.rows : SphereSlices(r.sphere, p.m, p.n);
+    s.radius.assign(static_cast<size_t>(s.slices), 0.0f);
+    fast::ReservePartials(std::max<int64_t>(sd.rows, 1), p.n, &s.partials);
+  }
+  scratch_.Reserve(max_rows, max_n);
+
+  // Bucket buffers: the pool's largest need over buckets.
+  size_t x_local = 0, full = 0, cross = 0, radial = 0, weights = 0, send = 0, seg = 0;
+  for (const BucketDesc& bd : cfg_.buckets) {
+    x_local = std::max(x_local, static_cast<size_t>(bd.x_local));
+    full = std::max(full, static_cast<size_t>(bd.full));
+    cross = std::max(cross, static_cast<size_t>(bd.cross_len));
+    radial = std::max(radial, static_cast<size_t>(bd.radial_len));
+    seg = std::max(seg, static_cast<size_t>(bd.seg));
+    if (cfg_.sharded) {
+      weights = std::max(weights, static_cast<size_t>(bd.total) * Bytes(bd.param_dtype));
+      send = std::max(send, static_cast<size_t>(bd.total));
+    }
+  }
+  const size_t grad_bytes = cfg_.grad_comm_bf16 ? 2 : 4;
+  pool_.assign(static_cast<size_t>(std::max(cfg_.pipeline, 1)), Workspace{});
+  for (Workspace& ws : pool_) {
+    ws.x_local.assign(x_local, 0.0f);
+    ws.x_full.assign(full, 0.0f);
+    if (cfg_.ns_comm_bf16 && cfg_.sharded) {
+      ws.x_local16.assign(x_local, 0);
+      ws.x_full16.assign(full, 0);
+    }
+    ws.cross.assign(cross, 0.0);
+    ws.radial.assign(radial, 0.0);
+    ws.weights.assign(weights, 0);
+    if (cfg_.update_norms) ws.wold.assign(seg, 0.0f);
+  }
+  if (cfg_.grads_segmented) {
+    grad_seg_.resize(cfg_.buckets.size());
+    for (size_t b = 0; b < cfg_.buckets.size(); ++b)
+      grad_seg_[b].assign(static_cast<size_t>(cfg_.buckets[b].seg) * grad_bytes, 0);
+    grad_send_.assign(std::min<size_t>(cfg_.buckets.size(), 2), std::vector<uint8_t>(send * grad_bytes, 0));
+  }
+  // Newton-Schulz buffers for every shape this rank orthogonalises (the largest matrix need
+  // not have the largest Gram side), and the bf16 path's GEMM plans.
+  for (const SlotDesc& sd : cfg_.slots) {
+    if (!sd.muon || !sd.ns_here) continue;
+    const ParamDesc& p = cfg_.params[sd.param];
+    if (cfg_.ns_bf16) {
+      ns_bf16_.Reserve(p.m, p.n, cfg_.ns_form);
+    } else {
+      ns_.Reserve(p.m, p.n, cfg_.ns_form);
+    }
+  }
+  return absl::OkStatus();
+}
+
+BucketBuffers CpuBackend::Buffers(int b) {
+  Workspace& ws = Pool(b);
+  BucketBuffers out;
+  if (cfg_.grads_segmented) {
+    out.grad_send = grad_send_[static_cast<size_t>(b) % grad_send_.size()].data();
+    out.grad_seg = grad_seg_[b].data();
+  }
+  auto f = [](auto& vec) { return vec.empty() ? nullptr : vec.data(); };
+  out.x_local = f(ws.x_local);
+  out.x_local16 = f(ws.x_local16);
+  out.x_full = f(ws.x_full);
+  out.x_full16 = f(ws.x_full16);
+  out.cross = f(ws.cross);
+  out.radial = f(ws.radial);
+  out.weights = f(ws.weights);
+  return out;
+}
+
+void CpuBackend::InitNorms(int b) {
+  for (int k : cfg_.buckets[b].slots) {
+    const UpdateRule& r = ParamOf(k).rule;
+    fast::ResetPartials(r, View(k), &st_[k].partials);
+    if (r.sphere != Sphere::kNone && st_[k].slices > 0) {
+      fast::SliceSquares(r, View(k), &st_[k].partials, &scratch_);
+    }
+  }
+}
+
+bool CpuBackend::InitRadii(int b, BadSlice* bad) {
+  for (int k : cfg_.buckets[b].slots) {
+    const SlotDesc& sd = cfg_.slots[k];
+    const ParamDesc& p = cfg_.params[sd.param];
+    const UpdateRule& r = p.rule;
+    SlotState& s = st_[k];
+    if (r.sphere == Sphere::kNone) continue;
+    for (int64_t q = 0; q < s.slices; ++q) {
+      const double sq = s.partials.slice_sq[q];
+      if (!(sq > 0.0) || !std::isfinite(sq)) {
+        bad->slot = k;
+        bad->slice = r.sphere == Sphere::kRow ? sd.row_begin + q : q;
+        return false;
+      }
+      double radius = r.radius_value;
+      if (r.radius_mode == RadiusMode::kAuto) radius = AutoRadius(r.sphere, p.m, p.n);
+      if (r.radius_mode == RadiusMode::kInit) radius = std::sqrt(sq);
+      s.radius[q] = static_cast<float>(radius);
+    }
+  }
+  return true;
+}
+
+void CpuBackend::InitProject(int b) {
+  for (int k : cfg_.buckets[b].slots) {
+    const ParamDesc& p = ParamOf(k);
+    if (p.rule.sphere == Sphere::kNone || p.preserve_init || cfg_.slots[k].rows == 0) continue;
+    fast::Finish(p.rule, View(k), st_[k].partials, &scratch_);
+  }
+}
+
+void CpuBackend::BeginStep(absl::Span<const GroupScalars> groups) {
+  for (size_t g = 0; g < groups.size() && g < scalars_.size(); ++g) {
+    scalars_[g].lr = groups[g].lr;
+    scalars_[g].gain_lr = groups[g].gain_lr;
+    scalars_[g].t = t_ + 1;
+  }
+  skip_ = false;
+  outcome_ = StepOutcome{};
+}
+
+// Every rank's rows of the bucket's gradients, rank-major and padded, in the comm dtype:
+// bf16 gradients are widened to float32 here unless the reduction itself is to move bf16.
+void CpuBackend::PackGrads(int b) {
+  const BucketDesc& bd = cfg_.buckets[b];
+  uint8_t* send = static_cast<uint8_t*>(Buffers(b).grad_send);
+  const bool to_bf16 = cfg_.grad_comm_bf16;
+  const size_t out_bytes = to_bf16 ? 2 : 4;
+  for (const CopySpan& c : bd.grad_pack) {
+    const ParamDesc& p = cfg_.params[c.param];
+    const void* src_base = ptrs_[c.param].grad;
+    uint8_t* dst = send + c.buffer_offset * out_bytes;
+    if (p.grad_dtype == Dtype::kF32 && !to_bf16) {
+      std::memcpy(dst, static_cast<const float*>(src_base) + c.tensor_offset, c.count * 4);
+    } else if (p.grad_dtype == Dtype::kBf16 && to_bf16) {
+      std::memcpy(dst, static_cast<const uint16_t*>(src_base) + c.tensor_offset, c.count * 2);
+    } else if (p.grad_dtype == Dtype::kBf16) {  // bf16 -> f32: exact
+      const uint16_t* src = static_cast<const uint16_t*>(src_base) + c.tensor_offset;
+      float* out = reinterpret_cast<float*>(dst);
+      for (int64_t e = 0; e < c.count; ++e) out[e] = Bf16ToFloat(src[e]);
+    } else {  // f32 -> bf16 (grad_comm_dtype=bf16 with f32 gradients)
+      const float* src = static_cast<const float*>(src_base) + c.tensor_offset;
+      uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+      for (int64_t e = 0; e < c.count; ++e) out[e] = FloatToBf16(src[e]);
+    }
+    std::memset(dst + c.count * out_bytes, 0, static_cast<size_t>(c.pad) * out_bytes);
+  }
+}
+
+void CpuBackend::CheckFinite(int b) {
+  const BucketDesc& bd = cfg_.buckets[b];
+  for (int64_t i = bd.first_param; i < bd.end_param; ++i) {
+    double total = 0.0;
+    for (int64_t e = 0; e < cfg_.params[i].experts; ++e) {
+      const int k = static_cast<int>(first_slot_[i] + e);
+      if (cfg_.slots[k].rows > 0) total += fast::GradSumSq(View(k), &scratch_);
+    }
+    check_[i] = total;
+  }
+}
+
+void CpuBackend::ApplyCheck() {
+  double total = 0.0;
+  outcome_ = StepOutcome{};
+  for (size_t i = 0; i < cfg_.params.size(); ++i) {
+    const double sq = check_[i];
+    total += sq;
+    if (!std::isfinite(sq) && !outcome_.skipped) {
+      outcome_.skipped = true;
+      outcome_.bad_param = static_cast<int64_t>(i);
+    }
+  }
+  outcome_.grad_norm = std::sqrt(total);
+  skip_ = outcome_.skipped;
+}
+
+void CpuBackend::Prepare(const SlotRange& r) {
+  if (skip_) return;
+  const BucketDesc& bd = cfg_.buckets[r.bucket];
+  Workspace& ws = Pool(r.bucket);
+  for (size_t q = r.q0; q < r.q1; ++q) {
+    const int k = bd.slots[q];
+    const SlotDesc& sd = cfg_.slots[k];
+    const UpdateRule& rule = ParamOf(k).rule;
+    const fast::MatrixView v = View(k);
+    SlotState& s = st_[k];
+    s.counters = SlotCounters{};
+    if (cfg_.update_norms && sd.rows > 0) {
+      std::copy(v.w, v.w + sd.rows * v.n, ws.wold.data() + sd.seg_offset);
+    }
+    fast::ResetPartials(rule, v, &s.partials);
+    if (rule.tangent && rule.sphere != Sphere::kNone && sd.rows > 0) {
+      fast::RadialDots(rule, v, &s.partials, &scratch_);
+    }
+    if (!sd.cross || bd.radial_len == 0 || !rule.tangent) continue;
+    // The radial dots of a frobenius or column sphere are partial over rows: to the record.
+    if (rule.sphere != Sphere::kFrobenius && rule.sphere != Sphere::kCol) continue;
+    double* out = ws.radial.data() + sd.radial_offset;
+    out = std::copy(s.partials.radial_dot.begin(), s.partials.radial_dot.end(), out);
+    std::copy(s.partials.radial_dd.begin(), s.partials.radial_dd.end(), out);
+  }
+}
+
+void CpuBackend::ApplyRadial(int b) {
+  if (skip_) return;
+  const Workspace& ws = Pool(b);
+  for (int k : cfg_.buckets[b].slots) {
+    const SlotDesc& sd = cfg_.slots[k];
+    const UpdateRule& rule = ParamOf(k).rule;
+    if (!sd.cross || !rule.tangent) continue;
+    if (rule.sphere != Sphere::kFrobenius && rule.sphere != Sphere::kCol) continue;
+    fast::Partials& p = st_[k].partials;
+    const double* in = ws.radial.data() + sd.radial_offset;
+    std::copy(in, in + p.radial_dot.size(), p.radial_dot.begin());
+    in += p.radial_dot.size();
+    std::copy(in, in + p.radial_dd.size(), p.radial_dd.begin());
+  }
+}
+
+void CpuBackend::ConvertToBf16(const float* src, uint16_t* dst,
+                               const std::vector<ElementRange>& ranges) {
+  for (const ElementRange& e : ranges)
+    for (int64_t q = e.offset; q < e.offset + e.count; ++q) dst[q] = FloatToBf16(src[q]);
+}
+
+void CpuBackend::ConvertToF32(const uint16_t* src, float* dst,
+                              const std::vector<ElementRange>& ranges) {
+  for (const ElementRange& e : ranges)
+    for (int64_t q = e.offset; q < e.offset + e.count; ++q) dst[q] = Bf16ToFloat(src[q]);
+}
+
+void CpuBackend::Pass1(const SlotRange& r) {
+  if (skip_) return;
+  const BucketDesc& bd = cfg_.buckets[r.bucket];
+  Workspace& ws = Pool(r.bucket);
+  for (size_t q = r.q0; q < r.q1; ++q) {
+    const int k = bd.slots[q];
+    const SlotDesc& sd = cfg_.slots[k];
+    const ParamDesc& p = cfg_.params[sd.param];
+    if (sd.rows > 0) {
+      fast::Pass1(p.rule, View(k), scalars_[p.group], sd.muon ? XOf(r.bucket, k) : nullptr,
+                  &st_[k].partials, &scratch_);
+    }
+    // The NS owner's own block goes straight into the whole-X buffer.
+    if (sd.ns_gathered && sd.rows > 0) {
+      const float* x = XOf(r.bucket, k);
+      std::copy(x, x + sd.rows * p.n, ws.x_full.data() + sd.full_offset + sd.row_begin * p.n);
+    }
+  }
+  if (!ws.x_local16.empty()) ConvertToBf16(ws.x_local.data(), ws.x_local16.data(), bd.local_remote);
+}
+
+void CpuBackend::NewtonSchulz(const SlotRange& r) {
+  if (skip_) return;
+  const BucketDesc& bd = cfg_.buckets[r.bucket];
+  Workspace& ws = Pool(r.bucket);
+  // The other ranks' blocks arrived as bf16; this rank's block is still f32.
+  if (!ws.x_full16.empty()) ConvertToF32(ws.x_full16.data(), ws.x_full.data(), bd.full_remote);
+  for (size_t q = r.q0; q < r.q1; ++q) {
+    const int k = bd.slots[q];
+    const SlotDesc& sd = cfg_.slots[k];
+    if (!sd.muon || !sd.ns_here) continue;
+    const ParamDesc& p = cfg_.params[sd.param];
+    const UpdateRule& rule = p.rule;
+    float* x = sd.ns_gathered ? ws.x_full.data() + sd.full_offset : XOf(r.bucket, k);
+    const float* o = cfg_.ns_bf16
+                         ? ns_bf16_.Run(rule.ns_coeffs, rule.ns_steps, p.m, p.n, x, cfg_.ns_form)
+                         : fast::NewtonSchulz(rule.ns_coeffs, rule.ns_steps, p.m, p.n, x, &ns_,
+                                              cfg_.ns_form);
+    if (o != x) std::copy(o, o + p.m * p.n, x);
+    st_[k].counters.ns_ran = true;
+    // This rank's block of O stays here; the others go back to their ranks.
+    if (sd.ns_gathered) {
+      std::copy(x + sd.row_begin * p.n, x + (sd.row_begin + sd.rows) * p.n, XOf(r.bucket, k));
+    }
+  }
+  if (!ws.x_full16.empty()) ConvertToBf16(ws.x_full.data(), ws.x_full16.data(), bd.full_remote);
+}
+
+void CpuBackend::Pass2(const SlotRange& r) {
+  if (skip_) return;
+  const BucketDesc& bd = cfg_.buckets[r.bucket];
+  Workspace& ws = Pool(r.bucket);
+  if (!ws.x_local16.empty()) ConvertToF32(ws.x_local16.data(), ws.x_local.data(), bd.local_remote);
+  for (size_t q = r.q0; q < r.q1; ++q) {
+    const int k = bd.slots[q];
+    const SlotDesc& sd = cfg_.slots[k];
+    if (!sd.muon || sd.rows == 0) continue;
+    const ParamDesc& p = cfg_.params[sd.param];
+    fast::Pass2(p.rule, View(k), scalars_[p.group], XOf(r.bucket, k), &st_[k].partials, &scratch_);
+  }
+}
+
+// The record of a slot: column-gain gradients, the scalar-gain gradient, then the squared
+// norms of frobenius/column slices (what is partial over rows).
+void CpuBackend::AssembleCross(const SlotRange& r) {
+  if (skip_) return;
+  const BucketDesc& bd = cfg_.buckets[r.bucket];
+  double* record = Pool(r.bucket).cross.data();
+  for (size_t q = r.q0; q < r.q1; ++q) {
+    const int k = bd.slots[q];
+    const SlotDesc& sd = cfg_.slots[k];
+    if (!sd.cross) continue;
+    const UpdateRule& rule = ParamOf(k).rule;
+    const fast::Partials& p = st_[k].partials;
+    double* out = record + sd.cross_offset;
+    out = std::copy(p.col_grad.begin(), p.col_grad.end(), out);
+    out = std::copy(p.scalar_grad.begin(), p.scalar_grad.end(), out);
+    if (rule.sphere == Sphere::kFrobenius || rule.sphere == Sphere::kCol)
+      std::copy(p.slice_sq.begin(), p.slice_sq.end(), out);
+  }
+}
+
+void CpuBackend::ApplyCross(const SlotRange& r) {
+  if (skip_) return;
+  const BucketDesc& bd = cfg_.buckets[r.bucket];
+  const double* record = Pool(r.bucket).cross.data();
+  for (size_t q = r.q0; q < r.q1; ++q) {
+    const int k = bd.slots[q];
+    const SlotDesc& sd = cfg_.slots[k];
+    if (!sd.cross) continue;
+    const UpdateRule& rule = ParamOf(k).rule;
+    fast::Partials& p = st_[k].partials;
+    const double* in = record + sd.cross_offset;
+    auto take = [&](std::vector<double>& dst) {
+      std::copy(in, in + dst.size(), dst.begin());
+      in += dst.size();
+    };
+    take(p.col_grad);
+    take(p.scalar_grad);
+    if (rule.sphere == Sphere::kFrobenius || rule.sphere == Sphere::kCol) take(p.slice_sq);
+  }
+}
+
+void CpuBackend::Finish(const SlotRange& r) {
+  if (skip_) return;
+  const BucketDesc& bd = cfg_.buckets[r.bucket];
+  Workspace& ws = Pool(r.bucket);
+  for (size_t q = r.q0; q < r.q1; ++q) {
+    const int k = bd.slots[q];
+    const SlotDesc& sd = cfg_.slots[k];
+    const ParamDesc& p = cfg_.params[sd.param];
+    SlotState& s = st_[k];
+    if (!sd.holds) continue;
+    const fast::MatrixView v = View(k);
+    fast::StepGains(p.rule, v, scalars_[p.group], s.partials);
+    if (sd.rows > 0) fast::Finish(p.rule, v, s.partials, &scratch_);
+    s.counters.projected = sd.accounts && p.rule.sphere != Sphere::kNone;
+    s.counters.gains_stepped = sd.accounts && p.rule.gains != Gains::kNone;
+    if (cfg_.update_norms && sd.rows > 0) {
+      fast::UpdateNorms(v, ws.wold.data() + sd.seg_offset, &s.counters.delta_sq,
+                        &s.counters.w_sq, &scratch_);
+    }
+  }
+}
+
+void CpuBackend::PackWeights(int b) {
+  const BucketDesc& bd = cfg_.buckets[b];
+  const size_t eb = Bytes(bd.param_dtype);
+  uint8_t* buf = static_cast<uint8_t*>(Pool(b).weights.data());
+  for (const CopySpan& c : bd.weight_pack) {
+    std::memcpy(buf + c.buffer_offset * eb,
+                static_cast<const uint8_t*>(ptrs_[c.param].param) + c.tensor_offset * eb,
+                static_cast<size_t>(c.count) * eb);
+  }
+}
+
+void CpuBackend::UnpackWeights(int b) {
+  const BucketDesc& bd = cfg_.buckets[b];
+  const size_t eb = Bytes(bd.param_dtype);
+  const uint8_t* buf = Pool(b).weights.data();
+  for (const CopySpan& c : bd.weight_unpack) {
+    std::memcpy(static_cast<uint8_t*>(ptrs_[c.param].param) + c.tensor_offset * eb,
+                buf + c.buffer_offset * eb, static_cast<size_t>(c.count) * eb);
+  }
+}
+
+std::vector<StateArray> CpuBackend::State(int k) {
+  const SlotDesc& sd = cfg_.slots[k];
+  const ParamDesc& p = cfg_.params[sd.param];
+  SlotState& s = st_[k];
+  std::vector<StateArray> out;
+  auto add = [&](const char* name, std::vector<float>& vec) {
+    if (vec.empty()) return;
+    out.push_back({name, vec.data(), static_cast<int64_t>(vec.size()), 4, false});
+  };
+  if (AliasesModel(p)) {
+    if (sd.rows > 0) {
+      out.push_back({"master",
+                     static_cast<float*>(ptrs_[sd.param].param) + sd.tensor_offset + sd.row_begin * p.n,
+                     sd.rows * p.n, 4, true});
+    }
+  } else {
+    add("master", s.master);
+  }
+  const bool muon = p.rule.base == Base::kMuon;
+  add(muon ? "momentum" : "exp_avg", s.state0);
+  add("exp_avg_sq", s.state1);
+  add("row_raw", s.row_raw);
+  add("row_exp_avg", s.row_m);
+  add("row_exp_avg_sq", s.row_v);
+  add("col_raw", s.col_raw);
+  add("col_exp_avg", s.col_m);
+  add("col_exp_avg_sq", s.col_v);
+  add("scalar_raw", s.scalar_raw);
+  add("scalar_exp_avg", s.scalar_m);
+  add("scalar_exp_avg_sq", s.scalar_v);
+  add("radius", s.radius);
+  return out;
+}
+
+void CpuBackend::WriteModelRows() {
+  for (size_t k = 0; k < st_.size(); ++k)
+    if (cfg_.slots[k].rows > 0) fast::WriteModel(View(static_cast<int>(k)));
+}
+
+int64_t CpuBackend::WorkspaceBytes() const {
+  size_t b = 0;
+  for (const Workspace& ws : pool_) {
+    b += sizeof(float) * (ws.x_local.capacity() + ws.x_full.capacity()) +
+         sizeof(uint16_t) * (ws.x_local16.capacity() + ws.x_full16.capacity()) +
+         sizeof(double) * (ws.cross.capacity() + ws.radial.capacity()) + ws.weights.capacity() +
+         sizeof(float) * ws.wold.capacity();
+  }
+  for (const std::vector<uint8_t>& g : grad_seg_) b += g.capacity();
+  for (const std::vector<uint8_t>& g : grad_send_) b += g.capacity();
+  b += sizeof(double) * check_.capacity();
+  return static_cast<int64_t>(b) + ns_.bytes() + ns_bf16_.bytes() + scratch_.bytes();
+}
+
+}  // namespace
+
+std::unique_ptr<StepBackend> MakeCpuBackend(int threads) {
+  return std::make_unique<CpuBackend>(threads);
+}
+
+std::string CpuBf16NsUnavailableReason() {
+  if (fast::Bf16NewtonSchulz::Available()) return "";
+#ifdef MDOPT_HAVE_DNNL
+  return "this CPU has no bf16 matmul (needs AVX512_BF16 or AMX)";
+#else
+  return "this build has no oneDNN (install libdnnl-dev and rebuild)";
+#endif
+}
+
+std::string CpuRuntimeInfo() {
+  std::string blas = "OpenBLAS";
+  const char* config = openblas_get_config();  // "OpenBLAS 0.3.21 DYNAMIC_ARCH ..."
+  if (config != nullptr && std::strncmp(config, "OpenBLAS ", 9) == 0) {
+    const char* v = config + 9;
+    blas = absl::StrCat("OpenBLAS-", std::string(v, std::strcspn(v, " ")));
+  }
+  const char* core = openblas_get_corename();
+  if (core != nullptr && *core != '\0') absl::StrAppend(&blas, "/", core);
+  const char* isa = "baseline";
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) {
+    isa = "avx512";
+  } else if (__builtin_cpu_supports("avx2")) {
+    isa = "avx2";
+  }
+#ifdef MDOPT_HAVE_DNNL
+  const char* bf16 = fast::Bf16NewtonSchulz::Available() ? "yes" : "no-cpu";
+#else
+  const char* bf16 = "no-build";
+#endif
+  return absl::StrCat("blas=", blas, " threads=", omp_get_max_threads(), " isa=", isa,
+                      " onednn_bf16=", bf16);
+}
+
+}  // namespace mdopt::kernels
