@@ -21,34 +21,25 @@
 namespace mdopt {
 namespace {
 
-int32_t CDtype(DataType d) {
-  switch (d) {
-    case DataType::kF32: return MDOPT_COMM_DTYPE_F32;
-    case DataType::kBf16: return MDOPT_COMM_DTYPE_BF16;
-    case DataType::kF64: return MDOPT_COMM_DTYPE_F64;
-    case DataType::kBytes: return MDOPT_COMM_DTYPE_BYTES;
-  }
-  return -1;
-}
+constexpr int kOk = CallbackTransport::kOk;
 
 // What the communicator and its requests share; requests may outlive the communicator.
 class Shared {
  public:
-  explicit Shared(const mdopt_comm_callbacks& callbacks)
-      : cb(callbacks),
-        where(absl::StrCat("callback communicator rank ", callbacks.rank, " of ", callbacks.size)) {}
+  explicit Shared(const CallbackTransport& transport)
+      : cb(transport),
+        where(absl::StrCat("callback communicator rank ", transport.rank, " of ", transport.size)) {}
 
-  const mdopt_comm_callbacks cb;
+  const CallbackTransport cb;
   const std::string where;
 
   // The transport's description of its last failure (error_message), or a fallback.
-  std::string ErrorText(mdopt_status s) const {
+  std::string ErrorText(int s) const {
     char buf[1024] = {0};
     if (cb.error_message != nullptr) cb.error_message(cb.user, buf, sizeof buf);
     buf[sizeof buf - 1] = '\0';
     if (buf[0] != '\0') return buf;
-    return absl::StrCat("the callback returned status ", static_cast<int>(s),
-                        " and no error message");
+    return absl::StrCat("the callback returned status ", s, " and no error message");
   }
 
   absl::Status health() const {
@@ -151,7 +142,7 @@ class CallbackRequest final : public Request {
     return pending_ != nullptr;
   }
 
-  std::vector<mdopt_comm_p2p>& p2p() { return p2p_; }
+  std::vector<P2P>& p2p() { return p2p_; }
   double* scratch() { return &scratch_; }
 
   absl::Status Wait() override {
@@ -168,11 +159,10 @@ class CallbackRequest final : public Request {
     const absl::Duration timeout = shared_->timeout();
     const absl::Time t0 = absl::Now();
     void* handle = pending_;
-    const mdopt_status s =
-        shared_->cb.wait(shared_->cb.user, handle, absl::ToDoubleSeconds(timeout));
+    const int s = shared_->cb.wait(shared_->cb.user, handle, absl::ToDoubleSeconds(timeout));
     const absl::Duration waited = absl::Now() - t0;
     pending_ = nullptr;
-    if (s != MDOPT_SUCCESS) {
+    if (s != kOk) {
       const std::string text = shared_->ErrorText(s);
       status_ = waited >= timeout
                     ? absl::DeadlineExceededError(absl::StrCat(
@@ -210,9 +200,9 @@ class CallbackRequest final : public Request {
       if (!s.ok()) return s;
       return true;
     }
-    int32_t done = 0;
-    const mdopt_status s = shared_->cb.test(shared_->cb.user, handle, &done);
-    if (s != MDOPT_SUCCESS || done != 0) {
+    bool done = false;
+    const int s = shared_->cb.test(shared_->cb.user, handle, &done);
+    if (s != kOk || done) {
       // Done, or failed: wait collects the outcome (and releases the handle).
       absl::Status w = Wait();
       if (!w.ok()) return w;
@@ -237,13 +227,13 @@ class CallbackRequest final : public Request {
   void* mean_data_ = nullptr;
   int64_t mean_count_ = 0;
   DataType mean_dtype_ = DataType::kF32;
-  std::vector<mdopt_comm_p2p> p2p_;  // the callback's view of a send/recv group
+  std::vector<P2P> p2p_;             // the transport's view of a send/recv group
   double scratch_ = 0.0;             // the barrier's all-reduce buffer
 };
 
 class CallbackCommunicator final : public Communicator {
  public:
-  explicit CallbackCommunicator(const mdopt_comm_callbacks& cb)
+  explicit CallbackCommunicator(const CallbackTransport& cb)
       : shared_(std::make_shared<Shared>(cb)), shape_{cb.rank, cb.size, "callbacks", false} {}
 
   // Operations still pending are completed first (the transport may be writing their
@@ -281,7 +271,7 @@ class CallbackCommunicator final : public Communicator {
         "reduce-scatter", ScatterGatherTraffic(counts, shape_.rank, dtype),
         op == ReduceOp::kMean ? recv : nullptr, mine, dtype,
         [&](CallbackRequest&, void** pending) {
-          return cb().reduce_scatter(cb().user, send, recv, counts.data(), CDtype(dtype), pending);
+          return cb().reduce_scatter(cb().user, send, recv, counts.data(), dtype, pending);
         },
         [&] { return absl::StrCat(" (", total, " x ", DataTypeName(dtype), ", ", ReduceOpName(op), ")"); });
   }
@@ -302,7 +292,7 @@ class CallbackCommunicator final : public Communicator {
     return Run(
         "all-gather", ScatterGatherTraffic(counts, shape_.rank, dtype), nullptr, 0, dtype,
         [&](CallbackRequest&, void** pending) {
-          return cb().all_gather(cb().user, send, recv, counts.data(), CDtype(dtype), pending);
+          return cb().all_gather(cb().user, send, recv, counts.data(), dtype, pending);
         },
         [&] { return absl::StrCat(" (", total, " x ", DataTypeName(dtype), ")"); });
   }
@@ -317,7 +307,7 @@ class CallbackCommunicator final : public Communicator {
         "all-reduce", AllReduceTraffic(count, shape_.size, dtype),
         op == ReduceOp::kMean ? recv : nullptr, count, dtype,
         [&](CallbackRequest&, void** pending) {
-          return cb().all_reduce(cb().user, send, recv, count, CDtype(dtype), pending);
+          return cb().all_reduce(cb().user, send, recv, count, dtype, pending);
         },
         [&] { return absl::StrCat(" (", count, " x ", DataTypeName(dtype), ", ", ReduceOpName(op), ")"); });
   }
@@ -330,7 +320,7 @@ class CallbackCommunicator final : public Communicator {
     return Run(
         "broadcast", BroadcastTraffic(count, dtype, root, shape_.rank), nullptr, 0, dtype,
         [&](CallbackRequest&, void** pending) {
-          return cb().broadcast(cb().user, data, count, CDtype(dtype), root, pending);
+          return cb().broadcast(cb().user, data, count, dtype, root, pending);
         },
         [&] { return absl::StrCat(" (", count, " x ", DataTypeName(dtype), " from rank ", root, ")"); });
   }
@@ -358,13 +348,13 @@ class CallbackCommunicator final : public Communicator {
     }
     return Run(
         "send/recv", SendRecvTraffic(ops, shape_.rank), nullptr, 0, DataType::kBytes,
-        [&](CallbackRequest& req, void** pending) -> mdopt_status {
-          std::vector<mdopt_comm_p2p>& v = req.p2p();
+        [&](CallbackRequest& req, void** pending) -> int {
+          std::vector<P2P>& v = req.p2p();
           v.clear();
           size_t next_recv = 0;  // sizes were checked above
           for (const P2P& p : ops) {
             if (p.peer != shape_.rank) {
-              v.push_back({p.peer, p.is_send ? 1 : 0, p.data, p.count, CDtype(p.dtype)});
+              v.push_back(p);
             } else if (p.is_send) {
               while (ops[next_recv].peer != shape_.rank || ops[next_recv].is_send) ++next_recv;
               const P2P& r = ops[next_recv++];
@@ -372,7 +362,7 @@ class CallbackCommunicator final : public Communicator {
               if (bytes > 0) std::memmove(r.data, p.data, bytes);
             }
           }
-          if (v.empty()) return MDOPT_SUCCESS;
+          if (v.empty()) return kOk;
           return cb().send_recv(cb().user, v.data(), static_cast<int64_t>(v.size()), tag, pending);
         },
         [&] { return absl::StrCat(" (", ops.size(), " ops, tag ", tag, ")"); });
@@ -385,7 +375,7 @@ class CallbackCommunicator final : public Communicator {
           if (cb().barrier != nullptr) return cb().barrier(cb().user, pending);
           double* x = req.scratch();
           *x = 0.0;
-          return cb().all_reduce(cb().user, x, x, 1, MDOPT_COMM_DTYPE_F64, pending);
+          return cb().all_reduce(cb().user, x, x, 1, DataType::kF64, pending);
         },
         [] { return std::string(); });
   }
@@ -397,7 +387,7 @@ class CallbackCommunicator final : public Communicator {
   CommStats stats() const override { return shared_->stats(); }
 
  private:
-  const mdopt_comm_callbacks& cb() const { return shared_->cb; }
+  const CallbackTransport& cb() const { return shared_->cb; }
 
   std::shared_ptr<CallbackRequest> Acquire() {
     absl::MutexLock l(&pool_mu_);
@@ -420,9 +410,9 @@ class CallbackCommunicator final : public Communicator {
     if (mean_data != nullptr) req->DivideAfter(mean_data, mean_count, dtype);
     void* pending = nullptr;
     const absl::Time t0 = absl::Now();
-    const mdopt_status s = call(*req, &pending);
+    const int s = call(*req, &pending);
     const double seconds = absl::ToDoubleSeconds(absl::Now() - t0);
-    if (s != MDOPT_SUCCESS) {
+    if (s != kOk) {
       absl::Status failed = absl::UnavailableError(
           absl::StrCat(shared_->where, ": ", what, detail(), " failed: ", shared_->ErrorText(s)));
       shared_->End(seconds);
@@ -456,8 +446,8 @@ class CallbackCommunicator final : public Communicator {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Communicator>> MakeCallbackCommunicator(
-    const mdopt_comm_callbacks& cb) {
-  const char* where = "mdopt_comm_create_callbacks";
+    const CallbackTransport& cb) {
+  const char* where = "callback transport";
   if (cb.size < 1) {
     return absl::InvalidArgumentError(absl::StrCat(where, ": size = ", cb.size, " (must be >= 1)"));
   }
@@ -476,7 +466,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> MakeCallbackCommunicator(
   for (const auto& r : required) {
     if (!r.present) {
       return absl::InvalidArgumentError(
-          absl::StrCat(where, ": cb->", r.name, " is NULL (required)"));
+          absl::StrCat(where, ": ", r.name, " is NULL (required)"));
     }
   }
   return std::unique_ptr<Communicator>(new CallbackCommunicator(cb));

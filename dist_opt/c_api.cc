@@ -5,8 +5,10 @@
 #include <cstddef>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <new>
 #include <string>
+#include <vector>
 
 #include <omp.h>
 
@@ -276,10 +278,88 @@ mdopt_status mdopt_comm_create_callbacks(const mdopt_comm_callbacks* cb, mdopt_c
                       MDOPT_COMM_CALLBACKS_SIZE_V1, &failure)) {
       return failure;
     }
-    absl::StatusOr<std::unique_ptr<mdopt::Communicator>> c =
-        mdopt::MakeCallbackCommunicator(ReadVersioned(cb));
-    if (!c.ok()) return Report(c.status());
-    *out = new mdopt_comm{*std::move(c)};
+    // comm's CallbackTransport over the caller's C callbacks. Its `user` is a copy of the
+    // caller's struct, deleted by its destroy after the caller's destroy (never called when
+    // creation fails); a callback left NULL stays null, so that comm refuses a missing
+    // required one and falls back for a missing optional one as the ABI says.
+    using Cb = mdopt_comm_callbacks;
+    using mdopt::DataType;
+    static_assert(static_cast<int>(DataType::kF32) == MDOPT_COMM_DTYPE_F32 &&
+                      static_cast<int>(DataType::kBf16) == MDOPT_COMM_DTYPE_BF16 &&
+                      static_cast<int>(DataType::kF64) == MDOPT_COMM_DTYPE_F64 &&
+                      static_cast<int>(DataType::kBytes) == MDOPT_COMM_DTYPE_BYTES,
+                  "mdopt_comm_dtype values are comm's DataType values");
+    static_assert(MDOPT_SUCCESS == mdopt::CallbackTransport::kOk, "success is 0 on both sides");
+    struct Bridge {
+      static const Cb& C(void* u) { return *static_cast<const Cb*>(u); }
+      static int32_t Dt(DataType d) { return static_cast<int32_t>(d); }
+      static int AllReduce(void* u, const void* s, void* r, int64_t n, DataType d, void** p) {
+        return C(u).all_reduce(C(u).user, s, r, n, Dt(d), p);
+      }
+      static int ReduceScatter(void* u, const void* s, void* r, const int64_t* counts,
+                               DataType d, void** p) {
+        return C(u).reduce_scatter(C(u).user, s, r, counts, Dt(d), p);
+      }
+      static int AllGather(void* u, const void* s, void* r, const int64_t* counts, DataType d,
+                           void** p) {
+        return C(u).all_gather(C(u).user, s, r, counts, Dt(d), p);
+      }
+      static int Broadcast(void* u, void* data, int64_t n, DataType d, int root, void** p) {
+        return C(u).broadcast(C(u).user, data, n, Dt(d), root, p);
+      }
+      // The halves as mdopt_comm_p2p, valid during the call (the ABI's ops are read there).
+      static int SendRecv(void* u, const mdopt::P2P* ops, int64_t n, int tag, void** p) {
+        thread_local std::vector<mdopt_comm_p2p> v;
+        v.clear();
+        for (int64_t k = 0; k < n; ++k) {
+          v.push_back({ops[k].peer, ops[k].is_send ? 1 : 0, ops[k].data, ops[k].count,
+                       Dt(ops[k].dtype)});
+        }
+        return C(u).send_recv(C(u).user, v.data(), n, tag, p);
+      }
+      static int Barrier(void* u, void** p) { return C(u).barrier(C(u).user, p); }
+      static int Wait(void* u, void* h, double t) { return C(u).wait(C(u).user, h, t); }
+      static int Test(void* u, void* h, bool* done) {
+        int32_t d = 0;
+        const mdopt_status s = C(u).test(C(u).user, h, &d);
+        *done = d != 0;
+        return s;
+      }
+      static void SetTimeout(void* u, double t) { C(u).set_timeout(C(u).user, t); }
+      static void Abort(void* u, const char* why) { C(u).abort(C(u).user, why); }
+      static void ErrorMessage(void* u, char* buf, size_t n) { C(u).error_message(C(u).user, buf, n); }
+      static void Destroy(void* u) {
+        const Cb* c = static_cast<const Cb*>(u);
+        if (c->destroy != nullptr) c->destroy(c->user);
+        delete c;
+      }
+    };
+    auto copy = std::make_unique<Cb>(ReadVersioned(cb));
+    const Cb& c = *copy;
+    mdopt::CallbackTransport t;
+    t.rank = c.rank;
+    t.size = c.size;
+    t.user = copy.get();
+    if (c.all_reduce != nullptr) t.all_reduce = Bridge::AllReduce;
+    if (c.reduce_scatter != nullptr) t.reduce_scatter = Bridge::ReduceScatter;
+    if (c.all_gather != nullptr) t.all_gather = Bridge::AllGather;
+    if (c.broadcast != nullptr) t.broadcast = Bridge::Broadcast;
+    if (c.send_recv != nullptr) t.send_recv = Bridge::SendRecv;
+    if (c.barrier != nullptr) t.barrier = Bridge::Barrier;
+    if (c.wait != nullptr) t.wait = Bridge::Wait;
+    if (c.test != nullptr) t.test = Bridge::Test;
+    if (c.set_timeout != nullptr) t.set_timeout = Bridge::SetTimeout;
+    if (c.abort != nullptr) t.abort = Bridge::Abort;
+    if (c.error_message != nullptr) t.error_message = Bridge::ErrorMessage;
+    t.destroy = Bridge::Destroy;
+    absl::StatusOr<std::unique_ptr<mdopt::Communicator>> made =
+        mdopt::MakeCallbackCommunicator(t);
+    if (!made.ok()) {  // names the call, then the field
+      return Report(absl::Status(made.status().code(),
+                                 absl::StrCat(call, ": ", made.status().message())));
+    }
+    copy.release();  // the communicator's now: freed by Bridge::Destroy
+    *out = new mdopt_comm{*std::move(made)};
     return MDOPT_SUCCESS;
   });
 }

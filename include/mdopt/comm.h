@@ -62,7 +62,8 @@ typedef struct {
  * *pending as it found it, NULL), or starts it and stores a non-NULL handle of its own in
  * *pending; mdopt then calls wait(user, handle, timeout_s) exactly once for that handle
  * (from the mdopt call that waits for the operation; handles may be waited in any order),
- * and may call test(user, handle, &done) before. Buffers stay valid until then.
+ * and may call test(user, handle, &done) before. The data buffers stay valid until then;
+ * the counts and ops arrays only during the call (copy what a pending operation needs).
  *
  * Semantics (every rank calls the same collectives in the same order; reductions are sums,
  * mdopt divides a mean itself afterwards):

@@ -20,6 +20,8 @@
 namespace mdopt {
 namespace {
 
+constexpr int kFailed = 5;  // any value but kOk is a failure
+
 struct Fake {
   int rank = 0;
   bool pend = false;          // leave operations pending (delivered in wait)
@@ -30,50 +32,50 @@ struct Fake {
   std::string abort_reason;
   double timeout_seen = 0;
   const void* last_send = nullptr;
-  std::vector<mdopt_comm_p2p> last_p2p;
+  std::vector<P2P> last_p2p;
   std::vector<std::function<void()>> parked;  // index + 1 is the handle
   std::vector<std::string>* log = nullptr;
 
-  mdopt_status Deliver(void** pending, std::function<void()> f) {
+  int Deliver(void** pending, std::function<void()> f) {
     ++calls;
-    if (fail) return MDOPT_COMM_ERROR;
+    if (fail) return kFailed;
     if (!pend) {
       f();
-      return MDOPT_SUCCESS;
+      return CallbackTransport::kOk;
     }
     parked.push_back(std::move(f));
     *pending = reinterpret_cast<void*>(parked.size());
-    return MDOPT_SUCCESS;
+    return CallbackTransport::kOk;
   }
 };
 
 Fake* F(void* u) { return static_cast<Fake*>(u); }
 
-void Twice(const void* in, void* out, int64_t n, int32_t dtype) {
-  if (dtype == MDOPT_COMM_DTYPE_F32) {
+void Twice(const void* in, void* out, int64_t n, DataType dtype) {
+  if (dtype == DataType::kF32) {
     for (int64_t i = 0; i < n; ++i) static_cast<float*>(out)[i] = 2 * static_cast<const float*>(in)[i];
   } else {
     for (int64_t i = 0; i < n; ++i) static_cast<double*>(out)[i] = 2 * static_cast<const double*>(in)[i];
   }
 }
 
-mdopt_comm_callbacks Callbacks(Fake* f, int size = 2) {
-  mdopt_comm_callbacks cb = MDOPT_COMM_CALLBACKS_INIT;
+CallbackTransport Callbacks(Fake* f, int size = 2) {
+  CallbackTransport cb;
   cb.rank = f->rank;
   cb.size = size;
   cb.user = f;
-  cb.all_reduce = [](void* u, const void* send, void* recv, int64_t n, int32_t dt, void** p) {
-    std::vector<char> copy(static_cast<const char*>(send), static_cast<const char*>(send) + n * (dt == 0 ? 4 : 8));
+  cb.all_reduce = [](void* u, const void* send, void* recv, int64_t n, DataType dt, void** p) {
+    std::vector<char> copy(static_cast<const char*>(send), static_cast<const char*>(send) + n * (dt == DataType::kF32 ? 4 : 8));
     return F(u)->Deliver(p, [=] { Twice(copy.data(), recv, n, dt); });
   };
-  cb.reduce_scatter = [](void* u, const void* send, void* recv, const int64_t* counts, int32_t dt, void** p) {
+  cb.reduce_scatter = [](void* u, const void* send, void* recv, const int64_t* counts, DataType dt, void** p) {
     const int r = F(u)->rank;
     const int64_t off = r == 0 ? 0 : counts[0];
     const float* s = static_cast<const float*>(send) + off;
     std::vector<float> copy(s, s + counts[r]);
     return F(u)->Deliver(p, [=] { Twice(copy.data(), recv, static_cast<int64_t>(copy.size()), dt); });
   };
-  cb.all_gather = [](void* u, const void* send, void* recv, const int64_t* counts, int32_t, void** p) {
+  cb.all_gather = [](void* u, const void* send, void* recv, const int64_t* counts, DataType, void** p) {
     F(u)->last_send = send;
     const int r = F(u)->rank;
     return F(u)->Deliver(p, [=] {
@@ -83,15 +85,15 @@ mdopt_comm_callbacks Callbacks(Fake* f, int size = 2) {
       for (int64_t i = 0; i < counts[1 - r]; ++i) out[other + i] = 7.0f;
     });
   };
-  cb.broadcast = [](void* u, void* data, int64_t n, int32_t, int32_t root, void** p) {
+  cb.broadcast = [](void* u, void* data, int64_t n, DataType, int root, void** p) {
     const int r = F(u)->rank;
     return F(u)->Deliver(p, [=] {
       if (root != r) for (int64_t i = 0; i < n; ++i) static_cast<float*>(data)[i] = 5.0f;
     });
   };
-  cb.send_recv = [](void* u, const mdopt_comm_p2p* ops, int64_t n, int32_t, void** p) {
+  cb.send_recv = [](void* u, const P2P* ops, int64_t n, int, void** p) {
     F(u)->last_p2p.assign(ops, ops + n);
-    std::vector<mdopt_comm_p2p> v(ops, ops + n);
+    std::vector<P2P> v(ops, ops + n);
     return F(u)->Deliver(p, [=] {
       for (const auto& o : v) if (!o.is_send) for (int64_t i = 0; i < o.count; ++i) static_cast<float*>(o.data)[i] = 3.0f;
     });
@@ -102,14 +104,14 @@ mdopt_comm_callbacks Callbacks(Fake* f, int size = 2) {
     f->timeout_seen = timeout_s;
     if (f->wait_times_out) {
       std::this_thread::sleep_for(std::chrono::duration<double>(timeout_s));
-      return MDOPT_COMM_ERROR;
+      return kFailed;
     }
     f->parked[reinterpret_cast<size_t>(h) - 1]();
-    return MDOPT_SUCCESS;
+    return CallbackTransport::kOk;
   };
-  cb.test = [](void* u, void*, int32_t* done) {
-    *done = F(u)->test_done;
-    return MDOPT_SUCCESS;
+  cb.test = [](void* u, void*, bool* done) {
+    *done = F(u)->test_done != 0;
+    return CallbackTransport::kOk;
   };
   cb.abort = [](void* u, const char* reason) {
     ++F(u)->aborts;
@@ -123,7 +125,7 @@ mdopt_comm_callbacks Callbacks(Fake* f, int size = 2) {
   return cb;
 }
 
-std::unique_ptr<Communicator> Make(const mdopt_comm_callbacks& cb) {
+std::unique_ptr<Communicator> Make(const CallbackTransport& cb) {
   absl::StatusOr<std::unique_ptr<Communicator>> c = MakeCallbackCommunicator(cb);
   EXPECT_TRUE(c.ok()) << c.status();
   return c.ok() ? *std::move(c) : nullptr;
@@ -192,8 +194,9 @@ TEST(CallbackCommunicator, SendsToOneselfNeverReachTheTransport) {
   EXPECT_EQ(in, (std::vector<float>{3, 3}));
   ASSERT_EQ(f.last_p2p.size(), 2u);
   EXPECT_EQ(f.last_p2p[0].peer, 1);
-  EXPECT_EQ(f.last_p2p[0].is_send, 0);
-  EXPECT_EQ(f.last_p2p[1].is_send, 1);
+  EXPECT_FALSE(f.last_p2p[0].is_send);
+  EXPECT_TRUE(f.last_p2p[1].is_send);
+  EXPECT_EQ(f.last_p2p[1].data, out.data());
   // Only halves to oneself: the transport is not called at all.
   const int calls = f.calls;
   const P2P self[] = {{0, true, a.data(), 2, DataType::kF32}, {0, false, b.data(), 2, DataType::kF32}};
@@ -207,7 +210,7 @@ TEST(CallbackCommunicator, SendsToOneselfNeverReachTheTransport) {
 
 TEST(CallbackCommunicator, BarrierFallsBackToAnAllReduce) {
   Fake f;
-  mdopt_comm_callbacks cb = Callbacks(&f);
+  CallbackTransport cb = Callbacks(&f);
   ASSERT_EQ(cb.barrier, nullptr);
   auto c = Make(cb);
   ASSERT_TRUE((*c->Barrier())->Wait().ok());
@@ -297,7 +300,7 @@ TEST(CallbackCommunicator, DestroyWaitsPendingThenCallsDestroy) {
 
 TEST(CallbackCommunicator, Refusals) {
   Fake f;
-  mdopt_comm_callbacks cb = Callbacks(&f);
+  CallbackTransport cb = Callbacks(&f);
   cb.all_gather = nullptr;
   absl::StatusOr<std::unique_ptr<Communicator>> c = MakeCallbackCommunicator(cb);
   ASSERT_FALSE(c.ok());
