@@ -268,7 +268,7 @@ class CallbackCommunicator final : public Communicator {
     }
     const int64_t mine = counts[static_cast<size_t>(shape_.rank)];
     return Run(
-        "reduce-scatter", ScatterGatherTraffic(counts, shape_.rank, dtype),
+        "reduce-scatter", ReduceScatterTraffic(counts, shape_.rank, dtype),
         op == ReduceOp::kMean ? recv : nullptr, mine, dtype,
         [&](CallbackRequest&, void** pending) {
           return cb().reduce_scatter(cb().user, send, recv, counts.data(), dtype, pending);
@@ -290,7 +290,7 @@ class CallbackCommunicator final : public Communicator {
       send = static_cast<const uint8_t*>(recv) + at * static_cast<int64_t>(ElementSize(dtype));
     }
     return Run(
-        "all-gather", ScatterGatherTraffic(counts, shape_.rank, dtype), nullptr, 0, dtype,
+        "all-gather", AllGatherTraffic(counts, shape_.rank, dtype), nullptr, 0, dtype,
         [&](CallbackRequest&, void** pending) {
           return cb().all_gather(cb().user, send, recv, counts.data(), dtype, pending);
         },
@@ -318,7 +318,8 @@ class CallbackCommunicator final : public Communicator {
       return s;
     }
     return Run(
-        "broadcast", BroadcastTraffic(count, dtype, root, shape_.rank), nullptr, 0, dtype,
+        "broadcast", BroadcastTraffic(count, dtype, root, shape_.rank, shape_.size), nullptr, 0,
+        dtype,
         [&](CallbackRequest&, void** pending) {
           return cb().broadcast(cb().user, data, count, dtype, root, pending);
         },

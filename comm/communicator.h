@@ -18,11 +18,17 @@
 // DeadlineExceeded (a Wait timed out), Unavailable (transport failure; broken),
 // Aborted (Abort was called), Unimplemented (a backend not built).
 //
-// CommStats.bytes_sent is counted by construction, per rank, not measured on the wire:
-//   reduce-scatter, all-gather: (sum(counts) - counts[rank]) * element size (the lower bound
-//     of a bandwidth-optimal algorithm; equals the ring's when the counts are equal)
-//   all-reduce: 2 * (N - 1) * count * element size / N (integer division)
-//   broadcast: count * element size on the root, 0 elsewhere
+// CommStats.bytes_sent is what this rank puts on the wire, counted by construction (not
+// measured) by direct delivery: every byte another rank needs from this rank is sent to it
+// once, so for equal counts it is what the ring algorithms send. N = size(), elem = the
+// element size:
+//   reduce-scatter: (sum(counts) - counts[rank]) * elem (every other rank's segment of this
+//     rank's input leaves once)
+//   all-gather: counts[rank] * (N - 1) * elem (this rank's segment goes to each other rank;
+//     a rank that contributes nothing sends nothing, whatever it receives)
+//   all-reduce: 2 * (N - 1) * count * elem / N, rounded down (a reduce-scatter then an
+//     all-gather of N equal parts)
+//   broadcast: count * elem * (N - 1) on the root, 0 elsewhere
 //   send/recv: the bytes of the sends to other ranks (a send to oneself moves nothing)
 //   barrier: 0; every operation of a one-rank communicator: 0
 #ifndef MDOPT_COMM_COMMUNICATOR_H_
@@ -71,6 +77,14 @@ class Request {
   virtual absl::Status Wait() = 0;
   // Non-blocking: true when done and OK, false while in flight, the error when it failed.
   virtual absl::StatusOr<bool> Test() = 0;
+  // Orders the work queued on `stream` after this call behind the operation: a device
+  // transport makes the stream wait for it (an event; the host does not wait), a host
+  // transport, whose "stream" is the calling thread, waits (Wait). The step schedule uses
+  // only this between its stages, so that a device step never waits on the host.
+  virtual absl::Status OrderBefore(StreamSlot stream) {
+    (void)stream;
+    return Wait();
+  }
 };
 using RequestPtr = std::shared_ptr<Request>;
 
@@ -84,7 +98,7 @@ struct P2P {
 };
 
 struct CommStats {
-  int64_t bytes_sent = 0;     // by the formulas above
+  int64_t bytes_sent = 0;     // what this rank put on the wire, by the formulas above
   double busy_seconds = 0;    // wall time with at least one operation in flight (union)
   double wait_seconds = 0;    // time callers spent blocked in Wait: exposed communication
   int64_t ops = 0;            // operations started

@@ -91,7 +91,7 @@ class MpiCommunicator final : public Communicator {
     const bool block = AllEqual(counts);
     const size_t ints = block ? 0 : 2 * counts.size();
     return Submit(Elements("reduce-scatter", total, dtype, op),
-                  ScatterGatherTraffic(counts, rank_, dtype), ints * sizeof(int), 1,
+                  ReduceScatterTraffic(counts, rank_, dtype), ints * sizeof(int), 1,
                   [&](mpi::Op& o, void* extra) {
                     o.kind = block ? mpi::OpKind::kReduceScatterBlock : mpi::OpKind::kReduceScatterV;
                     o.send = send;
@@ -126,7 +126,7 @@ class MpiCommunicator final : public Communicator {
         send == static_cast<const char*>(recv) + offset * static_cast<int64_t>(ElementSize(dtype));
     const bool block = AllEqual(counts);
     const size_t ints = block ? 0 : 2 * counts.size();
-    return Submit(Elements("all-gather", total, dtype), ScatterGatherTraffic(counts, rank_, dtype),
+    return Submit(Elements("all-gather", total, dtype), AllGatherTraffic(counts, rank_, dtype),
                   ints * sizeof(int), 1, [&](mpi::Op& o, void* extra) {
                     o.kind = block ? mpi::OpKind::kAllGather : mpi::OpKind::kAllGatherV;
                     o.send = in_place ? MPI_IN_PLACE : send;
@@ -169,7 +169,7 @@ class MpiCommunicator final : public Communicator {
     if (absl::Status s = CheckIntRange("broadcast", count); !s.ok()) return s;
     OpLabel label = Elements("broadcast", count, dtype);
     label.root = root;
-    return Submit(label, BroadcastTraffic(count, dtype, root, rank_), 0, 1,
+    return Submit(label, BroadcastTraffic(count, dtype, root, rank_, size_), 0, 1,
                   [&](mpi::Op& o, void*) {
                     o.kind = mpi::OpKind::kBroadcast;
                     o.recv = data;

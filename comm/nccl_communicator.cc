@@ -188,7 +188,7 @@ class NcclCommunicator final : public Communicator {
     if (absl::Status s = DeviceOnly("reduce-scatter", space); !s.ok()) return s;
     const std::vector<int64_t> c(counts.begin(), counts.end());
     const size_t es = ElementSize(dtype);
-    return Issue("reduce-scatter", ScatterGatherTraffic(counts, rank_, dtype), stream,
+    return Issue("reduce-scatter", ReduceScatterTraffic(counts, rank_, dtype), stream,
                  [&, c](cudaStream_t st) -> ncclResult_t {
                    if (AllEqual(c))
                      return ncclReduceScatter(send, recv, static_cast<size_t>(c[0]), ToNccl(dtype),
@@ -218,7 +218,7 @@ class NcclCommunicator final : public Communicator {
     int64_t mine = 0;
     for (int p = 0; p < rank_; ++p) mine += c[p];
     const void* src = send != nullptr ? send : static_cast<const char*>(recv) + mine * es;
-    return Issue("all-gather", ScatterGatherTraffic(counts, rank_, dtype), stream,
+    return Issue("all-gather", AllGatherTraffic(counts, rank_, dtype), stream,
                  [&, c, src](cudaStream_t st) -> ncclResult_t {
                    if (AllEqual(c))
                      return ncclAllGather(src, recv, static_cast<size_t>(c[0]), ToNccl(dtype),
@@ -254,7 +254,7 @@ class NcclCommunicator final : public Communicator {
                                        MemorySpace space, StreamSlot stream) override {
     if (absl::Status s = CheckBroadcast(shape_, data, count, dtype, root, space); !s.ok()) return s;
     if (absl::Status s = DeviceOnly("broadcast", space); !s.ok()) return s;
-    return Issue("broadcast", BroadcastTraffic(count, dtype, root, rank_), stream,
+    return Issue("broadcast", BroadcastTraffic(count, dtype, root, rank_, size_), stream,
                  [&](cudaStream_t st) {
                    return ncclBroadcast(data, data, static_cast<size_t>(count), ToNccl(dtype),
                                         root, shared_->comm, st);

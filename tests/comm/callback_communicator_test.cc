@@ -4,7 +4,8 @@
 // transport delivered (pending operations), uneven reduce-scatter counts, the in-place
 // all-gather's send pointer, sends to oneself kept from the transport, the barrier's
 // fallback, Test with and without a test callback, failures (message, abort once, fail
-// fast), the timeout, Abort, stats, and destroy's order.
+// fast), the timeout, Abort, stats (bytes_sent of every operation at rank 1 of 4 against a
+// count made from the call's buffers), and destroy's order.
 #include "comm/callback_communicator.h"
 
 #include <gtest/gtest.h>
@@ -281,6 +282,84 @@ TEST(CallbackCommunicator, StatsByTheCommonFormulas) {
   EXPECT_EQ(s.bytes_sent, 40 + 24);  // 2 (N-1)/N x 40 bytes; (10 - 4) x 4 bytes
   EXPECT_GE(s.busy_seconds, 0.0);
   EXPECT_GE(s.wait_seconds, 0.0);
+}
+
+// What each call puts on the wire, counted here from the call's own buffers (direct
+// delivery: every byte another rank needs from this one leaves it once), against the stats.
+// The transport moves nothing: only the accounting is under test. Rank 1 of 4.
+TEST(CallbackCommunicator, BytesSentIsWhatThisRankPutsOnTheWire) {
+  CallbackTransport t;
+  t.rank = 1;
+  t.size = 4;
+  t.all_reduce = [](void*, const void*, void*, int64_t, DataType, void**) { return CallbackTransport::kOk; };
+  t.reduce_scatter = [](void*, const void*, void*, const int64_t*, DataType, void**) { return CallbackTransport::kOk; };
+  t.all_gather = [](void*, const void*, void*, const int64_t*, DataType, void**) { return CallbackTransport::kOk; };
+  t.broadcast = [](void*, void*, int64_t, DataType, int, void**) { return CallbackTransport::kOk; };
+  t.send_recv = [](void*, const P2P*, int64_t, int, void**) { return CallbackTransport::kOk; };
+  auto c = Make(t);
+  const int64_t others = 3;
+  int64_t seen = 0;
+  auto sent = [&] {  // bytes_sent since the last call
+    const int64_t now = c->stats().bytes_sent;
+    const int64_t d = now - seen;
+    seen = now;
+    return d;
+  };
+  // Uneven all-gather: this rank's 3 floats go to each of the 3 others (not the 12 it receives).
+  {
+    std::vector<float> mine(3, 1.0f), all(5 + 3 + 0 + 7);
+    const int64_t counts[] = {5, static_cast<int64_t>(mine.size()), 0, 7};
+    ASSERT_TRUE((*c->AllGather(mine.data(), all.data(), counts, DataType::kF32))->Wait().ok());
+    EXPECT_EQ(sent(), static_cast<int64_t>(mine.size() * sizeof(float)) * others);
+  }
+  // A rank that contributes nothing to an all-gather sends nothing, whatever it receives.
+  {
+    std::vector<double> all(4 + 0 + 2 + 6);
+    const int64_t counts[] = {4, 0, 2, 6};
+    ASSERT_TRUE((*c->AllGather(nullptr, all.data(), counts, DataType::kF64))->Wait().ok());
+    EXPECT_EQ(sent(), 0);
+  }
+  // Equal all-gather: 6 bf16 to each other rank.
+  {
+    std::vector<uint16_t> mine(6), all(4 * mine.size());
+    const std::vector<int64_t> counts(4, static_cast<int64_t>(mine.size()));
+    ASSERT_TRUE((*c->AllGather(mine.data(), all.data(), counts, DataType::kBf16))->Wait().ok());
+    EXPECT_EQ(sent(), static_cast<int64_t>(mine.size() * sizeof(uint16_t)) * others);
+  }
+  // Uneven reduce-scatter: every segment of the input but this rank's own leaves once.
+  {
+    std::vector<uint16_t> in(2 + 4 + 1 + 3), out(4);
+    const int64_t counts[] = {2, static_cast<int64_t>(out.size()), 1, 3};
+    ASSERT_TRUE((*c->ReduceScatter(in.data(), out.data(), counts, DataType::kBf16, ReduceOp::kMean))->Wait().ok());
+    EXPECT_EQ(sent(), static_cast<int64_t>((in.size() - out.size()) * sizeof(uint16_t)));
+  }
+  // All-reduce: a reduce-scatter and an all-gather of 4 equal parts, 2 x 3/4 of the buffer.
+  {
+    std::vector<double> x(7, 1.0);
+    ASSERT_TRUE((*c->AllReduce(x.data(), x.data(), 7, DataType::kF64, ReduceOp::kSum))->Wait().ok());
+    EXPECT_EQ(sent(), static_cast<int64_t>(2 * 3 * x.size() * sizeof(double) / 4));  // 84
+  }
+  // Broadcast: the root sends its buffer to each other rank; the others send nothing.
+  {
+    std::vector<uint8_t> b(9);
+    ASSERT_TRUE((*c->Broadcast(b.data(), 9, DataType::kBytes, /*root=*/1))->Wait().ok());
+    EXPECT_EQ(sent(), static_cast<int64_t>(b.size()) * others);
+    ASSERT_TRUE((*c->Broadcast(b.data(), 9, DataType::kBytes, /*root=*/2))->Wait().ok());
+    EXPECT_EQ(sent(), 0);
+  }
+  // Send/recv: the sends to other ranks; a send to oneself moves nothing.
+  {
+    std::vector<float> to0(5), self(2), from_self(2), from3(4);
+    const P2P ops[] = {{0, true, to0.data(), 5, DataType::kF32},
+                       {1, true, self.data(), 2, DataType::kF32},
+                       {1, false, from_self.data(), 2, DataType::kF32},
+                       {3, false, from3.data(), 4, DataType::kF32}};
+    ASSERT_TRUE((*c->SendRecv(ops, 3))->Wait().ok());
+    EXPECT_EQ(sent(), static_cast<int64_t>(to0.size() * sizeof(float)));
+  }
+  ASSERT_TRUE((*c->Barrier())->Wait().ok());
+  EXPECT_EQ(sent(), 0);
+  EXPECT_EQ(c->stats().ops, 9);
 }
 
 TEST(CallbackCommunicator, DestroyWaitsPendingThenCallsDestroy) {

@@ -193,16 +193,26 @@ TEST(LocalComm, StatsCountOpsAndNoBytes) {
 
 TEST(CommTraffic, Formulas) {
   const int64_t counts[] = {3, 0, 5, 2};
-  EXPECT_EQ(ScatterGatherTraffic(counts, 0, DataType::kF32), (0 + 5 + 2) * 4);
-  EXPECT_EQ(ScatterGatherTraffic(counts, 1, DataType::kBf16), 10 * 2);
+  // Reduce-scatter: the other ranks' segments of this rank's input.
+  EXPECT_EQ(ReduceScatterTraffic(counts, 0, DataType::kF32), (0 + 5 + 2) * 4);
+  EXPECT_EQ(ReduceScatterTraffic(counts, 1, DataType::kBf16), 10 * 2);
+  // All-gather: this rank's segment to each of the 3 others (not what it receives).
+  EXPECT_EQ(AllGatherTraffic(counts, 0, DataType::kF32), 3 * 4 * 3);
+  EXPECT_EQ(AllGatherTraffic(counts, 1, DataType::kBf16), 0);
+  EXPECT_EQ(AllGatherTraffic(counts, 2, DataType::kF64), 5 * 8 * 3);
+  const int64_t one[] = {9};
+  EXPECT_EQ(AllGatherTraffic(one, 0, DataType::kF32), 0);
+  EXPECT_EQ(ReduceScatterTraffic(one, 0, DataType::kF32), 0);
   EXPECT_EQ(AllReduceTraffic(10, 4, DataType::kF32), 2 * 3 * 40 / 4);
   EXPECT_EQ(AllReduceTraffic(7, 3, DataType::kBytes), 2 * 2 * 7 / 3);
   EXPECT_EQ(AllReduceTraffic(10, 1, DataType::kF64), 0);
   // No overflow near the top of int64.
   const int64_t big = std::numeric_limits<int64_t>::max() / 8;
   EXPECT_EQ(AllReduceTraffic(big, 2, DataType::kF64), big * 8);
-  EXPECT_EQ(BroadcastTraffic(6, DataType::kF64, 2, 2), 48);
-  EXPECT_EQ(BroadcastTraffic(6, DataType::kF64, 2, 0), 0);
+  // Broadcast: the root's buffer to each other rank; nothing from the others.
+  EXPECT_EQ(BroadcastTraffic(6, DataType::kF64, 2, 2, 4), 48 * 3);
+  EXPECT_EQ(BroadcastTraffic(6, DataType::kF64, 2, 0, 4), 0);
+  EXPECT_EQ(BroadcastTraffic(6, DataType::kF64, 0, 0, 1), 0);
   float x[3];
   const P2P ops[] = {{1, true, x, 3, DataType::kF32}, {1, false, x, 3, DataType::kF32},
                      {0, true, x, 2, DataType::kF32}};
