@@ -10,19 +10,13 @@
 #include <string>
 #include <vector>
 
-#include <omp.h>
-
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "comm/callback_communicator.h"
 #include "comm/communicator.h"
 #include "dist_opt/optimizer.h"
-#include "kernels/cpu/newton_schulz_bf16.h"
+#include "kernels/backend_factory.h"
 #include "mdopt/mdopt.h"
-
-// OpenBLAS's own queries (cblas.h declares them; declared here to keep its header out).
-extern "C" char* openblas_get_config(void);
-extern "C" char* openblas_get_corename(void);
 
 struct mdopt_comm {
   std::unique_ptr<mdopt::Communicator> impl;
@@ -219,31 +213,9 @@ const char* mdopt_version_string(void) { return MDOPT_VERSION_STRING; }
 
 const char* mdopt_runtime_info(void) try {
   // Built once (thread-safe static); OpenMP's default thread count is read then.
-  static const std::string info = [] {
-    std::string blas = "OpenBLAS";
-    const char* config = openblas_get_config();  // "OpenBLAS 0.3.21 DYNAMIC_ARCH ..."
-    if (config != nullptr && std::strncmp(config, "OpenBLAS ", 9) == 0) {
-      const char* v = config + 9;
-      blas = absl::StrCat("OpenBLAS-", std::string(v, std::strcspn(v, " ")));
-    }
-    const char* core = openblas_get_corename();
-    if (core != nullptr && *core != '\0') absl::StrAppend(&blas, "/", core);
-    const char* isa = "baseline";
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) {
-      isa = "avx512";
-    } else if (__builtin_cpu_supports("avx2")) {
-      isa = "avx2";
-    }
-#ifdef MDOPT_BUILT_WITH_DNNL
-    const char* bf16 = mdopt::kernels::fast::Bf16NewtonSchulz::Available() ? "yes" : "no-cpu";
-#else
-    const char* bf16 = "no-build";
-#endif
-    return absl::StrCat("version=", MDOPT_VERSION_STRING, " abi=", MDOPT_ABI_VERSION,
-                        " blas=", blas, " threads=", omp_get_max_threads(), " isa=", isa,
-                        " onednn_bf16=", bf16, " cuda=no");
-  }();
+  static const std::string info =
+      absl::StrCat("version=", MDOPT_VERSION_STRING, " abi=", MDOPT_ABI_VERSION, " ",
+                   mdopt::kernels::BackendRuntimeInfo());
   return info.c_str();
 } catch (...) {
   return "version=" MDOPT_VERSION_STRING " (runtime info unavailable)";
@@ -503,7 +475,7 @@ mdopt_status mdopt_step(mdopt_optimizer* opt, double lr_scale, void* stream,
                       MDOPT_STEP_INFO_SIZE_V1, &failure)) {
       return failure;
     }
-    absl::StatusOr<mdopt::StepResult> r = opt->impl->Step(lr_scale, stream);
+    absl::StatusOr<mdopt::StepResult> r = opt->impl->Step(lr_scale, stream, info_or_null != nullptr);
     if (!r.ok()) return Report(r.status());
     if (info_or_null != nullptr) {
       mdopt_step_info info = MDOPT_STEP_INFO_INIT;
