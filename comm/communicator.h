@@ -134,7 +134,10 @@ class Communicator {
                                                absl::Span<const int64_t> counts, DataType dtype,
                                                MemorySpace space = MemorySpace::kHost,
                                                StreamSlot stream = {}) = 0;
-  // send == recv: in place.
+  // send == recv: in place. Every rank receives the same bits: each element is reduced
+  // once, along one path, and that result is handed to every rank (MPI's binomial
+  // reduce + broadcast, ring and reduce-scatter + all-gather algorithms, NCCL's ring and
+  // tree do so). The step schedule relies on it for the replicated column gains.
   virtual absl::StatusOr<RequestPtr> AllReduce(const void* send, void* recv, int64_t count,
                                                DataType dtype, ReduceOp op,
                                                MemorySpace space = MemorySpace::kHost,

@@ -123,6 +123,20 @@ class NcclRequest final : public Request {
     return s;
   }
 
+  // The stream waits on the collective's completion event: no host wait. An operation that
+  // already failed (or a broken communicator) reports its error instead.
+  absl::Status OrderBefore(StreamSlot stream) override {
+    if (shared_->tracker->done(*op_)) return shared_->tracker->status(*op_);
+    const cudaError_t e = cudaStreamWaitEvent(static_cast<cudaStream_t>(stream.stream), event_, 0);
+    if (e != cudaSuccess) {
+      const absl::Status s = CudaError("cudaStreamWaitEvent", e);
+      shared_->tracker->Break(s);
+      shared_->AbortNccl();
+      return s;
+    }
+    return absl::OkStatus();
+  }
+
   absl::StatusOr<bool> Test() override {
     if (!shared_->tracker->done(*op_)) Poll();
     if (!shared_->tracker->done(*op_)) return false;

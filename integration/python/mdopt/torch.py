@@ -36,8 +36,9 @@ SPEC_KEYS = ("base", "sphere", "radius", "gains", "gain_param", "lr", "gain_lr",
              "beta2", "eps", "momentum", "nesterov", "ns_steps", "ns_coeffs", "muon_scale",
              "weight_decay", "tangent", "preserve_init", "layout")
 # mdopt_create's options: keyword arguments of MDOptimizer with these names go there.
-OPTION_KEYS = ("device", "threads", "kernels", "ns_dtype", "ns_form", "ns_comm_dtype", "grads",
-               "gather", "bucket_mb", "comm_timeout_s", "update_norms")
+OPTION_KEYS = ("device", "threads", "kernels", "ns_dtype", "ns_form", "ns_comm_dtype",
+               "grad_comm_dtype", "grads", "gather", "bucket_mb", "comm_timeout_s",
+               "update_norms")
 # Group keys that are not spec keys: the preset, mdopt's group name, parameter names.
 _META_KEYS = ("params", "preset", "name", "names")
 # torch.optim spellings of features mdopt does not have: accepted only when off.
