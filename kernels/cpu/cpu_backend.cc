@@ -115,6 +115,10 @@ class CpuBackend final : public StepBackend {
   fast::MatrixView View(int k) const;
   Workspace& Pool(int b) { return pool_[static_cast<size_t>(b) % pool_.size()]; }
   float* XOf(int b, int k) { return Pool(b).x_local.data() + cfg_.slots[k].seg_offset; }
+  // How many of the slots from q on (before q1) go through one batched Newton-Schulz call:
+  // same shape and coefficients, their X one after another in x_local (slots held by other
+  // ranks in between are passed over); *end: the slot after the last of them.
+  size_t BatchRun(const BucketDesc& bd, size_t q, size_t q1, size_t* end) const;
   void ConvertToBf16(const float* src, uint16_t* dst, const std::vector<ElementRange>& ranges);
   void ConvertToF32(const uint16_t* src, float* dst, const std::vector<ElementRange>& ranges);
 
@@ -256,13 +260,18 @@ absl::Status CpuBackend::Setup(BackendConfig config, absl::Span<const ParamPoint
   }
   // Newton-Schulz buffers for every shape this rank orthogonalises (the largest matrix need
   // not have the largest Gram side), and the bf16 path's GEMM plans.
-  for (const SlotDesc& sd : cfg_.slots) {
-    if (!sd.muon || !sd.ns_here) continue;
-    const ParamDesc& p = cfg_.params[sd.param];
-    if (cfg_.ns_bf16) {
-      ns_bf16_.Reserve(p.m, p.n, cfg_.ns_form);
-    } else {
-      ns_.Reserve(p.m, p.n, cfg_.ns_form);
+  for (const BucketDesc& bd : cfg_.buckets) {
+    for (size_t q = 0; q < bd.slots.size(); ++q) {
+      const SlotDesc& sd = cfg_.slots[bd.slots[q]];
+      if (!sd.muon || !sd.ns_here) continue;
+      const ParamDesc& p = cfg_.params[sd.param];
+      if (cfg_.ns_bf16) {
+        ns_bf16_.Reserve(p.m, p.n, cfg_.ns_form);
+      } else {
+        size_t end = q + 1;
+        const size_t run = sd.ns_gathered ? 1 : BatchRun(bd, q, bd.slots.size(), &end);
+        ns_.Reserve(p.m, p.n, cfg_.ns_form, static_cast<int64_t>(run));
+      }
     }
   }
   return absl::OkStatus();
@@ -468,29 +477,58 @@ void CpuBackend::Pass1(const SlotRange& r) {
   if (!ws.x_local16.empty()) ConvertToBf16(ws.x_local.data(), ws.x_local16.data(), bd.local_remote);
 }
 
+size_t CpuBackend::BatchRun(const BucketDesc& bd, size_t q, size_t q1, size_t* end) const {
+  const SlotDesc& first = cfg_.slots[bd.slots[q]];
+  const ParamDesc& p = cfg_.params[first.param];
+  size_t run = 1;
+  *end = q + 1;
+  for (size_t j = q + 1; j < q1; ++j) {
+    const SlotDesc& sd = cfg_.slots[bd.slots[j]];
+    if (!sd.ns_here && sd.rows == 0) continue;  // a matrix held elsewhere: nothing of it here
+    const ParamDesc& pj = cfg_.params[sd.param];
+    const bool same = sd.muon && sd.ns_here && !sd.ns_gathered && pj.m == p.m && pj.n == p.n &&
+                      pj.rule.ns_coeffs == p.rule.ns_coeffs && pj.rule.ns_steps == p.rule.ns_steps &&
+                      sd.seg_offset == first.seg_offset + static_cast<int64_t>(run) * p.m * p.n;
+    if (!same) break;
+    ++run;
+    *end = j + 1;
+  }
+  return run;
+}
+
 void CpuBackend::NewtonSchulz(const SlotRange& r) {
   if (skip_) return;
   const BucketDesc& bd = cfg_.buckets[r.bucket];
   Workspace& ws = Pool(r.bucket);
   // The other ranks' blocks arrived as bf16; this rank's block is still f32.
   if (!ws.x_full16.empty()) ConvertToF32(ws.x_full16.data(), ws.x_full.data(), bd.full_remote);
-  for (size_t q = r.q0; q < r.q1; ++q) {
+  for (size_t q = r.q0; q < r.q1;) {
     const int k = bd.slots[q];
     const SlotDesc& sd = cfg_.slots[k];
-    if (!sd.muon || !sd.ns_here) continue;
+    if (!sd.muon || !sd.ns_here) {
+      ++q;
+      continue;
+    }
     const ParamDesc& p = cfg_.params[sd.param];
     const UpdateRule& rule = p.rule;
     float* x = sd.ns_gathered ? ws.x_full.data() + sd.full_offset : XOf(r.bucket, k);
+    // The matrices that follow with the same shape and coefficients, held whole here one
+    // after another (an expert stack): one batched call shares its tiles out over all of
+    // them, bitwise what one call per matrix gives.
+    size_t end = q + 1;
+    const size_t run = cfg_.ns_bf16 || sd.ns_gathered ? 1 : BatchRun(bd, q, r.q1, &end);
+    const int64_t mn = p.m * p.n;
     const float* o = cfg_.ns_bf16
                          ? ns_bf16_.Run(rule.ns_coeffs, rule.ns_steps, p.m, p.n, x, cfg_.ns_form)
-                         : fast::NewtonSchulz(rule.ns_coeffs, rule.ns_steps, p.m, p.n, x, &ns_,
-                                              cfg_.ns_form);
-    if (o != x) std::copy(o, o + p.m * p.n, x);
-    st_[k].counters.ns_ran = true;
+                         : fast::NewtonSchulzBatch(rule.ns_coeffs, rule.ns_steps, static_cast<int64_t>(run),
+                                                   p.m, p.n, x, &ns_, cfg_.ns_form);
+    if (o != x) std::copy(o, o + static_cast<int64_t>(run) * mn, x);
+    for (size_t j = q; j < end; ++j) st_[bd.slots[j]].counters.ns_ran |= cfg_.slots[bd.slots[j]].ns_here;
     // This rank's block of O stays here; the others go back to their ranks.
     if (sd.ns_gathered) {
       std::copy(x + sd.row_begin * p.n, x + (sd.row_begin + sd.rows) * p.n, XOf(r.bucket, k));
     }
+    q = end;
   }
   if (!ws.x_full16.empty()) ConvertToBf16(ws.x_full.data(), ws.x_full16.data(), bd.full_remote);
 }

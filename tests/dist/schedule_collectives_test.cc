@@ -335,5 +335,35 @@ TEST(ScheduleCollectives, NanOnOneRankLeavesEverythingAndTheNextStepNormal) {
   }
 }
 
+// An expert stack in the owner layout: each rank orthogonalises its experts in one batched
+// Newton-Schulz call (the experts of other ranks in between passed over), bitwise what one
+// rank computes matrix by matrix when every rank is fed the same gradient.
+TEST(ScheduleCollectives, OwnedExpertsBatchedEqualOneRankBitwise) {
+  Communicator* world = World();
+  ASSERT_NE(world, nullptr);
+  const std::vector<Tensor> stack = {{"experts", {8, 16, 12}}, {"dense", {24, 12}}};
+  for (const char* spec : {"preset=md-muon layout=owner", "preset=muon layout=owner"}) {
+    SCOPED_TRACE(spec);
+    TestModel a(world, "threads=1 grads=reduced", spec, false, stack);
+    std::unique_ptr<Communicator> local = MakeLocalCommunicator();
+    TestModel b(local.get(), "threads=1", spec, false, stack);
+    ASSERT_TRUE(a.opt().Finalize().ok());
+    ASSERT_TRUE(b.opt().Finalize().ok());
+    for (int step = 1; step <= 3; ++step) {
+      a.SetShared(step);
+      b.SetShared(step);
+      ASSERT_TRUE(a.opt().Step(1.0, nullptr).ok());
+      ASSERT_TRUE(b.opt().Step(1.0, nullptr).ok());
+    }
+    const std::map<std::string, std::vector<double>> eb = b.Everything();
+    for (const auto& [name, v] : a.Everything()) {
+      EXPECT_TRUE(BitwiseEqual(v, eb.at(name))) << name;
+    }
+    absl::StatusOr<GroupInfo> gi = a.opt().LastStepOfGroup("g");
+    ASSERT_TRUE(gi.ok());
+    EXPECT_EQ(gi->orthogonalized, 9);
+  }
+}
+
 }  // namespace
 }  // namespace mdopt::dist_test
