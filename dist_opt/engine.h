@@ -1,7 +1,7 @@
 // An engine holds the optimizer state of this rank and runs the math on it. Two exist: the
 // scheduled engine (dist_opt/schedule.h: the step schedule over a device backend, the CPU's
 // or a GPU's) and ReferenceEngine (float64 state, the unfused reference of
-// kernels/cpu/reference.h, one rank), chosen by mdopt_create's kernels= option. The
+// kernels/reference/reference.h, one rank), chosen by mdopt_create's kernels= option. The
 // optimizer around them owns the life cycle, step info, checkpoints and the C ABI.
 #ifndef MDOPT_DIST_OPT_ENGINE_H_
 #define MDOPT_DIST_OPT_ENGINE_H_

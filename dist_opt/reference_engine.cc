@@ -1,4 +1,4 @@
-// The float64 engine: kernels/cpu/reference.h on whole matrices, one plain pass per step of
+// The float64 engine: kernels/reference/reference.h on whole matrices, one plain pass per step of
 // the math. It is the oracle the fast engine is tested against and the baseline mdopt-bench
 // reports ratios to. One rank only: it never shards.
 #include <cmath>
@@ -7,7 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "dist_opt/engine.h"
 #include "kernels/common/bf16.h"
-#include "kernels/cpu/reference.h"
+#include "kernels/reference/reference.h"
 
 namespace mdopt {
 namespace {

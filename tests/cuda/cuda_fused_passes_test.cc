@@ -21,7 +21,7 @@
 #include "cuda_test_util.h"
 #include "kernels/common/bf16.h"
 #include "kernels/common/gain_param.h"
-#include "kernels/cpu/reference.h"
+#include "kernels/reference/reference.h"
 #include "kernels/cuda/fused_passes.h"
 
 namespace mdopt {

@@ -13,7 +13,7 @@
 
 #include "cuda_test_util.h"
 #include "kernels/common/bf16.h"
-#include "kernels/cpu/reference.h"
+#include "kernels/reference/reference.h"
 #include "kernels/cuda/newton_schulz.h"
 
 namespace mdopt {

@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "kernels/cpu/newton_schulz.h"
-#include "kernels/cpu/reference.h"
+#include "kernels/reference/reference.h"
 #include "numeric_util.h"
 #include "test_util.h"
 

@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "kernels/cpu/newton_schulz_bf16.h"
-#include "kernels/cpu/reference.h"
+#include "kernels/reference/reference.h"
 #include "ns_test_inputs.h"
 #include "test_util.h"
 

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "kernels/cpu/newton_schulz_bf16.h"
-#include "kernels/cpu/reference.h"
+#include "kernels/reference/reference.h"
 #include "test_util.h"
 
 namespace mdopt {

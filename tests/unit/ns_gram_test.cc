@@ -22,7 +22,7 @@
 
 #include "kernels/common/ns_coeffs.h"
 #include "kernels/cpu/newton_schulz.h"
-#include "kernels/cpu/reference.h"
+#include "kernels/reference/reference.h"
 #include "ns_test_inputs.h"
 #include "test_util.h"
 

@@ -9,7 +9,7 @@
 #include <string>
 
 #include "dist_opt/group_spec.h"
-#include "kernels/cpu/reference.h"
+#include "kernels/reference/reference.h"
 #include "test_util.h"
 
 namespace mdopt {

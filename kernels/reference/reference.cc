@@ -1,4 +1,4 @@
-#include "kernels/cpu/reference.h"
+#include "kernels/reference/reference.h"
 
 #include <algorithm>
 #include <cmath>

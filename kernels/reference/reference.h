@@ -3,8 +3,8 @@
 // to, and it is itself held to an independent implementation's trajectories in
 // tests/data/md-vectors.json (tests/unit/reference_vectors_test).
 // Nothing here is tuned for speed; clarity over cleverness.
-#ifndef MDOPT_KERNELS_CPU_REFERENCE_H_
-#define MDOPT_KERNELS_CPU_REFERENCE_H_
+#ifndef MDOPT_KERNELS_REFERENCE_REFERENCE_H_
+#define MDOPT_KERNELS_REFERENCE_REFERENCE_H_
 
 #include <cstdint>
 #include <vector>
@@ -59,4 +59,4 @@ double ScalarGain(const UpdateRule& rule, const MatrixState& s);
 
 }  // namespace mdopt::kernels::ref
 
-#endif  // MDOPT_KERNELS_CPU_REFERENCE_H_
+#endif  // MDOPT_KERNELS_REFERENCE_REFERENCE_H_
