@@ -85,7 +85,9 @@ class ScheduledEngine final : public Engine {
 
   kernels::BackendConfig Describe() const;
   void BuildExchanges(int b, const BucketBuffers& buf);
-  void BindPointers();
+  // Hands the registry's pointers of params [first, first + count) (count < 0: to the end)
+  // to the backend.
+  void BindPointers(int64_t first = 0, int64_t count = -1);
   // Starts a collective through `start` and charges its bytes to `*ledger`.
   template <typename F>
   absl::StatusOr<RequestPtr> Issue(int64_t* ledger, F&& start);
@@ -255,9 +257,11 @@ void ScheduledEngine::BuildExchanges(int b, const BucketBuffers& buf) {
   scatter.insert(scatter.end(), receives.begin(), receives.end());
 }
 
-void ScheduledEngine::BindPointers() {
-  for (size_t i = 0; i < params_.size(); ++i) ptrs_[i] = {params_[i].param, params_[i].grad};
-  backend_->BindParams(ptrs_);
+void ScheduledEngine::BindPointers(int64_t first, int64_t count) {
+  if (count < 0) count = static_cast<int64_t>(params_.size()) - first;
+  for (int64_t i = first; i < first + count; ++i) ptrs_[i] = {params_[i].param, params_[i].grad};
+  backend_->BindParams(first, absl::MakeConstSpan(ptrs_).subspan(static_cast<size_t>(first),
+                                                                   static_cast<size_t>(count)));
 }
 
 template <typename F>
@@ -374,8 +378,9 @@ absl::Status ScheduledEngine::GradsReady(int64_t first, int64_t count) {
   }
   if (!Segmented()) return absl::OkStatus();
   if (next_rs_ == 0) traffic_ = StepTraffic{};
-  // The trainer may give gradient buffers between calls (torch allocates them in backward).
-  BindPointers();
+  // The trainer may give gradient buffers between calls (torch allocates them in backward):
+  // the params reported now are bound now (a call per param costs O(1), not O(params)).
+  BindPointers(first, count);
   for (int64_t i = first; i < first + count; ++i) param_ready_[i] = 1;
   // Buckets start in bucket order on every rank, whatever order the trainer reports in.
   while (next_rs_ < plan_.buckets.size()) {

@@ -211,7 +211,8 @@ class StepBackend {
   virtual void InitProject(int bucket) = 0;
 
   // --- One step. BindParams first (pointers may change between steps), then BeginStep.
-  virtual void BindParams(absl::Span<const ParamPointers> ptrs) = 0;
+  // ptrs are the pointers of params [first, first + ptrs.size()).
+  virtual void BindParams(int64_t first, absl::Span<const ParamPointers> ptrs) = 0;
   virtual void BeginStep(absl::Span<const GroupScalars> groups) = 0;
   // Model gradients -> the bucket's staging buffer (grad comm dtype; bf16 upcast to f32).
   virtual void PackGrads(int bucket) = 0;

@@ -76,8 +76,8 @@ class CpuBackend final : public StepBackend {
   bool InitRadii(int bucket, BadSlice* bad) override;
   void InitProject(int bucket) override;
 
-  void BindParams(absl::Span<const ParamPointers> ptrs) override {
-    std::copy(ptrs.begin(), ptrs.end(), ptrs_.begin());
+  void BindParams(int64_t first, absl::Span<const ParamPointers> ptrs) override {
+    std::copy(ptrs.begin(), ptrs.end(), ptrs_.begin() + first);
   }
   void BeginStep(absl::Span<const GroupScalars> groups) override;
   void PackGrads(int bucket) override;

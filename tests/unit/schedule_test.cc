@@ -160,7 +160,7 @@ class RecordingBackend final : public kernels::StepBackend {
     return true;
   }
   void InitProject(int b) override { Add("InitProject", b); }
-  void BindParams(absl::Span<const kernels::ParamPointers>) override {}
+  void BindParams(int64_t, absl::Span<const kernels::ParamPointers>) override {}
   void BeginStep(absl::Span<const kernels::GroupScalars>) override { Add("BeginStep", -1); }
   void PackGrads(int b) override { Add("PackGrads", b); }
   void CheckFinite(int b) override { Add("CheckFinite", b); }
