@@ -137,6 +137,22 @@ std::vector<TensorShape> LoadShapes(const Options& o) {
   return shapes;
 }
 
+// The value of key=value in mdopt_create options (the last one given wins, as in mdopt);
+// empty when the key is absent.
+std::string OptionValue(const std::string& options, const std::string& key) {
+  std::string value;
+  size_t at = 0;
+  while (at < options.size()) {
+    const size_t begin = options.find_first_not_of(" \t", at);
+    if (begin == std::string::npos) break;
+    const size_t end = std::min(options.find_first_of(" \t", begin), options.size());
+    const std::string token = options.substr(begin, end - begin);
+    if (token.compare(0, key.size() + 1, key + "=") == 0) value = token.substr(key.size() + 1);
+    at = end;
+  }
+  return value;
+}
+
 struct CommDeleter {
   void operator()(mdopt_comm* c) const { mdopt_comm_destroy(c); }
 };
@@ -215,10 +231,12 @@ int Run(const Options& o, const std::vector<TensorShape>& shapes, std::ostream* 
     DistSetup ds;
     ds.world = world;
     ds.rank = rank;
-    ds.grads_local = o.extra_options.find("grads=reduced") == std::string::npos;
-    ds.grad_bytes = setup.grad_dtype == "bf16" ? 2 : 4;
+    ds.grads_local = OptionValue(o.extra_options, "grads") != "reduced";
+    ds.gather_eager = OptionValue(o.extra_options, "gather") != "deferred";
+    // Gradients are reduced in float32 whatever their dtype unless grad_comm_dtype=bf16.
+    ds.grad_comm_bytes = OptionValue(o.extra_options, "grad_comm_dtype") == "bf16" ? 2 : 4;
     ds.param_bytes = setup.param_dtype == "bf16" ? 2 : 4;
-    ds.ns_comm_bytes = o.extra_options.find("ns_comm_dtype=bf16") == std::string::npos ? 4 : 2;
+    ds.ns_comm_bytes = OptionValue(o.extra_options, "ns_comm_dtype") == "bf16" ? 2 : 4;
     ds.params = setup.params;
     if (rank == 0) PrintTable(stdout, machine, setup, rows);
     PrintDistributed(stdout, ds, rows);
