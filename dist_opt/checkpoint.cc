@@ -103,7 +103,9 @@ absl::Status SaveLocal(const std::string& dir, const CheckpointLayout& l, Engine
     const ParamEntry& p = (*l.params)[i];
     for (int64_t e = 0; e < p.experts; ++e) {
       const SlotPlan& sp = plan.slot(static_cast<int64_t>(i), e);
-      for (const StateArray& a : engine->State(static_cast<int64_t>(i), e)) {
+      const std::vector<StateArray> state = engine->State(static_cast<int64_t>(i), e);
+      for (size_t k = 0; k < state.size(); ++k) {
+        const StateArray& a = state[k];
         RankFileArray f;
         f.param = static_cast<int64_t>(i);
         f.expert = e;
@@ -113,7 +115,10 @@ absl::Status SaveLocal(const std::string& dir, const CheckpointLayout& l, Engine
         f.row1 = f.rows ? sp.RowEnd(rank) : 0;
         f.elem_size = a.elem_size;
         f.count = a.count;
-        f.data = a.data;
+        // Staged a chunk at a time: the live state may be in a device's memory.
+        f.read = [engine, i, e, k](int64_t first, int64_t count, void* dst) {
+          return engine->ReadState(static_cast<int64_t>(i), e, k, first, count, dst);
+        };
         if (f.rows && (f.row1 - f.row0) * f.width != f.count) {
           return absl::InternalError(absl::StrCat("param '", p.name, "': array '", a.name, "' holds ",
                                                   a.count, " elements, not rows [", f.row0, ", ",
@@ -146,9 +151,10 @@ void RemoveEarlierFiles(const std::string& dir, const std::string& keep, int ran
 
 // --- load ----------------------------------------------------------------------------------
 
-// A live array and the bytes that will replace it.
+// A live array (param, expert, index in State's order) and the bytes that will replace it.
 struct Staged {
-  StateArray live;
+  int64_t param = 0, expert = 0;
+  size_t array = 0;
   std::unique_ptr<char[]> data;
 };
 
@@ -202,11 +208,13 @@ absl::Status LoadLocal(const std::string& dir, const CheckpointLayout& want, Eng
     for (int64_t e = 0; e < p.experts; ++e) {
       const SlotPlan& now = plan.slot(i, e);
       const SlotPlan& old = m.slots[m.first_slot[pi] + e];
-      for (const StateArray& a : engine->State(i, e)) {
+      const std::vector<StateArray> state = engine->State(i, e);
+      for (size_t k = 0; k < state.size(); ++k) {
+        const StateArray& a = state[k];
         bool rows = false;
         int64_t width = 1;
         ArrayShape(a.name, p, &rows, &width);
-        Staged st{a, std::unique_ptr<char[]>(new char[static_cast<size_t>(a.bytes())])};
+        Staged st{i, e, k, std::unique_ptr<char[]>(new char[static_cast<size_t>(a.bytes())])};
         const size_t es = static_cast<size_t>(a.elem_size);
         if (rows) {
           const int64_t r0 = now.RowBegin(rank), r1 = now.RowEnd(rank);
@@ -309,7 +317,9 @@ absl::Status LoadCheckpoint(const std::string& dir, const CheckpointLayout& want
   });
   // Nothing changes unless every rank has all of its rows, checked.
   if (absl::Status s = Agree(comm, local); !s.ok()) return s;
-  for (const Staged& st : staged) std::memcpy(st.live.data, st.data.get(), static_cast<size_t>(st.live.bytes()));
+  for (const Staged& st : staged) {
+    if (absl::Status s = engine->WriteState(st.param, st.expert, st.array, st.data.get()); !s.ok()) return s;
+  }
   staged.clear();
   if (absl::Status s = engine->WriteModels(); !s.ok()) return s;
   *step = loaded_step;

@@ -61,8 +61,13 @@ class Engine {
   // gather=deferred: the weight all-gather the last step left to do (mdopt_gather_params).
   virtual absl::Status GatherParams() = 0;
 
-  // The state arrays of this rank's part of a param's expert matrix e, in a fixed order.
+  // The state arrays of this rank's part of a param's expert matrix e, in a fixed order, and
+  // their contents (host-synchronous; a device engine stages them through host memory).
   virtual std::vector<StateArray> State(int64_t index, int64_t expert) = 0;
+  virtual absl::Status ReadState(int64_t index, int64_t expert, size_t array, int64_t first,
+                                 int64_t count, void* host) = 0;
+  virtual absl::Status WriteState(int64_t index, int64_t expert, size_t array,
+                                  const void* host) = 0;
 
   // Writes the model tensors from the master copies (after a checkpoint load; collective).
   virtual absl::Status WriteModels() = 0;

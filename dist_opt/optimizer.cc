@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <new>
+#include <tuple>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -32,10 +33,23 @@ class EngineScope {
   Engine* engine_;
 };
 
-const StateArray* FindArray(const std::vector<StateArray>& arrays, absl::string_view name) {
-  for (const StateArray& a : arrays)
-    if (a.name == name) return &a;
-  return nullptr;
+// Array `name` of a matrix's state, read through the engine (which stages a device's
+// memory), as doubles; empty when the matrix has no such array here.
+absl::Status ReadArray(Engine& engine, int64_t index, int64_t expert,
+                       const std::vector<StateArray>& arrays, absl::string_view name,
+                       std::vector<double>* out) {
+  out->clear();
+  for (size_t k = 0; k < arrays.size(); ++k) {
+    const StateArray& a = arrays[k];
+    if (a.name != name) continue;
+    out->resize(static_cast<size_t>(a.count));
+    if (a.elem_size == 8) return engine.ReadState(index, expert, k, 0, a.count, out->data());
+    std::vector<float> f(static_cast<size_t>(a.count));
+    if (absl::Status s = engine.ReadState(index, expert, k, 0, a.count, f.data()); !s.ok()) return s;
+    std::copy(f.begin(), f.end(), out->begin());
+    return absl::OkStatus();
+  }
+  return absl::OkStatus();
 }
 
 // Runs body, turning a failed allocation into ResourceExhausted (MDOPT_OUT_OF_MEMORY). The
@@ -355,8 +369,8 @@ absl::StatusOr<std::vector<double>> Optimizer::GetState(int64_t index,
   if (field == "gain_scalar" && !kernels::HasScalarGain(r.gains)) return missing("scalar gain");
   if (field == "radius" && r.sphere == kernels::Sphere::kNone) return missing("sphere");
 
-  auto gains = [&](const StateArray* raw, int64_t k) {
-    return raw == nullptr ? 1.0 : kernels::GainValue<double>(r.gain_param, raw->Get(k));
+  auto gains = [&](const std::vector<double>& raw, int64_t k) {
+    return raw.empty() ? 1.0 : kernels::GainValue<double>(r.gain_param, raw[static_cast<size_t>(k)]);
   };
   // Each rank reads its own rows; with several ranks the rows are all-gathered (in rank
   // order, which is row order) and the per-matrix values broadcast from their owner, so the
@@ -365,21 +379,28 @@ absl::StatusOr<std::vector<double>> Optimizer::GetState(int64_t index,
   const int world = comm_->size(), rank = comm_->rank();
   const bool per_row = field == "master" || field == "direction" || field == "gain_row" ||
                        (field == "radius" && r.sphere == kernels::Sphere::kRow);
-  std::vector<double> out, local;
+  std::vector<double> out, local, master, row, col, scalar, radius;
   for (int64_t e = 0; e < p.experts; ++e) {
     const SlotPlan& sp = plan.slot(index, e);
     const int64_t rows = sp.Rows(rank);
     const std::vector<StateArray> arrays = engine_->State(index, e);
-    const StateArray* master = FindArray(arrays, "master");
-    const StateArray* row = FindArray(arrays, "row_raw");
-    const StateArray* col = FindArray(arrays, "col_raw");
-    const StateArray* scalar = FindArray(arrays, "scalar_raw");
+    // Only the arrays the field is made of.
+    const bool direction = field == "direction";
+    for (const auto& [name, dst, needed] :
+         {std::tuple<const char*, std::vector<double>*, bool>{"master", &master, direction || field == "master"},
+          {"row_raw", &row, direction || field == "gain_row"},
+          {"col_raw", &col, direction || field == "gain_col"},
+          {"scalar_raw", &scalar, direction || field == "gain_scalar"},
+          {"radius", &radius, field == "radius"}}) {
+      if (!needed) continue;
+      if (absl::Status s = ReadArray(*engine_, index, e, arrays, name, dst); !s.ok()) return s;
+    }
     const bool holds = rows > 0 || sp.layout == Layout::kRows;
     local.clear();
     if (field == "master" || field == "direction") {
       for (int64_t i = 0; i < rows; ++i) {
         for (int64_t j = 0; j < p.n; ++j) {
-          double w = master->Get(i * p.n + j);
+          double w = master[static_cast<size_t>(i * p.n + j)];
           if (field == "direction") w /= gains(scalar, 0) * gains(row, i) * gains(col, j);
           local.push_back(w);
         }
@@ -391,9 +412,7 @@ absl::StatusOr<std::vector<double>> Optimizer::GetState(int64_t index,
     } else if (field == "gain_scalar") {
       if (holds) local.push_back(gains(scalar, 0));
     } else {
-      const StateArray* radius = FindArray(arrays, "radius");
-      if (radius != nullptr)
-        for (int64_t k = 0; k < radius->count; ++k) local.push_back(radius->Get(k));
+      local.insert(local.end(), radius.begin(), radius.end());
     }
     if (world == 1) {
       out.insert(out.end(), local.begin(), local.end());

@@ -109,6 +109,10 @@ absl::Status WriteBody(StreamWriter& w, const RankFileHeader& h,
   std::string text;
   auto put = [&](auto v) { text.append(reinterpret_cast<const char*>(&v), sizeof v); };
   put(static_cast<uint64_t>(arrays.size()));
+  size_t most = 0;
+  for (const RankFileArray& a : arrays)
+    most = std::max(most, static_cast<size_t>(std::min(ChunkElems(a), a.count) * a.elem_size));
+  std::vector<char> chunk_buf(most);
   for (const RankFileArray& a : arrays) {
     const int64_t chunk = ChunkElems(a);
     const uint64_t offset = w.bytes();
@@ -125,12 +129,12 @@ absl::Status WriteBody(StreamWriter& w, const RankFileHeader& h,
     put(offset);
     put(chunk);
     put(static_cast<uint64_t>(a.count == 0 ? 0 : (a.count + chunk - 1) / chunk));
-    const char* p = static_cast<const char*>(a.data);
     for (int64_t e = 0; e < a.count; e += chunk) {
-      const size_t n = static_cast<size_t>(std::min(chunk, a.count - e) * a.elem_size);
-      put(Crc32c(0, p, n));
-      if (absl::Status s = w.Write(p, n); !s.ok()) return s;
-      p += n;
+      const int64_t elems = std::min(chunk, a.count - e);
+      const size_t n = static_cast<size_t>(elems * a.elem_size);
+      if (absl::Status s = a.read(e, elems, chunk_buf.data()); !s.ok()) return s;
+      put(Crc32c(0, chunk_buf.data(), n));
+      if (absl::Status s = w.Write(chunk_buf.data(), n); !s.ok()) return s;
     }
   }
   const uint64_t index_offset = w.bytes();

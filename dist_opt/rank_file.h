@@ -17,6 +17,7 @@
 #define MDOPT_DIST_OPT_RANK_FILE_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <tuple>
@@ -32,7 +33,9 @@ inline constexpr int64_t kChunkBytes = int64_t{256} << 10;
 // The writer's buffer: peak memory of a save beyond the live state and the index.
 inline constexpr size_t kWriteBufferBytes = size_t{1} << 20;
 
-// An array to write, pointing into live state.
+// An array to write. Its elements are read chunk by chunk through `read` (elements [first,
+// first + count) into `dst`), so that state in a device's memory is staged through one
+// chunk of host memory at a time.
 struct RankFileArray {
   int64_t param = 0, expert = 0;
   std::string name;
@@ -40,7 +43,7 @@ struct RankFileArray {
   int64_t row0 = 0, row1 = 0, width = 1;
   int elem_size = 4;
   int64_t count = 0;
-  const void* data = nullptr;
+  std::function<absl::Status(int64_t first, int64_t count, void* dst)> read;
 };
 
 struct RankFileHeader {
@@ -56,7 +59,7 @@ struct WrittenRankFile {
 };
 
 // Writes dir/<temporary>, fsyncs, renames it to its content name RankFileName(rank, crc) and
-// fsyncs the directory. Memory beyond `arrays`: kWriteBufferBytes and the index.
+// fsyncs the directory. Memory beyond `arrays`: kWriteBufferBytes, one chunk and the index.
 absl::Status WriteRankFile(const std::string& dir, const RankFileHeader& header,
                            const std::vector<RankFileArray>& arrays, WrittenRankFile* out);
 

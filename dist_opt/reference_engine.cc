@@ -2,6 +2,8 @@
 // the math. It is the oracle the fast engine is tested against and the baseline mdopt-bench
 // reports ratios to. One rank only: it never shards.
 #include <cmath>
+#include <cstring>
+#include <iterator>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -29,6 +31,9 @@ class ReferenceEngine final : public Engine {
   }
   void SetStepsTaken(int64_t t) override { t_ = t; }
   std::vector<StateArray> State(int64_t index, int64_t expert) override;
+  absl::Status ReadState(int64_t index, int64_t expert, size_t array, int64_t first, int64_t count,
+                         void* host) override;
+  absl::Status WriteState(int64_t index, int64_t expert, size_t array, const void* host) override;
   absl::Status WriteModels() override;
   absl::Status GradsReady(int64_t, int64_t) override { return absl::OkStatus(); }
   absl::Status GatherParams() override { return absl::OkStatus(); }
@@ -45,6 +50,8 @@ class ReferenceEngine final : public Engine {
   }
   void WriteModel(int64_t index, int64_t expert);
   double GradSumSq(int64_t index) const;
+  // The non-empty state arrays of a matrix, in State's order.
+  std::vector<std::vector<double>*> Arrays(int64_t index, int64_t expert);
 
   const std::vector<ParamEntry>& params_;
   const std::vector<Group>& groups_;
@@ -136,27 +143,54 @@ absl::Status ReferenceEngine::WriteModels() {
   return absl::OkStatus();
 }
 
-std::vector<StateArray> ReferenceEngine::State(int64_t index, int64_t e) {
+std::vector<std::vector<double>*> ReferenceEngine::Arrays(int64_t index, int64_t e) {
   ref::MatrixState& s = st_[index][e];
-  std::vector<StateArray> out;
-  auto add = [&](const char* name, std::vector<double>& vec) {
-    if (!vec.empty()) out.push_back({name, vec.data(), static_cast<int64_t>(vec.size()), 8, false});
-  };
-  add("master", s.w);
-  add("momentum", s.momentum);
-  add("exp_avg", s.exp_avg);
-  add("exp_avg_sq", s.exp_avg_sq);
-  add("row_raw", s.row.raw);
-  add("row_exp_avg", s.row.exp_avg);
-  add("row_exp_avg_sq", s.row.exp_avg_sq);
-  add("col_raw", s.col.raw);
-  add("col_exp_avg", s.col.exp_avg);
-  add("col_exp_avg_sq", s.col.exp_avg_sq);
-  add("scalar_raw", s.scalar.raw);
-  add("scalar_exp_avg", s.scalar.exp_avg);
-  add("scalar_exp_avg_sq", s.scalar.exp_avg_sq);
-  add("radius", s.radius);
+  std::vector<std::vector<double>*> out;
+  for (std::vector<double>* v : {&s.w, &s.momentum, &s.exp_avg, &s.exp_avg_sq, &s.row.raw,
+                                 &s.row.exp_avg, &s.row.exp_avg_sq, &s.col.raw, &s.col.exp_avg,
+                                 &s.col.exp_avg_sq, &s.scalar.raw, &s.scalar.exp_avg,
+                                 &s.scalar.exp_avg_sq, &s.radius}) {
+    if (!v->empty()) out.push_back(v);
+  }
   return out;
+}
+
+std::vector<StateArray> ReferenceEngine::State(int64_t index, int64_t e) {
+  static const char* const kNames[] = {
+      "master",     "momentum",    "exp_avg",        "exp_avg_sq",        "row_raw",
+      "row_exp_avg", "row_exp_avg_sq", "col_raw",   "col_exp_avg",       "col_exp_avg_sq",
+      "scalar_raw", "scalar_exp_avg", "scalar_exp_avg_sq", "radius"};
+  ref::MatrixState& s = st_[index][e];
+  const std::vector<double>* all[] = {&s.w, &s.momentum, &s.exp_avg, &s.exp_avg_sq, &s.row.raw,
+                                      &s.row.exp_avg, &s.row.exp_avg_sq, &s.col.raw, &s.col.exp_avg,
+                                      &s.col.exp_avg_sq, &s.scalar.raw, &s.scalar.exp_avg,
+                                      &s.scalar.exp_avg_sq, &s.radius};
+  std::vector<StateArray> out;
+  for (size_t k = 0; k < std::size(all); ++k) {
+    if (!all[k]->empty()) out.push_back({kNames[k], static_cast<int64_t>(all[k]->size()), 8, false});
+  }
+  return out;
+}
+
+absl::Status ReferenceEngine::ReadState(int64_t index, int64_t e, size_t array, int64_t first,
+                                        int64_t count, void* host) {
+  const std::vector<std::vector<double>*> arrays = Arrays(index, e);
+  if (array >= arrays.size() || first < 0 || count < 0 ||
+      first + count > static_cast<int64_t>(arrays[array]->size())) {
+    return absl::InvalidArgumentError(absl::StrCat("state array ", array, " of param ", index,
+                                                   ": elements out of range"));
+  }
+  std::memcpy(host, arrays[array]->data() + first, static_cast<size_t>(count) * sizeof(double));
+  return absl::OkStatus();
+}
+
+absl::Status ReferenceEngine::WriteState(int64_t index, int64_t e, size_t array, const void* host) {
+  const std::vector<std::vector<double>*> arrays = Arrays(index, e);
+  if (array >= arrays.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("param ", index, " has no state array ", array));
+  }
+  std::memcpy(arrays[array]->data(), host, arrays[array]->size() * sizeof(double));
+  return absl::OkStatus();
 }
 
 void ReferenceEngine::LastStep(int group, int64_t counts[3], std::vector<double>* norms) const {

@@ -61,7 +61,14 @@ class ScheduledEngine final : public Engine {
   void SetStepsTaken(int64_t t) override { backend_->SetStepsTaken(t); }
   absl::Status GatherParams() override;
   std::vector<StateArray> State(int64_t index, int64_t expert) override {
-    return backend_->State(static_cast<int>(plan_.first_slot[index] + expert));
+    return backend_->State(Slot(index, expert));
+  }
+  absl::Status ReadState(int64_t index, int64_t expert, size_t array, int64_t first, int64_t count,
+                         void* host) override {
+    return backend_->ReadState(Slot(index, expert), array, first, count, host);
+  }
+  absl::Status WriteState(int64_t index, int64_t expert, size_t array, const void* host) override {
+    return backend_->WriteState(Slot(index, expert), array, host);
   }
   absl::Status WriteModels() override;
   void LastStep(int group, int64_t counts[3], std::vector<double>* norms) const override;
@@ -75,6 +82,9 @@ class ScheduledEngine final : public Engine {
 
  private:
   bool Sharded() const { return world_ > 1; }
+  int Slot(int64_t index, int64_t expert) const {
+    return static_cast<int>(plan_.first_slot[index] + expert);
+  }
   bool Segmented() const { return Sharded() && !opt_.grads_reduced; }
   MemorySpace Space() const {
     return backend_->device_memory() ? MemorySpace::kDevice : MemorySpace::kHost;

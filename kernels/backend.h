@@ -151,19 +151,14 @@ struct SlotCounters {
   double delta_sq = 0.0, w_sq = 0.0;
 };
 
-// One named array of a slot's state: host-addressable for the CPU backend; a device
-// backend stages it (docs/ARCHITECTURE.md).
+// One named array of a slot's state, as the host sees it: its contents are read and written
+// through ReadState/WriteState, which stage them for a backend whose memory is a device's.
 struct StateArray {
   std::string name;      // "master", "momentum", "exp_avg", "exp_avg_sq", "row_raw", ...
-  void* data = nullptr;  // elem_size * count bytes
   int64_t count = 0;
   int elem_size = 4;     // 4: float32, 8: float64
   bool is_model = false; // the model's own tensor (f32 weights serve as the master copy)
 
-  double Get(int64_t k) const {
-    return elem_size == 8 ? static_cast<const double*>(data)[k]
-                          : static_cast<double>(static_cast<const float*>(data)[k]);
-  }
   int64_t bytes() const { return count * elem_size; }
 };
 
@@ -246,6 +241,11 @@ class StepBackend {
 
   // --- State (host-synchronous).
   virtual std::vector<StateArray> State(int slot) = 0;
+  // Elements [first, first + count) of array `array` of State(slot) into host memory, after
+  // the work queued so far; and an array's `count` elements from host memory.
+  virtual absl::Status ReadState(int slot, size_t array, int64_t first, int64_t count,
+                                 void* host) = 0;
+  virtual absl::Status WriteState(int slot, size_t array, const void* host) = 0;
   virtual SlotCounters Counters(int slot) const = 0;
   virtual void SetStepsTaken(int64_t t) = 0;
   // Writes this rank's model rows from the master copies (after a checkpoint load).

@@ -104,6 +104,8 @@ class CpuBackend final : public StepBackend {
   }
 
   std::vector<StateArray> State(int slot) override;
+  absl::Status ReadState(int slot, size_t array, int64_t first, int64_t count, void* host) override;
+  absl::Status WriteState(int slot, size_t array, const void* host) override;
   SlotCounters Counters(int slot) const override { return st_[slot].counters; }
   void SetStepsTaken(int64_t t) override { t_ = t; }
   void WriteModelRows() override;
@@ -114,6 +116,10 @@ class CpuBackend final : public StepBackend {
   bool AliasesModel(const ParamDesc& p) const { return p.param_dtype == Dtype::kF32; }
   fast::MatrixView View(int k) const;
   Workspace& Pool(int b) { return pool_[static_cast<size_t>(b) % pool_.size()]; }
+  template <typename F>
+  void ForEachArray(int k, F&& f);
+  // Array `array` of State(k): its float32 data and element count (nullptr: no such array).
+  float* ArrayData(int k, size_t array, int64_t* count);
   float* XOf(int b, int k) { return Pool(b).x_local.data() + cfg_.slots[k].seg_offset; }
   // How many of the slots from q on (before q1) go through one batched Newton-Schulz call:
   // same shape and coefficients, their X one after another in x_local (slots held by other
@@ -631,20 +637,19 @@ void CpuBackend::UnpackWeights(int b) {
   }
 }
 
-std::vector<StateArray> CpuBackend::State(int k) {
+// The state arrays of slot k in their fixed order: f(name, data, count, is_model).
+template <typename F>
+void CpuBackend::ForEachArray(int k, F&& f) {
   const SlotDesc& sd = cfg_.slots[k];
   const ParamDesc& p = cfg_.params[sd.param];
   SlotState& s = st_[k];
-  std::vector<StateArray> out;
   auto add = [&](const char* name, std::vector<float>& vec) {
-    if (vec.empty()) return;
-    out.push_back({name, vec.data(), static_cast<int64_t>(vec.size()), 4, false});
+    if (!vec.empty()) f(name, vec.data(), static_cast<int64_t>(vec.size()), false);
   };
   if (AliasesModel(p)) {
     if (sd.rows > 0) {
-      out.push_back({"master",
-                     static_cast<float*>(ptrs_[sd.param].param) + sd.tensor_offset + sd.row_begin * p.n,
-                     sd.rows * p.n, 4, true});
+      f("master", static_cast<float*>(ptrs_[sd.param].param) + sd.tensor_offset + sd.row_begin * p.n,
+        sd.rows * p.n, true);
     }
   } else {
     add("master", s.master);
@@ -662,7 +667,48 @@ std::vector<StateArray> CpuBackend::State(int k) {
   add("scalar_exp_avg", s.scalar_m);
   add("scalar_exp_avg_sq", s.scalar_v);
   add("radius", s.radius);
+}
+
+std::vector<StateArray> CpuBackend::State(int k) {
+  std::vector<StateArray> out;
+  ForEachArray(k, [&](const char* name, float*, int64_t count, bool is_model) {
+    out.push_back({name, count, 4, is_model});
+  });
   return out;
+}
+
+float* CpuBackend::ArrayData(int k, size_t array, int64_t* count) {
+  float* found = nullptr;
+  size_t at = 0;
+  ForEachArray(k, [&](const char*, float* data, int64_t n, bool) {
+    if (at++ == array) {
+      found = data;
+      *count = n;
+    }
+  });
+  return found;
+}
+
+absl::Status CpuBackend::ReadState(int k, size_t array, int64_t first, int64_t count, void* host) {
+  int64_t n = 0;
+  const float* data = ArrayData(k, array, &n);
+  if (data == nullptr || first < 0 || count < 0 || first + count > n) {
+    return absl::InvalidArgumentError(absl::StrCat("state array ", array, " of slot ", k,
+                                                   ": elements [", first, ", ", first + count,
+                                                   ") are not in [0, ", n, ")"));
+  }
+  std::memcpy(host, data + first, static_cast<size_t>(count) * sizeof(float));
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::WriteState(int k, size_t array, const void* host) {
+  int64_t n = 0;
+  float* data = ArrayData(k, array, &n);
+  if (data == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("slot ", k, " has no state array ", array));
+  }
+  std::memcpy(data, host, static_cast<size_t>(n) * sizeof(float));
+  return absl::OkStatus();
 }
 
 void CpuBackend::WriteModelRows() {
