@@ -22,23 +22,6 @@ using kernels::Sphere;
 
 constexpr int kGatherTag = 11, kScatterTag = 12;
 
-// Cross-row partials of a rows-layout slot (summed over ranks): column-gain and scalar-gain
-// gradients, and the squared norms of frobenius/column slices.
-int64_t CrossRecord(const kernels::UpdateRule& r, int64_t n) {
-  int64_t c = (kernels::HasColGains(r.gains) ? n : 0) + (kernels::HasScalarGain(r.gains) ? 1 : 0);
-  if (r.sphere == Sphere::kFrobenius) c += 1;
-  if (r.sphere == Sphere::kCol) c += n;
-  return c;
-}
-
-// Tangent dots of a rows-layout slot with a frobenius or column sphere.
-int64_t RadialRecord(const kernels::UpdateRule& r, int64_t n) {
-  if (!r.tangent) return 0;
-  if (r.sphere == Sphere::kFrobenius) return 2;
-  if (r.sphere == Sphere::kCol) return 2 * n;
-  return 0;
-}
-
 DataType CommType(Dtype d) { return d == Dtype::kF32 ? DataType::kF32 : DataType::kBf16; }
 
 // The collectives of one bucket in flight (a pool of kScheduleStages, reused round-robin).
@@ -204,15 +187,14 @@ kernels::BackendConfig ScheduledEngine::Describe() const {
       const int k = bp.slots[q];
       const SlotPlan& sp = plan_.slots[k];
       kernels::SlotDesc& s = c.slots[k];
-      const kernels::UpdateRule& rule = params_[sp.param].rule;
       if (sp.muon) {
         d.x_local = std::max(d.x_local, s.seg_offset + sp.PackedRows(rank_) * sp.n);
       }
       if (s.cross) {
         s.cross_offset = d.cross_len;
-        d.cross_len += CrossRecord(rule, sp.n);
+        d.cross_len += sp.cross;
         s.radial_offset = d.radial_len;
-        d.radial_len += RadialRecord(rule, sp.n);
+        d.radial_len += sp.radial;
       }
       if (s.ns_gathered) {
         s.full_offset = d.full;

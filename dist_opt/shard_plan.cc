@@ -65,6 +65,10 @@ ShardPlan BuildShardPlan(const std::vector<ParamEntry>& params, const std::vecto
       s.layout = layout;
       s.muon = p.rule.base == kernels::Base::kMuon;
       s.block_rows = layout == Layout::kRows ? (p.m + N - 1) / N : p.m;
+      if (layout == Layout::kRows && N > 1) {
+        s.cross = CrossRecordLength(p.rule, p.n);
+        s.radial = RadialRecordLength(p.rule, p.n);
+      }
       plan.slots.push_back(s);
     }
   }
@@ -142,6 +146,20 @@ ShardPlan BuildShardPlan(const std::vector<ParamEntry>& params, const std::vecto
   return plan;
 }
 
+int64_t CrossRecordLength(const kernels::UpdateRule& r, int64_t n) {
+  int64_t c = (kernels::HasColGains(r.gains) ? n : 0) + (kernels::HasScalarGain(r.gains) ? 1 : 0);
+  if (r.sphere == kernels::Sphere::kFrobenius) c += 1;
+  if (r.sphere == kernels::Sphere::kCol) c += n;
+  return c;
+}
+
+int64_t RadialRecordLength(const kernels::UpdateRule& r, int64_t n) {
+  if (!r.tangent) return 0;
+  if (r.sphere == kernels::Sphere::kFrobenius) return 2;
+  if (r.sphere == kernels::Sphere::kCol) return 2 * n;
+  return 0;
+}
+
 std::string ShardPlan::ToJson() const {
   nlohmann::json j;
   j["world"] = world;
@@ -155,7 +173,9 @@ std::string ShardPlan::ToJson() const {
                           {"muon", s.muon},
                           {"owner", s.owner},
                           {"block_rows", s.block_rows},
-                          {"bucket", s.bucket}});
+                          {"bucket", s.bucket},
+                          {"cross", s.cross},
+                          {"radial", s.radial}});
   }
   j["slots"] = std::move(slots_json);
   return j.dump();

@@ -35,6 +35,9 @@ struct SlotPlan {
   int64_t block_rows = 0;  // rows: ceil(m / N); owner: m
   int bucket = 0;
   int64_t bucket_pos = 0;  // index of this slot in its bucket's `slots` (pack order)
+  // Doubles of its cross-row and radial (tangent=1) records: what of its sums is partial
+  // over row blocks (rows layout at several ranks; 0 otherwise).
+  int64_t cross = 0, radial = 0;
 
   // Rows rank r holds: [RowBegin(r), RowEnd(r)).
   int64_t RowBegin(int r) const;
@@ -78,6 +81,13 @@ struct ShardPlan {
   // state elements and Newton-Schulz cost it holds.
   std::string Describe(const std::vector<ParamEntry>& params) const;
 };
+
+// Cross-row record of an m x n matrix under `rule` whose sums are partial over row blocks:
+// column-gain gradients (n), the scalar-gain gradient (1), the squared norm of a frobenius
+// sphere (1) or of each column of a column sphere (n). Radial: tangent=1's dots <G_D, D> and
+// <D, D> per frobenius (2) or column (2n) slice.
+int64_t CrossRecordLength(const kernels::UpdateRule& rule, int64_t n);
+int64_t RadialRecordLength(const kernels::UpdateRule& rule, int64_t n);
 
 // Newton-Schulz cost of an m x n matrix, max(m, n) * min(m, n)^2 (the bin-packing weight).
 double NsCost(int64_t m, int64_t n);

@@ -72,11 +72,9 @@ mdopt_step_info Step(mdopt_optimizer* opt, double* info_seconds, double* wall_se
   return info;
 }
 
-// Reads what the byte floor needs from the plan the library built. The plan's "param" is
-// the registration index, which is the index into `shapes`; its kind gives the group and so
-// the rule (the specs are the ones RunBenchmark gave mdopt_add_group).
-void ReadPlan(mdopt_optimizer* opt, const std::vector<TensorShape>& shapes, const RunConfig& cfg,
-              BenchRow* row) {
+// Reads what the byte floor needs from the plan the library built: per slot its layout,
+// shape and bucket, and the doubles it adds to its bucket's cross-row and radial records.
+void ReadPlan(mdopt_optimizer* opt, BenchRow* row) {
   size_t needed = 0;
   Check(mdopt_plan_json(opt, nullptr, 0, &needed), "mdopt_plan_json");
   std::string text(needed, '\0');
@@ -96,17 +94,10 @@ void ReadPlan(mdopt_optimizer* opt, const std::vector<TensorShape>& shapes, cons
     const bool rows = slot.at("layout").get<std::string>() == "rows";
     const int64_t m = slot.at("m").get<int64_t>(), n = slot.at("n").get<int64_t>();
     if (slot.at("muon").get<bool>() && rows) row->ns_gathered_elements += m * n;
-    if (!rows || row->world == 1) continue;
-    const size_t param = slot.at("param").get<size_t>();
-    if (param >= shapes.size()) {
-      throw std::runtime_error("mdopt_plan_json: a slot of an unknown param");
-    }
-    std::string spec = RoleSpec(*cfg.preset, RoleOf(shapes[param].kind)), error;
-    RecordRule rule;
-    if (!RecordRuleOfSpec(spec, &rule, &error)) throw std::runtime_error(error);
+    if (row->world == 1) continue;
     const size_t b = slot.at("bucket").get<size_t>();
-    row->cross_record[b] += CrossRecordDoubles(rule, n);
-    row->radial_record[b] += RadialRecordDoubles(rule, n);
+    row->cross_record[b] += slot.at("cross").get<int64_t>();
+    row->radial_record[b] += slot.at("radial").get<int64_t>();
   }
 }
 
@@ -181,7 +172,7 @@ BenchRow RunBenchmark(mdopt_comm* comm, const std::vector<TensorShape>& shapes,
   row.params = TotalNumel(shapes);
   row.warmup = cfg.warmup;
   row.steps = cfg.steps;
-  ReadPlan(opt.get(), shapes, cfg, &row);
+  ReadPlan(opt.get(), &row);
   int64_t step = 0;
   for (int k = 0; k < cfg.warmup; ++k, ++step) {
     buffers->FillGradients(cfg.seed, step);

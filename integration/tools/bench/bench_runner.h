@@ -53,8 +53,8 @@ struct BenchRow {
   int64_t ns_gathered_elements = 0;
   int world = 1;
   // Per bucket of the plan, at several ranks: doubles of the cross-row record (summed over
-  // ranks by one all-reduce per bucket and step) and of the tangent=1 radial record, from the
-  // rows-layout slots and their groups' rules (RecordRuleOfSpec); empty at one rank.
+  // ranks by one all-reduce per bucket and step) and of the tangent=1 radial record, the sum
+  // of the plan's per-slot "cross" and "radial"; empty at one rank.
   std::vector<int64_t> cross_record, radial_record;
   int64_t state_bytes = 0, workspace_bytes = 0;
   double ratio_to_reference = 0.0;   // median fast / median reference; 0: not measured
