@@ -100,7 +100,7 @@ struct BucketDesc {
   int64_t full = 0;                     // elements of the whole-X buffer
   std::vector<ElementRange> full_remote;  // where the full buffer holds other ranks' blocks
   std::vector<ElementRange> local_remote; // where x_local goes to / comes from an NS owner
-  int64_t cross_len = 0, radial_len = 0;  // record lengths, padded for the all-reduce
+  int64_t cross_len = 0, radial_len = 0;  // doubles of the cross-row and radial records
 };
 
 struct BackendConfig {
@@ -116,7 +116,7 @@ struct BackendConfig {
   bool ns_bf16 = false;          // Newton-Schulz products in bf16
   NsForm ns_form = NsForm::kAuto;
   bool update_norms = false;
-  int64_t check_len = 1;     // the finite-check record: one double per param, padded
+  int64_t check_len = 1;     // the finite-check record: one double per param
 };
 
 // Buffers of one bucket in the backend's memory (stable after Setup), for the collectives.
