@@ -16,6 +16,7 @@
 // groups: a ring, a fan-out from one rank with sends to itself, and a fan-in.
 #include <mpi.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <deque>
@@ -106,7 +107,9 @@ TEST(MpiTraffic, AllGatherSendsThisRanksSegmentToEveryOtherRank) {
         }
         std::vector<uint8_t> mine = Buffer(dt, counts[me]), all = Buffer(dt, total);
         for (size_t i = 0; i < mine.size(); ++i) mine[i] = static_cast<uint8_t>(31 * me + i + 1);
-        std::memcpy(all.data() + Bytes(dt, offset), mine.data(), mine.size());
+        // A rank with an empty segment copies nothing (memcpy from an empty vector's null
+        // data() is undefined even for zero bytes).
+        std::copy(mine.begin(), mine.end(), all.begin() + Bytes(dt, offset));
         const CommStats before = c->stats();
         ASSERT_OK(Finish(c->AllGather(in_place ? nullptr : mine.data(), all.data(), counts, dt)));
         // Every segment arrived (so the operation did move what is counted).
