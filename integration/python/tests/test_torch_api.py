@@ -268,3 +268,20 @@ def test_an_attention_output_projection_is_not_the_head():
 
     groups = {g["name"]: g["names"] for g in param_groups(Block())}
     assert groups["matrices"] == ["output.weight"] and groups["head"] == ["lm_head.weight"]
+
+
+def test_grad_comm_dtype_reaches_mdopt_create():
+    # An mdopt_create option: refused with the library's message when bad; at one rank no
+    # gradient is reduced, so bf16 and f32 reductions give the same bits.
+    with pytest.raises(mdopt.MdoptError, match="grad_comm_dtype"):
+        MDOptimizer([P(4, 3)], preset="adamw", grad_comm_dtype="fp16")
+    results = []
+    for dtype in ("f32", "bf16"):
+        torch.manual_seed(0)
+        w = P(6, 5)
+        opt = MDOptimizer([w], preset="md-adamw", threads=1, grad_comm_dtype=dtype)
+        for _ in range(3):
+            w.grad = torch.randn_like(w)
+            opt.step()
+        results.append(w.detach().clone())
+    assert torch.equal(results[0], results[1])
