@@ -47,19 +47,23 @@ class Engine {
 
   // Gradients of params [first, first + count) are final (mdopt_grads_ready): starts the
   // reduce-scatter of every bucket, in bucket order, whose gradients are all final.
-  virtual absl::Status GradsReady(int64_t first, int64_t count) = 0;
+  virtual absl::Status GradsReady(int64_t first, int64_t count, void* stream) = 0;
+  // InvalidArgument for a caller's stream this engine cannot use (the CPU's: only NULL).
+  virtual absl::Status CheckStream(void* stream) const = 0;
 
   // One step, lr_scale multiplying lr and gain_lr: the finite check, then (unless a gradient
   // holds NaN/Inf anywhere) the update. Enqueued on the backend's stream; what the step did
   // is known after Outcome.
-  virtual absl::Status Step(double lr_scale) = 0;
+  // `stream`: the caller's (mdopt_step's); the step is ordered after its work and its later
+  // work after the step.
+  virtual absl::Status Step(double lr_scale, void* stream) = 0;
   // Waits for the last step and tells what it did and how many steps were taken so far.
   virtual absl::Status Outcome(StepOutcome* out) = 0;
   // The count of taken steps (checkpoint load).
   virtual void SetStepsTaken(int64_t t) = 0;
 
   // gather=deferred: the weight all-gather the last step left to do (mdopt_gather_params).
-  virtual absl::Status GatherParams() = 0;
+  virtual absl::Status GatherParams(void* stream) = 0;
 
   // The state arrays of this rank's part of a param's expert matrix e, in a fixed order, and
   // their contents (host-synchronous; a device engine stages them through host memory).

@@ -188,9 +188,7 @@ absl::StatusOr<StepResult> Optimizer::Step(double lr_scale, void* stream, bool w
     return absl::InvalidArgumentError(
         absl::StrCat("lr_scale = ", lr_scale, " must be finite and >= 0"));
   }
-  if (stream != nullptr) {
-    return absl::InvalidArgumentError("stream must be NULL with device=cpu");
-  }
+  if (absl::Status s = engine_->CheckStream(stream); !s.ok()) return s;
   const std::vector<ParamEntry>& params = registry_.params();
   for (const ParamEntry& p : params) {
     if (p.grad == nullptr) {
@@ -203,7 +201,7 @@ absl::StatusOr<StepResult> Optimizer::Step(double lr_scale, void* stream, bool w
   EngineScope scope(engine_.get());
   // The engine decides the skip itself (the finite check is a stage of the step): the host
   // learns of it from the outcome, read here only when it costs no wait or is asked for.
-  if (absl::Status s = engine_->Step(lr_scale); !s.ok()) return s;
+  if (absl::Status s = engine_->Step(lr_scale, stream); !s.ok()) return s;
   stepped_ = true;
   outcome_pending_ = true;
   StepResult r;
@@ -294,16 +292,16 @@ absl::StatusOr<GroupInfo> Optimizer::LastStepOfGroup(absl::string_view name) con
 
 absl::Status Optimizer::GradsReady(int64_t first, int64_t count, void* stream) {
   if (absl::Status s = RequireFinalized("mdopt_grads_ready"); !s.ok()) return s;
-  if (stream != nullptr) return absl::InvalidArgumentError("stream must be NULL with device=cpu");
+  if (absl::Status s = engine_->CheckStream(stream); !s.ok()) return s;
   EngineScope scope(engine_.get());
-  return engine_->GradsReady(first, count);
+  return engine_->GradsReady(first, count, stream);
 }
 
 absl::Status Optimizer::GatherParams(void* stream) {
   if (absl::Status s = RequireFinalized("mdopt_gather_params"); !s.ok()) return s;
-  if (stream != nullptr) return absl::InvalidArgumentError("stream must be NULL with device=cpu");
+  if (absl::Status s = engine_->CheckStream(stream); !s.ok()) return s;
   EngineScope scope(engine_.get());
-  return engine_->GatherParams();
+  return engine_->GatherParams(stream);
 }
 
 absl::Status Optimizer::Save(const std::string& dir) {

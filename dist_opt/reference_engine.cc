@@ -23,7 +23,11 @@ class ReferenceEngine final : public Engine {
       : params_(*params), groups_(*groups), comm_(comm) {}
 
   absl::Status Init() override;
-  absl::Status Step(double lr_scale) override;
+  absl::Status Step(double lr_scale, void* stream) override;
+  absl::Status CheckStream(void* stream) const override {
+    if (stream != nullptr) return absl::InvalidArgumentError("stream must be NULL with device=cpu");
+    return absl::OkStatus();
+  }
   absl::Status Outcome(StepOutcome* out) override {
     *out = outcome_;
     out->steps_taken = t_;
@@ -35,8 +39,8 @@ class ReferenceEngine final : public Engine {
                          void* host) override;
   absl::Status WriteState(int64_t index, int64_t expert, size_t array, const void* host) override;
   absl::Status WriteModels() override;
-  absl::Status GradsReady(int64_t, int64_t) override { return absl::OkStatus(); }
-  absl::Status GatherParams() override { return absl::OkStatus(); }
+  absl::Status GradsReady(int64_t, int64_t, void*) override { return absl::OkStatus(); }
+  absl::Status GatherParams(void*) override { return absl::OkStatus(); }
   int64_t WorkspaceBytes() const override { return 0; }
   void LastStep(int group, int64_t counts[3], std::vector<double>* norms) const override;
   const char* name() const override { return "reference"; }
@@ -95,7 +99,7 @@ double ReferenceEngine::GradSumSq(int64_t index) const {
   return total;
 }
 
-absl::Status ReferenceEngine::Step(double lr_scale) {
+absl::Status ReferenceEngine::Step(double lr_scale, void*) {
   // The finite check first: a NaN/Inf anywhere skips the whole step.
   outcome_ = StepOutcome{};
   double total = 0.0;

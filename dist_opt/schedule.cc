@@ -38,11 +38,12 @@ class ScheduledEngine final : public Engine {
         world_(comm->size()), backend_(std::move(backend)) {}
 
   absl::Status Init() override;
-  absl::Status GradsReady(int64_t first, int64_t count) override;
-  absl::Status Step(double lr_scale) override;
+  absl::Status GradsReady(int64_t first, int64_t count, void* stream) override;
+  absl::Status CheckStream(void* stream) const override { return backend_->CheckStream(stream); }
+  absl::Status Step(double lr_scale, void* stream) override;
   absl::Status Outcome(StepOutcome* out) override { return backend_->ReadOutcome(out); }
   void SetStepsTaken(int64_t t) override { backend_->SetStepsTaken(t); }
-  absl::Status GatherParams() override;
+  absl::Status GatherParams(void* stream) override;
   std::vector<StateArray> State(int64_t index, int64_t expert) override {
     return backend_->State(Slot(index, expert));
   }
@@ -362,7 +363,7 @@ absl::Status ScheduledEngine::StartReduceScatter(int b) {
   return absl::OkStatus();
 }
 
-absl::Status ScheduledEngine::GradsReady(int64_t first, int64_t count) {
+absl::Status ScheduledEngine::GradsReady(int64_t first, int64_t count, void* stream) {
   if (first < 0 || count < 0 || first + count > static_cast<int64_t>(params_.size())) {
     return absl::InvalidArgumentError(absl::StrCat("mdopt_grads_ready: params [", first, ", ",
                                                    first + count, ") are not in [0, ",
@@ -370,6 +371,8 @@ absl::Status ScheduledEngine::GradsReady(int64_t first, int64_t count) {
   }
   if (!Segmented()) return absl::OkStatus();
   if (next_rs_ == 0) traffic_ = StepTraffic{};
+  // The gradients were written on the caller's stream.
+  backend_->Join(stream);
   // The trainer may give gradient buffers between calls (torch allocates them in backward):
   // the params reported now are bound now (a call per param costs O(1), not O(params)).
   BindPointers(first, count);
@@ -386,9 +389,10 @@ absl::Status ScheduledEngine::GradsReady(int64_t first, int64_t count) {
   return absl::OkStatus();
 }
 
-absl::Status ScheduledEngine::Step(double lr_scale) {
+absl::Status ScheduledEngine::Step(double lr_scale, void* stream) {
   if (next_rs_ == 0) traffic_ = StepTraffic{};
   BindPointers();
+  backend_->Join(stream);
   for (size_t g = 0; g < groups_.size(); ++g) {
     const kernels::UpdateRule& r = groups_[g].spec.rule;
     scalars_[g] = {r.lr * lr_scale, r.gain_lr * lr_scale};
@@ -440,6 +444,7 @@ absl::Status ScheduledEngine::Step(double lr_scale) {
     }
   }
   backend_->EndStep();
+  backend_->Release(stream);
   return absl::OkStatus();
 }
 
@@ -536,9 +541,12 @@ absl::Status ScheduledEngine::GatherParamsNow() {
   return absl::OkStatus();
 }
 
-absl::Status ScheduledEngine::GatherParams() {
+absl::Status ScheduledEngine::GatherParams(void* stream) {
   if (!Sharded() || !weights_pending_) return absl::OkStatus();
-  return GatherParamsNow();
+  backend_->Join(stream);
+  absl::Status s = GatherParamsNow();
+  backend_->Release(stream);
+  return s;
 }
 
 absl::Status ScheduledEngine::WriteModels() {

@@ -192,6 +192,14 @@ class StepBackend {
   virtual absl::Status Setup(BackendConfig config, absl::Span<const ParamPointers> ptrs) = 0;
   virtual BucketBuffers Buffers(int bucket) = 0;
 
+  // The caller's stream of an ABI call (mdopt_step, mdopt_grads_ready, mdopt_gather_params):
+  // InvalidArgument for one this backend cannot use (a host backend takes only NULL). Join:
+  // the backend's work queued after it runs after what the caller had queued on `stream`;
+  // Release: the caller's work queued on `stream` later runs after the backend's so far.
+  virtual absl::Status CheckStream(void* stream) const = 0;
+  virtual void Join(void* stream) = 0;
+  virtual void Release(void* stream) = 0;
+
   // Enter/Leave bracket every public call of the optimizer: a CPU backend sets its thread
   // count for the call and restores the caller's after it.
   virtual void Enter() = 0;

@@ -62,6 +62,14 @@ class CpuBackend final : public StepBackend {
   absl::Status Setup(BackendConfig config, absl::Span<const ParamPointers> ptrs) override;
   BucketBuffers Buffers(int bucket) override;
 
+  // The calling thread is the stream: nothing to join or release.
+  absl::Status CheckStream(void* stream) const override {
+    if (stream != nullptr) return absl::InvalidArgumentError("stream must be NULL with device=cpu");
+    return absl::OkStatus();
+  }
+  void Join(void*) override {}
+  void Release(void*) override {}
+
   void Enter() override {
     if (threads_ > 0 && depth_++ == 0) {
       previous_threads_ = omp_get_max_threads();

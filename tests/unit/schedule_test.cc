@@ -6,7 +6,8 @@
 //     all-reduce, weight all-gather) plus its Newton-Schulz send/recv, and the step one
 //     all-reduce for the finite check;
 //   - every collective is ordered on the backend's stream before the stage that reads it,
-//     and the schedule never waits on the host (Request::Wait) inside a step;
+//     and the schedule never waits on the host (Request::Wait) inside a step, which it
+//     joins to the caller's stream at its start and releases to it at its end;
 //   - buckets are pipelined: bucket b + 1's pass 1 runs before bucket b finishes;
 //   - a bucket mixes groups: the backend gets each param's own rule.
 #include <gtest/gtest.h>
@@ -152,6 +153,15 @@ class RecordingBackend final : public kernels::StepBackend {
     out.radial = out.cross + d.cross_len;
     return out;
   }
+  absl::Status CheckStream(void*) const override { return absl::OkStatus(); }
+  void Join(void* stream) override {
+    if (stream != kStream) log_->errors.push_back("joined another stream");
+    Add("Join", -1);
+  }
+  void Release(void* stream) override {
+    if (stream != kStream) log_->errors.push_back("released another stream");
+    Add("Release", -1);
+  }
   void Enter() override {}
   void Leave() override {}
   void InitNorms(int b) override { Add("InitNorms", b); }
@@ -247,7 +257,7 @@ struct StepRun {
     engine = MakeScheduledEngine(&model.registry.params(), &model.groups, comm.get(), o, std::move(b));
     EXPECT_TRUE(engine->Init().ok());
     step_begin = log.events.size();
-    EXPECT_TRUE(engine->Step(1.0).ok());
+    EXPECT_TRUE(engine->Step(1.0, kStream).ok());
   }
   int Buckets() const { return static_cast<int>(backend->config().buckets.size()); }
 };
@@ -273,6 +283,10 @@ TEST_P(Schedule, StagesCollectivesAndOrderPerBucket) {
     const kernels::UpdateRule& r1 = c.params[c.slots[b.slots[1]].param].rule;
     EXPECT_NE(r0.base, r1.base);
   }
+
+  // The step starts after the caller's work on its stream and ends before the caller's next.
+  EXPECT_EQ(log.events[run.step_begin].what, "Join");
+  EXPECT_EQ(log.events.back().what, "Release");
 
   // No host wait anywhere in the step, and nothing read back to the host.
   for (size_t i = run.step_begin; i < log.events.size(); ++i) {
