@@ -82,10 +82,13 @@ class ScheduledEngine final : public Engine {
   // Hands the registry's pointers of params [first, first + count) (count < 0: to the end)
   // to the backend.
   void BindPointers(int64_t first = 0, int64_t count = -1);
-  // Starts a collective through `start` and charges its bytes to `*ledger`.
+  // Starts a collective through `start` into *out and charges its bytes to *ledger.
   template <typename F>
-  absl::StatusOr<RequestPtr> Issue(int64_t* ledger, F&& start);
+  absl::Status Issue(int64_t* ledger, RequestPtr* out, F&& start);
   absl::Status Order(RequestPtr* req);
+  // Starts the all-reduce (float64 sum, in place) of a record of partial sums; SumRecord
+  // also orders the backend after it.
+  absl::Status StartSum(double* record, int64_t len, int64_t* ledger, RequestPtr* out);
   absl::Status SumRecord(double* record, int64_t len, int64_t* ledger);
   absl::Status StartReduceScatter(int b);
   absl::Status Stage(int b, int stage, const SlotRange& r);
@@ -258,14 +261,14 @@ void ScheduledEngine::BindPointers(int64_t first, int64_t count) {
 }
 
 template <typename F>
-absl::StatusOr<RequestPtr> ScheduledEngine::Issue(int64_t* ledger, F&& start) {
+absl::Status ScheduledEngine::Issue(int64_t* ledger, RequestPtr* out, F&& start) {
   const int64_t before = comm_->stats().bytes_sent;
   absl::StatusOr<RequestPtr> req = start();
-  if (req.ok()) {
-    *ledger += comm_->stats().bytes_sent - before;
-    ++traffic_.collectives;
-  }
-  return req;
+  if (!req.ok()) return req.status();
+  *ledger += comm_->stats().bytes_sent - before;
+  ++traffic_.collectives;
+  *out = *std::move(req);
+  return absl::OkStatus();
 }
 
 absl::Status ScheduledEngine::Order(RequestPtr* req) {
@@ -278,12 +281,17 @@ absl::Status ScheduledEngine::Order(RequestPtr* req) {
 // A record of partial sums, summed over ranks in place by one all-reduce: O(len) bytes per
 // rank whatever the rank count, and every rank receives the same reduction, so the column
 // gains and norms built from it stay bitwise identical everywhere.
-absl::Status ScheduledEngine::SumRecord(double* record, int64_t len, int64_t* ledger) {
-  absl::StatusOr<RequestPtr> req = Issue(ledger, [&] {
+absl::Status ScheduledEngine::StartSum(double* record, int64_t len, int64_t* ledger,
+                                       RequestPtr* out) {
+  return Issue(ledger, out, [&] {
     return comm_->AllReduce(record, record, len, DataType::kF64, ReduceOp::kSum, Space(), Stream());
   });
-  if (!req.ok()) return req.status();
-  return Order(&*req);
+}
+
+absl::Status ScheduledEngine::SumRecord(double* record, int64_t len, int64_t* ledger) {
+  RequestPtr req;
+  if (absl::Status s = StartSum(record, len, ledger, &req); !s.ok()) return s;
+  return Order(&req);
 }
 
 absl::Status ScheduledEngine::Init() {
@@ -354,13 +362,10 @@ absl::Status ScheduledEngine::StartReduceScatter(int b) {
   backend_->PackGrads(b);
   const BucketBuffers buf = backend_->Buffers(b);
   const DataType dt = opt_.grad_comm_bf16 ? DataType::kBf16 : DataType::kF32;
-  absl::StatusOr<RequestPtr> req = Issue(&traffic_.grads, [&] {
+  return Issue(&traffic_.grads, &rs_[b], [&] {
     return comm_->ReduceScatter(buf.grad_send, buf.grad_seg, bp.seg, dt, ReduceOp::kMean, Space(),
                                 Stream());
   });
-  if (!req.ok()) return req.status();
-  rs_[b] = *std::move(req);
-  return absl::OkStatus();
 }
 
 absl::Status ScheduledEngine::GradsReady(int64_t first, int64_t count, void* stream) {
@@ -462,37 +467,24 @@ absl::Status ScheduledEngine::Stage(int b, int stage, const SlotRange& r) {
       }
       backend_->Pass1(r);
       if (gather_ops_[b].empty()) return absl::OkStatus();
-      absl::StatusOr<RequestPtr> req = Issue(&traffic_.ns, [&] {
+      return Issue(&traffic_.ns, &fl.gather, [&] {
         return comm_->SendRecv(gather_ops_[b], kGatherTag, Space(), Stream());
       });
-      if (!req.ok()) return req.status();
-      fl.gather = *std::move(req);
-      return absl::OkStatus();
     }
     case 1: {
       if (absl::Status s = Order(&fl.gather); !s.ok()) return s;
       backend_->NewtonSchulz(r);
       if (scatter_ops_[b].empty()) return absl::OkStatus();
-      absl::StatusOr<RequestPtr> req = Issue(&traffic_.ns, [&] {
+      return Issue(&traffic_.ns, &fl.scatter, [&] {
         return comm_->SendRecv(scatter_ops_[b], kScatterTag, Space(), Stream());
       });
-      if (!req.ok()) return req.status();
-      fl.scatter = *std::move(req);
-      return absl::OkStatus();
     }
     case 2: {
       if (absl::Status s = Order(&fl.scatter); !s.ok()) return s;
       backend_->Pass2(r);
       if (!Sharded() || cross_len_[b] == 0) return absl::OkStatus();
       backend_->AssembleCross(r);
-      double* record = backend_->Buffers(b).cross;
-      absl::StatusOr<RequestPtr> req = Issue(&traffic_.cross, [&] {
-        return comm_->AllReduce(record, record, cross_len_[b], DataType::kF64, ReduceOp::kSum,
-                                Space(), Stream());
-      });
-      if (!req.ok()) return req.status();
-      fl.sums = *std::move(req);
-      return absl::OkStatus();
+      return StartSum(backend_->Buffers(b).cross, cross_len_[b], &traffic_.cross, &fl.sums);
     }
     case 3: {
       if (fl.sums != nullptr) {
@@ -521,12 +513,9 @@ absl::Status ScheduledEngine::StartWeightGather(int b) {
   const BucketPlan& bp = plan_.buckets[b];
   backend_->PackWeights(b);
   void* weights = backend_->Buffers(b).weights;
-  absl::StatusOr<RequestPtr> req = Issue(&traffic_.weights, [&] {
+  return Issue(&traffic_.weights, &Pool(b).ag, [&] {
     return comm_->AllGather(nullptr, weights, bp.seg, CommType(bp.param_dtype), Space(), Stream());
   });
-  if (!req.ok()) return req.status();
-  Pool(b).ag = *std::move(req);
-  return absl::OkStatus();
 }
 
 absl::Status ScheduledEngine::GatherParamsNow() {
