@@ -144,7 +144,6 @@ kernels::BackendConfig ScheduledEngine::Describe() const {
     const SlotPlan& sp = plan_.slots[k];
     kernels::SlotDesc& s = c.slots[k];
     s.param = sp.param;
-    s.expert = sp.expert;
     s.bucket = sp.bucket;
     s.tensor_offset = sp.TensorOffset();
     s.row_begin = sp.RowBegin(rank_);
@@ -165,7 +164,6 @@ kernels::BackendConfig ScheduledEngine::Describe() const {
     d.first_param = bp.first_param;
     d.end_param = bp.end_param;
     d.param_dtype = bp.param_dtype;
-    d.grad_dtype = bp.grad_dtype;
     d.seg = bp.seg[rank_];
     d.total = bp.total;
     int64_t mine = 0;
@@ -266,7 +264,6 @@ absl::Status ScheduledEngine::Issue(int64_t* ledger, RequestPtr* out, F&& start)
   absl::StatusOr<RequestPtr> req = start();
   if (!req.ok()) return req.status();
   *ledger += comm_->stats().bytes_sent - before;
-  ++traffic_.collectives;
   *out = *std::move(req);
   return absl::OkStatus();
 }

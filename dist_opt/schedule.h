@@ -31,7 +31,6 @@ struct StepTraffic {
   int64_t cross = 0;    // cross-row records (column/scalar gain gradients, norms; radial)
   int64_t ns = 0;       // Newton-Schulz gather and scatter
   int64_t weights = 0;  // weight all-gather
-  int collectives = 0;  // operations started
 };
 
 // Stage s of bucket b runs in wave b + s: kStages buckets are in flight at once.

@@ -54,7 +54,7 @@ struct ParamPointers {
 
 // One matrix (a slot of the plan) as this rank holds it. Offsets count elements.
 struct SlotDesc {
-  int64_t param = 0, expert = 0;
+  int64_t param = 0;
   int bucket = 0;
   int64_t tensor_offset = 0;       // elements of the param tensor before this matrix
   int64_t row_begin = 0, rows = 0; // the rows this rank holds (rows may be 0)
@@ -90,7 +90,7 @@ struct ElementRange {
 struct BucketDesc {
   std::vector<int> slots;               // slot indices
   int64_t first_param = 0, end_param = 0;
-  Dtype param_dtype = Dtype::kF32, grad_dtype = Dtype::kF32;
+  Dtype param_dtype = Dtype::kF32;     // of the weights all-gather
   int64_t seg = 0;                      // elements of this rank's segment
   int64_t total = 0;                    // elements of every rank's segment together
   std::vector<CopySpan> grad_pack;      // model gradients -> staging (every rank's rows)
