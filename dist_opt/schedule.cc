@@ -166,9 +166,7 @@ kernels::BackendConfig ScheduledEngine::Describe() const {
     d.param_dtype = bp.param_dtype;
     d.seg = bp.seg[rank_];
     d.total = bp.total;
-    int64_t mine = 0;
-    for (int r = 0; r < rank_; ++r) mine += bp.seg[r];
-    int64_t start = 0;
+    int64_t start = 0;  // rank r's segment in the bucket's rank-major buffers
     for (int r = 0; r < world_; ++r) {
       for (size_t q = 0; q < bp.slots.size(); ++q) {
         const SlotPlan& sp = plan_.slots[bp.slots[q]];
