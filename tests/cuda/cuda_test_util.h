@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <random>
 #include <string>
 #include <vector>
@@ -83,6 +84,12 @@ double RelMaxError(const std::vector<A>& a, const std::vector<double>& b) {
     s = std::max(s, std::abs(b[i]));
   }
   return s > 0.0 ? e / s : e;
+}
+
+// A measured error beside its bound, one line `MDOPT_METRIC <name> <value> <bound>` on stdout
+// (launch/device-check.sh gathers them into its summary).
+inline void PrintMetric(const std::string& name, double value, double bound) {
+  std::printf("MDOPT_METRIC %s %.3e %.1e\n", name.c_str(), value, bound);
 }
 
 // ||a - b||_F / ||b||_F.

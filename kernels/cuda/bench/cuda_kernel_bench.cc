@@ -1,34 +1,34 @@
-// mdopt-cuda-bench: the CUDA kernels' step time on a GPT-shaped set (DESIGN.md section 8:
-// d=2048, 8 layers, ffn 4x; the hidden matrices q, k, v, o, fc1, fc2 of every layer), for
-// md-adamw (one fused pass and the rescale), md-muon (passes plus batched bf16
-// Newton-Schulz) and Newton-Schulz alone. float32 parameters and gradients, as torch's
-// baselines (torch_baselines.py) use. Prints one JSON object.
+// mdopt-cuda-bench: Newton-Schulz alone, on the CUDA backend's runner
+// (kernels/cuda/newton_schulz.h), over the GPT-shaped set of DESIGN.md section 8 (d=2048,
+// 8 layers, ffn 4x: q, k, v, o, fc1, fc2 per layer): one batch per shape, 5 quintic steps,
+// bf16 products, one runner and one workspace for every shape (as the backend holds them).
+// The form is the backend's default (auto: Gram for fc1 and fc2, aspect 4); the standard
+// form on every shape is timed too. The steps of the whole optimizer are benchmarked
+// through the library by optimizer_bench.py; torch's bf16 Newton-Schulz on the same shapes
+// by torch_baselines.py / optimizer_bench.py (DESIGN.md goal: <= 0.6x its time).
+// Prints one JSON object: times, achieved TFLOP/s (NewtonSchulzRunner::Flops: every product
+// a full GEMM), per shape too, and with --torch-ns-ms the ratio against torch.
 //
-// A kernel-level benchmark: the optimizer itself does not run on CUDA yet, so this drives
-// kernels/cuda directly (its tests do the same).
-//
-//   mdopt-cuda-bench [--d 2048] [--layers 8] [--warmup 3] [--iters 10]
+//   mdopt-cuda-bench [--d 2048] [--layers 8] [--steps 5] [--warmup 3] [--iters 10]
+//                    [--torch-ns-ms <torch's bf16 NS over the same matrices, ms>]
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
-#include "kernels/common/gain_param.h"
-#include "kernels/cuda/fused_passes.h"
+#include "kernels/common/ns_coeffs.h"
+#include "kernels/cuda/device_status.h"
 #include "kernels/cuda/newton_schulz.h"
 
 namespace cu = mdopt::kernels::cuda;
-using mdopt::kernels::Base;
-using mdopt::kernels::Gains;
-using mdopt::kernels::Sphere;
-using mdopt::kernels::UpdateRule;
+using mdopt::kernels::NsCoeffSet;
+using mdopt::kernels::NsForm;
 
 namespace {
 
@@ -53,6 +53,7 @@ struct Shape {
   int64_t m, n;
 };
 
+// The order of torch_baselines.py's shapes().
 std::vector<Shape> GptShapes(int64_t d, int layers) {
   std::vector<Shape> s;
   for (int l = 0; l < layers; ++l) {
@@ -62,8 +63,6 @@ std::vector<Shape> GptShapes(int64_t d, int layers) {
   }
   return s;
 }
-
-std::vector<void*> g_allocs;
 
 // Uniform in [-scale sqrt(3), scale sqrt(3)] (standard deviation `scale`) from a
 // splitmix64 stream: hundreds of millions of values in seconds, not minutes.
@@ -77,16 +76,6 @@ void FillRandom(std::vector<float>* h, float scale, uint64_t seed) {
     z ^= z >> 31;
     v = (static_cast<float>(static_cast<int32_t>(z >> 40) - 8388608)) * k;
   }
-}
-
-float* DeviceFill(size_t n, float scale, uint64_t seed, bool random) {
-  std::vector<float> h(n, scale);
-  if (random) FillRandom(&h, scale, seed);
-  void* p = nullptr;
-  CHECK_CUDA(cudaMalloc(&p, n * sizeof(float)));
-  CHECK_CUDA(cudaMemcpy(p, h.data(), n * sizeof(float), cudaMemcpyHostToDevice));
-  g_allocs.push_back(p);
-  return static_cast<float*>(p);
 }
 
 struct Timing {
@@ -117,49 +106,28 @@ Timing Time(int warmup, int iters, Fn&& fn) {
   return t;
 }
 
-// A bucket of every matrix under `rule`, with random weights and gradients.
-std::unique_ptr<cu::FusedBucket> MakeBucket(const UpdateRule& rule, const std::vector<Shape>& shapes,
-                                            int64_t* params) {
-  std::vector<cu::MatrixBuffers> bufs;
-  const float one = static_cast<float>(mdopt::kernels::GainRawForOne(rule.gain_param));
-  *params = 0;
-  for (size_t k = 0; k < shapes.size(); ++k) {
-    const Shape& s = shapes[k];
-    const size_t mn = static_cast<size_t>(s.m * s.n);
-    *params += static_cast<int64_t>(mn);
-    cu::MatrixBuffers b;
-    b.m = s.m;
-    b.n = s.n;
-    b.w = DeviceFill(mn, 1.0f / std::sqrt(static_cast<float>(s.n)), 10 + k, true);
-    b.grad = DeviceFill(mn, 1e-3f, 1000 + k, true);
-    b.state0 = DeviceFill(mn, 0.0f, 0, false);
-    if (rule.base == Base::kAdamW) b.state1 = DeviceFill(mn, 0.0f, 0, false);
-    b.row_raw = DeviceFill(s.m, one, 0, false);
-    b.row_exp_avg = DeviceFill(s.m, 0.0f, 0, false);
-    b.row_exp_avg_sq = DeviceFill(s.m, 0.0f, 0, false);
-    b.col_raw = DeviceFill(s.n, one, 0, false);
-    b.col_exp_avg = DeviceFill(s.n, 0.0f, 0, false);
-    b.col_exp_avg_sq = DeviceFill(s.n, 0.0f, 0, false);
-    b.radius = DeviceFill(1, std::sqrt(static_cast<float>(std::max(s.m, s.n))), 0, false);
-    bufs.push_back(b);
-  }
-  std::unique_ptr<cu::FusedBucket> bucket;
-  CHECK_OK(cu::FusedBucket::Create(rule, bufs, &bucket));
-  return bucket;
-}
+// One batch of same-shape matrices on the device.
+struct Group {
+  Shape shape;
+  int64_t batch = 0;
+  float* x = nullptr;
+};
 
 }  // namespace
 
 int main(int argc, char** argv) {
   int64_t d = 2048;
-  int layers = 8, warmup = 3, iters = 10;
+  int layers = 8, steps = 5, warmup = 3, iters = 10;
+  double torch_ns_ms = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
-    const long v = std::strtol(argv[i + 1], nullptr, 10);
-    if (k == "--d") d = v;
-    else if (k == "--layers") layers = static_cast<int>(v);
-    else if (k == "--warmup") warmup = static_cast<int>(v);
-    else if (k == "--iters") iters = static_cast<int>(v);
+    const char* v = argv[i + 1];
+    if (k == "--d") d = std::strtol(v, nullptr, 10);
+    else if (k == "--layers") layers = static_cast<int>(std::strtol(v, nullptr, 10));
+    else if (k == "--steps") steps = static_cast<int>(std::strtol(v, nullptr, 10));
+    else if (k == "--warmup") warmup = static_cast<int>(std::strtol(v, nullptr, 10));
+    else if (k == "--iters") iters = static_cast<int>(std::strtol(v, nullptr, 10));
+    else if (k == "--torch-ns-ms") torch_ns_ms = std::strtod(v, nullptr);
     else {
       std::fprintf(stderr, "unknown option %s\n", k.c_str());
       return 2;
@@ -173,78 +141,83 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
   const std::vector<Shape> shapes = GptShapes(d, layers);
-
-  UpdateRule adamw;  // md-adamw
-  adamw.base = Base::kAdamW;
-  adamw.lr = 1e-3;
-  UpdateRule muon;  // md-muon (UpdateRule's defaults)
+  std::map<std::pair<int64_t, int64_t>, int64_t> counts;
   int64_t params = 0;
-  cu::StepNumbers s;
-  double adamw_ms = 0, adamw_min = 0, muon_ms = 0, muon_min = 0;
-  int adamw_launches = 0, muon_launches = 0;
-  int64_t adamw_ws = 0, muon_ws = 0;
-  {
-    std::unique_ptr<cu::FusedBucket> b = MakeBucket(adamw, shapes, &params);
-    s.lr = adamw.lr;
-    s.gain_lr = adamw.gain_lr;
-    int64_t t = 0;
-    const Timing tm = Time(warmup, iters, [&] {
-      s.t = ++t;
-      CHECK_OK(b->Step(s, nullptr));
-    });
-    adamw_ms = tm.mean_ms;
-    adamw_min = tm.min_ms;
-    adamw_launches = b->launches_per_step();
-    adamw_ws = b->workspace_bytes();
+  for (const Shape& s : shapes) {
+    ++counts[{s.m, s.n}];
+    params += s.m * s.n;
   }
-  for (void* p : g_allocs) cudaFree(p);
-  g_allocs.clear();
-  {
-    std::unique_ptr<cu::FusedBucket> b = MakeBucket(muon, shapes, &params);
-    s.lr = muon.lr;
-    s.gain_lr = muon.gain_lr;
-    int64_t t = 0;
-    const Timing tm = Time(warmup, iters, [&] {
-      s.t = ++t;
-      CHECK_OK(b->Step(s, nullptr));
-    });
-    muon_ms = tm.mean_ms;
-    muon_min = tm.min_ms;
-    muon_launches = b->launches_per_step();
-    muon_ws = b->workspace_bytes();
-  }
-  for (void* p : g_allocs) cudaFree(p);
-  g_allocs.clear();
-  // Newton-Schulz alone: one batch per shape, 5 quintic iterations.
-  std::map<std::pair<int64_t, int64_t>, int64_t> groups;
-  for (const Shape& sh : shapes) ++groups[{sh.m, sh.n}];
-  std::vector<std::unique_ptr<cu::BatchedNewtonSchulz>> ns;
-  double flops = 0;
-  for (const auto& [shape, count] : groups) {
-    std::unique_ptr<cu::BatchedNewtonSchulz> x;
-    CHECK_OK(cu::BatchedNewtonSchulz::Create(count, shape.first, shape.second,
-                                             mdopt::kernels::NsCoeffSet::kQuintic, 5, &x));
+
+  std::unique_ptr<cu::NewtonSchulzRunner> ns;
+  CHECK_OK(cu::NewtonSchulzRunner::Create(&ns));
+  std::vector<Group> groups;
+  int64_t ws_bytes = 0;
+  for (const auto& [shape, count] : counts) {
+    Group g;
+    g.shape = {shape.first, shape.second};
+    g.batch = count;
     const size_t n = static_cast<size_t>(count * shape.first * shape.second);
     std::vector<float> h(n);
-    FillRandom(&h, 1.0f, 5);
-    CHECK_CUDA(cudaMemcpy(x->input(), h.data(), n * sizeof(float), cudaMemcpyHostToDevice));
-    flops += x->flops();
-    ns.push_back(std::move(x));
+    FillRandom(&h, 1.0f, 5 + groups.size());
+    CHECK_CUDA(cudaMalloc(&g.x, n * sizeof(float)));
+    CHECK_CUDA(cudaMemcpy(g.x, h.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+    for (NsForm form : {NsForm::kAuto, NsForm::kStandard}) {
+      ws_bytes = std::max(ws_bytes, cu::NewtonSchulzRunner::WorkspaceBytes(count, shape.first, shape.second, form, true));
+      CHECK_OK(ns->Prepare(count, shape.first, shape.second, form, true));
+    }
+    groups.push_back(g);
   }
-  const Timing nt = Time(warmup, iters, [&] {
-    for (auto& x : ns) CHECK_OK(x->Run(nullptr));
+  void* ws = nullptr;
+  CHECK_CUDA(cudaMalloc(&ws, static_cast<size_t>(ws_bytes)));
+
+  // NS overwrites its input with O; the next repetition runs on that O, which costs the
+  // same (the GEMMs do not depend on the values).
+  const auto run = [&](const Group& g, NsForm form) {
+    CHECK_OK(ns->Run(NsCoeffSet::kQuintic, steps, g.batch, g.shape.m, g.shape.n, g.x,
+                     g.shape.m * g.shape.n, form, true, ws, ws_bytes, nullptr));
+  };
+  double flops = 0, flops_standard = 0;
+  int64_t launches = 0;
+  std::string per_shape;
+  for (const Group& g : groups) {
+    const NsForm form = cu::NewtonSchulzRunner::Resolve(NsForm::kAuto, g.shape.m, g.shape.n);
+    const double f = cu::NewtonSchulzRunner::Flops(steps, g.batch, g.shape.m, g.shape.n, form);
+    flops += f;
+    flops_standard += cu::NewtonSchulzRunner::Flops(steps, g.batch, g.shape.m, g.shape.n, NsForm::kStandard);
+    launches += cu::NewtonSchulzRunner::Launches(steps, g.batch, g.shape.m, g.shape.n, form, true);
+    const Timing t = Time(warmup, iters, [&] { run(g, NsForm::kAuto); });
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "%s{\"m\": %lld, \"n\": %lld, \"batch\": %lld, \"form\": \"%s\", \"ms\": %.4f, "
+                  "\"min_ms\": %.4f, \"tflops\": %.1f}",
+                  per_shape.empty() ? "" : ",\n   ", static_cast<long long>(g.shape.m),
+                  static_cast<long long>(g.shape.n), static_cast<long long>(g.batch),
+                  form == NsForm::kGram ? "gram" : "standard", t.mean_ms, t.min_ms,
+                  f / (t.mean_ms * 1e-3) / 1e12);
+    per_shape += buf;
+  }
+  const Timing all = Time(warmup, iters, [&] {
+    for (const Group& g : groups) run(g, NsForm::kAuto);
+  });
+  const Timing standard = Time(warmup, iters, [&] {
+    for (const Group& g : groups) run(g, NsForm::kStandard);
   });
   CHECK_CUDA(cudaDeviceSynchronize());
+  char ratio[64] = "null";
+  if (torch_ns_ms > 0) std::snprintf(ratio, sizeof ratio, "%.3f", all.mean_ms / torch_ns_ms);
   std::printf(
-      "{\"device\": \"%s\", \"d\": %lld, \"layers\": %d, \"matrices\": %zu, \"params\": %lld,\n"
-      " \"md_adamw_ms\": %.4f, \"md_adamw_min_ms\": %.4f, \"md_adamw_launches\": %d, "
-      "\"md_adamw_workspace_bytes\": %lld,\n"
-      " \"md_muon_ms\": %.4f, \"md_muon_min_ms\": %.4f, \"md_muon_launches\": %d, "
-      "\"md_muon_workspace_bytes\": %lld,\n"
-      " \"ns_ms\": %.4f, \"ns_min_ms\": %.4f, \"ns_tflops\": %.1f}\n",
-      prop.name, static_cast<long long>(d), layers, shapes.size(), static_cast<long long>(params),
-      adamw_ms, adamw_min, adamw_launches, static_cast<long long>(adamw_ws), muon_ms, muon_min,
-      muon_launches, static_cast<long long>(muon_ws), nt.mean_ms, nt.min_ms,
-      flops / (nt.mean_ms * 1e-3) / 1e12);
+      "{\"device\": \"%s\", \"d\": %lld, \"layers\": %d, \"matrices\": %zu, \"params\": %lld, "
+      "\"steps\": %d,\n"
+      " \"ns_ms\": %.4f, \"ns_min_ms\": %.4f, \"ns_tflops\": %.1f, \"ns_launches\": %lld, "
+      "\"ns_workspace_bytes\": %lld,\n"
+      " \"ns_standard_ms\": %.4f, \"ns_standard_tflops\": %.1f,\n"
+      " \"ns_vs_torch\": %s, \"ns_vs_torch_goal\": 0.6,\n"
+      " \"ns_shapes\": [%s]}\n",
+      prop.name, static_cast<long long>(d), layers, shapes.size(), static_cast<long long>(params), steps,
+      all.mean_ms, all.min_ms, flops / (all.mean_ms * 1e-3) / 1e12, static_cast<long long>(launches),
+      static_cast<long long>(ws_bytes), standard.mean_ms,
+      flops_standard / (standard.mean_ms * 1e-3) / 1e12, ratio, per_shape.c_str());
+  for (Group& g : groups) cudaFree(g.x);
+  cudaFree(ws);
   return 0;
 }

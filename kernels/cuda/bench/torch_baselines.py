@@ -3,7 +3,8 @@ d=2048, 8 layers, ffn 4x, the hidden matrices only), float32 parameters and grad
   - torch.optim.AdamW(fused=True), betas (0.9, 0.95): the md-adamw comparison;
   - torch.optim.Muon (when this torch has it): the md-muon comparison;
   - torch's bf16 Newton-Schulz (the quintic iteration torch.optim.Muon and modded-nanogpt
-    run, one matrix at a time, 5 steps): the comparison for Newton-Schulz alone.
+    run, one matrix at a time, 5 steps): the comparison for Newton-Schulz alone, over all
+    matrices and per shape (mdopt-cuda-bench prints the same per shape).
 Each is timed with CUDA events: `warmup` untimed steps, then the mean and min of `iters`.
 Prints one JSON object.
 
@@ -97,6 +98,12 @@ def main():
     with torch.no_grad():
         out["torch_ns_bf16_ms"], out["torch_ns_bf16_min_ms"] = timed(
             lambda: [ns_bf16(g) for g in gs], args.warmup, args.iters)
+        # Per shape, to set beside mdopt-cuda-bench's ns_shapes.
+        out["torch_ns_bf16_shapes"] = []
+        for m, n in sorted(set(sh)):
+            mine = [g for g in gs if tuple(g.shape) == (m, n)]
+            ms, _ = timed(lambda: [ns_bf16(g) for g in mine], args.warmup, args.iters)
+            out["torch_ns_bf16_shapes"].append({"m": m, "n": n, "batch": len(mine), "ms": ms})
     print(json.dumps(out))
 
 
