@@ -88,6 +88,7 @@ mdopt_status Fail(mdopt_status code, std::string message) {
 
 mdopt_status Report(const absl::Status& s) {
   if (s.ok()) return MDOPT_SUCCESS;
+  if (mdopt::kernels::IsDeviceError(s)) return Fail(MDOPT_DEVICE_ERROR, std::string(s.message()));
   if (s.code() == absl::StatusCode::kResourceExhausted &&
       s.message().find("out of memory") == absl::string_view::npos) {
     return Fail(MDOPT_OUT_OF_MEMORY, absl::StrCat("out of memory: ", s.message()));

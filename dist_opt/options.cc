@@ -16,15 +16,20 @@ absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options
   absl::StatusOr<std::vector<KeyValue>> pairs = SplitKeyValues(options, "option");
   if (!pairs.ok()) return pairs.status();
   OptimizerOptions o;
+  bool ns_dtype_given = false;
   for (const auto& [key, value] : *pairs) {
     if (key == "device") {
       if (value == "cpu") continue;
       int device;
       absl::string_view ordinal = value;
       if (absl::ConsumePrefix(&ordinal, "cuda:") && absl::SimpleAtoi(ordinal, &device) &&
-          device >= 0) {
-        return absl::UnimplementedError(absl::StrCat(
-            "option device=cuda:", device, ": this build of mdopt has no CUDA backend"));
+          device >= 0 && device < 1024) {
+        if (!kernels::CudaBackendBuilt()) {
+          return absl::UnimplementedError(absl::StrCat(
+              "option device=cuda:", device, ": this build of mdopt has no CUDA backend"));
+        }
+        o.device = absl::StrCat("cuda:", device);
+        continue;
       }
       return absl::InvalidArgumentError(
           absl::StrCat("option 'device': bad value '", value, "' (cpu or cuda:K)"));
@@ -43,11 +48,10 @@ absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options
             absl::StrCat("option 'kernels': bad value '", value, "' (fast or reference)"));
       }
     } else if (key == "ns_dtype") {
+      ns_dtype_given = true;
       if (value == "f32") {
         o.ns_bf16 = false;
       } else if (value == "bf16") {
-        const std::string why = kernels::Bf16NsUnavailableReason();
-        if (!why.empty()) return absl::UnimplementedError(absl::StrCat("option ns_dtype=bf16: ", why));
         o.ns_bf16 = true;
       } else {
         return absl::InvalidArgumentError(
@@ -107,11 +111,34 @@ absl::StatusOr<OptimizerOptions> ParseOptimizerOptions(absl::string_view options
             absl::StrCat("option 'update_norms': bad value '", value, "' (0 or 1)"));
       }
       o.update_norms = value == "1";
+    } else if (key == "comm_pad") {
+      if (value == "auto") {
+        o.comm_pad = OptimizerOptions::CommPad::kAuto;
+      } else if (value == "on") {
+        o.comm_pad = OptimizerOptions::CommPad::kOn;
+      } else if (value == "off") {
+        o.comm_pad = OptimizerOptions::CommPad::kOff;
+      } else {
+        return absl::InvalidArgumentError(
+            absl::StrCat("option 'comm_pad': bad value '", value, "' (auto, on or off)"));
+      }
     } else {
       return absl::InvalidArgumentError(absl::StrCat(
           "option '", key, "' is unknown (known: device, threads, kernels, ns_dtype, "
-          "ns_form, ns_comm_dtype, grad_comm_dtype, grads, gather, bucket_mb, comm_timeout_s, update_norms)"));
+          "ns_form, ns_comm_dtype, grad_comm_dtype, grads, gather, bucket_mb, comm_timeout_s, update_norms, comm_pad)"));
     }
+  }
+  // Newton-Schulz in bf16 by default on a GPU (tensor cores), in float32 on the CPU; a CPU
+  // takes bf16 only where its matmul has it.
+  const bool cuda = o.device != "cpu";
+  if (!ns_dtype_given) o.ns_bf16 = cuda;
+  if (o.ns_bf16 && !cuda) {
+    const std::string why = kernels::Bf16NsUnavailableReason();
+    if (!why.empty()) return absl::UnimplementedError(absl::StrCat("option ns_dtype=bf16: ", why));
+  }
+  if (cuda && o.kernels == OptimizerOptions::Kernels::kReference) {
+    return absl::UnimplementedError(absl::StrCat(
+        "option kernels=reference runs on the CPU only (device=", o.device, ")"));
   }
   return o;
 }

@@ -81,7 +81,7 @@ class ScheduledEngine final : public Engine {
   void BuildExchanges(int b, const BucketBuffers& buf);
   // Hands the registry's pointers of params [first, first + count) (count < 0: to the end)
   // to the backend.
-  void BindPointers(int64_t first = 0, int64_t count = -1);
+  absl::Status BindPointers(int64_t first = 0, int64_t count = -1);
   // Starts a collective through `start` into *out and charges its bytes to *ledger.
   template <typename F>
   absl::Status Issue(int64_t* ledger, RequestPtr* out, F&& start);
@@ -129,6 +129,7 @@ kernels::BackendConfig ScheduledEngine::Describe() const {
   c.check_len = static_cast<int64_t>(params_.size());
   for (const ParamEntry& p : params_) {
     kernels::ParamDesc d;
+    d.name = p.name;
     d.group = p.group;
     d.experts = p.experts;
     d.m = p.m;
@@ -168,6 +169,7 @@ kernels::BackendConfig ScheduledEngine::Describe() const {
     d.total = bp.total;
     int64_t start = 0;  // rank r's segment in the bucket's rank-major buffers
     for (int r = 0; r < world_; ++r) {
+      const size_t first_span = d.grad_pack.size();  // rank r's spans start here
       for (size_t q = 0; q < bp.slots.size(); ++q) {
         const SlotPlan& sp = plan_.slots[bp.slots[q]];
         const int64_t at = start + bp.Offset(q, r, world_);
@@ -179,6 +181,16 @@ kernels::BackendConfig ScheduledEngine::Describe() const {
         }
         if (Sharded() && rows > 0) {
           (r == rank_ ? d.weight_pack : d.weight_unpack).push_back({sp.param, tensor, at, rows * sp.n, 0});
+        }
+      }
+      // Equal segments: zeros after the last rows of the segment (the weights' tail is sent
+      // and never unpacked).
+      const int64_t tail = bp.seg[r] - bp.rows[r];
+      if (Segmented() && tail > 0) {
+        if (d.grad_pack.size() > first_span) {
+          d.grad_pack.back().pad += tail;
+        } else {
+          d.grad_pack.push_back({plan_.slots[bp.slots[0]].param, 0, start + bp.rows[r], 0, tail});
         }
       }
       start += bp.seg[r];
@@ -249,11 +261,11 @@ void ScheduledEngine::BuildExchanges(int b, const BucketBuffers& buf) {
   scatter.insert(scatter.end(), receives.begin(), receives.end());
 }
 
-void ScheduledEngine::BindPointers(int64_t first, int64_t count) {
+absl::Status ScheduledEngine::BindPointers(int64_t first, int64_t count) {
   if (count < 0) count = static_cast<int64_t>(params_.size()) - first;
   for (int64_t i = first; i < first + count; ++i) ptrs_[i] = {params_[i].param, params_[i].grad};
-  backend_->BindParams(first, absl::MakeConstSpan(ptrs_).subspan(static_cast<size_t>(first),
-                                                                   static_cast<size_t>(count)));
+  return backend_->BindParams(first, absl::MakeConstSpan(ptrs_).subspan(static_cast<size_t>(first),
+                                                                          static_cast<size_t>(count)));
 }
 
 template <typename F>
@@ -290,10 +302,25 @@ absl::Status ScheduledEngine::SumRecord(double* record, int64_t len, int64_t* le
 }
 
 absl::Status ScheduledEngine::Init() {
+  using CommPad = OptimizerOptions::CommPad;
   PlanOptions po;
   po.world = world_;
   po.bucket_bytes = opt_.bucket_bytes;
+  po.equal_segments = Sharded() && (opt_.comm_pad == CommPad::kOn ||
+                                    (opt_.comm_pad == CommPad::kAuto && comm_->equal_counts_only()));
+  po.grad_comm_bytes = !Segmented() ? 0 : opt_.grad_comm_bf16 ? 2 : 4;
   plan_ = BuildShardPlan(params_, groups_, po);
+  if (Sharded() && !po.equal_segments && comm_->equal_counts_only()) {
+    for (size_t b = 0; b < plan_.buckets.size(); ++b) {
+      const std::vector<int64_t>& seg = plan_.buckets[b].seg;
+      if (std::equal(seg.begin() + 1, seg.end(), seg.begin())) continue;
+      const auto [lo, hi] = std::minmax_element(seg.begin(), seg.end());
+      return absl::InvalidArgumentError(absl::StrCat(
+          "comm_pad=off: the ranks' segments of bucket ", b, " differ in length (", *lo, " to ",
+          *hi, " elements) and the '", comm_->backend(),
+          "' communicator takes equal counts only (comm_pad=auto or on pads them)"));
+    }
+  }
   const size_t B = plan_.buckets.size();
   ptrs_.resize(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) ptrs_[i] = {params_[i].param, params_[i].grad};
@@ -371,11 +398,11 @@ absl::Status ScheduledEngine::GradsReady(int64_t first, int64_t count, void* str
   }
   if (!Segmented()) return absl::OkStatus();
   if (next_rs_ == 0) traffic_ = StepTraffic{};
-  // The gradients were written on the caller's stream.
-  backend_->Join(stream);
   // The trainer may give gradient buffers between calls (torch allocates them in backward):
   // the params reported now are bound now (a call per param costs O(1), not O(params)).
-  BindPointers(first, count);
+  if (absl::Status s = BindPointers(first, count); !s.ok()) return s;
+  // The gradients were written on the caller's stream.
+  backend_->Join(stream);
   for (int64_t i = first; i < first + count; ++i) param_ready_[i] = 1;
   // Buckets start in bucket order on every rank, whatever order the trainer reports in.
   while (next_rs_ < plan_.buckets.size()) {
@@ -386,12 +413,15 @@ absl::Status ScheduledEngine::GradsReady(int64_t first, int64_t count, void* str
     if (absl::Status s = StartReduceScatter(static_cast<int>(next_rs_)); !s.ok()) return s;
     ++next_rs_;
   }
+  // The caller may reuse the gradient buffers once its stream has passed this point: the
+  // packs queued above read them first.
+  backend_->Release(stream);
   return absl::OkStatus();
 }
 
 absl::Status ScheduledEngine::Step(double lr_scale, void* stream) {
+  if (absl::Status s = BindPointers(); !s.ok()) return s;
   if (next_rs_ == 0) traffic_ = StepTraffic{};
-  BindPointers();
   backend_->Join(stream);
   for (size_t g = 0; g < groups_.size(); ++g) {
     const kernels::UpdateRule& r = groups_[g].spec.rule;
@@ -514,7 +544,7 @@ absl::Status ScheduledEngine::StartWeightGather(int b) {
 }
 
 absl::Status ScheduledEngine::GatherParamsNow() {
-  BindPointers();
+  if (absl::Status s = BindPointers(); !s.ok()) return s;
   for (size_t b = 0; b < plan_.buckets.size(); ++b) {
     const int bi = static_cast<int>(b);
     if (absl::Status s = StartWeightGather(bi); !s.ok()) return s;
@@ -534,7 +564,7 @@ absl::Status ScheduledEngine::GatherParams(void* stream) {
 }
 
 absl::Status ScheduledEngine::WriteModels() {
-  BindPointers();
+  if (absl::Status s = BindPointers(); !s.ok()) return s;
   backend_->WriteModelRows();
   if (Sharded()) return GatherParamsNow();
   return absl::OkStatus();

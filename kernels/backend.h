@@ -30,6 +30,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/cord.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "kernels/common/dtype.h"
 #include "kernels/common/ns_coeffs.h"
@@ -37,8 +39,21 @@
 
 namespace mdopt::kernels {
 
+// A fault of the device or its runtime (a failed kernel, a CUDA error): MDOPT_DEVICE_ERROR at
+// the C ABI. absl has no code of its own for it, so it is kInternal marked with a payload.
+inline constexpr absl::string_view kDeviceErrorPayload = "mdopt.device_error";
+inline absl::Status DeviceError(absl::string_view message) {
+  absl::Status s = absl::InternalError(message);
+  s.SetPayload(kDeviceErrorPayload, absl::Cord("1"));
+  return s;
+}
+inline bool IsDeviceError(const absl::Status& s) {
+  return s.GetPayload(kDeviceErrorPayload).has_value();
+}
+
 // One parameter tensor: `experts` matrices of m x n, its rule and its model pointers.
 struct ParamDesc {
+  std::string name;               // for messages (a pointer refused at BindParams)
   int group = 0;                  // index into BeginStep's per-group scalars
   int64_t experts = 1, m = 1, n = 1;
   Dtype param_dtype = Dtype::kF32, grad_dtype = Dtype::kF32;
@@ -214,8 +229,10 @@ class StepBackend {
   virtual void InitProject(int bucket) = 0;
 
   // --- One step. BindParams first (pointers may change between steps), then BeginStep.
-  // ptrs are the pointers of params [first, first + ptrs.size()).
-  virtual void BindParams(int64_t first, absl::Span<const ParamPointers> ptrs) = 0;
+  // ptrs are the pointers of params [first, first + ptrs.size()). InvalidArgument, naming
+  // the param, for a pointer this backend cannot use (host memory for a device backend, or
+  // another device's); nothing is bound then.
+  virtual absl::Status BindParams(int64_t first, absl::Span<const ParamPointers> ptrs) = 0;
   virtual void BeginStep(absl::Span<const GroupScalars> groups) = 0;
   // Model gradients -> the bucket's staging buffer (grad comm dtype; bf16 upcast to f32).
   virtual void PackGrads(int bucket) = 0;

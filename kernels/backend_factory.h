@@ -13,18 +13,23 @@
 namespace mdopt::kernels {
 
 struct BackendRequest {
-  std::string device = "cpu";  // "cpu" (a "cuda:K" device has no backend in this build)
+  std::string device = "cpu";  // "cpu" or "cuda:K" (builds with the CUDA backend)
   int threads = 0;             // CPU: OpenMP threads per call (0: the caller's setting)
 };
 
-// Unimplemented for a device this build cannot serve.
+// Unimplemented for a device this build or machine cannot serve (no CUDA backend built, no
+// such CUDA device), with the reason.
 absl::StatusOr<std::unique_ptr<StepBackend>> MakeBackend(const BackendRequest& request);
+
+// Whether this build has the CUDA backend (device=cuda:K).
+bool CudaBackendBuilt();
 
 // Why ns_dtype=bf16 cannot run on the CPU here ("" when it can).
 std::string Bf16NsUnavailableReason();
 
-// One line about the CPU backend's runtime for mdopt_runtime_info: BLAS and its kernel
-// family, threads, ISA, whether oneDNN's bf16 matmul can run.
+// One line about the backends' runtime for mdopt_runtime_info: BLAS and its kernel family,
+// threads, ISA, whether oneDNN's bf16 matmul can run; the CUDA runtime and devices
+// ("cuda=no" without the CUDA backend).
 std::string BackendRuntimeInfo();
 
 }  // namespace mdopt::kernels

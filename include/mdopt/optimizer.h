@@ -28,7 +28,8 @@ typedef enum { MDOPT_DTYPE_F32 = 0, MDOPT_DTYPE_BF16 = 1 } mdopt_dtype;
 /* One tensor of the model. W is row-major; a 2-D tensor is d_out x d_in (shape[0] rows),
  * a 3-D tensor is a stack of shape[0] independent shape[1] x shape[2] matrices (MoE
  * experts), a 1-D tensor is a vector (no sphere, no gains). Unused shape entries are
- * ignored. Pointers are host memory for device=cpu.
+ * ignored. Pointers are host memory for device=cpu, device memory on device K for
+ * device=cuda:K.
  *
  * Versioned by struct_size (docs/ABI.md, "Versioning"): fields are only ever appended, the
  * library reads only the fields that lie within struct_size, and accepts any struct_size
@@ -99,7 +100,8 @@ static inline mdopt_step_info mdopt_step_info_init(void) {
 /* options: space-separated key=value, each at most once, all optional:
  *   device=cpu (default) | cuda:K      threads=N (OpenMP threads; default: the OpenMP default)
  *   kernels=fast (default) | reference (the float64 unfused oracle, for tests and benchmarks)
- *   ns_dtype=f32 (default) | bf16      (Newton-Schulz products in bf16; needs oneDNN) */
+ *   ns_dtype=f32 | bf16                (Newton-Schulz products in bf16; default f32 on the CPU,
+ *                                        where bf16 needs oneDNN, bf16 on a GPU) */
 MDOPT_API mdopt_status mdopt_create(mdopt_comm* comm, const char* options, mdopt_optimizer** out);
 
 /* A named parameter group; spec = "preset=<name> key=value ...", see docs/ABI.md. */
@@ -134,7 +136,10 @@ MDOPT_API mdopt_status mdopt_set_pointers(mdopt_optimizer* opt, int64_t index, v
 MDOPT_API mdopt_status mdopt_finalize(mdopt_optimizer* opt);
 
 /* One optimizer step with every group's lr (and gain_lr) multiplied by lr_scale.
- * stream: a cudaStream_t for device=cuda:K, NULL on the CPU. info_or_null may be NULL.
+ * stream: a cudaStream_t for device=cuda:K (NULL: the legacy default stream), NULL on the
+ * CPU; the step is ordered after the work queued on it and before the work queued after the
+ * call. Without info the call returns with the step queued (no host wait). info_or_null may
+ * be NULL.
  * Non-finite gradients skip the step: nothing changes, info->skipped = 1, the call
  * returns MDOPT_SUCCESS and mdopt_last_error() names the first offending parameter.
  * info->struct_size outside [MDOPT_STEP_INFO_SIZE_V1, MDOPT_STRUCT_SIZE_MAX] is

@@ -84,8 +84,9 @@ class CpuBackend final : public StepBackend {
   bool InitRadii(int bucket, BadSlice* bad) override;
   void InitProject(int bucket) override;
 
-  void BindParams(int64_t first, absl::Span<const ParamPointers> ptrs) override {
+  absl::Status BindParams(int64_t first, absl::Span<const ParamPointers> ptrs) override {
     std::copy(ptrs.begin(), ptrs.end(), ptrs_.begin() + first);
+    return absl::OkStatus();
   }
   void BeginStep(absl::Span<const GroupScalars> groups) override;
   void PackGrads(int bucket) override;

@@ -384,9 +384,6 @@ TEST(CAbiCreate, NullArgumentsAndBadOptions) {
       {"threads=4097", MDOPT_INVALID_ARGUMENT, "threads"},
       {"kernels=bogus", MDOPT_INVALID_ARGUMENT, "kernels"},
       {"kernels=", MDOPT_INVALID_ARGUMENT, "kernels"},
-      // A valid request that this build (no CUDA backend yet) cannot serve. When the CUDA
-      // backend lands, this case belongs to a build without it.
-      {"device=cuda:0", MDOPT_UNSUPPORTED, "cuda"},
       {"device=tpu", MDOPT_INVALID_ARGUMENT, "device"},
       {"device=cuda:-1", MDOPT_INVALID_ARGUMENT, "device"},
       {"device=cuda:", MDOPT_INVALID_ARGUMENT, "device"},

@@ -7,6 +7,7 @@
 
 #include "absl/status/status.h"
 #include "dist_opt/options.h"
+#include "kernels/backend_factory.h"
 #include "kernels/cpu/newton_schulz_bf16.h"
 
 namespace mdopt {
@@ -32,6 +33,7 @@ TEST(OptimizerOptionsParse, EmptyTextGivesTheDefaults) {
     EXPECT_EQ(o.bucket_bytes, int64_t{16} << 20);
     EXPECT_EQ(o.comm_timeout_s, 600.0);
     EXPECT_FALSE(o.update_norms);
+    EXPECT_EQ(o.comm_pad, OptimizerOptions::CommPad::kAuto);
   }
 }
 
@@ -59,6 +61,9 @@ TEST(OptimizerOptionsParse, EveryKeySetsItsField) {
   EXPECT_EQ(MustParse("comm_timeout_s=1e7").comm_timeout_s, 1e7);
   EXPECT_TRUE(MustParse("update_norms=1").update_norms);
   EXPECT_FALSE(MustParse("update_norms=0").update_norms);
+  EXPECT_EQ(MustParse("comm_pad=auto").comm_pad, OptimizerOptions::CommPad::kAuto);
+  EXPECT_EQ(MustParse("comm_pad=on").comm_pad, OptimizerOptions::CommPad::kOn);
+  EXPECT_EQ(MustParse("comm_pad=off").comm_pad, OptimizerOptions::CommPad::kOff);
   // All together, in any order and with any whitespace.
   const OptimizerOptions o = MustParse(
       "\tupdate_norms=1 gather=deferred  grads=reduced\nbucket_mb=2 threads=3 kernels=reference "
@@ -97,6 +102,27 @@ TEST(OptimizerOptionsParse, NsFormWithEitherNsDtype) {
   }
 }
 
+// device=cuda:K is a valid request: a build with the CUDA backend takes it (Newton-Schulz
+// then defaults to bf16, the tensor cores' type), one without refuses it as unsupported.
+TEST(OptimizerOptionsParse, CudaDeviceDependsOnTheBuild) {
+  absl::StatusOr<OptimizerOptions> o = ParseOptimizerOptions("device=cuda:1");
+  if (!kernels::CudaBackendBuilt()) {
+    EXPECT_EQ(o.status().code(), absl::StatusCode::kUnimplemented);
+    EXPECT_EQ(o.status().message(), "option device=cuda:1: this build of mdopt has no CUDA backend");
+    return;
+  }
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->device, "cuda:1");
+  EXPECT_TRUE(o->ns_bf16);
+  EXPECT_FALSE(MustParse("device=cuda:0 ns_dtype=f32").ns_bf16);
+  EXPECT_FALSE(MustParse("device=cpu").ns_bf16);
+  // On a GPU ns_dtype=bf16 does not depend on this CPU, whatever the order of the keys.
+  EXPECT_TRUE(MustParse("ns_dtype=bf16 device=cuda:0").ns_bf16);
+  const absl::StatusOr<OptimizerOptions> ref = ParseOptimizerOptions("kernels=reference device=cuda:0");
+  EXPECT_EQ(ref.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(ref.status().message(), "option kernels=reference runs on the CPU only (device=cuda:0)");
+}
+
 TEST(OptimizerOptionsParse, RefusalsNameTheKey) {
   struct Case {
     const char* text;
@@ -105,7 +131,6 @@ TEST(OptimizerOptionsParse, RefusalsNameTheKey) {
   };
   using C = absl::StatusCode;
   const Case cases[] = {
-      {"device=cuda:0", C::kUnimplemented, "option device=cuda:0: this build of mdopt has no CUDA backend"},
       {"device=cuda:-1", C::kInvalidArgument, "option 'device': bad value 'cuda:-1' (cpu or cuda:K)"},
       {"device=gpu", C::kInvalidArgument, "option 'device': bad value 'gpu' (cpu or cuda:K)"},
       {"threads=0", C::kInvalidArgument, "option 'threads': bad value '0' (an integer in [1, 4096])"},
@@ -124,11 +149,12 @@ TEST(OptimizerOptionsParse, RefusalsNameTheKey) {
       {"comm_timeout_s=-1", C::kInvalidArgument, "option 'comm_timeout_s': bad value '-1' (seconds, in (0, 1e7])"},
       {"comm_timeout_s=inf", C::kInvalidArgument, "option 'comm_timeout_s': bad value 'inf' (seconds, in (0, 1e7])"},
       {"update_norms=yes", C::kInvalidArgument, "option 'update_norms': bad value 'yes' (0 or 1)"},
+      {"comm_pad=1", C::kInvalidArgument, "option 'comm_pad': bad value '1' (auto, on or off)"},
       {"grad_comm_dtype=fp16", C::kInvalidArgument,
        "option 'grad_comm_dtype': bad value 'fp16' (f32 or bf16)"},
       {"threads=2 colour=red", C::kInvalidArgument,
        "option 'colour' is unknown (known: device, threads, kernels, ns_dtype, ns_form, ns_comm_dtype, "
-       "grad_comm_dtype, grads, gather, bucket_mb, comm_timeout_s, update_norms)"},
+       "grad_comm_dtype, grads, gather, bucket_mb, comm_timeout_s, update_norms, comm_pad)"},
       // Malformed text, from the shared tokeniser.
       {"threads=1 threads=2", C::kInvalidArgument, "option key 'threads' is given twice"},
       {"threads", C::kInvalidArgument, "option: 'threads' is not of the form key=value (no '=')"},

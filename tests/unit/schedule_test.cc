@@ -170,7 +170,9 @@ class RecordingBackend final : public kernels::StepBackend {
     return true;
   }
   void InitProject(int b) override { Add("InitProject", b); }
-  void BindParams(int64_t, absl::Span<const kernels::ParamPointers>) override {}
+  absl::Status BindParams(int64_t, absl::Span<const kernels::ParamPointers>) override {
+    return absl::OkStatus();
+  }
   void BeginStep(absl::Span<const kernels::GroupScalars>) override { Add("BeginStep", -1); }
   void PackGrads(int b) override { Add("PackGrads", b); }
   void CheckFinite(int b) override { Add("CheckFinite", b); }

@@ -1,0 +1,646 @@
+// The CUDA backend's stage kernels (stage_kernels.h). Each element's arithmetic is
+// kernels/common/md_elementwise.h, the functions the CPU fast passes call, in the same order
+// of operations, so the two devices differ only by what nvcc contracts into FMAs and by the
+// order of the float64 sums (both fixed).
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "kernels/common/bf16.h"
+#include "kernels/common/gain_param.h"
+#include "kernels/common/md_elementwise.h"
+#include "kernels/common/update_rule.h"
+#include "kernels/cuda/stage_kernels.h"
+
+namespace mdopt::kernels::cuda {
+namespace {
+
+constexpr int kWarps = kTileCols / 32;
+constexpr int kCopyThreads = 256;
+
+__device__ __forceinline__ double WarpSum(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;  // lane 0 holds the sum, in a fixed tree order
+}
+
+// A fixed-order sum over a block of kTileCols threads; every thread gets the result.
+__device__ double BlockSum(double v, double* sm /* kWarps + 1 */) {
+  v = WarpSum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // sm may still be read by a previous call
+  if (lane == 0) sm[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double s = 0.0;
+    for (int w = 0; w < kWarps; ++w) s += sm[w];
+    sm[kWarps] = s;
+  }
+  __syncthreads();
+  return sm[kWarps];
+}
+
+__device__ __forceinline__ Sphere SphereOf(const DevParam& p) { return static_cast<Sphere>(p.sphere); }
+__device__ __forceinline__ Gains GainsOf(const DevParam& p) { return static_cast<Gains>(p.gains); }
+__device__ __forceinline__ GainParam GainParamOf(const DevParam& p) {
+  return static_cast<GainParam>(p.gain_param);
+}
+
+__device__ md::AdamScalars DeviceAdamScalars(const DevParam& p, double lr, int64_t t) {
+  md::AdamScalars a;
+  a.b1 = static_cast<float>(p.beta1);
+  a.b2 = static_cast<float>(p.beta2);
+  a.omb1 = static_cast<float>(1.0 - p.beta1);
+  a.omb2 = static_cast<float>(1.0 - p.beta2);
+  a.ibc1 = static_cast<float>(1.0 / (1.0 - pow(p.beta1, static_cast<double>(t))));
+  a.ibc2 = static_cast<float>(1.0 / (1.0 - pow(p.beta2, static_cast<double>(t))));
+  a.eps = static_cast<float>(p.eps);
+  a.lr = static_cast<float>(lr);
+  a.wdf = static_cast<float>(1.0 - lr * p.weight_decay);
+  return a;
+}
+
+__device__ float LoadValue(const void* base, bool bf16, int64_t e) {
+  return bf16 ? Bf16ToFloat(static_cast<const uint16_t*>(base)[e]) : static_cast<const float*>(base)[e];
+}
+
+// The partial sums of one tile: registers per column, shared memory per row and per tile.
+struct TileSums {
+  double col[kColChannels];
+  double tile[kTileChannels];
+};
+
+__device__ void RowDone(const double (&rv)[kRowChannels], int r,
+                        double (*row_sm)[kTileRows][kWarps]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int c = 0; c < kRowChannels; ++c) {
+    const double v = WarpSum(rv[c]);
+    if (lane == 0) row_sm[c][r][warp] = v;
+  }
+}
+
+template <TilePass P>
+__global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTile* tiles, bool init) {
+  __shared__ DevSlot s;
+  __shared__ DevParam p;
+  __shared__ double row_sm[kRowChannels][kTileRows][kWarps];
+  __shared__ double tile_sm[kTileChannels][kWarps];
+  const DevTile tile = tiles[blockIdx.x];
+  if (threadIdx.x == 0) {
+    s = t.slots[tile.slot];
+    p = t.params[s.param];
+  }
+  __syncthreads();
+  if (t.status->skip) return;  // uniform over the block
+  const Sphere sphere = SphereOf(p);
+  const Gains gains = GainsOf(p);
+  const GainParam gp = GainParamOf(p);
+  const bool tangent = p.tangent && sphere != Sphere::kNone;
+  if (P == TilePass::kPass2 && !s.muon) return;
+  if (P == TilePass::kRescale && init && (sphere == Sphere::kNone || p.preserve_init)) return;
+  if (P == TilePass::kWold && s.wold == nullptr) return;
+
+  const int64_t n = s.n;
+  const int64_t j = static_cast<int64_t>(tile.col_tile) * kTileCols + threadIdx.x;
+  const bool valid = j < n;
+  const int64_t i0 = static_cast<int64_t>(tile.row_tile) * kTileRows;
+  const int rows_here = static_cast<int>(s.rows - i0 < kTileRows ? s.rows - i0 : kTileRows);
+  const DevPointers ptr = t.ptrs[s.param];
+  float* w = s.aliases ? static_cast<float*>(ptr.param) + s.model_off : s.master;
+  uint16_t* model = s.aliases ? nullptr : static_cast<uint16_t*>(ptr.param) + s.model_off;
+  const void* grad = s.seg_grad;
+  bool grad_bf16 = s.seg_grad_bf16;
+  if (grad == nullptr && ptr.grad != nullptr) {
+    grad_bf16 = p.grad_bf16;
+    grad = grad_bf16 ? static_cast<const void*>(static_cast<const uint16_t*>(ptr.grad) + s.model_off)
+                     : static_cast<const void*>(static_cast<const float*>(ptr.grad) + s.model_off);
+  }
+
+  // Column values of this thread's column.
+  float col = 1.0f;
+  if (valid && HasColGains(gains)) col = md::EffectiveGain(gp, s.col_raw[j]);
+  const float inv_col = 1.0f / col;
+  const double scalar =
+      HasScalarGain(gains) ? GainValue<double>(gp, static_cast<double>(s.scalar_raw[0])) : 1.0;
+  float coef_col = 1.0f;
+  if (P == TilePass::kPass1 && tangent) {
+    if (sphere == Sphere::kFrobenius)
+      coef_col = static_cast<float>(md::RadialRatio(s.radial_dot[0], s.radial_dd[0]));
+    if (sphere == Sphere::kCol && valid)
+      coef_col = static_cast<float>(md::RadialRatio(s.radial_dot[j], s.radial_dd[j]));
+  }
+  float col_mult = col;  // kRescale
+  double frob = 1.0;
+  if (P == TilePass::kRescale) {
+    if (sphere == Sphere::kCol && valid)
+      col_mult = static_cast<float>(col * md::ProjectionFactor(s.radius[j], s.slice_sq[j]));
+    if (sphere == Sphere::kFrobenius) frob = md::ProjectionFactor(s.radius[0], s.slice_sq[0]);
+  }
+  const DevGroup g = t.groups[p.group];
+  const int64_t step_t = t.status->t + 1;
+  md::AdamScalars adam{};
+  if (P == TilePass::kPass1 && !s.muon) adam = DeviceAdamScalars(p, g.lr, step_t);
+  const float muon_step = static_cast<float>(g.lr * p.muon_scale);
+  const float muon_wdf = static_cast<float>(1.0 - g.lr * p.weight_decay);
+  const bool direct = s.direct;
+  const bool norms = P == TilePass::kRescale && !init && s.wold != nullptr;
+
+  TileSums acc;
+#pragma unroll
+  for (int c = 0; c < kColChannels; ++c) acc.col[c] = 0.0;
+#pragma unroll
+  for (int c = 0; c < kTileChannels; ++c) acc.tile[c] = 0.0;
+
+  for (int r = 0; r < rows_here; ++r) {
+    const int64_t i = i0 + r;
+    const int64_t e = i * n + j;
+    double rv[kRowChannels] = {0.0, 0.0};
+    constexpr bool kRowValues = P == TilePass::kRadial || P == TilePass::kPass1 ||
+                                P == TilePass::kPass2 || P == TilePass::kRescale;
+    const float row_gain =
+        kRowValues && HasRowGains(gains) ? md::EffectiveGain(gp, s.row_raw[i]) : 1.0f;
+    const double row_scale = scalar * row_gain;  // W_ij = D_ij * row_scale * col_j
+    const float inv_row = md::InverseRowScale(row_scale);
+    const float sr = static_cast<float>(row_scale);
+    if (valid) {
+      if constexpr (P == TilePass::kSliceSquares) {
+        const float v = w[e];
+        const double sq = static_cast<double>(v) * v;
+        rv[0] = sq;
+        acc.col[0] += sq;
+        acc.tile[0] += sq;
+      } else if constexpr (P == TilePass::kCheck) {
+        const double v = LoadValue(grad, grad_bf16, e);
+        acc.tile[0] += v * v;
+      } else if constexpr (P == TilePass::kWold) {
+        s.wold[e] = w[e];
+      } else if constexpr (P == TilePass::kRadial) {
+        const float gv = LoadValue(grad, grad_bf16, e);
+        const float d = md::Direction(w[e], inv_row, inv_col);
+        const float gd = md::DirectionGrad(gv, sr, col);
+        const double dot = static_cast<double>(gd) * d, dd = static_cast<double>(d) * d;
+        rv[0] = dot;
+        rv[1] = dd;
+        acc.col[0] += dot;
+        acc.col[1] += dd;
+        acc.tile[0] += dot;
+        acc.tile[1] += dd;
+      } else if constexpr (P == TilePass::kPass1) {
+        const float gv = LoadValue(grad, grad_bf16, e);
+        const float wv = w[e];
+        const float d = md::Direction(wv, inv_row, inv_col);
+        if (gains != Gains::kNone) {
+          const float dg = md::GainGradTerm(wv, inv_row, inv_col, gv);
+          rv[0] = static_cast<double>(dg * col);
+          acc.tile[0] += static_cast<double>(dg);
+          acc.col[0] += static_cast<double>(dg * sr);
+        }
+        float row_coef = 1.0f;
+        if (tangent && sphere == Sphere::kRow)
+          row_coef = static_cast<float>(md::RadialRatio(s.radial_dot[i], s.radial_dd[i]));
+        const float gd = tangent ? md::TangentDirectionGrad(gv, sr, col, row_coef, coef_col, d)
+                                 : md::DirectionGrad(gv, sr, col);
+        if (s.muon) {
+          const float b = md::MuonMomentum(p.momentum, s.state0[e], gd);
+          s.state0[e] = b;
+          s.x[e] = md::MuonInput(p.nesterov, p.momentum, b, gd);
+        } else {
+          const float m1 = md::AdamFirstMoment(adam, s.state0[e], gd);
+          const float m2 = md::AdamSecondMoment(adam, s.state1[e], gd);
+          s.state0[e] = m1;
+          s.state1[e] = m2;
+          const float dn = md::AdamApply(adam, d, m1, m2);
+          w[e] = dn;
+          if (direct) {
+            if (model != nullptr) model[e] = FloatToBf16(dn);
+          } else {
+            const double sq = static_cast<double>(dn) * dn;
+            rv[1] = sq;
+            acc.col[1] += sq;
+            acc.tile[1] += sq;
+          }
+        }
+      } else if constexpr (P == TilePass::kPass2) {
+        const float dn =
+            md::MuonApply(md::Direction(w[e], inv_row, inv_col), muon_wdf, muon_step, s.x[e]);
+        w[e] = dn;
+        if (direct) {
+          if (model != nullptr) model[e] = FloatToBf16(dn);
+        } else {
+          const double sq = static_cast<double>(dn) * dn;
+          rv[1] = sq;
+          acc.col[1] += sq;
+          acc.tile[1] += sq;
+        }
+      } else if constexpr (P == TilePass::kRescale) {
+        float wv = w[e];
+        if (!direct) {
+          double rm = scalar * row_gain * frob;
+          if (sphere == Sphere::kRow) rm *= md::ProjectionFactor(s.radius[i], s.slice_sq[i]);
+          wv = md::Rescale(wv, static_cast<float>(rm), col_mult);
+          w[e] = wv;
+          if (model != nullptr) model[e] = FloatToBf16(wv);
+        }
+        if (norms) {
+          const double nw = wv, diff = nw - static_cast<double>(s.wold[e]);
+          acc.tile[0] += diff * diff;
+          acc.tile[1] += nw * nw;
+        }
+      }
+    }
+    RowDone(rv, r, row_sm);
+  }
+
+  // The tile's partials into the scratch.
+  __syncthreads();
+  for (int q = threadIdx.x; q < kRowChannels * rows_here; q += kTileCols) {
+    const int c = q / rows_here, r = q % rows_here;
+    double sum = 0.0;
+    for (int wp = 0; wp < kWarps; ++wp) sum += row_sm[c][r][wp];
+    t.row_part[c * t.row_part_stride + s.row_part + (i0 + r) * s.col_tiles + tile.col_tile] = sum;
+  }
+  if (valid) {
+#pragma unroll
+    for (int c = 0; c < kColChannels; ++c)
+      t.col_part[c * t.col_part_stride + s.col_part + tile.row_tile * n + j] = acc.col[c];
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int c = 0; c < kTileChannels; ++c) {
+    const double v = WarpSum(acc.tile[c]);
+    if (lane == 0) tile_sm[c][warp] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < kTileChannels) {
+    double sum = 0.0;
+    for (int wp = 0; wp < kWarps; ++wp) sum += tile_sm[threadIdx.x][wp];
+    t.tile_part[threadIdx.x * t.tile_part_stride + s.tile_part + tile.index] = sum;
+  }
+}
+
+// Sums of one slot's partials in tile order.
+struct SlotPartials {
+  const DevTables& t;
+  const DevSlot& s;
+  __device__ double Row(int c, int64_t i) const {
+    const double* part = t.row_part + c * t.row_part_stride + s.row_part + i * s.col_tiles;
+    double sum = 0.0;
+    for (int k = 0; k < s.col_tiles; ++k) sum += part[k];
+    return sum;
+  }
+  __device__ double Col(int c, int64_t j) const {
+    const double* part = t.col_part + c * t.col_part_stride + s.col_part + j;
+    double sum = 0.0;
+    for (int k = 0; k < s.row_tiles; ++k) sum += part[k * s.n];
+    return sum;
+  }
+  // Every thread of the block must call it.
+  __device__ double Tiles(int c, double* sm) const {
+    const double* part = t.tile_part + c * t.tile_part_stride + s.tile_part;
+    const int64_t count = static_cast<int64_t>(s.row_tiles) * s.col_tiles;
+    double sum = 0.0;
+    for (int64_t k = threadIdx.x; k < count; k += kTileCols) sum += part[k];
+    return BlockSum(sum, sm);
+  }
+};
+
+// One slot's sums of a pass: `c` is the channel of the squares (the pass's sq channel).
+__device__ void CombineSliceSquares(const SlotPartials& sp, Sphere sphere, int c, double* sm) {
+  const DevSlot& s = sp.s;
+  if (sphere == Sphere::kRow)
+    for (int64_t i = threadIdx.x; i < s.rows; i += kTileCols) s.slice_sq[i] = sp.Row(c, i);
+  if (sphere == Sphere::kCol)
+    for (int64_t j = threadIdx.x; j < s.n; j += kTileCols) s.slice_sq[j] = sp.Col(c, j);
+  if (sphere == Sphere::kFrobenius) {
+    const double v = sp.Tiles(c, sm);
+    if (threadIdx.x == 0) s.slice_sq[0] = v;
+  }
+}
+
+template <TilePass P>
+__global__ void __launch_bounds__(kTileCols) CombineKernel(DevTables t, const int32_t* slots, bool init) {
+  __shared__ DevSlot s;
+  __shared__ DevParam p;
+  __shared__ double sm[kWarps + 1];
+  if (threadIdx.x == 0) {
+    s = t.slots[slots[blockIdx.x]];
+    p = t.params[s.param];
+  }
+  __syncthreads();
+  if (t.status->skip) return;
+  const SlotPartials sp{t, s};
+  const Sphere sphere = SphereOf(p);
+  const Gains gains = GainsOf(p);
+  if constexpr (P == TilePass::kSliceSquares) {
+    if (!s.holds || sphere == Sphere::kNone) return;
+    CombineSliceSquares(sp, sphere, 0, sm);
+  } else if constexpr (P == TilePass::kCheck) {
+    const double v = sp.Tiles(0, sm);
+    if (threadIdx.x == 0) s.check[0] = v;
+  } else if constexpr (P == TilePass::kRadial) {
+    if (!p.tangent || sphere == Sphere::kNone || !s.holds) return;
+    if (sphere == Sphere::kRow) {
+      for (int64_t i = threadIdx.x; i < s.rows; i += kTileCols) {
+        s.radial_dot[i] = sp.Row(0, i);
+        s.radial_dd[i] = sp.Row(1, i);
+      }
+    } else if (sphere == Sphere::kCol) {
+      for (int64_t j = threadIdx.x; j < s.n; j += kTileCols) {
+        s.radial_dot[j] = sp.Col(0, j);
+        s.radial_dd[j] = sp.Col(1, j);
+      }
+    } else {
+      const double dot = sp.Tiles(0, sm);
+      const double dd = sp.Tiles(1, sm);
+      if (threadIdx.x == 0) {
+        s.radial_dot[0] = dot;
+        s.radial_dd[0] = dd;
+      }
+    }
+  } else if constexpr (P == TilePass::kPass1) {
+    if (!s.holds) return;
+    const GainParam gp = GainParamOf(p);
+    const double scalar =
+        HasScalarGain(gains) ? GainValue<double>(gp, static_cast<double>(s.scalar_raw[0])) : 1.0;
+    if (HasRowGains(gains))
+      for (int64_t i = threadIdx.x; i < s.rows; i += kTileCols) s.row_grad[i] = sp.Row(0, i) * scalar;
+    if (HasColGains(gains))
+      for (int64_t j = threadIdx.x; j < s.n; j += kTileCols) s.col_grad[j] = sp.Col(0, j);
+    if (HasScalarGain(gains)) {
+      const double v = sp.Tiles(0, sm);
+      if (threadIdx.x == 0) s.scalar_grad[0] = v;
+    }
+    if (!s.muon && !s.direct && sphere != Sphere::kNone) CombineSliceSquares(sp, sphere, 1, sm);
+  } else if constexpr (P == TilePass::kPass2) {
+    if (!s.holds || !s.muon || s.direct || sphere == Sphere::kNone) return;
+    CombineSliceSquares(sp, sphere, 1, sm);
+  } else if constexpr (P == TilePass::kRescale) {
+    if (init || !s.holds) return;
+    double dsq = 0.0, wsq = 0.0;
+    if (s.wold != nullptr) {
+      dsq = sp.Tiles(0, sm);
+      wsq = sp.Tiles(1, sm);
+    }
+    if (threadIdx.x == 0) {
+      s.counters[0] = 1.0;
+      s.counters[1] = dsq;
+      s.counters[2] = wsq;
+    }
+  }
+}
+
+__global__ void CopyKernel(const CopyChunk* chunks, const DevPointers* ptrs, const void* src_base,
+                           bool src_bf16, void* dst_base, bool dst_bf16) {
+  const CopyChunk c = chunks[blockIdx.x];
+  char* dst = static_cast<char*>(c.dst_param >= 0 ? ptrs[c.dst_param].param : dst_base);
+  const int db = dst_bf16 ? 2 : 4, sb = src_bf16 ? 2 : 4;
+  dst += c.dst * db;
+  if (c.zero) {
+    for (int64_t e = threadIdx.x; e < c.count * db / 2; e += kCopyThreads)
+      reinterpret_cast<uint16_t*>(dst)[e] = 0;
+    return;
+  }
+  const char* src = static_cast<const char*>(
+      c.src_param >= 0 ? (c.src_grad ? ptrs[c.src_param].grad : ptrs[c.src_param].param) : src_base);
+  src += c.src * sb;
+  if (src_bf16 == dst_bf16) {  // bit for bit, whatever the values (NaN payloads included)
+    if (db == 4) {
+      for (int64_t e = threadIdx.x; e < c.count; e += kCopyThreads)
+        reinterpret_cast<uint32_t*>(dst)[e] = reinterpret_cast<const uint32_t*>(src)[e];
+    } else {
+      for (int64_t e = threadIdx.x; e < c.count; e += kCopyThreads)
+        reinterpret_cast<uint16_t*>(dst)[e] = reinterpret_cast<const uint16_t*>(src)[e];
+    }
+  } else if (src_bf16) {  // bf16 -> f32: exact
+    for (int64_t e = threadIdx.x; e < c.count; e += kCopyThreads)
+      reinterpret_cast<float*>(dst)[e] = Bf16ToFloat(reinterpret_cast<const uint16_t*>(src)[e]);
+  } else {  // f32 -> bf16: round to nearest even (kernels/common/bf16.h)
+    for (int64_t e = threadIdx.x; e < c.count; e += kCopyThreads)
+      reinterpret_cast<uint16_t*>(dst)[e] = FloatToBf16(reinterpret_cast<const float*>(src)[e]);
+  }
+}
+
+__global__ void __launch_bounds__(kTileCols) GainsKernel(DevTables t, const int32_t* slots) {
+  __shared__ DevSlot s;
+  __shared__ DevParam p;
+  if (threadIdx.x == 0) {
+    s = t.slots[slots[blockIdx.x]];
+    p = t.params[s.param];
+  }
+  __syncthreads();
+  if (t.status->skip || !s.holds) return;
+  const Gains gains = GainsOf(p);
+  if (gains == Gains::kNone) return;
+  const GainParam gp = GainParamOf(p);
+  const double tt = static_cast<double>(t.status->t + 1);
+  const md::GainAdamScalars gs{p.beta1, p.beta2, 1.0 - pow(p.beta1, tt), 1.0 - pow(p.beta2, tt),
+                               p.eps, t.groups[p.group].gain_lr};
+  if (HasRowGains(gains))
+    for (int64_t i = threadIdx.x; i < s.rows; i += kTileCols)
+      md::GainAdamElement(gp, gs, s.row_grad[i], s.row_raw + i, s.row_m + i, s.row_v + i);
+  if (HasColGains(gains))
+    for (int64_t j = threadIdx.x; j < s.n; j += kTileCols)
+      md::GainAdamElement(gp, gs, s.col_grad[j], s.col_raw + j, s.col_m + j, s.col_v + j);
+  if (HasScalarGain(gains) && threadIdx.x == 0)
+    md::GainAdamElement(gp, gs, s.scalar_grad[0], s.scalar_raw, s.scalar_m, s.scalar_v);
+}
+
+// The record of a slot: column-gain gradients, the scalar-gain gradient, the squared norms
+// of frobenius/column slices; radial: the dots <G_D, D> then <D, D> (frobenius/column).
+__global__ void __launch_bounds__(kTileCols) RecordKernel(DevTables t, const int32_t* slots, bool radial,
+                                                          bool to_record) {
+  __shared__ DevSlot s;
+  __shared__ DevParam p;
+  if (threadIdx.x == 0) {
+    s = t.slots[slots[blockIdx.x]];
+    p = t.params[s.param];
+  }
+  __syncthreads();
+  if (t.status->skip || !s.cross_slot) return;
+  const Sphere sphere = SphereOf(p);
+  const Gains gains = GainsOf(p);
+  const bool partial_slices = sphere == Sphere::kFrobenius || sphere == Sphere::kCol;
+  const int64_t slices = sphere == Sphere::kCol ? s.n : 1;
+  auto move = [&](double* rec, double* mine, int64_t count) {
+    for (int64_t k = threadIdx.x; k < count; k += kTileCols) {
+      if (to_record) {
+        rec[k] = mine[k];
+      } else {
+        mine[k] = rec[k];
+      }
+    }
+  };
+  if (radial) {
+    if (!p.tangent || !partial_slices || s.radial == nullptr) return;
+    move(s.radial, s.radial_dot, slices);
+    move(s.radial + slices, s.radial_dd, slices);
+    return;
+  }
+  double* rec = s.cross;
+  if (HasColGains(gains)) {
+    move(rec, s.col_grad, s.n);
+    rec += s.n;
+  }
+  if (HasScalarGain(gains)) {
+    move(rec, s.scalar_grad, 1);
+    rec += 1;
+  }
+  if (partial_slices) move(rec, s.slice_sq, slices);
+}
+
+__global__ void ParamCheckKernel(DevTables t, const int64_t* first_slot, const int64_t* experts,
+                                 int64_t first, int64_t end, double* check) {
+  const int64_t i = first + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= end) return;
+  double total = 0.0;
+  for (int64_t e = 0; e < experts[i]; ++e) total += t.slots[first_slot[i] + e].check[0];
+  check[i] = total;
+}
+
+__global__ void __launch_bounds__(kTileCols) ApplyCheckKernel(DevTables t, const double* check,
+                                                              int64_t count) {
+  __shared__ double sm[kWarps + 1];
+  __shared__ long long bad_sm[kTileCols];
+  double sum = 0.0;
+  long long bad = count;
+  for (int64_t i = threadIdx.x; i < count; i += kTileCols) {
+    const double v = check[i];
+    sum += v;
+    if (!isfinite(v) && bad == count) bad = i;
+  }
+  const double total = BlockSum(sum, sm);
+  bad_sm[threadIdx.x] = bad;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    long long first = count;
+    for (int k = 0; k < kTileCols; ++k) first = bad_sm[k] < first ? bad_sm[k] : first;
+    DevStatus* st = t.status;
+    st->grad_norm = sqrt(total);
+    st->skip = first < count ? 1 : 0;
+    st->bad_param = first < count ? first : -1;
+  }
+}
+
+__global__ void BeginStepKernel(DevStatus* st) {
+  st->skip = 0;
+  st->grad_norm = 0.0;
+  st->bad_param = -1;
+}
+
+__global__ void EndStepKernel(DevStatus* st) {
+  if (!st->skip) ++st->t;
+}
+
+__global__ void FillKernel(float* data, int64_t n, float value) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    data[e] = value;
+}
+
+int Err() { return static_cast<int>(cudaGetLastError()); }
+
+// A grid of `count` blocks: at most 2^31 - 1 in x (more is a plan too large for one bucket).
+bool GridOk(int64_t count) { return count > 0 && count <= 0x7fffffff; }
+
+template <TilePass P>
+int Tiles(const DevTables& t, const DevTile* tiles, int64_t count, bool init, cudaStream_t st) {
+  TileKernel<P><<<static_cast<unsigned>(count), kTileCols, 0, st>>>(t, tiles, init);
+  return Err();
+}
+
+template <TilePass P>
+int Combine(const DevTables& t, const int32_t* slots, int32_t count, bool init, cudaStream_t st) {
+  CombineKernel<P><<<static_cast<unsigned>(count), kTileCols, 0, st>>>(t, slots, init);
+  return Err();
+}
+
+}  // namespace
+
+int LaunchTiles(TilePass pass, const DevTables& t, const DevTile* tiles, int64_t count, bool init,
+                void* stream) {
+  if (count == 0) return 0;
+  if (!GridOk(count)) return static_cast<int>(cudaErrorInvalidConfiguration);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (pass) {
+    case TilePass::kSliceSquares: return Tiles<TilePass::kSliceSquares>(t, tiles, count, init, st);
+    case TilePass::kRadial: return Tiles<TilePass::kRadial>(t, tiles, count, init, st);
+    case TilePass::kCheck: return Tiles<TilePass::kCheck>(t, tiles, count, init, st);
+    case TilePass::kWold: return Tiles<TilePass::kWold>(t, tiles, count, init, st);
+    case TilePass::kPass1: return Tiles<TilePass::kPass1>(t, tiles, count, init, st);
+    case TilePass::kPass2: return Tiles<TilePass::kPass2>(t, tiles, count, init, st);
+    case TilePass::kRescale: return Tiles<TilePass::kRescale>(t, tiles, count, init, st);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+int LaunchCombine(TilePass pass, const DevTables& t, const int32_t* slots, int32_t count, bool init,
+                  void* stream) {
+  if (count <= 0) return 0;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (pass) {
+    case TilePass::kSliceSquares: return Combine<TilePass::kSliceSquares>(t, slots, count, init, st);
+    case TilePass::kRadial: return Combine<TilePass::kRadial>(t, slots, count, init, st);
+    case TilePass::kCheck: return Combine<TilePass::kCheck>(t, slots, count, init, st);
+    case TilePass::kWold: return 0;
+    case TilePass::kPass1: return Combine<TilePass::kPass1>(t, slots, count, init, st);
+    case TilePass::kPass2: return Combine<TilePass::kPass2>(t, slots, count, init, st);
+    case TilePass::kRescale: return Combine<TilePass::kRescale>(t, slots, count, init, st);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+int LaunchCopy(const CopyChunk* chunks, int64_t count, const DevPointers* ptrs, const void* src_base,
+               bool src_bf16, void* dst_base, bool dst_bf16, void* stream) {
+  if (count == 0) return 0;
+  if (!GridOk(count)) return static_cast<int>(cudaErrorInvalidConfiguration);
+  CopyKernel<<<static_cast<unsigned>(count), kCopyThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      chunks, ptrs, src_base, src_bf16, dst_base, dst_bf16);
+  return Err();
+}
+
+int LaunchGains(const DevTables& t, const int32_t* slots, int32_t count, void* stream) {
+  if (count <= 0) return 0;
+  GainsKernel<<<static_cast<unsigned>(count), kTileCols, 0, static_cast<cudaStream_t>(stream)>>>(t, slots);
+  return Err();
+}
+
+int LaunchRecord(const DevTables& t, const int32_t* slots, int32_t count, bool radial, bool to_record,
+                 void* stream) {
+  if (count <= 0) return 0;
+  RecordKernel<<<static_cast<unsigned>(count), kTileCols, 0, static_cast<cudaStream_t>(stream)>>>(
+      t, slots, radial, to_record);
+  return Err();
+}
+
+int LaunchParamCheck(const DevTables& t, const int64_t* first_slot, const int64_t* experts,
+                     int64_t first, int64_t end, double* check, void* stream) {
+  if (end <= first) return 0;
+  const int64_t blocks = (end - first + 255) / 256;
+  ParamCheckKernel<<<static_cast<unsigned>(blocks), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      t, first_slot, experts, first, end, check);
+  return Err();
+}
+
+int LaunchApplyCheck(const DevTables& t, const double* check, int64_t count, void* stream) {
+  ApplyCheckKernel<<<1, kTileCols, 0, static_cast<cudaStream_t>(stream)>>>(t, check, count);
+  return Err();
+}
+
+int LaunchBeginStep(const DevTables& t, void* stream) {
+  BeginStepKernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(t.status);
+  return Err();
+}
+
+int LaunchEndStep(const DevTables& t, void* stream) {
+  EndStepKernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(t.status);
+  return Err();
+}
+
+int LaunchFill(float* data, int64_t n, float value, void* stream) {
+  if (n <= 0) return 0;
+  const int64_t blocks = (n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096;
+  FillKernel<<<static_cast<unsigned>(blocks), 256, 0, static_cast<cudaStream_t>(stream)>>>(data, n, value);
+  return Err();
+}
+
+}  // namespace mdopt::kernels::cuda

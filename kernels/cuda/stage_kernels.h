@@ -1,0 +1,159 @@
+// The CUDA backend's stage kernels (stage_kernels.cu) as the host side of the backend
+// (cuda_backend.cc) launches them: plain structs that live in device memory and launch
+// functions that take a stream as void*. No CUDA, Abseil or STL headers here, so the
+// backend's host code and the kernels compile apart (g++ and nvcc).
+//
+// How a stage runs. Every pass over matrix elements is one launch over a bucket's list of
+// tiles (kTileRows rows x kTileCols columns of one slot; a block per tile, a thread per
+// column): a multi-tensor launch whose size does not depend on how many matrices the bucket
+// holds. A tile writes its partial sums to a scratch buffer, per row (summed over the
+// tile's columns: warp shuffles, then the block's warps in order), per column (summed over
+// the tile's rows in the thread's registers) and per tile (both); a second launch, one
+// block per slot, combines the partials in tile order into the slot's sums. Every sum has
+// a fixed order: no atomics, the same bits on every run.
+#ifndef MDOPT_KERNELS_CUDA_STAGE_KERNELS_H_
+#define MDOPT_KERNELS_CUDA_STAGE_KERNELS_H_
+
+#include <cstdint>
+
+namespace mdopt::kernels::cuda {
+
+inline constexpr int kTileRows = 32;
+inline constexpr int kTileCols = 256;  // the block size of the tile kernels
+// Partial-sum channels of the scratch: per row, per column, per tile.
+inline constexpr int kRowChannels = 2, kColChannels = 2, kTileChannels = 2;
+
+// One param's rule, as the kernels read it (kernels/common/update_rule.h, flattened).
+struct DevParam {
+  int32_t group = 0;
+  uint8_t muon = 0, sphere = 0, gains = 0, gain_param = 0;  // the enums' values
+  uint8_t nesterov = 0, tangent = 0, param_bf16 = 0, grad_bf16 = 0, preserve_init = 0;
+  float momentum = 0.0f;
+  double beta1 = 0.0, beta2 = 0.0, eps = 0.0, weight_decay = 0.0;
+  double muon_scale = 1.0;  // MuonScaleFactor of the param's shape
+};
+
+// The model's buffers of one param for the step in progress (uploaded when they change).
+struct DevPointers {
+  void* param = nullptr;
+  const void* grad = nullptr;
+};
+
+// One slot (a matrix as this rank holds it) and its state in the arena.
+struct DevSlot {
+  int32_t param = 0;
+  uint8_t holds = 0, muon = 0, direct = 0, aliases = 0;  // aliases: f32 model is the master
+  int64_t m = 0, n = 0, rows = 0;
+  int64_t model_off = 0;  // elements of the param tensor before this rank's first row
+  float* master = nullptr;  // bf16 params; f32: the model tensor (through DevPointers)
+  float* state0 = nullptr;  // muon momentum | adam exp_avg
+  float* state1 = nullptr;  // adam exp_avg_sq
+  float* row_raw = nullptr;
+  float* row_m = nullptr;
+  float* row_v = nullptr;
+  float* col_raw = nullptr;
+  float* col_m = nullptr;
+  float* col_v = nullptr;
+  float* scalar_raw = nullptr;
+  float* scalar_m = nullptr;
+  float* scalar_v = nullptr;
+  float* radius = nullptr;
+  // The step's sums (doubles, kept from stage to stage).
+  double* row_grad = nullptr;     // rows
+  double* col_grad = nullptr;     // n
+  double* scalar_grad = nullptr;  // 1
+  double* slice_sq = nullptr;     // row: rows, col: n, frobenius: 1
+  double* radial_dot = nullptr;   // tangent: as slice_sq
+  double* radial_dd = nullptr;
+  double* check = nullptr;        // 1: sum of squares of this rank's gradient rows
+  double* counters = nullptr;     // 3: applied (1 after a step), delta_sq, w_sq
+  // Bucket buffers of this slot (its bucket's pool entry).
+  const void* seg_grad = nullptr;  // reduced gradient rows (grads segmented), else null
+  uint8_t seg_grad_bf16 = 0;
+  float* x = nullptr;              // Muon: X, then O, of these rows
+  float* wold = nullptr;           // update_norms: the rows before the step
+  double* cross = nullptr;         // its place in the bucket's cross record (cross slots)
+  double* radial = nullptr;        // ... in the radial record (tangent, cross slots)
+  uint8_t cross_slot = 0;
+  // Its tiles' places in the scratch.
+  int32_t row_tiles = 0, col_tiles = 0;
+  int64_t row_part = 0, col_part = 0, tile_part = 0;
+};
+
+struct DevTile {
+  int32_t slot = 0, row_tile = 0, col_tile = 0, index = 0;  // index: row_tile * col_tiles + col_tile
+};
+
+// Step-wide values in device memory: written by kernels, read by the host only in
+// ReadOutcome.
+struct DevStatus {
+  int64_t t = 0;          // steps applied so far
+  int32_t skip = 0;       // the finite check failed this step
+  int32_t pad = 0;
+  double grad_norm = 0.0;
+  int64_t bad_param = -1;
+};
+
+struct DevGroup {
+  double lr = 0.0, gain_lr = 0.0;
+};
+
+// The device tables every stage kernel reads.
+struct DevTables {
+  const DevParam* params = nullptr;
+  const DevPointers* ptrs = nullptr;
+  const DevGroup* groups = nullptr;
+  DevSlot* slots = nullptr;
+  DevStatus* status = nullptr;
+  double* row_part = nullptr;   // kRowChannels x row_part_stride
+  double* col_part = nullptr;
+  double* tile_part = nullptr;
+  int64_t row_part_stride = 0, col_part_stride = 0, tile_part_stride = 0;
+};
+
+// Which elementwise pass a tile launch runs.
+enum class TilePass : int32_t {
+  kSliceSquares,  // ||W||^2 per slice (Init)
+  kRadial,        // tangent: <G_D, D> and <D, D> per slice
+  kCheck,         // sum of squares of the gradient rows
+  kWold,          // update_norms: copy the rows before the step
+  kPass1,
+  kPass2,
+  kRescale,       // projection, gains and the model copy (Finish; Init without gains)
+};
+
+// One contiguous copy between buffers (the collectives' pack/unpack, NS conversions). A
+// side whose `param` is >= 0 is that param's model tensor (`grad` picks its gradient),
+// else the launch's buffer base; `zero` writes `count` zeros instead of copying.
+struct CopyChunk {
+  int32_t src_param = -1, dst_param = -1;
+  uint8_t src_grad = 0, zero = 0;
+  int64_t src = 0, dst = 0, count = 0;
+};
+
+// Launches; each returns the cudaError_t of the launch as an int (0: queued).
+int LaunchTiles(TilePass pass, const DevTables& t, const DevTile* tiles, int64_t count,
+                bool init, void* stream);
+// Combines the partials of `pass` for the slots listed (device array).
+int LaunchCombine(TilePass pass, const DevTables& t, const int32_t* slots, int32_t count,
+                  bool init, void* stream);
+int LaunchCopy(const CopyChunk* chunks, int64_t count, const DevPointers* ptrs,
+               const void* src_base, bool src_bf16, void* dst_base, bool dst_bf16, void* stream);
+// Adam on the gains of the slots listed (holds only).
+int LaunchGains(const DevTables& t, const int32_t* slots, int32_t count, void* stream);
+// The cross record (or, radial=true, the radial record) from the slots' sums, or back.
+int LaunchRecord(const DevTables& t, const int32_t* slots, int32_t count, bool radial,
+                 bool to_record, void* stream);
+// check[param] for params [first, end): the sum of their slots' check values in order.
+int LaunchParamCheck(const DevTables& t, const int64_t* first_slot, const int64_t* experts,
+                     int64_t first, int64_t end, double* check, void* stream);
+// The skip flag, grad norm and first bad param from the summed check record.
+int LaunchApplyCheck(const DevTables& t, const double* check, int64_t count, void* stream);
+int LaunchBeginStep(const DevTables& t, void* stream);
+int LaunchEndStep(const DevTables& t, void* stream);
+// Fills n floats with `value`.
+int LaunchFill(float* data, int64_t n, float value, void* stream);
+
+}  // namespace mdopt::kernels::cuda
+
+#endif  // MDOPT_KERNELS_CUDA_STAGE_KERNELS_H_

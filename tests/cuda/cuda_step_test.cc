@@ -1,0 +1,299 @@
+// The whole step through the C ABI: device=cuda:0 against device=cpu at one rank, for every
+// preset and every (param, grad) dtype pair, over a model with square, wide, tall and odd
+// matrices, an expert stack and a vector; the state bytes per parameter, the same as on the
+// CPU; the step on an NCCL communicator of one rank. Also the ABI's contract for a CUDA
+// optimizer: host pointers refused naming the param, and, without a GPU, device=cuda:0
+// refused with the runtime's reason.
+//
+// Bounds, from the arithmetic (weights after kSteps steps, max |gpu - cpu| / max |cpu| per
+// tensor):
+//   - ns_dtype=f32 on both devices: every stage agrees to ~1e-6 (cuda_backend_test), and
+//     Newton-Schulz in float32 on cuBLASLt (no TF32) against OpenBLAS differs by the order
+//     of float32 sums, ~1e-6 relative of O, which the step scales by lr (<= 2e-2) into W:
+//     2e-5 leaves room for kSteps of compounding;
+//   - ns_dtype=bf16 on the GPU against f32 on the CPU: bf16 NS differs from float32 NS by up
+//     to ~3e-2 of O (8 significant bits through 5 iterations, measured 5.3% on the CPU's
+//     bf16 path at its worst shape), scaled by lr * muon scale (<= 4e-2) into W, per step:
+//     5e-3 over kSteps steps;
+//   - bf16 params add one bf16 rounding of W (2^-8 relative: 4e-3) wherever the two sides'
+//     f32 masters round to different neighbours, so their bound is 1/128.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cuda_test_util.h"
+#include "kernels/common/bf16.h"
+#include "mdopt/mdopt.h"
+
+namespace mdopt {
+namespace {
+
+constexpr int kSteps = 4;
+
+struct Tensor {
+  const char* name;
+  int ndim;
+  int64_t shape[3];
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int d = 0; d < ndim; ++d) n *= shape[d];
+    return n;
+  }
+};
+
+const std::vector<Tensor>& Tensors() {
+  static const std::vector<Tensor> t = {
+      {"square", 2, {128, 128, 0}}, {"wide", 2, {64, 320, 0}}, {"tall", 2, {320, 64, 0}},
+      {"odd", 2, {45, 77, 0}},      {"experts", 3, {4, 48, 40}}};
+  return t;
+}
+
+struct Trained {
+  std::vector<std::vector<uint8_t>> w;  // host copies of the params after the steps
+  int64_t params = 0, state_bytes = 0, workspace_bytes = 0;
+};
+
+size_t Elem(mdopt_dtype d) { return d == MDOPT_DTYPE_F32 ? 4 : 2; }
+
+std::vector<uint8_t> Values(int64_t count, mdopt_dtype d, uint64_t seed, double scale) {
+  const std::vector<double> v = testing::RandomNormal(static_cast<size_t>(count), seed, scale);
+  std::vector<uint8_t> out(static_cast<size_t>(count) * Elem(d));
+  for (int64_t e = 0; e < count; ++e) {
+    if (d == MDOPT_DTYPE_F32) {
+      reinterpret_cast<float*>(out.data())[e] = static_cast<float>(v[e]);
+    } else {
+      reinterpret_cast<uint16_t*>(out.data())[e] = kernels::FloatToBf16(static_cast<float>(v[e]));
+    }
+  }
+  return out;
+}
+
+std::vector<double> AsDouble(const std::vector<uint8_t>& b, mdopt_dtype d) {
+  std::vector<double> out(b.size() / Elem(d));
+  for (size_t e = 0; e < out.size(); ++e)
+    out[e] = d == MDOPT_DTYPE_F32 ? reinterpret_cast<const float*>(b.data())[e]
+                                  : kernels::Bf16ToFloat(reinterpret_cast<const uint16_t*>(b.data())[e]);
+  return out;
+}
+
+#define ABI_OK(call) ASSERT_EQ((call), MDOPT_SUCCESS) << #call << ": " << mdopt_last_error()
+
+// kSteps steps of `preset` on `device` ("cpu" or "cuda:0"); the params as they end.
+void Train(const std::string& device, const char* preset, mdopt_dtype pd, mdopt_dtype gd,
+           const char* ns_dtype, Trained* out, bool nccl = false) {
+  mdopt_comm* comm = nullptr;
+  if (nccl) {
+    char id[MDOPT_NCCL_UNIQUE_ID_BYTES];
+    ABI_OK(mdopt_comm_nccl_unique_id(id));
+    ABI_OK(mdopt_comm_create_nccl(id, 1, 0, 0, &comm));
+  } else {
+    ABI_OK(mdopt_comm_create_local(&comm));
+  }
+  mdopt_optimizer* opt = nullptr;
+  const std::string options = "device=" + device + " ns_dtype=" + ns_dtype;
+  ABI_OK(mdopt_create(comm, options.c_str(), &opt));
+  ABI_OK(mdopt_add_group(opt, "g", (std::string("preset=") + preset).c_str()));
+  ABI_OK(mdopt_add_group(opt, "v", "preset=vector"));
+  const bool gpu = device != "cpu";
+  std::vector<Tensor> tensors = Tensors();
+  tensors.push_back({"bias", 1, {300, 0, 0}});
+  std::vector<std::vector<uint8_t>> w, g;
+  std::vector<std::unique_ptr<testing::DeviceVec<uint8_t>>> dw, dg;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const Tensor& t = tensors[i];
+    w.push_back(Values(t.numel(), pd, 100 + i, 1.0 / std::sqrt(static_cast<double>(t.shape[t.ndim - 1]))));
+    g.push_back(Values(t.numel(), gd, 200 + i, 1e-2));
+    dw.push_back(std::make_unique<testing::DeviceVec<uint8_t>>());
+    dg.push_back(std::make_unique<testing::DeviceVec<uint8_t>>());
+    if (gpu) {
+      dw.back()->Upload(w.back());
+      dg.back()->Upload(g.back());
+    }
+    mdopt_param_desc d = mdopt_param_desc_init();
+    d.name = t.name;
+    d.group = t.ndim == 1 ? "v" : "g";
+    d.ndim = t.ndim;
+    for (int k = 0; k < 3; ++k) d.shape[k] = t.shape[k];
+    d.param_dtype = pd;
+    d.grad_dtype = gd;
+    d.param = gpu ? static_cast<void*>(dw.back()->get()) : w.back().data();
+    d.grad = gpu ? static_cast<const void*>(dg.back()->get()) : g.back().data();
+    ABI_OK(mdopt_add_param(opt, &d, nullptr));
+    out->params += t.numel();
+  }
+  ABI_OK(mdopt_finalize(opt));
+  ABI_OK(mdopt_state_bytes(opt, &out->state_bytes));
+  ABI_OK(mdopt_workspace_bytes(opt, &out->workspace_bytes));
+  cudaStream_t stream = nullptr;
+  if (gpu) {
+    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  }
+  for (int s = 0; s < kSteps; ++s) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      g[i] = Values(tensors[i].numel(), gd, 1000 * s + i, 1e-2);
+      if (gpu) cudaMemcpy(dg[i]->get(), g[i].data(), g[i].size(), cudaMemcpyHostToDevice);
+    }
+    mdopt_step_info info = mdopt_step_info_init();
+    // The last step asks for its info (a host wait); the others return without one.
+    ABI_OK(mdopt_step(opt, 1.0, stream, s + 1 == kSteps ? &info : nullptr));
+    if (s + 1 == kSteps) {
+      EXPECT_EQ(info.step, kSteps);
+      EXPECT_EQ(info.skipped, 0);
+    }
+  }
+  if (gpu) {
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    cudaStreamDestroy(stream);
+    for (size_t i = 0; i < tensors.size(); ++i) w[i] = dw[i]->Download();
+  }
+  out->w = w;
+  ABI_OK(mdopt_destroy(opt));
+  ABI_OK(mdopt_comm_destroy(comm));
+}
+
+struct Param {
+  const char* preset;
+  mdopt_dtype pd, gd;
+  const char* ns_dtype;
+};
+
+class CudaStep : public ::testing::TestWithParam<Param> {};
+
+TEST_P(CudaStep, MatchesDeviceCpu) {
+  MDOPT_SKIP_WITHOUT_GPU();
+  const Param& p = GetParam();
+  Trained gpu, cpu;
+  ASSERT_NO_FATAL_FAILURE(Train("cuda:0", p.preset, p.pd, p.gd, p.ns_dtype, &gpu));
+  ASSERT_NO_FATAL_FAILURE(Train("cpu", p.preset, p.pd, p.gd, "f32", &cpu));
+  const bool bf16_ns = std::string(p.ns_dtype) == "bf16";
+  double bound = bf16_ns ? 5e-3 : 2e-5;
+  if (p.pd == MDOPT_DTYPE_BF16) bound = std::max(bound, 1.0 / 128);
+  double worst = 0.0;
+  for (size_t i = 0; i < cpu.w.size(); ++i) {
+    const std::vector<double> c = AsDouble(cpu.w[i], p.pd), g = AsDouble(gpu.w[i], p.pd);
+    const double e = testing::RelMaxError(g, c);
+    worst = std::max(worst, e);
+    EXPECT_LE(e, bound) << "tensor " << i;
+  }
+  // The same state arrays on both devices: the same bytes.
+  EXPECT_EQ(gpu.state_bytes, cpu.state_bytes);
+  std::printf("MDOPT_METRIC state_bytes_per_param.%s.%s %.3f %.3f\n", p.preset,
+              p.pd == MDOPT_DTYPE_BF16 ? "bf16p" : "f32p",
+              static_cast<double>(gpu.state_bytes) / static_cast<double>(gpu.params),
+              static_cast<double>(cpu.state_bytes) / static_cast<double>(cpu.params));
+  std::printf("MDOPT_METRIC workspace_bytes.%s %lld 0\n", p.preset, static_cast<long long>(gpu.workspace_bytes));
+  std::printf("MDOPT_METRIC step.%s.%s.%s.ns_%s %.3e %.1e\n", p.preset,
+              p.pd == MDOPT_DTYPE_BF16 ? "bf16p" : "f32p", p.gd == MDOPT_DTYPE_BF16 ? "bf16g" : "f32g",
+              p.ns_dtype, worst, bound);
+}
+
+std::vector<Param> AllParams() {
+  std::vector<Param> out;
+  const char* presets[] = {"md-muon", "md-adamw", "muon", "adamw", "muonh", "router", "adamh", "embedding"};
+  for (const char* preset : presets) {
+    out.push_back({preset, MDOPT_DTYPE_F32, MDOPT_DTYPE_F32, "f32"});
+    out.push_back({preset, MDOPT_DTYPE_BF16, MDOPT_DTYPE_BF16, "f32"});
+    out.push_back({preset, MDOPT_DTYPE_BF16, MDOPT_DTYPE_F32, "f32"});
+    out.push_back({preset, MDOPT_DTYPE_F32, MDOPT_DTYPE_BF16, "f32"});
+  }
+  for (const char* preset : {"md-muon", "muon", "router"}) out.push_back({preset, MDOPT_DTYPE_F32, MDOPT_DTYPE_F32, "bf16"});
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Presets, CudaStep, ::testing::ValuesIn(AllParams()),
+                         [](const ::testing::TestParamInfo<Param>& i) {
+                           std::string name = i.param.preset;
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return name + (i.param.pd == MDOPT_DTYPE_BF16 ? "_bf16p" : "_f32p") +
+                                  (i.param.gd == MDOPT_DTYPE_BF16 ? "_bf16g" : "_f32g") + "_ns_" +
+                                  i.param.ns_dtype;
+                         });
+
+// The same step on an NCCL communicator of one rank: the same bits as on the local one.
+TEST(CudaStepNccl, OneRankMatchesLocal) {
+  MDOPT_SKIP_WITHOUT_GPU();
+  char id[MDOPT_NCCL_UNIQUE_ID_BYTES];
+  if (mdopt_comm_nccl_unique_id(id) == MDOPT_UNSUPPORTED) GTEST_SKIP() << mdopt_last_error();
+  Trained local, nccl;
+  ASSERT_NO_FATAL_FAILURE(Train("cuda:0", "md-muon", MDOPT_DTYPE_BF16, MDOPT_DTYPE_F32, "bf16", &local));
+  ASSERT_NO_FATAL_FAILURE(Train("cuda:0", "md-muon", MDOPT_DTYPE_BF16, MDOPT_DTYPE_F32, "bf16", &nccl, true));
+  EXPECT_EQ(local.w, nccl.w);
+}
+
+// The ABI's checks on a CUDA optimizer.
+TEST(CudaStepAbi, HostPointersStreamsAndState) {
+  MDOPT_SKIP_WITHOUT_GPU();
+  mdopt_comm* comm = nullptr;
+  ABI_OK(mdopt_comm_create_local(&comm));
+  mdopt_optimizer* opt = nullptr;
+  ABI_OK(mdopt_create(comm, "device=cuda:0", &opt));
+  ABI_OK(mdopt_add_group(opt, "g", "preset=md-adamw"));
+  std::vector<uint8_t> host_w = Values(32 * 48, MDOPT_DTYPE_F32, 1, 0.1), host_g(host_w.size(), 0);
+  testing::DeviceVec<uint8_t> dw, dg;
+  dw.Upload(host_w);
+  dg.Upload(host_g);
+  mdopt_param_desc d = mdopt_param_desc_init();
+  d.name = "w0";
+  d.group = "g";
+  d.ndim = 2;
+  d.shape[0] = 32;
+  d.shape[1] = 48;
+  d.param_dtype = d.grad_dtype = MDOPT_DTYPE_F32;
+  d.param = host_w.data();  // host memory: refused at finalize, naming the param
+  d.grad = dg.get();
+  ABI_OK(mdopt_add_param(opt, &d, nullptr));
+  EXPECT_EQ(mdopt_finalize(opt), MDOPT_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(mdopt_last_error()).find("'w0'"), std::string::npos) << mdopt_last_error();
+  ABI_OK(mdopt_set_pointers(opt, 0, dw.get(), dg.get()));
+  ABI_OK(mdopt_finalize(opt));
+  // A host gradient after finalize: the step is refused and nothing changes.
+  const std::vector<uint8_t> before = dw.Download();
+  ABI_OK(mdopt_set_pointers(opt, 0, dw.get(), host_g.data()));
+  EXPECT_EQ(mdopt_step(opt, 1.0, nullptr, nullptr), MDOPT_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(mdopt_last_error()).find("gradient"), std::string::npos) << mdopt_last_error();
+  EXPECT_EQ(dw.Download(), before);
+  ABI_OK(mdopt_set_pointers(opt, 0, dw.get(), dg.get()));
+  mdopt_step_info info = mdopt_step_info_init();
+  ABI_OK(mdopt_step(opt, 1.0, nullptr, &info));
+  EXPECT_EQ(info.step, 1);
+  int64_t bytes = 0;
+  ABI_OK(mdopt_state_bytes(opt, &bytes));
+  EXPECT_GT(bytes, 0);
+  ABI_OK(mdopt_destroy(opt));
+  ABI_OK(mdopt_comm_destroy(comm));
+}
+
+// Without a GPU, device=cuda:0 is refused with the runtime's reason; never a crash.
+TEST(CudaStepAbi, WithoutAGpuTheDeviceIsRefusedWithItsReason) {
+  std::string why;
+  if (kernels::cuda::DevicePresent(&why)) GTEST_SKIP() << "a GPU is present";
+  mdopt_comm* comm = nullptr;
+  ABI_OK(mdopt_comm_create_local(&comm));
+  mdopt_optimizer* opt = nullptr;
+  ABI_OK(mdopt_create(comm, "device=cuda:0", &opt));
+  ABI_OK(mdopt_add_group(opt, "g", "preset=md-adamw"));
+  std::vector<float> w(64, 0.1f), g(64, 0.0f);
+  mdopt_param_desc d = mdopt_param_desc_init();
+  d.name = "w0";
+  d.group = "g";
+  d.ndim = 2;
+  d.shape[0] = 8;
+  d.shape[1] = 8;
+  d.param = w.data();
+  d.grad = g.data();
+  ABI_OK(mdopt_add_param(opt, &d, nullptr));
+  EXPECT_EQ(mdopt_finalize(opt), MDOPT_UNSUPPORTED);
+  EXPECT_NE(std::string(mdopt_last_error()).find("cuda:0"), std::string::npos) << mdopt_last_error();
+  EXPECT_EQ(w[0], 0.1f);
+  ABI_OK(mdopt_destroy(opt));
+  ABI_OK(mdopt_comm_destroy(comm));
+}
+
+}  // namespace
+}  // namespace mdopt
