@@ -145,6 +145,27 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
   const bool direct = s.direct;
   const bool norms = P == TilePass::kRescale && !init && s.wold != nullptr;
 
+  // Row values, once per row of the tile (a float64 softplus per element would cost as much
+  // as the pass's memory traffic): the row gain, the tangent coefficient, the rescale factor.
+  __shared__ float row_gain_sm[kTileRows], row_coef_sm[kTileRows], row_mult_sm[kTileRows];
+  constexpr bool kRowValues = P == TilePass::kRadial || P == TilePass::kPass1 ||
+                              P == TilePass::kPass2 || P == TilePass::kRescale;
+  if (kRowValues && threadIdx.x < rows_here) {
+    const int64_t i = i0 + threadIdx.x;
+    const float row_gain = HasRowGains(gains) ? md::EffectiveGain(gp, s.row_raw[i]) : 1.0f;
+    row_gain_sm[threadIdx.x] = row_gain;
+    row_coef_sm[threadIdx.x] =
+        P == TilePass::kPass1 && tangent && sphere == Sphere::kRow
+            ? static_cast<float>(md::RadialRatio(s.radial_dot[i], s.radial_dd[i]))
+            : 1.0f;
+    if (P == TilePass::kRescale) {
+      double rm = scalar * row_gain * frob;
+      if (sphere == Sphere::kRow) rm *= md::ProjectionFactor(s.radius[i], s.slice_sq[i]);
+      row_mult_sm[threadIdx.x] = static_cast<float>(rm);
+    }
+  }
+  __syncthreads();
+
   TileSums acc;
 #pragma unroll
   for (int c = 0; c < kColChannels; ++c) acc.col[c] = 0.0;
@@ -155,10 +176,7 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
     const int64_t i = i0 + r;
     const int64_t e = i * n + j;
     double rv[kRowChannels] = {0.0, 0.0};
-    constexpr bool kRowValues = P == TilePass::kRadial || P == TilePass::kPass1 ||
-                                P == TilePass::kPass2 || P == TilePass::kRescale;
-    const float row_gain =
-        kRowValues && HasRowGains(gains) ? md::EffectiveGain(gp, s.row_raw[i]) : 1.0f;
+    const float row_gain = kRowValues ? row_gain_sm[r] : 1.0f;
     const double row_scale = scalar * row_gain;  // W_ij = D_ij * row_scale * col_j
     const float inv_row = md::InverseRowScale(row_scale);
     const float sr = static_cast<float>(row_scale);
@@ -195,9 +213,7 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
           acc.tile[0] += static_cast<double>(dg);
           acc.col[0] += static_cast<double>(dg * sr);
         }
-        float row_coef = 1.0f;
-        if (tangent && sphere == Sphere::kRow)
-          row_coef = static_cast<float>(md::RadialRatio(s.radial_dot[i], s.radial_dd[i]));
+        const float row_coef = row_coef_sm[r];
         const float gd = tangent ? md::TangentDirectionGrad(gv, sr, col, row_coef, coef_col, d)
                                  : md::DirectionGrad(gv, sr, col);
         if (s.muon) {
@@ -235,9 +251,7 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
       } else if constexpr (P == TilePass::kRescale) {
         float wv = w[e];
         if (!direct) {
-          double rm = scalar * row_gain * frob;
-          if (sphere == Sphere::kRow) rm *= md::ProjectionFactor(s.radius[i], s.slice_sq[i]);
-          wv = md::Rescale(wv, static_cast<float>(rm), col_mult);
+          wv = md::Rescale(wv, row_mult_sm[r], col_mult);
           w[e] = wv;
           if (model != nullptr) model[e] = FloatToBf16(wv);
         }
