@@ -25,6 +25,13 @@ def _b(s):
     return s.encode("utf-8") if isinstance(s, str) else s
 
 
+def _stream(stream):
+    """A stream argument as ctypes passes it: None (NULL) or the handle's address."""
+    if stream is None or stream == 0:
+        return None
+    return ctypes.c_void_p(int(stream))
+
+
 class Optimizer:
     """One mdopt_optimizer on a communicator. Methods mirror the C calls; a failed call
     raises MdoptError and leaves the optimizer as it was."""
@@ -73,19 +80,27 @@ class Optimizer:
     def finalize(self):
         _lib.check(lib.mdopt_finalize(self.handle))
 
-    def step(self, lr_scale=1.0):
-        info = _lib.init(_lib.StepInfo)
-        _lib.check(lib.mdopt_step(self.handle, float(lr_scale), None, ctypes.byref(info)))
-        message = _lib.last_error() if info.skipped else ""
-        return StepResult(info.step, bool(info.skipped), info.grad_norm, info.seconds,
-                          info.exposed_comm_seconds, info.comm_seconds, info.bytes_sent,
+    def step(self, lr_scale=1.0, stream=None, info=True):
+        """mdopt_step. `stream`: a cudaStream_t as an int (torch's Stream.cuda_stream) for
+        device=cuda:K, None on the CPU (and for CUDA's legacy default stream). With
+        info=False no mdopt_step_info is passed: a device backend then returns with the
+        step still queued on the stream (no host wait) and this returns None."""
+        if not info:
+            _lib.check(lib.mdopt_step(self.handle, float(lr_scale), _stream(stream), None))
+            return None
+        out = _lib.init(_lib.StepInfo)
+        _lib.check(lib.mdopt_step(self.handle, float(lr_scale), _stream(stream),
+                                  ctypes.byref(out)))
+        message = _lib.last_error() if out.skipped else ""
+        return StepResult(out.step, bool(out.skipped), out.grad_norm, out.seconds,
+                          out.exposed_comm_seconds, out.comm_seconds, out.bytes_sent,
                           message)
 
-    def grads_ready(self, first, count=1):
-        _lib.check(lib.mdopt_grads_ready(self.handle, first, count, None))
+    def grads_ready(self, first, count=1, stream=None):
+        _lib.check(lib.mdopt_grads_ready(self.handle, first, count, _stream(stream)))
 
-    def gather_params(self):
-        _lib.check(lib.mdopt_gather_params(self.handle, None))
+    def gather_params(self, stream=None):
+        _lib.check(lib.mdopt_gather_params(self.handle, _stream(stream)))
 
     def group_info(self, name):
         s = _lib.init(_lib.GroupStats)

@@ -38,6 +38,17 @@ one (vector, and muon/adamw presets) get config.weight_decay * wd_mult, fixed wh
 optimizer is built: a scheduler that changes it (wd_incr_style other than constant) is
 refused at the next step rather than ignored.
 
+Devices: the optimizer runs where the parameters are (mdopt.torch.MDOptimizer): on the CPU,
+or on the GPU of this rank (device=cuda:K, ordered on torch's current stream). Gradients
+are read from param.main_grad where Megatron's DDP keeps them (float32 with
+grad_reduce_in_fp32, also for bf16 weights: registered as float32 gradients, no copy), else
+from param.grad. Under Megatron's DDP the gradients are already averaged over the
+data-parallel ranks: pass grads="reduced" with a communicator over those ranks (e.g.
+comm=mdopt.comm.nccl(parallel_state.get_data_parallel_group())); without DDP, grads="local"
+lets mdopt reduce-scatter them. step() asks mdopt for the step's outcome (whether a NaN/Inf
+skipped it), so it waits for the GPU once per step, as Megatron's own optimizers do for
+their found-inf check.
+
 Not supported (refused with a message): fp16 and loss scaling, Megatron's distributed
 optimizer (mdopt shards its own state), precision-aware optimizer and CPU offload, tensor
 parallelism (mdopt would put each shard on its own sphere), muon_extra_scale_factor != 1.
@@ -224,6 +235,8 @@ class MegatronMDOptimizer(MegatronOptimizer):
     def _make_mdopt(self):
         groups, kwargs = self._mdopt_args
         fresh = [dict(g, params=list(g["params"]), names=list(g["names"])) for g in groups]
+        kwargs = dict(kwargs)
+        kwargs.setdefault("grad_attr", "main_grad")  # Megatron DDP's; .grad where absent
         return MDOptimizer(fresh, **kwargs)
 
     # --- what Megatron reads and writes -------------------------------------------------
@@ -272,15 +285,22 @@ class MegatronMDOptimizer(MegatronOptimizer):
             torch.distributed.all_reduce(t, op=op, group=self.get_grad_stats_parallel_group())
         return t
 
+    @staticmethod
+    def _grad(p):
+        """A parameter's gradient: main_grad where Megatron's DDP keeps it, else .grad."""
+        g = getattr(p, "main_grad", None)
+        return p.grad if g is None else g
+
     def _stats_grads(self):
         tp = getattr(self, "tp_group", None)
         out = []
         for p in self.get_parameters():
-            if p.grad is None or not param_is_not_shared(p):
+            g = self._grad(p)
+            if g is None or not param_is_not_shared(p):
                 continue
             if not tensor_parallel.param_is_not_tensor_parallel_duplicate(p, tp):
                 continue
-            out.append(p.grad)
+            out.append(g)
         return out
 
     @torch.no_grad()
@@ -301,7 +321,7 @@ class MegatronMDOptimizer(MegatronOptimizer):
         norm = self.get_grad_norm()
         coeff = clip_grad / (norm + 1.0e-6)
         if coeff < 1.0:  # False for a NaN/Inf norm: mdopt then skips the step
-            grads = [p.grad for p in self.get_parameters() if p.grad is not None]
+            grads = [g for g in map(self._grad, self.get_parameters()) if g is not None]
             torch._foreach_mul_(grads, coeff)
         return norm
 
@@ -317,12 +337,9 @@ class MegatronMDOptimizer(MegatronOptimizer):
 
     @torch.no_grad()
     def prepare_grads(self):
-        """Megatron's DDP leaves gradients in param.main_grad: point param.grad at them.
-        Returns False: mdopt itself finds NaN/Inf and skips (step_with_ready_grads)."""
-        for p in self.get_parameters():
-            mg = getattr(p, "main_grad", None)
-            if mg is not None:
-                p.grad = mg
+        """Nothing to prepare: mdopt reads param.main_grad (Megatron's DDP) where it exists,
+        else param.grad, in place. Returns False: mdopt itself finds NaN/Inf and skips
+        (step_with_ready_grads)."""
         return False
 
     def _push_lrs(self):
@@ -348,7 +365,7 @@ class MegatronMDOptimizer(MegatronOptimizer):
         """One mdopt step with the scheduled learning rates; False when mdopt skipped it
         (NaN/Inf in a gradient: nothing changed)."""
         self._push_lrs()
-        self.optimizer.step()
+        self.optimizer.step(info=True)  # the outcome: one wait for the GPU per step
         return not self.optimizer.last_step.skipped
 
     @torch.no_grad()

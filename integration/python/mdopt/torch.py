@@ -1,10 +1,19 @@
-"""MDOptimizer: mdopt as a torch.optim.Optimizer (CPU tensors, float32 or bfloat16).
+"""MDOptimizer: mdopt as a torch.optim.Optimizer (float32 or bfloat16 tensors, on the CPU or
+on one CUDA GPU).
 
     from mdopt.torch import MDOptimizer
     opt = MDOptimizer(model.parameters(), preset="md-muon", lr=0.02, threads=2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / steps)
     for batch in data:
         opt.zero_grad(); loss_fn(model(batch)).backward(); opt.step(); sched.step()
+
+The optimizer runs where the parameters are: CPU tensors -> device=cpu; CUDA tensors (all on
+one GPU K) -> device=cuda:K, with a libmdopt built with the CUDA backend (mdopt.cuda_backend()
+says). On CUDA every call is ordered on torch's current stream of that GPU
+(torch.cuda.current_stream(K).cuda_stream is passed to mdopt_step, mdopt_grads_ready and
+mdopt_gather_params) and step() does not wait for the GPU unless step information is asked
+for (step_info=True, or step(info=True)): last_step is then None after a step that did not
+ask. Building the optimizer, checkpoints and group_info() synchronise the device.
 
 Every param group becomes one mdopt group, "preset=<preset> key=value ..." (docs/ABI.md,
 "Group specs"). Its keys may be spelled as in torch (lr, betas, eps, weight_decay, momentum,
@@ -17,7 +26,8 @@ torch LR scheduler works; the other keys are fixed once the optimizer is built.
 Building the optimizer registers every tensor and projects each sphere matrix onto its
 sphere, writing the model's weights (the method's initialisation), as mdopt_finalize does.
 mdopt keeps its own state (f32 weights are their own master copy; bf16 weights get an f32
-master inside mdopt); `self.state` stays empty, and state_dict() carries mdopt's checkpoint.
+master inside mdopt); `self.state` stays empty, and state_dict() carries mdopt's checkpoint
+(on CUDA the library stages it through host memory).
 """
 
 import os
@@ -44,6 +54,9 @@ _META_KEYS = ("params", "preset", "name", "names")
 # torch.optim spellings of features mdopt does not have: accepted only when off.
 _TORCH_OFF_KEYS = ("amsgrad", "maximize", "foreach", "fused", "capturable", "differentiable")
 _DTYPES = {torch.float32: DTYPE_F32, torch.bfloat16: DTYPE_BF16}
+_TORCH_DTYPES = {DTYPE_F32: torch.float32, DTYPE_BF16: torch.bfloat16}
+_DEVICE_OPTION = re.compile(r"(?:^|\s)device=(\S*)")
+_CUDA_ORDINAL = re.compile(r"cuda:(\d+)$")
 _serial = 0  # optimizers created in this process (names per-job state directories)
 _NAME_BAD = re.compile(r"[^\x21-\x7e]")  # mdopt names: printable, no whitespace
 
@@ -80,6 +93,22 @@ def _fixed(group):
     return [kv for kv in _spec_items(group) if kv[0] != "lr"]
 
 
+def _where(t):
+    """A tensor's device as mdopt's device option spells it (cpu, cuda:K) or torch's."""
+    if t.device.type == "cuda":
+        return "cuda:%d" % (t.device.index or 0)
+    return str(t.device)
+
+
+def _where_device(device):
+    return "cuda:%d" % (device.index or 0) if device.type == "cuda" else str(device)
+
+
+def _library_path():
+    from ._lib import path
+    return path
+
+
 def _mdopt_shape(t):
     """mdopt's view of a tensor: 0-D as 1-D, 1..3-D as they are, more as 2-D (d0, rest)."""
     s = tuple(t.shape)
@@ -113,11 +142,25 @@ class MDOptimizer(torch.optim.Optimizer):
         post-accumulate-grad hook (mdopt_grads_ready), so that the reduce-scatter of full
         buckets overlaps the rest of backward. Only for one backward per step (with
         gradient accumulation the first backward's gradients would be sent). torch >= 2.1.
+    grad_attr: the attribute of each tensor that holds its gradient: "grad" (autograd's), or
+        e.g. "main_grad" (Megatron's DDP; a tensor without it, or with it None, falls back
+        to .grad). Each tensor's gradient dtype is fixed when the optimizer is built: the
+        dtype of that attribute's tensor if it exists then (bf16 weights may take float32
+        gradients), else the weight's. A gradient of another dtype, device or layout is
+        copied into a staging buffer of the registered dtype at every step.
+    step_info: whether step() asks mdopt for the step's outcome (skipped, grad norm, ...)
+        into last_step. Default: True on the CPU (free there), False on CUDA, where asking
+        makes the host wait for the GPU at every step; step(info=True) asks for one step.
     **defaults: spec keys for every group (lr=, betas=, gain_lr=, ...).
+
+    The device follows the parameters: every tensor on the CPU, or every tensor on one CUDA
+    GPU K (device=cuda:K is then passed to mdopt_create). A device= option, if given, must
+    name that device ("cuda" alone stands for the tensors' GPU).
     """
 
     def __init__(self, params, preset="md-muon", *, comm=None, options="",
-                 named_parameters=None, state_dir=None, overlap=False, **defaults):
+                 named_parameters=None, state_dir=None, overlap=False, grad_attr="grad",
+                 step_info=None, **defaults):
         opts = [options] if options else []
         group_defaults = {"preset": preset}
         for k, v in defaults.items():
@@ -133,6 +176,14 @@ class MDOptimizer(torch.optim.Optimizer):
                     "MDOptimizer: unknown keyword argument '%s' (group keys: %s, betas; "
                     "options: %s)" % (k, ", ".join(SPEC_KEYS), ", ".join(OPTION_KEYS)))
         self._options = " ".join(opts)
+        m = _DEVICE_OPTION.search(self._options)
+        self._device_option = m.group(1) if m else None
+        if not isinstance(grad_attr, str) or not grad_attr.isidentifier():
+            raise TypeError("MDOptimizer: grad_attr must be an attribute name such as 'grad' "
+                            "or 'main_grad', not %r" % (grad_attr,))
+        self._grad_attr = grad_attr
+        self._step_info = None if step_info is None else bool(step_info)
+        self._device = None
         if comm is None:
             comm = _comm.local()
         elif comm == "mpi":
@@ -221,12 +272,24 @@ class MDOptimizer(torch.optim.Optimizer):
             if other["name"] == name:
                 raise ValueError("MDOptimizer: groups %d and %d are both named '%s'"
                                  % (j, index, name))
+        # One device for every tensor: mdopt runs one optimizer on one device.
+        first = {}
+        for g in self.param_groups:
+            for i, t in enumerate(g["params"]):
+                first.setdefault(_where(t), (self._param_name(g, i, t), g["name"]))
+        if len(first) > 1:
+            raise ValueError(
+                "MDOptimizer: the parameters are on several devices (%s); one mdopt "
+                "optimizer runs on one device: put every parameter on the same CPU or GPU "
+                "(or build one optimizer per device)"
+                % "; ".join("'%s' (group '%s') on %s" % (n, gn, d)
+                            for d, (n, gn) in first.items()))
         for i, t in enumerate(group["params"]):
             pname = self._param_name(group, i, t)
             where = "parameter '%s' (group '%s')" % (pname, name)
-            if t.device.type != "cpu":
-                raise ValueError("MDOptimizer: %s is on %s; this build of mdopt runs on the "
-                                 "CPU only (device=cpu)" % (where, t.device))
+            if t.device.type not in ("cpu", "cuda"):
+                raise ValueError("MDOptimizer: %s is on %s; mdopt runs on the CPU or on one "
+                                 "CUDA GPU (device=cpu, device=cuda:K)" % (where, t.device))
             if t.dtype not in _DTYPES:
                 raise ValueError("MDOptimizer: %s is %s; mdopt takes float32 or bfloat16"
                                  % (where, t.dtype))
@@ -254,11 +317,73 @@ class MDOptimizer(torch.optim.Optimizer):
                     "memory; a tensor may be registered once (tie weights by using the same "
                     "Parameter, which is listed once)" % (a[2], a[3], b[2], b[3]))
 
+    def _target_device(self):
+        """The device every tensor is on (checked by _check_group) and the options string
+        for mdopt_create: device=cuda:K added for CUDA tensors; a device= option given by
+        the caller must name the tensors' device."""
+        t0 = next((t for g in self.param_groups for t in g["params"]), None)
+        device = t0.device if t0 is not None else torch.device("cpu")
+        where = _where(t0) if t0 is not None else "cpu"
+        asked = self._device_option
+        if asked == "cuda" and device.type == "cuda":  # torch's spelling of "the current GPU"
+            return device, _DEVICE_OPTION.sub(lambda m: m.group(0).replace(
+                "device=cuda", "device=" + where), self._options, count=1)
+        if asked is None or asked == where:
+            options = self._options
+            if asked is None and device.type == "cuda":
+                options = ("%s device=%s" % (options, where)).strip()
+            return device, options
+        if asked != "cpu" and not _CUDA_ORDINAL.match(asked):
+            return device, self._options  # a bad value: the library says what is wrong
+        message = ("MDOptimizer: device=%s was asked for, but the parameters are on %s; the "
+                   "optimizer runs where the parameters are (leave device= out, or move the "
+                   "model there before building the optimizer)" % (asked, where))
+        if asked != "cpu":
+            from . import cuda_backend
+            ok, why = cuda_backend(int(asked.split(":")[1]))
+            if not ok:
+                message += "; and this libmdopt cannot run on CUDA: %s" % why
+        raise ValueError(message)
+
+    def _sync(self, device=None):
+        """Waits for the GPU (CUDA only): before and after mdopt calls that take no stream
+        and read or write the model's tensors (finalize, save, load)."""
+        device = device or self._device
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def _stream(self):
+        """torch's current stream of the optimizer's GPU, as mdopt's stream argument."""
+        if self._device is None or self._device.type != "cuda":
+            return None
+        return torch.cuda.current_stream(self._device).cuda_stream
+
+    def _grad_dtype(self, t):
+        """The gradient dtype a tensor is registered with: that of its grad_attr tensor if
+        it has one now (bf16 weights may take f32 gradients), else the weight's."""
+        dt = _DTYPES[t.dtype]
+        g = getattr(t, self._grad_attr, None) if self._grad_attr != "grad" else None
+        if isinstance(g, torch.Tensor) and g.dtype in _DTYPES:
+            gd = _DTYPES[g.dtype]
+            if not (dt == DTYPE_F32 and gd == DTYPE_BF16):
+                return gd
+        return dt
+
     def _build(self):
         """Creates the mdopt optimizer with every group and tensor and finalizes it (which
         projects the sphere matrices). The previous one, if any, is replaced only once the
         new one is complete."""
-        opt = _core.Optimizer(self.comm, self._options)
+        device, options = self._target_device()
+        try:
+            opt = _core.Optimizer(self.comm, options)
+        except MdoptError as e:
+            if device.type != "cuda":
+                raise
+            raise MdoptError(e.status, "MDOptimizer: the parameters are on %s and this "
+                             "libmdopt (%s) cannot run there: %s. Build it with the CUDA "
+                             "backend (launch/build-cuda.sh, or cmake -DMDOPT_CUDA=ON) and "
+                             "point MDOPT_LIBRARY at it" % (_where_device(device),
+                                                            _library_path(), e.message)) from None
         entries = []
         for group in self.param_groups:
             try:
@@ -269,16 +394,20 @@ class MDOptimizer(torch.optim.Optimizer):
             for i, t in enumerate(group["params"]):
                 pname = self._param_name(group, i, t)
                 dt = _DTYPES[t.dtype]
+                gdt = self._grad_dtype(t)
                 try:
                     index = opt.add_param(pname, group["name"], _mdopt_shape(t), dt,
-                                          t.data_ptr(), dt, None)
+                                          t.data_ptr(), gdt, None)
                 except MdoptError as e:
                     raise MdoptError(e.status, "parameter '%s' (group '%s', shape %s, %s): %s"
                                      % (pname, group["name"], tuple(t.shape), t.dtype,
                                         e.message)) from None
-                entries.append((t, dt, pname))
+                entries.append((t, dt, gdt, pname))
+        self._sync(device)  # the weights as torch last wrote them
         with torch.no_grad():
             opt.finalize()
+        self._sync(device)  # the projected weights, before torch reads them
+        self._device = device
         lrs = []
         for group in self.param_groups:
             lr, _ = opt.group_lr(group["name"])
@@ -298,7 +427,7 @@ class MDOptimizer(torch.optim.Optimizer):
         self._fixed = [_fixed(g) for g in self.param_groups]
         self._warned_no_grad = set()
         if self._overlap and self.comm.size > 1:
-            for k, (t, _, _) in enumerate(entries):
+            for k, (t, _, _, _) in enumerate(entries):
                 self._hooks.append(t.register_post_accumulate_grad_hook(
                     lambda _t, k=k: self._grad_final(k)))
 
@@ -310,7 +439,7 @@ class MDOptimizer(torch.optim.Optimizer):
         if ptrs != self._pointers[k]:
             self._opt.set_pointers(k, ptrs[0], ptrs[1])
             self._pointers[k] = ptrs
-        self._opt.grads_ready(k, 1)
+        self._opt.grads_ready(k, 1, self._stream())
 
     # --- stepping -----------------------------------------------------------------------
 
@@ -328,15 +457,20 @@ class MDOptimizer(torch.optim.Optimizer):
                 self._opt.set_group_lr(group["name"], lr)
                 self._pushed[gi] = lr
 
+    def _grad_tensor(self, t):
+        g = getattr(t, self._grad_attr, None) if self._grad_attr != "grad" else None
+        return t.grad if g is None else g
+
     def _grad_pointer(self, k):
-        t, dt, pname = self._entries[k]
-        g = t.grad
-        if g is not None and g.device.type == "cpu" and not g.is_sparse and \
-                g.dtype == t.dtype and g.is_contiguous() and g.shape == t.shape:
+        t, dt, gdt, pname = self._entries[k]
+        g = self._grad_tensor(t)
+        want = _TORCH_DTYPES[gdt]
+        if g is not None and g.device == t.device and not g.is_sparse and \
+                g.dtype == want and g.is_contiguous() and g.shape == t.shape:
             return g.data_ptr()
         buf = self._buffers.get(k)
         if buf is None:
-            buf = self._buffers[k] = torch.zeros_like(t, memory_format=torch.contiguous_format)
+            buf = self._buffers[k] = torch.zeros(t.shape, dtype=want, device=t.device)
         if g is None:
             if pname not in self._warned_no_grad:
                 self._warned_no_grad.add(pname)
@@ -346,35 +480,58 @@ class MDOptimizer(torch.optim.Optimizer):
         else:
             if g.is_sparse:
                 raise ValueError("MDOptimizer: parameter '%s' has a sparse gradient" % pname)
+            if g.numel() != t.numel():
+                raise ValueError("MDOptimizer: parameter '%s' has a gradient of shape %s for "
+                                 "a weight of shape %s" % (pname, tuple(g.shape),
+                                                           tuple(t.shape)))
             buf.copy_(g.reshape(t.shape))
         return buf.data_ptr()
 
     def _point(self):
-        for k, (t, _, _) in enumerate(self._entries):
+        for k, (t, _, _, _) in enumerate(self._entries):
             ptrs = (t.data_ptr(), self._grad_pointer(k))
             if ptrs != self._pointers[k]:
                 self._opt.set_pointers(k, ptrs[0], ptrs[1])
                 self._pointers[k] = ptrs
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, info=None):
         """One mdopt step (collective on several ranks, each passing its own gradients with
         grads=local). Returns the closure's loss. A NaN/Inf gradient skips the step:
-        nothing changes and `last_step.skipped` is True."""
+        nothing changes and `last_step.skipped` is True.
+
+        info: ask for the step's outcome (last_step) this time; None follows step_info.
+        On CUDA without it the call returns with the step queued on torch's current stream
+        and last_step is None."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._push_lrs()
         self._point()
-        self.last_step = self._opt.step(1.0)
+        if info is None:
+            info = self.step_info
+        self.last_step = self._opt.step(1.0, self._stream(), bool(info))
         self._stepped = True
         return loss
 
+    @property
+    def device(self):
+        """The torch.device the optimizer runs on (that of its parameters)."""
+        return self._device
+
+    @property
+    def step_info(self):
+        """Whether step() asks for the step's outcome by default (see MDOptimizer)."""
+        if self._step_info is not None:
+            return self._step_info
+        return self._device is None or self._device.type != "cuda"
+
     def gather_params(self):
         """With gather=deferred on several ranks: all-gathers the weights the last step
-        updated; call it before the next forward. A no-op otherwise."""
-        self._opt.gather_params()
+        updated; call it before the next forward. A no-op otherwise. On CUDA it is ordered
+        on torch's current stream."""
+        self._opt.gather_params(self._stream())
 
     def group_info(self, group):
         """What the last step did to a group (by name or index): a GroupStats of matrices,
@@ -391,7 +548,7 @@ class MDOptimizer(torch.optim.Optimizer):
 
     def param_index(self, tensor):
         """mdopt's index of a registered tensor (for mdopt.get_state)."""
-        for k, (t, _, _) in enumerate(self._entries):
+        for k, (t, _, _, _) in enumerate(self._entries):
             if t is tensor:
                 return k
         raise KeyError("tensor is not registered with this MDOptimizer")
@@ -402,11 +559,14 @@ class MDOptimizer(torch.optim.Optimizer):
         """mdopt_save: the sharded checkpoint directory (collective; a directory every rank
         sees). Loads at any rank count with load_checkpoint. For large models, instead of
         state_dict(), which holds the whole checkpoint in memory on every rank."""
+        self._sync()
         self._opt.save(directory)
 
     def load_checkpoint(self, directory):
         """mdopt_load: restores the state and writes the saved weights into the model."""
+        self._sync()
         self._opt.load(directory)
+        self._sync()
         self._stepped = True
         self._pushed = [None] * len(self.param_groups)
 
@@ -432,6 +592,7 @@ class MDOptimizer(torch.optim.Optimizer):
         entry per file: the manifest and every rank's state file. Every rank returns the
         whole checkpoint, so rank 0 may torch.save it; it loads at any rank count."""
         sd = super().state_dict()
+        self._sync()
         if self.comm.size == 1:
             with tempfile.TemporaryDirectory(prefix="mdopt-state-") as d:
                 self._opt.save(d)
@@ -489,6 +650,8 @@ class MDOptimizer(torch.optim.Optimizer):
                     raise ValueError("MDOptimizer.load_state_dict: bad file name %r" % name)
                 with open(os.path.join(d, name), "wb") as f:
                     f.write(data)
+            self._sync()
             self._opt.load(d)  # collective; each rank reads its own full copy
+            self._sync()
         self._stepped = self._stepped or blob.get("step", 0) > 0
         self._pushed = [None] * len(self.param_groups)

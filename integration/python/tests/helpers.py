@@ -57,3 +57,14 @@ def float64_ns(grad, ns_coefficients, ns_steps, eps):
     if grad.size(0) > grad.size(1):
         x = x.T
     return x.to(grad.dtype)
+
+
+def report_metric(name, value, tolerance):
+    """A measured error beside its bound, one line `MDOPT_METRIC <name> <value> <tolerance>`
+    appended to $MDOPT_METRICS_FILE when that is set (launch/device-check.sh gathers these
+    lines from every test into its summary); nothing otherwise (pytest captures stdout)."""
+    import os
+    path = os.environ.get("MDOPT_METRICS_FILE")
+    if path:
+        with open(path, "a") as f:
+            f.write("MDOPT_METRIC %s %.6g %.6g\n" % (name, float(value), float(tolerance)))
