@@ -40,8 +40,10 @@
 #   summary       3
 # Filters: MEMCHECK_FILTER / RACECHECK_FILTER below name the subset per program; a program
 # without one gets the first test of each of its first suites (--gtest_list_tests).
-# To try the script without a GPU: --force, and MDOPT_CHECK_TWO_RANKS_DEVICE=cpu (the two
-# ranks on the CPU backend), MDOPT_CHECK_BENCH_ARGS="--device cpu --d 128 --layers 2".
+# MDOPT_CHECK_PARTS=tests,memcheck,... runs only the parts named (setup and the summary
+# always run): a rerun of what failed. To try the script without a GPU: --force, and
+# MDOPT_CHECK_TWO_RANKS_DEVICE=cpu (the two ranks on the CPU backend),
+# MDOPT_CHECK_BENCH_ARGS="--device cpu --d 128 --layers 2".
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 force=0
@@ -68,16 +70,18 @@ declare -A MEMCHECK_FILTER=()
 declare -A RACECHECK_FILTER=()
 auto_filter_tests=3  # tests per program when no filter is given
 
+parts="${MDOPT_CHECK_PARTS:-tests,memcheck,racecheck,two-ranks,python,benchmark}"
+want() { [[ ",$parts," == *",$1,"* ]]; }
 record() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$results"; }
 now() { date +%s; }
 # The cap of a part: its own, cut to what is left of the budget (3 s kept for the summary);
 # at least 1 (timeout 0 would mean no limit).
 cap() {
-  local want=$1 left
+  local secs=$1 left
   left=$(( deadline - $(now) - 3 ))
-  [ "$left" -lt "$want" ] && want=$left
-  [ "$want" -lt 1 ] && want=1
-  echo "$want"
+  [ "$left" -lt "$secs" ] && secs=$left
+  [ "$secs" -lt 1 ] && secs=1
+  echo "$secs"
 }
 # gtest counts of a log: passed failed skipped
 gtest_counts() {
@@ -206,35 +210,37 @@ record setup libraries "$setup_ok" - - - "$(( $(now) - t0 ))" 15 "$note"
 [ -f "$bin/BUILD_INFO" ] && cp "$bin/BUILD_INFO" "$work/BUILD_INFO"
 
 # --- tests ---------------------------------------------------------------------------------
-tests=("${required_tests[@]}")
-for f in "$bin"/*_test; do
-  [ -x "$f" ] || continue
-  t="$(basename "$f")"
-  [[ " ${required_tests[*]} " == *" $t "* ]] || tests+=("$t")
-done
-others_left=$other_tests_cap
-for t in "${tests[@]}"; do
-  want="${TEST_CAP[$t]:-$others_left}"
-  if [ ! -x "$bin/$t" ]; then
-    record tests "$t" FAIL 0 0 0 0 "$want" "missing from $bin"
-    continue
-  fi
-  c="$(cap "$want")"
-  t0=$(now)
-  timeout -k 2 "$c" "$bin/$t" --gtest_color=no >"$work/$t.log" 2>&1
-  rc=$?
-  secs=$(( $(now) - t0 ))
-  [ -n "${TEST_CAP[$t]:-}" ] || others_left=$(( others_left > secs ? others_left - secs : 0 ))
-  read -r p f s < <(gtest_counts "$work/$t.log")
-  { echo "===== $t: exit $rc after ${secs}s (cap ${c}s)"; cat "$work/$t.log"; } >>"$out/tests.log"
-  st=PASS
-  n="$(why_rc "$rc")"
-  if [ "$rc" -ne 0 ] || [ "$f" -gt 0 ] || [ "$s" -gt 0 ] || [ "$p" -eq 0 ]; then st=FAIL; fi
-  [ "$s" -gt 0 ] && n="${n:+$n; }$s skipped (a skip on a GPU is a failure): $(grep -m1 -B1 -E '^\[  SKIPPED \] ' "$work/$t.log" | head -1 | cut -c1-160)"
-  [ "$p" -eq 0 ] && [ "$s" -eq 0 ] && n="${n:+$n; }no test passed"
-  [ "$f" -gt 0 ] && n="${n:+$n; }failed: $(grep -E '^\[  FAILED  \] [A-Za-z_].* \([0-9]+ ms\)$' "$work/$t.log" | head -3 | sed 's/^\[  FAILED  \] //; s/ ([0-9]* ms)$//' | tr '\n' ' ')"
-  record tests "$t" "$st" "$p" "$f" "$s" "$secs" "$c" "$n"
-done
+if want tests; then
+  tests=("${required_tests[@]}")
+  for f in "$bin"/*_test; do
+    [ -x "$f" ] || continue
+    t="$(basename "$f")"
+    [[ " ${required_tests[*]} " == *" $t "* ]] || tests+=("$t")
+  done
+  others_left=$other_tests_cap
+  for t in "${tests[@]}"; do
+    tcap="${TEST_CAP[$t]:-$others_left}"
+    if [ ! -x "$bin/$t" ]; then
+      record tests "$t" FAIL 0 0 0 0 "$tcap" "missing from $bin"
+      continue
+    fi
+    c="$(cap "$tcap")"
+    t0=$(now)
+    timeout -k 2 "$c" "$bin/$t" --gtest_color=no >"$work/$t.log" 2>&1
+    rc=$?
+    secs=$(( $(now) - t0 ))
+    [ -n "${TEST_CAP[$t]:-}" ] || others_left=$(( others_left > secs ? others_left - secs : 0 ))
+    read -r p f s < <(gtest_counts "$work/$t.log")
+    { echo "===== $t: exit $rc after ${secs}s (cap ${c}s)"; cat "$work/$t.log"; } >>"$out/tests.log"
+    st=PASS
+    n="$(why_rc "$rc")"
+    if [ "$rc" -ne 0 ] || [ "$f" -gt 0 ] || [ "$s" -gt 0 ] || [ "$p" -eq 0 ]; then st=FAIL; fi
+    [ "$s" -gt 0 ] && n="${n:+$n; }$s skipped (a skip on a GPU is a failure): $(grep -m1 -B1 -E '^\[  SKIPPED \] ' "$work/$t.log" | head -1 | cut -c1-160)"
+    [ "$p" -eq 0 ] && [ "$s" -eq 0 ] && n="${n:+$n; }no test passed"
+    [ "$f" -gt 0 ] && n="${n:+$n; }failed: $(grep -E '^\[  FAILED  \] [A-Za-z_].* \([0-9]+ ms\)$' "$work/$t.log" | head -3 | sed 's/^\[  FAILED  \] //; s/ ([0-9]* ms)$//' | tr '\n' ' ')"
+    record tests "$t" "$st" "$p" "$f" "$s" "$secs" "$c" "$n"
+  done
+fi
 
 # --- compute-sanitizer ------------------------------------------------------------------------
 cs="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
@@ -244,18 +250,18 @@ auto_filter() {  # the first test of each of a program's first suites
     /^  [^ ]/ { if (!taken && count < n) { printf "%s%s%s", sep, suite, $1; sep = ":"; count++; taken = 1 } }'
 }
 sanitize() {  # tool program:cap
-  local tool=$1 t=${2%%:*} want=${2#*:} filter c rc secs errs p f s st n
+  local tool=$1 t=${2%%:*} tcap=${2#*:} filter c rc secs errs p f s st n
   if [ -z "$cs" ]; then
-    record "$tool" "$t" FAIL 0 0 0 0 "$want" "compute-sanitizer not found"
+    record "$tool" "$t" FAIL 0 0 0 0 "$tcap" "compute-sanitizer not found"
     return
   fi
   if [ ! -x "$bin/$t" ]; then
-    record "$tool" "$t" FAIL 0 0 0 0 "$want" "missing from $bin"
+    record "$tool" "$t" FAIL 0 0 0 0 "$tcap" "missing from $bin"
     return
   fi
   if [ "$tool" = memcheck ]; then filter="${MEMCHECK_FILTER[$t]:-}"; else filter="${RACECHECK_FILTER[$t]:-}"; fi
   [ -n "$filter" ] || filter="$(auto_filter "$t" "$auto_filter_tests")"
-  c="$(cap "$want")"
+  c="$(cap "$tcap")"
   t0=$(now)
   echo "===== $tool $t --gtest_filter=$filter (cap ${c}s)" >>"$out/sanitizer.log"
   timeout -k 2 "$c" "$cs" --tool "$tool" --error-exitcode 99 --print-limit 20 \
@@ -272,136 +278,145 @@ sanitize() {  # tool program:cap
   n="${n:+$n; }${errs:-no} sanitizer $( [ "$tool" = memcheck ] && echo errors || echo hazards); filter ${filter:-*}"
   record "$tool" "$t" "$st" "$p" "$f" "$s" "$secs" "$c" "$n"
 }
-for spec in "${memcheck_runs[@]}"; do sanitize memcheck "$spec"; done
-for spec in "${racecheck_runs[@]}"; do sanitize racecheck "$spec"; done
+if want memcheck; then
+  for spec in "${memcheck_runs[@]}"; do sanitize memcheck "$spec"; done
+fi
+if want racecheck; then
+  for spec in "${racecheck_runs[@]}"; do sanitize racecheck "$spec"; done
+fi
 
 # --- two ranks on one GPU --------------------------------------------------------------------
-t0=$(now)
-tr="$root/integration/python/tests/cuda_two_ranks.py"
-route="" route_note=""
-mpirun_bin="$(command -v mpirun || true)"
-launch=()
-if [ -n "$mpirun_bin" ]; then
-  launch=("$mpirun_bin" -np 2)
-  if "$mpirun_bin" --version 2>&1 | grep -qE 'Open MPI|OpenRTE'; then
-    [ "$(id -u)" -ne 0 ] || launch+=(--allow-run-as-root)
-    launch+=(--oversubscribe --bind-to none)
-    for v in LD_LIBRARY_PATH PYTHONPATH MDOPT_LIBRARY PYTHONDONTWRITEBYTECODE PYTHONUNBUFFERED; do
-      [ -n "${!v:-}" ] && launch+=(-x "$v")
-    done
-  fi
-  echo "===== two ranks: MPI probe: ${launch[*]} $py cuda_two_ranks.py --probe" >>"$out/python.log"
-  timeout -k 2 "$(cap 10)" "${launch[@]}" "$py" "$tr" --probe >"$work/probe.log" 2>&1
-  rc=$?
-  cat "$work/probe.log" >>"$out/python.log"
-  if [ "$(grep -c '^probe: rank [01] of 2' "$work/probe.log")" -eq 2 ]; then
-    route=mpi
-    route_note="$("$mpirun_bin" --version 2>&1 | head -1)"
+if want two-ranks; then
+  t0=$(now)
+  tr="$root/integration/python/tests/cuda_two_ranks.py"
+  route="" route_note=""
+  mpirun_bin="$(command -v mpirun || true)"
+  launch=()
+  if [ -n "$mpirun_bin" ]; then
+    launch=("$mpirun_bin" -np 2)
+    if "$mpirun_bin" --version 2>&1 | grep -qE 'Open MPI|OpenRTE'; then
+      [ "$(id -u)" -ne 0 ] || launch+=(--allow-run-as-root)
+      launch+=(--oversubscribe --bind-to none)
+      for v in LD_LIBRARY_PATH PYTHONPATH MDOPT_LIBRARY PYTHONDONTWRITEBYTECODE PYTHONUNBUFFERED; do
+        [ -n "${!v:-}" ] && launch+=(-x "$v")
+      done
+    fi
+    echo "===== two ranks: MPI probe: ${launch[*]} $py cuda_two_ranks.py --probe" >>"$out/python.log"
+    timeout -k 2 "$(cap 10)" "${launch[@]}" "$py" "$tr" --probe >"$work/probe.log" 2>&1
+    rc=$?
+    cat "$work/probe.log" >>"$out/python.log"
+    if [ "$(grep -c '^probe: rank [01] of 2' "$work/probe.log")" -eq 2 ]; then
+      route=mpi
+      route_note="$("$mpirun_bin" --version 2>&1 | head -1)"
+    else
+      route_note="MPI unusable here ($(reason_of "$rc" "$work/probe.log")); ran under torchrun on gloo"
+    fi
   else
-    route_note="MPI unusable here ($(reason_of "$rc" "$work/probe.log")); ran under torchrun on gloo"
+    route_note="no mpirun here; ran under torchrun on gloo"
   fi
-else
-  route_note="no mpirun here; ran under torchrun on gloo"
+  if [ -z "$route" ]; then
+    route=torch
+    launch=("$py" -m torch.distributed.run --standalone --nproc-per-node 2)
+  fi
+  c="$(cap 30)"
+  echo "===== two ranks: reference (1 rank) and 2 ranks ($route), cap ${c}s" >>"$out/python.log"
+  tr_device="${MDOPT_CHECK_TWO_RANKS_DEVICE:-cuda:0}"
+  timeout -k 2 "$c" "$py" "$tr" --ranks 1 --device "$tr_device" --out "$work/tr/ref" >"$work/tr_ref.log" 2>&1 &
+  ref_pid=$!
+  timeout -k 2 "$c" "${launch[@]}" "$py" "$tr" --comm "$route" --device "$tr_device" --out "$work/tr/two" >"$work/tr_two.log" 2>&1
+  rc_two=$?
+  wait "$ref_pid"
+  rc_ref=$?
+  cat "$work/tr_ref.log" "$work/tr_two.log" >>"$out/python.log"
+  st=FAIL
+  n="route $route${route_note:+ ($route_note)}"
+  if [ "$rc_ref" -ne 0 ] || [ "$rc_two" -ne 0 ]; then
+    [ "$rc_ref" -eq 0 ] || n="$n; reference: $(reason_of "$rc_ref" "$work/tr_ref.log")"
+    [ "$rc_two" -eq 0 ] || n="$n; 2 ranks: $(reason_of "$rc_two" "$work/tr_two.log")"
+  else
+    timeout -k 2 "$(cap 5)" "$py" "$tr" --compare "$work/tr/ref" "$work/tr/two" >"$work/tr_cmp.log" 2>&1
+    rc=$?
+    cat "$work/tr_cmp.log" >>"$out/python.log"
+    [ "$rc" -eq 0 ] && st=PASS
+    n="$n; compare: $(reason_of "$rc" "$work/tr_cmp.log")"
+  fi
+  record two-ranks "2 ranks vs 1 on one GPU" "$st" - - - "$(( $(now) - t0 ))" 45 "$n"
 fi
-if [ -z "$route" ]; then
-  route=torch
-  launch=("$py" -m torch.distributed.run --standalone --nproc-per-node 2)
-fi
-c="$(cap 30)"
-echo "===== two ranks: reference (1 rank) and 2 ranks ($route), cap ${c}s" >>"$out/python.log"
-tr_device="${MDOPT_CHECK_TWO_RANKS_DEVICE:-cuda:0}"
-timeout -k 2 "$c" "$py" "$tr" --ranks 1 --device "$tr_device" --out "$work/tr/ref" >"$work/tr_ref.log" 2>&1 &
-ref_pid=$!
-timeout -k 2 "$c" "${launch[@]}" "$py" "$tr" --comm "$route" --device "$tr_device" --out "$work/tr/two" >"$work/tr_two.log" 2>&1
-rc_two=$?
-wait "$ref_pid"
-rc_ref=$?
-cat "$work/tr_ref.log" "$work/tr_two.log" >>"$out/python.log"
-st=FAIL
-n="route $route${route_note:+ ($route_note)}"
-if [ "$rc_ref" -ne 0 ] || [ "$rc_two" -ne 0 ]; then
-  [ "$rc_ref" -eq 0 ] || n="$n; reference: $(reason_of "$rc_ref" "$work/tr_ref.log")"
-  [ "$rc_two" -eq 0 ] || n="$n; 2 ranks: $(reason_of "$rc_two" "$work/tr_two.log")"
-else
-  timeout -k 2 "$(cap 5)" "$py" "$tr" --compare "$work/tr/ref" "$work/tr/two" >"$work/tr_cmp.log" 2>&1
-  rc=$?
-  cat "$work/tr_cmp.log" >>"$out/python.log"
-  [ "$rc" -eq 0 ] && st=PASS
-  n="$n; compare: $(reason_of "$rc" "$work/tr_cmp.log")"
-fi
-record two-ranks "2 ranks vs 1 on one GPU" "$st" - - - "$(( $(now) - t0 ))" 45 "$n"
 
 # --- Python CUDA tests ------------------------------------------------------------------------
-t0=$(now)
-c="$(cap 50)"
-python_tests=(tests/test_cuda.py tests/test_megatron_cuda.py tests/test_nccl_comm.py)
-echo "===== pytest ${python_tests[*]} (cap ${c}s)" >>"$out/python.log"
-(cd "$root/integration/python" && timeout -k 2 "$c" "$py" -m pytest -q -rs -p no:cacheprovider \
-  "${python_tests[@]}") >"$work/pytest.log" 2>&1
-rc=$?
-secs=$(( $(now) - t0 ))
-cat "$work/pytest.log" >>"$out/python.log"
-[ -f "$MDOPT_METRICS_FILE" ] && cat "$MDOPT_METRICS_FILE" >>"$out/python.log"
-last="$(grep -E '[0-9]+ (passed|failed|skipped|error)' "$work/pytest.log" | tail -1)"
-p=$(grep -oE '[0-9]+ passed' <<<"$last" | grep -oE '[0-9]+' || echo 0)
-f=$(( $(grep -oE '[0-9]+ failed' <<<"$last" | grep -oE '[0-9]+' || echo 0) + $(grep -oE '[0-9]+ errors?' <<<"$last" | grep -oE '[0-9]+' || echo 0) ))
-s=$(grep -oE '[0-9]+ skipped' <<<"$last" | grep -oE '[0-9]+' || echo 0)
-bad_skips="$(grep -E '^SKIPPED \[' "$work/pytest.log" | grep -v 'megatron-core is not installed' || true)"
-st=PASS
-n="$(why_rc "$rc")"
-if [ "$rc" -ne 0 ] || [ "$f" -gt 0 ] || [ "$p" -eq 0 ] || [ -n "$bad_skips" ]; then st=FAIL; fi
-[ -n "$bad_skips" ] && n="${n:+$n; }skipped on a GPU: $(head -1 <<<"$bad_skips" | cut -c1-200)"
-grep -q 'megatron-core is not installed' "$work/pytest.log" && n="${n:+$n; }megatron-core not installed: its GPU test skipped"
-record python "${python_tests[*]##*/}" "$st" "$p" "$f" "$s" "$secs" "$c" "$n"
+if want python; then
+  t0=$(now)
+  c="$(cap 50)"
+  python_tests=(tests/test_cuda.py tests/test_megatron_cuda.py tests/test_nccl_comm.py)
+  echo "===== pytest ${python_tests[*]} (cap ${c}s)" >>"$out/python.log"
+  (cd "$root/integration/python" && timeout -k 2 "$c" "$py" -m pytest -q -rs -p no:cacheprovider \
+    "${python_tests[@]}") >"$work/pytest.log" 2>&1
+  rc=$?
+  secs=$(( $(now) - t0 ))
+  cat "$work/pytest.log" >>"$out/python.log"
+  [ -f "$MDOPT_METRICS_FILE" ] && cat "$MDOPT_METRICS_FILE" >>"$out/python.log"
+  last="$(grep -E '[0-9]+ (passed|failed|skipped|error)' "$work/pytest.log" | tail -1)"
+  p=$(grep -oE '[0-9]+ passed' <<<"$last" | grep -oE '[0-9]+' || echo 0)
+  f=$(( $(grep -oE '[0-9]+ failed' <<<"$last" | grep -oE '[0-9]+' || echo 0) + $(grep -oE '[0-9]+ errors?' <<<"$last" | grep -oE '[0-9]+' || echo 0) ))
+  s=$(grep -oE '[0-9]+ skipped' <<<"$last" | grep -oE '[0-9]+' || echo 0)
+  bad_skips="$(grep -E '^SKIPPED \[' "$work/pytest.log" | grep -v 'megatron-core is not installed' || true)"
+  st=PASS
+  n="$(why_rc "$rc")"
+  if [ "$rc" -ne 0 ] || [ "$f" -gt 0 ] || [ "$p" -eq 0 ] || [ -n "$bad_skips" ]; then st=FAIL; fi
+  [ -n "$bad_skips" ] && n="${n:+$n; }skipped on a GPU: $(head -1 <<<"$bad_skips" | cut -c1-200)"
+  grep -q 'megatron-core is not installed' "$work/pytest.log" && n="${n:+$n; }megatron-core not installed: its GPU test skipped"
+  record python "${python_tests[*]##*/}" "$st" "$p" "$f" "$s" "$secs" "$c" "$n"
+fi
 
 # --- benchmarks -----------------------------------------------------------------------------
-t0=$(now)
-c="$(cap 30)"
-echo "===== optimizer_bench.py (cap ${c}s)" >>"$out/python.log"
-# shellcheck disable=SC2086  # MDOPT_CHECK_BENCH_ARGS: words on purpose
-timeout -k 2 "$c" "$py" "$root/kernels/cuda/bench/optimizer_bench.py" --json "$out/bench.json" \
-  ${MDOPT_CHECK_BENCH_ARGS:-} >>"$out/python.log" 2>&1
-rc=$?
-st=PASS
-n="$(why_rc "$rc")"
-if [ "$rc" -ne 0 ] || [ ! -s "$out/bench.json" ]; then st=FAIL
-elif grep -q '"skipped"' "$out/bench.json"; then st=FAIL; n="skipped: $("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["skipped"])' "$out/bench.json" 2>/dev/null | cut -c1-200)"
-fi
-record benchmark optimizer_bench.py "$st" - - - "$(( $(now) - t0 ))" "$c" "$n"
-t0=$(now)
-if [ -x "$bin/mdopt-cuda-bench" ]; then
-  c="$(cap 10)"
-  # torch's bf16 Newton-Schulz over the same matrices, as optimizer_bench.py timed it.
-  tns="$("$py" -c 'import json, sys
-print(json.load(open(sys.argv[1]))["results"]["torch-ns-bf16"]["device_ms_mean"])' "$out/bench.json" 2>/dev/null)"
-  timeout -k 2 "$c" "$bin/mdopt-cuda-bench" ${tns:+--torch-ns-ms "$tns"} \
-    >"$out/bench_kernels.json" 2>>"$out/python.log"
+if want benchmark; then
+  t0=$(now)
+  c="$(cap 30)"
+  echo "===== optimizer_bench.py (cap ${c}s)" >>"$out/python.log"
+  # shellcheck disable=SC2086  # MDOPT_CHECK_BENCH_ARGS: words on purpose
+  timeout -k 2 "$c" "$py" "$root/kernels/cuda/bench/optimizer_bench.py" --json "$out/bench.json" \
+    ${MDOPT_CHECK_BENCH_ARGS:-} >>"$out/python.log" 2>&1
   rc=$?
   st=PASS
   n="$(why_rc "$rc")"
-  [ "$rc" -eq 0 ] && [ -s "$out/bench_kernels.json" ] || st=FAIL
-  if grep -q '"skipped"' "$out/bench_kernels.json" 2>/dev/null; then
-    st=FAIL
-    n="skipped: $(cut -c1-200 "$out/bench_kernels.json")"
+  if [ "$rc" -ne 0 ] || [ ! -s "$out/bench.json" ]; then st=FAIL
+  elif grep -q '"skipped"' "$out/bench.json"; then st=FAIL; n="skipped: $("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["skipped"])' "$out/bench.json" 2>/dev/null | cut -c1-200)"
   fi
-  record benchmark mdopt-cuda-bench "$st" - - - "$(( $(now) - t0 ))" "$c" "$n"
-else
-  record benchmark mdopt-cuda-bench INFO - - - 0 10 "not in $bin: no Newton-Schulz-alone ratio"
+  record benchmark optimizer_bench.py "$st" - - - "$(( $(now) - t0 ))" "$c" "$n"
+  t0=$(now)
+  if [ -x "$bin/mdopt-cuda-bench" ]; then
+    c="$(cap 10)"
+    # torch's bf16 Newton-Schulz over the same matrices, as optimizer_bench.py timed it.
+    tns="$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))["results"]["torch-ns-bf16"]["device_ms_mean"])' "$out/bench.json" 2>/dev/null)"
+    timeout -k 2 "$c" "$bin/mdopt-cuda-bench" ${tns:+--torch-ns-ms "$tns"} \
+      >"$out/bench_kernels.json" 2>>"$out/python.log"
+    rc=$?
+    st=PASS
+    n="$(why_rc "$rc")"
+    [ "$rc" -eq 0 ] && [ -s "$out/bench_kernels.json" ] || st=FAIL
+    if grep -q '"skipped"' "$out/bench_kernels.json" 2>/dev/null; then
+      st=FAIL
+      n="skipped: $(cut -c1-200 "$out/bench_kernels.json")"
+    fi
+    record benchmark mdopt-cuda-bench "$st" - - - "$(( $(now) - t0 ))" "$c" "$n"
+  else
+    record benchmark mdopt-cuda-bench INFO - - - 0 10 "not in $bin: no Newton-Schulz-alone ratio"
+  fi
 fi
 
 # --- summary ------------------------------------------------------------------------------
 "$py" - "$results" "$out" "$work/BUILD_INFO" "$gpu" "$(( $(now) - t_start ))" \
-  "${MDOPT_CHECK_BUDGET_S:-295}" <<'PY' >"$summary"
+  "${MDOPT_CHECK_BUDGET_S:-295}" "$parts" <<'PY' >"$summary"
 import json, math, os, re, sys
-results, out, build_info, gpu, elapsed, budget = sys.argv[1:7]
+results, out, build_info, gpu, elapsed, budget, parts = sys.argv[1:8]
 rows = [l.rstrip("\n").split("\t") for l in open(results) if l.strip()]
 print("# mdopt device check")
 print()
 print("GPU: %s. Folder built from %s. Took %s s (budget %s s)." % (
     gpu, next((l.strip()[8:] for l in open(build_info) if l.startswith("commit: ")), "?")
     if os.path.exists(build_info) else "? (no BUILD_INFO)", elapsed, budget))
-print("Logs: tests.log, sanitizer.log, python.log (two ranks, pytest, benchmarks), bench.json, "
-      "bench_kernels.json.")
+print("Parts run: setup, %s. Logs: tests.log, sanitizer.log, python.log (two ranks, pytest, "
+      "benchmarks), bench.json, bench_kernels.json." % parts.replace(",", ", "))
 print()
 
 # Every MDOPT_METRIC line of every log: the largest value per name, against its tolerance.
