@@ -1,5 +1,7 @@
 #include "comm/arg_checks.h"
 
+#include <string>
+
 #include "absl/strings/str_cat.h"
 
 namespace mdopt {
@@ -65,6 +67,21 @@ absl::Status CheckRank(const CommShape& c, absl::string_view op, absl::string_vi
 }
 
 }  // namespace
+
+absl::Status CheckEqualCounts(const CommShape& c, absl::string_view op,
+                              absl::Span<const int64_t> counts) {
+  bool equal = true;
+  for (int64_t v : counts) equal = equal && v == counts[0];
+  if (equal) return absl::OkStatus();
+  constexpr size_t kShown = 8;
+  std::string list;
+  for (size_t r = 0; r < counts.size() && r < kShown; ++r)
+    absl::StrAppend(&list, r == 0 ? "" : ", ", counts[r]);
+  if (counts.size() > kShown) absl::StrAppend(&list, ", ... (", counts.size(), " ranks)");
+  return Bad(op, absl::StrCat("the '", c.backend, "' backend takes equal counts only, not ",
+                              list, " (pad every rank's segment to the largest: the "
+                              "optimizer's comm_pad option)"));
+}
 
 absl::string_view ReduceOpName(ReduceOp op) {
   switch (op) {

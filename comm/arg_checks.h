@@ -34,6 +34,11 @@ absl::Status CheckBroadcast(const CommShape& c, const void* data, int64_t count,
 absl::Status CheckSendRecv(const CommShape& c, absl::Span<const P2P> ops, int tag,
                            MemorySpace space);
 
+// For a backend with equal_counts_only(): InvalidArgument naming the counts (the first 8
+// and how many there are) unless they are all equal. `op`: "reduce-scatter", "all-gather".
+absl::Status CheckEqualCounts(const CommShape& c, absl::string_view op,
+                              absl::Span<const int64_t> counts);
+
 absl::string_view ReduceOpName(ReduceOp op);
 
 }  // namespace mdopt

@@ -57,7 +57,10 @@ absl::string_view DataTypeName(DataType dtype);
 // every partial sum, as the transport combines them.
 enum class ReduceOp : uint8_t { kSum, kMean };
 
-// Host backends refuse kDevice with InvalidArgument.
+// Host backends refuse kDevice with InvalidArgument (Communicator::device_memory_ok). The
+// NCCL backend takes both: kHost buffers are staged through a device buffer it owns (for
+// the optimizer's queries and checkpoints, outside a step: such a call allocates on first
+// use of a size, copies and synchronises with the host).
 enum class MemorySpace : uint8_t { kHost, kDevice };
 
 // A cudaStream_t for device backends: the operation is ordered after the work queued on it
@@ -118,10 +121,20 @@ class Communicator {
   // The bound of every later Wait (default 600 s, the optimizer's comm_timeout_s).
   virtual void SetTimeout(absl::Duration timeout) = 0;
 
+  // Capabilities, for the optimizer to adapt to the transport:
+  // equal_counts_only: ReduceScatter and AllGather take equal counts only (NCCL: counts that
+  // differ per rank are refused with InvalidArgument); the shard plan then pads every
+  // rank's segment of a bucket to the largest (option comm_pad=auto).
+  virtual bool equal_counts_only() const { return false; }
+  // device_memory_ok: MemorySpace::kDevice buffers are taken (NCCL, the host-staged adapter
+  // of comm/host_staged_communicator.h); a device backend over a communicator without it is
+  // given that adapter.
+  virtual bool device_memory_ok() const { return false; }
+
   // Reduce-scatter(v): `send` holds sum(counts) elements laid out rank-major (segment r is
   // counts[r] elements, for rank r); `recv` receives counts[rank()] elements: the element-wise
   // sum (or mean) over ranks of segment rank(). counts.size() == size(). Equal counts use
-  // the plain (block) collective.
+  // the plain (block) collective; a backend with equal_counts_only() refuses others.
   virtual absl::StatusOr<RequestPtr> ReduceScatter(const void* send, void* recv,
                                                    absl::Span<const int64_t> counts,
                                                    DataType dtype, ReduceOp op,
@@ -185,8 +198,12 @@ absl::Status NcclUniqueId(char id[kNcclIdBytes]);
 
 // One rank of an NCCL communicator on CUDA device `device`, created non-blocking: past
 // `timeout` (a peer that never joins) it is aborted and this returns DeadlineExceeded.
-// Device memory only; progress mode "caller" (Wait and Test poll its CUDA event and the
-// communicator's asynchronous error). Unimplemented when the build has no NCCL.
+// Progress mode "caller" (Wait and Test poll its CUDA event and the communicator's
+// asynchronous error). Equal counts only (equal_counts_only(): one NCCL collective per
+// call, never one call per rank). Device memory on the caller's stream; host memory
+// (kHost) through a device staging buffer the communicator owns, grown on demand: such a
+// call copies in on its own stream, and its Wait copies out and synchronises (meant for
+// calls outside a step: queries, checkpoints). Unimplemented when the build has no NCCL.
 absl::StatusOr<std::unique_ptr<Communicator>> MakeNcclCommunicator(const char* id, int size,
                                                                    int rank, int device,
                                                                    absl::Duration timeout);

@@ -9,10 +9,14 @@
 // polls ncclCommGetAsyncError up to the timeout and aborts past it, so a peer that never
 // joins does not hang the others.
 //
-// Device memory only (MemorySpace::kDevice); NCCL cannot reduce host buffers. Counts that
-// differ per rank (the -v collectives) become a group of ncclReduce / ncclBroadcast calls,
-// one per rank. Point-to-point ops match in issue order per peer: NCCL has no tags, so two
-// tags in flight to the same peer must be issued in the same order on both sides.
+// Equal counts only: a reduce-scatter or all-gather whose counts differ per rank is refused
+// with InvalidArgument (one NCCL call per collective, never one per rank: the optimizer
+// pads its buckets' segments to equal counts instead, comm_pad). Device memory on the
+// caller's stream; host memory (the optimizer's queries and checkpoints) is staged through
+// a device buffer this communicator owns, on a stream of its own, and such a call returns
+// only once the collective is done and its results are copied back (Staged below).
+// Point-to-point ops match in issue order per peer: NCCL has no tags, so two tags in flight
+// to the same peer must be issued in the same order on both sides.
 #include <cuda_runtime.h>
 #include <nccl.h>
 
@@ -182,7 +186,9 @@ class NcclCommunicator final : public Communicator {
         shape_{rank, size, "nccl", true} {}
   ~NcclCommunicator() override {
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    if (host_stream_ != nullptr) cudaStreamDestroy(host_stream_);
     if (scratch_ != nullptr) cudaFree(scratch_);
+    if (stage_ != nullptr) cudaFree(stage_);
   }
 
   int rank() const override { return rank_; }
@@ -190,6 +196,8 @@ class NcclCommunicator final : public Communicator {
   std::string backend() const override { return "nccl"; }
   std::string progress_mode() const override { return "caller"; }
   void SetTimeout(absl::Duration timeout) override { shared_->tracker->SetTimeout(timeout); }
+  bool equal_counts_only() const override { return true; }
+  bool device_memory_ok() const override { return true; }
 
   absl::StatusOr<RequestPtr> ReduceScatter(const void* send, void* recv,
                                            absl::Span<const int64_t> counts, DataType dtype,
@@ -199,25 +207,20 @@ class NcclCommunicator final : public Communicator {
     if (absl::Status s = CheckReduceScatter(shape_, send, recv, counts, dtype, op, space, &total);
         !s.ok())
       return s;
-    if (absl::Status s = DeviceOnly("reduce-scatter", space); !s.ok()) return s;
-    const std::vector<int64_t> c(counts.begin(), counts.end());
-    const size_t es = ElementSize(dtype);
-    return Issue("reduce-scatter", ReduceScatterTraffic(counts, rank_, dtype), stream,
-                 [&, c](cudaStream_t st) -> ncclResult_t {
-                   if (AllEqual(c))
-                     return ncclReduceScatter(send, recv, static_cast<size_t>(c[0]), ToNccl(dtype),
-                                              ToNccl(op), shared_->comm, st);
-                   ncclResult_t r = ncclGroupStart();
-                   int64_t off = 0;
-                   for (int p = 0; p < size_ && r == ncclSuccess; ++p) {
-                     r = ncclReduce(static_cast<const char*>(send) + off * es,
-                                    p == rank_ ? recv : nullptr, static_cast<size_t>(c[p]),
-                                    ToNccl(dtype), ToNccl(op), p, shared_->comm, st);
-                     off += c[p];
-                   }
-                   const ncclResult_t e = ncclGroupEnd();
-                   return r != ncclSuccess ? r : e;
-                 });
+    if (absl::Status s = CheckEqualCounts(shape_, "reduce-scatter", counts); !s.ok()) return s;
+    const size_t n = static_cast<size_t>(counts[0]), es = ElementSize(dtype);
+    auto call = [&](const void* from, void* to, cudaStream_t st) {
+      return ncclReduceScatter(from, to, n, ToNccl(dtype), ToNccl(op), shared_->comm, st);
+    };
+    const int64_t bytes = ReduceScatterTraffic(counts, rank_, dtype);
+    if (space == MemorySpace::kDevice) {
+      return Issue("reduce-scatter", bytes, stream,
+                   [&](cudaStream_t st) { return call(send, recv, st); });
+    }
+    const HostRegion regions[] = {{send, nullptr, static_cast<size_t>(total) * es},
+                                  {nullptr, recv, n * es}};
+    return Staged("reduce-scatter", bytes, regions,
+                  [&](void* const* dev, cudaStream_t st) { return call(dev[0], dev[1], st); });
   }
 
   absl::StatusOr<RequestPtr> AllGather(const void* send, void* recv,
@@ -226,29 +229,21 @@ class NcclCommunicator final : public Communicator {
     int64_t total = 0;
     if (absl::Status s = CheckAllGather(shape_, send, recv, counts, dtype, space, &total); !s.ok())
       return s;
-    if (absl::Status s = DeviceOnly("all-gather", space); !s.ok()) return s;
-    const std::vector<int64_t> c(counts.begin(), counts.end());
-    const size_t es = ElementSize(dtype);
-    int64_t mine = 0;
-    for (int p = 0; p < rank_; ++p) mine += c[p];
-    const void* src = send != nullptr ? send : static_cast<const char*>(recv) + mine * es;
-    return Issue("all-gather", AllGatherTraffic(counts, rank_, dtype), stream,
-                 [&, c, src](cudaStream_t st) -> ncclResult_t {
-                   if (AllEqual(c))
-                     return ncclAllGather(src, recv, static_cast<size_t>(c[0]), ToNccl(dtype),
-                                          shared_->comm, st);
-                   ncclResult_t r = ncclGroupStart();
-                   int64_t off = 0;
-                   for (int p = 0; p < size_ && r == ncclSuccess; ++p) {
-                     r = ncclBroadcast(p == rank_ ? src : nullptr,
-                                       static_cast<char*>(recv) + off * es,
-                                       static_cast<size_t>(c[p]), ToNccl(dtype), p, shared_->comm,
-                                       st);
-                     off += c[p];
-                   }
-                   const ncclResult_t e = ncclGroupEnd();
-                   return r != ncclSuccess ? r : e;
-                 });
+    if (absl::Status s = CheckEqualCounts(shape_, "all-gather", counts); !s.ok()) return s;
+    const size_t n = static_cast<size_t>(counts[0]), es = ElementSize(dtype);
+    // In place: this rank's segment already sits at its offset in recv.
+    const void* src = send != nullptr ? send : static_cast<const char*>(recv) + rank_ * n * es;
+    auto call = [&](const void* from, void* to, cudaStream_t st) {
+      return ncclAllGather(from, to, n, ToNccl(dtype), shared_->comm, st);
+    };
+    const int64_t bytes = AllGatherTraffic(counts, rank_, dtype);
+    if (space == MemorySpace::kDevice) {
+      return Issue("all-gather", bytes, stream, [&](cudaStream_t st) { return call(src, recv, st); });
+    }
+    const HostRegion regions[] = {{src, nullptr, n * es},
+                                  {nullptr, recv, static_cast<size_t>(total) * es}};
+    return Staged("all-gather", bytes, regions,
+                  [&](void* const* dev, cudaStream_t st) { return call(dev[0], dev[1], st); });
   }
 
   absl::StatusOr<RequestPtr> AllReduce(const void* send, void* recv, int64_t count,
@@ -256,43 +251,67 @@ class NcclCommunicator final : public Communicator {
                                        StreamSlot stream) override {
     if (absl::Status s = CheckAllReduce(shape_, send, recv, count, dtype, op, space); !s.ok())
       return s;
-    if (absl::Status s = DeviceOnly("all-reduce", space); !s.ok()) return s;
-    return Issue("all-reduce", AllReduceTraffic(count, size_, dtype), stream,
-                 [&](cudaStream_t st) {
-                   return ncclAllReduce(send, recv, static_cast<size_t>(count), ToNccl(dtype),
-                                        ToNccl(op), shared_->comm, st);
-                 });
+    auto call = [&](const void* from, void* to, cudaStream_t st) {
+      return ncclAllReduce(from, to, static_cast<size_t>(count), ToNccl(dtype), ToNccl(op),
+                           shared_->comm, st);
+    };
+    const int64_t bytes = AllReduceTraffic(count, size_, dtype);
+    if (space == MemorySpace::kDevice) {
+      return Issue("all-reduce", bytes, stream, [&](cudaStream_t st) { return call(send, recv, st); });
+    }
+    const HostRegion regions[] = {{send, recv, static_cast<size_t>(count) * ElementSize(dtype)}};
+    return Staged("all-reduce", bytes, regions,
+                  [&](void* const* dev, cudaStream_t st) { return call(dev[0], dev[0], st); });
   }
 
   absl::StatusOr<RequestPtr> Broadcast(void* data, int64_t count, DataType dtype, int root,
                                        MemorySpace space, StreamSlot stream) override {
     if (absl::Status s = CheckBroadcast(shape_, data, count, dtype, root, space); !s.ok()) return s;
-    if (absl::Status s = DeviceOnly("broadcast", space); !s.ok()) return s;
-    return Issue("broadcast", BroadcastTraffic(count, dtype, root, rank_, size_), stream,
-                 [&](cudaStream_t st) {
-                   return ncclBroadcast(data, data, static_cast<size_t>(count), ToNccl(dtype),
-                                        root, shared_->comm, st);
-                 });
+    auto call = [&](void* buf, cudaStream_t st) {
+      return ncclBroadcast(buf, buf, static_cast<size_t>(count), ToNccl(dtype), root,
+                           shared_->comm, st);
+    };
+    const int64_t bytes = BroadcastTraffic(count, dtype, root, rank_, size_);
+    if (space == MemorySpace::kDevice) {
+      return Issue("broadcast", bytes, stream, [&](cudaStream_t st) { return call(data, st); });
+    }
+    const bool root_here = rank_ == root;
+    const HostRegion regions[] = {{root_here ? data : nullptr, root_here ? nullptr : data,
+                                   static_cast<size_t>(count) * ElementSize(dtype)}};
+    return Staged("broadcast", bytes, regions,
+                  [&](void* const* dev, cudaStream_t st) { return call(dev[0], st); });
   }
 
   absl::StatusOr<RequestPtr> SendRecv(absl::Span<const P2P> ops, int tag, MemorySpace space,
                                       StreamSlot stream) override {
     if (absl::Status s = CheckSendRecv(shape_, ops, tag, space); !s.ok()) return s;
-    if (absl::Status s = DeviceOnly("send/recv", space); !s.ok()) return s;
-    const std::vector<P2P> list(ops.begin(), ops.end());
-    return Issue("send/recv", SendRecvTraffic(ops, rank_), stream,
-                 [&, list](cudaStream_t st) -> ncclResult_t {
-                   ncclResult_t r = ncclGroupStart();
-                   for (const P2P& p : list) {
-                     if (r != ncclSuccess) break;
-                     r = p.is_send ? ncclSend(p.data, static_cast<size_t>(p.count), ToNccl(p.dtype),
-                                              p.peer, shared_->comm, st)
-                                   : ncclRecv(p.data, static_cast<size_t>(p.count), ToNccl(p.dtype),
-                                              p.peer, shared_->comm, st);
-                   }
-                   const ncclResult_t e = ncclGroupEnd();
-                   return r != ncclSuccess ? r : e;
-                 });
+    // One NCCL group; `data(k)` is op k's buffer (the caller's, or its staging region).
+    auto call = [&](auto&& data, cudaStream_t st) -> ncclResult_t {
+      ncclResult_t r = ncclGroupStart();
+      for (size_t k = 0; k < ops.size() && r == ncclSuccess; ++k) {
+        const P2P& p = ops[k];
+        r = p.is_send ? ncclSend(data(k), static_cast<size_t>(p.count), ToNccl(p.dtype), p.peer,
+                                 shared_->comm, st)
+                      : ncclRecv(data(k), static_cast<size_t>(p.count), ToNccl(p.dtype), p.peer,
+                                 shared_->comm, st);
+      }
+      const ncclResult_t e = ncclGroupEnd();
+      return r != ncclSuccess ? r : e;
+    };
+    const int64_t bytes = SendRecvTraffic(ops, rank_);
+    if (space == MemorySpace::kDevice) {
+      return Issue("send/recv", bytes, stream, [&](cudaStream_t st) {
+        return call([&](size_t k) { return ops[k].data; }, st);
+      });
+    }
+    std::vector<HostRegion> regions;
+    for (const P2P& p : ops) {
+      const size_t b = static_cast<size_t>(p.count) * ElementSize(p.dtype);
+      regions.push_back(p.is_send ? HostRegion{p.data, nullptr, b} : HostRegion{nullptr, p.data, b});
+    }
+    return Staged("send/recv", bytes, regions, [&](void* const* dev, cudaStream_t st) {
+      return call([&](size_t k) { return dev[k]; }, st);
+    });
   }
 
   // An all-reduce of one float in the communicator's own scratch word.
@@ -309,16 +328,74 @@ class NcclCommunicator final : public Communicator {
   CommStats stats() const override { return shared_->tracker->stats(); }
 
  private:
-  static bool AllEqual(const std::vector<int64_t>& c) {
-    for (int64_t v : c)
-      if (v != c[0]) return false;
-    return true;
-  }
+  // A host buffer of a staged call: `in` is copied into its device region before the
+  // collective, the region is copied to `out` after it (either may be null).
+  struct HostRegion {
+    const void* in;
+    void* out;
+    size_t bytes;
+  };
 
-  static absl::Status DeviceOnly(absl::string_view op, MemorySpace space) {
-    if (space == MemorySpace::kDevice) return absl::OkStatus();
-    return absl::InvalidArgumentError(
-        absl::StrCat(op, ": the nccl backend takes device memory only (MemorySpace::kDevice)"));
+  // A collective on host buffers: each region gets a place in the device staging buffer
+  // (grown when too small), the `in` regions are copied in on the communicator's host
+  // stream, the collective runs there, and the call waits for it (bounded by the timeout,
+  // like any Wait) before it copies the `out` regions back and returns the finished
+  // request. Only staged calls use that stream and buffer, and each is finished before
+  // the next starts, so the buffer is never in use when it grows; every implicit
+  // synchronisation of a pageable copy finds the stream idle.
+  template <typename Call>
+  absl::StatusOr<RequestPtr> Staged(const char* what, int64_t traffic,
+                                    absl::Span<const HostRegion> regions, Call&& call) {
+    // A broken communicator may leave a staged collective on the buffer: never touch it then.
+    if (absl::Status s = shared_->tracker->health(); !s.ok()) return s;
+    constexpr size_t kAlign = 256;
+    std::vector<size_t> at(regions.size());
+    size_t need = 0;
+    for (size_t k = 0; k < regions.size(); ++k) {
+      at[k] = need;
+      need += (regions[k].bytes + kAlign - 1) / kAlign * kAlign;
+    }
+    cudaError_t ce = cudaSetDevice(shared_->device);
+    if (ce == cudaSuccess && host_stream_ == nullptr)
+      ce = cudaStreamCreateWithFlags(&host_stream_, cudaStreamNonBlocking);
+    if (ce != cudaSuccess) return CudaError(absl::StrCat(what, " (host memory): setup"), ce);
+    if (need > stage_bytes_) {
+      if (stage_ != nullptr) cudaFree(stage_);
+      stage_ = nullptr;
+      stage_bytes_ = 0;
+      if ((ce = cudaMalloc(&stage_, need)) != cudaSuccess) {
+        stage_ = nullptr;
+        return absl::ResourceExhaustedError(absl::StrCat(
+            what, " (host memory): no device memory for a ", need, "-byte staging buffer: ",
+            cudaGetErrorName(ce)));
+      }
+      stage_bytes_ = need;
+    }
+    std::vector<void*> dev(regions.size());
+    for (size_t k = 0; k < regions.size(); ++k) {
+      dev[k] = static_cast<char*>(stage_) + at[k];
+      if (regions[k].in == nullptr || regions[k].bytes == 0) continue;
+      ce = cudaMemcpyAsync(dev[k], regions[k].in, regions[k].bytes, cudaMemcpyHostToDevice,
+                           host_stream_);
+      if (ce != cudaSuccess) return CudaError(absl::StrCat(what, " (host memory): copy in"), ce);
+    }
+    absl::StatusOr<RequestPtr> req = Issue(what, traffic, StreamSlot{host_stream_},
+                                           [&](cudaStream_t st) { return call(dev.data(), st); });
+    if (!req.ok()) return req;
+    if (absl::Status s = (*req)->Wait(); !s.ok()) return s;
+    for (size_t k = 0; k < regions.size(); ++k) {
+      if (regions[k].out == nullptr || regions[k].bytes == 0) continue;
+      ce = cudaMemcpyAsync(regions[k].out, dev[k], regions[k].bytes, cudaMemcpyDeviceToHost,
+                           host_stream_);
+      if (ce != cudaSuccess) break;
+    }
+    if (ce == cudaSuccess) ce = cudaStreamSynchronize(host_stream_);
+    if (ce != cudaSuccess) {
+      const absl::Status s = CudaError(absl::StrCat(what, " (host memory): copy out"), ce);
+      shared_->tracker->Break(s);
+      return s;
+    }
+    return req;
   }
 
   // Begins the op, queues `call` on the stream, records the completion event.
@@ -381,6 +458,10 @@ class NcclCommunicator final : public Communicator {
   cudaStream_t stream_;
   void* scratch_;
   const CommShape shape_;
+  // Host-memory calls (Staged): their stream and device buffer, made on first use.
+  cudaStream_t host_stream_ = nullptr;
+  void* stage_ = nullptr;
+  size_t stage_bytes_ = 0;
 };
 
 }  // namespace

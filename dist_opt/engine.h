@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "comm/communicator.h"
+#include "dist_opt/options.h"
 #include "dist_opt/param_registry.h"
 #include "dist_opt/schedule.h"
 #include "dist_opt/shard_plan.h"
@@ -34,6 +35,9 @@ struct EngineOptions {
   bool update_norms = false;     // update_norms=1: measure ||dW|| / ||W|| per matrix
   bool grad_comm_bf16 = false;   // grad_comm_dtype=bf16: gradients reduced in bf16
   int64_t bucket_bytes = int64_t{16} << 20;
+  // comm_pad: the plan pads buckets to equal segments (auto: when the communicator takes
+  // equal counts only).
+  OptimizerOptions::CommPad comm_pad = OptimizerOptions::CommPad::kAuto;
 };
 
 class Engine {

@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "comm/communicator.h"
+#include "comm/host_staged_communicator.h"
 #include "dist_opt/checkpoint.h"
 #include "kernels/backend_factory.h"
 #include "kernels/common/gain_param.h"
@@ -159,6 +160,8 @@ absl::Status Optimizer::Finalize() {
     eo.bucket_bytes = options_.bucket_bytes;
     eo.update_norms = options_.update_norms;
     eo.grad_comm_bf16 = options_.grad_comm_bf16;
+    eo.comm_pad = options_.comm_pad;
+    std::unique_ptr<Communicator> staged;  // before engine: it must outlive it
     std::unique_ptr<Engine> engine;
     if (options_.kernels == OptimizerOptions::Kernels::kFast) {
       kernels::BackendRequest request;
@@ -166,7 +169,16 @@ absl::Status Optimizer::Finalize() {
       request.threads = options_.threads;
       absl::StatusOr<std::unique_ptr<kernels::StepBackend>> backend = kernels::MakeBackend(request);
       if (!backend.ok()) return backend.status();
-      engine = MakeScheduledEngine(&registry_.params(), &groups_, comm_, eo, *std::move(backend));
+      // A device backend over a host communicator (MPI, callbacks): the step's collectives
+      // go through pinned host staging (comm/host_staged_communicator.h).
+      Communicator* comm = comm_;
+      if ((*backend)->device_memory() && !comm_->device_memory_ok()) {
+        absl::StatusOr<std::unique_ptr<Communicator>> s = MakeHostStagedCommunicator(comm_);
+        if (!s.ok()) return s.status();
+        staged = *std::move(s);
+        comm = staged.get();
+      }
+      engine = MakeScheduledEngine(&registry_.params(), &groups_, comm, eo, *std::move(backend));
     } else {
       engine = MakeReferenceEngine(&registry_.params(), &groups_, comm_);
     }
@@ -176,6 +188,7 @@ absl::Status Optimizer::Finalize() {
     reason.reserve(sizeof(kSkipPrefix) + longest + sizeof(kSkipSuffix));
     EngineScope scope(engine.get());
     if (absl::Status s = engine->Init(); !s.ok()) return s;
+    staged_comm_ = std::move(staged);
     engine_ = std::move(engine);
     skip_reason_ = std::move(reason);
     return absl::OkStatus();
@@ -417,16 +430,22 @@ absl::StatusOr<std::vector<double>> Optimizer::GetState(int64_t index,
       continue;
     }
     if (per_row) {
+      // Every rank's rows in equal segments of the longest (a communicator may take equal
+      // counts only: NCCL), then packed in rank order, which is row order.
       const int64_t width = field == "master" || field == "direction" ? p.n : 1;
-      std::vector<int64_t> counts(static_cast<size_t>(world));
-      int64_t total = 0;
-      for (int q = 0; q < world; ++q) total += counts[q] = sp.Rows(q) * width;
-      const size_t at = out.size();
-      out.resize(at + static_cast<size_t>(total));
+      int64_t longest = 0;
+      for (int q = 0; q < world; ++q) longest = std::max(longest, sp.Rows(q) * width);
+      local.resize(static_cast<size_t>(longest));
+      std::vector<double> all(static_cast<size_t>(longest * world));
+      const std::vector<int64_t> counts(static_cast<size_t>(world), longest);
       absl::StatusOr<RequestPtr> req =
-          comm_->AllGather(local.data(), out.data() + at, counts, DataType::kF64);
+          comm_->AllGather(local.data(), all.data(), counts, DataType::kF64);
       if (!req.ok()) return req.status();
       if (absl::Status st = (*req)->Wait(); !st.ok()) return st;
+      for (int q = 0; q < world; ++q) {
+        const auto from = all.begin() + q * longest;
+        out.insert(out.end(), from, from + sp.Rows(q) * width);
+      }
     } else {
       // Replicated on every rank of a rows-layout matrix; on the owner alone otherwise.
       const int64_t count = field == "gain_col" ? p.n : field == "gain_scalar" ? 1

@@ -88,6 +88,9 @@ class Optimizer {
   OptimizerOptions options_;
   std::vector<Group> groups_;
   ParamRegistry registry_;
+  // The engine's communicator when it is not comm_: comm_ wrapped in the host-staged adapter
+  // for a device backend over a host communicator (declared first: it outlives engine_).
+  std::unique_ptr<Communicator> staged_comm_;
   std::unique_ptr<Engine> engine_;  // set by Finalize
   // What the last step did, as read from the engine (SyncOutcome; mutable: reading it is not
   // a change of the optimizer).

@@ -52,6 +52,8 @@ ShardPlan BuildShardPlan(const std::vector<ParamEntry>& params, const std::vecto
   ShardPlan plan;
   const int N = std::max(1, o.world);
   plan.world = N;
+  plan.equal_segments = o.equal_segments;
+  plan.grad_comm_bytes = o.grad_comm_bytes;
   for (size_t i = 0; i < params.size(); ++i) {
     const ParamEntry& p = params[i];
     plan.first_slot.push_back(static_cast<int64_t>(plan.slots.size()));
@@ -140,10 +142,21 @@ ShardPlan BuildShardPlan(const std::vector<ParamEntry>& params, const std::vecto
         b.seg[r] += s.PackedRows(r) * s.n;
       }
     }
+    b.rows = b.seg;
+    if (o.equal_segments) {
+      const int64_t longest = *std::max_element(b.seg.begin(), b.seg.end());
+      for (int r = 0; r < N; ++r) b.tail_pad += longest - b.seg[r];
+      b.seg.assign(N, longest);
+    }
     b.total = std::accumulate(b.seg.begin(), b.seg.end(), int64_t{0});
     plan.buckets.push_back(std::move(b));
   }
   return plan;
+}
+
+int64_t PaddingBytes(const ShardPlan& plan, const BucketPlan& b) {
+  const int64_t w = b.param_dtype == Dtype::kF32 ? 4 : 2;
+  return (plan.world - 1) * b.tail_pad * (plan.grad_comm_bytes + w);
 }
 
 int64_t CrossRecordLength(const kernels::UpdateRule& r, int64_t n) {
@@ -198,11 +211,27 @@ std::string ShardPlan::Describe(const std::vector<ParamEntry>& params) const {
     for (int r = 0; r < world; ++r) state[r] += static_cast<double>(s.Rows(r) * s.n);
     if (s.muon) ns[s.owner] += NsCost(s.m, s.n);
   }
+  int64_t pad = 0, pad_bytes = 0;
   for (size_t b = 0; b < buckets.size(); ++b) {
     const BucketPlan& bp = buckets[b];
-    absl::StrAppendFormat(&out, "bucket %d: params [%d, %d), %d matrices, %d elements per rank segment (max), %d in all\n",
+    absl::StrAppendFormat(&out, "bucket %d: params [%d, %d), %d matrices, %d elements per rank segment (max), %d in all",
                           b, bp.first_param, bp.end_param, bp.slots.size(),
                           *std::max_element(bp.seg.begin(), bp.seg.end()), bp.total);
+    if (equal_segments) {
+      absl::StrAppendFormat(&out, ", tail padding %d elements (+%d B per step on the wire)",
+                            bp.tail_pad, PaddingBytes(*this, bp));
+    }
+    out += "\n";
+    pad += bp.tail_pad;
+    pad_bytes += PaddingBytes(*this, bp);
+  }
+  if (equal_segments) {
+    absl::StrAppendFormat(&out,
+                          "segments padded to equal counts (comm_pad): %d elements of tail "
+                          "padding, +%d B per step on the wire over all ranks\n",
+                          pad, pad_bytes);
+  } else if (world > 1) {
+    out += "segments not padded (comm_pad): a bucket's segments may differ in length\n";
   }
   auto imbalance = [](const std::vector<double>& v) {
     const double mean = std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());

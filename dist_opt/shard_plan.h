@@ -13,7 +13,10 @@
 // produces gradients) of one (param dtype, grad dtype) pair, about bucket_bytes of f32
 // state. Its collectives' buffers are rank-major: rank r's segment holds, slot after slot,
 // the rows rank r holds of each (padded rows included), so one reduce-scatter and one
-// all-gather serve the whole bucket.
+// all-gather serve the whole bucket. Segments differ in length (owner-layout slots, 1-D
+// params, short row blocks) unless the plan pads them (PlanOptions::equal_segments): then
+// every rank's segment of a bucket is as long as its longest, zeros at the tail, and the
+// bucket's collectives are plain equal-count ones (what NCCL takes).
 #ifndef MDOPT_DIST_OPT_SHARD_PLAN_H_
 #define MDOPT_DIST_OPT_SHARD_PLAN_H_
 
@@ -54,19 +57,30 @@ struct BucketPlan {
   int64_t first_param = 0;       // the parameters [first_param, end_param) (registration order)
   int64_t end_param = 0;
   Dtype param_dtype = Dtype::kF32, grad_dtype = Dtype::kF32;
-  std::vector<int64_t> seg;      // per rank: elements of rank r's segment
+  std::vector<int64_t> seg;      // per rank: elements of rank r's segment (tail padding included)
+  std::vector<int64_t> rows;     // per rank: of those, the elements of its rows (row padding
+                                 // included); seg[r] - rows[r] is rank r's tail padding
   std::vector<int64_t> offset;   // [k * world + r]: element offset of slots[k] in rank r's segment
   int64_t total = 0;             // sum of seg
+  int64_t tail_pad = 0;          // sum of the tail padding (0 unless equal_segments)
   int64_t Offset(size_t k, int r, int world) const { return offset[k * world + r]; }
 };
 
 struct PlanOptions {
   int world = 1;
   int64_t bucket_bytes = int64_t{32} << 20;
+  // Pad every rank's segment of a bucket to the bucket's longest, so that seg is the same for
+  // every rank (total = world * seg) and the reduce-scatter and all-gather are equal-count.
+  bool equal_segments = false;
+  // Bytes per element of the gradient reduce-scatter (4: float32, 2: bf16, 0: no gradient
+  // collective, grads=reduced): only for Describe's count of the padding's bytes.
+  int grad_comm_bytes = 4;
 };
 
 struct ShardPlan {
   int world = 1;
+  bool equal_segments = false;  // PlanOptions::equal_segments
+  int grad_comm_bytes = 4;      // PlanOptions::grad_comm_bytes
   std::vector<SlotPlan> slots;             // param order, experts in order
   std::vector<int64_t> first_slot;         // per param: its first slot (experts follow)
   std::vector<BucketPlan> buckets;
@@ -77,8 +91,9 @@ struct ShardPlan {
   }
   // A compact serialised form (JSON), stored in checkpoint manifests.
   std::string ToJson() const;
-  // A table for people (mdopt-bench --plan): every slot, every bucket, and per rank the
-  // state elements and Newton-Schulz cost it holds.
+  // A table for people (mdopt-bench --plan): every slot, every bucket (with the padding of
+  // equal segments and the bytes it adds on the wire), and per rank the state elements and
+  // Newton-Schulz cost it holds.
   std::string Describe(const std::vector<ParamEntry>& params) const;
 };
 
@@ -88,6 +103,12 @@ struct ShardPlan {
 // <D, D> per frobenius (2) or column (2n) slice.
 int64_t CrossRecordLength(const kernels::UpdateRule& rule, int64_t n);
 int64_t RadialRecordLength(const kernels::UpdateRule& rule, int64_t n);
+
+// Bytes the tail padding of bucket `b` adds on the wire per step, over all ranks: a
+// reduce-scatter sends each rank's padding from every other rank, an all-gather each rank's
+// padding to every other rank, so (world - 1) * tail_pad elements each, of the gradient comm
+// dtype and of the param dtype.
+int64_t PaddingBytes(const ShardPlan& plan, const BucketPlan& b);
 
 // Newton-Schulz cost of an m x n matrix, max(m, n) * min(m, n)^2 (the bin-packing weight).
 double NsCost(int64_t m, int64_t n);

@@ -3,8 +3,10 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
+#include "comm/arg_checks.h"
 #include "comm/communicator.h"
 #include "comm/host_reduce.h"
 #include "comm/traffic.h"
@@ -189,6 +191,33 @@ TEST(LocalComm, StatsCountOpsAndNoBytes) {
   EXPECT_EQ(s.bytes_sent, 0);
   EXPECT_GE(s.busy_seconds, 0.0);
   EXPECT_GE(s.wait_seconds, 0.0);
+}
+
+TEST(LocalComm, CapabilitiesOfAHostBackend) {
+  const std::unique_ptr<Communicator> c = MakeLocalCommunicator();
+  EXPECT_FALSE(c->equal_counts_only());
+  EXPECT_FALSE(c->device_memory_ok());
+}
+
+// The check an equal-counts-only backend (NCCL) applies to reduce-scatter and all-gather.
+TEST(CommArgChecks, EqualCountsOnlyNamesTheCounts) {
+  const CommShape nccl{1, 4, "nccl", true};
+  const int64_t equal[] = {5, 5, 5, 5}, zeros[] = {0, 0, 0, 0}, uneven[] = {5, 5, 5, 4};
+  EXPECT_TRUE(CheckEqualCounts(nccl, "reduce-scatter", equal).ok());
+  EXPECT_TRUE(CheckEqualCounts(nccl, "reduce-scatter", zeros).ok());
+  const absl::Status s = CheckEqualCounts(nccl, "reduce-scatter", uneven);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.message(),
+            "reduce-scatter: the 'nccl' backend takes equal counts only, not 5, 5, 5, 4 (pad "
+            "every rank's segment to the largest: the optimizer's comm_pad option)");
+  // Many ranks: the first 8 counts and how many there are.
+  std::vector<int64_t> many(1024, 3);
+  many[1000] = 4;
+  const CommShape big{0, 1024, "nccl", true};
+  EXPECT_EQ(CheckEqualCounts(big, "all-gather", many).message(),
+            "all-gather: the 'nccl' backend takes equal counts only, not 3, 3, 3, 3, 3, 3, 3, 3, "
+            "... (1024 ranks) (pad every rank's segment to the largest: the optimizer's comm_pad "
+            "option)");
 }
 
 TEST(CommTraffic, Formulas) {

@@ -169,12 +169,14 @@ struct Case {
   bool grads_ready = false;  // mdopt_grads_ready per param, backward order (counted)
   bool bf16 = false;         // bf16 weights
   bool ns_comm_bf16 = false;
+  bool comm_pad = false;     // comm_pad=on: buckets padded to equal segments
   double tolerance = kTolerance;
   std::string Name() const {
     return spec + " layout=" + layout + (reduced ? " grads=reduced" : " grads=local") +
            (deferred ? " gather=deferred" : " gather=eager") +
            (many_buckets ? " bucket_mb=0.0001" : "") + (grads_ready ? " grads_ready" : "") +
-           (bf16 ? " bf16" : "") + (ns_comm_bf16 ? " ns_comm_dtype=bf16" : "");
+           (bf16 ? " bf16" : "") + (ns_comm_bf16 ? " ns_comm_dtype=bf16" : "") +
+           (comm_pad ? " comm_pad=on" : "");
   }
 };
 
@@ -204,6 +206,13 @@ std::vector<Case> Cases() {
   n.ns_comm_bf16 = true;
   n.tolerance = 2e-2;  // X and O rounded to bf16 on the wire
   c.push_back(n);
+  // Padded buckets (what NCCL gets): the owner layout's uneven segments, both grads= modes.
+  for (const char* spec : {"preset=md-muon", "preset=md-adamw"})
+    for (bool reduced : {false, true}) {
+      Case p{spec, "owner", reduced, false, true};
+      p.comm_pad = true;
+      c.push_back(p);
+    }
   return c;
 }
 
@@ -216,6 +225,7 @@ void RunCase(const Case& c) {
   if (c.deferred) options += " gather=deferred";
   if (c.many_buckets) options += " bucket_mb=0.0001";
   if (c.ns_comm_bf16) options += " ns_comm_dtype=bf16";
+  if (c.comm_pad) options += " comm_pad=on";
   const std::string spec = c.spec + " layout=" + c.layout;
   std::unique_ptr<Communicator> local = MakeLocalCommunicator();
   TestModel sharded(world, options, spec, c.bf16);
