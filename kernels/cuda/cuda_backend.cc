@@ -695,7 +695,6 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
     l->start = {0, static_cast<int64_t>(l->host.size())};
     arena.Take(&l->dev, static_cast<int64_t>(l->host.size()), true);
   }
-  if (absl::Status s = LayOut(&arena); !s.ok()) return s;
   arena_bytes_ = arena.bytes();
   workspace_bytes_ = arena.workspace_bytes();
   if (cudaMalloc(reinterpret_cast<void**>(&arena_), std::max<size_t>(arena_bytes_, 256)) != cudaSuccess) {

@@ -12,6 +12,16 @@
 #include "kernels/common/update_rule.h"
 #include "kernels/cuda/stage_kernels.h"
 
+// A kernel launch. tests/cuda/emu compiles this file for the CPU against an emulation of the
+// CUDA runtime (MDOPT_CUDA_EMULATION), which runs the same kernels through emu::Launch.
+#ifdef MDOPT_CUDA_EMULATION
+#define MDOPT_LAUNCH(kernel, grid, block, stream, ...) \
+  ::mdopt::emu::Launch(dim3(grid), dim3(block), [&] { kernel(__VA_ARGS__); })
+#else
+#define MDOPT_LAUNCH(kernel, grid, block, stream, ...) \
+  kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#endif
+
 namespace mdopt::kernels::cuda {
 namespace {
 
@@ -558,13 +568,13 @@ bool GridOk(int64_t count) { return count > 0 && count <= 0x7fffffff; }
 
 template <TilePass P>
 int Tiles(const DevTables& t, const DevTile* tiles, int64_t count, bool init, cudaStream_t st) {
-  TileKernel<P><<<static_cast<unsigned>(count), kTileCols, 0, st>>>(t, tiles, init);
+  MDOPT_LAUNCH(TileKernel<P>, static_cast<unsigned>(count), kTileCols, st, t, tiles, init);
   return Err();
 }
 
 template <TilePass P>
 int Combine(const DevTables& t, const int32_t* slots, int32_t count, bool init, cudaStream_t st) {
-  CombineKernel<P><<<static_cast<unsigned>(count), kTileCols, 0, st>>>(t, slots, init);
+  MDOPT_LAUNCH(CombineKernel<P>, static_cast<unsigned>(count), kTileCols, st, t, slots, init);
   return Err();
 }
 
@@ -607,21 +617,21 @@ int LaunchCopy(const CopyChunk* chunks, int64_t count, const DevPointers* ptrs, 
                bool src_bf16, void* dst_base, bool dst_bf16, void* stream) {
   if (count == 0) return 0;
   if (!GridOk(count)) return static_cast<int>(cudaErrorInvalidConfiguration);
-  CopyKernel<<<static_cast<unsigned>(count), kCopyThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  MDOPT_LAUNCH(CopyKernel, static_cast<unsigned>(count), kCopyThreads, static_cast<cudaStream_t>(stream),
       chunks, ptrs, src_base, src_bf16, dst_base, dst_bf16);
   return Err();
 }
 
 int LaunchGains(const DevTables& t, const int32_t* slots, int32_t count, void* stream) {
   if (count <= 0) return 0;
-  GainsKernel<<<static_cast<unsigned>(count), kTileCols, 0, static_cast<cudaStream_t>(stream)>>>(t, slots);
+  MDOPT_LAUNCH(GainsKernel, static_cast<unsigned>(count), kTileCols, static_cast<cudaStream_t>(stream), t, slots);
   return Err();
 }
 
 int LaunchRecord(const DevTables& t, const int32_t* slots, int32_t count, bool radial, bool to_record,
                  void* stream) {
   if (count <= 0) return 0;
-  RecordKernel<<<static_cast<unsigned>(count), kTileCols, 0, static_cast<cudaStream_t>(stream)>>>(
+  MDOPT_LAUNCH(RecordKernel, static_cast<unsigned>(count), kTileCols, static_cast<cudaStream_t>(stream),
       t, slots, radial, to_record);
   return Err();
 }
@@ -630,30 +640,30 @@ int LaunchParamCheck(const DevTables& t, const int64_t* first_slot, const int64_
                      int64_t first, int64_t end, double* check, void* stream) {
   if (end <= first) return 0;
   const int64_t blocks = (end - first + 255) / 256;
-  ParamCheckKernel<<<static_cast<unsigned>(blocks), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+  MDOPT_LAUNCH(ParamCheckKernel, static_cast<unsigned>(blocks), 256, static_cast<cudaStream_t>(stream),
       t, first_slot, experts, first, end, check);
   return Err();
 }
 
 int LaunchApplyCheck(const DevTables& t, const double* check, int64_t count, void* stream) {
-  ApplyCheckKernel<<<1, kTileCols, 0, static_cast<cudaStream_t>(stream)>>>(t, check, count);
+  MDOPT_LAUNCH(ApplyCheckKernel, 1, kTileCols, static_cast<cudaStream_t>(stream), t, check, count);
   return Err();
 }
 
 int LaunchBeginStep(const DevTables& t, void* stream) {
-  BeginStepKernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(t.status);
+  MDOPT_LAUNCH(BeginStepKernel, 1, 1, static_cast<cudaStream_t>(stream), t.status);
   return Err();
 }
 
 int LaunchEndStep(const DevTables& t, void* stream) {
-  EndStepKernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(t.status);
+  MDOPT_LAUNCH(EndStepKernel, 1, 1, static_cast<cudaStream_t>(stream), t.status);
   return Err();
 }
 
 int LaunchFill(float* data, int64_t n, float value, void* stream) {
   if (n <= 0) return 0;
   const int64_t blocks = (n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096;
-  FillKernel<<<static_cast<unsigned>(blocks), 256, 0, static_cast<cudaStream_t>(stream)>>>(data, n, value);
+  MDOPT_LAUNCH(FillKernel, static_cast<unsigned>(blocks), 256, static_cast<cudaStream_t>(stream), data, n, value);
   return Err();
 }
 
