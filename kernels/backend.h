@@ -134,6 +134,29 @@ struct BackendConfig {
   int64_t check_len = 1;     // the finite-check record: one double per param
 };
 
+// What a backend's rotating pool of `pipeline` bucket workspaces is sized for: each buffer's
+// largest need over the buckets (elements; weight_bytes in bytes). send and weight_bytes are
+// 0 at one rank (no collectives).
+struct PoolNeeds {
+  int64_t x_local = 0, full = 0, cross = 0, radial = 0, seg = 0, send = 0, weight_bytes = 0;
+};
+inline PoolNeeds MaxBucketNeeds(const BackendConfig& c) {
+  PoolNeeds n;
+  auto up = [](int64_t* at, int64_t v) { *at = *at > v ? *at : v; };
+  for (const BucketDesc& bd : c.buckets) {
+    up(&n.x_local, bd.x_local);
+    up(&n.full, bd.full);
+    up(&n.cross, bd.cross_len);
+    up(&n.radial, bd.radial_len);
+    up(&n.seg, bd.seg);
+    if (c.sharded) {
+      up(&n.send, bd.total);
+      up(&n.weight_bytes, bd.total * (bd.param_dtype == Dtype::kF32 ? 4 : 2));
+    }
+  }
+  return n;
+}
+
 // Buffers of one bucket in the backend's memory (stable after Setup), for the collectives.
 struct BucketBuffers {
   void* grad_send = nullptr;     // `total` elements in the grad comm dtype (staging)

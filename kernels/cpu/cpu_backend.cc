@@ -241,18 +241,9 @@ absl::Status CpuBackend::Setup(BackendConfig config, absl::Span<const ParamPoint
   scratch_.Reserve(max_rows, max_n);
 
   // Bucket buffers: the pool's largest need over buckets.
-  size_t x_local = 0, full = 0, cross = 0, radial = 0, weights = 0, send = 0, seg = 0;
-  for (const BucketDesc& bd : cfg_.buckets) {
-    x_local = std::max(x_local, static_cast<size_t>(bd.x_local));
-    full = std::max(full, static_cast<size_t>(bd.full));
-    cross = std::max(cross, static_cast<size_t>(bd.cross_len));
-    radial = std::max(radial, static_cast<size_t>(bd.radial_len));
-    seg = std::max(seg, static_cast<size_t>(bd.seg));
-    if (cfg_.sharded) {
-      weights = std::max(weights, static_cast<size_t>(bd.total) * Bytes(bd.param_dtype));
-      send = std::max(send, static_cast<size_t>(bd.total));
-    }
-  }
+  const PoolNeeds need = MaxBucketNeeds(cfg_);
+  const size_t x_local = need.x_local, full = need.full, cross = need.cross, radial = need.radial,
+               weights = need.weight_bytes, send = need.send, seg = need.seg;
   const size_t grad_bytes = cfg_.grad_comm_bf16 ? 2 : 4;
   pool_.assign(static_cast<size_t>(std::max(cfg_.pipeline, 1)), Workspace{});
   for (Workspace& ws : pool_) {

@@ -42,7 +42,6 @@ std::string CudaMessage(cudaError_t e, absl::string_view what) {
   return absl::StrCat(what, ": ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
 }
 
-size_t Bytes(Dtype d) { return d == Dtype::kF32 ? 4 : 2; }
 
 // Offsets into the arena, given out before it exists: Take records where a pointer must
 // point once the arena is allocated (Commit).
@@ -432,39 +431,26 @@ absl::Status CudaBackend::LayOut(ArenaLayout* arena) {
     arena->Take(&s.counters, 3, true);
   }
   // The bucket pool, the gradient buffers, the records.
-  size_t x_local = 0, full = 0, cross = 0, radial = 0, weights = 0, send = 0, seg = 0;
-  for (const BucketDesc& bd : cfg_.buckets) {
-    x_local = std::max(x_local, static_cast<size_t>(bd.x_local));
-    full = std::max(full, static_cast<size_t>(bd.full));
-    cross = std::max(cross, static_cast<size_t>(bd.cross_len));
-    radial = std::max(radial, static_cast<size_t>(bd.radial_len));
-    seg = std::max(seg, static_cast<size_t>(bd.seg));
-    if (cfg_.sharded) {
-      weights = std::max(weights, static_cast<size_t>(bd.total) * Bytes(bd.param_dtype));
-      send = std::max(send, static_cast<size_t>(bd.total));
-    }
-  }
-  const size_t grad_bytes = cfg_.grad_comm_bf16 ? 2 : 4;
+  const PoolNeeds need = MaxBucketNeeds(cfg_);
+  const int64_t grad_bytes = cfg_.grad_comm_bf16 ? 2 : 4;
   pool_.assign(static_cast<size_t>(std::max(cfg_.pipeline, 1)), PoolEntry{});
   for (PoolEntry& pe : pool_) {
-    arena->Take(&pe.x_local, static_cast<int64_t>(x_local), true);
-    arena->Take(&pe.x_full, static_cast<int64_t>(full), true);
+    arena->Take(&pe.x_local, need.x_local, true);
+    arena->Take(&pe.x_full, need.full, true);
     if (cfg_.ns_comm_bf16 && cfg_.sharded) {
-      arena->Take(&pe.x_local16, static_cast<int64_t>(x_local), true);
-      arena->Take(&pe.x_full16, static_cast<int64_t>(full), true);
+      arena->Take(&pe.x_local16, need.x_local, true);
+      arena->Take(&pe.x_full16, need.full, true);
     }
-    arena->Take(&pe.cross, static_cast<int64_t>(cross), true);
-    arena->Take(&pe.radial, static_cast<int64_t>(radial), true);
-    arena->Take(reinterpret_cast<char**>(&pe.weights), static_cast<int64_t>(weights), true);
-    if (cfg_.update_norms) arena->Take(&pe.wold, static_cast<int64_t>(seg), true);
+    arena->Take(&pe.cross, need.cross, true);
+    arena->Take(&pe.radial, need.radial, true);
+    arena->Take(reinterpret_cast<char**>(&pe.weights), need.weight_bytes, true);
+    if (cfg_.update_norms) arena->Take(&pe.wold, need.seg, true);
   }
   if (cfg_.grads_segmented) {
     for (size_t b = 0; b < cfg_.buckets.size(); ++b)
-      arena->Take(reinterpret_cast<char**>(&buckets_[b].grad_seg),
-                  cfg_.buckets[b].seg * static_cast<int64_t>(grad_bytes), true);
+      arena->Take(reinterpret_cast<char**>(&buckets_[b].grad_seg), cfg_.buckets[b].seg * grad_bytes, true);
     grad_send_.assign(std::min<size_t>(cfg_.buckets.size(), 2), nullptr);
-    for (void*& g : grad_send_)
-      arena->Take(reinterpret_cast<char**>(&g), static_cast<int64_t>(send * grad_bytes), true);
+    for (void*& g : grad_send_) arena->Take(reinterpret_cast<char**>(&g), need.send * grad_bytes, true);
   }
   arena->Take(&check_, std::max<int64_t>(cfg_.check_len, 1), true);
   // Scratch of the tile partials: the largest bucket's need (launches are stream-ordered,

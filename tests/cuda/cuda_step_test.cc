@@ -29,8 +29,8 @@
 #include <string>
 #include <vector>
 
+#include "abi_model.h"
 #include "cuda_test_util.h"
-#include "kernels/common/bf16.h"
 #include "mdopt/mdopt.h"
 
 namespace mdopt {
@@ -38,16 +38,9 @@ namespace {
 
 constexpr int kSteps = 4;
 
-struct Tensor {
-  const char* name;
-  int ndim;
-  int64_t shape[3];
-  int64_t numel() const {
-    int64_t n = 1;
-    for (int d = 0; d < ndim; ++d) n *= shape[d];
-    return n;
-  }
-};
+using Tensor = testing::AbiTensor;
+using testing::AsDouble;
+using testing::Values;
 
 const std::vector<Tensor>& Tensors() {
   static const std::vector<Tensor> t = {
@@ -61,30 +54,6 @@ struct Trained {
   int64_t params = 0, state_bytes = 0, workspace_bytes = 0;
 };
 
-size_t Elem(mdopt_dtype d) { return d == MDOPT_DTYPE_F32 ? 4 : 2; }
-
-std::vector<uint8_t> Values(int64_t count, mdopt_dtype d, uint64_t seed, double scale) {
-  const std::vector<double> v = testing::RandomNormal(static_cast<size_t>(count), seed, scale);
-  std::vector<uint8_t> out(static_cast<size_t>(count) * Elem(d));
-  for (int64_t e = 0; e < count; ++e) {
-    if (d == MDOPT_DTYPE_F32) {
-      reinterpret_cast<float*>(out.data())[e] = static_cast<float>(v[e]);
-    } else {
-      reinterpret_cast<uint16_t*>(out.data())[e] = kernels::FloatToBf16(static_cast<float>(v[e]));
-    }
-  }
-  return out;
-}
-
-std::vector<double> AsDouble(const std::vector<uint8_t>& b, mdopt_dtype d) {
-  std::vector<double> out(b.size() / Elem(d));
-  for (size_t e = 0; e < out.size(); ++e)
-    out[e] = d == MDOPT_DTYPE_F32 ? reinterpret_cast<const float*>(b.data())[e]
-                                  : kernels::Bf16ToFloat(reinterpret_cast<const uint16_t*>(b.data())[e]);
-  return out;
-}
-
-#define ABI_OK(call) ASSERT_EQ((call), MDOPT_SUCCESS) << #call << ": " << mdopt_last_error()
 
 // kSteps steps of `preset` on `device` ("cpu" or "cuda:0"); the params as they end.
 void Train(const std::string& device, const char* preset, mdopt_dtype pd, mdopt_dtype gd,
