@@ -66,8 +66,17 @@ declare -A TEST_CAP=([cuda_backend_test]=25 [cuda_step_test]=25 [cuda_newton_sch
 other_tests_cap=10
 memcheck_runs=(cuda_backend_test:12 cuda_step_test:10 cuda_newton_schulz_test:8)
 racecheck_runs=(cuda_backend_test:12 cuda_newton_schulz_test:6)
-declare -A MEMCHECK_FILTER=()
-declare -A RACECHECK_FILTER=()
+# memcheck: every stage kernel once, with bf16 tensors and the tangent passes (the most
+# pointer arithmetic), the skip flag, the host-pointer refusal, and one whole step of bf16
+# params with f32 grads through the ABI. racecheck: the tile kernels' shared-memory row and
+# tile sums and the combine's block sum, on a rule that uses every channel.
+declare -A MEMCHECK_FILTER=(
+  [cuda_backend_test]='Rules/CudaStages.EachStageMatchesTheCpuBackend/tangent_col_bf16p_bf16g:CudaStagesSkip.*:CudaStagesPointers.*'
+  [cuda_step_test]='Presets/CudaStep.MatchesDeviceCpu/md_muon_bf16p_f32g_ns_f32:CudaStepAbi.HostPointersStreamsAndState'
+)
+declare -A RACECHECK_FILTER=(
+  [cuda_backend_test]='Rules/CudaStages.EachStageMatchesTheCpuBackend/tangent_frobenius_f32p_f32g'
+)
 auto_filter_tests=3  # tests per program when no filter is given
 
 parts="${MDOPT_CHECK_PARTS:-tests,memcheck,racecheck,two-ranks,python,benchmark}"
