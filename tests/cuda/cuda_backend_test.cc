@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -257,6 +258,11 @@ struct Param {
   Case c;
   Dtype pd, gd;
 };
+
+void PrintTo(const Param& p, std::ostream* os) {
+  *os << p.c.name << (p.pd == Dtype::kBf16 ? " bf16 params" : " f32 params")
+      << (p.gd == Dtype::kBf16 ? ", bf16 grads" : ", f32 grads");
+}
 
 class CudaStages : public ::testing::TestWithParam<Param> {};
 

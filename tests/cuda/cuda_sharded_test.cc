@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -109,6 +110,8 @@ void Train(const Config& c, bool gpu, std::vector<std::vector<uint8_t>>* out) {
   ABI_OK(mdopt_destroy(opt));
   ABI_OK(mdopt_comm_destroy(comm));
 }
+
+void PrintTo(const Config& c, std::ostream* os) { *os << c.name; }
 
 class CudaSharded : public ::testing::TestWithParam<Config> {};
 

@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -135,6 +136,11 @@ struct Param {
   mdopt_dtype pd, gd;
   const char* ns_dtype;
 };
+
+void PrintTo(const Param& p, std::ostream* os) {
+  *os << p.preset << (p.pd == MDOPT_DTYPE_BF16 ? " bf16 params" : " f32 params")
+      << (p.gd == MDOPT_DTYPE_BF16 ? ", bf16 grads" : ", f32 grads") << ", ns_dtype=" << p.ns_dtype;
+}
 
 class CudaStep : public ::testing::TestWithParam<Param> {};
 
