@@ -1,6 +1,11 @@
 // The NCCL backend: every operation is one NCCL call, or one NCCL group, queued on the
-// caller's stream (StreamSlot) or the communicator's own, followed by a CUDA event. The
-// request is done when its event has completed; Wait polls the event and the communicator's
+// communicator's own stream after the work queued so far on the caller's stream (StreamSlot:
+// an event recorded there, waited on by the communicator's stream), followed by a CUDA
+// event. So collectives run beside the caller's compute, not inside it: the step schedule's
+// bucket k+1 gather and bucket k-1 all-reduce overlap bucket k's Newton-Schulz on the
+// optimizer's stream, which waits for a collective only where it needs its result
+// (Request::OrderBefore: a stream wait on the completion event). The request is done when
+// its event has completed; Wait polls the event and the communicator's
 // asynchronous error (ncclCommGetAsyncError) from the calling thread (progress mode
 // "caller"). A timeout, an NCCL error or Abort() aborts the NCCL communicator
 // (ncclCommAbort) so that no kernel of it keeps a GPU spinning on a dead peer.
@@ -11,8 +16,8 @@
 //
 // Equal counts only: a reduce-scatter or all-gather whose counts differ per rank is refused
 // with InvalidArgument (one NCCL call per collective, never one per rank: the optimizer
-// pads its buckets' segments to equal counts instead, comm_pad). Device memory on the
-// caller's stream; host memory (the optimizer's queries and checkpoints) is staged through
+// pads its buckets' segments to equal counts instead, comm_pad). Device memory, ordered after
+// the caller's stream; host memory (the optimizer's queries and checkpoints) is staged through
 // a device buffer this communicator owns, on a stream of its own, and such a call returns
 // only once the collective is done and its results are copied back (Staged below).
 // Point-to-point ops match in issue order per peer: NCCL has no tags, so two tags in flight
@@ -185,6 +190,7 @@ class NcclCommunicator final : public Communicator {
       : shared_(std::move(shared)), rank_(rank), size_(size), stream_(stream), scratch_(scratch),
         shape_{rank, size, "nccl", true} {}
   ~NcclCommunicator() override {
+    if (ready_ != nullptr) cudaEventDestroy(ready_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
     if (host_stream_ != nullptr) cudaStreamDestroy(host_stream_);
     if (scratch_ != nullptr) cudaFree(scratch_);
@@ -338,7 +344,7 @@ class NcclCommunicator final : public Communicator {
 
   // A collective on host buffers: each region gets a place in the device staging buffer
   // (grown when too small), the `in` regions are copied in on the communicator's host
-  // stream, the collective runs there, and the call waits for it (bounded by the timeout,
+  // stream, the collective runs after them, and the call waits for it (bounded by the timeout,
   // like any Wait) before it copies the `out` regions back and returns the finished
   // request. Only staged calls use that stream and buffer, and each is finished before
   // the next starts, so the buffer is never in use when it grows; every implicit
@@ -416,9 +422,15 @@ class NcclCommunicator final : public Communicator {
       shared_->tracker->Release(**op, kBackendHolder);
       shared_->tracker->Release(**op, kUserHolder);
     };
-    cudaStream_t st = slot.stream != nullptr ? static_cast<cudaStream_t>(slot.stream) : stream_;
+    cudaStream_t st = stream_;
     cudaEvent_t ev = nullptr;
     cudaError_t ce = cudaSetDevice(shared_->device);
+    // The collective reads what the caller's stream wrote before this call.
+    if (ce == cudaSuccess && slot.stream != nullptr && slot.stream != stream_) {
+      if (ready_ == nullptr) ce = cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming);
+      if (ce == cudaSuccess) ce = cudaEventRecord(ready_, static_cast<cudaStream_t>(slot.stream));
+      if (ce == cudaSuccess) ce = cudaStreamWaitEvent(st, ready_, 0);
+    }
     if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
     if (ce != cudaSuccess) {
       const absl::Status s = CudaError(absl::StrCat(what, ": cudaEventCreate"), ce);
@@ -455,7 +467,8 @@ class NcclCommunicator final : public Communicator {
 
   std::shared_ptr<NcclShared> shared_;
   const int rank_, size_;
-  cudaStream_t stream_;
+  cudaStream_t stream_;     // every collective runs here
+  cudaEvent_t ready_ = nullptr;  // recorded on the caller's stream; reused (waits capture it)
   void* scratch_;
   const CommShape shape_;
   // Host-memory calls (Staged): their stream and device buffer, made on first use.

@@ -25,6 +25,8 @@ STATUS_NAMES = {
     8: "MDOPT_OUT_OF_MEMORY",
 }
 
+NCCL_UNIQUE_ID_BYTES = 128  # MDOPT_NCCL_UNIQUE_ID_BYTES (comm.h)
+
 DTYPE_F32 = 0
 DTYPE_BF16 = 1
 
@@ -108,6 +110,9 @@ _SIGNATURES = {
     "mdopt_last_error": (_S, []),
     "mdopt_comm_create_local": (ctypes.c_int, [ctypes.POINTER(_P)]),
     "mdopt_comm_create_mpi": (ctypes.c_int, [_P, ctypes.POINTER(_P)]),
+    "mdopt_comm_nccl_unique_id": (ctypes.c_int, [ctypes.c_char_p]),
+    "mdopt_comm_create_nccl": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_int, ctypes.c_int,
+                                              ctypes.c_int, ctypes.POINTER(_P)]),
     "mdopt_comm_rank": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_int)]),
     "mdopt_comm_size": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_int)]),
     "mdopt_comm_destroy": (ctypes.c_int, [_P]),

@@ -3,6 +3,8 @@
     comm = mdopt.comm.local()   # one process (what MDOptimizer uses by default)
     comm = mdopt.comm.mpi()     # every rank of MPI_COMM_WORLD, under mpirun; no mpi4py needed
     comm = mdopt.comm.torch_distributed()  # a torch.distributed group (gloo), under torchrun
+    comm = mdopt.comm.nccl()    # NCCL on each rank's current CUDA device, bootstrapped over a
+                                # torch.distributed group (under torchrun)
 
 A communicator must outlive the optimizers created on it (MDOptimizer keeps a reference).
 """
@@ -10,7 +12,7 @@ A communicator must outlive the optimizers created on it (MDOptimizer keeps a re
 import ctypes
 
 from . import _lib
-from ._lib import lib
+from ._lib import MdoptError, lib
 
 
 class Comm:
@@ -87,3 +89,75 @@ def torch_distributed(group=None):
     c = Comm(handle, "torch.distributed(%s)" % callbacks.backend)
     c._callbacks = callbacks  # the C side holds only the function pointers' addresses
     return c
+
+
+def _make_nccl_id():
+    """A fresh ncclUniqueId, 128 bytes (mdopt_comm_nccl_unique_id); MdoptError
+    (MDOPT_UNSUPPORTED) in a build without NCCL."""
+    buf = ctypes.create_string_buffer(_lib.NCCL_UNIQUE_ID_BYTES)
+    _lib.check(lib.mdopt_comm_nccl_unique_id(buf), "mdopt_comm_nccl_unique_id")
+    return buf.raw
+
+
+def _share_nccl_id(group=None, make_id=_make_nccl_id):
+    """Rank 0 of `group` makes the unique id and broadcasts it over the group
+    (torch.distributed.broadcast_object_list); every rank returns the same 128 bytes. When
+    rank 0 cannot make one, every rank raises the MdoptError it got, so that no rank waits
+    for an id that never comes. Collective over the group."""
+    import torch.distributed as dist
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("mdopt.comm.nccl: this process is not a member of the process group")
+    payload = [None]
+    if rank == 0:
+        try:
+            payload[0] = ("id", bytes(make_id()))
+        except MdoptError as e:
+            payload[0] = ("error", e.status, e.message)
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    dist.broadcast_object_list(payload, src=src, group=group)
+    if payload[0][0] == "error":
+        raise MdoptError(payload[0][1], "mdopt.comm.nccl: rank 0 could not make the NCCL "
+                         "unique id: %s" % payload[0][2])
+    uid = payload[0][1]
+    if len(uid) != _lib.NCCL_UNIQUE_ID_BYTES:
+        raise ValueError("mdopt.comm.nccl: the unique id has %d bytes, not %d"
+                         % (len(uid), _lib.NCCL_UNIQUE_ID_BYTES))
+    return uid
+
+
+def nccl(process_group=None):
+    """An NCCL communicator over the ranks of a torch.distributed process group (None: the
+    default group), each rank on torch.cuda.current_device() (set it first, e.g.
+    torch.cuda.set_device(local_rank) under torchrun). Collective: every rank of the group
+    calls it. Rank 0 makes the NCCL unique id through the C ABI and the group broadcasts it
+    (any backend: gloo or nccl); then every rank checks that it has a CUDA device, the ranks
+    agree that all do, and each creates its rank (mdopt_comm_create_nccl; the ranks must
+    all join within 600 s).
+
+    Errors, the same on every rank: RuntimeError when torch.distributed is not available or
+    not initialised, or a rank sees no CUDA device; MdoptError(MDOPT_UNSUPPORTED) when this
+    libmdopt has no NCCL backend."""
+    import torch
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "mdopt.comm.nccl: torch.distributed is not initialised: call "
+            "torch.distributed.init_process_group first (e.g. under torchrun); it carries the "
+            "NCCL unique id from rank 0 to the others")
+    uid = _share_nccl_id(process_group)
+    rank, size = dist.get_rank(process_group), dist.get_world_size(process_group)
+    problem = None
+    if not torch.cuda.is_available():
+        problem = ("no CUDA device visible to torch %s (torch.cuda.is_available() is False)"
+                   % torch.__version__)
+    problems = [None] * size
+    dist.all_gather_object(problems, problem, group=process_group)
+    bad = ["rank %d: %s" % (r, p) for r, p in enumerate(problems) if p]
+    if bad:
+        raise RuntimeError("mdopt.comm.nccl: " + "; ".join(bad))
+    device = torch.cuda.current_device()
+    h = ctypes.c_void_p()
+    _lib.check(lib.mdopt_comm_create_nccl(uid, size, rank, device, ctypes.byref(h)),
+               "mdopt_comm_create_nccl")
+    return Comm(h, "nccl(cuda:%d)" % device)
