@@ -48,7 +48,7 @@ SPEC_KEYS = ("base", "sphere", "radius", "gains", "gain_param", "lr", "gain_lr",
 # mdopt_create's options: keyword arguments of MDOptimizer with these names go there.
 OPTION_KEYS = ("device", "threads", "kernels", "ns_dtype", "ns_form", "ns_comm_dtype",
                "grad_comm_dtype", "grads", "gather", "bucket_mb", "comm_timeout_s",
-               "update_norms")
+               "update_norms", "comm_pad")
 # Group keys that are not spec keys: the preset, mdopt's group name, parameter names.
 _META_KEYS = ("params", "preset", "name", "names")
 # torch.optim spellings of features mdopt does not have: accepted only when off.

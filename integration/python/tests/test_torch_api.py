@@ -285,3 +285,12 @@ def test_grad_comm_dtype_reaches_mdopt_create():
             opt.step()
         results.append(w.detach().clone())
     assert torch.equal(results[0], results[1])
+
+
+def test_comm_pad_reaches_mdopt_create():
+    # An mdopt_create option like the others: a bad value is refused with the library's
+    # message; at one rank there is nothing to pad, so every value steps alike.
+    with pytest.raises(mdopt.MdoptError, match="comm_pad"):
+        MDOptimizer([P(4, 3)], preset="adamw", comm_pad="sometimes")
+    for value in ("auto", "on", "off"):
+        MDOptimizer([P(4, 3)], preset="adamw", threads=1, comm_pad=value)
