@@ -7,7 +7,7 @@
 // device buffers go through the host-staged adapter (the MPI communicator takes host memory).
 //
 // Built against the CUDA emulation (emu/README.md) as cuda_sharded_emu_test, under mpirun at
-// 2 and 3 ranks. Bound: as cuda_step_test's with ns_dtype=f32 on both sides (2e-5; one
+// 2 and 3 ranks, where it also checks that a step allocates nothing after the first. Bound: as cuda_step_test's with ns_dtype=f32 on both sides (2e-5; one
 // bf16 rounding, 1/128, for bf16 params); the emulation's Newton-Schulz is float64.
 #include <gtest/gtest.h>
 #include <mpi.h>
@@ -88,6 +88,9 @@ void Train(const Config& c, bool gpu, std::vector<std::vector<uint8_t>>* out) {
     ABI_OK(mdopt_add_param(opt, &d, nullptr));
   }
   ABI_OK(mdopt_finalize(opt));
+#ifdef MDOPT_CUDA_EMULATION
+  int64_t allocations = 0;  // the emulation counts every CUDA allocation, stream and event
+#endif
   for (int s = 0; s < kSteps; ++s) {
     for (size_t i = 0; i < tensors.size(); ++i) {
       const std::vector<uint8_t> v = Values(tensors[i].numel(), c.gd, 1000 * s + i + 31 * rank, 1e-2);
@@ -100,6 +103,12 @@ void Train(const Config& c, bool gpu, std::vector<std::vector<uint8_t>>* out) {
     ABI_OK(mdopt_step(opt, 1.0, nullptr, &info));
     EXPECT_EQ(info.skipped, 0);
     EXPECT_EQ(info.step, s + 1);
+#ifdef MDOPT_CUDA_EMULATION
+    // A step allocates nothing after the first (the host-staged collectives keep their
+    // pinned buffers from the first step on).
+    if (gpu && s == 0) allocations = emu::Allocations();
+    if (gpu && s > 0) EXPECT_EQ(emu::Allocations(), allocations) << "step " << s;
+#endif
   }
   ABI_OK(mdopt_gather_params(opt, nullptr));
   if (gpu) {

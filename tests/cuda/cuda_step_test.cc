@@ -53,6 +53,7 @@ const std::vector<Tensor>& Tensors() {
 struct Trained {
   std::vector<std::vector<uint8_t>> w;  // host copies of the params after the steps
   int64_t params = 0, state_bytes = 0, workspace_bytes = 0;
+  int64_t allocations = 0;  // emulation only: CUDA allocations after the first step
 };
 
 
@@ -116,6 +117,12 @@ void Train(const std::string& device, const char* preset, mdopt_dtype pd, mdopt_
     mdopt_step_info info = mdopt_step_info_init();
     // The last step asks for its info (a host wait); the others return without one.
     ABI_OK(mdopt_step(opt, 1.0, stream, s + 1 == kSteps ? &info : nullptr));
+#ifdef MDOPT_CUDA_EMULATION
+    // A step allocates nothing after the first (the emulation counts every CUDA allocation,
+    // stream and event).
+    if (gpu && s == 0) out->allocations = emu::Allocations();
+    if (gpu && s > 0) EXPECT_EQ(emu::Allocations(), out->allocations) << "step " << s;
+#endif
     if (s + 1 == kSteps) {
       EXPECT_EQ(info.step, kSteps);
       EXPECT_EQ(info.skipped, 0);

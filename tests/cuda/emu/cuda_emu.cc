@@ -23,6 +23,7 @@ std::mutex g_mu;
 std::map<const char*, size_t>* g_device = new std::map<const char*, size_t>();  // base -> bytes
 cudaError_t g_last = cudaSuccess;
 int g_current = 0;
+int64_t g_allocations = 0;
 
 cudaError_t Fail(cudaError_t e) {
   g_last = e;
@@ -149,6 +150,7 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
   const size_t size = ((bytes == 0 ? 1 : bytes) + 255) & ~size_t{255};
   void* q = std::aligned_alloc(256, size);
   if (q == nullptr) return Fail(cudaErrorMemoryAllocation);
+  ++g_allocations;
   std::memset(q, 0xff, size);
   std::lock_guard<std::mutex> lock(g_mu);
   (*g_device)[static_cast<const char*>(q)] = size;
@@ -165,6 +167,7 @@ cudaError_t cudaFree(void* p) {
   return cudaSuccess;
 }
 cudaError_t cudaMallocHost(void** p, size_t bytes) {
+  ++g_allocations;
   *p = std::aligned_alloc(256, ((bytes == 0 ? 1 : bytes) + 255) & ~size_t{255});
   return *p == nullptr ? Fail(cudaErrorMemoryAllocation) : cudaSuccess;
 }
@@ -191,6 +194,7 @@ cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
 }
 cudaError_t cudaStreamCreate(cudaStream_t* s) { return cudaStreamCreateWithFlags(s, 0); }
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
+  ++g_allocations;
   *s = reinterpret_cast<cudaStream_t>(new char(1));
   return cudaSuccess;
 }
@@ -205,6 +209,7 @@ cudaError_t cudaStreamGetDevice(cudaStream_t, int* device) {
 }
 cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) {
+  ++g_allocations;
   *e = reinterpret_cast<cudaEvent_t>(new char(1));
   return cudaSuccess;
 }
@@ -280,5 +285,6 @@ void Launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
 }
 
 int64_t Switches() { return g_switches; }
+int64_t Allocations() { return g_allocations; }
 
 }  // namespace mdopt::emu

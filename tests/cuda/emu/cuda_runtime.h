@@ -114,6 +114,9 @@ namespace mdopt::emu {
 void Launch(dim3 grid, dim3 block, const std::function<void()>& kernel);
 // Fiber switches of the launches so far (a measure of the emulation's cost).
 int64_t Switches();
+// Device and pinned allocations, streams and events created so far: what a test holds
+// constant over steps after the first.
+int64_t Allocations();
 }  // namespace mdopt::emu
 
 #endif  // MDOPT_TESTS_CUDA_EMU_CUDA_RUNTIME_H_
