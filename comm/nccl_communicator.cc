@@ -33,7 +33,9 @@
 #include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "comm/arg_checks.h"
 #include "comm/communicator.h"
@@ -76,6 +78,27 @@ struct NcclShared {
   std::shared_ptr<OpTracker> tracker;
   std::atomic<bool> aborted{false};
 
+  // Completion events, reused: a request gives its event back when it is destroyed (a stream
+  // wait already queued on it is not affected by a later record), so after the first step
+  // the collectives create none.
+  absl::Mutex events_mu;
+  std::vector<cudaEvent_t> free_events ABSL_GUARDED_BY(events_mu);
+  cudaError_t TakeEvent(cudaEvent_t* ev) {
+    {
+      absl::MutexLock lock(&events_mu);
+      if (!free_events.empty()) {
+        *ev = free_events.back();
+        free_events.pop_back();
+        return cudaSuccess;
+      }
+    }
+    return cudaEventCreateWithFlags(ev, cudaEventDisableTiming);
+  }
+  void GiveEvent(cudaEvent_t ev) {
+    absl::MutexLock lock(&events_mu);
+    free_events.push_back(ev);
+  }
+
   // Aborts the NCCL communicator once; later calls do nothing.
   void AbortNccl() {
     bool expected = false;
@@ -94,6 +117,7 @@ struct NcclShared {
   }
 
   ~NcclShared() {
+    for (cudaEvent_t ev : free_events) cudaEventDestroy(ev);
     if (comm == nullptr) return;
     if (aborted.load()) return;  // ncclCommAbort freed it
     // Non-blocking: finalising may be in progress for a while; bounded by the timeout, past
@@ -120,7 +144,7 @@ class NcclRequest final : public Request {
   NcclRequest(std::shared_ptr<NcclShared> shared, OpState* op, cudaEvent_t ev)
       : shared_(std::move(shared)), op_(op), event_(ev) {}
   ~NcclRequest() override {
-    if (event_ != nullptr) cudaEventDestroy(event_);
+    if (event_ != nullptr) shared_->GiveEvent(event_);
     if (backend_held_) shared_->tracker->Release(*op_, kBackendHolder);
     shared_->tracker->Release(*op_, kUserHolder);
   }
@@ -431,7 +455,7 @@ class NcclCommunicator final : public Communicator {
       if (ce == cudaSuccess) ce = cudaEventRecord(ready_, static_cast<cudaStream_t>(slot.stream));
       if (ce == cudaSuccess) ce = cudaStreamWaitEvent(st, ready_, 0);
     }
-    if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+    if (ce == cudaSuccess) ce = shared_->TakeEvent(&ev);
     if (ce != cudaSuccess) {
       const absl::Status s = CudaError(absl::StrCat(what, ": cudaEventCreate"), ce);
       give_up(s);
@@ -448,7 +472,7 @@ class NcclCommunicator final : public Communicator {
     }
     if (r != ncclSuccess) {
       const absl::Status s = NcclError(what, r, shared_->comm);
-      cudaEventDestroy(ev);
+      shared_->GiveEvent(ev);
       give_up(s);
       shared_->tracker->Break(s);
       shared_->AbortNccl();
@@ -457,7 +481,7 @@ class NcclCommunicator final : public Communicator {
     ce = cudaEventRecord(ev, st);
     if (ce != cudaSuccess) {
       const absl::Status s = CudaError(absl::StrCat(what, ": cudaEventRecord"), ce);
-      cudaEventDestroy(ev);
+      shared_->GiveEvent(ev);
       give_up(s);
       shared_->tracker->Break(s);
       return s;
