@@ -689,7 +689,7 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
     size_t free_b = 0, total_b = 0;
     cudaMemGetInfo(&free_b, &total_b);
     return absl::ResourceExhaustedError(absl::StrCat(
-        "out of device memory: the optimizer's arena on cuda:", device_, " needs ", arena_bytes_,
+        "out of memory on cuda:", device_, ": the optimizer's arena needs ", arena_bytes_,
         " bytes (state ", arena.state_bytes(), ", workspace ", arena.workspace_bytes(), "); ",
         free_b, " of ", total_b, " bytes are free (", cudaGetErrorName(e), ")"));
   }
@@ -701,7 +701,7 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
       cudaMallocHost(reinterpret_cast<void**>(&staging_), kStagingBytes) != cudaSuccess ||
       cudaMallocHost(reinterpret_cast<void**>(&status_host_), sizeof(DevStatus)) != cudaSuccess) {
     cudaGetLastError();
-    return absl::ResourceExhaustedError("out of pinned host memory for the CUDA backend's staging");
+    return absl::ResourceExhaustedError("out of memory: no pinned host memory for the CUDA backend's staging");
   }
 
   // Pointers of the bucket buffers in the slots, now that the arena exists.
