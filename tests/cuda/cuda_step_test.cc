@@ -276,6 +276,37 @@ TEST(CudaStepCheckpoint, SaveLoadContinuesBitForBit) {
   }
 }
 
+// Out of device memory at finalize is MDOPT_OUT_OF_MEMORY with the bytes needed, and the
+// optimizer is left as it was (a smaller model can be finalized by a fresh one): a 400,000 x
+// 100,000 adamw matrix needs 320 GB of moments, more than any GPU has. Its tensors are
+// tiny buffers: nothing reads them before the arena is allocated.
+TEST(CudaStepAbi, OutOfDeviceMemoryIsAStatus) {
+  MDOPT_SKIP_WITHOUT_GPU();
+  mdopt_comm* comm = nullptr;
+  ABI_OK(mdopt_comm_create_local(&comm));
+  mdopt_optimizer* opt = nullptr;
+  ABI_OK(mdopt_create(comm, "device=cuda:0", &opt));
+  ABI_OK(mdopt_add_group(opt, "g", "preset=adamw"));
+  testing::DeviceVec<float> w(16), g(16);
+  mdopt_param_desc d = mdopt_param_desc_init();
+  d.name = "huge";
+  d.group = "g";
+  d.ndim = 2;
+  d.shape[0] = 400000;
+  d.shape[1] = 100000;
+  d.param = w.get();
+  d.grad = g.get();
+  ABI_OK(mdopt_add_param(opt, &d, nullptr));
+  EXPECT_EQ(mdopt_finalize(opt), MDOPT_OUT_OF_MEMORY);
+  const std::string message = mdopt_last_error();
+  EXPECT_NE(message.find("out of memory on cuda:0"), std::string::npos) << message;
+  EXPECT_NE(message.find("bytes"), std::string::npos) << message;
+  mdopt_step_info info = mdopt_step_info_init();
+  EXPECT_EQ(mdopt_step(opt, 1.0, nullptr, &info), MDOPT_INVALID_STATE);  // still not finalized
+  ABI_OK(mdopt_destroy(opt));
+  ABI_OK(mdopt_comm_destroy(comm));
+}
+
 // The ABI's checks on a CUDA optimizer.
 TEST(CudaStepAbi, HostPointersStreamsAndState) {
   MDOPT_SKIP_WITHOUT_GPU();

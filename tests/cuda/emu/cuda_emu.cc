@@ -144,7 +144,11 @@ cudaError_t cudaDriverGetVersion(int* v) {
   *v = 13000;
   return cudaSuccess;
 }
+// The emulated device's memory: an allocation above it fails as cudaMalloc does on a GPU.
+constexpr size_t kDeviceBytes = size_t{8} << 30;
+
 cudaError_t cudaMalloc(void** p, size_t bytes) {
+  if (bytes > kDeviceBytes) return Fail(cudaErrorMemoryAllocation);
   // Fresh memory is filled with a pattern, not zeros: code that reads what it never wrote
   // gives NaNs (0xff bytes) rather than a lucky zero.
   const size_t size = ((bytes == 0 ? 1 : bytes) + 255) & ~size_t{255};
@@ -176,8 +180,8 @@ cudaError_t cudaFreeHost(void* p) {
   return cudaSuccess;
 }
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
-  *free_bytes = size_t{1} << 34;
-  *total_bytes = size_t{1} << 35;
+  *free_bytes = kDeviceBytes;
+  *total_bytes = kDeviceBytes;
   return cudaSuccess;
 }
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
