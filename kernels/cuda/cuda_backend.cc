@@ -260,6 +260,10 @@ class CudaBackend final : public StepBackend {
   std::unique_ptr<cuda::NewtonSchulzRunner> ns_;
   std::vector<int64_t> first_slot_;
   ChunkList to_master_, to_model_;  // bf16 params: model rows -> master, and back
+  double* counters_ = nullptr;      // 3 per slot: applied, delta_sq, w_sq
+  int64_t steps_begun_ = 0;
+  mutable int64_t counters_step_ = -1;       // the step counters_host_ was read after
+  mutable std::vector<double> counters_host_;
   std::vector<size_t> master_off_;   // per slot: its master's offset in the arena
   std::string pending_;
 };
@@ -428,8 +432,9 @@ absl::Status CudaBackend::LayOut(ArenaLayout* arena) {
     arena->Take(&s.radial_dot, tangent ? slices : 0, true);
     arena->Take(&s.radial_dd, tangent ? slices : 0, true);
     arena->Take(&s.check, 1, true);
-    arena->Take(&s.counters, 3, true);
   }
+  // Every slot's counters in one array: a query reads them all with one copy.
+  arena->Take(&counters_, 3 * static_cast<int64_t>(S), true);
   // The bucket pool, the gradient buffers, the records.
   const PoolNeeds need = MaxBucketNeeds(cfg_);
   const int64_t grad_bytes = cfg_.grad_comm_bf16 ? 2 : 4;
@@ -708,6 +713,7 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
   for (size_t k = 0; k < S; ++k) {
     const SlotDesc& sd = cfg_.slots[k];
     DevSlot& s = slots_[k];
+    s.counters = counters_ + 3 * k;
     PoolEntry& pe = Pool(sd.bucket);
     if (sd.muon && pe.x_local != nullptr) s.x = pe.x_local + sd.seg_offset;
     if (pe.wold != nullptr) s.wold = pe.wold + sd.seg_offset;
@@ -853,6 +859,7 @@ bool CudaBackend::InitRadii(int b, BadSlice* bad) {
 void CudaBackend::InitProject(int b) { Tiles(TilePass::kRescale, Whole(b), true); }
 
 void CudaBackend::BeginStep(absl::Span<const GroupScalars> groups) {
+  ++steps_begun_;
   std::vector<DevGroup> g(static_cast<size_t>(std::max(cfg_.groups, 1)));
   for (size_t k = 0; k < groups.size() && k < g.size(); ++k) g[k] = {groups[k].lr, groups[k].gain_lr};
   Upload(groups_dev_, g.data(), g.size() * sizeof(DevGroup));
@@ -1052,12 +1059,18 @@ absl::Status CudaBackend::WriteState(int k, size_t array, const void* host) {
 
 SlotCounters CudaBackend::Counters(int k) const {
   SlotCounters c;
-  double v[3] = {0, 0, 0};
-  if (cudaStreamSynchronize(stream_) != cudaSuccess ||
-      cudaMemcpy(v, slots_[k].counters, sizeof v, cudaMemcpyDeviceToHost) != cudaSuccess) {
-    cudaGetLastError();
-    return c;
+  // One copy of every slot's counters per step: mdopt_group_info asks for each matrix.
+  if (counters_step_ != steps_begun_) {
+    counters_host_.assign(3 * cfg_.slots.size(), 0.0);
+    if (cudaStreamSynchronize(stream_) != cudaSuccess ||
+        cudaMemcpy(counters_host_.data(), counters_, counters_host_.size() * sizeof(double),
+                   cudaMemcpyDeviceToHost) != cudaSuccess) {
+      cudaGetLastError();
+      return c;
+    }
+    counters_step_ = steps_begun_;
   }
+  const double* v = counters_host_.data() + 3 * static_cast<size_t>(k);
   const SlotDesc& sd = cfg_.slots[k];
   const UpdateRule& r = cfg_.params[sd.param].rule;
   const bool applied = v[0] != 0.0;
