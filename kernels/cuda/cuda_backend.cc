@@ -118,6 +118,7 @@ struct BucketDev {
   ChunkList local_remote, full_remote;  // f32 <-> bf16 of the NS exchange
   std::vector<NsRun> ns;
   bool any_tangent = false;
+  int32_t combine_spread = 1;  // blocks per slot of a combine launch
 };
 
 // Splits a copy of `count` elements (then `pad` zeros) into chunks of at most kCopyChunk.
@@ -517,6 +518,9 @@ void CudaBackend::BuildBucket(int b) {
     const ParamDesc& p = cfg_.params[sd.param];
     DevSlot& s = slots_[k];
     dev.slot_list_host.push_back(k);
+    const int64_t longest = std::max(sd.rows, p.n);
+    dev.combine_spread = static_cast<int32_t>(std::min<int64_t>(
+        std::max<int64_t>(dev.combine_spread, (longest + cuda::kTileCols - 1) / cuda::kTileCols), 65535));
     dev.any_tangent = dev.any_tangent || (p.rule.tangent && p.rule.sphere != Sphere::kNone);
     s.row_tiles = static_cast<int32_t>((sd.rows + cuda::kTileRows - 1) / cuda::kTileRows);
     s.col_tiles = sd.rows > 0 ? static_cast<int32_t>((p.n + cuda::kTileCols - 1) / cuda::kTileCols) : 0;
@@ -805,8 +809,8 @@ void CudaBackend::Tiles(TilePass pass, const SlotRange& r, bool init) {
 
 void CudaBackend::Combine(TilePass pass, const SlotRange& r, bool init) {
   const BucketDev& bd = buckets_[r.bucket];
-  Check(cuda::LaunchCombine(pass, tables_, bd.slot_list + r.q0, static_cast<int32_t>(r.q1 - r.q0), init,
-                            stream_),
+  Check(cuda::LaunchCombine(pass, tables_, bd.slot_list + r.q0, static_cast<int32_t>(r.q1 - r.q0),
+                            bd.combine_spread, init, stream_),
         "combine");
 }
 

@@ -302,6 +302,14 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
   }
 }
 
+// A combine launch spreads each slot's rows and columns over the grid's y blocks (a single
+// large matrix's column partials are megabytes: one block would read them alone); the
+// slot's totals are the y = 0 block's.
+__device__ __forceinline__ int64_t First() {
+  return static_cast<int64_t>(blockIdx.y) * kTileCols + threadIdx.x;
+}
+__device__ __forceinline__ int64_t Stride() { return static_cast<int64_t>(gridDim.y) * kTileCols; }
+
 // Sums of one slot's partials in tile order.
 struct SlotPartials {
   const DevTables& t;
@@ -332,10 +340,10 @@ struct SlotPartials {
 __device__ void CombineSliceSquares(const SlotPartials& sp, Sphere sphere, int c, double* sm) {
   const DevSlot& s = sp.s;
   if (sphere == Sphere::kRow)
-    for (int64_t i = threadIdx.x; i < s.rows; i += kTileCols) s.slice_sq[i] = sp.Row(c, i);
+    for (int64_t i = First(); i < s.rows; i += Stride()) s.slice_sq[i] = sp.Row(c, i);
   if (sphere == Sphere::kCol)
-    for (int64_t j = threadIdx.x; j < s.n; j += kTileCols) s.slice_sq[j] = sp.Col(c, j);
-  if (sphere == Sphere::kFrobenius) {
+    for (int64_t j = First(); j < s.n; j += Stride()) s.slice_sq[j] = sp.Col(c, j);
+  if (sphere == Sphere::kFrobenius && blockIdx.y == 0) {
     const double v = sp.Tiles(c, sm);
     if (threadIdx.x == 0) s.slice_sq[0] = v;
   }
@@ -359,21 +367,22 @@ __global__ void __launch_bounds__(kTileCols) CombineKernel(DevTables t, const in
     if (!s.holds || sphere == Sphere::kNone) return;
     CombineSliceSquares(sp, sphere, 0, sm);
   } else if constexpr (P == TilePass::kCheck) {
+    if (blockIdx.y != 0) return;
     const double v = sp.Tiles(0, sm);
     if (threadIdx.x == 0) s.check[0] = v;
   } else if constexpr (P == TilePass::kRadial) {
     if (!p.tangent || sphere == Sphere::kNone || !s.holds) return;
     if (sphere == Sphere::kRow) {
-      for (int64_t i = threadIdx.x; i < s.rows; i += kTileCols) {
+      for (int64_t i = First(); i < s.rows; i += Stride()) {
         s.radial_dot[i] = sp.Row(0, i);
         s.radial_dd[i] = sp.Row(1, i);
       }
     } else if (sphere == Sphere::kCol) {
-      for (int64_t j = threadIdx.x; j < s.n; j += kTileCols) {
+      for (int64_t j = First(); j < s.n; j += Stride()) {
         s.radial_dot[j] = sp.Col(0, j);
         s.radial_dd[j] = sp.Col(1, j);
       }
-    } else {
+    } else if (blockIdx.y == 0) {
       const double dot = sp.Tiles(0, sm);
       const double dd = sp.Tiles(1, sm);
       if (threadIdx.x == 0) {
@@ -387,10 +396,10 @@ __global__ void __launch_bounds__(kTileCols) CombineKernel(DevTables t, const in
     const double scalar =
         HasScalarGain(gains) ? GainValue<double>(gp, static_cast<double>(s.scalar_raw[0])) : 1.0;
     if (HasRowGains(gains))
-      for (int64_t i = threadIdx.x; i < s.rows; i += kTileCols) s.row_grad[i] = sp.Row(0, i) * scalar;
+      for (int64_t i = First(); i < s.rows; i += Stride()) s.row_grad[i] = sp.Row(0, i) * scalar;
     if (HasColGains(gains))
-      for (int64_t j = threadIdx.x; j < s.n; j += kTileCols) s.col_grad[j] = sp.Col(0, j);
-    if (HasScalarGain(gains)) {
+      for (int64_t j = First(); j < s.n; j += Stride()) s.col_grad[j] = sp.Col(0, j);
+    if (HasScalarGain(gains) && blockIdx.y == 0) {
       const double v = sp.Tiles(0, sm);
       if (threadIdx.x == 0) s.scalar_grad[0] = v;
     }
@@ -399,7 +408,7 @@ __global__ void __launch_bounds__(kTileCols) CombineKernel(DevTables t, const in
     if (!s.holds || !s.muon || s.direct || sphere == Sphere::kNone) return;
     CombineSliceSquares(sp, sphere, 1, sm);
   } else if constexpr (P == TilePass::kRescale) {
-    if (init || !s.holds) return;
+    if (init || !s.holds || blockIdx.y != 0) return;
     double dsq = 0.0, wsq = 0.0;
     if (s.wold != nullptr) {
       dsq = sp.Tiles(0, sm);
@@ -573,8 +582,10 @@ int Tiles(const DevTables& t, const DevTile* tiles, int64_t count, bool init, cu
 }
 
 template <TilePass P>
-int Combine(const DevTables& t, const int32_t* slots, int32_t count, bool init, cudaStream_t st) {
-  MDOPT_LAUNCH(CombineKernel<P>, static_cast<unsigned>(count), kTileCols, st, t, slots, init);
+int Combine(const DevTables& t, const int32_t* slots, int32_t count, int32_t spread, bool init,
+            cudaStream_t st) {
+  MDOPT_LAUNCH(CombineKernel<P>, dim3(static_cast<unsigned>(count), static_cast<unsigned>(spread)),
+               kTileCols, st, t, slots, init);
   return Err();
 }
 
@@ -597,18 +608,19 @@ int LaunchTiles(TilePass pass, const DevTables& t, const DevTile* tiles, int64_t
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
-int LaunchCombine(TilePass pass, const DevTables& t, const int32_t* slots, int32_t count, bool init,
-                  void* stream) {
+int LaunchCombine(TilePass pass, const DevTables& t, const int32_t* slots, int32_t count,
+                  int32_t spread, bool init, void* stream) {
   if (count <= 0) return 0;
+  spread = spread < 1 ? 1 : (spread > 65535 ? 65535 : spread);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (pass) {
-    case TilePass::kSliceSquares: return Combine<TilePass::kSliceSquares>(t, slots, count, init, st);
-    case TilePass::kRadial: return Combine<TilePass::kRadial>(t, slots, count, init, st);
-    case TilePass::kCheck: return Combine<TilePass::kCheck>(t, slots, count, init, st);
+    case TilePass::kSliceSquares: return Combine<TilePass::kSliceSquares>(t, slots, count, spread, init, st);
+    case TilePass::kRadial: return Combine<TilePass::kRadial>(t, slots, count, spread, init, st);
+    case TilePass::kCheck: return Combine<TilePass::kCheck>(t, slots, count, spread, init, st);
     case TilePass::kWold: return 0;
-    case TilePass::kPass1: return Combine<TilePass::kPass1>(t, slots, count, init, st);
-    case TilePass::kPass2: return Combine<TilePass::kPass2>(t, slots, count, init, st);
-    case TilePass::kRescale: return Combine<TilePass::kRescale>(t, slots, count, init, st);
+    case TilePass::kPass1: return Combine<TilePass::kPass1>(t, slots, count, spread, init, st);
+    case TilePass::kPass2: return Combine<TilePass::kPass2>(t, slots, count, spread, init, st);
+    case TilePass::kRescale: return Combine<TilePass::kRescale>(t, slots, count, spread, init, st);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

@@ -9,7 +9,8 @@
 // holds. A tile writes its partial sums to a scratch buffer, per row (summed over the
 // tile's columns: warp shuffles, then the block's warps in order), per column (summed over
 // the tile's rows in the thread's registers) and per tile (both); a second launch, one
-// block per slot, combines the partials in tile order into the slot's sums. Every sum has
+// block per slot and per 256 of its rows or columns, combines the partials in tile order
+// into the slot's sums. Every sum has
 // a fixed order: no atomics, the same bits on every run.
 #ifndef MDOPT_KERNELS_CUDA_STAGE_KERNELS_H_
 #define MDOPT_KERNELS_CUDA_STAGE_KERNELS_H_
@@ -134,9 +135,11 @@ struct CopyChunk {
 // Launches; each returns the cudaError_t of the launch as an int (0: queued).
 int LaunchTiles(TilePass pass, const DevTables& t, const DevTile* tiles, int64_t count,
                 bool init, void* stream);
-// Combines the partials of `pass` for the slots listed (device array).
+// Combines the partials of `pass` for the slots listed (device array), each slot's rows and
+// columns spread over `spread` blocks (at most 65,535; the largest of the slots'
+// ceil(max(rows, n) / kTileCols) is enough).
 int LaunchCombine(TilePass pass, const DevTables& t, const int32_t* slots, int32_t count,
-                  bool init, void* stream);
+                  int32_t spread, bool init, void* stream);
 int LaunchCopy(const CopyChunk* chunks, int64_t count, const DevPointers* ptrs,
                const void* src_base, bool src_bf16, void* dst_base, bool dst_bf16, void* stream);
 // Adam on the gains of the slots listed (holds only).

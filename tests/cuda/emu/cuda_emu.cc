@@ -258,7 +258,8 @@ namespace mdopt::emu {
 
 void Launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
   const unsigned threads = block.x * block.y * block.z;
-  if (threads == 0 || threads > 1024 || grid.x == 0) {
+  if (threads == 0 || threads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+      grid.y > 65535 || grid.z > 65535) {
     g_last = cudaErrorInvalidConfiguration;
     return;
   }
@@ -267,8 +268,8 @@ void Launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
   g_kernel = &kernel;
   gridDim = grid;
   blockDim = block;
-  for (unsigned b = 0; b < grid.x; ++b) {
-    blockIdx = dim3(b, 0, 0);
+  for (unsigned b = 0; b < grid.x * grid.y * grid.z; ++b) {
+    blockIdx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (grid.x * grid.y));
     for (unsigned t = 0; t < threads; ++t) {
       fibers[t].sp = FreshStack(&fibers[t]);
       fibers[t].done = false;
