@@ -280,6 +280,10 @@ absl::StatusOr<std::unique_ptr<Communicator>> MakeMpiCommunicator(void* mpi_comm
   auto tracker = std::make_shared<OpTracker>(absl::StrCat("mpi rank ", rank, " of ", size));
   auto engine = std::make_shared<mpi::Engine>(comm, bf16_sum, mode, std::move(tracker));
   if (mode == mpi::Engine::Mode::kThread) engine->StartThread();
+  // Shut down at exit if nobody destroys it (a weak reference: a destroyed one unregisters).
+  mpi::RegisterForExit(engine.get(), [weak = std::weak_ptr<mpi::Engine>(engine)] {
+    if (std::shared_ptr<mpi::Engine> e = weak.lock()) e->Shutdown();
+  });
   return std::unique_ptr<Communicator>(std::make_unique<MpiCommunicator>(std::move(engine), rank, size));
 }
 

@@ -339,6 +339,7 @@ void Engine::FreeMpiObjects() {
 void Engine::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
+  Unregister(this);
   const absl::Duration limit = tracker_->healthy()
                                    ? tracker_->timeout()
                                    : std::min(tracker_->timeout(), absl::Seconds(1));

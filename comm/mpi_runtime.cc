@@ -2,6 +2,9 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <functional>
+#include <utility>
+#include <vector>
 
 #include "absl/base/const_init.h"
 #include "absl/strings/str_cat.h"
@@ -14,10 +17,27 @@ ABSL_CONST_INIT absl::Mutex g_init_mu(absl::kConstInit);
 std::atomic<int> g_held{0};
 std::atomic<bool> g_leaked{false};
 
+ABSL_CONST_INIT absl::Mutex g_live_mu(absl::kConstInit);
+// Never destroyed (process-lifetime, read by the atexit handler whatever the order of static
+// destructors).
+std::vector<std::pair<const void*, std::function<void()>>>& Live()
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(g_live_mu) {
+  static auto* live = new std::vector<std::pair<const void*, std::function<void()>>>();
+  return *live;
+}
+
 void FinalizeAtExit() {
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (finalized) return;  // the host did it
+  // Communicators nobody destroyed: drain and free them now, newest first (their progress
+  // threads stop), so that MPI can be finalised.
+  std::vector<std::pair<const void*, std::function<void()>>> live;
+  {
+    absl::MutexLock l(&g_live_mu);
+    live.swap(Live());
+  }
+  for (auto it = live.rbegin(); it != live.rend(); ++it) it->second();
   if (g_held.load() != 0 || g_leaked.load()) return;  // see Leak(): finalising would be erroneous
   MPI_Finalize();
 }
@@ -44,6 +64,22 @@ absl::Status EnsureInitialised(int* provided) {
   }
   MPI_Query_thread(provided);
   return absl::OkStatus();
+}
+
+void RegisterForExit(const void* key, std::function<void()> shutdown) {
+  absl::MutexLock l(&g_live_mu);
+  Live().emplace_back(key, std::move(shutdown));
+}
+
+void Unregister(const void* key) {
+  absl::MutexLock l(&g_live_mu);
+  auto& live = Live();
+  for (auto it = live.begin(); it != live.end(); ++it) {
+    if (it->first == key) {
+      live.erase(it);
+      return;
+    }
+  }
 }
 
 void Acquire() { g_held.fetch_add(1); }

@@ -5,6 +5,7 @@
 
 #include <mpi.h>
 
+#include <functional>
 #include <string>
 
 #include "absl/status/status.h"
@@ -22,6 +23,15 @@ absl::Status EnsureInitialised(int* provided);
 void Acquire();
 void Release();
 void Leak();
+
+// A communicator still alive at process exit (never destroyed: a program that returns from
+// main without mdopt_comm_destroy, or an optimizer that was never destroyed and holds it) is
+// shut down there, before MPI_Finalize: `shutdown` (its drain, which ends in Release or
+// Leak) runs once at exit unless Unregister(key) came first. Without this MPI would never
+// be finalised in such a program and mpirun would report that its processes exited
+// improperly. Only when mdopt initialised MPI (a host that did finalises it itself).
+void RegisterForExit(const void* key, std::function<void()> shutdown);
+void Unregister(const void* key);
 
 // MPI's text for an error code.
 std::string ErrorString(int code);

@@ -2,6 +2,7 @@
 // optimizer, and turn absl::Status (and any exception) into an mdopt_status plus a
 // thread-local message. Nothing thrown inside crosses this file.
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstring>
 #include <exception>
@@ -12,17 +13,34 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "comm/callback_communicator.h"
 #include "comm/communicator.h"
 #include "dist_opt/optimizer.h"
 #include "kernels/backend_factory.h"
 #include "mdopt/mdopt.h"
 
-struct mdopt_comm {
+namespace {
+
+// A communicator and what the C ABI adds to it, shared by its handle and by every optimizer
+// created on it (reference counted: mdopt_comm_destroy drops the handle's reference, the
+// communicator goes with the last of them).
+struct SharedComm {
+  explicit SharedComm(std::unique_ptr<mdopt::Communicator> c) : impl(std::move(c)) {}
   std::unique_ptr<mdopt::Communicator> impl;
+  std::atomic<bool> aborted{false};
+  mutable absl::Mutex mu;
+  std::string abort_reason ABSL_GUARDED_BY(mu);  // the first mdopt_comm_abort's
+};
+
+}  // namespace
+
+struct mdopt_comm {
+  std::shared_ptr<SharedComm> shared;
 };
 
 struct mdopt_optimizer {
+  std::shared_ptr<SharedComm> comm;  // declared first: it outlives impl
   std::unique_ptr<mdopt::Optimizer> impl;
 };
 
@@ -187,6 +205,55 @@ mdopt_status PlanText(const char* call, const mdopt_optimizer* opt, char* buf, s
   });
 }
 
+mdopt_comm* NewComm(std::unique_ptr<mdopt::Communicator> c) {
+  return new mdopt_comm{std::make_shared<SharedComm>(std::move(c))};
+}
+
+// Calls that need the communicator refuse once it was aborted: MDOPT_COMM_ERROR naming the
+// reason. False (and *failure set) when aborted.
+bool CommUsable(const char* call, const SharedComm& c, mdopt_status* failure) {
+  if (!c.aborted.load(std::memory_order_acquire)) return true;
+  std::string reason;
+  {
+    absl::MutexLock l(&c.mu);
+    reason = c.abort_reason;
+  }
+  *failure = Fail(MDOPT_COMM_ERROR,
+                  absl::StrCat(call, ": the communicator was aborted (mdopt_comm_abort: ", reason,
+                               "); it and every optimizer on it refuse further work"));
+  return false;
+}
+
+// mdopt_comm_create_nccl and mdopt_comm_create_nccl2: the arguments are checked in every
+// build (before MDOPT_UNSUPPORTED in one without NCCL).
+mdopt_status CreateNccl(const char* call, const char* id, int size, int rank, int device,
+                        double timeout_s, mdopt_comm** out) {
+  return Guard(call, [&] {
+    if (out == nullptr) return NullArgument(call, "out");
+    if (id == nullptr) return NullArgument(call, "id");
+    if (size < 1) {
+      return Fail(MDOPT_INVALID_ARGUMENT, absl::StrCat(call, ": size = ", size, " (must be >= 1)"));
+    }
+    if (rank < 0 || rank >= size) {
+      return Fail(MDOPT_INVALID_ARGUMENT,
+                  absl::StrCat(call, ": rank = ", rank, " is outside [0, ", size, ")"));
+    }
+    if (device < 0) {
+      return Fail(MDOPT_INVALID_ARGUMENT,
+                  absl::StrCat(call, ": device = ", device, " (a CUDA device index, >= 0)"));
+    }
+    if (!(timeout_s > 0.0 && timeout_s <= 1e7)) {  // also refuses NaN
+      return Fail(MDOPT_INVALID_ARGUMENT,
+                  absl::StrCat(call, ": timeout_s = ", timeout_s, " is outside (0, 1e7] seconds"));
+    }
+    absl::StatusOr<std::unique_ptr<mdopt::Communicator>> c =
+        mdopt::MakeNcclCommunicator(id, size, rank, device, absl::Seconds(timeout_s));
+    if (!c.ok()) return Report(c.status());
+    *out = NewComm(*std::move(c));
+    return MDOPT_SUCCESS;
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -225,7 +292,7 @@ const char* mdopt_runtime_info(void) try {
 mdopt_status mdopt_comm_create_local(mdopt_comm** out) {
   return Guard("mdopt_comm_create_local", [&] {
     if (out == nullptr) return NullArgument("mdopt_comm_create_local", "out");
-    *out = new mdopt_comm{mdopt::MakeLocalCommunicator()};
+    *out = NewComm(mdopt::MakeLocalCommunicator());
     return MDOPT_SUCCESS;
   });
 }
@@ -236,7 +303,7 @@ mdopt_status mdopt_comm_create_mpi(void* mpi_comm_or_null, mdopt_comm** out) {
     absl::StatusOr<std::unique_ptr<mdopt::Communicator>> c =
         mdopt::MakeMpiCommunicator(mpi_comm_or_null);
     if (!c.ok()) return Report(c.status());
-    *out = new mdopt_comm{*std::move(c)};
+    *out = NewComm(*std::move(c));
     return MDOPT_SUCCESS;
   });
 }
@@ -332,7 +399,7 @@ mdopt_status mdopt_comm_create_callbacks(const mdopt_comm_callbacks* cb, mdopt_c
                                  absl::StrCat(call, ": ", made.status().message())));
     }
     copy.release();  // the communicator's now: freed by Bridge::Destroy
-    *out = new mdopt_comm{*std::move(made)};
+    *out = NewComm(*std::move(made));
     return MDOPT_SUCCESS;
   });
 }
@@ -348,13 +415,38 @@ mdopt_status mdopt_comm_nccl_unique_id(char id[MDOPT_NCCL_UNIQUE_ID_BYTES]) {
 
 mdopt_status mdopt_comm_create_nccl(const char* id, int size, int rank, int device,
                                     mdopt_comm** out) {
-  return Guard("mdopt_comm_create_nccl", [&] {
-    if (out == nullptr) return NullArgument("mdopt_comm_create_nccl", "out");
-    if (id == nullptr) return NullArgument("mdopt_comm_create_nccl", "id");
-    absl::StatusOr<std::unique_ptr<mdopt::Communicator>> c =
-        mdopt::MakeNcclCommunicator(id, size, rank, device, absl::Seconds(600));
-    if (!c.ok()) return Report(c.status());
-    *out = new mdopt_comm{*std::move(c)};
+  return CreateNccl("mdopt_comm_create_nccl", id, size, rank, device, 600.0, out);
+}
+
+mdopt_status mdopt_comm_nccl_id(mdopt_nccl_id* id) {
+  return Guard("mdopt_comm_nccl_id", [&] {
+    if (id == nullptr) return NullArgument("mdopt_comm_nccl_id", "id");
+    static_assert(sizeof(id->bytes) == mdopt::kNcclIdBytes, "ncclUniqueId size");
+    if (absl::Status s = mdopt::NcclUniqueId(id->bytes); !s.ok()) return Report(s);
+    return MDOPT_SUCCESS;
+  });
+}
+
+mdopt_status mdopt_comm_create_nccl2(const mdopt_nccl_id* id, int size, int rank, int device,
+                                     double timeout_s, mdopt_comm** out) {
+  return CreateNccl("mdopt_comm_create_nccl2", id == nullptr ? nullptr : id->bytes, size, rank,
+                    device, timeout_s, out);
+}
+
+mdopt_status mdopt_comm_abort(mdopt_comm* comm, const char* reason) {
+  return Guard("mdopt_comm_abort", [&] {
+    if (comm == nullptr) return NullArgument("mdopt_comm_abort", "comm");
+    SharedComm& c = *comm->shared;
+    std::string why = reason == nullptr || reason[0] == '\0' ? "no reason given" : reason;
+    {
+      absl::MutexLock l(&c.mu);
+      if (c.aborted.load(std::memory_order_relaxed)) return MDOPT_SUCCESS;  // the first wins
+      c.abort_reason = why;
+      c.aborted.store(true, std::memory_order_release);
+    }
+    // Never blocks (Communicator::Abort): fails every pending and later operation, which
+    // wakes every thread waiting on one.
+    c.impl->Abort(why);
     return MDOPT_SUCCESS;
   });
 }
@@ -363,7 +455,7 @@ mdopt_status mdopt_comm_rank(const mdopt_comm* comm, int* rank) {
   return Guard("mdopt_comm_rank", [&] {
     if (comm == nullptr) return NullArgument("mdopt_comm_rank", "comm");
     if (rank == nullptr) return NullArgument("mdopt_comm_rank", "rank");
-    *rank = comm->impl->rank();
+    *rank = comm->shared->impl->rank();
     return MDOPT_SUCCESS;
   });
 }
@@ -372,14 +464,14 @@ mdopt_status mdopt_comm_size(const mdopt_comm* comm, int* size) {
   return Guard("mdopt_comm_size", [&] {
     if (comm == nullptr) return NullArgument("mdopt_comm_size", "comm");
     if (size == nullptr) return NullArgument("mdopt_comm_size", "size");
-    *size = comm->impl->size();
+    *size = comm->shared->impl->size();
     return MDOPT_SUCCESS;
   });
 }
 
 mdopt_status mdopt_comm_destroy(mdopt_comm* comm) {
   return Guard("mdopt_comm_destroy", [&] {
-    delete comm;
+    delete comm;  // the handle's reference; optimizers on it keep theirs
     return MDOPT_SUCCESS;
   });
 }
@@ -391,7 +483,10 @@ mdopt_status mdopt_create(mdopt_comm* comm, const char* options, mdopt_optimizer
     absl::StatusOr<mdopt::OptimizerOptions> o =
         mdopt::ParseOptimizerOptions(options == nullptr ? "" : options);
     if (!o.ok()) return Report(o.status());
-    *out = new mdopt_optimizer{std::make_unique<mdopt::Optimizer>(comm->impl.get(), *o)};
+    mdopt_status failure = MDOPT_SUCCESS;
+    if (!CommUsable("mdopt_create", *comm->shared, &failure)) return failure;
+    *out = new mdopt_optimizer{comm->shared,
+                               std::make_unique<mdopt::Optimizer>(comm->shared->impl.get(), *o)};
     return MDOPT_SUCCESS;
   });
 }
@@ -462,6 +557,7 @@ mdopt_status mdopt_set_pointers(mdopt_optimizer* opt, int64_t index, void* param
 mdopt_status mdopt_finalize(mdopt_optimizer* opt) {
   return Guard("mdopt_finalize", [&] {
     if (opt == nullptr) return NullArgument("mdopt_finalize", "opt");
+    if (mdopt_status f = MDOPT_SUCCESS; !CommUsable("mdopt_finalize", *opt->comm, &f)) return f;
     return Report(opt->impl->Finalize());
   });
 }
@@ -470,6 +566,7 @@ mdopt_status mdopt_step(mdopt_optimizer* opt, double lr_scale, void* stream,
                         mdopt_step_info* info_or_null) {
   return Guard("mdopt_step", [&] {
     if (opt == nullptr) return NullArgument("mdopt_step", "opt");
+    if (mdopt_status f = MDOPT_SUCCESS; !CommUsable("mdopt_step", *opt->comm, &f)) return f;
     mdopt_status failure = MDOPT_SUCCESS;
     if (info_or_null != nullptr &&
         !StructSizeOk("mdopt_step", "info", "mdopt_step_info", info_or_null->struct_size,
@@ -498,6 +595,7 @@ mdopt_status mdopt_grads_ready(mdopt_optimizer* opt, int64_t first_index, int64_
                                void* stream) {
   return Guard("mdopt_grads_ready", [&] {
     if (opt == nullptr) return NullArgument("mdopt_grads_ready", "opt");
+    if (mdopt_status f = MDOPT_SUCCESS; !CommUsable("mdopt_grads_ready", *opt->comm, &f)) return f;
     return Report(opt->impl->GradsReady(first_index, count, stream));
   });
 }
@@ -505,6 +603,7 @@ mdopt_status mdopt_grads_ready(mdopt_optimizer* opt, int64_t first_index, int64_
 mdopt_status mdopt_gather_params(mdopt_optimizer* opt, void* stream) {
   return Guard("mdopt_gather_params", [&] {
     if (opt == nullptr) return NullArgument("mdopt_gather_params", "opt");
+    if (mdopt_status f = MDOPT_SUCCESS; !CommUsable("mdopt_gather_params", *opt->comm, &f)) return f;
     return Report(opt->impl->GatherParams(stream));
   });
 }
@@ -527,6 +626,7 @@ mdopt_status mdopt_group_info(const mdopt_optimizer* opt, const char* group,
                               mdopt_group_stats* out) {
   return Guard("mdopt_group_info", [&] {
     if (opt == nullptr) return NullArgument("mdopt_group_info", "opt");
+    if (mdopt_status f = MDOPT_SUCCESS; !CommUsable("mdopt_group_info", *opt->comm, &f)) return f;
     if (group == nullptr) return NullArgument("mdopt_group_info", "group");
     if (out == nullptr) return NullArgument("mdopt_group_info", "out");
     mdopt_status failure = MDOPT_SUCCESS;
@@ -551,6 +651,7 @@ mdopt_status mdopt_group_info(const mdopt_optimizer* opt, const char* group,
 mdopt_status mdopt_save(mdopt_optimizer* opt, const char* dir) {
   return Guard("mdopt_save", [&] {
     if (opt == nullptr) return NullArgument("mdopt_save", "opt");
+    if (mdopt_status f = MDOPT_SUCCESS; !CommUsable("mdopt_save", *opt->comm, &f)) return f;
     if (dir == nullptr) return NullArgument("mdopt_save", "dir");
     return Report(opt->impl->Save(dir));
   });
@@ -559,6 +660,7 @@ mdopt_status mdopt_save(mdopt_optimizer* opt, const char* dir) {
 mdopt_status mdopt_load(mdopt_optimizer* opt, const char* dir) {
   return Guard("mdopt_load", [&] {
     if (opt == nullptr) return NullArgument("mdopt_load", "opt");
+    if (mdopt_status f = MDOPT_SUCCESS; !CommUsable("mdopt_load", *opt->comm, &f)) return f;
     if (dir == nullptr) return NullArgument("mdopt_load", "dir");
     return Report(opt->impl->Load(dir));
   });
@@ -578,6 +680,7 @@ mdopt_status mdopt_get_state(const mdopt_optimizer* opt, int64_t index, const ch
                              double* out, int64_t count, int64_t* count_out) {
   return Guard("mdopt_get_state", [&] {
     if (opt == nullptr) return NullArgument("mdopt_get_state", "opt");
+    if (mdopt_status f = MDOPT_SUCCESS; !CommUsable("mdopt_get_state", *opt->comm, &f)) return f;
     if (field == nullptr) return NullArgument("mdopt_get_state", "field");
     absl::StatusOr<std::vector<double>> v = opt->impl->GetState(index, field);
     if (!v.ok()) return Report(v.status());

@@ -12,7 +12,9 @@
 extern "C" {
 #endif
 
-/* Opaque handle. A communicator outlives every optimizer created on it. */
+/* Opaque handle. Reference counted: every optimizer created on a communicator holds a
+ * reference to it, so mdopt_comm_destroy may come before mdopt_destroy of those optimizers
+ * (the communicator then goes with the last of them; the handle itself is freed at once). */
 typedef struct mdopt_comm mdopt_comm;
 
 /* A single-process communicator: rank 0 of 1. */
@@ -22,8 +24,10 @@ MDOPT_API mdopt_status mdopt_comm_create_local(mdopt_comm** out);
  * this header needs no mpi.h); NULL means MPI_COMM_WORLD. Collective: every rank of that
  * communicator calls it, and mdopt works on a duplicate (MPI_Comm_dup), so its messages never
  * mix with the caller's. If MPI is not initialised, this initialises it with
- * MPI_THREAD_MULTIPLE and finalises it at process exit; a caller that initialised MPI itself
- * finalises it itself, after destroying every mdopt communicator. With MPI_THREAD_MULTIPLE a
+ * MPI_THREAD_MULTIPLE and finalises it at process exit, after shutting down every mdopt
+ * communicator still alive then (a program may return from main without destroying them);
+ * a caller that initialised MPI itself finalises it itself, after destroying every mdopt
+ * communicator and every optimizer on one. With MPI_THREAD_MULTIPLE a
  * progress thread drives communication; at a lower thread level progress happens inside
  * mdopt's calls, which must then come from a thread that level allows to call MPI.
  * MDOPT_UNSUPPORTED in a build without MPI; MDOPT_COMM_ERROR when MPI fails. */
@@ -147,10 +151,41 @@ MDOPT_API mdopt_status mdopt_comm_nccl_unique_id(char id[MDOPT_NCCL_UNIQUE_ID_BY
 MDOPT_API mdopt_status mdopt_comm_create_nccl(const char* id, int size, int rank, int device,
                                               mdopt_comm** out);
 
+/* Since ABI 1 (minor 3); an older libmdopt.so.1 lacks these symbols.
+ * The NCCL id as a type of its own (an ncclUniqueId's 128 bytes; frozen layout), and
+ * creation with its timeout as an argument. mdopt_comm_create_nccl2 is
+ * mdopt_comm_create_nccl with `timeout_s` (finite, in (0, 1e7] seconds) in place of the
+ * fixed 600 s: if the ranks have not all joined within it the NCCL communicator is aborted
+ * and the call returns MDOPT_COMM_ERROR. MDOPT_INVALID_ARGUMENT, in every build: a NULL
+ * `id` or `out`, size < 1, rank outside [0, size), device < 0, a bad timeout_s. Then
+ * MDOPT_UNSUPPORTED in a build without CUDA and NCCL. */
+typedef struct {
+  char bytes[MDOPT_NCCL_UNIQUE_ID_BYTES];
+} mdopt_nccl_id;
+MDOPT_API mdopt_status mdopt_comm_nccl_id(mdopt_nccl_id* id);
+MDOPT_API mdopt_status mdopt_comm_create_nccl2(const mdopt_nccl_id* id, int size, int rank,
+                                               int device, double timeout_s, mdopt_comm** out);
+
 MDOPT_API mdopt_status mdopt_comm_rank(const mdopt_comm* comm, int* rank);
 MDOPT_API mdopt_status mdopt_comm_size(const mdopt_comm* comm, int* size);
 
-/* Frees the handle. NULL is accepted and ignored. */
+/* Since ABI 1 (minor 3). Aborts the communicator: callable from any thread (e.g. a
+ * trainer's watchdog) while other threads are inside mdopt calls on it; never blocks.
+ * Every operation pending on it fails, so every thread waiting in a step or collective on
+ * it returns MDOPT_COMM_ERROR (the transport's abort: MPI stops waiting for the peers,
+ * the callback communicator calls its `abort` callback, NCCL ncclCommAbort). From then on
+ * mdopt_create on it, and on every optimizer created on it mdopt_finalize, mdopt_step,
+ * mdopt_grads_ready, mdopt_gather_params, mdopt_group_info, mdopt_save, mdopt_load and
+ * mdopt_get_state, refuse with MDOPT_COMM_ERROR and a message naming `reason` (NULL or ""
+ * reads "no reason given"). Cannot be undone; only the first call's reason is kept, later
+ * calls succeed and change nothing. Buffers of operations that were in flight may still be
+ * written by the transport: end the job (after destroying what can be destroyed).
+ * MDOPT_INVALID_ARGUMENT for a NULL comm. */
+MDOPT_API mdopt_status mdopt_comm_abort(mdopt_comm* comm, const char* reason);
+
+/* Frees the handle and drops its reference to the communicator. NULL is accepted and
+ * ignored. The communicator itself is destroyed when the last optimizer created on it is
+ * (mdopt_destroy), or here if none is left; the handle must not be used after this call. */
 MDOPT_API mdopt_status mdopt_comm_destroy(mdopt_comm* comm);
 
 #ifdef __cplusplus
