@@ -116,6 +116,7 @@ _SIGNATURES = {
     "mdopt_comm_rank": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_int)]),
     "mdopt_comm_size": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_int)]),
     "mdopt_comm_destroy": (ctypes.c_int, [_P]),
+    "mdopt_comm_abort": (ctypes.c_int, [_P, _S]),
     "mdopt_create": (ctypes.c_int, [_P, _S, ctypes.POINTER(_P)]),
     "mdopt_add_group": (ctypes.c_int, [_P, _S, _S]),
     "mdopt_set_group_lr": (ctypes.c_int, [_P, _S, ctypes.c_double]),

@@ -32,8 +32,16 @@ class Comm:
             raise ValueError("mdopt communicator was closed")
         return self._handle
 
+    def abort(self, reason=""):
+        """Aborts the communicator (mdopt_comm_abort), from any thread, without blocking: a
+        watchdog's way out of a hung collective. Every wait on it returns at once with
+        MDOPT_COMM_ERROR, and every optimizer on it refuses later steps, naming `reason`.
+        Cannot be undone: the job should end."""
+        _lib.check(lib.mdopt_comm_abort(self.handle, str(reason).encode()), "mdopt_comm_abort")
+
     def close(self):
-        """Frees the handle (after every optimizer on it); also done when collected."""
+        """Frees the handle; also done when collected. Optimizers created on it keep the
+        communicator itself alive until they are destroyed."""
         if self._handle is not None:
             lib.mdopt_comm_destroy(self._handle)
             self._handle = None

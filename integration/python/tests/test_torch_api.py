@@ -294,3 +294,20 @@ def test_comm_pad_reaches_mdopt_create():
         MDOptimizer([P(4, 3)], preset="adamw", comm_pad="sometimes")
     for value in ("auto", "on", "off"):
         MDOptimizer([P(4, 3)], preset="adamw", threads=1, comm_pad=value)
+
+
+def test_comm_abort_stops_the_optimizers_on_it():
+    # A watchdog's abort: the optimizer on the communicator refuses its next step with
+    # MDOPT_COMM_ERROR naming the reason, and its weights stay as they were.
+    comm = mdopt.comm.local()
+    w = P(6, 5)
+    opt = MDOptimizer([w], preset="md-adamw", comm=comm, threads=1)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    before = w.detach().clone()
+    comm.abort("watchdog: rank 3 silent for 600 s")
+    with pytest.raises(mdopt.MdoptError, match="rank 3 silent") as e:
+        opt.step()
+    assert e.value.status == "MDOPT_COMM_ERROR"
+    assert torch.equal(w.detach(), before)
+    comm.abort("a second abort changes nothing")
