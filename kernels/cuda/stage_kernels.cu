@@ -79,6 +79,23 @@ struct TileSums {
   double tile[kTileChannels];
 };
 
+// D' of one element (pass 1 with Adam, pass 2 with Muon) into w; for a rule with neither
+// sphere nor gains it is W, so the model copy is written now, else its square goes to the
+// slice sums (channel 1 of rows, columns and the tile) for the projection.
+__device__ __forceinline__ void PutDirection(float dn, int64_t e, bool direct, float* w,
+                                             uint16_t* model, double (&rv)[kRowChannels],
+                                             TileSums* acc) {
+  w[e] = dn;
+  if (direct) {
+    if (model != nullptr) model[e] = FloatToBf16(dn);
+    return;
+  }
+  const double sq = static_cast<double>(dn) * dn;
+  rv[1] = sq;
+  acc->col[1] += sq;
+  acc->tile[1] += sq;
+}
+
 __device__ void RowDone(const double (&rv)[kRowChannels], int r,
                         double (*row_sm)[kTileRows][kWarps]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -236,28 +253,12 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
           s.state0[e] = m1;
           s.state1[e] = m2;
           const float dn = md::AdamApply(adam, d, m1, m2);
-          w[e] = dn;
-          if (direct) {
-            if (model != nullptr) model[e] = FloatToBf16(dn);
-          } else {
-            const double sq = static_cast<double>(dn) * dn;
-            rv[1] = sq;
-            acc.col[1] += sq;
-            acc.tile[1] += sq;
-          }
+          PutDirection(dn, e, direct, w, model, rv, &acc);
         }
       } else if constexpr (P == TilePass::kPass2) {
         const float dn =
             md::MuonApply(md::Direction(w[e], inv_row, inv_col), muon_wdf, muon_step, s.x[e]);
-        w[e] = dn;
-        if (direct) {
-          if (model != nullptr) model[e] = FloatToBf16(dn);
-        } else {
-          const double sq = static_cast<double>(dn) * dn;
-          rv[1] = sq;
-          acc.col[1] += sq;
-          acc.tile[1] += sq;
-        }
+        PutDirection(dn, e, direct, w, model, rv, &acc);
       } else if constexpr (P == TilePass::kRescale) {
         float wv = w[e];
         if (!direct) {

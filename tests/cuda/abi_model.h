@@ -27,6 +27,20 @@ struct AbiTensor {
   }
 };
 
+// A 2-D f32 parameter's description for mdopt_add_param.
+inline mdopt_param_desc MatrixDesc(const char* name, const char* group, int64_t m, int64_t n,
+                                   void* param, const void* grad) {
+  mdopt_param_desc d = mdopt_param_desc_init();
+  d.name = name;
+  d.group = group;
+  d.ndim = 2;
+  d.shape[0] = m;
+  d.shape[1] = n;
+  d.param = param;
+  d.grad = grad;
+  return d;
+}
+
 inline size_t Elem(mdopt_dtype d) { return d == MDOPT_DTYPE_F32 ? 4 : 2; }
 
 // count draws of N(0, scale^2) from seed, as dtype d (bf16 rounded to nearest even).

@@ -288,14 +288,7 @@ TEST(CudaStepAbi, OutOfDeviceMemoryIsAStatus) {
   ABI_OK(mdopt_create(comm, "device=cuda:0", &opt));
   ABI_OK(mdopt_add_group(opt, "g", "preset=adamw"));
   testing::DeviceVec<float> w(16), g(16);
-  mdopt_param_desc d = mdopt_param_desc_init();
-  d.name = "huge";
-  d.group = "g";
-  d.ndim = 2;
-  d.shape[0] = 400000;
-  d.shape[1] = 100000;
-  d.param = w.get();
-  d.grad = g.get();
+  const mdopt_param_desc d = testing::MatrixDesc("huge", "g", 400000, 100000, w.get(), g.get());
   ABI_OK(mdopt_add_param(opt, &d, nullptr));
   EXPECT_EQ(mdopt_finalize(opt), MDOPT_OUT_OF_MEMORY);
   const std::string message = mdopt_last_error();
@@ -319,15 +312,8 @@ TEST(CudaStepAbi, HostPointersStreamsAndState) {
   testing::DeviceVec<uint8_t> dw, dg;
   dw.Upload(host_w);
   dg.Upload(host_g);
-  mdopt_param_desc d = mdopt_param_desc_init();
-  d.name = "w0";
-  d.group = "g";
-  d.ndim = 2;
-  d.shape[0] = 32;
-  d.shape[1] = 48;
-  d.param_dtype = d.grad_dtype = MDOPT_DTYPE_F32;
-  d.param = host_w.data();  // host memory: refused at finalize, naming the param
-  d.grad = dg.get();
+  // host memory: refused at finalize, naming the param
+  const mdopt_param_desc d = testing::MatrixDesc("w0", "g", 32, 48, host_w.data(), dg.get());
   ABI_OK(mdopt_add_param(opt, &d, nullptr));
   EXPECT_EQ(mdopt_finalize(opt), MDOPT_INVALID_ARGUMENT);
   EXPECT_NE(std::string(mdopt_last_error()).find("'w0'"), std::string::npos) << mdopt_last_error();
@@ -363,14 +349,7 @@ TEST(CudaStepAbi, AMissingDeviceIsRefusedWithItsReason) {
   ABI_OK(mdopt_create(comm, options, &opt));
   ABI_OK(mdopt_add_group(opt, "g", "preset=md-adamw"));
   std::vector<float> w(64, 0.1f), g(64, 0.0f);
-  mdopt_param_desc d = mdopt_param_desc_init();
-  d.name = "w0";
-  d.group = "g";
-  d.ndim = 2;
-  d.shape[0] = 8;
-  d.shape[1] = 8;
-  d.param = w.data();
-  d.grad = g.data();
+  const mdopt_param_desc d = testing::MatrixDesc("w0", "g", 8, 8, w.data(), g.data());
   ABI_OK(mdopt_add_param(opt, &d, nullptr));
   EXPECT_EQ(mdopt_finalize(opt), MDOPT_UNSUPPORTED);
   const std::string message = mdopt_last_error();
