@@ -151,33 +151,76 @@ void RemoveEarlierFiles(const std::string& dir, const std::string& keep, int ran
 
 // --- load ----------------------------------------------------------------------------------
 
-// A live array (param, expert, index in State's order) and the bytes that will replace it.
-struct Staged {
-  int64_t param = 0, expert = 0;
-  size_t array = 0;
-  std::unique_ptr<char[]> data;
+// Where the bytes of one live array come from: elements [begin, end) of an array of rank
+// file q, landing `at` bytes into the array.
+struct Source {
+  int q = 0;
+  const IndexedArray* array = nullptr;
+  int64_t begin = 0, end = 0;
+  size_t at = 0;
 };
 
+// A live array (param, expert, index in State's order) and where its bytes are in the files.
+struct Planned {
+  int64_t param = 0, expert = 0;
+  size_t array = 0;
+  size_t bytes = 0;
+  std::vector<Source> sources;
+};
+
+// What a load reads, with the rank files it opened. Readers stay open from the check to the
+// copy: rank files are never written in place (a save writes new, content-named files and
+// unlinks old ones), so the bytes read the second time are those checked the first time.
+struct LoadPlan {
+  std::vector<std::unique_ptr<RankFileReader>> readers;
+  std::vector<Planned> arrays;
+  int64_t step = 0;
+};
+
+// Reads the elements of every source of `a`, a chunk of the file at a time, through `read`;
+// `dst` (may be null) receives the bytes at the source's place. Checks every chunk's CRC.
+absl::Status ReadSources(LoadPlan* lp, const Planned& a, std::vector<char>* scratch, char* dst) {
+  for (const Source& s : a.sources) {
+    const IndexedArray& ia = *s.array;
+    const size_t es = static_cast<size_t>(ia.elem_size);
+    // One piece per file chunk, so that no chunk is read twice.
+    for (int64_t b = s.begin; b < s.end;) {
+      const int64_t e = std::min(s.end, (b / ia.chunk_elems + 1) * ia.chunk_elems);
+      char* out = dst != nullptr ? dst + s.at + static_cast<size_t>(b - s.begin) * es : nullptr;
+      if (out == nullptr) {
+        scratch->resize(static_cast<size_t>(e - b) * es);
+        out = scratch->data();
+      }
+      if (absl::Status st = lp->readers[static_cast<size_t>(s.q)]->Read(ia, b, e, out); !st.ok()) return st;
+      b = e;
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Plans this rank's reads and checks them: the manifest against the optimizer, every rank
+// file it needs (header, index, size, identity), and every chunk it will copy (CRC), holding
+// one chunk at a time. Opens only the rank files holding rows this rank now holds.
 absl::Status LoadLocal(const std::string& dir, const CheckpointLayout& want, Engine* engine,
-                       int rank, std::vector<Staged>* staged, int64_t* step) {
+                       int rank, LoadPlan* lp) {
   LoadedManifest m;
   if (absl::Status s = ReadManifest(dir, want.engine, *want.groups, *want.params, &m); !s.ok()) return s;
   auto mismatch = [&](absl::string_view what) {
     return IoError(absl::StrCat("checkpoint '", dir, "' does not match this optimizer: ", what));
   };
   // Rank files are opened (and their index checked) when first needed.
-  std::vector<std::unique_ptr<RankFileReader>> readers(static_cast<size_t>(m.world_size));
+  lp->readers.resize(static_cast<size_t>(m.world_size));
   auto reader = [&](int q, RankFileReader** out) -> absl::Status {
-    if (readers[q] == nullptr) {
+    if (lp->readers[q] == nullptr) {
       auto r = std::make_unique<RankFileReader>();
       const WrittenRankFile& f = m.rank_files[q];
       if (absl::Status s = r->Open(dir + "/" + f.name, f.bytes, f.crc, RankFileHeader{q, m.world_size, m.step});
           !s.ok()) {
         return s;
       }
-      readers[q] = std::move(r);
+      lp->readers[q] = std::move(r);
     }
-    *out = readers[q].get();
+    *out = lp->readers[q].get();
     return absl::OkStatus();
   };
   // Finds array `name` of a slot in rank file q and checks it has the shape expected.
@@ -208,16 +251,16 @@ absl::Status LoadLocal(const std::string& dir, const CheckpointLayout& want, Eng
     for (int64_t e = 0; e < p.experts; ++e) {
       const SlotPlan& now = plan.slot(i, e);
       const SlotPlan& old = m.slots[m.first_slot[pi] + e];
+      const int64_t r0 = now.RowBegin(rank), r1 = now.RowEnd(rank);
       const std::vector<StateArray> state = engine->State(i, e);
       for (size_t k = 0; k < state.size(); ++k) {
         const StateArray& a = state[k];
         bool rows = false;
         int64_t width = 1;
         ArrayShape(a.name, p, &rows, &width);
-        Staged st{i, e, k, std::unique_ptr<char[]>(new char[static_cast<size_t>(a.bytes())])};
+        Planned pl{i, e, k, static_cast<size_t>(a.bytes()), {}};
         const size_t es = static_cast<size_t>(a.elem_size);
         if (rows) {
-          const int64_t r0 = now.RowBegin(rank), r1 = now.RowEnd(rank);
           int64_t covered = 0;
           for (int q = 0; q < m.world_size && covered < r1 - r0; ++q) {
             const int64_t lo = std::max(r0, old.RowBegin(q)), hi = std::min(r1, old.RowEnd(q));
@@ -225,16 +268,13 @@ absl::Status LoadLocal(const std::string& dir, const CheckpointLayout& want, Eng
             const IndexedArray* ia = nullptr;
             if (absl::Status s = find(q, p, i, e, a, rows, width, &ia); !s.ok()) return s;
             if (ia->row0 != old.RowBegin(q) || ia->row1 != old.RowEnd(q)) {
-              return IoError(absl::StrCat("'", readers[q]->path(), "' holds rows [", ia->row0, ", ",
+              return IoError(absl::StrCat("'", lp->readers[q]->path(), "' holds rows [", ia->row0, ", ",
                                           ia->row1, ") of '", a.name, "' of param '", p.name,
                                           "', its manifest's plan says [", old.RowBegin(q), ", ",
                                           old.RowEnd(q), ")"));
             }
-            if (absl::Status s = readers[q]->Read(*ia, (lo - ia->row0) * width, (hi - ia->row0) * width,
-                                                  st.data.get() + static_cast<size_t>((lo - r0) * width) * es);
-                !s.ok()) {
-              return s;
-            }
+            pl.sources.push_back(Source{q, ia, (lo - ia->row0) * width, (hi - ia->row0) * width,
+                                        static_cast<size_t>((lo - r0) * width) * es});
             covered += hi - lo;
           }
           if (covered != r1 - r0 || (r1 - r0) * width != a.count) {
@@ -242,22 +282,40 @@ absl::Status LoadLocal(const std::string& dir, const CheckpointLayout& want, Eng
                                         "' of param '", p.name, "' are not all in its rank files"));
           }
         } else {
-          // Per-matrix arrays: every rank file of a rows-layout matrix holds them, the
-          // owner's alone otherwise.
-          const int q = old.layout == Layout::kOwner ? old.owner : 0;
+          // Per-matrix arrays: the owner's file alone holds them (owner layout), every file
+          // holding rows of the matrix (rows layout). Read from a file this rank reads rows
+          // from anyway, its own first, so that no other file is opened for them.
+          int q = old.layout == Layout::kOwner ? old.owner : -1;
+          auto overlaps = [&](int c) {
+            return c < m.world_size && std::max(r0, old.RowBegin(c)) < std::min(r1, old.RowEnd(c));
+          };
+          auto holds = [&](int c) { return c < m.world_size && old.RowBegin(c) < old.RowEnd(c); };
+          if (q < 0 && overlaps(rank)) q = rank;
+          for (int c = 0; q < 0 && c < m.world_size; ++c)
+            if (overlaps(c)) q = c;
+          // This rank holds no rows of the matrix now: its own file, else any holding rows.
+          if (q < 0 && holds(rank)) q = rank;
+          for (int c = 0; q < 0 && c < m.world_size; ++c)
+            if (holds(c)) q = c;
+          if (q < 0) q = 0;
           const IndexedArray* ia = nullptr;
           if (absl::Status s = find(q, p, i, e, a, rows, width, &ia); !s.ok()) return s;
           if (ia->count != a.count) {
             return mismatch(absl::StrCat("param '", p.name, "': array '", a.name, "' has ", ia->count,
                                          " elements in the checkpoint, ", a.count, " here"));
           }
-          if (absl::Status s = readers[q]->Read(*ia, 0, a.count, st.data.get()); !s.ok()) return s;
+          pl.sources.push_back(Source{q, ia, 0, a.count, 0});
         }
-        staged->push_back(std::move(st));
+        lp->arrays.push_back(std::move(pl));
       }
     }
   }
-  *step = m.step;
+  // Every chunk this rank will copy, checked now, one chunk in memory at a time.
+  std::vector<char> scratch;
+  for (const Planned& a : lp->arrays) {
+    if (absl::Status s = ReadSources(lp, a, &scratch, nullptr); !s.ok()) return s;
+  }
+  lp->step = m.step;
   return absl::OkStatus();
 }
 
@@ -310,19 +368,32 @@ absl::Status SaveCheckpoint(const std::string& dir, const CheckpointLayout& l, E
 
 absl::Status LoadCheckpoint(const std::string& dir, const CheckpointLayout& want, Engine* engine,
                             Communicator* comm, int64_t* step) {
-  std::vector<Staged> staged;
-  int64_t loaded_step = 0;
+  // Two reads: the first checks everything this rank needs, on every rank, before anything
+  // changes; the second copies it into the state one array at a time. Memory beyond the live
+  // state: one chunk, then the largest of this rank's state arrays (not the whole state).
+  LoadPlan lp;
+  std::unique_ptr<char[]> buffer;
   const absl::Status local = NoThrow("mdopt_load", [&] {
-    return LoadLocal(dir, want, engine, comm->rank(), &staged, &loaded_step);
+    if (absl::Status s = LoadLocal(dir, want, engine, comm->rank(), &lp); !s.ok()) return s;
+    size_t most = 0;
+    for (const Planned& a : lp.arrays) most = std::max(most, a.bytes);
+    buffer.reset(new char[std::max<size_t>(most, 1)]);  // before the agreement: no later bad_alloc
+    return absl::OkStatus();
   });
   // Nothing changes unless every rank has all of its rows, checked.
   if (absl::Status s = Agree(comm, local); !s.ok()) return s;
-  for (const Staged& st : staged) {
-    if (absl::Status s = engine->WriteState(st.param, st.expert, st.array, st.data.get()); !s.ok()) return s;
+  std::vector<char> unused;
+  for (const Planned& a : lp.arrays) {
+    // The files are open and were just checked; an error here is the disk failing mid-load.
+    if (absl::Status s = ReadSources(&lp, a, &unused, buffer.get()); !s.ok()) {
+      return absl::DataLossError(absl::StrCat(s.message(), " (after the checkpoint was checked: the "
+                                              "state is partly loaded; load a checkpoint again)"));
+    }
+    if (absl::Status s = engine->WriteState(a.param, a.expert, a.array, buffer.get()); !s.ok()) return s;
   }
-  staged.clear();
+  buffer.reset();
   if (absl::Status s = engine->WriteModels(); !s.ok()) return s;
-  *step = loaded_step;
+  *step = lp.step;
   return absl::OkStatus();
 }
 

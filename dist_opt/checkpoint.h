@@ -4,9 +4,10 @@
 // tagged with the global rows they cover. Rank files are written first, streamed, under
 // temporary names, then renamed; rank 0 writes the manifest last (the commit point); rank
 // files of earlier saves are removed after it. A load at any rank count reads, for each of
-// its slots, the rows it needs from whichever rank files hold them, checks everything into
-// staging buffers, and changes the live state only when every rank succeeded. Both calls
-// are collective: every rank returns the same status.
+// its slots, the rows it needs from whichever rank files hold them (and no other file),
+// checks every chunk of them first, and changes the live state only when every rank
+// succeeded, then reads them again into the state one array at a time. Both calls are
+// collective: every rank returns the same status.
 #ifndef MDOPT_DIST_OPT_CHECKPOINT_H_
 #define MDOPT_DIST_OPT_CHECKPOINT_H_
 
@@ -38,11 +39,15 @@ absl::Status SaveCheckpoint(const std::string& dir, const CheckpointLayout& layo
                             Engine* engine, Communicator* comm);
 
 // Collective. Verifies the checkpoint against `expected` (format version, engine, params,
-// shapes, the state layout of every group, sizes, checksums), reads this rank's rows into
-// staging buffers (up to this rank's state again), and only when every rank succeeded
-// copies them into the engine's state, writes the model tensors and returns the step count.
-// The checkpoint may come from any rank count and either layout. On any error on any rank
-// nothing has changed on any rank, and every rank returns the same error (DataLoss).
+// shapes, the state layout of every group, sizes, checksums) and reads every chunk of this
+// rank's rows, checking its CRC, one chunk in memory at a time; only when every rank
+// succeeded it reads them again from the files it holds open, one state array at a time,
+// into the engine's state, writes the model tensors and returns the step count. Memory
+// beyond the live state: the largest of this rank's state arrays, the open files' indexes.
+// The checkpoint may come from any rank count and either layout. On any error in the check
+// on any rank nothing has changed on any rank, and every rank returns the same error
+// (DataLoss). (Rank files are never rewritten in place, so the second read sees the bytes
+// the first checked; only a failing disk can fail it, and then the state is partly loaded.)
 absl::Status LoadCheckpoint(const std::string& dir, const CheckpointLayout& expected,
                             Engine* engine, Communicator* comm, int64_t* step);
 

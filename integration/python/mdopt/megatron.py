@@ -56,6 +56,7 @@ parallelism (mdopt would put each shard on its own sphere), muon_extra_scale_fac
 
 import io
 import math
+import os
 
 import torch
 
@@ -69,6 +70,7 @@ except ImportError as e:  # pragma: no cover - exercised only without megatron-c
     raise ImportError("mdopt.megatron needs megatron-core (tested with 0.16.1: "
                       "pip install megatron-core==0.16.1): %s" % e) from e
 
+from . import checkpoint_ref as _ckref
 from .torch import MDOptimizer
 
 MEGATRON_CORE_TESTED = "0.16.1"
@@ -229,6 +231,7 @@ class MegatronMDOptimizer(MegatronOptimizer):
             raise ValueError("mdopt.megatron: the model chunks have no trainable parameters")
         self._mdopt_args = (mdopt_groups, dict(comm=comm, options=options, **mdopt_kwargs))
         self._built_wd = [mg["weight_decay"] for mg in self._megatron_groups]
+        self._load_dir = None  # sharded_state_dict(is_loading=True)'s mdopt_state_dir
         super().__init__(self._make_mdopt(), config, init_state_fn=lambda *a: None)
         self.is_stub_optimizer = False
 
@@ -397,8 +400,11 @@ class MegatronMDOptimizer(MegatronOptimizer):
     # --- state --------------------------------------------------------------------------
 
     def state_dict(self):
-        """mdopt's checkpoint (MDOptimizer.state_dict: the whole checkpoint, loadable at any
-        rank count) and Megatron's group hyperparameters (lr, weight_decay, ...)."""
+        """Megatron's group hyperparameters (lr, weight_decay, ...) and
+        MDOptimizer.state_dict(): with a checkpoint directory (state_dir= or
+        $MDOPT_STATE_DIR, required on several ranks) a reference to mdopt's save there, each
+        rank having written only its own rank file; on one rank without one, the checkpoint
+        inline."""
         return {"format": _STATE_FORMAT, "version": 1,
                 "param_groups": [{k: v for k, v in g.items() if k != "params"}
                                  for g in self._megatron_groups],
@@ -406,7 +412,8 @@ class MegatronMDOptimizer(MegatronOptimizer):
 
     def load_state_dict(self, state_dict):
         """Restores what state_dict() (or dist_checkpointing.load of sharded_state_dict())
-        returned. Like mdopt_load, this also writes the saved weights into the model."""
+        returned, at any data-parallel size (mdopt reshards: each rank reads only the rows
+        it now holds). Like mdopt_load, this also writes the saved weights into the model."""
         if not isinstance(state_dict, dict) or state_dict.get("format") != _STATE_FORMAT:
             raise ValueError("mdopt.megatron: not a MegatronMDOptimizer state_dict")
         if state_dict.get("version") != 1:
@@ -422,33 +429,67 @@ class MegatronMDOptimizer(MegatronOptimizer):
         if len(groups) != len(self._megatron_groups):
             raise ValueError("mdopt.megatron: the state_dict has %d param groups, this "
                              "optimizer %d" % (len(groups), len(self._megatron_groups)))
-        self.optimizer.load_state_dict(blob)
+        if _ckref.is_ref(blob):
+            # From sharded_state_dict: mdopt's directory, possibly moved since (the
+            # loading template's metadata["mdopt_state_dir"] says where it is now).
+            self.optimizer.load_referenced(blob, self._load_dir)
+        else:
+            self.optimizer.load_state_dict(blob)
         for mine, saved in zip(self._megatron_groups, groups):
             for k, v in saved.items():
                 if k != "params":
                     mine[k] = v
 
+    def _stage(self):
+        """(pipeline rank, pipeline size, data-parallel rank) of this rank."""
+        if not parallel_state.model_parallel_is_initialized():
+            return 0, 1, 0
+        return (parallel_state.get_pipeline_model_parallel_rank(),
+                parallel_state.get_pipeline_model_parallel_world_size(),
+                parallel_state.get_data_parallel_rank(with_context_parallel=True))
+
     def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, metadata=None):
-        """For megatron.core.dist_checkpointing: mdopt's whole checkpoint as one
-        ShardedObject (key "optimizer.mdopt.state", replicated over the data-parallel ranks:
-        replica 0 writes it), the group hyperparameters as common state. Loading it back
-        with dist_checkpointing.load and passing the result to load_state_dict restores the
-        optimizer, at any data-parallel size (mdopt reshards). The model's sharded state
-        dict is not needed: mdopt's checkpoint names its tensors itself."""
-        dp_rank = 0
-        if parallel_state.model_parallel_is_initialized():
-            dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        """For megatron.core.dist_checkpointing. mdopt writes its own sharded checkpoint:
+
+            metadata={"mdopt_state_dir": os.path.join(checkpoint_dir, "mdopt")}
+
+        (else the optimizer's state_dir / $MDOPT_STATE_DIR; required on several ranks, a
+        directory every rank sees, e.g. under the Megatron checkpoint's directory). Saving
+        runs mdopt_save there now (collective over mdopt's communicator: every rank writes
+        its own rank file, rank 0 the manifest) and returns, besides the group
+        hyperparameters, one ShardedObject per pipeline stage (key
+        "optimizer.mdopt.state[.ppK]", shape (1,), replica_id (0, 0, data-parallel rank), so
+        data-parallel rank 0 writes it) holding a few hundred bytes: the reference to that
+        save (directory, step, manifest and rank file checksums), the same on every rank.
+        With several pipeline stages each writes into "<dir>/ppK". Loading the result back
+        with dist_checkpointing.load and passing it to load_state_dict loads mdopt's save
+        at any data-parallel size; with is_loading=True, metadata["mdopt_state_dir"] says
+        where the directory is now if it moved. On one rank without a directory the
+        object holds the checkpoint inline instead (torch.save bytes). The model's sharded
+        state dict is not needed: mdopt's checkpoint names its tensors itself."""
+        pp_rank, pp_size, dp_rank = self._stage()
+        d = (metadata or {}).get("mdopt_state_dir")
+        if d is not None and pp_size > 1:
+            d = os.path.join(os.fspath(d), "pp%d" % pp_rank)
+        key = SHARDED_KEY if pp_size == 1 else "%s.pp%d" % (SHARDED_KEY, pp_rank)
         if is_loading:
+            self._load_dir = d
             data = None
         else:
-            buf = io.BytesIO()
-            torch.save(self.optimizer.state_dict(), buf)
-            data = buf.getvalue()
-        replica = (0, 0, dp_rank)
+            d = _ckref.shared_dir(d if d is not None else self.optimizer.state_dir,
+                                  self.optimizer.comm.size,
+                                  "MegatronMDOptimizer.sharded_state_dict")
+            if d is None:
+                buf = io.BytesIO()
+                torch.save(self.optimizer.state_dict(), buf)
+                data = buf.getvalue()
+            else:
+                self.optimizer.save_checkpoint(d)
+                data = _ckref.make(d, 0)  # rank 0's file named: identical on every rank
         return {"format": _STATE_FORMAT, "version": 1,
                 "param_groups": [{k: v for k, v in g.items() if k != "params"}
                                  for g in self._megatron_groups],
-                "mdopt": ShardedObject(SHARDED_KEY, data, (1,), (0,), replica_id=replica)}
+                "mdopt": ShardedObject(key, data, (1,), (0,), replica_id=(0, 0, dp_rank))}
 
     def reload_model_params(self, state_dict=None):
         """The model's weights were changed outside the optimizer (a model-only checkpoint

@@ -38,6 +38,7 @@ import warnings
 import torch
 
 from . import _core
+from . import checkpoint_ref as _ckref
 from . import comm as _comm
 from ._lib import DTYPE_BF16, DTYPE_F32, MdoptError
 
@@ -57,7 +58,6 @@ _DTYPES = {torch.float32: DTYPE_F32, torch.bfloat16: DTYPE_BF16}
 _TORCH_DTYPES = {DTYPE_F32: torch.float32, DTYPE_BF16: torch.bfloat16}
 _DEVICE_OPTION = re.compile(r"(?:^|\s)device=(\S*)")
 _CUDA_ORDINAL = re.compile(r"cuda:(\d+)$")
-_serial = 0  # optimizers created in this process (names per-job state directories)
 _NAME_BAD = re.compile(r"[^\x21-\x7e]")  # mdopt names: printable, no whitespace
 
 
@@ -135,9 +135,9 @@ class MDOptimizer(torch.optim.Optimizer):
         (threads=2, grads="local", gather="deferred", kernels="reference", ...) are added.
     named_parameters: (name, tensor) pairs, e.g. model.named_parameters(), to name tensors
         in messages, checkpoints and telemetry.
-    state_dir: on several ranks, a directory every rank sees where state_dict() lets mdopt
-        write its checkpoint (default: $MDOPT_STATE_DIR, else a per-job directory in the
-        temporary directory, which holds on one machine only).
+    state_dir: where state_dict() has mdopt write its checkpoint, each rank its own file
+        (default $MDOPT_STATE_DIR). Required on several ranks, on a file system every rank
+        sees; on one rank without it the state_dict holds the checkpoint inline.
     overlap: on several ranks with grads=local, report each gradient as final from a
         post-accumulate-grad hook (mdopt_grads_ready), so that the reduce-scatter of full
         buckets overlaps the rest of backward. Only for one backward per step (with
@@ -203,9 +203,6 @@ class MDOptimizer(torch.optim.Optimizer):
                                % torch.__version__)
         self._overlap = bool(overlap)
         self._hooks = []
-        global _serial
-        _serial += 1
-        self._serial = _serial
         self._opt = None
         self._built = False
         self._stepped = False
@@ -556,55 +553,61 @@ class MDOptimizer(torch.optim.Optimizer):
     # --- checkpoints --------------------------------------------------------------------
 
     def save_checkpoint(self, directory):
-        """mdopt_save: the sharded checkpoint directory (collective; a directory every rank
-        sees). Loads at any rank count with load_checkpoint. For large models, instead of
-        state_dict(), which holds the whole checkpoint in memory on every rank."""
+        """mdopt_save (collective; a directory every rank sees): each rank writes its own
+        rank file, streamed through a 1 MiB buffer, rank 0 the manifest last. Loads at any
+        rank count with load_checkpoint. state_dict() with a state_dir does the same and
+        returns a reference to the save."""
         self._sync()
         self._opt.save(directory)
 
     def load_checkpoint(self, directory):
-        """mdopt_load: restores the state and writes the saved weights into the model."""
+        """mdopt_load: restores the state and writes the saved weights into the model. Each
+        rank opens only the rank files holding rows it holds now."""
         self._sync()
         self._opt.load(directory)
         self._sync()
         self._stepped = True
         self._pushed = [None] * len(self.param_groups)
 
-    def _shared_state_dir(self):
-        if self._state_dir is not None:
-            return self._state_dir
-        if os.environ.get("MDOPT_STATE_DIR"):
-            return os.environ["MDOPT_STATE_DIR"]
-        for keys in (("PMIX_NAMESPACE",), ("OMPI_MCA_orte_ess_jobid",),
-                     ("SLURM_JOB_ID", "SLURM_STEP_ID"), ("TORCHELASTIC_RUN_ID",),
-                     ("MASTER_ADDR", "MASTER_PORT")):
-            if all(os.environ.get(k) for k in keys):
-                job = "-".join(os.environ[k] for k in keys)
-                # Same on every rank: the job, and this optimizer's place in creation order.
-                return os.path.join(tempfile.gettempdir(), "mdopt-state-%d-%s-%d" % (
-                    os.getuid(), _NAME_BAD.sub("_", job).replace("/", "_"), self._serial))
-        raise RuntimeError(
-            "MDOptimizer.state_dict on %d ranks needs a directory every rank sees: pass "
-            "state_dir= or set MDOPT_STATE_DIR" % self.comm.size)
+    @property
+    def state_dir(self):
+        """Where state_dict() has mdopt write its checkpoint (state_dir= or
+        $MDOPT_STATE_DIR; None: one rank, a self-contained state_dict). Settable, e.g. to
+        one directory per saved iteration: a save replaces the previous one in the same
+        directory, and state_dicts that referred to it can no longer be loaded."""
+        return self._state_dir if self._state_dir is not None else \
+            (os.environ.get("MDOPT_STATE_DIR") or None)
+
+    @state_dir.setter
+    def state_dir(self, value):
+        self._state_dir = None if value is None else os.fspath(value)
 
     def state_dict(self):
-        """torch's state_dict plus "mdopt": mdopt's checkpoint (docs/ABI.md) as bytes, one
-        entry per file: the manifest and every rank's state file. Every rank returns the
-        whole checkpoint, so rank 0 may torch.save it; it loads at any rank count."""
+        """torch's state_dict plus "mdopt", which holds no optimizer state of another rank:
+
+        - with a checkpoint directory (state_dir= or $MDOPT_STATE_DIR; required on several
+          ranks, a directory every rank sees): mdopt_save writes it (each rank its own rank
+          file, rank 0 the manifest) and "mdopt" is a reference to that save: the directory,
+          step, the manifest's checksum and this rank's file (name, size, checksum). Host
+          memory beyond the live state: mdopt's 1 MiB write buffer.
+        - on one rank without one: the checkpoint inline (the manifest and the one rank
+          file as bytes, i.e. the whole state once more in memory), self-contained.
+
+        Either loads with load_state_dict at any rank count (mdopt reshards)."""
         sd = super().state_dict()
         self._sync()
-        if self.comm.size == 1:
-            with tempfile.TemporaryDirectory(prefix="mdopt-state-") as d:
-                self._opt.save(d)
-                files = self._read_dir(d)
-        else:
-            d = self._shared_state_dir()
-            self._opt.save(d)  # collective: every rank writes its file, rank 0 the manifest
-            files = self._read_dir(d)
-            self._opt.group_info(self.param_groups[0]["name"])  # a barrier: all have read
-        sd["mdopt"] = {"format": "mdopt-torch-state", "version": 1,
-                       "world_size": self.comm.size, "step": self._step_count(files),
-                       "files": files}
+        d = _ckref.shared_dir(self._state_dir, self.comm.size, "MDOptimizer.state_dict")
+        if d is None:
+            with tempfile.TemporaryDirectory(prefix="mdopt-state-") as t:
+                self._opt.save(t)
+                files = self._read_dir(t)
+            sd["mdopt"] = {"format": "mdopt-torch-state", "version": 1, "world_size": 1,
+                           "step": self._step_count(files), "files": files}
+            return sd
+        self._opt.save(d)  # collective: every rank writes its file, rank 0 the manifest
+        ref = _ckref.make(d, self.comm.rank)
+        sd["mdopt"] = {"format": "mdopt-torch-state", "version": 2,
+                       "world_size": self.comm.size, "step": ref["step"], "checkpoint": ref}
         return sd
 
     @staticmethod
@@ -623,6 +626,25 @@ class MDOptimizer(torch.optim.Optimizer):
         import json
         return int(json.loads(files["manifest.json"].decode()).get("step", 0))
 
+    def load_referenced(self, ref, directory=None):
+        """Loads the mdopt save a checkpoint reference names (collective). The reference is
+        checked first (the directory holds that save, its rank file is there with the size
+        written); a rank that refuses it still takes part in mdopt_load, on a path that
+        does not exist, so that every rank fails together rather than waiting."""
+        d = directory or ref["directory"]
+        why = _ckref.check(ref, d)
+        self._sync()
+        if why is not None:
+            try:
+                self._opt.load(os.path.join(d, "refused-by-rank-%d" % self.comm.rank))
+            except MdoptError:
+                pass
+            raise ValueError("MDOptimizer: cannot load the referenced checkpoint: " + why)
+        self._opt.load(d)  # collective; each rank reads only the rows it now holds
+        self._sync()
+        self._stepped = self._stepped or ref["step"] > 0
+        self._pushed = [None] * len(self.param_groups)
+
     def load_state_dict(self, state_dict):
         """Restores param_groups (torch) and mdopt's state from state_dict(), saved at any
         rank count. Like mdopt_load, it also writes the saved weights into the model. If the
@@ -633,9 +655,9 @@ class MDOptimizer(torch.optim.Optimizer):
         if not isinstance(blob, dict) or blob.get("format") != "mdopt-torch-state":
             raise ValueError("MDOptimizer.load_state_dict: not an MDOptimizer state_dict "
                              "(no 'mdopt' entry)")
-        if blob.get("version") != 1:
+        if blob.get("version") not in (1, 2):
             raise ValueError("MDOptimizer.load_state_dict: state_dict version %r; this "
-                             "package reads version 1" % blob.get("version"))
+                             "package reads versions 1 and 2" % blob.get("version"))
         names = [g["name"] for g in self.param_groups]
         fixed = [_fixed(g) for g in self.param_groups]
         super().load_state_dict(sd)
@@ -644,6 +666,10 @@ class MDOptimizer(torch.optim.Optimizer):
         if [_fixed(g) for g in self.param_groups] != fixed or \
                 [g["name"] for g in self.param_groups] != names:
             self._build()
+        if blob["version"] == 2:
+            self.load_referenced(blob["checkpoint"])
+            return
+        # Version 1: the checkpoint inline (saved on one rank), written out for mdopt_load.
         with tempfile.TemporaryDirectory(prefix="mdopt-load-") as d:
             for name, data in blob["files"].items():
                 if os.path.basename(name) != name:
@@ -651,7 +677,7 @@ class MDOptimizer(torch.optim.Optimizer):
                 with open(os.path.join(d, name), "wb") as f:
                     f.write(data)
             self._sync()
-            self._opt.load(d)  # collective; each rank reads its own full copy
+            self._opt.load(d)  # collective
             self._sync()
         self._stepped = self._stepped or blob.get("step", 0) > 0
         self._pushed = [None] * len(self.param_groups)
