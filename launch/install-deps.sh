@@ -12,6 +12,9 @@ pkgs=(
   # A single-node Slurm for tests/launch/slurm_test.sh (sbatch launch/slurm.sbatch): the
   # daemons, the client commands and munge; the daemons are started by the test only.
   slurmctld slurmd slurm-client munge
+  # Network namespaces and veths (ip) and a UTS namespace per stand-in host (unshare) for
+  # tests/dist/host_fault_test.sh: hosts joined over TCP on one machine.
+  iproute2 util-linux
   fortunes fortune-mod  # English text the examples train on (integration/examples)
 )
 

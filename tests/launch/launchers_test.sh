@@ -48,6 +48,13 @@ expect "slurm.sbatch mpirun" "mpirun -np 4 .*--map-by slot:PE=3 --bind-to core" 
   env SLURM_NTASKS=4 SLURM_CPUS_PER_TASK=3 bash "$s" --dry-run --launcher mpirun -- prog
 expect "slurm.sbatch torchrun" "srun --ntasks=2 --ntasks-per-node=1 --cpus-per-task=6 .*--nnodes=2 --nproc-per-node=2 --rdzv-backend=c10d" \
   env SLURM_NTASKS=4 SLURM_NNODES=2 SLURM_CPUS_PER_TASK=3 bash "$s" --dry-run --launcher torchrun -- train.py
+hf="$(mktemp)"
+printf '10.9.9.11 slots=1\n10.9.9.12 slots=1\n# a comment\n' >"$hf"
+expect "mpirun.sh over hosts, TCP only, surviving a lost host" \
+  "-np 4 .*--map-by slot:PE=1 --bind-to core --hostfile $hf --mca plm_rsh_agent .*agent --mca btl tcp.{1,2}self --mca btl_tcp_if_include 10.9.9.0/24 --mca oob_tcp_if_include 10.9.9.0/24 --enable-recovery --mca orte_abort_on_non_zero_status 0 .* prog" \
+  env MDOPT_THREADS= "$m" --dry-run -n 4 --hostfile "$hf" --rsh-agent "launch/netns-hosts.sh agent" --tcp 10.9.9.0/24 --survive -- prog
+refuse "mpirun.sh unreadable hostfile" "cannot read the hostfile" "$m" --hostfile /nonexistent -- prog
+rm -f "$hf"
 refuse "mpirun.sh without a command" "no command given" "$m"
 refuse "mpirun.sh bad rank count" "positive integer" "$m" -n x -- prog
 refuse "slurm.sbatch outside Slurm" "not inside a Slurm job" env -u SLURM_JOB_ID bash "$s" -- prog
