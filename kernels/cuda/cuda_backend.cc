@@ -19,22 +19,26 @@
 #include "kernels/common/update_rule.h"
 #include "kernels/cuda/device_status.h"
 #include "kernels/cuda/newton_schulz.h"
+#include "kernels/cuda/span_tables.h"
 #include "kernels/cuda/stage_kernels.h"
 
 namespace mdopt::kernels {
 namespace {
 
 using cuda::CopyChunk;
+using cuda::DevCopySpan;
 using cuda::DevGroup;
 using cuda::DevParam;
+using cuda::DevParamCheck;
 using cuda::DevPointers;
 using cuda::DevSlot;
 using cuda::DevStatus;
 using cuda::DevTables;
 using cuda::DevTile;
+using cuda::SpanTable;
 using cuda::TilePass;
 
-constexpr int64_t kCopyChunk = 16384;  // elements per block of a copy launch
+constexpr int64_t kCopyChunk = cuda::kCopyPiece;  // elements per block of a copy launch
 constexpr int kUploadRing = 4;         // pinned upload slots in flight
 constexpr size_t kStagingBytes = size_t{8} << 20;  // pinned staging of the state calls
 
@@ -107,6 +111,13 @@ struct PoolEntry {
   float* wold = nullptr;
 };
 
+// One window of a bucket's collectives (CommChunk): its owned parts in device memory (the
+// kernel's SegmentView points there) and its three span tables.
+struct WindowDev {
+  OwnedPart* owned = nullptr;
+  SpanTable grad_pack, weight_pack, weight_unpack;
+};
+
 struct BucketDev {
   DevTile* tiles = nullptr;
   std::vector<DevTile> tiles_host;
@@ -114,7 +125,11 @@ struct BucketDev {
   int32_t* slot_list = nullptr;
   std::vector<int32_t> slot_list_host;
   void* grad_seg = nullptr;
-  ChunkList grad_pack, weight_pack, weight_unpack, own_to_full, full_to_own;
+  std::vector<WindowDev> windows;
+  cuda::ParamChecks checks;  // the finite check's entries and their slot list
+  DevParamCheck* check_entries = nullptr;
+  int32_t* check_slots = nullptr;
+  ChunkList own_to_full, full_to_own;
   ChunkList local_remote, full_remote;  // f32 <-> bf16 of the NS exchange
   std::vector<NsRun> ns;
   bool any_tangent = false;
@@ -169,7 +184,7 @@ class CudaBackend final : public StepBackend {
 
   absl::Status BindParams(int64_t first, absl::Span<const ParamPointers> ptrs) override;
   void BeginStep(absl::Span<const GroupScalars> groups) override;
-  void PackGrads(int bucket) override;
+  void PackGrads(int bucket, int chunk) override;
   void CheckFinite(int bucket) override;
   double* check_record() override { return check_; }
   void ApplyCheck() override;
@@ -181,8 +196,8 @@ class CudaBackend final : public StepBackend {
   void AssembleCross(const SlotRange& r) override;
   void ApplyCross(const SlotRange& r) override;
   void Finish(const SlotRange& r) override;
-  void PackWeights(int bucket) override;
-  void UnpackWeights(int bucket) override;
+  void PackWeights(int bucket, int chunk) override;
+  void UnpackWeights(int bucket, int chunk) override;
   void EndStep() override { Check(cuda::LaunchEndStep(tables_, stream_), "EndStep"); }
   absl::Status ReadOutcome(StepOutcome* out) override;
 
@@ -214,6 +229,9 @@ class CudaBackend final : public StepBackend {
                bool dst_bf16, const char* what) {
     Copy(list, 0, list.start.size() - 1, src_base, src_bf16, dst_base, dst_bf16, what);
   }
+  // One window's spans in one direction: one launch.
+  void CopySpans(int b, int chunk, const SpanTable WindowDev::*table, bool grads, void* buffer,
+                 bool buffer_bf16, bool to_buffer, const char* what);
   PoolEntry& Pool(int b) { return pool_[static_cast<size_t>(b) % pool_.size()]; }
   SlotRange Whole(int b) const { return SlotRange{b, 0, cfg_.buckets[b].slots.size()}; }
   // The arrays of State(k): name, device data, count, is_model.
@@ -254,8 +272,6 @@ class CudaBackend final : public StepBackend {
   DevGroup* groups_dev_ = nullptr;
   DevStatus* status_dev_ = nullptr;
   double* check_ = nullptr;
-  int64_t* first_slot_dev_ = nullptr;
-  int64_t* experts_dev_ = nullptr;
   void* ns_workspace_ = nullptr;
   int64_t ns_workspace_bytes_ = 0;
   std::unique_ptr<cuda::NewtonSchulzRunner> ns_;
@@ -492,14 +508,22 @@ absl::Status CudaBackend::LayOut(ArenaLayout* arena) {
   arena->Take(&ptrs_dev_, static_cast<int64_t>(P), true);
   arena->Take(&groups_dev_, std::max(cfg_.groups, 1), true);
   arena->Take(&status_dev_, 1, true);
-  arena->Take(&first_slot_dev_, static_cast<int64_t>(P), true);
-  arena->Take(&experts_dev_, static_cast<int64_t>(P), true);
-  for (BucketDev& bd : buckets_) {
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    BucketDev& bd = buckets_[b];
     arena->Take(&bd.tiles, static_cast<int64_t>(bd.tiles_host.size()), true);
     arena->Take(&bd.slot_list, static_cast<int64_t>(bd.slot_list_host.size()), true);
-    for (ChunkList* l : {&bd.grad_pack, &bd.weight_pack, &bd.weight_unpack, &bd.own_to_full,
-                         &bd.full_to_own, &bd.local_remote, &bd.full_remote})
+    arena->Take(&bd.check_entries, static_cast<int64_t>(bd.checks.entries.size()), true);
+    arena->Take(&bd.check_slots, static_cast<int64_t>(bd.checks.slots.size()), true);
+    for (ChunkList* l : {&bd.own_to_full, &bd.full_to_own, &bd.local_remote, &bd.full_remote})
       arena->Take(&l->dev, static_cast<int64_t>(l->host.size()), true);
+    // The windows' copy tables: one entry per span and one per owned part, whatever the
+    // rank count (a strided span covers every rank's row block).
+    for (size_t c = 0; c < bd.windows.size(); ++c) {
+      WindowDev& w = bd.windows[c];
+      arena->Take(&w.owned, static_cast<int64_t>(cfg_.buckets[b].chunks[c].map.owned.size()), true);
+      for (SpanTable* t : {&w.grad_pack, &w.weight_pack, &w.weight_unpack})
+        arena->Take(&t->dev, static_cast<int64_t>(t->host.size()), true);
+    }
   }
   return absl::OkStatus();
 }
@@ -544,24 +568,21 @@ void CudaBackend::BuildBucket(int b) {
     dev.full_to_own.start.push_back(static_cast<int64_t>(dev.full_to_own.host.size()));
   }
   auto whole = [](ChunkList* l) { l->start = {0, static_cast<int64_t>(l->host.size())}; };
-  for (const CopySpan& c : bd.grad_pack)
-    AddChunks(&dev.grad_pack, static_cast<int32_t>(c.param), true, c.tensor_offset, -1,
-              c.buffer_offset, c.count, c.pad);
-  for (const CopySpan& c : bd.weight_pack)
-    AddChunks(&dev.weight_pack, static_cast<int32_t>(c.param), false, c.tensor_offset, -1,
-              c.buffer_offset, c.count, 0);
-  for (const CopySpan& c : bd.weight_unpack)
-    AddChunks(&dev.weight_unpack, -1, false, c.buffer_offset, static_cast<int32_t>(c.param),
-              c.tensor_offset, c.count, 0);
+  for (const CommChunk& ch : bd.chunks) {
+    WindowDev w;
+    w.grad_pack = cuda::BuildSpanTable(ch.grad_pack, cfg_.params, /*to_buffer=*/true, /*grads=*/true);
+    w.weight_pack = cuda::BuildSpanTable(ch.weight_pack, cfg_.params, true, false);
+    w.weight_unpack = cuda::BuildSpanTable(ch.weight_unpack, cfg_.params, false, false);
+    dev.windows.push_back(std::move(w));
+  }
+  dev.checks = cuda::BuildParamChecks(bd, cfg_.slots, first_slot_);
   if (cfg_.ns_comm_bf16 && cfg_.sharded) {
     for (const ElementRange& e : bd.local_remote)
       AddChunks(&dev.local_remote, -1, false, e.offset, -1, e.offset, e.count, 0);
     for (const ElementRange& e : bd.full_remote)
       AddChunks(&dev.full_remote, -1, false, e.offset, -1, e.offset, e.count, 0);
   }
-  for (ChunkList* l : {&dev.grad_pack, &dev.weight_pack, &dev.weight_unpack, &dev.local_remote,
-                       &dev.full_remote})
-    whole(l);
+  for (ChunkList* l : {&dev.local_remote, &dev.full_remote}) whole(l);
   // Newton-Schulz runs: the matrices this rank orthogonalises, same-shape neighbours held
   // whole one after another in x_local batched into one call (an expert stack).
   for (size_t q = 0; q < Q;) {
@@ -632,7 +653,6 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
   // Host tables.
   params_.assign(P, DevParam{});
   first_slot_.assign(P, 0);
-  std::vector<int64_t> experts(P, 1);
   for (size_t i = 0; i < P; ++i) {
     const ParamDesc& p = cfg_.params[i];
     const UpdateRule& r = p.rule;
@@ -653,7 +673,6 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
     d.eps = r.eps;
     d.weight_decay = r.weight_decay;
     d.muon_scale = MuonScaleFactor(r.muon_scale, p.m, p.n);
-    experts[i] = p.experts;
   }
   for (size_t k = S; k-- > 0;) first_slot_[cfg_.slots[k].param] = static_cast<int64_t>(k);
   slots_.assign(S, DevSlot{});
@@ -746,15 +765,24 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
   };
   cudaError_t e = put(params_dev_, params_.data(), P * sizeof(DevParam));
   if (e == cudaSuccess) e = put(slots_dev_, slots_.data(), S * sizeof(DevSlot));
-  if (e == cudaSuccess) e = put(first_slot_dev_, first_slot_.data(), P * sizeof(int64_t));
-  if (e == cudaSuccess) e = put(experts_dev_, experts.data(), P * sizeof(int64_t));
-  for (BucketDev& bd : buckets_) {
+  for (size_t b = 0; b < B; ++b) {
+    BucketDev& bd = buckets_[b];
     if (e == cudaSuccess) e = put(bd.tiles, bd.tiles_host.data(), bd.tiles_host.size() * sizeof(DevTile));
     if (e == cudaSuccess)
       e = put(bd.slot_list, bd.slot_list_host.data(), bd.slot_list_host.size() * sizeof(int32_t));
-    for (ChunkList* l : {&bd.grad_pack, &bd.weight_pack, &bd.weight_unpack, &bd.own_to_full,
-                         &bd.full_to_own, &bd.local_remote, &bd.full_remote})
+    if (e == cudaSuccess)
+      e = put(bd.check_entries, bd.checks.entries.data(), bd.checks.entries.size() * sizeof(DevParamCheck));
+    if (e == cudaSuccess)
+      e = put(bd.check_slots, bd.checks.slots.data(), bd.checks.slots.size() * sizeof(int32_t));
+    for (ChunkList* l : {&bd.own_to_full, &bd.full_to_own, &bd.local_remote, &bd.full_remote})
       if (e == cudaSuccess) e = put(l->dev, l->host.data(), l->host.size() * sizeof(CopyChunk));
+    for (size_t c = 0; c < bd.windows.size(); ++c) {
+      WindowDev& w = bd.windows[c];
+      const std::vector<OwnedPart>& owned = cfg_.buckets[b].chunks[c].map.owned;
+      if (e == cudaSuccess) e = put(w.owned, owned.data(), owned.size() * sizeof(OwnedPart));
+      for (SpanTable* t : {&w.grad_pack, &w.weight_pack, &w.weight_unpack})
+        if (e == cudaSuccess) e = put(t->dev, t->host.data(), t->host.size() * sizeof(DevCopySpan));
+    }
   }
   for (ChunkList* l : {&to_master_, &to_model_})
     if (e == cudaSuccess) e = put(l->dev, l->host.data(), l->host.size() * sizeof(CopyChunk));
@@ -870,20 +898,30 @@ void CudaBackend::BeginStep(absl::Span<const GroupScalars> groups) {
   Check(cuda::LaunchBeginStep(tables_, stream_), "BeginStep");
 }
 
-void CudaBackend::PackGrads(int b) {
-  const BucketDesc& bd = cfg_.buckets[b];
-  const bool grad_bf16 = !bd.slots.empty() &&
-                         cfg_.params[cfg_.slots[bd.slots[0]].param].grad_dtype == Dtype::kBf16;
-  CopyAll(buckets_[b].grad_pack, nullptr, grad_bf16, Buffers(b).grad_send, cfg_.grad_comm_bf16,
-          "PackGrads");
+void CudaBackend::CopySpans(int b, int chunk, const SpanTable WindowDev::*table, bool grads,
+                            void* buffer, bool buffer_bf16, bool to_buffer, const char* what) {
+  const WindowDev& w = buckets_[b].windows[static_cast<size_t>(chunk)];
+  const SpanTable& t = w.*table;
+  if (t.host.empty()) return;
+  const SegmentMap& map = cfg_.buckets[b].chunks[static_cast<size_t>(chunk)].map;
+  const SegmentView view{map.rows, map.equal, w.owned, static_cast<int32_t>(map.owned.size())};
+  UploadPointers();
+  Check(cuda::LaunchSpanCopy(t.dev, static_cast<int32_t>(t.host.size()), t.blocks, view, ptrs_dev_,
+                             grads, buffer, buffer_bf16, to_buffer, stream_),
+        what);
+}
+
+void CudaBackend::PackGrads(int b, int chunk) {
+  CopySpans(b, chunk, &WindowDev::grad_pack, /*grads=*/true, Buffers(b).grad_send,
+            cfg_.grad_comm_bf16, /*to_buffer=*/true, "PackGrads");
 }
 
 void CudaBackend::CheckFinite(int b) {
-  const BucketDesc& bd = cfg_.buckets[b];
+  const BucketDev& bd = buckets_[b];
   Tiles(TilePass::kCheck, Whole(b));
   Combine(TilePass::kCheck, Whole(b));
-  Check(cuda::LaunchParamCheck(tables_, first_slot_dev_, experts_dev_, bd.first_param, bd.end_param,
-                               check_, stream_),
+  Check(cuda::LaunchParamCheck(tables_, bd.check_entries, static_cast<int32_t>(bd.checks.entries.size()),
+                               bd.check_slots, check_, stream_),
         "CheckFinite");
 }
 
@@ -965,14 +1003,14 @@ void CudaBackend::Finish(const SlotRange& r) {
   Combine(TilePass::kRescale, r);
 }
 
-void CudaBackend::PackWeights(int b) {
-  const bool bf16 = cfg_.buckets[b].param_dtype == Dtype::kBf16;
-  CopyAll(buckets_[b].weight_pack, nullptr, bf16, Pool(b).weights, bf16, "PackWeights");
+void CudaBackend::PackWeights(int b, int chunk) {
+  CopySpans(b, chunk, &WindowDev::weight_pack, /*grads=*/false, Pool(b).weights,
+            cfg_.buckets[b].param_dtype == Dtype::kBf16, /*to_buffer=*/true, "PackWeights");
 }
 
-void CudaBackend::UnpackWeights(int b) {
-  const bool bf16 = cfg_.buckets[b].param_dtype == Dtype::kBf16;
-  CopyAll(buckets_[b].weight_unpack, Pool(b).weights, bf16, nullptr, bf16, "UnpackWeights");
+void CudaBackend::UnpackWeights(int b, int chunk) {
+  CopySpans(b, chunk, &WindowDev::weight_unpack, /*grads=*/false, Pool(b).weights,
+            cfg_.buckets[b].param_dtype == Dtype::kBf16, /*to_buffer=*/false, "UnpackWeights");
 }
 
 absl::Status CudaBackend::ReadOutcome(StepOutcome* out) {

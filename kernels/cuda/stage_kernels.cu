@@ -423,6 +423,27 @@ __global__ void __launch_bounds__(kTileCols) CombineKernel(DevTables t, const in
   }
 }
 
+// Elements [e0, e1) from src to dst, converting between the two dtypes bit for bit when
+// they agree (NaN payloads included), bf16 -> f32 exactly, f32 -> bf16 to nearest even.
+__device__ __forceinline__ void MoveElements(const char* src, bool src_bf16, char* dst, bool dst_bf16,
+                                             int64_t e0, int64_t e1) {
+  if (src_bf16 == dst_bf16) {  // bit for bit
+    if (dst_bf16) {
+      for (int64_t e = e0 + threadIdx.x; e < e1; e += kCopyThreads)
+        reinterpret_cast<uint16_t*>(dst)[e] = reinterpret_cast<const uint16_t*>(src)[e];
+    } else {
+      for (int64_t e = e0 + threadIdx.x; e < e1; e += kCopyThreads)
+        reinterpret_cast<uint32_t*>(dst)[e] = reinterpret_cast<const uint32_t*>(src)[e];
+    }
+  } else if (src_bf16) {  // bf16 -> f32: exact
+    for (int64_t e = e0 + threadIdx.x; e < e1; e += kCopyThreads)
+      reinterpret_cast<float*>(dst)[e] = Bf16ToFloat(reinterpret_cast<const uint16_t*>(src)[e]);
+  } else {  // f32 -> bf16: round to nearest even
+    for (int64_t e = e0 + threadIdx.x; e < e1; e += kCopyThreads)
+      reinterpret_cast<uint16_t*>(dst)[e] = FloatToBf16(reinterpret_cast<const float*>(src)[e]);
+  }
+}
+
 __global__ void CopyKernel(const CopyChunk* chunks, const DevPointers* ptrs, const void* src_base,
                            bool src_bf16, void* dst_base, bool dst_bf16) {
   const CopyChunk c = chunks[blockIdx.x];
@@ -436,21 +457,60 @@ __global__ void CopyKernel(const CopyChunk* chunks, const DevPointers* ptrs, con
   }
   const char* src = static_cast<const char*>(
       c.src_param >= 0 ? (c.src_grad ? ptrs[c.src_param].grad : ptrs[c.src_param].param) : src_base);
-  src += c.src * sb;
-  if (src_bf16 == dst_bf16) {  // bit for bit, whatever the values (NaN payloads included)
-    if (db == 4) {
-      for (int64_t e = threadIdx.x; e < c.count; e += kCopyThreads)
-        reinterpret_cast<uint32_t*>(dst)[e] = reinterpret_cast<const uint32_t*>(src)[e];
-    } else {
-      for (int64_t e = threadIdx.x; e < c.count; e += kCopyThreads)
-        reinterpret_cast<uint16_t*>(dst)[e] = reinterpret_cast<const uint16_t*>(src)[e];
+  MoveElements(src + c.src * sb, src_bf16, dst, dst_bf16, 0, c.count);
+}
+
+// One piece of one rank block of one span per CUDA block. The span is found by a binary
+// search over first_block (thread 0, shared with the block), the rank block's place in the
+// staging by the window's segment map (SegmentView::Start, a binary search over the owned
+// parts): nothing per rank is stored.
+__global__ void SpanCopyKernel(const DevCopySpan* spans, int32_t count, SegmentView map,
+                               const DevPointers* ptrs, bool grads, void* buffer, bool buffer_bf16,
+                               bool to_buffer) {
+  __shared__ DevCopySpan d;
+  __shared__ SpanBlock blk;
+  __shared__ int64_t piece;
+  if (threadIdx.x == 0) {
+    const int64_t b = blockIdx.x;
+    int32_t lo = 0, hi = count - 1;  // the last span whose first_block <= b
+    while (lo < hi) {
+      const int32_t mid = lo + (hi - lo + 1) / 2;
+      if (spans[mid].first_block <= b) lo = mid; else hi = mid - 1;
     }
-  } else if (src_bf16) {  // bf16 -> f32: exact
-    for (int64_t e = threadIdx.x; e < c.count; e += kCopyThreads)
-      reinterpret_cast<float*>(dst)[e] = Bf16ToFloat(reinterpret_cast<const uint16_t*>(src)[e]);
-  } else {  // f32 -> bf16: round to nearest even (kernels/common/bf16.h)
-    for (int64_t e = threadIdx.x; e < c.count; e += kCopyThreads)
-      reinterpret_cast<uint16_t*>(dst)[e] = FloatToBf16(reinterpret_cast<const float*>(src)[e]);
+    d = spans[lo];
+    const int64_t local = b - d.first_block;
+    const int64_t ordinal = local / d.pieces;
+    piece = local % d.pieces;
+    if (d.span.blocks > 0) {
+      // The skipped rank has no blocks in the launch: ordinals past it are one rank further.
+      const int64_t skip = d.span.skip_rank;
+      const int r = static_cast<int>(ordinal + (skip >= 0 && ordinal >= skip ? 1 : 0));
+      blk = BlockOf(d.span, map, r);
+    } else {
+      blk.tensor = d.span.tensor_offset;
+      blk.buffer = d.span.buffer_offset;
+      blk.real = d.span.count;
+      blk.pad = d.span.pad;
+    }
+  }
+  __syncthreads();
+  const int64_t e0 = piece * kCopyPiece;
+  const int64_t len = to_buffer ? blk.real + blk.pad : blk.real;  // unpacking skips padding
+  const int64_t e1 = e0 + kCopyPiece < len ? e0 + kCopyPiece : len;
+  if (e0 >= e1) return;
+  const int bb = buffer_bf16 ? 2 : 4, tb = d.tensor_bf16 ? 2 : 4;
+  char* buf = static_cast<char*>(buffer) + blk.buffer * bb;
+  const DevPointers& p = ptrs[d.span.param];
+  if (to_buffer) {
+    const char* src = static_cast<const char*>(grads ? p.grad : p.param) + blk.tensor * tb;
+    const int64_t real_end = blk.real < e1 ? blk.real : e1;
+    if (e0 < real_end) MoveElements(src, d.tensor_bf16, buf, buffer_bf16, e0, real_end);
+    // Padding: zeros, written as 16-bit words of the buffer's dtype.
+    const int64_t z0 = (e0 > blk.real ? e0 : blk.real) * bb / 2, z1 = e1 * bb / 2;
+    for (int64_t e = z0 + threadIdx.x; e < z1; e += kCopyThreads) reinterpret_cast<uint16_t*>(buf)[e] = 0;
+  } else {
+    char* dst = static_cast<char*>(p.param) + blk.tensor * tb;
+    MoveElements(buf, buffer_bf16, dst, d.tensor_bf16, e0, e1);
   }
 }
 
@@ -522,13 +582,18 @@ __global__ void __launch_bounds__(kTileCols) RecordKernel(DevTables t, const int
   if (partial_slices) move(rec, s.slice_sq, slices);
 }
 
-__global__ void ParamCheckKernel(DevTables t, const int64_t* first_slot, const int64_t* experts,
-                                 int64_t first, int64_t end, double* check) {
-  const int64_t i = first + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= end) return;
+__global__ void ParamCheckKernel(DevTables t, const DevParamCheck* entries, int32_t count,
+                                 const int32_t* slot_list, double* check) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= count) return;
+  const DevParamCheck c = entries[i];
   double total = 0.0;
-  for (int64_t e = 0; e < experts[i]; ++e) total += t.slots[first_slot[i] + e].check[0];
-  check[i] = total;
+  for (int32_t q = c.q0; q < c.q1; ++q) total += t.slots[slot_list[q]].check[0];
+  if (c.sets) {
+    check[c.param] = total;
+  } else {
+    check[c.param] += total;
+  }
 }
 
 __global__ void __launch_bounds__(kTileCols) ApplyCheckKernel(DevTables t, const double* check,
@@ -635,6 +700,17 @@ int LaunchCopy(const CopyChunk* chunks, int64_t count, const DevPointers* ptrs, 
   return Err();
 }
 
+int LaunchSpanCopy(const DevCopySpan* spans, int32_t count, int64_t blocks, const SegmentView& map,
+                   const DevPointers* ptrs, bool grads, void* buffer, bool buffer_bf16,
+                   bool to_buffer, void* stream) {
+  if (count <= 0 || blocks == 0) return 0;
+  if (!GridOk(blocks)) return static_cast<int>(cudaErrorInvalidConfiguration);
+  MDOPT_LAUNCH(SpanCopyKernel, static_cast<unsigned>(blocks), kCopyThreads,
+      static_cast<cudaStream_t>(stream), spans, count, map, ptrs, grads, buffer, buffer_bf16,
+      to_buffer);
+  return Err();
+}
+
 int LaunchGains(const DevTables& t, const int32_t* slots, int32_t count, void* stream) {
   if (count <= 0) return 0;
   MDOPT_LAUNCH(GainsKernel, static_cast<unsigned>(count), kTileCols, static_cast<cudaStream_t>(stream), t, slots);
@@ -649,12 +725,12 @@ int LaunchRecord(const DevTables& t, const int32_t* slots, int32_t count, bool r
   return Err();
 }
 
-int LaunchParamCheck(const DevTables& t, const int64_t* first_slot, const int64_t* experts,
-                     int64_t first, int64_t end, double* check, void* stream) {
-  if (end <= first) return 0;
-  const int64_t blocks = (end - first + 255) / 256;
+int LaunchParamCheck(const DevTables& t, const DevParamCheck* entries, int32_t count,
+                     const int32_t* slot_list, double* check, void* stream) {
+  if (count <= 0) return 0;
+  const int64_t blocks = (count + 255) / 256;
   MDOPT_LAUNCH(ParamCheckKernel, static_cast<unsigned>(blocks), 256, static_cast<cudaStream_t>(stream),
-      t, first_slot, experts, first, end, check);
+      t, entries, count, slot_list, check);
   return Err();
 }
 

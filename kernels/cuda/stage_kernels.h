@@ -17,6 +17,8 @@
 
 #include <cstdint>
 
+#include "kernels/common/segment_map.h"
+
 namespace mdopt::kernels::cuda {
 
 inline constexpr int kTileRows = 32;
@@ -123,13 +125,30 @@ enum class TilePass : int32_t {
   kRescale,       // projection, gains and the model copy (Finish; Init without gains)
 };
 
-// One contiguous copy between buffers (the collectives' pack/unpack, NS conversions). A
-// side whose `param` is >= 0 is that param's model tensor (`grad` picks its gradient),
-// else the launch's buffer base; `zero` writes `count` zeros instead of copying.
+// One contiguous copy between local buffers (the NS exchange's conversions, the owner's
+// block of a gathered matrix, master weights <-> model rows). A side whose `param` is >= 0
+// is that param's model tensor (`grad` picks its gradient), else the launch's buffer base;
+// `zero` writes `count` zeros instead of copying.
 struct CopyChunk {
   int32_t src_param = -1, dst_param = -1;
   uint8_t src_grad = 0, zero = 0;
   int64_t src = 0, dst = 0, count = 0;
+};
+
+// Elements one block of a copy launch moves (a CopyChunk's most; a span's piece).
+inline constexpr int64_t kCopyPiece = 16384;
+
+// One copy span of a collective's window (segment_map.h) as the span copy launch reads it:
+// the plan's span unchanged (plain, or strided over the ranks' segments) and where its CUDA
+// blocks start in the launch. A strided span is never expanded into one entry per rank:
+// each block finds its span by a binary search over first_block and its rank's place in
+// the staging from the window's segment map on the device, so the table is one entry per
+// span whatever the rank count.
+struct DevCopySpan {
+  CopySpan span;
+  int64_t first_block = 0;  // the launch's first block of this span (ascending)
+  int64_t pieces = 1;       // blocks per rank block (per plain span): kCopyPiece elements each
+  uint8_t tensor_bf16 = 0;  // the tensor side's dtype (the buffer's is the launch's)
 };
 
 // Launches; each returns the cudaError_t of the launch as an int (0: queued).
@@ -142,14 +161,32 @@ int LaunchCombine(TilePass pass, const DevTables& t, const int32_t* slots, int32
                   int32_t spread, bool init, void* stream);
 int LaunchCopy(const CopyChunk* chunks, int64_t count, const DevPointers* ptrs,
                const void* src_base, bool src_bf16, void* dst_base, bool dst_bf16, void* stream);
+// The spans of one window and one direction, `blocks` CUDA blocks in all (the last span's
+// first_block plus its blocks). `map` is the window's segment map with `owned` in device
+// memory. to_buffer: tensor -> staging (padding written as zeros), else staging -> tensor
+// (padding skipped). grads: the tensor side is the params' gradients, else the params.
+int LaunchSpanCopy(const DevCopySpan* spans, int32_t count, int64_t blocks, const SegmentView& map,
+                   const DevPointers* ptrs, bool grads, void* buffer, bool buffer_bf16,
+                   bool to_buffer, void* stream);
 // Adam on the gains of the slots listed (holds only).
 int LaunchGains(const DevTables& t, const int32_t* slots, int32_t count, void* stream);
 // The cross record (or, radial=true, the radial record) from the slots' sums, or back.
 int LaunchRecord(const DevTables& t, const int32_t* slots, int32_t count, bool radial,
                  bool to_record, void* stream);
-// check[param] for params [first, end): the sum of their slots' check values in order.
-int LaunchParamCheck(const DevTables& t, const int64_t* first_slot, const int64_t* experts,
-                     int64_t first, int64_t end, double* check, void* stream);
+// One param's slots in one bucket, for the finite check: positions [q0, q1) of the
+// bucket's slot list. An expert stack split over buckets has one entry in each; the entry in
+// the bucket of its first slot sets check[param], the others add to it (buckets are checked
+// in order on one stream).
+struct DevParamCheck {
+  int64_t param = 0;
+  int32_t q0 = 0, q1 = 0;
+  int32_t sets = 0;
+};
+
+// For each entry: the sum of its slots' check values in order, set into or added to
+// check[param].
+int LaunchParamCheck(const DevTables& t, const DevParamCheck* entries, int32_t count,
+                     const int32_t* slot_list, double* check, void* stream);
 // The skip flag, grad norm and first bad param from the summed check record.
 int LaunchApplyCheck(const DevTables& t, const double* check, int64_t count, void* stream);
 int LaunchBeginStep(const DevTables& t, void* stream);

@@ -144,7 +144,7 @@ BackendConfig OneRank(const UpdateRule& rule, const std::vector<Shape>& shapes, 
     }
   }
   b.end_param = static_cast<int64_t>(shapes.size());
-  b.seg = b.total = seg;
+  b.seg = seg;  // one rank: no collectives, so no windows
   c.buckets.push_back(b);
   return c;
 }
