@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -281,6 +282,12 @@ struct Case {
   Dtype grad, param;
   bool comm_bf16;
 };
+
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << (c.equal ? "equal" : "uneven") << " segments, " << (c.grad == Dtype::kBf16 ? "bf16" : "f32")
+      << " grads, " << (c.comm_bf16 ? "bf16" : "f32") << " comm, "
+      << (c.param == Dtype::kBf16 ? "bf16" : "f32") << " params";
+}
 
 class CudaWindowCopies : public ::testing::TestWithParam<Case> {};
 
