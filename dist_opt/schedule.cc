@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "dist_opt/backend_config.h"
 #include "dist_opt/engine.h"
 #include "dist_opt/schedule.h"
 #include "dist_opt/shard_plan.h"
@@ -77,7 +78,6 @@ class ScheduledEngine final : public Engine {
   InFlight& Pool(int b) { return pool_[static_cast<size_t>(b) % pool_.size()]; }
   SlotRange Whole(int b) const { return SlotRange{b, 0, plan_.buckets[b].slots.size()}; }
 
-  kernels::BackendConfig Describe() const;
   void BuildExchanges(int b, const BucketBuffers& buf);
   // Hands the registry's pointers of params [first, first + count) (count < 0: to the end)
   // to the backend.
@@ -106,6 +106,7 @@ class ScheduledEngine final : public Engine {
   std::vector<kernels::GroupScalars> scalars_;
   std::vector<InFlight> pool_;
   std::vector<RequestPtr> rs_;  // per bucket: the gradient reduce-scatter in flight
+  std::vector<int64_t> counts_;  // a window's per-rank counts (the communicator copies them)
   std::vector<std::vector<P2P>> gather_ops_, scatter_ops_;  // per bucket, built at Init
   std::vector<int64_t> cross_len_, radial_len_;              // per bucket
   std::vector<uint8_t> param_ready_;
@@ -113,116 +114,6 @@ class ScheduledEngine final : public Engine {
   bool weights_pending_ = false;  // gather=deferred: the all-gather of the last step is owed
   StepTraffic traffic_;
 };
-
-kernels::BackendConfig ScheduledEngine::Describe() const {
-  kernels::BackendConfig c;
-  c.groups = static_cast<int>(groups_.size());
-  c.pipeline = static_cast<int>(std::min<size_t>(std::max<size_t>(plan_.buckets.size(), 1),
-                                                 kScheduleStages));
-  c.sharded = Sharded();
-  c.grads_segmented = Segmented();
-  c.grad_comm_bf16 = opt_.grad_comm_bf16;
-  c.ns_comm_bf16 = opt_.ns_comm_bf16;
-  c.ns_bf16 = opt_.ns_bf16;
-  c.ns_form = opt_.ns_form;
-  c.update_norms = opt_.update_norms;
-  c.check_len = static_cast<int64_t>(params_.size());
-  for (const ParamEntry& p : params_) {
-    kernels::ParamDesc d;
-    d.name = p.name;
-    d.group = p.group;
-    d.experts = p.experts;
-    d.m = p.m;
-    d.n = p.n;
-    d.param_dtype = p.param_dtype;
-    d.grad_dtype = p.grad_dtype;
-    d.rule = p.rule;
-    d.preserve_init = p.preserve_init;
-    c.params.push_back(d);
-  }
-  c.slots.resize(plan_.slots.size());
-  for (size_t k = 0; k < plan_.slots.size(); ++k) {
-    const SlotPlan& sp = plan_.slots[k];
-    kernels::SlotDesc& s = c.slots[k];
-    s.param = sp.param;
-    s.bucket = sp.bucket;
-    s.tensor_offset = sp.TensorOffset();
-    s.row_begin = sp.RowBegin(rank_);
-    s.rows = sp.Rows(rank_);
-    s.holds = s.rows > 0 || sp.layout == Layout::kRows;
-    s.cross = sp.layout == Layout::kRows && Sharded();
-    s.muon = sp.muon;
-    s.ns_here = sp.muon && sp.owner == rank_;
-    s.ns_gathered = s.ns_here && sp.layout == Layout::kRows && Sharded();
-    // Each matrix is counted by one rank: its owner, or rank 0 (which always holds rows).
-    s.accounts = sp.layout == Layout::kOwner ? sp.owner == rank_ : rank_ == 0;
-    s.seg_offset = plan_.buckets[sp.bucket].Offset(static_cast<size_t>(sp.bucket_pos), rank_, world_);
-  }
-  for (size_t b = 0; b < plan_.buckets.size(); ++b) {
-    const BucketPlan& bp = plan_.buckets[b];
-    kernels::BucketDesc d;
-    d.slots = bp.slots;
-    d.first_param = bp.first_param;
-    d.end_param = bp.end_param;
-    d.param_dtype = bp.param_dtype;
-    d.seg = bp.seg[rank_];
-    d.total = bp.total;
-    int64_t start = 0;  // rank r's segment in the bucket's rank-major buffers
-    for (int r = 0; r < world_; ++r) {
-      const size_t first_span = d.grad_pack.size();  // rank r's spans start here
-      for (size_t q = 0; q < bp.slots.size(); ++q) {
-        const SlotPlan& sp = plan_.slots[bp.slots[q]];
-        const int64_t at = start + bp.Offset(q, r, world_);
-        const int64_t rows = sp.Rows(r);
-        const int64_t tensor = sp.TensorOffset() + sp.RowBegin(r) * sp.n;
-        if (Segmented()) {
-          const int64_t pad = (sp.PackedRows(r) - rows) * sp.n;
-          if (rows > 0 || pad > 0) d.grad_pack.push_back({sp.param, tensor, at, rows * sp.n, pad});
-        }
-        if (Sharded() && rows > 0) {
-          (r == rank_ ? d.weight_pack : d.weight_unpack).push_back({sp.param, tensor, at, rows * sp.n, 0});
-        }
-      }
-      // Equal segments: zeros after the last rows of the segment (the weights' tail is sent
-      // and never unpacked).
-      const int64_t tail = bp.seg[r] - bp.rows[r];
-      if (Segmented() && tail > 0) {
-        if (d.grad_pack.size() > first_span) {
-          d.grad_pack.back().pad += tail;
-        } else {
-          d.grad_pack.push_back({plan_.slots[bp.slots[0]].param, 0, start + bp.rows[r], 0, tail});
-        }
-      }
-      start += bp.seg[r];
-    }
-    for (size_t q = 0; q < bp.slots.size(); ++q) {
-      const int k = bp.slots[q];
-      const SlotPlan& sp = plan_.slots[k];
-      kernels::SlotDesc& s = c.slots[k];
-      if (sp.muon) {
-        d.x_local = std::max(d.x_local, s.seg_offset + sp.PackedRows(rank_) * sp.n);
-      }
-      if (s.cross) {
-        s.cross_offset = d.cross_len;
-        d.cross_len += sp.cross;
-        s.radial_offset = d.radial_len;
-        d.radial_len += sp.radial;
-      }
-      if (s.ns_gathered) {
-        s.full_offset = d.full;
-        for (int r = 0; r < world_; ++r) {
-          if (r != rank_ && sp.Rows(r) > 0)
-            d.full_remote.push_back({d.full + sp.RowBegin(r) * sp.n, sp.Rows(r) * sp.n});
-        }
-        d.full += sp.m * sp.n;
-      } else if (sp.muon && sp.layout == Layout::kRows && Sharded() && s.rows > 0) {
-        d.local_remote.push_back({s.seg_offset, s.rows * sp.n});
-      }
-    }
-    c.buckets.push_back(std::move(d));
-  }
-  return c;
-}
 
 // The NS gather and scatter of bucket b as point-to-point lists into its pool buffers: every
 // rank's block of X to the owner, O's blocks back. Built once; the step only starts them.
@@ -243,7 +134,7 @@ void ScheduledEngine::BuildExchanges(int b, const BucketBuffers& buf) {
   for (size_t q = 0; q < bp.slots.size(); ++q) {
     const SlotPlan& sp = plan_.slots[bp.slots[q]];
     if (!sp.muon || sp.layout != Layout::kRows) continue;
-    const int64_t off = bp.Offset(q, rank_, world_);
+    const int64_t off = sp.seg_pos;
     if (rank_ != sp.owner) {
       if (sp.Rows(rank_) == 0) continue;
       gather.push_back({sp.owner, true, local(off), sp.Rows(rank_) * sp.n, dt});
@@ -312,12 +203,19 @@ absl::Status ScheduledEngine::Init() {
   plan_ = BuildShardPlan(params_, groups_, po);
   if (Sharded() && !po.equal_segments && comm_->equal_counts_only()) {
     for (size_t b = 0; b < plan_.buckets.size(); ++b) {
-      const std::vector<int64_t>& seg = plan_.buckets[b].seg;
-      if (std::equal(seg.begin() + 1, seg.end(), seg.begin())) continue;
-      const auto [lo, hi] = std::minmax_element(seg.begin(), seg.end());
+      // Segments are equal when no rank holds a whole matrix here, or every rank as much.
+      const std::vector<kernels::OwnedPart>& owned = plan_.buckets[b].map.owned;
+      if (owned.empty() ||
+          (static_cast<int>(owned.size()) == world_ &&
+           std::all_of(owned.begin(), owned.end(),
+                       [&](const kernels::OwnedPart& p) { return p.elems == owned[0].elems; }))) {
+        continue;
+      }
+      const int64_t lo = plan_.buckets[b].map.rows +
+                         (static_cast<int>(owned.size()) < world_ ? 0 : owned[0].elems);
       return absl::InvalidArgumentError(absl::StrCat(
-          "comm_pad=off: the ranks' segments of bucket ", b, " differ in length (", *lo, " to ",
-          *hi, " elements) and the '", comm_->backend(),
+          "comm_pad=off: the ranks' segments of bucket ", b, " differ in length (", lo, " to ",
+          plan_.buckets[b].longest, " elements) and the '", comm_->backend(),
           "' communicator takes equal counts only (comm_pad=auto or on pads them)"));
     }
   }
@@ -325,7 +223,7 @@ absl::Status ScheduledEngine::Init() {
   ptrs_.resize(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) ptrs_[i] = {params_[i].param, params_[i].grad};
   scalars_.assign(groups_.size(), kernels::GroupScalars{});
-  kernels::BackendConfig config = Describe();
+  kernels::BackendConfig config = DescribeRank(plan_, params_, groups_, opt_, rank_);
   cross_len_.assign(B, 0);
   radial_len_.assign(B, 0);
   for (size_t b = 0; b < B; ++b) {
@@ -337,6 +235,7 @@ absl::Status ScheduledEngine::Init() {
   if (absl::Status s = backend_->Setup(std::move(config), ptrs_); !s.ok()) return s;
   pool_.assign(std::min<size_t>(std::max<size_t>(B, 1), kScheduleStages), InFlight{});
   rs_.assign(B, nullptr);
+  counts_.assign(static_cast<size_t>(world_), 0);
   gather_ops_.assign(B, {});
   scatter_ops_.assign(B, {});
   if (Sharded()) {
@@ -381,13 +280,27 @@ absl::Status ScheduledEngine::StartReduceScatter(int b) {
   if (b >= 2) {
     if (absl::Status s = Order(&rs_[b - 2]); !s.ok()) return s;
   }
-  backend_->PackGrads(b);
   const BucketBuffers buf = backend_->Buffers(b);
   const DataType dt = opt_.grad_comm_bf16 ? DataType::kBf16 : DataType::kF32;
-  return Issue(&traffic_.grads, &rs_[b], [&] {
-    return comm_->ReduceScatter(buf.grad_send, buf.grad_seg, bp.seg, dt, ReduceOp::kMean, Space(),
-                                Stream());
-  });
+  const int64_t bytes = opt_.grad_comm_bf16 ? 2 : 4;
+  for (int w = 0; w < bp.Windows(); ++w) {
+    // Windows share the staging buffer: the one before must have left it.
+    if (w > 0) {
+      if (absl::Status s = Order(&rs_[b]); !s.ok()) return s;
+    }
+    backend_->PackGrads(b, w);
+    void* out = static_cast<char*>(buf.grad_seg) + w * bp.window * bytes;
+    bp.WindowCounts(w, world_, counts_.data());
+    const absl::Span<const int64_t> counts = counts_;
+    if (absl::Status s = Issue(&traffic_.grads, &rs_[b], [&] {
+          return comm_->ReduceScatter(buf.grad_send, out, counts, dt, ReduceOp::kMean, Space(),
+                                      Stream());
+        });
+        !s.ok()) {
+      return s;
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status ScheduledEngine::GradsReady(int64_t first, int64_t count, void* stream) {
@@ -527,20 +440,36 @@ absl::Status ScheduledEngine::Stage(int b, int stage, const SlotRange& r) {
     case 4: {
       if (Pool(b).ag == nullptr) return absl::OkStatus();
       if (absl::Status s = Order(&fl.ag); !s.ok()) return s;
-      backend_->UnpackWeights(b);
+      backend_->UnpackWeights(b, plan_.buckets[b].Windows() - 1);
       return absl::OkStatus();
     }
   }
   return absl::OkStatus();
 }
 
+// Packs and starts the all-gather of bucket b's weights. A bucket cut into windows sends all
+// but its last window here, one after the other through the same buffer; the last one is left
+// in flight for stage 4 (or GatherParamsNow) to unpack.
 absl::Status ScheduledEngine::StartWeightGather(int b) {
   const BucketPlan& bp = plan_.buckets[b];
-  backend_->PackWeights(b);
   void* weights = backend_->Buffers(b).weights;
-  return Issue(&traffic_.weights, &Pool(b).ag, [&] {
-    return comm_->AllGather(nullptr, weights, bp.seg, CommType(bp.param_dtype), Space(), Stream());
-  });
+  const int last = bp.Windows() - 1;
+  for (int w = 0; w <= last; ++w) {
+    backend_->PackWeights(b, w);
+    bp.WindowCounts(w, world_, counts_.data());
+    const absl::Span<const int64_t> counts = counts_;
+    if (absl::Status s = Issue(&traffic_.weights, &Pool(b).ag, [&] {
+          return comm_->AllGather(nullptr, weights, counts, CommType(bp.param_dtype), Space(),
+                                  Stream());
+        });
+        !s.ok()) {
+      return s;
+    }
+    if (w == last) break;
+    if (absl::Status s = Order(&Pool(b).ag); !s.ok()) return s;
+    backend_->UnpackWeights(b, w);
+  }
+  return absl::OkStatus();
 }
 
 absl::Status ScheduledEngine::GatherParamsNow() {
@@ -549,7 +478,7 @@ absl::Status ScheduledEngine::GatherParamsNow() {
     const int bi = static_cast<int>(b);
     if (absl::Status s = StartWeightGather(bi); !s.ok()) return s;
     if (absl::Status s = Order(&Pool(bi).ag); !s.ok()) return s;
-    backend_->UnpackWeights(bi);
+    backend_->UnpackWeights(bi, plan_.buckets[b].Windows() - 1);
   }
   weights_pending_ = false;
   return absl::OkStatus();

@@ -1,7 +1,11 @@
 #include "dist_opt/shard_plan.h"
 
 #include <algorithm>
+#include <functional>
+#include <map>
 #include <numeric>
+#include <queue>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -32,20 +36,91 @@ double NsCost(int64_t m, int64_t n) {
 namespace {
 
 // Longest-processing-time bin packing: items by weight (heaviest first, ties by index), each
-// onto the least loaded rank (ties: the lowest rank). Deterministic, so every rank agrees.
-void Pack(const std::vector<int>& items, const std::vector<double>& weight, std::vector<double>* load,
+// onto the least loaded rank (ties: the lowest rank), through a min-heap of rank loads:
+// O(items log items + items log N). Deterministic, so every rank agrees.
+void Pack(std::vector<int> items, const std::vector<double>& weight, int world,
           std::vector<int>* owner) {
-  std::vector<int> order = items;
-  std::stable_sort(order.begin(), order.end(),
+  std::stable_sort(items.begin(), items.end(),
                    [&](int a, int b) { return weight[a] > weight[b]; });
-  for (int item : order) {
-    const int r = static_cast<int>(std::min_element(load->begin(), load->end()) - load->begin());
-    (*owner)[item] = r;
-    (*load)[r] += weight[item];
+  using Load = std::pair<double, int>;  // (load, rank): the heap's top is the least loaded
+  std::priority_queue<Load, std::vector<Load>, std::greater<Load>> heap;
+  // Only as many ranks as items can receive one: the rest stay at zero load.
+  const int ranks = static_cast<int>(std::min<size_t>(static_cast<size_t>(world), items.size()));
+  for (int r = 0; r < ranks; ++r) heap.push({0.0, r});
+  for (int item : items) {
+    Load top = heap.top();
+    heap.pop();
+    (*owner)[item] = top.second;
+    top.first += weight[item];
+    heap.push(top);
   }
 }
 
+// Buckets as runs of slots: whole parameters from the last registered to the first, about
+// bucket_bytes of f32 state each; a parameter larger than that gets buckets of its own (an
+// expert stack split by experts).
+struct SlotRun {
+  int64_t first_param = 0, end_param = 0;
+  std::vector<int> slots;
+};
+std::vector<SlotRun> FormBuckets(const std::vector<ParamEntry>& params, const ShardPlan& plan,
+                                 int64_t bucket_bytes) {
+  std::vector<SlotRun> runs;
+  int64_t bytes = 0;
+  bool open = false;  // the last run takes more whole parameters
+  for (int64_t i = static_cast<int64_t>(params.size()) - 1; i >= 0; --i) {
+    const ParamEntry& p = params[i];
+    const int64_t pb = p.numel() * 4;
+    if (pb > bucket_bytes) {
+      // Its own buckets: experts in runs that fit (at least one expert each).
+      const int64_t eb = p.m * p.n * 4;
+      const int64_t per = std::max<int64_t>(1, bucket_bytes / std::max<int64_t>(eb, 1));
+      for (int64_t e0 = 0; e0 < p.experts; e0 += per) {
+        SlotRun r{i, i + 1, {}};
+        for (int64_t e = e0; e < std::min(p.experts, e0 + per); ++e)
+          r.slots.push_back(static_cast<int>(plan.first_slot[i] + e));
+        runs.push_back(std::move(r));
+      }
+      open = false;
+      continue;
+    }
+    bool fresh = !open;
+    if (!fresh) {
+      const ParamEntry& last = params[runs.back().first_param];
+      fresh = bytes + pb > bucket_bytes || last.param_dtype != p.param_dtype ||
+              last.grad_dtype != p.grad_dtype;
+    }
+    if (fresh) {
+      runs.push_back(SlotRun{i, i + 1, {}});
+      bytes = 0;
+      open = true;
+    }
+    runs.back().first_param = i;
+    bytes += pb;
+  }
+  // Pack in registration order within a run of whole parameters.
+  for (SlotRun& r : runs) {
+    if (!r.slots.empty()) continue;
+    for (int64_t i = r.first_param; i < r.end_param; ++i)
+      for (int64_t e = 0; e < params[i].experts; ++e)
+        r.slots.push_back(static_cast<int>(plan.first_slot[i] + e));
+  }
+  return runs;
+}
+
 }  // namespace
+
+void BucketPlan::WindowCounts(int w, int world, int64_t* counts) const {
+  const kernels::SegmentView v = map.view();
+  const int64_t begin = static_cast<int64_t>(w) * window;
+  for (int r = 0; r < world; ++r) counts[r] = std::clamp<int64_t>(v.Len(r) - begin, 0, window);
+}
+
+std::vector<int64_t> BucketPlan::WindowCounts(int w, int world) const {
+  std::vector<int64_t> counts(static_cast<size_t>(world));
+  WindowCounts(w, world, counts.data());
+  return counts;
+}
 
 ShardPlan BuildShardPlan(const std::vector<ParamEntry>& params, const std::vector<Group>& groups,
                          const PlanOptions& o) {
@@ -54,10 +129,14 @@ ShardPlan BuildShardPlan(const std::vector<ParamEntry>& params, const std::vecto
   plan.world = N;
   plan.equal_segments = o.equal_segments;
   plan.grad_comm_bytes = o.grad_comm_bytes;
+  plan.bucket_bytes = o.bucket_bytes;
   for (size_t i = 0; i < params.size(); ++i) {
     const ParamEntry& p = params[i];
     plan.first_slot.push_back(static_cast<int64_t>(plan.slots.size()));
-    const Layout layout = p.ndim == 1 ? Layout::kOwner : ResolvedLayout(groups[p.group].spec);
+    Layout layout = p.ndim == 1 ? Layout::kOwner : ResolvedLayout(groups[p.group].spec);
+    // See the header: held whole when segments may differ; with equal segments an owner's
+    // matrix would pad every other rank's segment to its size, N times its volume.
+    if (layout == Layout::kRows && p.m < N && !o.equal_segments) layout = Layout::kOwner;
     for (int64_t e = 0; e < p.experts; ++e) {
       SlotPlan s;
       s.param = static_cast<int64_t>(i);
@@ -75,83 +154,133 @@ ShardPlan BuildShardPlan(const std::vector<ParamEntry>& params, const std::vecto
     }
   }
 
-  // Owners. Newton-Schulz work (owner layout or not) is balanced over ranks by its cost;
-  // whole Adam matrices and vectors by their elements (state memory and elementwise work).
+  // Owners: every Muon matrix (its Newton-Schulz) and every whole matrix (its state). A
+  // rank's load is its share of all NS cost plus its share of all whole-matrix state, so
+  // both are balanced together.
   const size_t S = plan.slots.size();
-  std::vector<double> ns_weight(S, 0.0), mem_weight(S, 0.0);
-  std::vector<int> ns_items, mem_items, owner(S, 0);
+  double ns_total = 0.0, bytes_total = 0.0;
+  for (const SlotPlan& s : plan.slots) {
+    if (s.muon) ns_total += NsCost(s.m, s.n);
+    if (s.layout == Layout::kOwner) bytes_total += static_cast<double>(s.m * s.n);
+  }
+  std::vector<double> weight(S, 0.0);
+  std::vector<int> items, owner(S, 0);
   for (size_t k = 0; k < S; ++k) {
     const SlotPlan& s = plan.slots[k];
-    if (s.muon) {
-      ns_weight[k] = NsCost(s.m, s.n);
-      ns_items.push_back(static_cast<int>(k));
-    } else if (s.layout == Layout::kOwner) {
-      mem_weight[k] = static_cast<double>(s.m * s.n);
-      mem_items.push_back(static_cast<int>(k));
-    }
+    if (!s.muon && s.layout != Layout::kOwner) continue;
+    if (s.muon) weight[k] += NsCost(s.m, s.n) / ns_total;
+    if (s.layout == Layout::kOwner) weight[k] += static_cast<double>(s.m * s.n) / bytes_total;
+    items.push_back(static_cast<int>(k));
   }
-  std::vector<double> ns_load(N, 0.0), mem_load(N, 0.0);
-  Pack(ns_items, ns_weight, &ns_load, &owner);
-  Pack(mem_items, mem_weight, &mem_load, &owner);
+  Pack(std::move(items), weight, N, &owner);
   for (size_t k = 0; k < S; ++k) plan.slots[k].owner = owner[k];
 
-  // Buckets: whole parameters, from the last registered to the first.
   plan.bucket_of_param.assign(params.size(), 0);
-  std::vector<std::vector<int64_t>> bucket_params;
-  int64_t bytes = 0;
-  for (int64_t i = static_cast<int64_t>(params.size()) - 1; i >= 0; --i) {
-    const ParamEntry& p = params[i];
-    const int64_t pb = p.numel() * 4;
-    bool fresh = bucket_params.empty();
-    if (!fresh) {
-      const ParamEntry& last = params[bucket_params.back().back()];
-      fresh = bytes + pb > o.bucket_bytes || last.param_dtype != p.param_dtype ||
-              last.grad_dtype != p.grad_dtype;
-    }
-    if (fresh) {
-      bucket_params.emplace_back();
-      bytes = 0;
-    }
-    bucket_params.back().push_back(i);
-    bytes += pb;
-  }
-  for (const std::vector<int64_t>& members : bucket_params) {
+  for (SlotRun& run : FormBuckets(params, plan, o.bucket_bytes)) {
     BucketPlan b;
     const int index = static_cast<int>(plan.buckets.size());
-    // Pack in registration order within the bucket (members were collected in reverse).
-    std::vector<int64_t> ordered(members.rbegin(), members.rend());
-    b.first_param = ordered.front();
-    b.end_param = ordered.back() + 1;
-    b.param_dtype = params[ordered.front()].param_dtype;
-    b.grad_dtype = params[ordered.front()].grad_dtype;
-    for (int64_t i : ordered) {
-      plan.bucket_of_param[i] = index;
-      for (int64_t e = 0; e < params[i].experts; ++e) {
-        const int k = static_cast<int>(plan.first_slot[i] + e);
-        plan.slots[k].bucket = index;
-        plan.slots[k].bucket_pos = static_cast<int64_t>(b.slots.size());
-        b.slots.push_back(k);
+    b.first_param = run.first_param;
+    b.end_param = run.end_param;
+    b.param_dtype = params[run.first_param].param_dtype;
+    b.grad_dtype = params[run.first_param].grad_dtype;
+    b.slots = std::move(run.slots);
+    // The rows part first, then each owner's matrices in slot order.
+    std::map<int, int64_t> owned;
+    for (size_t q = 0; q < b.slots.size(); ++q) {
+      SlotPlan& s = plan.slots[b.slots[q]];
+      s.bucket = index;
+      s.bucket_pos = static_cast<int64_t>(q);
+      if (s.layout == Layout::kRows) {
+        s.seg_pos = b.map.rows;
+        b.map.rows += s.block_rows * s.n;
+        b.row_pad += (N * s.block_rows - s.m) * s.n;
       }
     }
-    b.seg.assign(N, 0);
-    b.offset.assign(b.slots.size() * N, 0);
-    for (size_t k = 0; k < b.slots.size(); ++k) {
-      const SlotPlan& s = plan.slots[b.slots[k]];
-      for (int r = 0; r < N; ++r) {
-        b.offset[k * N + r] = b.seg[r];
-        b.seg[r] += s.PackedRows(r) * s.n;
+    for (int q : b.slots) {
+      SlotPlan& s = plan.slots[q];
+      if (s.layout != Layout::kOwner) continue;
+      int64_t& at = owned[s.owner];
+      s.seg_pos = b.map.rows + at;
+      at += s.m * s.n;
+    }
+    int64_t before = 0, most = 0;
+    for (const auto& [rank, elems] : owned) {
+      b.map.owned.push_back(kernels::OwnedPart{rank, elems, before});
+      before += elems;
+      most = std::max(most, elems);
+    }
+    b.longest = b.map.rows + most;
+    const int64_t real = N * b.map.rows + before;
+    if (o.equal_segments && N > 1) {
+      b.map.equal = b.longest;
+      b.total = N * b.longest;
+      b.tail_pad = b.total - real;
+    } else {
+      b.total = real;
+    }
+    // A bucket over bucket_bytes is one parameter (FormBuckets): window its collectives so
+    // that one window of every rank's segment together stays within bucket_bytes: the widest
+    // window W whose staging, sum over ranks of min(segment, W), fits (binary search; the
+    // sum needs only the rows part and the owned parts).
+    const int64_t elems = std::max<int64_t>(1, o.bucket_bytes / 4);
+    b.window = std::max<int64_t>(b.longest, 1);
+    if (N > 1 && b.total > elems) {
+      const kernels::SegmentView v = b.map.view();
+      auto staging = [&](int64_t w) {
+        if (v.equal >= 0) return N * std::min(v.equal, w);
+        int64_t sum = (N - v.owned_count) * std::min(v.rows, w);
+        for (int32_t i = 0; i < v.owned_count; ++i) sum += std::min(v.rows + v.owned[i].elems, w);
+        return sum;
+      };
+      int64_t lo = 1, hi = b.longest;  // staging(lo) <= elems unless N > elems
+      while (lo < hi) {
+        const int64_t mid = lo + (hi - lo + 1) / 2;
+        if (staging(mid) <= elems) lo = mid; else hi = mid - 1;
       }
+      b.window = lo;
     }
-    b.rows = b.seg;
-    if (o.equal_segments) {
-      const int64_t longest = *std::max_element(b.seg.begin(), b.seg.end());
-      for (int r = 0; r < N; ++r) b.tail_pad += longest - b.seg[r];
-      b.seg.assign(N, longest);
+    for (int64_t i = b.first_param; i < b.end_param; ++i) {
+      if (plan.slots[plan.first_slot[i]].bucket == index) plan.bucket_of_param[i] = index;
     }
-    b.total = std::accumulate(b.seg.begin(), b.seg.end(), int64_t{0});
     plan.buckets.push_back(std::move(b));
   }
   return plan;
+}
+
+void ShardPlan::Loads(std::vector<double>* state, std::vector<double>* ns) const {
+  // Rows-layout slots add a full block to ranks [0, full) and the rest to rank `full`: a
+  // difference array keeps that O(1) per slot.
+  std::vector<double> diff(static_cast<size_t>(world) + 1, 0.0);
+  state->assign(static_cast<size_t>(world), 0.0);
+  ns->assign(static_cast<size_t>(world), 0.0);
+  for (const SlotPlan& s : slots) {
+    if (s.muon) (*ns)[s.owner] += NsCost(s.m, s.n);
+    if (s.layout == Layout::kOwner) {
+      (*state)[s.owner] += static_cast<double>(s.m * s.n);
+      continue;
+    }
+    const int64_t full = std::min<int64_t>(world, s.m / s.block_rows);
+    diff[0] += static_cast<double>(s.block_rows * s.n);
+    diff[full] -= static_cast<double>(s.block_rows * s.n);
+    if (full < world) (*state)[full] += static_cast<double>((s.m - full * s.block_rows) * s.n);
+  }
+  double run = 0.0;
+  for (int r = 0; r < world; ++r) {
+    run += diff[r];
+    (*state)[r] += run;
+  }
+}
+
+int64_t ShardPlan::Bytes() const {
+  int64_t b = static_cast<int64_t>(sizeof(ShardPlan) + slots.capacity() * sizeof(SlotPlan) +
+                                   first_slot.capacity() * sizeof(int64_t) +
+                                   bucket_of_param.capacity() * sizeof(int) +
+                                   buckets.capacity() * sizeof(BucketPlan));
+  for (const BucketPlan& bp : buckets) {
+    b += static_cast<int64_t>(bp.slots.capacity() * sizeof(int) +
+                              bp.map.owned.capacity() * sizeof(kernels::OwnedPart));
+  }
+  return b;
 }
 
 int64_t PaddingBytes(const ShardPlan& plan, const BucketPlan& b) {
@@ -206,17 +335,18 @@ std::string ShardPlan::Describe(const std::vector<ParamEntry>& params) const {
                           s.block_rows, ToString(s.layout), s.muon ? "yes" : "no", s.owner,
                           s.bucket);
   }
-  std::vector<double> state(world, 0.0), ns(world, 0.0);
-  for (const SlotPlan& s : slots) {
-    for (int r = 0; r < world; ++r) state[r] += static_cast<double>(s.Rows(r) * s.n);
-    if (s.muon) ns[s.owner] += NsCost(s.m, s.n);
-  }
+  std::vector<double> state, ns;
+  Loads(&state, &ns);
   int64_t pad = 0, pad_bytes = 0;
   for (size_t b = 0; b < buckets.size(); ++b) {
     const BucketPlan& bp = buckets[b];
-    absl::StrAppendFormat(&out, "bucket %d: params [%d, %d), %d matrices, %d elements per rank segment (max), %d in all",
-                          b, bp.first_param, bp.end_param, bp.slots.size(),
-                          *std::max_element(bp.seg.begin(), bp.seg.end()), bp.total);
+    absl::StrAppendFormat(&out, "bucket %d: params [%d, %d), %d matrices, %d elements per rank segment (max), %d in all, %d of row padding",
+                          b, bp.first_param, bp.end_param, bp.slots.size(), bp.longest, bp.total,
+                          bp.row_pad);
+    if (bp.Windows() > 1) {
+      absl::StrAppendFormat(&out, ", %d windows of %d elements per segment", bp.Windows(),
+                            bp.window);
+    }
     if (equal_segments) {
       absl::StrAppendFormat(&out, ", tail padding %d elements (+%d B per step on the wire)",
                             bp.tail_pad, PaddingBytes(*this, bp));
@@ -237,8 +367,15 @@ std::string ShardPlan::Describe(const std::vector<ParamEntry>& params) const {
     const double mean = std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
     return mean > 0 ? *std::max_element(v.begin(), v.end()) / mean : 1.0;
   };
-  for (int r = 0; r < world; ++r) {
-    absl::StrAppendFormat(&out, "rank %d: %.0f state elements, NS cost %.3g\n", r, state[r], ns[r]);
+  if (world <= 16) {
+    for (int r = 0; r < world; ++r) {
+      absl::StrAppendFormat(&out, "rank %d: %.0f state elements, NS cost %.3g\n", r, state[r], ns[r]);
+    }
+  } else {
+    auto [slo, shi] = std::minmax_element(state.begin(), state.end());
+    auto [nlo, nhi] = std::minmax_element(ns.begin(), ns.end());
+    absl::StrAppendFormat(&out, "per rank: %.0f to %.0f state elements, NS cost %.3g to %.3g\n",
+                          *slo, *shi, *nlo, *nhi);
   }
   absl::StrAppendFormat(&out, "imbalance (max/mean): state %.3f, NS %.3f\n", imbalance(state),
                         imbalance(ns));

@@ -35,6 +35,7 @@
 #include "absl/types/span.h"
 #include "kernels/common/dtype.h"
 #include "kernels/common/ns_coeffs.h"
+#include "kernels/common/segment_map.h"
 #include "kernels/common/update_rule.h"
 
 namespace mdopt::kernels {
@@ -88,29 +89,33 @@ struct SlotDesc {
   int64_t full_offset = 0;         // ns_gathered: the whole X in the bucket's full buffer
 };
 
-// A copy between a param tensor and a bucket buffer (the collectives' pack and unpack).
-struct CopySpan {
-  int64_t param = 0;
-  int64_t tensor_offset = 0;  // elements into the param tensor
-  int64_t buffer_offset = 0;  // elements into the buffer
-  int64_t count = 0;          // elements copied
-  int64_t pad = 0;            // zeros written after them (packing for a collective)
-};
-
 // A range of a float buffer that crosses the wire in bf16 (ns_comm_dtype=bf16).
 struct ElementRange {
   int64_t offset = 0, count = 0;
 };
 
+// One window of a bucket's segments, moved by one reduce-scatter and one all-gather. A
+// bucket has one window covering its whole segments unless it is a single parameter larger
+// than bucket_mb: then its segments are cut into windows whose staging (every rank's part
+// together) fits in bucket_mb, so the collectives' buffers do not grow with the largest
+// parameter.
+struct CommChunk {
+  SegmentMap map;        // every rank's part of the window: lengths and starts in the staging
+  int64_t seg_begin = 0; // where the window starts in every segment (so in grad_seg)
+  int64_t total = 0;     // staging elements: every rank's part together
+  // Model gradients -> staging: every rank's rows (strided spans) and whole matrices;
+  // this rank's rows -> staging (at its own part); staging -> other ranks' rows.
+  std::vector<CopySpan> grad_pack, weight_pack, weight_unpack;
+};
+
 struct BucketDesc {
   std::vector<int> slots;               // slot indices
+  // The params with slots here, [first_param, end_param). An expert stack larger than
+  // bucket_mb is split over several buckets by experts, so a param may be in several.
   int64_t first_param = 0, end_param = 0;
   Dtype param_dtype = Dtype::kF32;     // of the weights all-gather
-  int64_t seg = 0;                      // elements of this rank's segment
-  int64_t total = 0;                    // elements of every rank's segment together
-  std::vector<CopySpan> grad_pack;      // model gradients -> staging (every rank's rows)
-  std::vector<CopySpan> weight_pack;    // this rank's rows -> the weights buffer
-  std::vector<CopySpan> weight_unpack;  // the weights buffer -> other ranks' rows
+  int64_t seg = 0;                      // elements of this rank's segment (tail padding included)
+  std::vector<CommChunk> chunks;        // the windows, in segment order (one at least)
   int64_t x_local = 0;                  // elements of X rows this rank holds (Muon slots)
   int64_t full = 0;                     // elements of the whole-X buffer
   std::vector<ElementRange> full_remote;  // where the full buffer holds other ranks' blocks
@@ -136,7 +141,7 @@ struct BackendConfig {
 
 // What a backend's rotating pool of `pipeline` bucket workspaces is sized for: each buffer's
 // largest need over the buckets (elements; weight_bytes in bytes). send and weight_bytes are
-// 0 at one rank (no collectives).
+// the largest window's staging (CommChunk::total), 0 at one rank (no collectives).
 struct PoolNeeds {
   int64_t x_local = 0, full = 0, cross = 0, radial = 0, seg = 0, send = 0, weight_bytes = 0;
 };
@@ -150,16 +155,38 @@ inline PoolNeeds MaxBucketNeeds(const BackendConfig& c) {
     up(&n.radial, bd.radial_len);
     up(&n.seg, bd.seg);
     if (c.sharded) {
-      up(&n.send, bd.total);
-      up(&n.weight_bytes, bd.total * (bd.param_dtype == Dtype::kF32 ? 4 : 2));
+      for (const CommChunk& ch : bd.chunks) {
+        up(&n.send, ch.total);
+        up(&n.weight_bytes, ch.total * (bd.param_dtype == Dtype::kF32 ? 4 : 2));
+      }
     }
   }
   return n;
 }
 
+// Bytes of the step's bucket buffers as the backends lay them out: `pipeline` pool entries
+// (X rows, whole X, their bf16 copies for bf16 NS traffic, the cross and radial records, the
+// weights staging, the update-norm copy), every bucket's reduced gradient rows, two gradient
+// staging buffers and the finite-check record. Newton-Schulz and tile scratch come on top
+// (a few matrices' worth, independent of the rank count). Computed, not allocated: the scale
+// report sizes ranks of worlds that do not exist with it.
+inline int64_t BucketBufferBytes(const BackendConfig& c) {
+  const PoolNeeds n = MaxBucketNeeds(c);
+  const int64_t x16 = c.ns_comm_bf16 && c.sharded ? 2 * (n.x_local + n.full) : 0;
+  const int64_t entry = 4 * (n.x_local + n.full) + x16 + 8 * (n.cross + n.radial) +
+                        n.weight_bytes + (c.update_norms ? 4 * n.seg : 0);
+  int64_t b = static_cast<int64_t>(c.pipeline > 1 ? c.pipeline : 1) * entry;
+  if (c.grads_segmented) {
+    const int64_t gb = c.grad_comm_bf16 ? 2 : 4;
+    for (const BucketDesc& bd : c.buckets) b += bd.seg * gb;
+    b += static_cast<int64_t>(c.buckets.size() < 2 ? c.buckets.size() : 2) * n.send * gb;
+  }
+  return b + 8 * (c.check_len > 1 ? c.check_len : 1);
+}
+
 // Buffers of one bucket in the backend's memory (stable after Setup), for the collectives.
 struct BucketBuffers {
-  void* grad_send = nullptr;     // `total` elements in the grad comm dtype (staging)
+  void* grad_send = nullptr;     // a window's staging, in the grad comm dtype
   void* grad_seg = nullptr;      // `seg` elements in the grad comm dtype (reduced rows)
   float* x_local = nullptr;      // X, then O, of the Muon rows this rank holds
   uint16_t* x_local16 = nullptr; // their bf16 copies (ns_comm_dtype=bf16)
@@ -167,7 +194,7 @@ struct BucketBuffers {
   uint16_t* x_full16 = nullptr;
   double* cross = nullptr;       // cross record (cross_len doubles, summed in place)
   double* radial = nullptr;      // radial record (radial_len doubles)
-  void* weights = nullptr;       // `total` elements in the param dtype (all-gather)
+  void* weights = nullptr;       // a window's staging, in the param dtype (all-gather)
 };
 
 // Per group for one step: lr and gain_lr with the schedule's scale applied.
@@ -257,9 +284,13 @@ class StepBackend {
   // another device's); nothing is bound then.
   virtual absl::Status BindParams(int64_t first, absl::Span<const ParamPointers> ptrs) = 0;
   virtual void BeginStep(absl::Span<const GroupScalars> groups) = 0;
-  // Model gradients -> the bucket's staging buffer (grad comm dtype; bf16 upcast to f32).
-  virtual void PackGrads(int bucket) = 0;
-  // Sums of squares of this rank's gradient rows, per param, into the check record.
+  // Model gradients of window `chunk` -> the staging buffer (grad comm dtype; bf16 upcast
+  // to f32). Row padding is written as zeros; the segments' tail padding (equal segments)
+  // is left as the buffer held it: it is reduced and never read.
+  virtual void PackGrads(int bucket, int chunk) = 0;
+  // Sums of squares of this rank's gradient rows, per param, into the check record: the
+  // param's slots in this bucket. Buckets are checked in order; the bucket holding a param's
+  // first slot sets its entry, later ones (an expert stack split over buckets) add to it.
   virtual void CheckFinite(int bucket) = 0;
   virtual double* check_record() = 0;
   // After the record is summed over ranks: the skip flag and the grad norm.
@@ -279,9 +310,10 @@ class StepBackend {
   virtual void ApplyCross(const SlotRange& r) = 0;
   // Gains Adam, projection, W = gains (x) D' and the model copy of this rank's rows.
   virtual void Finish(const SlotRange& r) = 0;
-  // This rank's model rows -> the weights buffer; the buffer -> other ranks' rows.
-  virtual void PackWeights(int bucket) = 0;
-  virtual void UnpackWeights(int bucket) = 0;
+  // Window `chunk`: this rank's model rows -> the weights buffer; the buffer -> other
+  // ranks' rows.
+  virtual void PackWeights(int bucket, int chunk) = 0;
+  virtual void UnpackWeights(int bucket, int chunk) = 0;
   // Counts the step (unless skipped).
   virtual void EndStep() = 0;
   // Waits for the step; what the host may know of it.

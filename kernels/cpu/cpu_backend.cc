@@ -89,7 +89,7 @@ class CpuBackend final : public StepBackend {
     return absl::OkStatus();
   }
   void BeginStep(absl::Span<const GroupScalars> groups) override;
-  void PackGrads(int bucket) override;
+  void PackGrads(int bucket, int chunk) override;
   void CheckFinite(int bucket) override;
   double* check_record() override { return check_.data(); }
   void ApplyCheck() override;
@@ -101,8 +101,8 @@ class CpuBackend final : public StepBackend {
   void AssembleCross(const SlotRange& r) override;
   void ApplyCross(const SlotRange& r) override;
   void Finish(const SlotRange& r) override;
-  void PackWeights(int bucket) override;
-  void UnpackWeights(int bucket) override;
+  void PackWeights(int bucket, int chunk) override;
+  void UnpackWeights(int bucket, int chunk) override;
   void EndStep() override {
     if (!skip_) ++t_;
   }
@@ -354,41 +354,57 @@ void CpuBackend::BeginStep(absl::Span<const GroupScalars> groups) {
 
 // Every rank's rows of the bucket's gradients, rank-major and padded, in the comm dtype:
 // bf16 gradients are widened to float32 here unless the reduction itself is to move bf16.
-void CpuBackend::PackGrads(int b) {
-  const BucketDesc& bd = cfg_.buckets[b];
+void CpuBackend::PackGrads(int b, int w) {
+  const CommChunk& ch = cfg_.buckets[b].chunks[w];
+  const SegmentView map = ch.map.view();
   uint8_t* send = static_cast<uint8_t*>(Buffers(b).grad_send);
   const bool to_bf16 = cfg_.grad_comm_bf16;
   const size_t out_bytes = to_bf16 ? 2 : 4;
-  for (const CopySpan& c : bd.grad_pack) {
+  auto copy = [&](const CopySpan& c, int64_t tensor, int64_t buffer, int64_t count, int64_t pad) {
     const ParamDesc& p = cfg_.params[c.param];
     const void* src_base = ptrs_[c.param].grad;
-    uint8_t* dst = send + c.buffer_offset * out_bytes;
+    uint8_t* dst = send + buffer * out_bytes;
     if (p.grad_dtype == Dtype::kF32 && !to_bf16) {
-      std::memcpy(dst, static_cast<const float*>(src_base) + c.tensor_offset, c.count * 4);
+      std::memcpy(dst, static_cast<const float*>(src_base) + tensor, count * 4);
     } else if (p.grad_dtype == Dtype::kBf16 && to_bf16) {
-      std::memcpy(dst, static_cast<const uint16_t*>(src_base) + c.tensor_offset, c.count * 2);
+      std::memcpy(dst, static_cast<const uint16_t*>(src_base) + tensor, count * 2);
     } else if (p.grad_dtype == Dtype::kBf16) {  // bf16 -> f32: exact
-      const uint16_t* src = static_cast<const uint16_t*>(src_base) + c.tensor_offset;
+      const uint16_t* src = static_cast<const uint16_t*>(src_base) + tensor;
       float* out = reinterpret_cast<float*>(dst);
-      for (int64_t e = 0; e < c.count; ++e) out[e] = Bf16ToFloat(src[e]);
+      for (int64_t e = 0; e < count; ++e) out[e] = Bf16ToFloat(src[e]);
     } else {  // f32 -> bf16 (grad_comm_dtype=bf16 with f32 gradients)
-      const float* src = static_cast<const float*>(src_base) + c.tensor_offset;
+      const float* src = static_cast<const float*>(src_base) + tensor;
       uint16_t* out = reinterpret_cast<uint16_t*>(dst);
-      for (int64_t e = 0; e < c.count; ++e) out[e] = FloatToBf16(src[e]);
+      for (int64_t e = 0; e < count; ++e) out[e] = FloatToBf16(src[e]);
     }
-    std::memset(dst + c.count * out_bytes, 0, static_cast<size_t>(c.pad) * out_bytes);
+    std::memset(dst + count * out_bytes, 0, static_cast<size_t>(pad) * out_bytes);
+  };
+  for (const CopySpan& c : ch.grad_pack) {
+    if (c.blocks == 0) {
+      copy(c, c.tensor_offset, c.buffer_offset, c.count, c.pad);
+      continue;
+    }
+    for (int r = 0; r < c.blocks; ++r) {
+      if (r == c.skip_rank) continue;
+      const SpanBlock k = BlockOf(c, map, r);
+      copy(c, k.tensor, k.buffer, k.real, k.pad);
+    }
   }
 }
 
 void CpuBackend::CheckFinite(int b) {
   const BucketDesc& bd = cfg_.buckets[b];
-  for (int64_t i = bd.first_param; i < bd.end_param; ++i) {
+  // Slots of one param are consecutive in a bucket; the bucket of its first slot sets the
+  // entry, a later one (an expert stack split over buckets) adds to it.
+  for (size_t q = 0; q < bd.slots.size();) {
+    const int64_t i = cfg_.slots[bd.slots[q]].param;
     double total = 0.0;
-    for (int64_t e = 0; e < cfg_.params[i].experts; ++e) {
-      const int k = static_cast<int>(first_slot_[i] + e);
+    for (; q < bd.slots.size() && cfg_.slots[bd.slots[q]].param == i; ++q) {
+      const int k = bd.slots[q];
       if (cfg_.slots[k].rows > 0) total += fast::GradSumSq(View(k), &scratch_);
     }
-    check_[i] = total;
+    const bool first = cfg_.slots[first_slot_[i]].bucket == b;
+    check_[i] = first ? total : check_[i] + total;
   }
 }
 
@@ -616,24 +632,37 @@ void CpuBackend::Finish(const SlotRange& r) {
   }
 }
 
-void CpuBackend::PackWeights(int b) {
+void CpuBackend::PackWeights(int b, int w) {
   const BucketDesc& bd = cfg_.buckets[b];
   const size_t eb = Bytes(bd.param_dtype);
   uint8_t* buf = static_cast<uint8_t*>(Pool(b).weights.data());
-  for (const CopySpan& c : bd.weight_pack) {
+  for (const CopySpan& c : bd.chunks[w].weight_pack) {
     std::memcpy(buf + c.buffer_offset * eb,
                 static_cast<const uint8_t*>(ptrs_[c.param].param) + c.tensor_offset * eb,
                 static_cast<size_t>(c.count) * eb);
   }
 }
 
-void CpuBackend::UnpackWeights(int b) {
+void CpuBackend::UnpackWeights(int b, int w) {
   const BucketDesc& bd = cfg_.buckets[b];
+  const CommChunk& ch = bd.chunks[w];
+  const SegmentView map = ch.map.view();
   const size_t eb = Bytes(bd.param_dtype);
   const uint8_t* buf = Pool(b).weights.data();
-  for (const CopySpan& c : bd.weight_unpack) {
-    std::memcpy(static_cast<uint8_t*>(ptrs_[c.param].param) + c.tensor_offset * eb,
-                buf + c.buffer_offset * eb, static_cast<size_t>(c.count) * eb);
+  auto copy = [&](const CopySpan& c, int64_t tensor, int64_t buffer, int64_t count) {
+    std::memcpy(static_cast<uint8_t*>(ptrs_[c.param].param) + tensor * eb, buf + buffer * eb,
+                static_cast<size_t>(count) * eb);
+  };
+  for (const CopySpan& c : ch.weight_unpack) {
+    if (c.blocks == 0) {
+      copy(c, c.tensor_offset, c.buffer_offset, c.count);
+      continue;
+    }
+    for (int r = 0; r < c.blocks; ++r) {
+      if (r == c.skip_rank) continue;
+      const SpanBlock k = BlockOf(c, map, r);
+      if (k.real > 0) copy(c, k.tensor, k.buffer, k.real);
+    }
   }
 }
 

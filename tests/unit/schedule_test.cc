@@ -131,7 +131,10 @@ class RecordingBackend final : public kernels::StepBackend {
   absl::Status Setup(kernels::BackendConfig config, absl::Span<const kernels::ParamPointers>) override {
     config_ = std::move(config);
     for (const kernels::BucketDesc& b : config_.buckets) {
-      floats_.emplace_back(static_cast<size_t>(4 * b.total + b.x_local + b.full + 1));
+      int64_t total = 0;  // the largest window's staging
+      for (const kernels::CommChunk& c : b.chunks) total = std::max(total, c.total);
+      totals_.push_back(std::max(total, b.seg));
+      floats_.emplace_back(static_cast<size_t>(4 * totals_.back() + b.x_local + b.full + 1));
       halves_.emplace_back(static_cast<size_t>(b.x_local + b.full + 1));
       doubles_.emplace_back(static_cast<size_t>(b.cross_len + b.radial_len + 1));
     }
@@ -141,11 +144,12 @@ class RecordingBackend final : public kernels::StepBackend {
   kernels::BucketBuffers Buffers(int b) override {
     const kernels::BucketDesc& d = config_.buckets[b];
     float* f = floats_[b].data();
+    const int64_t total = totals_[b];
     kernels::BucketBuffers out;
     out.grad_send = f;
-    out.grad_seg = f + d.total;
-    out.weights = f + 2 * d.total;
-    out.x_local = f + 4 * d.total;
+    out.grad_seg = f + total;
+    out.weights = f + 2 * total;
+    out.x_local = f + 4 * total;
     out.x_full = out.x_local + d.x_local;
     out.x_local16 = halves_[b].data();
     out.x_full16 = out.x_local16 + d.x_local;
@@ -174,7 +178,7 @@ class RecordingBackend final : public kernels::StepBackend {
     return absl::OkStatus();
   }
   void BeginStep(absl::Span<const kernels::GroupScalars>) override { Add("BeginStep", -1); }
-  void PackGrads(int b) override { Add("PackGrads", b); }
+  void PackGrads(int b, int) override { Add("PackGrads", b); }
   void CheckFinite(int b) override { Add("CheckFinite", b); }
   double* check_record() override { return check_.data(); }
   void ApplyCheck() override { Add("ApplyCheck", -1); }
@@ -186,8 +190,8 @@ class RecordingBackend final : public kernels::StepBackend {
   void AssembleCross(const kernels::SlotRange& r) override { Add("AssembleCross", r); }
   void ApplyCross(const kernels::SlotRange& r) override { Add("ApplyCross", r); }
   void Finish(const kernels::SlotRange& r) override { Add("Finish", r); }
-  void PackWeights(int b) override { Add("PackWeights", b); }
-  void UnpackWeights(int b) override { Add("UnpackWeights", b); }
+  void PackWeights(int b, int) override { Add("PackWeights", b); }
+  void UnpackWeights(int b, int) override { Add("UnpackWeights", b); }
   void EndStep() override { Add("EndStep", -1); }
   absl::Status ReadOutcome(kernels::StepOutcome* out) override {
     Add("ReadOutcome", -1);
@@ -211,6 +215,7 @@ class RecordingBackend final : public kernels::StepBackend {
   const bool matrix_order_;
   kernels::BackendConfig config_;
   std::vector<std::vector<float>> floats_;
+  std::vector<int64_t> totals_;
   std::vector<std::vector<uint16_t>> halves_;
   std::vector<std::vector<double>> doubles_;
   std::vector<double> check_;

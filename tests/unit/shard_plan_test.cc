@@ -60,7 +60,35 @@ struct Model {
   }
 };
 
-TEST(ShardPlanPadding, EverySegmentIsTheLongestAndNothingElseMoves) {
+// The layout every segment follows, rebuilt the slow way (a table over ranks): the rows part
+// (rows-layout slots' padded blocks, slot order), then rank r's whole matrices (slot order).
+struct Expected {
+  std::vector<int64_t> real;                 // per rank: real elements of its segment
+  std::vector<std::vector<int64_t>> offset;  // [slot in bucket][rank]: where its rows sit (-1: none)
+};
+Expected Rebuild(const ShardPlan& plan, const BucketPlan& b) {
+  const int N = plan.world;
+  Expected e;
+  e.real.assign(N, 0);
+  e.offset.assign(b.slots.size(), std::vector<int64_t>(N, -1));
+  for (size_t q = 0; q < b.slots.size(); ++q) {
+    const SlotPlan& s = plan.slots[b.slots[q]];
+    if (s.layout != Layout::kRows) continue;
+    for (int r = 0; r < N; ++r) {
+      e.offset[q][r] = e.real[r];
+      e.real[r] += ((s.m + N - 1) / N) * s.n;
+    }
+  }
+  for (size_t q = 0; q < b.slots.size(); ++q) {
+    const SlotPlan& s = plan.slots[b.slots[q]];
+    if (s.layout != Layout::kOwner) continue;
+    e.offset[q][s.owner] = e.real[s.owner];
+    e.real[s.owner] += s.m * s.n;
+  }
+  return e;
+}
+
+TEST(ShardPlanLayout, SegmentsFollowTheStatedLayoutWithoutATableOverRanks) {
   const Model m;
   int uneven = 0;
   for (int world = 1; world <= 5; ++world) {
@@ -73,29 +101,45 @@ TEST(ShardPlanPadding, EverySegmentIsTheLongestAndNothingElseMoves) {
       // Who holds what is the padding's business not at all: the saved plan is the same.
       EXPECT_EQ(plain.ToJson(), padded.ToJson());
       ASSERT_EQ(plain.buckets.size(), padded.buckets.size());
+      for (size_t k = 0; k < plain.slots.size(); ++k)
+        EXPECT_EQ(plain.slots[k].seg_pos, padded.slots[k].seg_pos);
       for (size_t b = 0; b < plain.buckets.size(); ++b) {
         const BucketPlan& u = plain.buckets[b];
         const BucketPlan& p = padded.buckets[b];
         EXPECT_EQ(u.slots, p.slots);
-        EXPECT_EQ(u.offset, p.offset);  // each slot at the same place in its rank's segment
-        EXPECT_EQ(u.rows, u.seg);       // unpadded: the rows are the whole segment
-        EXPECT_EQ(u.tail_pad, 0);
-        EXPECT_EQ(p.rows, u.seg);
-        const int64_t longest = *std::max_element(u.seg.begin(), u.seg.end());
-        EXPECT_EQ(p.seg, std::vector<int64_t>(static_cast<size_t>(world), longest));
-        EXPECT_EQ(p.total, world * longest);
-        EXPECT_EQ(p.tail_pad, world * longest - u.total);
-        // Each slot's rows end within the rows part of its rank's segment.
-        for (size_t k = 0; k < p.slots.size(); ++k) {
-          const SlotPlan& s = padded.slots[p.slots[k]];
-          for (int r = 0; r < world; ++r)
-            EXPECT_LE(p.Offset(k, r, world) + s.PackedRows(r) * s.n, p.rows[r]);
+        const Expected e = Rebuild(plain, u);
+        const kernels::SegmentView uv = u.map.view(), pv = p.map.view();
+        int64_t start = 0;
+        const int64_t longest = *std::max_element(e.real.begin(), e.real.end());
+        EXPECT_EQ(u.longest, longest);
+        EXPECT_EQ(p.longest, longest);
+        for (int r = 0; r < world; ++r) {
+          EXPECT_EQ(uv.Real(r), e.real[r]) << "rank " << r;
+          EXPECT_EQ(uv.Len(r), e.real[r]);
+          EXPECT_EQ(uv.Start(r), start);
+          EXPECT_EQ(pv.Real(r), e.real[r]);
+          EXPECT_EQ(pv.Len(r), world > 1 ? longest : e.real[r]);
+          EXPECT_EQ(pv.Start(r), r * pv.Len(r));
+          start += e.real[r];
+          for (size_t q = 0; q < u.slots.size(); ++q) {
+            const SlotPlan& s = plain.slots[u.slots[q]];
+            if (e.offset[q][r] < 0) continue;
+            EXPECT_EQ(s.seg_pos, e.offset[q][r]) << "slot " << u.slots[q] << " rank " << r;
+          }
         }
+        EXPECT_EQ(u.total, start);
+        EXPECT_EQ(u.tail_pad, 0);
+        EXPECT_EQ(p.total, world > 1 ? world * longest : start);
+        EXPECT_EQ(p.tail_pad, p.total - start);
         if (world > 1 && p.tail_pad > 0) ++uneven;
         // (N - 1) x padding x (gradient f32 + weight bytes).
         const int64_t w = p.param_dtype == Dtype::kF32 ? 4 : 2;
         EXPECT_EQ(PaddingBytes(padded, p), (world - 1) * p.tail_pad * (4 + w));
         EXPECT_EQ(PaddingBytes(plain, u), 0);
+        // The plan keeps one owned entry per rank holding whole matrices here, no more.
+        int owners = 0;
+        for (int r = 0; r < world; ++r) owners += e.real[r] > u.map.rows ? 1 : 0;
+        EXPECT_EQ(static_cast<int>(u.map.owned.size()), owners);
       }
     }
   }
