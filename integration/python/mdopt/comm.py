@@ -134,18 +134,25 @@ def _share_nccl_id(group=None, make_id=_make_nccl_id):
     return uid
 
 
-def nccl(process_group=None):
+def nccl(process_group=None, timeout_s=600.0):
     """An NCCL communicator over the ranks of a torch.distributed process group (None: the
     default group), each rank on torch.cuda.current_device() (set it first, e.g.
     torch.cuda.set_device(local_rank) under torchrun). Collective: every rank of the group
     calls it. Rank 0 makes the NCCL unique id through the C ABI and the group broadcasts it
     (any backend: gloo or nccl); then every rank checks that it has a CUDA device, the ranks
-    agree that all do, and each creates its rank (mdopt_comm_create_nccl; the ranks must
-    all join within 600 s).
+    agree that all do, and each creates its rank (mdopt_comm_create_nccl2; the ranks must
+    all join within `timeout_s` seconds, else the NCCL communicator is aborted and every
+    rank gets MdoptError(MDOPT_COMM_ERROR)).
 
     Errors, the same on every rank: RuntimeError when torch.distributed is not available or
     not initialised, or a rank sees no CUDA device; MdoptError(MDOPT_UNSUPPORTED) when this
-    libmdopt has no NCCL backend."""
+    libmdopt has no NCCL backend; ValueError for a timeout_s that is not a finite number in
+    (0, 1e7] (checked before anything is collective)."""
+    import math
+    timeout_s = float(timeout_s)
+    if not (math.isfinite(timeout_s) and 0.0 < timeout_s <= 1e7):
+        raise ValueError("mdopt.comm.nccl: timeout_s=%r is not a finite number of seconds in "
+                         "(0, 1e7]" % timeout_s)
     import torch
     import torch.distributed as dist
     if not dist.is_available() or not dist.is_initialized():
@@ -166,6 +173,7 @@ def nccl(process_group=None):
         raise RuntimeError("mdopt.comm.nccl: " + "; ".join(bad))
     device = torch.cuda.current_device()
     h = ctypes.c_void_p()
-    _lib.check(lib.mdopt_comm_create_nccl(uid, size, rank, device, ctypes.byref(h)),
-               "mdopt_comm_create_nccl")
+    # The id's 128 bytes are the mdopt_nccl_id struct's whole layout.
+    _lib.check(lib.mdopt_comm_create_nccl2(uid, size, rank, device, timeout_s, ctypes.byref(h)),
+               "mdopt_comm_create_nccl2")
     return Comm(h, "nccl(cuda:%d)" % device)

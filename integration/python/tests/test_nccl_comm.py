@@ -63,6 +63,23 @@ def test_without_torch_distributed_the_error_says_so():
         mdopt.comm.nccl()
 
 
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), 2e7])
+def test_a_bad_creation_timeout_is_refused_before_anything_collective(bad):
+    with pytest.raises(ValueError, match="timeout_s"):
+        mdopt.comm.nccl(timeout_s=bad)
+
+
+def test_the_creation_timeout_reaches_the_c_abi_checked_in_every_build():
+    # mdopt_comm_create_nccl2 checks its arguments in every build (no NCCL needed): a bad
+    # timeout is INVALID_ARGUMENT; a good one gets past the checks (UNSUPPORTED without NCCL).
+    import ctypes
+    h = ctypes.c_void_p()
+    uid = bytes(_lib.NCCL_UNIQUE_ID_BYTES)
+    st = _lib.lib.mdopt_comm_create_nccl2(uid, 1, 0, 0, -5.0, ctypes.byref(h))
+    assert _lib.STATUS_NAMES[st] == "MDOPT_INVALID_ARGUMENT", _lib.last_error()
+    assert "timeout" in _lib.last_error()
+
+
 def test_the_id_reaches_every_rank_from_rank_0(tmp_path):
     res = _run("share", 3, tmp_path)
     for r, out in enumerate(res):
