@@ -1,7 +1,9 @@
 // The MPI backend: each operation is one non-blocking MPI call (or a group of them) on a
 // duplicate of the host's communicator, driven by mpi::Engine. Element counts and
-// displacements are C ints in MPI: a call that needs more than INT_MAX of either is refused
-// with InvalidArgument (not chunked); split it, or use a wider dtype.
+// displacements are C ints in MPI (Open MPI 4.1 has no MPI 4 large-count calls): an
+// operation on more elements than that (mpi::MaxCount(), INT_MAX unless a test lowers it) is
+// split into several non-blocking calls of at most that many, under its one request
+// (mpi_engine.h, the chunked kinds), with the results of one call.
 #include <algorithm>
 #include <climits>
 #include <cstring>
@@ -12,6 +14,7 @@
 #include "comm/communicator.h"
 #include "comm/host_reduce.h"
 #include "comm/mpi_engine.h"
+#include "comm/mpi_max_count.h"
 #include "comm/mpi_runtime.h"
 #include "comm/op_tracker.h"
 #include "comm/traffic.h"
@@ -24,11 +27,40 @@ void Bf16SumOp(void* in, void* inout, int* len, MPI_Datatype*) {
   Bf16SumInto(static_cast<const uint16_t*>(in), static_cast<uint16_t*>(inout), *len);
 }
 
-absl::Status CheckIntRange(absl::string_view op, int64_t n) {
-  if (n <= INT_MAX) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(
-      op, ": ", n, " elements exceed the MPI backend's limit of INT_MAX (", INT_MAX,
-      ") per call (counts and displacements are C ints); split the operation"));
+// How many calls of at most `limit` elements `n` elements take (one for none). Refused past
+// INT_MAX calls, which only a limit lowered far below the data could ask for.
+absl::StatusOr<int> ChunksOf(absl::string_view op, int64_t n, int64_t limit) {
+  const int64_t chunks = n == 0 ? 1 : (n - 1) / limit + 1;
+  if (chunks <= INT_MAX) return static_cast<int>(chunks);
+  return absl::InvalidArgumentError(
+      absl::StrCat(op, ": ", n, " elements at most ", limit, " per MPI call are too many calls"));
+}
+
+// The chunks of the rank-major concatenation of `counts` cut every `limit` elements
+// (mpi::OpKind::kReduceScatterChunked): per chunk j, the ranks' counts and displacements
+// within it at ints + 2pj, and `rank`'s offset into its own segment at offsets[j].
+void ChunkLayout(absl::Span<const int64_t> counts, int rank, int64_t limit, int chunks,
+                 int64_t* offsets, int* ints) {
+  const size_t p = counts.size();
+  for (int j = 0; j < chunks; ++j) {
+    const int64_t lo = j * limit, hi = lo + limit;
+    int* c = ints + 2 * p * static_cast<size_t>(j);
+    int* d = c + p;
+    offsets[j] = 0;
+    int64_t seg = 0;
+    for (size_t r = 0; r < p; ++r) {
+      const int64_t a = std::max(lo, seg), b = std::min(hi, seg + counts[r]);
+      c[r] = b > a ? static_cast<int>(b - a) : 0;
+      d[r] = b > a ? static_cast<int>(a - lo) : 0;
+      if (static_cast<int>(r) == rank && b > a) offsets[j] = a - seg;
+      seg += counts[r];
+    }
+  }
+}
+
+// Scratch bytes of a chunked reduce-scatter or all-gather: offsets, then the ints.
+size_t ChunkScratch(int chunks, size_t ranks) {
+  return static_cast<size_t>(chunks) * (sizeof(int64_t) + 2 * ranks * sizeof(int));
 }
 
 OpLabel Elements(const char* what, int64_t count, DataType dtype) {
@@ -87,7 +119,22 @@ class MpiCommunicator final : public Communicator {
         !s.ok()) {
       return s;
     }
-    if (absl::Status s = CheckIntRange("reduce-scatter", total); !s.ok()) return s;
+    const int64_t limit = mpi::MaxCount();
+    if (total > limit) {
+      absl::StatusOr<int> chunks = ChunksOf("reduce-scatter", total, limit);
+      if (!chunks.ok()) return chunks.status();
+      return Submit(Elements("reduce-scatter", total, dtype, op),
+                    ReduceScatterTraffic(counts, rank_, dtype), ChunkScratch(*chunks, counts.size()),
+                    *chunks, [&](mpi::Op& o, void* extra) {
+                      o.kind = mpi::OpKind::kReduceScatterChunked;
+                      o.send = send;
+                      o.recv = recv;
+                      o.type = mpi::ToMpi(dtype);
+                      o.reduce = Sum(dtype);
+                      Chunked(limit, *chunks, counts, dtype, extra, &o);
+                      MeanFinish(op, recv, counts[rank_], dtype, &o);
+                    });
+    }
     const bool block = AllEqual(counts);
     const size_t ints = block ? 0 : 2 * counts.size();
     return Submit(Elements("reduce-scatter", total, dtype, op),
@@ -116,7 +163,6 @@ class MpiCommunicator final : public Communicator {
         !s.ok()) {
       return s;
     }
-    if (absl::Status s = CheckIntRange("all-gather", total); !s.ok()) return s;
     int64_t offset = 0;
     for (int r = 0; r < rank_; ++r) offset += counts[r];
     // A send buffer that is this rank's own segment of recv is the in-place form too (MPI
@@ -124,6 +170,19 @@ class MpiCommunicator final : public Communicator {
     const bool in_place =
         send == nullptr ||
         send == static_cast<const char*>(recv) + offset * static_cast<int64_t>(ElementSize(dtype));
+    const int64_t limit = mpi::MaxCount();
+    if (total > limit) {
+      absl::StatusOr<int> chunks = ChunksOf("all-gather", total, limit);
+      if (!chunks.ok()) return chunks.status();
+      return Submit(Elements("all-gather", total, dtype), AllGatherTraffic(counts, rank_, dtype),
+                    ChunkScratch(*chunks, counts.size()), *chunks, [&](mpi::Op& o, void* extra) {
+                      o.kind = mpi::OpKind::kAllGatherChunked;
+                      o.send = in_place ? MPI_IN_PLACE : send;
+                      o.recv = recv;
+                      o.type = mpi::ToMpi(dtype);
+                      Chunked(limit, *chunks, counts, dtype, extra, &o);
+                    });
+    }
     const bool block = AllEqual(counts);
     const size_t ints = block ? 0 : 2 * counts.size();
     return Submit(Elements("all-gather", total, dtype), AllGatherTraffic(counts, rank_, dtype),
@@ -148,10 +207,16 @@ class MpiCommunicator final : public Communicator {
     if (absl::Status s = CheckAllReduce(Shape(), send, recv, count, dtype, op, space); !s.ok()) {
       return s;
     }
-    if (absl::Status s = CheckIntRange("all-reduce", count); !s.ok()) return s;
+    const int64_t limit = mpi::MaxCount();
+    absl::StatusOr<int> chunks = ChunksOf("all-reduce", count, limit);
+    if (!chunks.ok()) return chunks.status();
     return Submit(Elements("all-reduce", count, dtype, op), AllReduceTraffic(count, size_, dtype),
-                  0, 1, [&](mpi::Op& o, void*) {
-                    o.kind = mpi::OpKind::kAllReduce;
+                  0, *chunks, [&](mpi::Op& o, void*) {
+                    o.kind = *chunks > 1 ? mpi::OpKind::kAllReduceChunked : mpi::OpKind::kAllReduce;
+                    o.limit = limit;
+                    o.total = count;
+                    o.chunks = *chunks;
+                    o.elem_bytes = ElementSize(dtype);
                     o.send = send == recv ? MPI_IN_PLACE : send;
                     o.recv = recv;
                     o.count = static_cast<int>(count);
@@ -166,12 +231,18 @@ class MpiCommunicator final : public Communicator {
     if (absl::Status s = CheckBroadcast(Shape(), data, count, dtype, root, space); !s.ok()) {
       return s;
     }
-    if (absl::Status s = CheckIntRange("broadcast", count); !s.ok()) return s;
+    const int64_t limit = mpi::MaxCount();
+    absl::StatusOr<int> chunks = ChunksOf("broadcast", count, limit);
+    if (!chunks.ok()) return chunks.status();
     OpLabel label = Elements("broadcast", count, dtype);
     label.root = root;
-    return Submit(label, BroadcastTraffic(count, dtype, root, rank_, size_), 0, 1,
+    return Submit(label, BroadcastTraffic(count, dtype, root, rank_, size_), 0, *chunks,
                   [&](mpi::Op& o, void*) {
-                    o.kind = mpi::OpKind::kBroadcast;
+                    o.kind = *chunks > 1 ? mpi::OpKind::kBroadcastChunked : mpi::OpKind::kBroadcast;
+                    o.limit = limit;
+                    o.total = count;
+                    o.chunks = *chunks;
+                    o.elem_bytes = ElementSize(dtype);
                     o.recv = data;
                     o.count = static_cast<int>(count);
                     o.type = mpi::ToMpi(dtype);
@@ -182,19 +253,24 @@ class MpiCommunicator final : public Communicator {
   absl::StatusOr<RequestPtr> SendRecv(absl::Span<const P2P> ops, int tag, MemorySpace space,
                                       StreamSlot) override {
     if (absl::Status s = CheckSendRecv(Shape(), ops, tag, space); !s.ok()) return s;
+    // Each message in calls of at most `limit` elements (mpi::Engine posts them in order).
+    const int64_t limit = mpi::MaxCount();
+    int64_t requests = 0, receives = 0;
     for (const P2P& p : ops) {
-      if (absl::Status s = CheckIntRange("send/recv", p.count); !s.ok()) return s;
+      absl::StatusOr<int> chunks = ChunksOf("send/recv", p.count, limit);
+      if (!chunks.ok()) return chunks.status();
+      requests += *chunks;
+      receives += p.is_send ? 0 : *chunks;
     }
-    int receives = 0;
-    for (const P2P& p : ops) receives += p.is_send ? 0 : 1;
+    if (requests > INT_MAX) return absl::InvalidArgumentError("send/recv: too many MPI calls");
     OpLabel label;
     label.what = "send/recv";
     label.detail = OpLabel::Detail::kGroup;
     label.count = static_cast<int64_t>(ops.size());
     label.tag = tag;
     const int n = static_cast<int>(ops.size());
-    return Submit(label, SendRecvTraffic(ops, rank_), ops.size() * sizeof(P2P), n,
-                  [&](mpi::Op& o, void* extra) {
+    return Submit(label, SendRecvTraffic(ops, rank_), ops.size() * sizeof(P2P),
+                  static_cast<int>(requests), [&](mpi::Op& o, void* extra) {
                     // The group is copied: in thread mode it starts after this returns.
                     P2P* group = static_cast<P2P*>(extra);
                     std::copy(ops.begin(), ops.end(), group);
@@ -202,7 +278,8 @@ class MpiCommunicator final : public Communicator {
                     o.group = group;
                     o.group_size = n;
                     o.tag = tag;
-                    o.receives = receives;
+                    o.receives = static_cast<int>(receives);
+                    o.limit = limit;
                   });
   }
 
@@ -219,6 +296,20 @@ class MpiCommunicator final : public Communicator {
   CommShape Shape() const { return CommShape{rank_, size_, "mpi", false}; }
   MPI_Op Sum(DataType dtype) const {
     return dtype == DataType::kBf16 ? engine_->bf16_sum() : MPI_SUM;
+  }
+  // A chunked reduce-scatter's or all-gather's layout, into the op's scratch block.
+  void Chunked(int64_t limit, int chunks, absl::Span<const int64_t> counts, DataType dtype,
+               void* extra, mpi::Op* o) const {
+    auto* offsets = static_cast<int64_t*>(extra);
+    int* ints = reinterpret_cast<int*>(offsets + chunks);
+    ChunkLayout(counts, rank_, limit, chunks, offsets, ints);
+    o->limit = limit;
+    o->chunks = chunks;
+    o->nranks = size_;
+    o->rank = rank_;
+    o->elem_bytes = ElementSize(dtype);
+    o->chunk_offsets = offsets;
+    o->chunk_ints = ints;
   }
   void MeanFinish(ReduceOp op, void* data, int64_t count, DataType dtype, mpi::Op* o) const {
     if (op != ReduceOp::kMean || size_ == 1) return;

@@ -194,17 +194,66 @@ int Engine::PostLocked(Op& op) {
       break;
     case OpKind::kSendRecv:
       // Receives first, so that sends find them posted; MPI keeps the order among the sends
-      // (and among the receives) of one peer and tag, which is the matching rule.
+      // (and among the receives) of one peer and tag, which is the matching rule: a message
+      // split at `limit` elements arrives chunk by chunk into the receive's chunks (a send
+      // and its receive have the same count, so both split alike).
       for (int pass = 0; pass < 2; ++pass) {
         for (int k = 0; k < op.group_size; ++k) {
           const P2P& p = op.group[k];
           if (p.is_send != (pass == 1)) continue;
-          const int n = static_cast<int>(p.count);
-          rc = p.is_send ? MPI_Isend(p.data, n, ToMpi(p.dtype), p.peer, op.tag, comm_, &r)
-                         : MPI_Irecv(p.data, n, ToMpi(p.dtype), p.peer, op.tag, comm_, &r);
-          if (rc != MPI_SUCCESS) return rc;
-          posted(!p.is_send);
+          const MPI_Datatype t = ToMpi(p.dtype);
+          const size_t es = ElementSize(p.dtype);
+          int64_t done = 0;
+          do {
+            const int n = static_cast<int>(std::min(p.count - done, op.limit));
+            char* at = static_cast<char*>(p.data) + static_cast<size_t>(done) * es;
+            rc = p.is_send ? MPI_Isend(at, n, t, p.peer, op.tag, comm_, &r)
+                           : MPI_Irecv(at, n, t, p.peer, op.tag, comm_, &r);
+            if (rc != MPI_SUCCESS) return rc;
+            posted(!p.is_send);
+            done += n;
+          } while (done < p.count);
         }
+      }
+      return MPI_SUCCESS;
+    case OpKind::kReduceScatterChunked:
+    case OpKind::kAllGatherChunked:
+      for (int j = 0; j < op.chunks; ++j) {
+        const int* counts = op.chunk_ints + 2 * static_cast<size_t>(op.nranks) * j;
+        const int* displs = counts + op.nranks;
+        const size_t start = static_cast<size_t>(j * op.limit) * op.elem_bytes;
+        const size_t mine = static_cast<size_t>(op.chunk_offsets[j]) * op.elem_bytes;
+        if (op.kind == OpKind::kReduceScatterChunked) {
+          rc = MPI_Ireduce_scatter(static_cast<const char*>(op.send) + start,
+                                   static_cast<char*>(op.recv) + mine, counts, op.type,
+                                   op.reduce, comm_, &r);
+        } else {
+          const void* send = op.send == MPI_IN_PLACE
+                                 ? MPI_IN_PLACE
+                                 : static_cast<const char*>(op.send) + mine;
+          rc = MPI_Iallgatherv(send, counts[op.rank], op.type, static_cast<char*>(op.recv) + start,
+                               counts, displs, op.type, comm_, &r);
+        }
+        if (rc != MPI_SUCCESS) return rc;
+        posted(false);
+      }
+      return MPI_SUCCESS;
+    case OpKind::kAllReduceChunked:
+    case OpKind::kBroadcastChunked:
+      for (int j = 0; j < op.chunks; ++j) {
+        const int64_t first = j * op.limit;
+        const int n = static_cast<int>(std::min(op.total - first, op.limit));
+        const size_t at = static_cast<size_t>(first) * op.elem_bytes;
+        char* recv = static_cast<char*>(op.recv) + at;
+        if (op.kind == OpKind::kBroadcastChunked) {
+          rc = MPI_Ibcast(recv, n, op.type, op.root, comm_, &r);
+        } else {
+          const void* send =
+              op.send == MPI_IN_PLACE ? MPI_IN_PLACE : static_cast<const char*>(op.send) + at;
+          rc = MPI_Iallreduce(send, recv, n, op.type, op.reduce, comm_, &r);
+        }
+        if (rc != MPI_SUCCESS) return rc;
+        posted(false);
       }
       return MPI_SUCCESS;
   }

@@ -57,6 +57,16 @@ enum class OpKind : uint8_t {
   kBroadcast,
   kSendRecv,
   kBarrier,
+  // More elements (or displacements) than one MPI call takes (mpi_max_count.h): `chunks`
+  // calls of at most `limit` elements, each a request of the op. Reduce-scatter and
+  // all-gather split the rank-major concatenation of every rank's segment into consecutive
+  // ranges of `limit` elements (a rank's share of a range is where its segment meets it), so
+  // each chunk is the same collective over a contiguous range and reduces every element in
+  // the same order as one call would.
+  kReduceScatterChunked,
+  kAllGatherChunked,
+  kAllReduceChunked,
+  kBroadcastChunked,
 };
 
 // One operation as plain data, placed in its record's scratch block by the communicator,
@@ -76,6 +86,18 @@ struct Op {
   const int* displs = nullptr;
   const P2P* group = nullptr;   // send/recv
   int group_size = 0;
+  // Chunked forms (and send/recv, whose messages are split at `limit` too): the element
+  // size, the whole count (all-reduce, broadcast), and for reduce-scatter / all-gather
+  // per chunk j the ranks' counts and displacements within the chunk at chunk_ints + 2pj
+  // (p ints each) and this rank's offset in its own segment at chunk_offsets[j].
+  int64_t limit = 0;
+  size_t elem_bytes = 0;
+  int64_t total = 0;
+  int chunks = 0;
+  int nranks = 0;
+  int rank = 0;
+  const int* chunk_ints = nullptr;
+  const int64_t* chunk_offsets = nullptr;
   // Runs once after every request completed successfully: a mean's division.
   int divide_by = 0;  // 0: nothing to do
   int64_t divide_count = 0;
