@@ -39,6 +39,10 @@ command -v ip >/dev/null 2>&1 || skip "host faults across network namespaces: no
 [ "$(id -u)" -eq 0 ] || skip "host faults across network namespaces: needs root (CAP_NET_ADMIN) to make namespaces and veths"
 
 hosts_sh="$src/launch/netns-hosts.sh"
+# Hosts left by a run that was killed outright (SIGKILL runs no trap): its process is gone.
+for stale in $(ip netns list 2>/dev/null | awk '{print $1}' | sed -n 's/^mdh\([0-9]*\)-[0-9]*$/\1/p' | sort -u); do
+  kill -0 "$stale" 2>/dev/null || bash "$hosts_sh" down "mdh$stale" || true
+done
 name="mdh$$"  # unique per run; at most 10 characters (interface names)
 ip netns add "$name-probe" 2>/dev/null ||
   skip "host faults across network namespaces: 'ip netns add' is refused here (no CAP_NET_ADMIN)"
@@ -52,9 +56,11 @@ subnet="10.$a.$b"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/mdopt_hostfault_XXXXXX")"
 mpirun_pid=""
+watchdog=""
 cleanup() {
   local rc=$?
   [ -z "$mpirun_pid" ] || kill -9 "$mpirun_pid" 2>/dev/null || true
+  kill "$watchdog" 2>/dev/null || true
   bash "$hosts_sh" down "$name" || true
   if [ "$rc" -ne 0 ] && [ "$rc" -ne 77 ]; then
     for f in "$work"/*/log; do [ -f "$f" ] && { echo "---- $f"; tail -n 40 "$f"; }; done
@@ -63,7 +69,11 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'echo "host_fault_test: FAIL: interrupted (or still running after 80 s)" >&2; exit 130' INT TERM
+# Ends this script (and so cleans up) before ctest's 90 s timeout, which would SIGKILL it.
+# Short sleeps, its output away from ctest's pipe: ending it leaves nothing that holds the pipe.
+( exec >/dev/null 2>&1; for _ in $(seq 1 800); do sleep 0.1; kill -0 $$ || exit 0; done; kill -TERM $$ ) &
+watchdog=$!
 
 fail() { echo "host_fault_test: FAIL: $*" >&2; exit 1; }
 now() { date +%s.%N; }
