@@ -78,7 +78,7 @@ static int make(mdopt_comm* comm, const char* options, model* m) {
     m->g[i] = malloc(sizeof(float) * (size_t)numel(i));
     if (m->w[i] == NULL || m->g[i] == NULL) return 1;
     for (int64_t k = 0; k < numel(i); ++k) m->w[i][k] = draw(100 + (uint64_t)i, (uint64_t)k, 0) / sqrtf((float)kRows[i]);
-    char name[8];
+    char name[16];  /* room for any int: -Wformat-truncation in optimised builds */
     snprintf(name, sizeof name, "w%d", i);
     mdopt_param_desc d = MDOPT_PARAM_DESC_INIT;
     d.name = name;
