@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/match.h"
 #include "dist_opt/key_values.h"
 
 namespace mdopt {
@@ -194,6 +195,23 @@ const std::vector<std::pair<std::string, Setter>>& Keys() {
       {"tangent", [](auto k, auto v, GroupSpec* g) { return ParseBool(k, v, &g->rule.tangent); }},
       {"preserve_init", [](auto k, auto v, GroupSpec* g) { return ParseBool(k, v, &g->preserve_init); }},
       {"layout", [](auto k, auto v, GroupSpec* g) { return ParseEnum(kLayouts, k, v, &g->layout); }},
+      {"blocks",
+       [](absl::string_view k, absl::string_view v, GroupSpec* g) {
+         // "none" or "rows:K", K in [1, 65536].
+         if (v == "none") {
+           g->row_blocks = 1;
+           return absl::OkStatus();
+         }
+         int64_t n = 0;
+         if (!absl::StartsWith(v, "rows:") || !absl::SimpleAtoi(v.substr(5), &n) || n < 1 ||
+             n > 65536) {
+           return absl::InvalidArgumentError(absl::StrCat(
+               "spec key '", k, "': bad value '", v,
+               "' (none, or rows:K with K in [1, 65536]: K row blocks of equal height)"));
+         }
+         g->row_blocks = n;
+         return absl::OkStatus();
+       }},
   };
   return *keys;
 }
@@ -310,6 +328,7 @@ std::string CanonicalSpec(const GroupSpec& g) {
                                  " weight_decay=", FormatNumber(r.weight_decay),
                                  " preserve_init=", g.preserve_init ? 1 : 0,
                                  " layout=", ToString(g.layout));
+  if (g.row_blocks > 1) absl::StrAppend(&out, " blocks=rows:", g.row_blocks);
   if (r.sphere != Sphere::kNone) {
     const std::string radius = r.radius_mode == RadiusMode::kAuto   ? "auto"
                                : r.radius_mode == RadiusMode::kInit ? "init"

@@ -22,6 +22,12 @@ struct GroupSpec {
   kernels::UpdateRule rule;
   bool preserve_init = false;
   Layout layout = Layout::kAuto;
+  // blocks=rows:K: every matrix of the group is K logical matrices stacked by rows (a GLU
+  // fc1's [gate; up] is rows:2), each (m / K) x n. Each block is a matrix of its own: its own
+  // sphere and radius, tangent projection, Newton-Schulz (or Adam) update, Muon scale and
+  // gains (row gains cover its rows, so the fused tensor's row gains are the blocks' together;
+  // column and scalar gains are the block's own). 1: the matrix is one block.
+  int64_t row_blocks = 1;
 };
 
 // The layout of kAuto: rows for Adam-based and row-sphere groups (every rank holds 1/N of

@@ -114,6 +114,19 @@ absl::StatusOr<int64_t> ParamRegistry::Add(const ParamDescription& d,
     e.m = d.shape[1];
     e.n = d.shape[2];
   }
+  if (spec.row_blocks > 1) {
+    // Logical row blocks: K matrices of m / K rows per matrix, stored one after another like
+    // the experts of a stack, so that every engine, plan and checkpoint treats each as a slot.
+    if (d.ndim == 1 || e.m % spec.row_blocks != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "param '", d.name, "': spec key 'blocks': group '", d.group, "' has blocks=rows:",
+          spec.row_blocks, ", which needs a matrix whose rows (", d.ndim == 1 ? 0 : e.m,
+          ") are a multiple of ", spec.row_blocks));
+    }
+    e.blocks = spec.row_blocks;
+    e.experts *= spec.row_blocks;
+    e.m /= spec.row_blocks;
+  }
   const int64_t index = static_cast<int64_t>(params_.size());
   by_name_[e.name] = index;
   params_.push_back(std::move(e));

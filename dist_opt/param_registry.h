@@ -46,7 +46,10 @@ struct ParamEntry {
   void* param = nullptr;
   const void* grad = nullptr;
   // As matrices: `experts` independent m x n matrices (1-D: one 1 x len matrix).
+  // A matrix of K logical row blocks (spec key blocks=rows:K) counts as K matrices here:
+  // `experts` is the stack's experts times K, m the rows of one block (blocks = K).
   int64_t experts = 1, m = 1, n = 1;
+  int64_t blocks = 1;
   // The group's rule made to fit the tensor (1-D: no sphere, no gains).
   kernels::UpdateRule rule;
   bool preserve_init = false;

@@ -110,6 +110,11 @@ struct Case {
   std::string layout;
   bool bf16;
   std::string Name() const { return spec + " layout=" + layout + (bf16 ? " bf16" : " f32"); }
+  // blocks=rows:2 needs even rows: a GLU fc1, a stack of them, blocks of one row.
+  std::vector<Tensor> Model() const {
+    if (spec.find("blocks=") == std::string::npos) return {};
+    return {{"fc1", {14, 19}}, {"small", {2, 9}}, {"experts", {3, 10, 8}}, {"big", {40, 90}}};
+  }
 };
 
 const Case kCases[] = {{"preset=md-muon", "rows", false},
@@ -117,7 +122,9 @@ const Case kCases[] = {{"preset=md-muon", "rows", false},
                        {"preset=md-muon", "rows", true},
                        {"preset=md-muon", "owner", true},
                        {"preset=md-adamw", "rows", false},
-                       {"preset=md-adamw", "owner", true}};
+                       {"preset=md-adamw", "owner", true},
+                       {"preset=md-muon blocks=rows:2", "rows", false},
+                       {"preset=md-adamw blocks=rows:2", "owner", false}};
 
 std::string CaseName(const ::testing::TestParamInfo<int>& info) {
   return TestNameOf(kCases[info.param].Name());
@@ -135,7 +142,7 @@ TEST_P(Reshard, ChainFourThreeTwoOneEqualsOneRank) {
 
   // The uninterrupted one-rank run (on every rank: it is deterministic).
   std::unique_ptr<Communicator> local = MakeLocalCommunicator();
-  Trainer straight(local.get(), spec, c.bf16);
+  Trainer straight(local.get(), spec, c.bf16, c.Model());
   ASSERT_NO_FATAL_FAILURE(straight.Steps(1, 14));
   const auto want = straight.Everything();
 
@@ -152,7 +159,7 @@ TEST_P(Reshard, ChainFourThreeTwoOneEqualsOneRank) {
     if (sub != nullptr) {
       ok = false;
       [&] {
-        Trainer run(sub.get(), spec, c.bf16);
+        Trainer run(sub.get(), spec, c.bf16, c.Model());
         if (k > 0) {
           const std::string from = root + "/at" + std::to_string(chain[k - 1].ranks);
           absl::Status s = run.opt().Load(from);
@@ -202,14 +209,14 @@ TEST_P(Reshard, OneRankCheckpointLoadsAtFour) {
   const std::string spec = c.spec + " layout=" + c.layout;
   const std::string dir = SharedTempDir() + "/at1";
   std::unique_ptr<Communicator> local = MakeLocalCommunicator();
-  Trainer single(local.get(), spec, c.bf16);
+  Trainer single(local.get(), spec, c.bf16, c.Model());
   ASSERT_NO_FATAL_FAILURE(single.Steps(1, 5));
   if (World()->rank() == 0) {
     ASSERT_TRUE(single.opt().Save(dir).ok());
   }
   ASSERT_NO_FATAL_FAILURE(Barrier());
 
-  Trainer four(World(), spec, c.bf16);
+  Trainer four(World(), spec, c.bf16, c.Model());
   absl::Status s = four.opt().Load(dir);
   ASSERT_TRUE(s.ok()) << s;
   EXPECT_EQ(four.opt().steps_taken(), 5);

@@ -36,6 +36,7 @@ struct Case {
   bool ns_comm_bf16 = false;
   double tolerance = kTolerance;
   bool deferred = false;  // gather=deferred + GatherParams before comparing
+  std::vector<Tensor> tensors = {};  // empty: Tensors(adam)
   std::string Name() const {
     std::string n = spec + " layout=" + layout + (reduced ? " grads=reduced" : " grads=local") +
                     (many_buckets ? " bucket_mb=0.0001" : "") + (bf16 ? " bf16" : "") +
@@ -67,6 +68,16 @@ std::vector<Case> Cases() {
     e.deferred = true;
     c.push_back(e);
   }
+  // Logical row blocks (a GLU fc1 and an expert stack of them, blocks of 1 row, of fewer rows
+  // than ranks, of odd heights): every block a slot of its own, in both layouts.
+  const std::vector<Tensor> glu = {{"fc1", {14, 19}},        {"small", {2, 9}},
+                                   {"experts", {3, 10, 8}},  {"big", {40, 90}}};
+  for (const char* s : {"preset=md-muon blocks=rows:2", "preset=md-adamw blocks=rows:2"})
+    for (const char* layout : {"rows", "owner"}) {
+      Case b{s, layout, false, false};
+      b.tensors = glu;
+      c.push_back(b);
+    }
   return c;
 }
 
@@ -81,8 +92,8 @@ void Compare(const Case& c) {
   if (c.deferred) options += " gather=deferred";
   const std::string spec = c.spec + " layout=" + c.layout;
   std::unique_ptr<Communicator> local = MakeLocalCommunicator();
-  TestModel sharded(world, options, spec, c.bf16);
-  TestModel single(local.get(), "threads=1 update_norms=1", spec, c.bf16);
+  TestModel sharded(world, options, spec, c.bf16, c.tensors);
+  TestModel single(local.get(), "threads=1 update_norms=1", spec, c.bf16, c.tensors);
   ASSERT_TRUE(sharded.opt().Finalize().ok());
   ASSERT_TRUE(single.opt().Finalize().ok());
   for (size_t i = 0; i < sharded.size(); ++i)
@@ -134,7 +145,7 @@ void Compare(const Case& c) {
   EXPECT_EQ(gi->gain_stepped, gj->gain_stepped);
   EXPECT_EQ(gi->skipped, 0);
   const kernels::UpdateRule rule = ParseGroupSpec(spec)->rule;
-  const int64_t vectors = rule.base == kernels::Base::kAdamW ? 1 : 0;  // "vec": no sphere, no gains
+  const int64_t vectors = rule.base == kernels::Base::kAdamW && c.tensors.empty() ? 1 : 0;  // "vec": no sphere, no gains
   EXPECT_EQ(gi->orthogonalized, rule.base == kernels::Base::kMuon ? gi->matrices : 0);
   EXPECT_EQ(gi->projected, rule.sphere != kernels::Sphere::kNone ? gi->matrices - vectors : 0);
   EXPECT_EQ(gi->gain_stepped, rule.gains != kernels::Gains::kNone ? gi->matrices - vectors : 0);
