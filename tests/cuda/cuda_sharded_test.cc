@@ -34,11 +34,15 @@ using Tensor = testing::AbiTensor;
 using testing::AsDouble;
 using testing::Values;
 
-const std::vector<Tensor>& Tensors() {
+const std::vector<Tensor>& Tensors(bool glu = false) {
   static const std::vector<Tensor> t = {{"wide", 2, {37, 300, 0}},  {"tall", 2, {131, 48, 0}},
                                         {"tiny", 2, {2, 64, 0}},    {"experts", 3, {3, 40, 24}},
                                         {"square", 2, {64, 64, 0}}, {"bias", 1, {77, 0, 0}}};
-  return t;
+  // blocks=rows:2 (GLU fc1s [gate; up]): matrices of even rows, a stack of them.
+  static const std::vector<Tensor> g = {{"fc1", 2, {96, 48, 0}},     {"tall", 2, {130, 48, 0}},
+                                        {"tiny", 2, {2, 64, 0}},     {"experts", 3, {3, 40, 24}},
+                                        {"square", 2, {64, 64, 0}},  {"bias", 1, {77, 0, 0}}};
+  return glu ? g : t;
 }
 
 
@@ -64,7 +68,7 @@ void Train(const Config& c, bool gpu, std::vector<std::vector<uint8_t>>* out) {
   ABI_OK(mdopt_add_group(opt, "v", "preset=vector"));
   std::vector<std::vector<uint8_t>> w, g;
   std::vector<std::unique_ptr<testing::DeviceVec<uint8_t>>> dw, dg;
-  const std::vector<Tensor>& tensors = Tensors();
+  const std::vector<Tensor>& tensors = Tensors(std::strstr(c.spec, "blocks=") != nullptr);
   for (size_t i = 0; i < tensors.size(); ++i) {
     const Tensor& t = tensors[i];
     // The same weights on every rank; gradients differ by rank (their mean is the step's).
@@ -136,7 +140,7 @@ TEST_P(CudaSharded, MatchesTheCpuBackendAtTheSameRanks) {
     const std::vector<double> a = AsDouble(gpu[i], c.pd), b = AsDouble(cpu[i], c.pd);
     const double e = testing::RelMaxError(a, b);
     worst = std::max(worst, e);
-    EXPECT_LE(e, bound) << "tensor " << Tensors()[i].name;
+    EXPECT_LE(e, bound) << "tensor " << Tensors(std::strstr(c.spec, "blocks=") != nullptr)[i].name;
   }
   int rank = 0, size = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
@@ -153,6 +157,9 @@ const Config kConfigs[] = {
      MDOPT_DTYPE_F32},
     {"router_bf16", "router", "", "grad_comm_dtype=bf16", MDOPT_DTYPE_BF16, MDOPT_DTYPE_BF16},
     {"tangent_col_sphere", "md-adamw", "sphere=col tangent=1", "update_norms=1", MDOPT_DTYPE_F32,
+     MDOPT_DTYPE_F32},
+    {"glu_blocks_rows", "md-muon", "blocks=rows:2", "", MDOPT_DTYPE_F32, MDOPT_DTYPE_F32},
+    {"glu_blocks_owner_bf16", "md-adamw", "blocks=rows:2 layout=owner", "", MDOPT_DTYPE_BF16,
      MDOPT_DTYPE_F32},
 };
 

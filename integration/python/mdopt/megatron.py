@@ -102,6 +102,76 @@ def megatron_role(name, param):
     return "matrix"
 
 
+def _layout_of_module(mod):
+    """{param: layout} for the fused projections of one Megatron module (see megatron_layouts)."""
+    cfg = getattr(mod, "config", None)
+    if cfg is None:
+        return {}
+    out = {}
+
+    def weights(sub):
+        if sub is None:
+            return []
+        return [p for n, p in sub.named_parameters(recurse=False)
+                if n.startswith("weight") and p.dim() >= 2]
+
+    fc1 = getattr(mod, "linear_fc1", None)
+    if fc1 is not None and getattr(cfg, "gated_linear_unit", False):
+        # MLP, SharedExpertMLP, each expert of SequentialMLP: [gate; up] stacked by rows;
+        # TEGroupedMLP: one such weight per expert (weight0, weight1, ...).
+        for p in weights(fc1):
+            out[p] = "blocks=rows:2"
+    qkv = getattr(mod, "linear_qkv", None)
+    if qkv is not None and getattr(cfg, "num_attention_heads", None):
+        heads = cfg.num_attention_heads
+        groups = cfg.num_query_groups or heads
+        q = heads // groups
+        gate = ",gate:%d" % q if getattr(cfg, "attention_output_gate", False) else ""
+        for p in weights(qkv):
+            out[p] = "qkv=groups:%d,q:%d%s,k:1,v:1 head_dim:%d" % (groups, q, gate,
+                                                                    cfg.kv_channels)
+    heads = getattr(cfg, "num_attention_heads", None)
+    if getattr(mod, "linear_kv_up_proj", None) is not None and heads:
+        q_head = cfg.qk_head_dim + cfg.qk_pos_emb_head_dim
+        for p in weights(getattr(mod, "linear_q_up_proj", None)):
+            out[p] = "mla_q_up=heads:%d,rows:%d" % (heads, q_head)
+        for p in weights(getattr(mod, "linear_q_proj", None)):
+            out[p] = "mla_q=heads:%d,rows:%d" % (heads, q_head)
+        for p in weights(mod.linear_kv_up_proj):
+            out[p] = "mla_kv_up=heads:%d,k:%d,v:%d" % (heads, cfg.qk_head_dim, cfg.v_head_dim)
+        for p in weights(getattr(mod, "linear_kv_down_proj", None)):
+            out[p] = "mla_kv_down=rows:%d,%d" % (cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim)
+    return out
+
+
+def megatron_layouts(model_chunks):
+    """The logical blocks of every fused weight of Megatron-Core model chunks, found from the
+    modules and their TransformerConfig: {param: layout}.
+
+        blocks=rows:2                     linear_fc1 of a gated MLP (gated_linear_unit): the
+                                          gate and up projections stacked by rows; dense MLPs,
+                                          shared experts, every expert (SequentialMLP and
+                                          TEGroupedMLP). Registered with blocks=rows:2: each
+                                          half its own matrix.
+        qkv=groups:G,q:Q[,gate:Q],k:1,v:1 head_dim:D
+                                          linear_qkv (per query group: Q query heads, the
+                                          output gate's Q heads when attention_output_gate,
+                                          one key and one value head, D rows each).
+        mla_q_up / mla_q / mla_kv_up / mla_kv_down
+                                          multi-latent attention's projections (per head
+                                          rows; kv_down = [kv_lora_rank; rope dims]).
+
+    Only blocks=... layouts are split today; qkv and MLA layouts are detected and reported
+    (docs/integration.md), their tensors stay one matrix each."""
+    if not isinstance(model_chunks, (list, tuple)):
+        model_chunks = [model_chunks]
+    out = {}
+    for chunk in model_chunks:
+        for _, mod in chunk.named_modules():
+            out.update(_layout_of_module(mod))
+    return out
+
+
 def _check_config(config):
     if config.lr is None:
         raise ValueError("mdopt.megatron: OptimizerConfig.lr is not set (it is the matrix "
@@ -186,6 +256,8 @@ class MegatronMDOptimizer(MegatronOptimizer):
         self._lrs = dict(DEFAULT_LRS, **(lrs or {}))
         self._spec = {r: dict(s) for r, s in (spec or {}).items()}
 
+        # The fused weights' logical blocks, from the modules and their configs.
+        self._layouts = megatron_layouts(list(model_chunks))
         names = {}
         for ci, chunk in enumerate(model_chunks):
             for n, p in chunk.named_parameters():
@@ -215,11 +287,23 @@ class MegatronMDOptimizer(MegatronOptimizer):
                     base_lr = float(max_lr)
                 else:
                     base_lr = float(self._lrs[role])
-                ps = by_role[role]
-                mdopt_groups.append(dict(keys, params=ps, preset=preset, lr=base_lr,
-                                         name="%s.%d" % (role, mi),
-                                         names=[names.get(p, "") for p in ps]))
-                self._links.append((mi, base_lr, flat, role))
+                # Matrices by their blocks: a group per blocks= layout ("matrix-rows2.0"),
+                # the others in "matrix.0".
+                split = {}
+                for p in by_role[role]:
+                    # A blocks key the caller gave (spec=) applies to the whole role.
+                    lay = self._layouts.get(p, "") if role == "matrix" and \
+                        "blocks" not in keys else ""
+                    blocks = lay[len("blocks="):] if lay.startswith("blocks=") else None
+                    split.setdefault(blocks, []).append(p)
+                for blocks in sorted(split, key=lambda b: (b is not None, b or "")):
+                    ps = split[blocks]
+                    extra = {} if blocks is None else {"blocks": blocks}
+                    suffix = "" if blocks is None else "-" + blocks.replace(":", "")
+                    mdopt_groups.append(dict(keys, params=ps, preset=preset, lr=base_lr,
+                                             name="%s%s.%d" % (role, suffix, mi),
+                                             names=[names.get(p, "") for p in ps], **extra))
+                    self._links.append((mi, base_lr, flat, role))
             group = {k: v for k, v in mg.items() if k != "params"}
             group["params"] = params
             group.setdefault("lr", max_lr)
@@ -234,6 +318,15 @@ class MegatronMDOptimizer(MegatronOptimizer):
         self._load_dir = None  # sharded_state_dict(is_loading=True)'s mdopt_state_dir
         super().__init__(self._make_mdopt(), config, init_state_fn=lambda *a: None)
         self.is_stub_optimizer = False
+
+    @property
+    def layouts(self):
+        """{param name: layout} of every fused weight found (megatron_layouts); those of the
+        form blocks=... are registered with that spec key."""
+        names = {}
+        for g in self._mdopt_args[0]:
+            names.update(zip(g["params"], g["names"]))
+        return {names[p]: lay for p, lay in self._layouts.items() if p in names}
 
     def _make_mdopt(self):
         groups, kwargs = self._mdopt_args

@@ -45,7 +45,7 @@ from ._lib import DTYPE_BF16, DTYPE_F32, MdoptError
 # Keys of a group spec (docs/ABI.md), passed through as they are.
 SPEC_KEYS = ("base", "sphere", "radius", "gains", "gain_param", "lr", "gain_lr", "beta1",
              "beta2", "eps", "momentum", "nesterov", "ns_steps", "ns_coeffs", "muon_scale",
-             "weight_decay", "tangent", "preserve_init", "layout")
+             "weight_decay", "tangent", "preserve_init", "layout", "blocks")
 # mdopt_create's options: keyword arguments of MDOptimizer with these names go there.
 OPTION_KEYS = ("device", "threads", "kernels", "ns_dtype", "ns_form", "ns_comm_dtype",
                "grad_comm_dtype", "grads", "gather", "bucket_mb", "comm_timeout_s",

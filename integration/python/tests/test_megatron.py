@@ -385,3 +385,87 @@ def test_interface_and_refusals():
             get_megatron_mdopt_optimizer(config(**bad), [model], threads=1)
     with pytest.raises(ValueError, match="unknown role"):
         get_megatron_mdopt_optimizer(config(), [model], presets={"matrices": "muon"})
+
+
+def make_glu_model(seed, moe=False):
+    """A GPT with SwiGLU MLPs and GQA (4 heads in 2 query groups, kv_channels 8); with `moe`,
+    every layer an MoE of 4 SequentialMLP experts (top-2) plus a shared expert."""
+    torch.manual_seed(seed)
+    kw = dict(num_layers=LAYERS, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+              ffn_hidden_size=48, gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+              add_bias_linear=False, use_cpu_initialization=True, hidden_dropout=0.0,
+              attention_dropout=0.0)
+    if moe:
+        kw.update(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=20,
+                  moe_shared_expert_intermediate_size=24)
+    cfg = TransformerConfig(**kw)
+    spec = get_gpt_layer_local_spec(num_experts=4 if moe else None)
+    return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=VOCAB,
+                    max_sequence_length=SEQ)
+
+
+def _halves_norms(w):
+    f = w.shape[0] // 2
+    return float(w[:f].double().norm()), float(w[f:].double().norm())
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_fused_layouts_detected_and_blocks_on_their_spheres(moe):
+    """Every fused weight of a SwiGLU + GQA GPT (and of an MoE one: experts, shared expert,
+    router) is tagged with its layout from the modules and config alone; each GLU fc1 is
+    registered with blocks=rows:2, so after steps each half is on its own sphere
+    (sqrt(max(f, d)), muonh: no gains) where the same run without blocks leaves them off.
+    (tests/unit/blocks_test.cc holds each block's update to the float64 reference run on
+    that block alone; this test checks the detection and the wiring.)"""
+    model = make_glu_model(21, moe)
+    opt = get_megatron_mdopt_optimizer(config(), [model], presets={"matrix": "muonh"},
+                                       threads=1)
+    named = dict(model.named_parameters())
+    layouts = opt.layouts
+    fc1 = sorted(n for n in named if n.endswith("linear_fc1.weight"))
+    qkv = sorted(n for n in named if n.endswith("linear_qkv.weight"))
+    assert len(qkv) == LAYERS
+    assert len(fc1) == (LAYERS * 5 if moe else LAYERS)  # 4 experts + 1 shared expert per layer
+    for n in fc1:
+        assert layouts[n] == "blocks=rows:2", n
+    for n in qkv:
+        assert layouts[n] == "qkv=groups:2,q:2,k:1,v:1 head_dim:8", n
+    assert set(layouts) == set(fc1) | set(qkv)  # linear_proj, fc2, routers: not fused
+    glu = [g for g in opt.optimizer.param_groups if g["name"].startswith("matrix-rows2.")]
+    assert len(glu) == 1 and sorted(glu[0]["names"]) == fc1
+    plain = [g for g in opt.optimizer.param_groups if g["name"].startswith("matrix.")]
+    assert not set(plain[0]["names"]) & set(fc1)
+    if moe:
+        routers = [n for g in opt.optimizer.param_groups if g["name"].startswith("router.")
+                   for n in g["names"]]
+        assert sorted(routers) == sorted(n for n in named if n.endswith("router.weight"))
+
+    control = make_glu_model(21, moe)
+    ref = get_megatron_mdopt_optimizer(config(), [control], presets={"matrix": "muonh"},
+                                       spec={"matrix": {"blocks": "none"}}, threads=1)
+    # The control registers fc1 as one matrix ("blocks": "none" overrides the layout's key).
+    # Gradients drawn here (Megatron's MoE dispatch needs a GPU), the gate half of every fc1
+    # ten times the up half's: one sphere over [gate; up] lets the halves' norms drift apart.
+    g = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        for name, p in named.items():
+            grad = torch.randn(p.shape, generator=g) * 1e-2
+            if name in fc1:
+                grad[: p.shape[0] // 2] *= 10.0
+            p.main_grad = grad
+            dict(control.named_parameters())[name].main_grad = grad.clone()
+        for o in (opt, ref):
+            ok, _, _ = o.step()
+            assert ok
+    worst, off = 0.0, 0.0
+    for n in fc1:
+        w = dict(model.named_parameters())[n].detach()
+        f, d = w.shape[0] // 2, w.shape[1]
+        radius = math.sqrt(max(f, d))
+        for b in _halves_norms(w):
+            worst = max(worst, abs(b - radius) / radius)
+        wc = dict(control.named_parameters())[n].detach()
+        off = max(off, max(abs(b - radius) / radius for b in _halves_norms(wc)))
+    print("[ measured ] fc1 halves vs their radius: blocks %.2e, one sphere %.2e" % (worst, off))
+    assert worst < 1e-5
+    assert off > 1e-2
