@@ -39,7 +39,7 @@ def _default_kind(name, param, module, embeddings, head_names):
 
 def param_groups(model, matrix_preset="md-muon", lr=None, *, embedding_lr=3e-3, head_lr=1e-3,
                  vector_lr=1e-3, gain_lr=1e-3, router_lr=None, head_names=None,
-                 classify=None, **matrix_overrides):
+                 classify=None, blocks=None, **matrix_overrides):
     """Param groups for MDOptimizer from a model, by what each tensor is:
 
     - `matrices`: 2-D hidden matrices and 3-D expert stacks (each expert its own matrix, with
@@ -55,6 +55,11 @@ def param_groups(model, matrix_preset="md-muon", lr=None, *, embedding_lr=3e-3, 
     - `routers`: 2-D weights named like *router* or *.gate, `router` preset at `router_lr`
       (default: the matrix lr);
     - `vectors`: 1-D tensors (norm gains, biases), `vector` preset at `vector_lr`.
+
+    `blocks` {name: K} (or a callable (name, param) -> K or None): matrices that are K
+    logical matrices stacked by rows, each its own matrix to the optimizer (spec key
+    blocks=rows:K; docs/ARCHITECTURE.md, "Logical blocks"): a GLU linear's [gate; up] is 2.
+    They form a group "matrices-rowsK" with the matrices' settings.
 
     `classify(name, param, module)` may return one of "matrix", "embedding", "head",
     "router", "vector" (or None for the default) to override the choice. Parameters that do
@@ -93,6 +98,31 @@ def param_groups(model, matrix_preset="md-muon", lr=None, *, embedding_lr=3e-3, 
                              "head, router or vector)" % (kind, name))
         buckets[kind].append((name, p))
 
+    # Matrices with logical row blocks: a bucket per K.
+    block_kinds = []
+    if blocks is not None:
+        rest = []
+        for name, p in buckets["matrix"]:
+            k = blocks(name, p) if callable(blocks) else blocks.get(name)
+            if k is None or int(k) == 1:
+                rest.append((name, p))
+                continue
+            if int(k) != k or k < 1 or p.dim() < 2 or p.shape[-2] % int(k) != 0:
+                raise ValueError("param_groups: blocks=%r for '%s' of shape %s: rows must be "
+                                 "a multiple of it" % (k, name, tuple(p.shape)))
+            kind = "matrix-rows%d" % int(k)
+            if kind not in buckets:
+                buckets[kind] = []
+                block_kinds.append(int(k))
+            buckets[kind].append((name, p))
+        buckets["matrix"] = rest
+        if not callable(blocks):
+            named = {n for n, _ in model.named_parameters()}
+            unknown = sorted(set(blocks) - named)
+            if unknown:
+                raise ValueError("param_groups: blocks names parameters the model lacks: %s"
+                                 % ", ".join(unknown))
+
     def group(name, kind, **spec):
         items = buckets[kind]
         g = {"name": name, "params": [p for _, p in items], "names": [n for n, _ in items]}
@@ -105,6 +135,11 @@ def param_groups(model, matrix_preset="md-muon", lr=None, *, embedding_lr=3e-3, 
         matrix.setdefault("gain_lr", gain_lr)
     out = [
         group("matrices", "matrix", preset=matrix_preset, lr=lr, **matrix),
+    ] + [
+        group("matrices-rows%d" % k, "matrix-rows%d" % k, preset=matrix_preset, lr=lr,
+              blocks="rows:%d" % k, **matrix)
+        for k in block_kinds
+    ] + [
         group("routers", "router", preset="router", lr=router_lr if router_lr is not None else lr,
               gain_lr=gain_lr),
         group("embeddings", "embedding", preset="embedding", lr=embedding_lr),

@@ -311,3 +311,42 @@ def test_comm_abort_stops_the_optimizers_on_it():
     assert e.value.status == "MDOPT_COMM_ERROR"
     assert torch.equal(w.detach(), before)
     comm.abort("a second abort changes nothing")
+
+
+class _GluMLP(torch.nn.Module):
+    """x -> fc2(silu(gate) * up) with [gate; up] = fc1(x) fused by rows."""
+
+    def __init__(self, d=12, f=10):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(d, 2 * f, bias=False)
+        self.fc2 = torch.nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        gate, up = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(torch.nn.functional.silu(gate) * up)
+
+
+def test_param_groups_blocks_put_each_half_of_a_glu_on_its_own_sphere():
+    torch.manual_seed(3)
+    model = _GluMLP()
+    groups = param_groups(model, matrix_preset="muonh", lr=0.02, blocks={"fc1.weight": 2})
+    by = {g["name"]: g for g in groups}
+    assert by["matrices-rows2"]["names"] == ["fc1.weight"]
+    assert by["matrices-rows2"]["blocks"] == "rows:2"
+    assert by["matrices"]["names"] == ["fc2.weight"]
+    opt = MDOptimizer(groups, threads=1, kernels="reference")
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(4))
+    for _ in range(5):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        model.fc1.weight.grad[:10] *= 10.0  # the gate's gradient ten times the up's
+        opt.step()
+    w = model.fc1.weight.detach().double()
+    radius = math.sqrt(12)  # sqrt(max(f, d)) of a 10 x 12 block
+    for half in (w[:10], w[10:]):
+        assert abs(float(half.norm()) - radius) < 1e-5 * radius
+    assert opt.group_info("matrices-rows2").matrices == 2
+    with pytest.raises(ValueError, match="multiple"):
+        param_groups(model, blocks={"fc1.weight": 3})
+    with pytest.raises(ValueError, match="lacks"):
+        param_groups(model, blocks={"fc9.weight": 2})
