@@ -26,6 +26,11 @@ as the method does (matrices on their sphere with row and column gains; embeddin
 LM head with unit-norm rows and fixed Adam learning rates; gains, norms and biases with
 Adam). `presets=`, `lrs=` and `spec=` change this per role.
 
+Fused weights are found from the modules and their config (megatron_layouts): a gated
+MLP's linear_fc1 ([gate; up]: dense MLPs, shared experts, every expert) goes to a group
+"matrix-rows2.<index>" with blocks=rows:2, each half its own matrix (own sphere, own
+Newton-Schulz); linear_qkv and MLA projections are reported in `layouts` and stay whole.
+
 Learning rates: the matrix and router groups take their Megatron group's max_lr (config.lr);
 embedding, output and vector groups take their fixed learning rate (`lrs`, default 3e-3,
 1e-3 and 1e-3), or their Megatron group's max_lr when an override (decoupled_lr) gave it
