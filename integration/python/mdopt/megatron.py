@@ -617,4 +617,4 @@ def get_megatron_mdopt_optimizer(config, model_chunks, config_overrides=None, **
 
 
 __all__ = ["MEGATRON_CORE_TESTED", "MegatronMDOptimizer", "ROLES", "SHARDED_KEY",
-           "get_megatron_mdopt_optimizer", "megatron_role"]
+           "get_megatron_mdopt_optimizer", "megatron_layouts", "megatron_role"]
