@@ -469,3 +469,45 @@ def test_fused_layouts_detected_and_blocks_on_their_spheres(moe):
     print("[ measured ] fc1 halves vs their radius: blocks %.2e, one sphere %.2e" % (worst, off))
     assert worst < 1e-5
     assert off > 1e-2
+
+
+def test_layouts_of_mla_and_gated_attention_modules():
+    """megatron_layouts reads modules and their config alone: an MLA attention (Megatron-Core's
+    local MLA spec needs Transformer Engine, so a module with the same attributes stands in)
+    and a linear_qkv with the attention output gate."""
+    from types import SimpleNamespace
+
+    from mdopt.megatron import megatron_layouts
+
+    heads, q_lora, kv_lora, qk, rope, v, d = 4, 16, 12, 8, 4, 6, 32
+    mla_cfg = SimpleNamespace(num_attention_heads=heads, qk_head_dim=qk, qk_pos_emb_head_dim=rope,
+                              v_head_dim=v, kv_lora_rank=kv_lora, gated_linear_unit=False)
+
+    class MLA(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = mla_cfg
+            self.linear_q_down_proj = torch.nn.Linear(d, q_lora, bias=False)
+            self.linear_q_up_proj = torch.nn.Linear(q_lora, heads * (qk + rope), bias=False)
+            self.linear_kv_down_proj = torch.nn.Linear(d, kv_lora + rope, bias=False)
+            self.linear_kv_up_proj = torch.nn.Linear(kv_lora, heads * (qk + v), bias=False)
+
+    gate_cfg = SimpleNamespace(num_attention_heads=8, num_query_groups=2, kv_channels=4,
+                               attention_output_gate=True, gated_linear_unit=False)
+
+    class GatedAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = gate_cfg
+            # per query group: 4 query heads, 4 gate heads, 1 key, 1 value head of 4 rows
+            self.linear_qkv = torch.nn.Linear(d, 2 * (4 + 4 + 1 + 1) * 4, bias=False)
+
+    model = torch.nn.ModuleDict({"mla": MLA(), "attn": GatedAttention()})
+    names = {p: n for n, p in model.named_parameters()}
+    got = {names[p]: lay for p, lay in megatron_layouts(model).items()}
+    assert got == {
+        "mla.linear_q_up_proj.weight": "mla_q_up=heads:4,rows:12",
+        "mla.linear_kv_up_proj.weight": "mla_kv_up=heads:4,k:8,v:6",
+        "mla.linear_kv_down_proj.weight": "mla_kv_down=rows:12,4",
+        "attn.linear_qkv.weight": "qkv=groups:2,q:4,gate:4,k:1,v:1 head_dim:4",
+    }
