@@ -231,7 +231,7 @@ absl::Status LoadLocal(const std::string& dir, const CheckpointLayout& want, Eng
     const IndexedArray* ia = rd->Find(i, e, a.name);
     if (ia == nullptr) {
       return mismatch(absl::StrCat("'", rd->path(), "' holds no '", a.name, "' of param '", p.name,
-                                   p.experts > 1 ? absl::StrCat("' expert ", e) : "'"));
+                                   "'", p.SlotWhere(e)));
     }
     if (ia->rows != rows || ia->elem_size != a.elem_size || (rows && ia->width != width)) {
       return mismatch(absl::StrCat("param '", p.name, "': array '", a.name, "' in '", rd->path(),

@@ -133,6 +133,13 @@ absl::StatusOr<int64_t> ParamRegistry::Add(const ParamDescription& d,
   return index;
 }
 
+std::string ParamEntry::SlotWhere(int64_t slot) const {
+  const int64_t stack = experts / blocks;
+  if (blocks == 1) return stack > 1 ? absl::StrCat(" of expert ", slot) : "";
+  if (stack == 1) return absl::StrCat(" of block ", slot);
+  return absl::StrCat(" of expert ", slot / blocks, " block ", slot % blocks);
+}
+
 absl::Status ParamRegistry::SetPointers(int64_t index, void* param, const void* grad) {
   if (index < 0 || index >= size()) {
     return absl::InvalidArgumentError(

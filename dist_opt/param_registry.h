@@ -55,6 +55,9 @@ struct ParamEntry {
   bool preserve_init = false;
 
   int64_t numel() const { return experts * m * n; }
+  // " of expert E", " of block B", " of expert E block B" or "" for matrix `slot` (of
+  // `experts`), for messages.
+  std::string SlotWhere(int64_t slot) const;
   size_t param_elem_bytes() const { return param_dtype == Dtype::kF32 ? 4 : 2; }
   size_t grad_elem_bytes() const { return grad_dtype == Dtype::kF32 ? 4 : 2; }
 };

@@ -519,7 +519,7 @@ std::string ZeroSliceMessage(const ParamEntry& p, int64_t expert, int64_t slice)
   const char* kind = p.rule.sphere == Sphere::kRow   ? "row"
                      : p.rule.sphere == Sphere::kCol ? "column"
                                                      : "matrix";
-  std::string where = p.experts > 1 ? absl::StrCat(" of expert ", expert) : "";
+  std::string where = p.SlotWhere(expert);
   if (p.rule.sphere == Sphere::kFrobenius) {
     return absl::StrCat("param '", p.name, "': the ", kind, where,
                         " has zero or non-finite norm and cannot be put on its sphere");

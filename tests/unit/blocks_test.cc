@@ -214,5 +214,24 @@ TEST(BlocksSpec, RowsNotAMultipleAreRefused) {
   mdopt_comm_destroy(comm);
 }
 
+TEST(BlocksSpec, AZeroBlockIsNamedAtFinalize) {
+  mdopt_comm* comm = nullptr;
+  mdopt_optimizer* opt = nullptr;
+  ASSERT_EQ(mdopt_comm_create_local(&comm), MDOPT_SUCCESS);
+  ASSERT_EQ(mdopt_create(comm, "", &opt), MDOPT_SUCCESS);
+  ASSERT_EQ(mdopt_add_group(opt, "glu", "preset=md-muon blocks=rows:2"), MDOPT_SUCCESS);
+  // Expert 1's up half (block 1 of expert 1) is zero: it has no direction to project.
+  std::vector<float> w(2 * 4 * 3, 0.5f), g(2 * 4 * 3, 0.0f);
+  for (int k = 18; k < 24; ++k) w[k] = 0.0f;
+  mdopt_param_desc d = testing::DescFor("fc1", "glu", {2, 4, 3}, MDOPT_DTYPE_F32, w.data(),
+                                        MDOPT_DTYPE_F32, g.data());
+  ASSERT_EQ(mdopt_add_param(opt, &d, nullptr), MDOPT_SUCCESS) << mdopt_last_error();
+  EXPECT_EQ(mdopt_finalize(opt), MDOPT_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(mdopt_last_error()).find("of expert 1 block 1"), std::string::npos)
+      << mdopt_last_error();
+  mdopt_destroy(opt);
+  mdopt_comm_destroy(comm);
+}
+
 }  // namespace
 }  // namespace mdopt
