@@ -107,7 +107,7 @@ def megatron_role(name, param):
     return "matrix"
 
 
-def _layout_of_module(mod):
+def _layout_of_module(mod, split_heads=False):
     """{param: layout} for the fused projections of one Megatron module (see megatron_layouts)."""
     cfg = getattr(mod, "config", None)
     if cfg is None:
@@ -132,24 +132,33 @@ def _layout_of_module(mod):
         groups = cfg.num_query_groups or heads
         q = heads // groups
         gate = ",gate:%d" % q if getattr(cfg, "attention_output_gate", False) else ""
+        per_group = q * (2 if gate else 1) + 2
         for p in weights(qkv):
-            out[p] = "qkv=groups:%d,q:%d%s,k:1,v:1 head_dim:%d" % (groups, q, gate,
-                                                                    cfg.kv_channels)
+            if split_heads and p.shape[0] == groups * per_group * cfg.kv_channels:
+                out[p] = "blocks=rows:%d" % (groups * per_group)
+            else:
+                out[p] = "qkv=groups:%d,q:%d%s,k:1,v:1 head_dim:%d" % (groups, q, gate,
+                                                                        cfg.kv_channels)
     heads = getattr(cfg, "num_attention_heads", None)
     if getattr(mod, "linear_kv_up_proj", None) is not None and heads:
         q_head = cfg.qk_head_dim + cfg.qk_pos_emb_head_dim
         for p in weights(getattr(mod, "linear_q_up_proj", None)):
-            out[p] = "mla_q_up=heads:%d,rows:%d" % (heads, q_head)
+            out[p] = "blocks=rows:%d" % heads if split_heads else \
+                "mla_q_up=heads:%d,rows:%d" % (heads, q_head)
         for p in weights(getattr(mod, "linear_q_proj", None)):
             out[p] = "mla_q=heads:%d,rows:%d" % (heads, q_head)
         for p in weights(mod.linear_kv_up_proj):
-            out[p] = "mla_kv_up=heads:%d,k:%d,v:%d" % (heads, cfg.qk_head_dim, cfg.v_head_dim)
+            if split_heads and cfg.qk_head_dim == cfg.v_head_dim:
+                out[p] = "blocks=rows:%d" % (2 * heads)  # per head: its K rows, its V rows
+            else:
+                out[p] = "mla_kv_up=heads:%d,k:%d,v:%d" % (heads, cfg.qk_head_dim,
+                                                            cfg.v_head_dim)
         for p in weights(getattr(mod, "linear_kv_down_proj", None)):
             out[p] = "mla_kv_down=rows:%d,%d" % (cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim)
     return out
 
 
-def megatron_layouts(model_chunks):
+def megatron_layouts(model_chunks, split_heads=False):
     """The logical blocks of every fused weight of Megatron-Core model chunks, found from the
     modules and their TransformerConfig: {param: layout}.
 
@@ -167,13 +176,17 @@ def megatron_layouts(model_chunks):
                                           rows; kv_down = [kv_lora_rank; rope dims]).
 
     Only blocks=... layouts are split today; qkv and MLA layouts are detected and reported
-    (docs/integration.md), their tensors stay one matrix each."""
+    (docs/integration.md), their tensors stay one matrix each. With `split_heads`, every
+    attention head is a block of its own instead (the per-head splitting the method's
+    authors offer as an option): linear_qkv blocks=rows:<heads in it> (query, gate, key and
+    value heads), linear_q_up_proj blocks=rows:H, and linear_kv_up_proj blocks=rows:2H when
+    qk_head_dim == v_head_dim (each head's K rows, then its V rows)."""
     if not isinstance(model_chunks, (list, tuple)):
         model_chunks = [model_chunks]
     out = {}
     for chunk in model_chunks:
         for _, mod in chunk.named_modules():
-            out.update(_layout_of_module(mod))
+            out.update(_layout_of_module(mod, split_heads))
     return out
 
 
@@ -227,12 +240,15 @@ class MegatronMDOptimizer(MegatronOptimizer):
     presets: {role: preset} over the defaults (e.g. {"matrix": "muon"} for plain Muon).
     lrs: {role: lr} base learning rates of the embedding, output and vector roles.
     spec: {role: {spec key: value}} extra mdopt spec keys (e.g. {"matrix": {"gains": "row"}}).
+    split_heads: every attention head of linear_qkv (and of MLA's q_up/kv_up) a matrix of its
+        own (megatron_layouts); by default those weights stay one matrix.
     comm, options and keyword arguments (threads=2, kernels="reference", ...): as for
         mdopt.torch.MDOptimizer.
     """
 
     def __init__(self, config, model_chunks, config_overrides=None, *, presets=None,
-                 lrs=None, spec=None, comm=None, options="", **mdopt_kwargs):
+                 lrs=None, spec=None, comm=None, options="", split_heads=False,
+                 **mdopt_kwargs):
         if not isinstance(config, OptimizerConfig):
             raise TypeError("mdopt.megatron: config must be a megatron.core.optimizer."
                             "OptimizerConfig, not %r" % type(config).__name__)
@@ -262,7 +278,7 @@ class MegatronMDOptimizer(MegatronOptimizer):
         self._spec = {r: dict(s) for r, s in (spec or {}).items()}
 
         # The fused weights' logical blocks, from the modules and their configs.
-        self._layouts = megatron_layouts(list(model_chunks))
+        self._layouts = megatron_layouts(list(model_chunks), split_heads=bool(split_heads))
         names = {}
         for ci, chunk in enumerate(model_chunks):
             for n, p in chunk.named_parameters():
@@ -301,7 +317,8 @@ class MegatronMDOptimizer(MegatronOptimizer):
                         "blocks" not in keys else ""
                     blocks = lay[len("blocks="):] if lay.startswith("blocks=") else None
                     split.setdefault(blocks, []).append(p)
-                for blocks in sorted(split, key=lambda b: (b is not None, b or "")):
+                for blocks in sorted(split, key=lambda b: (b is not None,
+                                                           int(b.split(":")[1]) if b else 0)):
                     ps = split[blocks]
                     extra = {} if blocks is None else {"blocks": blocks}
                     suffix = "" if blocks is None else "-" + blocks.replace(":", "")

@@ -511,3 +511,39 @@ def test_layouts_of_mla_and_gated_attention_modules():
         "mla.linear_kv_down_proj.weight": "mla_kv_down=rows:12,4",
         "attn.linear_qkv.weight": "qkv=groups:2,q:4,gate:4,k:1,v:1 head_dim:4",
     }
+    # Per head: q_up by heads, qkv by its 20 heads; kv_up's K and V heads differ in height
+    # (8 and 6 rows), which equal row blocks cannot express, so it stays whole.
+    got = {names[p]: lay for p, lay in megatron_layouts(model, split_heads=True).items()}
+    assert got == {
+        "mla.linear_q_up_proj.weight": "blocks=rows:4",
+        "mla.linear_kv_up_proj.weight": "mla_kv_up=heads:4,k:8,v:6",
+        "mla.linear_kv_down_proj.weight": "mla_kv_down=rows:12,4",
+        "attn.linear_qkv.weight": "blocks=rows:20",
+    }
+    mla_cfg.v_head_dim = 8
+    model["mla"].linear_kv_up_proj = torch.nn.Linear(kv_lora, heads * (qk + 8), bias=False)
+    names = {p: n for n, p in model.named_parameters()}
+    got = {names[p]: lay for p, lay in megatron_layouts(model, split_heads=True).items()}
+    assert got["mla.linear_kv_up_proj.weight"] == "blocks=rows:8"
+
+
+def test_split_heads_puts_every_attention_head_on_its_own_sphere():
+    model = make_glu_model(23)
+    opt = get_megatron_mdopt_optimizer(config(), [model], presets={"matrix": "muonh"},
+                                       split_heads=True, threads=1)
+    named = dict(model.named_parameters())
+    qkv = sorted(n for n in named if n.endswith("linear_qkv.weight"))
+    assert all(opt.layouts[n] == "blocks=rows:8" for n in qkv)  # 2 groups x (2 q + k + v)
+    by = {g["name"]: g["names"] for g in opt.optimizer.param_groups}
+    assert sorted(by["matrix-rows8.0"]) == qkv
+    g = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        for p in named.values():
+            p.main_grad = torch.randn(p.shape, generator=g) * 1e-2
+        ok, _, _ = opt.step()
+        assert ok
+    for n in qkv:
+        heads = named[n].detach().double().view(8, 8, 32)  # 8 heads of 8 rows x 32
+        norms = heads.flatten(1).norm(dim=1)
+        torch.testing.assert_close(norms, torch.full_like(norms, math.sqrt(32)), rtol=1e-5,
+                                   atol=0)
