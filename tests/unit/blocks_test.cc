@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -212,6 +213,33 @@ TEST(BlocksSpec, RowsNotAMultipleAreRefused) {
   EXPECT_EQ(mdopt_add_param(opt, &ok, nullptr), MDOPT_SUCCESS) << mdopt_last_error();
   mdopt_destroy(opt);
   mdopt_comm_destroy(comm);
+}
+
+// A checkpoint keeps its blocks: loading it where the same tensor has other blocks (or none)
+// is refused, with the optimizer's state untouched, instead of reading one block's state as
+// another's.
+TEST(BlocksSpec, CheckpointsRefuseOtherBlocks) {
+  const std::string dir = ::testing::TempDir() + "/mdopt_blocks_ckpt";
+  std::filesystem::remove_all(dir);
+  AbiHarness saver("threads=1", "preset=md-muon blocks=rows:2", {TensorSpec{"fc1", {12, 10}}},
+                   kSeed);
+  MDOPT_ASSERT_OK(mdopt_finalize(saver.opt()));
+  saver.StepChecked(kSeed, 1);
+  MDOPT_ASSERT_OK(mdopt_save(saver.opt(), dir.c_str()));
+  for (const char* other : {"preset=md-muon", "preset=md-muon blocks=rows:3"}) {
+    AbiHarness loader("threads=1", other, {TensorSpec{"fc1", {12, 10}}}, kSeed);
+    MDOPT_ASSERT_OK(mdopt_finalize(loader.opt()));
+    const std::vector<double> before = loader.State(0, "master");
+    EXPECT_NE(mdopt_load(loader.opt(), dir.c_str()), MDOPT_SUCCESS) << other;
+    EXPECT_EQ(loader.State(0, "master"), before) << other;
+  }
+  AbiHarness same("threads=1", "preset=md-muon blocks=rows:2", {TensorSpec{"fc1", {12, 10}}},
+                  kSeed + 1);
+  MDOPT_ASSERT_OK(mdopt_finalize(same.opt()));
+  MDOPT_ASSERT_OK(mdopt_load(same.opt(), dir.c_str()));
+  EXPECT_EQ(same.State(0, "master"), saver.State(0, "master"));
+  EXPECT_EQ(same.State(0, "gain_col"), saver.State(0, "gain_col"));
+  std::filesystem::remove_all(dir);
 }
 
 TEST(BlocksSpec, AZeroBlockIsNamedAtFinalize) {
