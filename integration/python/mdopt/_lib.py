@@ -178,6 +178,19 @@ def candidate_paths():
 
 
 def _load():
+    env = os.environ.get("MDOPT_LIBRARY")
+    if env:
+        # Asked for one library: that one or an error, never a silent fallback elsewhere.
+        path = os.path.join(env, SONAME) if os.path.isdir(env) else env
+        if not os.path.exists(path):
+            raise ImportError("mdopt: MDOPT_LIBRARY=%s, but %s does not exist; point it at "
+                              "libmdopt.so.1 (or the folder holding it), or unset it to "
+                              "search the usual places" % (env, path))
+        try:
+            return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL), path
+        except OSError as e:
+            raise ImportError("mdopt: MDOPT_LIBRARY=%s: cannot load %s: %s"
+                              % (env, path, e)) from None
     tried = []
     for path in candidate_paths():
         if os.sep in path and not os.path.exists(path):
