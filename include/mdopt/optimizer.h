@@ -205,7 +205,9 @@ MDOPT_API mdopt_status mdopt_workspace_bytes(const mdopt_optimizer* opt, int64_t
 /* Reads one part of a parameter's state as float64, for inspection and logging.
  * field: "master" (the weights, numel), "direction" (W / gains, numel),
  *        "gain_row" (E*d_out), "gain_col" (E*d_in), "gain_scalar" (E) (effective gains),
- *        "radius" (one per sphere slice). count must equal the field's length;
+ *        "radius" (one per sphere slice), and (since ABI 1 minor 4; an older library refuses
+ *        the name) the moments "momentum" (Muon), "exp_avg", "exp_avg_sq" (Adam) (numel).
+ *        count must equal the field's length;
  * *count_out (may be NULL) receives the length (call with out = NULL to query it). */
 MDOPT_API mdopt_status mdopt_get_state(const mdopt_optimizer* opt, int64_t index,
                                        const char* field, double* out, int64_t count,
