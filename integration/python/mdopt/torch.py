@@ -21,13 +21,22 @@ nesterov) or as in the spec (beta1, beta2, gain_lr, sphere, gains, ns_coeffs, ..
 not given take the preset's values, and `lr` is filled in with the preset's lr when absent,
 so LR schedulers see it. `param_groups[i]["lr"]` is read at every step and pushed with
 mdopt_set_group_lr (the group's gain_lr follows by the same factor), which is how every
-torch LR scheduler works; the other keys are fixed once the optimizer is built.
+torch LR scheduler works; the other keys are fixed at the first step (a change before it
+rebuilds mdopt, one after it is refused naming the keys).
 
 Building the optimizer registers every tensor and projects each sphere matrix onto its
 sphere, writing the model's weights (the method's initialisation), as mdopt_finalize does.
 mdopt keeps its own state (f32 weights are their own master copy; bf16 weights get an f32
-master inside mdopt); `self.state` stays empty, and state_dict() carries mdopt's checkpoint
-(on CUDA the library stages it through host memory).
+master inside mdopt); on one rank `self.state` holds read-only copies of it (read_state()),
+and state_dict() carries mdopt's checkpoint (on CUDA the library stages it through host
+memory).
+
+torch's conventions (docs/integration.md, "Differences from torch.optim"): frozen
+parameters (requires_grad=False at the build) are listed but not registered; a step where
+no parameter has a gradient does nothing; non-contiguous parameters are staged through
+contiguous copies; invalid hyperparameters are ValueErrors worded like torch's; a tensor
+listed twice is warned of and registered once; copy.deepcopy makes an independent
+optimizer (one rank), copy.copy one sharing this one.
 """
 
 import copy
@@ -521,9 +530,12 @@ class MDOptimizer(torch.optim.Optimizer):
                     index = opt.add_param(pname, group["name"], _mdopt_shape(t), dt,
                                           weights.data_ptr(), gdt, None)
                 except MdoptError as e:
+                    message = e.message
+                    if t.dim() == 0:  # mdopt sees a 0-d tensor as 1-D of one element
+                        message = message.replace(" is 1-D ", " is 0-d (a scalar) ")
                     raise MdoptError(e.status, "parameter '%s' (group '%s', shape %s, %s): %s"
                                      % (pname, group["name"], tuple(t.shape), t.dtype,
-                                        e.message)) from None
+                                        message)) from None
                 entries.append((t, dt, gdt, pname))
         if not entries:
             opt.destroy()
