@@ -126,6 +126,38 @@ absl::Status Optimizer::SetGroupLr(absl::string_view group, double lr) {
   return absl::OkStatus();
 }
 
+absl::Status Optimizer::SetGroupHparam(absl::string_view group, absl::string_view key,
+                                      double value) {
+  absl::StatusOr<int> g = FindGroup("mdopt_set_group_hparam", group);
+  if (!g.ok()) return g.status();
+  if (key == "lr") return SetGroupLr(group, value);
+  Group& G = groups_[*g];
+  if (absl::Status s = SetSpecNumber(&G.spec, key, value); !s.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("mdopt_set_group_hparam: group '", group, "': ", s.message()));
+  }
+  registry_.SetGroupScalars(*g, G.spec.rule);
+  if (engine_ != nullptr) engine_->RulesChanged();
+  return absl::OkStatus();
+}
+
+absl::Status Optimizer::GetGroupHparam(absl::string_view group, absl::string_view key,
+                                      double* value) const {
+  absl::StatusOr<int> g = FindGroup("mdopt_get_group_hparam", group);
+  if (!g.ok()) return g.status();
+  const kernels::UpdateRule& r = groups_[*g].spec.rule;
+  const double v = key == "lr" ? r.lr : key == "gain_lr" ? r.gain_lr : key == "beta1" ? r.beta1
+                 : key == "beta2" ? r.beta2 : key == "eps" ? r.eps : key == "momentum" ? r.momentum
+                 : key == "weight_decay" ? r.weight_decay : std::nan("");
+  if (std::isnan(v)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "mdopt_get_group_hparam: key '", key,
+        "' is not readable (lr, gain_lr, beta1, beta2, eps, momentum, weight_decay)"));
+  }
+  if (value != nullptr) *value = v;
+  return absl::OkStatus();
+}
+
 absl::Status Optimizer::GetGroupLr(absl::string_view group, double* lr, double* gain_lr) const {
   absl::StatusOr<int> g = FindGroup("mdopt_get_group_lr", group);
   if (!g.ok()) return g.status();

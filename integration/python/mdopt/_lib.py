@@ -124,6 +124,8 @@ _SIGNATURES = {
     "mdopt_add_group": (ctypes.c_int, [_P, _S, _S]),
     "mdopt_set_group_lr": (ctypes.c_int, [_P, _S, ctypes.c_double]),
     "mdopt_get_group_lr": (ctypes.c_int, [_P, _S, _DP, _DP]),
+    "mdopt_set_group_hparam": (ctypes.c_int, [_P, _S, _S, ctypes.c_double]),
+    "mdopt_get_group_hparam": (ctypes.c_int, [_P, _S, _S, _DP]),
     "mdopt_add_param": (ctypes.c_int, [_P, ctypes.POINTER(ParamDesc), _I64P]),
     "mdopt_set_pointers": (ctypes.c_int, [_P, ctypes.c_int64, _P, _P]),
     "mdopt_finalize": (ctypes.c_int, [_P]),

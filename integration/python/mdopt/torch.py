@@ -21,8 +21,10 @@ nesterov) or as in the spec (beta1, beta2, gain_lr, sphere, gains, ns_coeffs, ..
 not given take the preset's values, and `lr` is filled in with the preset's lr when absent,
 so LR schedulers see it. `param_groups[i]["lr"]` is read at every step and pushed with
 mdopt_set_group_lr (the group's gain_lr follows by the same factor), which is how every
-torch LR scheduler works; the other keys are fixed at the first step (a change before it
-rebuilds mdopt, one after it is refused naming the keys).
+torch LR scheduler works. betas, momentum, eps and weight_decay are pushed the same way
+when they change (mdopt_set_group_hparam: OneCycleLR and CyclicLR with cycle_momentum=True
+work); the other keys are fixed at the first step (a change before it rebuilds mdopt, one
+after it is refused naming the keys).
 
 Building the optimizer registers every tensor and projects each sphere matrix onto its
 sphere, writing the model's weights (the method's initialisation), as mdopt_finalize does.
@@ -62,6 +64,8 @@ SPEC_KEYS = ("base", "sphere", "radius", "gains", "gain_param", "lr", "gain_lr",
 OPTION_KEYS = ("device", "threads", "kernels", "ns_dtype", "ns_form", "ns_comm_dtype",
                "grad_comm_dtype", "grads", "gather", "bucket_mb", "comm_timeout_s",
                "update_norms", "comm_pad")
+# Spec keys mdopt_set_group_hparam changes between steps (lr has its own call).
+_SETTABLE = ("beta1", "beta2", "eps", "momentum", "weight_decay")
 # Group keys that are not spec keys: the preset, mdopt's group name, parameter names.
 _META_KEYS = ("params", "preset", "name", "names")
 # torch.optim spellings of features mdopt does not have: accepted only when off.
@@ -586,22 +590,56 @@ class MDOptimizer(torch.optim.Optimizer):
 
     # --- stepping -----------------------------------------------------------------------
 
+    def _changed_keys(self, gi, group):
+        before, after = dict(self._fixed[gi]), dict(_fixed(group))
+        keys = [k for k in list(before) + [k for k in after if k not in before]
+                if before.get(k) != after.get(k)]
+        settable = all(k in _SETTABLE and k in after for k in keys)
+        return keys, after, settable
+
+    def _push_hparams(self, gi, group, keys, after):
+        """Pushes the keys that mdopt lets change between steps (beta1, beta2, eps,
+        momentum, weight_decay; betas as beta1/beta2) with mdopt_set_group_hparam; on a
+        refused value the ones already set are put back."""
+        name = group["name"]
+        done = []
+        try:
+            for k in keys:
+                old = self._opt.group_hparam(name, k)
+                self._opt.set_group_hparam(name, k, float(after[k]))
+                done.append((k, old))
+        except MdoptError as e:
+            for k, old in reversed(done):
+                self._opt.set_group_hparam(name, k, old)
+            raise MdoptError(e.status, "MDOptimizer: param group '%s': %s"
+                             % (name, e.message)) from None
+        self._fixed[gi] = _fixed(group)
+
     def _push_lrs(self):
+        """Before a step: every group's lr, and the other keys changed since the last step
+        where mdopt takes them. Everything is checked before anything is pushed."""
+        pushes = []
         for gi, group in enumerate(self.param_groups):
-            if _fixed(group) != self._fixed[gi]:
-                changed = _changed(self._fixed[gi], _fixed(group))
-                if not self._stepped:
-                    # No state yet: rebuild with the new values (as add_param_group does).
-                    _check_hyperparameters(group)
-                    self._build()
-                    return self._push_lrs()
+            if _fixed(group) == self._fixed[gi]:
+                continue
+            keys, after, settable = self._changed_keys(gi, group)
+            if not self._stepped:
+                # No state yet: rebuild with the new values (as add_param_group does).
+                _check_hyperparameters(group)
+                self._build()
+                return self._push_lrs()
+            if not settable:
                 raise MdoptError(
                     "MDOPT_INVALID_STATE",
-                    "MDOptimizer: param group '%s' changed after the first step (%s); mdopt "
-                    "reads only lr at every step, the other keys are fixed when it first "
-                    "steps (a scheduler that cycles momentum or betas, e.g. OneCycleLR or "
-                    "CyclicLR, needs cycle_momentum=False)"
-                    % (group["name"], "; ".join(changed)))
+                    "MDOptimizer: param group '%s' changed after the first step (%s); after "
+                    "it mdopt takes new values of lr, betas, eps, momentum and weight_decay "
+                    "only (where the group's rule has them), the other keys are fixed"
+                    % (group["name"], "; ".join(_changed(self._fixed[gi], _fixed(group)))))
+            _check_hyperparameters(group)
+            pushes.append((gi, group, keys, after))
+        for gi, group, keys, after in pushes:
+            self._push_hparams(gi, group, keys, after)
+        for gi, group in enumerate(self.param_groups):
             lr = group["lr"]
             lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
             if lr != self._pushed[gi]:

@@ -243,17 +243,66 @@ def test_a_parameter_listed_twice_is_warned_and_registered_once():
 
 # --- schedulers ---------------------------------------------------------------------------
 
-def test_cycling_betas_is_refused_naming_them_and_lr_schedulers_work():
-    model = mlp(10)
-    opt = MDOptimizer(model.parameters(), preset="adamw", betas=(0.9, 0.95), threads=1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
-    # OneCycleLR set beta1 at construction, before any step: accepted (mdopt is rebuilt).
-    assert opt.param_groups[0]["betas"][0] == pytest.approx(0.95)
+def test_one_cycle_with_cycled_betas_steps_as_torch_adamw():
+    # OneCycleLR moves lr and beta1 every step; mdopt's adamw preset takes both
+    # (mdopt_set_group_lr, mdopt_set_group_hparam) and follows torch's AdamW.
+    torch.manual_seed(13)
+    w0 = torch.randn(6, 5)
+    ours = torch.nn.Parameter(w0.clone())
+    theirs = torch.nn.Parameter(w0.clone())
+    opt = MDOptimizer([ours], preset="adamw", lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                      weight_decay=0.1, threads=1)
+    ref = torch.optim.AdamW([theirs], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    kw = dict(max_lr=1e-2, total_steps=12, base_momentum=0.8, max_momentum=0.95)
+    s_ours = torch.optim.lr_scheduler.OneCycleLR(opt, **kw)
+    s_ref = torch.optim.lr_scheduler.OneCycleLR(ref, **kw)
+    pushed = set()
+    for t in range(12):
+        g = torch.randn(6, 5)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        beta1 = opt.mdopt.group_hparam("group0", "beta1")
+        assert beta1 == opt.param_groups[0]["betas"][0]
+        pushed.add(round(beta1, 12))
+        s_ours.step()
+        s_ref.step()
+    assert len(pushed) >= 10  # beta1 really moved, step after step
+    err = ((ours - theirs).abs().max() / theirs.abs().max()).item()
+    assert err < 1e-5, err
+
+
+def test_cyclic_momentum_is_pushed_to_muon_groups():
+    model = mlp(14, bias=False)
+    opt = MDOptimizer(model.parameters(), momentum=0.9, threads=1)
+    sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=1e-3, max_lr=1e-2, step_size_up=3,
+                                              base_momentum=0.8, max_momentum=0.9)
+    seen = []
+    for t in range(6):
+        loss_step(model, opt, t)
+        seen.append((opt.mdopt.group_hparam("group0", "momentum"),
+                     opt.param_groups[0]["momentum"]))
+        sched.step()
+    assert all(a == pytest.approx(b, abs=0) for a, b in seen)
+    assert min(a for a, _ in seen) == pytest.approx(0.8) and max(a for a, _ in seen) == 0.9
+
+
+def test_keys_that_cannot_change_are_refused_naming_them_and_lr_schedulers_work():
+    model = mlp(10, bias=False)
+    opt = MDOptimizer(model.parameters(), threads=1)
     loss_step(model, opt, 1)
-    sched.step()
+    opt.param_groups[0]["ns_steps"] = 3
     with pytest.raises(mdopt.MdoptError, match=r"'group0' changed after the first step "
-                                               r"\(beta1: 0\.95 -> 0\.[89]\d*\).*cycle_momentum"):
+                                               r"\(ns_steps: the preset's -> 3\)") as e:
         loss_step(model, opt, 2)
+    assert "lr:" not in e.value.message
+    del opt.param_groups[0]["ns_steps"]
+    # A value mdopt refuses for this group's rule: an MdoptError naming it, nothing set.
+    opt.param_groups[0]["weight_decay"] = 0.1
+    with pytest.raises(mdopt.MdoptError, match="weight_decay.*sphere"):
+        loss_step(model, opt, 2)
+    assert opt.mdopt.group_hparam("group0", "weight_decay") == 0.0
+    del opt.param_groups[0]["weight_decay"]
     model = mlp(10)
     opt = MDOptimizer(model.parameters(), preset="adamw", threads=1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10,
