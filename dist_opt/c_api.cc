@@ -508,6 +508,27 @@ mdopt_status mdopt_set_group_lr(mdopt_optimizer* opt, const char* group, double 
   });
 }
 
+mdopt_status mdopt_set_group_hparam(mdopt_optimizer* opt, const char* group, const char* key,
+                                    double value) {
+  return Guard("mdopt_set_group_hparam", [&] {
+    if (opt == nullptr) return NullArgument("mdopt_set_group_hparam", "opt");
+    if (group == nullptr) return NullArgument("mdopt_set_group_hparam", "group");
+    if (key == nullptr) return NullArgument("mdopt_set_group_hparam", "key");
+    return Report(opt->impl->SetGroupHparam(group, key, value));
+  });
+}
+
+mdopt_status mdopt_get_group_hparam(const mdopt_optimizer* opt, const char* group,
+                                    const char* key, double* value) {
+  return Guard("mdopt_get_group_hparam", [&] {
+    if (opt == nullptr) return NullArgument("mdopt_get_group_hparam", "opt");
+    if (group == nullptr) return NullArgument("mdopt_get_group_hparam", "group");
+    if (key == nullptr) return NullArgument("mdopt_get_group_hparam", "key");
+    if (value == nullptr) return NullArgument("mdopt_get_group_hparam", "value");
+    return Report(opt->impl->GetGroupHparam(group, key, value));
+  });
+}
+
 mdopt_status mdopt_get_group_lr(const mdopt_optimizer* opt, const char* group, double* lr,
                                 double* gain_lr) {
   return Guard("mdopt_get_group_lr", [&] {

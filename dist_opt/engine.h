@@ -85,6 +85,10 @@ class Engine {
   // rank), and per matrix of the group (in slot order) this rank's partial sums of
   // ||W' - W||^2 and ||W'||^2 (zeros unless update_norms). Filled only by the fast engine.
   virtual void LastStep(int group, int64_t counts[3], std::vector<double>* norms) const = 0;
+  // The params' rules changed in their scalars (mdopt_set_group_hparam): beta1, beta2, eps,
+  // momentum, weight_decay. Engines that read the registry's rules at every step need
+  // nothing; the scheduled engine hands them to its backend for the next step.
+  virtual void RulesChanged() {}
 
   virtual int64_t WorkspaceBytes() const = 0;
   // Bracket every public call of the optimizer (a CPU backend sets its thread count for the

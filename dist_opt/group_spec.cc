@@ -319,6 +319,25 @@ absl::StatusOr<GroupSpec> ParseGroupSpec(absl::string_view spec) {
   return g;
 }
 
+absl::Status SetSpecNumber(GroupSpec* g, absl::string_view key, double value) {
+  static const char* const kSettable[] = {"beta1", "beta2", "eps", "momentum", "weight_decay"};
+  bool settable = false;
+  for (const char* k : kSettable) settable = settable || key == k;
+  if (!settable) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "key '", key, "' cannot change after mdopt_add_group (settable: beta1, beta2, eps, "
+        "momentum, weight_decay; lr through mdopt_set_group_lr)"));
+  }
+  if (!std::isfinite(value)) {
+    return absl::InvalidArgumentError(absl::StrCat("spec key '", key, "': ", value, " is not a finite number"));
+  }
+  GroupSpec copy = *g;
+  if (absl::Status s = (*FindKey(key))(key, FormatNumber(value), &copy); !s.ok()) return s;
+  if (absl::Status s = CheckConsistency(copy, {std::string(key)}); !s.ok()) return s;
+  *g = std::move(copy);
+  return absl::OkStatus();
+}
+
 std::string CanonicalSpec(const GroupSpec& g) {
   const UpdateRule& r = g.rule;
   std::string out = absl::StrCat("preset=", g.preset, " base=", ToString(r.base),

@@ -47,6 +47,12 @@ absl::StatusOr<GroupSpec> ParseGroupSpec(absl::string_view spec);
 // printed to round-trip); keys of features the rule lacks are left out.
 std::string CanonicalSpec(const GroupSpec& spec);
 
+// mdopt_set_group_hparam: sets one of the numbers that may change between steps (beta1,
+// beta2, eps, momentum, weight_decay) as mdopt_add_group would have parsed it: the same
+// ranges and contradictions (weight decay on a sphere, momentum without Muon). On error g
+// is unchanged.
+absl::Status SetSpecNumber(GroupSpec* g, absl::string_view key, double value);
+
 // The names accepted by preset=.
 const std::vector<std::string>& PresetNames();
 

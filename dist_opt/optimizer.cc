@@ -126,6 +126,38 @@ absl::Status Optimizer::SetGroupLr(absl::string_view group, double lr) {
   return absl::OkStatus();
 }
 
+absl::Status Optimizer::SetGroupHparam(absl::string_view group, absl::string_view key,
+                                      double value) {
+  absl::StatusOr<int> g = FindGroup("mdopt_set_group_hparam", group);
+  if (!g.ok()) return g.status();
+  if (key == "lr") return SetGroupLr(group, value);
+  Group& G = groups_[*g];
+  if (absl::Status s = SetSpecNumber(&G.spec, key, value); !s.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("mdopt_set_group_hparam: group '", group, "': ", s.message()));
+  }
+  registry_.SetGroupScalars(*g, G.spec.rule);
+  if (engine_ != nullptr) engine_->RulesChanged();
+  return absl::OkStatus();
+}
+
+absl::Status Optimizer::GetGroupHparam(absl::string_view group, absl::string_view key,
+                                      double* value) const {
+  absl::StatusOr<int> g = FindGroup("mdopt_get_group_hparam", group);
+  if (!g.ok()) return g.status();
+  const kernels::UpdateRule& r = groups_[*g].spec.rule;
+  const double v = key == "lr" ? r.lr : key == "gain_lr" ? r.gain_lr : key == "beta1" ? r.beta1
+                 : key == "beta2" ? r.beta2 : key == "eps" ? r.eps : key == "momentum" ? r.momentum
+                 : key == "weight_decay" ? r.weight_decay : std::nan("");
+  if (std::isnan(v)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "mdopt_get_group_hparam: key '", key,
+        "' is not readable (lr, gain_lr, beta1, beta2, eps, momentum, weight_decay)"));
+  }
+  if (value != nullptr) *value = v;
+  return absl::OkStatus();
+}
+
 absl::Status Optimizer::GetGroupLr(absl::string_view group, double* lr, double* gain_lr) const {
   absl::StatusOr<int> g = FindGroup("mdopt_get_group_lr", group);
   if (!g.ok()) return g.status();
@@ -368,13 +400,19 @@ absl::StatusOr<std::vector<double>> Optimizer::GetState(int64_t index,
     return absl::InvalidArgumentError(absl::StrCat("param '", p.name, "' has no ", what,
                                                    " (group '", groups_[p.group].name, "')"));
   };
+  // The moments: Muon's momentum buffer, Adam's exp_avg / exp_avg_sq (one per element).
+  const bool moment = field == "momentum" || field == "exp_avg" || field == "exp_avg_sq";
   const bool known = field == "master" || field == "direction" || field == "gain_row" ||
-                     field == "gain_col" || field == "gain_scalar" || field == "radius";
+                     field == "gain_col" || field == "gain_scalar" || field == "radius" || moment;
   if (!known) {
     return absl::InvalidArgumentError(absl::StrCat(
         "field '", field,
-        "' is unknown (master, direction, gain_row, gain_col, gain_scalar, radius)"));
+        "' is unknown (master, direction, gain_row, gain_col, gain_scalar, radius, momentum, "
+        "exp_avg, exp_avg_sq)"));
   }
+  if (field == "momentum" && r.base != kernels::Base::kMuon) return missing("momentum buffer (not Muon)");
+  if ((field == "exp_avg" || field == "exp_avg_sq") && r.base == kernels::Base::kMuon)
+    return missing("Adam moments (Muon)");
   if (field == "gain_row" && !kernels::HasRowGains(r.gains)) return missing("row gains");
   if (field == "gain_col" && !kernels::HasColGains(r.gains)) return missing("column gains");
   if (field == "gain_scalar" && !kernels::HasScalarGain(r.gains)) return missing("scalar gain");
@@ -389,8 +427,9 @@ absl::StatusOr<std::vector<double>> Optimizer::GetState(int64_t index,
   const ShardPlan& plan = *engine_->plan();
   const int world = comm_->size(), rank = comm_->rank();
   const bool per_row = field == "master" || field == "direction" || field == "gain_row" ||
-                       (field == "radius" && r.sphere == kernels::Sphere::kRow);
-  std::vector<double> out, local, master, row, col, scalar, radius;
+                       moment || (field == "radius" && r.sphere == kernels::Sphere::kRow);
+  std::vector<double> out, local, master, row, col, scalar, radius, moments;
+  const std::string field_name(field);
   for (int64_t e = 0; e < p.experts; ++e) {
     const SlotPlan& sp = plan.slot(index, e);
     const int64_t rows = sp.Rows(rank);
@@ -402,7 +441,8 @@ absl::StatusOr<std::vector<double>> Optimizer::GetState(int64_t index,
           {"row_raw", &row, direction || field == "gain_row"},
           {"col_raw", &col, direction || field == "gain_col"},
           {"scalar_raw", &scalar, direction || field == "gain_scalar"},
-          {"radius", &radius, field == "radius"}}) {
+          {"radius", &radius, field == "radius"},
+          {field_name.c_str(), &moments, moment}}) {
       if (!needed) continue;
       if (absl::Status s = ReadArray(*engine_, index, e, arrays, name, dst); !s.ok()) return s;
     }
@@ -416,6 +456,9 @@ absl::StatusOr<std::vector<double>> Optimizer::GetState(int64_t index,
           local.push_back(w);
         }
       }
+    } else if (moment) {
+      if (moments.size() < static_cast<size_t>(rows * p.n)) return missing(field_name.c_str());
+      local.assign(moments.begin(), moments.begin() + rows * p.n);
     } else if (field == "gain_row") {
       for (int64_t i = 0; i < rows; ++i) local.push_back(gains(row, i));
     } else if (field == "gain_col") {
@@ -432,7 +475,7 @@ absl::StatusOr<std::vector<double>> Optimizer::GetState(int64_t index,
     if (per_row) {
       // Every rank's rows in equal segments of the longest (a communicator may take equal
       // counts only: NCCL), then packed in rank order, which is row order.
-      const int64_t width = field == "master" || field == "direction" ? p.n : 1;
+      const int64_t width = field == "master" || field == "direction" || moment ? p.n : 1;
       int64_t longest = 0;
       for (int q = 0; q < world; ++q) longest = std::max(longest, sp.Rows(q) * width);
       local.resize(static_cast<size_t>(longest));

@@ -48,6 +48,10 @@ class Optimizer {
   // by the factor lr / (the spec's lr).
   absl::Status SetGroupLr(absl::string_view group, double lr);
   absl::Status GetGroupLr(absl::string_view group, double* lr, double* gain_lr) const;
+  // mdopt_set_group_hparam / mdopt_get_group_hparam: beta1, beta2, eps, momentum,
+  // weight_decay (and lr, gain_lr to read; lr to set, as SetGroupLr).
+  absl::Status SetGroupHparam(absl::string_view group, absl::string_view key, double value);
+  absl::Status GetGroupHparam(absl::string_view group, absl::string_view key, double* value) const;
   absl::Status SetPointers(int64_t index, void* param, const void* grad);
   absl::Status Finalize();
   // want_info: the caller reads the result (mdopt_step with info): a device backend then

@@ -160,6 +160,17 @@ absl::StatusOr<int64_t> ParamRegistry::Find(const std::string& name) const {
   return it->second;
 }
 
+void ParamRegistry::SetGroupScalars(int group, const kernels::UpdateRule& rule) {
+  for (ParamEntry& p : params_) {
+    if (p.group != group) continue;
+    p.rule.beta1 = rule.beta1;
+    p.rule.beta2 = rule.beta2;
+    p.rule.eps = rule.eps;
+    p.rule.momentum = rule.momentum;
+    p.rule.weight_decay = rule.weight_decay;
+  }
+}
+
 void ParamRegistry::SetGroupLr(int group, double lr, double gain_lr) {
   for (ParamEntry& p : params_) {
     if (p.group != group) continue;

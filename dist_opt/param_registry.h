@@ -70,6 +70,8 @@ class ParamRegistry {
   absl::StatusOr<int64_t> Find(const std::string& name) const;
   // Sets lr and gain_lr of every param of `group` (their rules are copies of the group's).
   void SetGroupLr(int group, double lr, double gain_lr);
+  // Sets beta1, beta2, eps, momentum and weight_decay of every param of `group` to `rule`'s.
+  void SetGroupScalars(int group, const kernels::UpdateRule& rule);
   const std::vector<ParamEntry>& params() const { return params_; }
   int64_t size() const { return static_cast<int64_t>(params_.size()); }
 

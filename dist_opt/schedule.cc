@@ -44,6 +44,10 @@ class ScheduledEngine final : public Engine {
   absl::Status Step(double lr_scale, void* stream) override;
   absl::Status Outcome(StepOutcome* out) override { return backend_->ReadOutcome(out); }
   void SetStepsTaken(int64_t t) override { backend_->SetStepsTaken(t); }
+  void RulesChanged() override {
+    for (size_t i = 0; i < params_.size(); ++i)
+      backend_->SetParamScalars(static_cast<int>(i), params_[i].rule);
+  }
   absl::Status GatherParams(void* stream) override;
   std::vector<StateArray> State(int64_t index, int64_t expert) override {
     return backend_->State(Slot(index, expert));

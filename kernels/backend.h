@@ -284,6 +284,9 @@ class StepBackend {
   // another device's); nothing is bound then.
   virtual absl::Status BindParams(int64_t first, absl::Span<const ParamPointers> ptrs) = 0;
   virtual void BeginStep(absl::Span<const GroupScalars> groups) = 0;
+  // Param `param`'s rule changed in its scalars (beta1, beta2, eps, momentum,
+  // weight_decay; nothing else): used from the next BeginStep on.
+  virtual void SetParamScalars(int param, const UpdateRule& rule) = 0;
   // Model gradients of window `chunk` -> the staging buffer (grad comm dtype; bf16 upcast
   // to f32). Row padding is written as zeros; the segments' tail padding (equal segments)
   // is left as the buffer held it: it is reduced and never read.

@@ -40,7 +40,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 # The Python tests (integration/python) need pytest, numpy and torch in the python3 that
 # runs them (the first on PATH, or $MDOPT_PYTHON): installed with pip when missing (torch
-# 2.15.0, the release the tests and docs were measured with; it runs on the CPU). PIP_BREAK_SYSTEM_PACKAGES lets pip install into Debian's own python3 too
+# 2.15.0, the release the tests and docs were measured with: PyPI's default build, which
+# brings its CUDA libraries, about 5 GB, also on a machine without a GPU; a CPU-only torch
+# installed beforehand is kept; docs/integration.md). PIP_BREAK_SYSTEM_PACKAGES lets pip install into Debian's own python3 too
 # (a CI machine as root); a pyenv or venv python ignores it. Offline, the tests skip.
 py="${MDOPT_PYTHON:-python3}"
 if ! "$py" -c 'import pytest, numpy, torch' 2>/dev/null; then

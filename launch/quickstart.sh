@@ -3,12 +3,12 @@
 #  1. mdopt-bench steps a GPT-shaped parameter set (5.8 M parameters) with md-muon, muon,
 #     md-adamw and adamw and prints the time of each against the float64 reference engine,
 #     what MD decoupling costs over plain Muon and AdamW, and optimizer-state bytes per
-#     parameter, with a legend (about 25 s on 2 vCPUs, AMD EPYC).
+#     parameter, with a legend (well under a minute on 2 idle vCPUs).
 #  2. integration/examples/train_gpt.py trains a 0.46 M-parameter byte-level GPT on Debian's
 #     fortunes (real English text shipped by the distribution) for 300 steps with md-muon
 #     through mdopt's Python package, and with torch's own AdamW and Muon as references, then
 #     prints each one's validation loss (nats per byte) and writes a CSV and a PNG of the loss,
-#     gradient norm and relative updates (1-2 minutes on 2 idle vCPUs).
+#     gradient norm and relative updates (a few minutes on 2 idle vCPUs).
 # Both come after a build of a few minutes. The demo builds into its own folder (build-demo,
 # without tests), so that "Building by hand" in the README, into build/, still gets the
 # test suite.

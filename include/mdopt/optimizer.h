@@ -2,7 +2,7 @@
  *
  * Life cycle: mdopt_create -> mdopt_add_group* -> mdopt_add_param* -> mdopt_finalize
  *             -> (mdopt_step | mdopt_save | mdopt_load | mdopt_set_pointers
- *                 | mdopt_set_group_lr)* -> mdopt_destroy
+ *                 | mdopt_set_group_lr | mdopt_set_group_hparam)* -> mdopt_destroy
  * Every call returns an mdopt_status; on failure mdopt_last_error() names what is wrong
  * and the optimizer is left exactly as it was before the call. */
 #ifndef MDOPT_OPTIMIZER_H_
@@ -120,6 +120,24 @@ MDOPT_API mdopt_status mdopt_set_group_lr(mdopt_optimizer* opt, const char* grou
 MDOPT_API mdopt_status mdopt_get_group_lr(const mdopt_optimizer* opt, const char* group,
                                           double* lr, double* gain_lr);
 
+/* Since ABI 1 (minor 4); an older libmdopt.so.1 lacks the symbols.
+ * Sets one hyperparameter of a group that may change between steps, e.g. from a torch
+ * scheduler that cycles momentum (OneCycleLR, CyclicLR): key "beta1", "beta2" (Adam's, and
+ * the gains' Adam), "eps", "momentum" (Muon's), "weight_decay", with the ranges and rules of
+ * the group spec (a key the group's rule refuses in a spec is refused here too), or "lr"
+ * (as mdopt_set_group_lr). Used from the next mdopt_step on; Adam's bias correction takes
+ * the current betas with the step count, as torch's does. Any time after mdopt_add_group of
+ * that group. An unknown group or key, a NULL or a bad value is MDOPT_INVALID_ARGUMENT and
+ * changes nothing. */
+MDOPT_API mdopt_status mdopt_set_group_hparam(mdopt_optimizer* opt, const char* group,
+                                              const char* key, double value);
+
+/* Since ABI 1 (minor 4). The group's current value of key: "lr", "gain_lr", "beta1",
+ * "beta2", "eps", "momentum", "weight_decay" (the spec's or its preset's, or what a setter
+ * set). */
+MDOPT_API mdopt_status mdopt_get_group_hparam(const mdopt_optimizer* opt, const char* group,
+                                              const char* key, double* value);
+
 /* Registers a tensor; *index_out (may be NULL) receives its index, 0, 1, 2, ... in order.
  * desc->struct_size outside [MDOPT_PARAM_DESC_SIZE_V1, MDOPT_STRUCT_SIZE_MAX] is
  * MDOPT_INVALID_ARGUMENT. */
@@ -205,7 +223,9 @@ MDOPT_API mdopt_status mdopt_workspace_bytes(const mdopt_optimizer* opt, int64_t
 /* Reads one part of a parameter's state as float64, for inspection and logging.
  * field: "master" (the weights, numel), "direction" (W / gains, numel),
  *        "gain_row" (E*d_out), "gain_col" (E*d_in), "gain_scalar" (E) (effective gains),
- *        "radius" (one per sphere slice). count must equal the field's length;
+ *        "radius" (one per sphere slice), and (since ABI 1 minor 4; an older library refuses
+ *        the name) the moments "momentum" (Muon), "exp_avg", "exp_avg_sq" (Adam) (numel).
+ *        count must equal the field's length;
  * *count_out (may be NULL) receives the length (call with out = NULL to query it). */
 MDOPT_API mdopt_status mdopt_get_state(const mdopt_optimizer* opt, int64_t index,
                                        const char* field, double* out, int64_t count,

@@ -148,7 +148,8 @@ def main(argv=None) -> int:
         plan = []
     try:
         from tqdm import tqdm
-        bar = tqdm(plan, unit="run", dynamic_ncols=True)
+        # disable=None: no bar when stderr is not a terminal (a log gets no redraws)
+        bar = tqdm(plan, unit="run", dynamic_ncols=True, disable=None)
     except ImportError:
         bar = plan
     for name, lr, mult in bar:

@@ -117,7 +117,7 @@ def train_one(args, name: str, corpus, lr: float | None = None, progress: bool =
     hidden = [n for n, _ in matrices if not n.startswith(("embed.", "lm_head."))]
 
     bar = None
-    if progress:
+    if progress and sys.stderr.isatty():  # a bar in a log file would be one line per update
         try:
             from tqdm import tqdm
             bar = tqdm(total=args.steps, desc=f"{name} lr={matrix_lr:g}", unit="step",
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     runs, results = {}, {}
     for name in args.optimizers:
         res = train_one(args, name, corpus, args.lr, progress=not args.no_progress,
-                        log_evals=args.no_progress)
+                        log_evals=args.no_progress or not sys.stderr.isatty())
         if name == args.optimizers[0]:
             print(f"model: {res['params'] / 1e6:.2f} M parameters (d={args.d_model}, L={args.layers}, "
                   f"{args.heads} heads); {args.steps} steps of {tokens} bytes")

@@ -89,6 +89,14 @@ class CpuBackend final : public StepBackend {
     return absl::OkStatus();
   }
   void BeginStep(absl::Span<const GroupScalars> groups) override;
+  void SetParamScalars(int param, const UpdateRule& rule) override {
+    UpdateRule& r = cfg_.params[static_cast<size_t>(param)].rule;
+    r.beta1 = rule.beta1;
+    r.beta2 = rule.beta2;
+    r.eps = rule.eps;
+    r.momentum = rule.momentum;
+    r.weight_decay = rule.weight_decay;
+  }
   void PackGrads(int bucket, int chunk) override;
   void CheckFinite(int bucket) override;
   double* check_record() override { return check_.data(); }

@@ -184,6 +184,15 @@ class CudaBackend final : public StepBackend {
 
   absl::Status BindParams(int64_t first, absl::Span<const ParamPointers> ptrs) override;
   void BeginStep(absl::Span<const GroupScalars> groups) override;
+  void SetParamScalars(int param, const UpdateRule& rule) override {
+    DevParam& d = params_[static_cast<size_t>(param)];
+    d.momentum = static_cast<float>(rule.momentum);
+    d.beta1 = rule.beta1;
+    d.beta2 = rule.beta2;
+    d.eps = rule.eps;
+    d.weight_decay = rule.weight_decay;
+    params_dirty_ = true;  // uploaded, ordered on the stream, by the next BeginStep
+  }
   void PackGrads(int bucket, int chunk) override;
   void CheckFinite(int bucket) override;
   double* check_record() override { return check_; }
@@ -258,6 +267,7 @@ class CudaBackend final : public StepBackend {
   BackendConfig cfg_;
   std::vector<ParamPointers> ptrs_;
   bool ptrs_dirty_ = true;
+  bool params_dirty_ = false;  // params_ changed on the host since it was uploaded
   std::vector<DevParam> params_;
   std::vector<DevSlot> slots_;
   std::vector<BucketDev> buckets_;
@@ -895,6 +905,13 @@ void CudaBackend::BeginStep(absl::Span<const GroupScalars> groups) {
   std::vector<DevGroup> g(static_cast<size_t>(std::max(cfg_.groups, 1)));
   for (size_t k = 0; k < groups.size() && k < g.size(); ++k) g[k] = {groups[k].lr, groups[k].gain_lr};
   Upload(groups_dev_, g.data(), g.size() * sizeof(DevGroup));
+  if (params_dirty_) {
+    // From pageable memory: the host copy is taken before the call returns, and the
+    // device copy is ordered on the stream before this step's kernels.
+    Check(cudaMemcpyAsync(params_dev_, params_.data(), params_.size() * sizeof(DevParam),
+                          cudaMemcpyHostToDevice, stream_), "uploading changed hyperparameters");
+    params_dirty_ = false;
+  }
   Check(cuda::LaunchBeginStep(tables_, stream_), "BeginStep");
 }
 

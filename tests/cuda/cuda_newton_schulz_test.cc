@@ -72,6 +72,12 @@
 #include "kernels/reference/reference.h"
 
 namespace mdopt {
+namespace kernels {
+// gtest prints parameters by name (not their bytes) in test lists and failures.
+void PrintTo(NsCoeffSet set, std::ostream* os) {
+  *os << (set == NsCoeffSet::kQuintic ? "quintic" : set == NsCoeffSet::kJordan ? "jordan" : "polar_express");
+}
+}  // namespace kernels
 namespace {
 
 using kernels::NsCoeffSet;
@@ -93,6 +99,9 @@ struct Case {
   int64_t m, n;
   NsForm form;
 };
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << c.m << "x" << c.n << (c.form == NsForm::kGram ? " gram" : c.form == NsForm::kStandard ? " standard" : " auto");
+}
 
 // Standard: wide, tall, square, odd; Gram (aspect >= 2): wide, tall, odd, and aspect 1.5.
 const Case kCases[] = {{64, 96, NsForm::kStandard}, {96, 64, NsForm::kStandard},

@@ -58,8 +58,10 @@ struct Trained {
 
 
 // kSteps steps of `preset` on `device` ("cpu" or "cuda:0"); the params as they end.
+// hparams: before the third step, mdopt_set_group_hparam changes beta1 (and momentum where
+// the group runs Muon) of the matrices' group and beta2 of the vectors'.
 void Train(const std::string& device, const char* preset, mdopt_dtype pd, mdopt_dtype gd,
-           const char* ns_dtype, Trained* out, bool nccl = false) {
+           const char* ns_dtype, Trained* out, bool nccl = false, bool hparams = false) {
   mdopt_comm* comm = nullptr;
   if (nccl) {
     char id[MDOPT_NCCL_UNIQUE_ID_BYTES];
@@ -113,6 +115,12 @@ void Train(const std::string& device, const char* preset, mdopt_dtype pd, mdopt_
       const std::vector<uint8_t> v = Values(tensors[i].numel(), gd, 1000 * s + i, 1e-2);
       std::memcpy(g[i].data(), v.data(), v.size());
       if (gpu) cudaMemcpy(dg[i]->get(), g[i].data(), g[i].size(), cudaMemcpyHostToDevice);
+    }
+    if (hparams && s == 2) {
+      ABI_OK(mdopt_set_group_hparam(opt, "g", "beta1", 0.7));
+      if (std::string(preset).find("muon") != std::string::npos)
+        ABI_OK(mdopt_set_group_hparam(opt, "g", "momentum", 0.8));
+      ABI_OK(mdopt_set_group_hparam(opt, "v", "beta2", 0.9));
     }
     mdopt_step_info info = mdopt_step_info_init();
     // The last step asks for its info (a host wait); the others return without one.
@@ -177,6 +185,29 @@ TEST_P(CudaStep, MatchesDeviceCpu) {
   std::printf("MDOPT_METRIC step.%s.%s.%s.ns_%s %.3e %.1e\n", p.preset,
               p.pd == MDOPT_DTYPE_BF16 ? "bf16p" : "f32p", p.gd == MDOPT_DTYPE_BF16 ? "bf16g" : "f32g",
               p.ns_dtype, worst, bound);
+}
+
+// Hyperparameters changed between steps (mdopt_set_group_hparam) reach the device's parameter
+// table before the next step: the same weights as on the CPU, and not those of an unchanged run.
+TEST(CudaStepHparams, ChangedBetweenStepsMatchesDeviceCpu) {
+  MDOPT_SKIP_WITHOUT_GPU();
+  for (const char* preset : {"md-muon", "adamw"}) {
+    Trained gpu, cpu, unchanged;
+    ASSERT_NO_FATAL_FAILURE(Train("cuda:0", preset, MDOPT_DTYPE_F32, MDOPT_DTYPE_F32, "f32", &gpu,
+                                  false, true));
+    ASSERT_NO_FATAL_FAILURE(Train("cpu", preset, MDOPT_DTYPE_F32, MDOPT_DTYPE_F32, "f32", &cpu,
+                                  false, true));
+    ASSERT_NO_FATAL_FAILURE(Train("cuda:0", preset, MDOPT_DTYPE_F32, MDOPT_DTYPE_F32, "f32",
+                                  &unchanged));
+    double differs = 0.0;
+    for (size_t i = 0; i < cpu.w.size(); ++i) {
+      const std::vector<double> c = AsDouble(cpu.w[i], MDOPT_DTYPE_F32);
+      EXPECT_LE(testing::RelMaxError(AsDouble(gpu.w[i], MDOPT_DTYPE_F32), c), 2e-5)
+          << preset << " tensor " << i;
+      differs = std::max(differs, testing::RelMaxError(AsDouble(unchanged.w[i], MDOPT_DTYPE_F32), c));
+    }
+    EXPECT_GT(differs, 1e-4) << preset << ": the changed values made no difference";
+  }
 }
 
 std::vector<Param> AllParams() {

@@ -44,6 +44,7 @@ struct Case {
     return n;
   }
 };
+void PrintTo(const Case& c, std::ostream* os) { *os << c.Name(); }
 
 std::vector<Case> Cases() {
   std::vector<Case> c;

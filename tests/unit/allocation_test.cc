@@ -180,6 +180,7 @@ struct Case {
   const char* spec;
   bool bf16;
 };
+void PrintTo(const Case& c, std::ostream* os) { *os << c.spec << (c.bf16 ? " bf16" : ""); }
 
 const Case kCases[] = {
     {"md_muon", "preset=md-muon", false},

@@ -887,11 +887,20 @@ TEST(CAbiGetState, BadArguments) {
 
   EXPECT_MDOPT_ERROR(MDOPT_INVALID_ARGUMENT, mdopt_get_state(nullptr, 0, "master", out.data(), 24, &count), "opt");
   EXPECT_MDOPT_ERROR(MDOPT_INVALID_ARGUMENT, mdopt_get_state(opt, 0, nullptr, out.data(), 24, &count), "field");
-  for (const char* field : {"momentum", "exp_avg", "Master", "", "master "}) {
+  for (const char* field : {"momentum_buffer", "exp_avgs", "Master", "", "master "}) {
     SCOPED_TRACE(field);
     EXPECT_MDOPT_ERROR(MDOPT_INVALID_ARGUMENT, mdopt_get_state(opt, 0, field, out.data(), 24, &count),
                        "field '" + std::string(field) + "'", "unknown");
   }
+  // A moment the param's rule does not have (md-muon: a momentum buffer, no Adam moments).
+  for (const char* field : {"exp_avg", "exp_avg_sq"}) {
+    SCOPED_TRACE(field);
+    EXPECT_MDOPT_ERROR(MDOPT_INVALID_ARGUMENT, mdopt_get_state(opt, 0, field, out.data(), 24, &count),
+                       "param 'w' has no Adam moments", "group 'mat'");
+  }
+  count = 0;
+  MDOPT_ASSERT_OK(mdopt_get_state(opt, 0, "momentum", nullptr, 0, &count));
+  EXPECT_EQ(count, 24);
   for (int64_t index : {int64_t{-1}, int64_t{5}, std::numeric_limits<int64_t>::min()}) {
     SCOPED_TRACE(index);
     EXPECT_MDOPT_ERROR(MDOPT_INVALID_ARGUMENT, mdopt_get_state(opt, index, "master", out.data(), 24, &count),

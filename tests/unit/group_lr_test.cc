@@ -25,6 +25,7 @@ struct Case {
   bool gains;
   const char* options;
 };
+void PrintTo(const Case& c, std::ostream* os) { *os << "preset=" << c.preset << " " << c.options; }
 
 std::string Spec(const Case& c, const char* lr, const char* gain_lr) {
   std::string s = std::string("preset=") + c.preset + " lr=" + lr;

@@ -13,6 +13,12 @@
 #include "test_util.h"
 
 namespace mdopt {
+namespace kernels {
+// gtest prints the coefficient set by name (not its bytes) in test lists and failures.
+void PrintTo(NsCoeffSet set, std::ostream* os) {
+  *os << (set == NsCoeffSet::kQuintic ? "quintic" : set == NsCoeffSet::kJordan ? "jordan" : "polar_express");
+}
+}  // namespace kernels
 namespace {
 
 using kernels::NsCoeffSet;

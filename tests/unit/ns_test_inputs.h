@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <ostream>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -47,6 +48,13 @@ std::string NsCaseName(const ::testing::TestParamInfo<Param>& info) {
          NsSetName(std::get<1>(info.param)) + "_spread" + std::to_string(std::get<2>(info.param));
 }
 
+// gtest prints parameters with these (instead of their bytes) in test lists and failures.
+inline void PrintTo(const NsShape& s, std::ostream* os) { *os << s.m << "x" << s.n; }
+
 }  // namespace mdopt::testing
+
+namespace mdopt::kernels {
+inline void PrintTo(NsCoeffSet set, std::ostream* os) { *os << testing::NsSetName(set); }
+}  // namespace mdopt::kernels
 
 #endif  // MDOPT_TESTS_UNIT_NS_TEST_INPUTS_H_

@@ -178,6 +178,7 @@ class RecordingBackend final : public kernels::StepBackend {
     return absl::OkStatus();
   }
   void BeginStep(absl::Span<const kernels::GroupScalars>) override { Add("BeginStep", -1); }
+  void SetParamScalars(int, const kernels::UpdateRule&) override {}
   void PackGrads(int b, int) override { Add("PackGrads", b); }
   void CheckFinite(int b) override { Add("CheckFinite", b); }
   double* check_record() override { return check_.data(); }

@@ -55,6 +55,16 @@ class Optimizer:
     def set_group_lr(self, name, lr):
         _lib.check(lib.mdopt_set_group_lr(self.handle, _b(name), float(lr)))
 
+    def set_group_hparam(self, name, key, value):
+        """mdopt_set_group_hparam: beta1, beta2, eps, momentum, weight_decay (or lr)."""
+        _lib.check(lib.mdopt_set_group_hparam(self.handle, _b(name), _b(key), float(value)))
+
+    def group_hparam(self, name, key):
+        """mdopt_get_group_hparam: lr, gain_lr, beta1, beta2, eps, momentum, weight_decay."""
+        v = ctypes.c_double()
+        _lib.check(lib.mdopt_get_group_hparam(self.handle, _b(name), _b(key), ctypes.byref(v)))
+        return v.value
+
     def group_lr(self, name):
         """(lr, gain_lr) of a group now."""
         lr, gain_lr = ctypes.c_double(), ctypes.c_double()

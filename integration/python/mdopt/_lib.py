@@ -124,6 +124,8 @@ _SIGNATURES = {
     "mdopt_add_group": (ctypes.c_int, [_P, _S, _S]),
     "mdopt_set_group_lr": (ctypes.c_int, [_P, _S, ctypes.c_double]),
     "mdopt_get_group_lr": (ctypes.c_int, [_P, _S, _DP, _DP]),
+    "mdopt_set_group_hparam": (ctypes.c_int, [_P, _S, _S, ctypes.c_double]),
+    "mdopt_get_group_hparam": (ctypes.c_int, [_P, _S, _S, _DP]),
     "mdopt_add_param": (ctypes.c_int, [_P, ctypes.POINTER(ParamDesc), _I64P]),
     "mdopt_set_pointers": (ctypes.c_int, [_P, ctypes.c_int64, _P, _P]),
     "mdopt_finalize": (ctypes.c_int, [_P]),
@@ -178,6 +180,19 @@ def candidate_paths():
 
 
 def _load():
+    env = os.environ.get("MDOPT_LIBRARY")
+    if env:
+        # Asked for one library: that one or an error, never a silent fallback elsewhere.
+        path = os.path.join(env, SONAME) if os.path.isdir(env) else env
+        if not os.path.exists(path):
+            raise ImportError("mdopt: MDOPT_LIBRARY=%s, but %s does not exist; point it at "
+                              "libmdopt.so.1 (or the folder holding it), or unset it to "
+                              "search the usual places" % (env, path))
+        try:
+            return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL), path
+        except OSError as e:
+            raise ImportError("mdopt: MDOPT_LIBRARY=%s: cannot load %s: %s"
+                              % (env, path, e)) from None
     tried = []
     for path in candidate_paths():
         if os.sep in path and not os.path.exists(path):

@@ -21,26 +21,40 @@ nesterov) or as in the spec (beta1, beta2, gain_lr, sphere, gains, ns_coeffs, ..
 not given take the preset's values, and `lr` is filled in with the preset's lr when absent,
 so LR schedulers see it. `param_groups[i]["lr"]` is read at every step and pushed with
 mdopt_set_group_lr (the group's gain_lr follows by the same factor), which is how every
-torch LR scheduler works; the other keys are fixed once the optimizer is built.
+torch LR scheduler works. betas, momentum, eps and weight_decay are pushed the same way
+when they change (mdopt_set_group_hparam: OneCycleLR and CyclicLR with cycle_momentum=True
+work); the other keys are fixed at the first step (a change before it rebuilds mdopt, one
+after it is refused naming the keys).
 
 Building the optimizer registers every tensor and projects each sphere matrix onto its
 sphere, writing the model's weights (the method's initialisation), as mdopt_finalize does.
 mdopt keeps its own state (f32 weights are their own master copy; bf16 weights get an f32
-master inside mdopt); `self.state` stays empty, and state_dict() carries mdopt's checkpoint
-(on CUDA the library stages it through host memory).
+master inside mdopt); on one rank `self.state` holds read-only copies of it (read_state()),
+and state_dict() carries mdopt's checkpoint (on CUDA the library stages it through host
+memory).
+
+torch's conventions (docs/integration.md, "Differences from torch.optim"): frozen
+parameters (requires_grad=False at the build) are listed but not registered; a step where
+no parameter has a gradient does nothing; non-contiguous parameters are staged through
+contiguous copies; invalid hyperparameters are ValueErrors worded like torch's; a tensor
+listed twice is warned of and registered once; copy.deepcopy makes an independent
+optimizer (one rank), copy.copy one sharing this one.
 """
 
+import copy
+import ctypes
 import os
 import re
 import tempfile
 import warnings
+import weakref
 
 import torch
 
 from . import _core
 from . import checkpoint_ref as _ckref
 from . import comm as _comm
-from ._lib import DTYPE_BF16, DTYPE_F32, MdoptError
+from ._lib import DTYPE_BF16, DTYPE_F32, MdoptError, lib as _clib
 
 # Keys of a group spec (docs/ABI.md), passed through as they are.
 SPEC_KEYS = ("base", "sphere", "radius", "gains", "gain_param", "lr", "gain_lr", "beta1",
@@ -50,6 +64,8 @@ SPEC_KEYS = ("base", "sphere", "radius", "gains", "gain_param", "lr", "gain_lr",
 OPTION_KEYS = ("device", "threads", "kernels", "ns_dtype", "ns_form", "ns_comm_dtype",
                "grad_comm_dtype", "grads", "gather", "bucket_mb", "comm_timeout_s",
                "update_norms", "comm_pad")
+# Spec keys mdopt_set_group_hparam changes between steps (lr has its own call).
+_SETTABLE = ("beta1", "beta2", "eps", "momentum", "weight_decay")
 # Group keys that are not spec keys: the preset, mdopt's group name, parameter names.
 _META_KEYS = ("params", "preset", "name", "names")
 # torch.optim spellings of features mdopt does not have: accepted only when off.
@@ -91,6 +107,111 @@ def _spec(group):
 def _fixed(group):
     """What must not change after the build: the spec without lr."""
     return [kv for kv in _spec_items(group) if kv[0] != "lr"]
+
+
+def _number(v):
+    return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def _check_hyperparameters(group):
+    """torch.optim's checks of the hyperparameters a group carries, with torch's wording
+    (ValueError); everything else about a spec is left to mdopt (MdoptError)."""
+    if "lr" in group:
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= _number(lr):
+            raise ValueError("Invalid learning rate: {}".format(lr))
+    if "eps" in group and not 0.0 <= _number(group["eps"]):
+        raise ValueError("Invalid epsilon value: {}".format(group["eps"]))
+    if "betas" in group:
+        betas = group["betas"]
+        for i in (0, 1):
+            if not 0.0 <= _number(betas[i]) < 1.0:
+                raise ValueError("Invalid beta parameter at index {}: {}".format(i, betas[i]))
+    for k in ("beta1", "beta2"):
+        if k in group and not 0.0 <= _number(group[k]) < 1.0:
+            raise ValueError("Invalid {} value: {}".format(k, group[k]))
+    if "momentum" in group and not 0.0 <= _number(group["momentum"]) < 1.0:
+        raise ValueError("Invalid momentum value: {}".format(group["momentum"]))
+    if "weight_decay" in group and not 0.0 <= _number(group["weight_decay"]):
+        raise ValueError("Invalid weight_decay value: {}".format(group["weight_decay"]))
+
+
+def _changed(before, after):
+    """The spec keys whose values differ between two _fixed() lists, as 'key: old -> new'."""
+    b, a = dict(before), dict(after)
+    return ["%s: %s -> %s" % (k, b.get(k, "the preset's"), a.get(k, "the preset's"))
+            for k in list(b) + [k for k in a if k not in b] if b.get(k) != a.get(k)]
+
+
+def _extent(t):
+    """Bytes from a tensor's first element to just past its last (strided layouts too)."""
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
+
+
+class _LibraryState(dict):
+    """opt.state of an MDOptimizer on one rank: per parameter, copies of mdopt's state read
+    (mdopt_get_state) when first looked at after a step, under torch's names where they
+    exist. Writing into them changes nothing in mdopt."""
+
+    def __init__(self, opt):
+        super().__init__()
+        self._owner = weakref.ref(opt)
+        self._version = None
+
+    def _refresh(self):
+        opt = self._owner()
+        if opt is None or opt._state_version == self._version:
+            return
+        dict.clear(self)
+        dict.update(self, opt._read_state())
+        self._version = opt._state_version
+
+    def __getitem__(self, k):
+        self._refresh()
+        return dict.get(self, k, {})  # like torch's defaultdict(dict), without inserting
+
+    def __contains__(self, k):
+        self._refresh()
+        return dict.__contains__(self, k)
+
+    def __iter__(self):
+        self._refresh()
+        return dict.__iter__(self)
+
+    def __len__(self):
+        self._refresh()
+        return dict.__len__(self)
+
+    def __repr__(self):
+        self._refresh()
+        return dict.__repr__(self)
+
+    def get(self, k, default=None):
+        self._refresh()
+        return dict.get(self, k, default)
+
+    def keys(self):
+        self._refresh()
+        return dict.keys(self)
+
+    def values(self):
+        self._refresh()
+        return dict.values(self)
+
+    def items(self):
+        self._refresh()
+        return dict.items(self)
+
+
+# opt.state's names of mdopt_get_state fields (torch's where torch has one).
+_STATE_FIELDS = (("momentum", "momentum_buffer"), ("exp_avg", "exp_avg"),
+                 ("exp_avg_sq", "exp_avg_sq"), ("gain_row", "gain_row"),
+                 ("gain_col", "gain_col"), ("gain_scalar", "gain_scalar"),
+                 ("radius", "radius"))
 
 
 def _where(t):
@@ -206,10 +327,14 @@ class MDOptimizer(torch.optim.Optimizer):
         self._opt = None
         self._built = False
         self._stepped = False
+        self._state_version = 0
+        self._steps_known = 0
         self.last_step = None
+        self._preset = preset
         super().__init__(params, group_defaults)
         self._build()
         self._built = True
+        self.state = _LibraryState(self) if self.comm.size == 1 else {}
 
     # --- registration -------------------------------------------------------------------
 
@@ -238,9 +363,21 @@ class MDOptimizer(torch.optim.Optimizer):
         if "betas" in param_group and ("beta1" in param_group or "beta2" in param_group):
             raise ValueError("MDOptimizer: give either betas or beta1/beta2, not both")
         index = len(self.param_groups)
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)  # warns of a tensor listed twice in the group
         group = self.param_groups[-1]
         try:
+            _check_hyperparameters(group)
+            # A tensor listed twice is registered once (torch steps it once too).
+            seen, keep = set(), []
+            for i, t in enumerate(group["params"]):
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    keep.append(i)
+            if len(keep) != len(group["params"]):
+                if group.get("names") is not None and \
+                        len(group["names"]) == len(group["params"]):
+                    group["names"] = [group["names"][i] for i in keep]
+                group["params"] = [group["params"][i] for i in keep]
             group.setdefault("name", "group%d" % index)
             self._check_group(group, index)
             if self._built:
@@ -290,21 +427,16 @@ class MDOptimizer(torch.optim.Optimizer):
             if t.dtype not in _DTYPES:
                 raise ValueError("MDOptimizer: %s is %s; mdopt takes float32 or bfloat16"
                                  % (where, t.dtype))
-            if t.is_sparse or not t.is_contiguous():
-                raise ValueError("MDOptimizer: %s is not contiguous (mdopt reads and writes "
-                                 "its memory row-major in place); make it contiguous before "
-                                 "building the optimizer" % where)
+            if t.is_sparse:
+                raise ValueError("MDOptimizer: %s is sparse; mdopt takes dense tensors" % where)
             if t.numel() == 0:
                 raise ValueError("MDOptimizer: %s is empty" % where)
-            if not t.requires_grad:
-                raise ValueError("MDOptimizer: %s does not require grad; leave frozen "
-                                 "parameters out (mdopt would project and step them)" % where)
         # Aliasing: two tensors over the same memory would be updated twice.
         spans = []
         for g in self.param_groups:
             for i, t in enumerate(g["params"]):
                 start = t.data_ptr()
-                spans.append((start, start + t.numel() * t.element_size(),
+                spans.append((start, start + _extent(t),
                               self._param_name(g, i, t), g["name"]))
         spans.sort()
         for a, b in zip(spans, spans[1:]):
@@ -381,7 +513,7 @@ class MDOptimizer(torch.optim.Optimizer):
                              "backend (launch/build-cuda.sh, or cmake -DMDOPT_CUDA=ON) and "
                              "point MDOPT_LIBRARY at it" % (_where_device(device),
                                                             _library_path(), e.message)) from None
-        entries = []
+        entries, stages, frozen = [], {}, []
         for group in self.param_groups:
             try:
                 opt.add_group(group["name"], _spec(group))
@@ -390,19 +522,34 @@ class MDOptimizer(torch.optim.Optimizer):
                                  % (group["name"], _spec(group), e.message)) from None
             for i, t in enumerate(group["params"]):
                 pname = self._param_name(group, i, t)
+                if not t.requires_grad:
+                    frozen.append((t, pname))  # not registered: never projected nor stepped
+                    continue
                 dt = _DTYPES[t.dtype]
                 gdt = self._grad_dtype(t)
+                weights = t
+                if not t.is_contiguous():  # mdopt works on a contiguous copy (staged)
+                    weights = stages[len(entries)] = t.detach().contiguous()
                 try:
                     index = opt.add_param(pname, group["name"], _mdopt_shape(t), dt,
-                                          t.data_ptr(), gdt, None)
+                                          weights.data_ptr(), gdt, None)
                 except MdoptError as e:
+                    message = e.message
+                    if t.dim() == 0:  # mdopt sees a 0-d tensor as 1-D of one element
+                        message = message.replace(" is 1-D ", " is 0-d (a scalar) ")
                     raise MdoptError(e.status, "parameter '%s' (group '%s', shape %s, %s): %s"
                                      % (pname, group["name"], tuple(t.shape), t.dtype,
-                                        e.message)) from None
+                                        message)) from None
                 entries.append((t, dt, gdt, pname))
+        if not entries:
+            opt.destroy()
+            raise ValueError("MDOptimizer: no parameter requires grad (every one is frozen); "
+                             "there is nothing to optimize")
         self._sync(device)  # the weights as torch last wrote them
         with torch.no_grad():
             opt.finalize()
+            for k, buf in stages.items():
+                entries[k][0].copy_(buf)
         self._sync(device)  # the projected weights, before torch reads them
         self._device = device
         lrs = []
@@ -418,6 +565,10 @@ class MDOptimizer(torch.optim.Optimizer):
             self._opt.destroy()
         self._opt = opt
         self._entries = entries
+        self._stages = stages  # index -> contiguous copy of a non-contiguous weight
+        self._frozen = frozen
+        self._spec_lrs = lrs  # each group's lr in its spec (gain_lr follows lr / this)
+        self._state_version += 1
         self._pointers = [None] * len(entries)
         self._buffers = {}  # index -> staging/zero gradient buffer
         self._pushed = [None] * len(self.param_groups)  # lr last set in mdopt, per group
@@ -431,8 +582,7 @@ class MDOptimizer(torch.optim.Optimizer):
     def _grad_final(self, k):
         """overlap=True: parameter k's gradient is final; mdopt copies it now and starts
         the reduce-scatter of every bucket whose gradients are all final."""
-        t = self._entries[k][0]
-        ptrs = (t.data_ptr(), self._grad_pointer(k))
+        ptrs = (self._weight(k).data_ptr(), self._grad_pointer(k))
         if ptrs != self._pointers[k]:
             self._opt.set_pointers(k, ptrs[0], ptrs[1])
             self._pointers[k] = ptrs
@@ -440,14 +590,56 @@ class MDOptimizer(torch.optim.Optimizer):
 
     # --- stepping -----------------------------------------------------------------------
 
+    def _changed_keys(self, gi, group):
+        before, after = dict(self._fixed[gi]), dict(_fixed(group))
+        keys = [k for k in list(before) + [k for k in after if k not in before]
+                if before.get(k) != after.get(k)]
+        settable = all(k in _SETTABLE and k in after for k in keys)
+        return keys, after, settable
+
+    def _push_hparams(self, gi, group, keys, after):
+        """Pushes the keys that mdopt lets change between steps (beta1, beta2, eps,
+        momentum, weight_decay; betas as beta1/beta2) with mdopt_set_group_hparam; on a
+        refused value the ones already set are put back."""
+        name = group["name"]
+        done = []
+        try:
+            for k in keys:
+                old = self._opt.group_hparam(name, k)
+                self._opt.set_group_hparam(name, k, float(after[k]))
+                done.append((k, old))
+        except MdoptError as e:
+            for k, old in reversed(done):
+                self._opt.set_group_hparam(name, k, old)
+            raise MdoptError(e.status, "MDOptimizer: param group '%s': %s"
+                             % (name, e.message)) from None
+        self._fixed[gi] = _fixed(group)
+
     def _push_lrs(self):
+        """Before a step: every group's lr, and the other keys changed since the last step
+        where mdopt takes them. Everything is checked before anything is pushed."""
+        pushes = []
         for gi, group in enumerate(self.param_groups):
-            if _fixed(group) != self._fixed[gi]:
-                raise RuntimeError(
-                    "MDOptimizer: param group '%s' changed after the optimizer was built "
-                    "(%s, was %s); only lr is read at every step (a scheduler that cycles "
-                    "momentum or betas needs cycle_momentum=False)"
-                    % (group["name"], _spec_items(group), self._fixed[gi]))
+            if _fixed(group) == self._fixed[gi]:
+                continue
+            keys, after, settable = self._changed_keys(gi, group)
+            if not self._stepped:
+                # No state yet: rebuild with the new values (as add_param_group does).
+                _check_hyperparameters(group)
+                self._build()
+                return self._push_lrs()
+            if not settable:
+                raise MdoptError(
+                    "MDOPT_INVALID_STATE",
+                    "MDOptimizer: param group '%s' changed after the first step (%s); after "
+                    "it mdopt takes new values of lr, betas, eps, momentum and weight_decay "
+                    "only (where the group's rule has them), the other keys are fixed"
+                    % (group["name"], "; ".join(_changed(self._fixed[gi], _fixed(group)))))
+            _check_hyperparameters(group)
+            pushes.append((gi, group, keys, after))
+        for gi, group, keys, after in pushes:
+            self._push_hparams(gi, group, keys, after)
+        for gi, group in enumerate(self.param_groups):
             lr = group["lr"]
             lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
             if lr != self._pushed[gi]:
@@ -484,9 +676,27 @@ class MDOptimizer(torch.optim.Optimizer):
             buf.copy_(g.reshape(t.shape))
         return buf.data_ptr()
 
+    def _weight(self, k):
+        """The tensor mdopt reads and writes for parameter k (its staging copy if the
+        parameter is not contiguous)."""
+        buf = self._stages.get(k)
+        return self._entries[k][0] if buf is None else buf
+
+    @torch.no_grad()
+    def _stage_in(self):
+        """Non-contiguous parameters: their weights as torch last wrote them, into the
+        contiguous copies mdopt works on (f32 weights are mdopt's master copy)."""
+        for k, buf in self._stages.items():
+            buf.copy_(self._entries[k][0])
+
+    @torch.no_grad()
+    def _stage_out(self):
+        for k, buf in self._stages.items():
+            self._entries[k][0].copy_(buf)
+
     def _point(self):
-        for k, (t, _, _, _) in enumerate(self._entries):
-            ptrs = (t.data_ptr(), self._grad_pointer(k))
+        for k in range(len(self._entries)):
+            ptrs = (self._weight(k).data_ptr(), self._grad_pointer(k))
             if ptrs != self._pointers[k]:
                 self._opt.set_pointers(k, ptrs[0], ptrs[1])
                 self._pointers[k] = ptrs
@@ -504,12 +714,41 @@ class MDOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for t, pname in self._frozen:
+            if self._grad_tensor(t) is not None:
+                raise MdoptError(
+                    "MDOPT_INVALID_STATE",
+                    "MDOptimizer.step: parameter '%s' was frozen (requires_grad=False) when "
+                    "the optimizer was built, so mdopt does not hold it, but it has a "
+                    "gradient now; build the optimizer after unfreezing it" % pname)
         self._push_lrs()
+        absent = [self._entries[k][3] for k in range(len(self._entries))
+                  if self._grad_tensor(self._entries[k][0]) is None]
+        if self.comm.size == 1 and absent:
+            if len(absent) == len(self._entries):
+                self.last_step = None  # no gradient at all: nothing to do, as in torch
+                return loss
+            raise MdoptError(
+                "MDOPT_INVALID_ARGUMENT",
+                "MDOptimizer.step: %d of %d parameters have no gradient (%s%s); mdopt steps "
+                "every parameter it holds together and cannot yet leave some untouched. "
+                "Nothing was changed. Freeze parameters that never get one "
+                "(requires_grad=False before building the optimizer), or give them a zero "
+                "gradient (p.grad = torch.zeros_like(p)) to step them with it"
+                % (len(absent), len(self._entries), ", ".join("'%s'" % n for n in absent[:5]),
+                   ", ..." if len(absent) > 5 else ""))
         self._point()
         if info is None:
             info = self.step_info
-        self.last_step = self._opt.step(1.0, self._stream(), bool(info))
+        self._stage_in()
+        try:
+            self.last_step = self._opt.step(1.0, self._stream(), bool(info))
+        finally:
+            self._stage_out()
         self._stepped = True
+        self._state_version += 1
+        if self.last_step is not None:
+            self._steps_known = self.last_step.step
         return loss
 
     @property
@@ -529,6 +768,7 @@ class MDOptimizer(torch.optim.Optimizer):
         updated; call it before the next forward. A no-op otherwise. On CUDA it is ordered
         on torch's current stream."""
         self._opt.gather_params(self._stream())
+        self._stage_out()
 
     def group_info(self, group):
         """What the last step did to a group (by name or index): a GroupStats of matrices,
@@ -543,6 +783,120 @@ class MDOptimizer(torch.optim.Optimizer):
         """The underlying mdopt._core.Optimizer (get_state, describe_plan, state_bytes)."""
         return self._opt
 
+    def _read_field(self, k, field):
+        """One mdopt_get_state field of parameter k as a float64 CPU tensor, or None where
+        the parameter has no such state (collective on several ranks)."""
+        h = self._opt.handle
+        n = ctypes.c_int64()
+        if _clib.mdopt_get_state(h, k, field.encode(), None, 0, ctypes.byref(n)) != 0:
+            return None
+        out = torch.empty(n.value, dtype=torch.float64)
+        buf = ctypes.cast(out.data_ptr(), ctypes.POINTER(ctypes.c_double))
+        if _clib.mdopt_get_state(h, k, field.encode(), buf, n.value, None) != 0:
+            return None
+        return out
+
+    def _read_state(self):
+        """{param: {name: tensor}} of mdopt's per-parameter state (see read_state)."""
+        out = {}
+        if not self._stepped:
+            return out  # as in torch: no state before the first step
+        self._sync()
+        for k, (t, _, _, _) in enumerate(self._entries):
+            st = {}
+            if self._steps_known is not None:
+                st["step"] = torch.tensor(float(self._steps_known))
+            for field, name in _STATE_FIELDS:
+                v = self._read_field(k, field)
+                if v is None:
+                    continue
+                if v.numel() == t.numel() and field in ("momentum", "exp_avg", "exp_avg_sq"):
+                    v = v.reshape(t.shape)
+                st[name] = v.to(device=t.device, dtype=torch.float32)
+            out[t] = st
+        return out
+
+    def read_state(self):
+        """mdopt's per-parameter state, {param: {name: tensor}}: `step` (steps taken,
+        skipped ones excluded), `momentum_buffer` (Muon), `exp_avg` and `exp_avg_sq`
+        (Adam), the effective gains `gain_row` / `gain_col` / `gain_scalar` and the sphere
+        `radius`, each present where the parameter has it; float32 copies on the
+        parameter's device (changing them changes nothing in mdopt). Every tensor is whole:
+        on several ranks the call is collective (each rank's rows are all-gathered), so every
+        rank must call it. On one rank `opt.state` reads the same, after each step when
+        first looked at; on several ranks `opt.state` stays empty."""
+        return self._read_state()
+
+    # --- copies -------------------------------------------------------------------------
+
+    def __copy__(self):
+        """copy.copy: another MDOptimizer object over the same mdopt optimizer, param
+        groups and state (as a shallow copy of a torch optimizer shares them): stepping
+        either steps both."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo):
+        """copy.deepcopy: an independent optimizer over deep copies of the parameters (or
+        the copies already in memo, e.g. in copy.deepcopy((model, opt))), with a copy of
+        mdopt's state, written and read back through a temporary checkpoint. One rank only:
+        on several ranks a copy would need every rank to make it at once."""
+        if self.comm.size > 1:
+            raise TypeError(
+                "MDOptimizer on %d ranks cannot be deep-copied: its state is sharded over "
+                "the ranks; save it with state_dict() and load it into a new MDOptimizer "
+                "built on every rank" % self.comm.size)
+        groups, current, extras = [], [], []
+        known = SPEC_KEYS + _META_KEYS + _TORCH_OFF_KEYS + ("betas",)
+        for gi, g in enumerate(self.param_groups):
+            ng, extra = {}, {}
+            for key, v in g.items():
+                # Keys of others (a scheduler's initial_lr, ...) are set after the build.
+                into = ng if key in known else extra
+                into[key] = [copy.deepcopy(t, memo) for t in v] if key == "params" else \
+                    copy.deepcopy(v, memo)
+            extras.append(extra)
+            # Built with the original's spec lr, so that gain_lr follows the same factor;
+            # the group's current lr is pushed at the copy's first step.
+            current.append(ng["lr"])
+            ng["lr"] = self._spec_lrs[gi]
+            groups.append(ng)
+        names = [(copy.deepcopy(t, memo), n) for t, _, _, n in self._entries]
+        names += [(copy.deepcopy(t, memo), n) for t, n in self._frozen]
+        ctor = {k: v for k, v in self.defaults.items() if k not in ("preset",)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            new = type(self)(groups, preset=self._preset, comm=self.comm,
+                             options=self._options, named_parameters=names,
+                             state_dir=self._state_dir, overlap=self._overlap,
+                             grad_attr=self._grad_attr, step_info=self._step_info, **ctor)
+        memo[id(self)] = new
+        for g, lr, extra in zip(new.param_groups, current, extras):
+            g["lr"] = lr
+            g.update(extra)
+        for attr in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                     "_optimizer_load_state_dict_pre_hooks",
+                     "_optimizer_load_state_dict_post_hooks"):
+            if attr in self.__dict__:
+                setattr(new, attr, copy.copy(self.__dict__[attr]))
+        if self._stepped:
+            with tempfile.TemporaryDirectory(prefix="mdopt-copy-") as d:
+                self._sync()
+                self._save(d)
+                new._sync()
+                new._load(d)
+                new._sync()
+            new._stepped = True
+        new._steps_known = self._steps_known
+        new.last_step = self.last_step
+        return new
+
+    def __getstate__(self):
+        raise TypeError("MDOptimizer cannot be pickled: its state lives in libmdopt; save "
+                        "opt.state_dict() (torch.save) and load it into a new MDOptimizer")
+
     def param_index(self, tensor):
         """mdopt's index of a registered tensor (for mdopt.get_state)."""
         for k, (t, _, _, _) in enumerate(self._entries):
@@ -552,19 +906,36 @@ class MDOptimizer(torch.optim.Optimizer):
 
     # --- checkpoints --------------------------------------------------------------------
 
+    def _save(self, directory):
+        self._stage_in()
+        self._sync()
+        self._opt.save(directory)
+
+    def _load(self, directory):
+        self._opt.load(directory)
+        self._stage_out()
+        self._state_version += 1
+        try:
+            import json
+            with open(os.path.join(directory, "manifest.json")) as f:
+                self._steps_known = int(json.load(f).get("step", 0))
+        except (OSError, ValueError):
+            self._steps_known = None
+
+
     def save_checkpoint(self, directory):
         """mdopt_save (collective; a directory every rank sees): each rank writes its own
         rank file, streamed through a 1 MiB buffer, rank 0 the manifest last. Loads at any
         rank count with load_checkpoint. state_dict() with a state_dir does the same and
         returns a reference to the save."""
         self._sync()
-        self._opt.save(directory)
+        self._save(directory)
 
     def load_checkpoint(self, directory):
         """mdopt_load: restores the state and writes the saved weights into the model. Each
         rank opens only the rank files holding rows it holds now."""
         self._sync()
-        self._opt.load(directory)
+        self._load(directory)
         self._sync()
         self._stepped = True
         self._pushed = [None] * len(self.param_groups)
@@ -594,17 +965,21 @@ class MDOptimizer(torch.optim.Optimizer):
           file as bytes, i.e. the whole state once more in memory), self-contained.
 
         Either loads with load_state_dict at any rank count (mdopt reshards)."""
-        sd = super().state_dict()
+        state, self.state = self.state, {}  # mdopt's state travels in "mdopt", once
+        try:
+            sd = super().state_dict()
+        finally:
+            self.state = state
         self._sync()
         d = _ckref.shared_dir(self._state_dir, self.comm.size, "MDOptimizer.state_dict")
         if d is None:
             with tempfile.TemporaryDirectory(prefix="mdopt-state-") as t:
-                self._opt.save(t)
+                self._save(t)
                 files = self._read_dir(t)
             sd["mdopt"] = {"format": "mdopt-torch-state", "version": 1, "world_size": 1,
                            "step": self._step_count(files), "files": files}
             return sd
-        self._opt.save(d)  # collective: every rank writes its file, rank 0 the manifest
+        self._save(d)  # collective: every rank writes its file, rank 0 the manifest
         ref = _ckref.make(d, self.comm.rank)
         sd["mdopt"] = {"format": "mdopt-torch-state", "version": 2,
                        "world_size": self.comm.size, "step": ref["step"], "checkpoint": ref}
@@ -636,11 +1011,11 @@ class MDOptimizer(torch.optim.Optimizer):
         self._sync()
         if why is not None:
             try:
-                self._opt.load(os.path.join(d, "refused-by-rank-%d" % self.comm.rank))
+                self._load(os.path.join(d, "refused-by-rank-%d" % self.comm.rank))
             except MdoptError:
                 pass
             raise ValueError("MDOptimizer: cannot load the referenced checkpoint: " + why)
-        self._opt.load(d)  # collective; each rank reads only the rows it now holds
+        self._load(d)  # collective; each rank reads only the rows it now holds
         self._sync()
         self._stepped = self._stepped or ref["step"] > 0
         self._pushed = [None] * len(self.param_groups)
@@ -660,7 +1035,10 @@ class MDOptimizer(torch.optim.Optimizer):
                              "package reads versions 1 and 2" % blob.get("version"))
         names = [g["name"] for g in self.param_groups]
         fixed = [_fixed(g) for g in self.param_groups]
+        sd["state"] = {}  # opt.state is read from mdopt, not restored from the dict
+        state = self.state
         super().load_state_dict(sd)
+        self.state = state
         for g, n in zip(self.param_groups, names):
             g.setdefault("name", n)
         if [_fixed(g) for g in self.param_groups] != fixed or \
@@ -677,7 +1055,7 @@ class MDOptimizer(torch.optim.Optimizer):
                 with open(os.path.join(d, name), "wb") as f:
                     f.write(data)
             self._sync()
-            self._opt.load(d)  # collective
+            self._load(d)  # collective
             self._sync()
         self._stepped = self._stepped or blob.get("step", 0) > 0
         self._pushed = [None] * len(self.param_groups)

@@ -62,3 +62,17 @@ def test_comm_local():
     c.close()
     with pytest.raises(ValueError):
         c.handle
+
+
+@pytest.mark.parametrize("where", ["missing-file", "folder-without-it"])
+def test_mdopt_library_naming_nothing_loadable_is_an_import_error(tmp_path, where):
+    import os
+    import subprocess
+    import sys
+    path = tmp_path / "libmdopt.so.1" if where == "missing-file" else tmp_path
+    env = dict(os.environ, MDOPT_LIBRARY=str(path))
+    r = subprocess.run([sys.executable, "-c", "import mdopt"], env=env, capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.dirname(_lib.__file__)))
+    assert r.returncode != 0
+    assert "ImportError: mdopt: MDOPT_LIBRARY=%s, but " % path in r.stderr
+    assert "does not exist" in r.stderr

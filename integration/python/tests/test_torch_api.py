@@ -25,8 +25,10 @@ def test_refuses_bad_tensors_naming_them():
     with pytest.raises(ValueError, match=r"'w'.*float64.*float32 or bfloat16"):
         MDOptimizer([{"params": [P(4, 3, dtype=torch.float64)], "names": ["w"]}],
                     preset="adamw")
-    with pytest.raises(ValueError, match=r"'t'.*not contiguous"):
-        MDOptimizer([{"params": [torch.nn.Parameter(torch.randn(4, 3).t())], "names": ["t"]}])
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"'w'.*'wt'.*share memory"):  # a view of another
+        MDOptimizer([{"params": [w, torch.nn.Parameter(w.detach().t())],
+                      "names": ["w", "wt"]}])
     with pytest.raises(ValueError, match=r"'m'.*meta.*CPU or on one CUDA GPU"):
         MDOptimizer([{"params": [torch.nn.Parameter(torch.empty(4, 3, device="meta"))],
                       "names": ["m"]}])
@@ -36,7 +38,7 @@ def test_refuses_bad_tensors_naming_them():
         MDOptimizer([good, a, b], preset="vector",
                     named_parameters=[("good", good), ("a", a), ("b", b)])
     frozen = torch.nn.Parameter(torch.randn(3, 3), requires_grad=False)
-    with pytest.raises(ValueError, match="does not require grad"):
+    with pytest.raises(ValueError, match="no parameter requires grad"):
         MDOptimizer([frozen])
 
 
@@ -83,9 +85,16 @@ def test_add_param_group_before_and_after_the_first_step():
 def test_changing_a_fixed_key_after_the_build_is_refused():
     model = mlp(9)
     opt = MDOptimizer(model.parameters(), preset="adamw", threads=1)
-    opt.param_groups[0]["betas"] = (0.8, 0.9)
-    with pytest.raises(RuntimeError, match="only lr is read"):
+    train(model, opt, 1)
+    opt.param_groups[0]["betas"] = (0.8, 0.9)   # pushed (mdopt_set_group_hparam)
+    opt.param_groups[0]["base"] = "muon"        # not changeable
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(mdopt.MdoptError, match="changed after the first step") as e:
         train(model, opt, 1)
+    # The message names what changed, and only that.
+    assert "base: the preset's -> muon" in e.value.message
+    assert "lr:" not in e.value.message and "'lr'" not in e.value.message
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 # --- lr, schedulers -----------------------------------------------------------------------
