@@ -210,8 +210,12 @@ TEST(PlanScale, NoCollectiveBufferGrowsPastTheBucket) {
         for (int w = 0; w < b.Windows(); ++w) {
           const std::vector<int64_t> counts = b.WindowCounts(w, world);
           const int64_t sum = std::accumulate(counts.begin(), counts.end(), int64_t{0});
-          if (world > 1) EXPECT_LE(sum, std::max(elems, b.total)) << "window " << w;
-          if (world > 1 && b.total > elems) EXPECT_LE(sum, elems) << "window " << w;
+          if (world > 1) {
+            EXPECT_LE(sum, std::max(elems, b.total)) << "window " << w;
+          }
+          if (world > 1 && b.total > elems) {
+            EXPECT_LE(sum, elems) << "window " << w;
+          }
         }
         EXPECT_GE(static_cast<int64_t>(b.Windows()) * b.window, b.longest);
         EXPECT_LT(static_cast<int64_t>(b.Windows() - 1) * b.window, std::max<int64_t>(b.longest, 1));
