@@ -21,6 +21,7 @@
 #include "dist_opt/shard_plan.h"
 #include "../bench/model_shapes.h"
 #include "../bench/preset_groups.h"
+#include "plan_model.h"
 
 namespace {
 
@@ -28,75 +29,16 @@ using mdopt::Layout;
 using mdopt::ShardPlan;
 using mdopt::SlotPlan;
 
-float g_unread = 0.0f;  // the registry wants a pointer; the planner reads shapes only
-
-struct Model {
-  std::vector<mdopt::Group> groups;
-  mdopt::ParamRegistry registry;
-};
+using Model = mdopt_tools::PlanModel;
 
 bool BuildModel(const std::vector<mdopt_bench::TensorShape>& shapes, const std::string& preset,
                 const std::string& layout, Model* m, std::string* error) {
-  const mdopt_bench::PresetGrouping* g = mdopt_bench::FindPreset(preset);
-  if (g == nullptr) {
-    *error = "unknown preset '" + preset + "'";
-    return false;
-  }
-  for (mdopt_bench::Role role : {mdopt_bench::Role::kMatrix, mdopt_bench::Role::kTable,
-                                 mdopt_bench::Role::kVector}) {
-    std::string spec = mdopt_bench::RoleSpec(*g, role);
-    if (role != mdopt_bench::Role::kVector && !layout.empty()) spec += " layout=" + layout;
-    absl::StatusOr<mdopt::GroupSpec> parsed = mdopt::ParseGroupSpec(spec);
-    if (!parsed.ok()) {
-      *error = std::string(parsed.status().message());
-      return false;
-    }
-    m->groups.push_back(mdopt::Group{mdopt_bench::RoleGroupName(role), *parsed});
-  }
-  for (const mdopt_bench::TensorShape& t : shapes) {
-    mdopt::ParamDescription d;
-    d.name = t.name;
-    d.group = mdopt_bench::RoleGroupName(mdopt_bench::RoleOf(t.kind));
-    d.ndim = static_cast<int>(t.dims.size());
-    for (size_t k = 0; k < t.dims.size(); ++k) d.shape[k] = t.dims[k];
-    d.param_dtype = 1;  // bf16 weights (an f32 master in the state), as trained at scale
-    d.grad_dtype = 1;
-    d.param = &g_unread;
-    absl::StatusOr<int64_t> added = m->registry.Add(d, m->groups);
-    if (!added.ok()) {
-      *error = t.name + ": " + std::string(added.status().message());
-      return false;
-    }
-  }
-  return true;
+  return mdopt_tools::BuildPlanModel(shapes, preset, layout, m, error);
 }
 
-// State bytes per element of a matrix's rows: the f32 master (bf16 weights), the momentum
-// (Muon) or two moments (Adam). Per matrix on every rank holding rows: its column gains
-// (raw, two moments: 12 B each), scalar gain and radius.
-double PerElement(const mdopt::ParamEntry& p) {
-  return 4.0 + (p.rule.base == mdopt::kernels::Base::kMuon ? 4.0 : 8.0);
-}
-double PerRowBytes(const mdopt::ParamEntry& p) {  // row gain (raw, m, v) and a radius
-  return p.ndim == 1 ? 0.0 : 12.0 + 4.0;
-}
-double Replicated(const mdopt::ParamEntry& p) {
-  return p.ndim == 1 ? 0.0 : 12.0 * static_cast<double>(p.n) + 12.0 + 4.0;
-}
-
-struct RankBytes {
-  double state = 0.0, replicated = 0.0;
-};
-RankBytes StateOf(const ShardPlan& plan, const std::vector<mdopt::ParamEntry>& params, int r) {
-  RankBytes b;
-  for (const SlotPlan& s : plan.slots) {
-    const mdopt::ParamEntry& p = params[s.param];
-    const int64_t rows = s.Rows(r);
-    b.state += static_cast<double>(rows) * (static_cast<double>(s.n) * PerElement(p) + PerRowBytes(p));
-    if (s.layout == Layout::kRows || rows > 0) b.replicated += Replicated(p);
-  }
-  return b;
-}
+using mdopt_tools::PerElement;
+using mdopt_tools::RankBytes;
+using mdopt_tools::StateOf;
 
 std::string Human(double bytes) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
