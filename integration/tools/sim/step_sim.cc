@@ -161,14 +161,20 @@ double PlayWaves(const std::vector<BucketCost>& bk, const std::vector<double>& r
 }
 
 StepEstimate SimulateStep(const mdopt::ShardPlan& plan, const std::vector<ParamEntry>& params,
-                          const Hardware& hw, const SimOptions& o) {
+                          const Hardware& machine, const SimOptions& o) {
   const int N = plan.world;
   const Topology& topo = o.topo;
   StepEstimate est;
   const size_t B = plan.buckets.size();
   est.buckets.resize(B);
-  // Ranks sharing cores (host_cores > 0: CPU ranks oversubscribing them) compute at a share.
-  const double share = hw.host_cores > 0 && N > hw.host_cores ? static_cast<double>(hw.host_cores) / N : 1.0;
+  // Ranks sharing cores (host_cores > 0: CPU ranks oversubscribing them) compute at a share,
+  // and communicate at a share too: shared-memory transports copy with those same cores.
+  const double share = machine.host_cores > 0 && N > machine.host_cores
+                           ? static_cast<double>(machine.host_cores) / N
+                           : 1.0;
+  Hardware hw = machine;
+  for (double* bw : {&hw.intra_busbw_gbps, &hw.inter_busbw_gbps, &hw.intra_p2p_gbps, &hw.inter_p2p_gbps})
+    *bw *= share;
   const double hbm = hw.hbm_gbps * 1e9 * share;
   const double launch = hw.kernel_us * 1e-6;
   const double trainer = hw.peak_tflops * 1e12 * o.mfu;
@@ -184,28 +190,28 @@ StepEstimate SimulateStep(const mdopt::ShardPlan& plan, const std::vector<ParamE
     BucketCost& c = est.buckets[bi];
     const double wb = ParamBytes(bp);
     const double copy = wb == 2 ? 2.0 : 0.0;  // bf16 weights: the model copy each W write makes
-    // Collectives, window by window; a window's time is its longest segment's.
+    // Collectives, window by window.
     int64_t window_elems = 0;
-    auto window = [&](double most, double sum, double times) {
+    // A window's time at its mean segment: a ring moves (N - 1) / N of the whole window
+    // through every link, whether the segments are equal (NCCL) or not (MPI's v-collectives).
+    auto window = [&](double sum, double times) {
       window_elems += static_cast<int64_t>(sum * times);
-      if (N > 1 && grad_wire > 0) c.reduce_scatter += times * ReduceScatterTime(hw, topo, most * grad_wire);
-      if (N > 1) c.all_gather += times * AllGatherTime(hw, topo, most * wb);
+      const double seg = sum / N;
+      if (N > 1 && grad_wire > 0) c.reduce_scatter += times * ReduceScatterTime(hw, topo, seg * grad_wire);
+      if (N > 1) c.all_gather += times * AllGatherTime(hw, topo, seg * wb);
       bytes_mean += N > 1 ? times * (N - 1.0) / N * sum * (grad_wire + wb) : 0.0;
     };
     if (plan.equal_segments) {
       // Equal counts: W - 1 full windows and the rest (O(1), the windows may be millions).
       const int64_t W = bp.Windows(), last = bp.longest - (W - 1) * bp.window;
-      if (W > 1) window(bp.window, static_cast<double>(bp.window) * N, W - 1.0);
-      window(last, static_cast<double>(last) * N, 1.0);
+      if (W > 1) window(static_cast<double>(bp.window) * N, W - 1.0);
+      window(static_cast<double>(last) * N, 1.0);
     } else {
       for (int w = 0; w < bp.Windows(); ++w) {
         bp.WindowCounts(w, N, counts.data());
-        int64_t most = 0, sum = 0;
-        for (int64_t x : counts) {
-          most = std::max(most, x);
-          sum += x;
-        }
-        window(most, sum, 1.0);
+        int64_t sum = 0;
+        for (int64_t x : counts) sum += x;
+        window(static_cast<double>(sum), 1.0);
       }
     }
     // The elementwise passes, on the rank with the longest segment, in the proportions of
