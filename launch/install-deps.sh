@@ -58,7 +58,8 @@ if ! "$py" -c 'import pytest, numpy, torch' 2>/dev/null; then
   "$py" -c 'import pytest, numpy, torch' 2>/dev/null ||
     echo "mdopt: pytest, numpy or torch could not be installed for $py; the Python tests will skip"
 fi
-# The examples (integration/examples) draw a progress bar and plots: tqdm, matplotlib.
+# The examples (integration/examples) draw a progress bar and plots, and mdopt-sim --plot
+# (integration/tools/sim/plot_sim.py) its PNGs: tqdm, matplotlib.
 if ! "$py" -c 'import tqdm, matplotlib' 2>/dev/null; then
   PIP_BREAK_SYSTEM_PACKAGES=1 "$py" -m pip install --quiet tqdm matplotlib ||
     echo "mdopt: tqdm or matplotlib could not be installed for $py; the examples need them"
