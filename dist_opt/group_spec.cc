@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "dist_opt/key_values.h"
+#include "kernels/common/ns_coeffs.h"
 
 namespace mdopt {
 namespace {
@@ -51,7 +52,8 @@ constexpr EnumName<Layout> kLayouts[] = {{Layout::kAuto, "auto"}, {Layout::kRows
                                          {Layout::kOwner, "owner"}};
 constexpr EnumName<NsCoeffSet> kNsSets[] = {{NsCoeffSet::kQuintic, "quintic"},
                                             {NsCoeffSet::kJordan, "jordan"},
-                                            {NsCoeffSet::kPolarExpress, "polar_express"}};
+                                            {NsCoeffSet::kPolarExpress, "polar_express"},
+                                            {NsCoeffSet::kQuinticHold, "quintic_hold"}};
 
 template <typename E, size_t N>
 const char* NameOf(const EnumName<E> (&table)[N], E v) {
@@ -237,6 +239,15 @@ absl::Status CheckConsistency(const GroupSpec& g, const std::set<std::string>& g
   if (r.base == Base::kAdamW) {
     for (const char* k : {"momentum", "nesterov", "ns_steps", "ns_coeffs", "muon_scale"})
       if (given.count(k)) return Contradiction(k, "applies to base=muon only, this group has base=adamw");
+  }
+  if (r.base == Base::kMuon && r.ns_coeffs == NsCoeffSet::kQuintic &&
+      r.ns_steps % kernels::kQuinticSetSize != 0) {
+    return Contradiction(
+        "ns_steps", absl::StrCat(r.ns_steps, " with ns_coeffs=quintic: the set of ",
+                                 kernels::kQuinticSetSize,
+                                 " tuples is cycled whole, so ns_steps must be a multiple of ",
+                                 kernels::kQuinticSetSize, " (ns_coeffs=quintic_hold repeats the "
+                                 "last tuple and takes any count)"));
   }
   if (r.gains == Gains::kNone) {
     for (const char* k : {"gain_lr", "gain_param"})

@@ -6,7 +6,8 @@
 namespace mdopt::kernels {
 namespace {
 
-// The per-step quintic set of the authors' code, Dion and modded-nanogpt.
+// The per-step quintic set of modded-nanogpt, Dion and Emerging-Optimizers (the authors'
+// Newton-Schulz); the latter cycles the whole set for more than five iterations.
 constexpr std::array<NsTuple, 5> kQuintic = {{{4.0848, -6.8946, 2.9270},
                                               {3.9505, -6.3029, 2.6377},
                                               {3.7418, -5.5913, 2.3037},
@@ -36,6 +37,9 @@ constexpr double kPolarExpressSafety = 1.01;
 NsTuple NsCoefficients(NsCoeffSet set, int k) {
   switch (set) {
     case NsCoeffSet::kQuintic:
+      static_assert(kQuintic.size() == kQuinticSetSize);
+      return kQuintic[static_cast<size_t>(k) % kQuintic.size()];
+    case NsCoeffSet::kQuinticHold:
       return kQuintic[std::min<size_t>(static_cast<size_t>(k), kQuintic.size() - 1)];
     case NsCoeffSet::kJordan:
       return kJordan;

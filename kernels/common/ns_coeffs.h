@@ -11,9 +11,13 @@ struct NsTuple {
   double a, b, c;
 };
 
-// The tuple of iteration k (0-based). A set used for more iterations than it has tuples
-// repeats its last tuple (DESIGN.md section 1).
+// The tuple of iteration k (0-based). kQuintic cycles its five tuples (iteration k uses
+// tuple k mod 5; the group spec admits only multiples of 5, see kQuinticSetSize);
+// kQuinticHold, Polar Express and Jordan repeat their last tuple past their length.
 NsTuple NsCoefficients(NsCoeffSet set, int k);
+
+// Number of tuples of the quintic set: ns_steps of ns_coeffs=quintic is a multiple of it.
+inline constexpr int kQuinticSetSize = 5;
 
 // How the iteration is evaluated (option ns_form): kStandard iterates on X itself, kGram on
 // the Gram matrix X X^T alone (cheaper for rectangular X, see kernels/cpu/newton_schulz.h);

@@ -16,7 +16,9 @@ enum class Gains { kNone, kScalar, kRow, kCol, kRowCol };
 enum class GainParam { kSoftplus, kDirect, kExp };
 enum class MuonScale { kRatio, kMax1, kRms, kNone };
 enum class RadiusMode { kAuto, kInit, kValue };
-enum class NsCoeffSet { kQuintic, kJordan, kPolarExpress };
+// kQuintic cycles its five tuples (ns_steps a multiple of 5, as the authors' Newton-Schulz);
+// kQuinticHold runs them once and then repeats the last one (any ns_steps).
+enum class NsCoeffSet { kQuintic, kJordan, kPolarExpress, kQuinticHold };
 
 struct UpdateRule {
   Base base = Base::kMuon;

@@ -22,6 +22,7 @@
 #include <stdlib.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -219,13 +220,19 @@ std::vector<Param> AllParams() {
     out.push_back({preset, MDOPT_DTYPE_BF16, MDOPT_DTYPE_F32, "f32"});
   }
   for (const char* preset : {"md-muon", "muon", "router"}) out.push_back({preset, MDOPT_DTYPE_F32, MDOPT_DTYPE_F32, "bf16"});
+  // The quintic set cycled past five iterations (ns_coeffs=quintic), and held
+  // (ns_coeffs=quintic_hold), against the CPU backend's schedule.
+  out.push_back({"md-muon ns_steps=15", MDOPT_DTYPE_F32, MDOPT_DTYPE_F32, "f32"});
+  out.push_back({"md-muon ns_steps=10", MDOPT_DTYPE_F32, MDOPT_DTYPE_F32, "bf16"});
+  out.push_back({"md-muon ns_coeffs=quintic_hold ns_steps=7", MDOPT_DTYPE_F32, MDOPT_DTYPE_F32, "f32"});
   return out;
 }
 
 INSTANTIATE_TEST_SUITE_P(Presets, CudaStep, ::testing::ValuesIn(AllParams()),
                          [](const ::testing::TestParamInfo<Param>& i) {
                            std::string name = i.param.preset;
-                           std::replace(name.begin(), name.end(), '-', '_');
+                           std::replace_if(name.begin(), name.end(),
+                                           [](char c) { return !std::isalnum(static_cast<unsigned char>(c)); }, '_');
                            return name + (i.param.pd == MDOPT_DTYPE_BF16 ? "_bf16p" : "_f32p") +
                                   (i.param.gd == MDOPT_DTYPE_BF16 ? "_bf16g" : "_f32g") + "_ns_" +
                                   i.param.ns_dtype;

@@ -54,8 +54,9 @@ std::string CaseName(std::string spec, int engine) {
 
 using Coeffs = std::array<double, 3>;
 
-// DESIGN.md section 1: the per-step quintic tuples (authors' code, Dion, modded-nanogpt);
-// a set used for more steps than it has tuples repeats its last tuple.
+// DESIGN.md section 1: the per-step quintic tuples (modded-nanogpt, Dion, the authors'
+// Newton-Schulz); a set used for more steps than it has tuples is cycled whole (iteration k
+// uses tuple k mod its size), as ns_coeffs=quintic does.
 const std::vector<Coeffs> kQuinticSet = {{4.0848, -6.8946, 2.9270},
                                           {3.9505, -6.3029, 2.6377},
                                           {3.7418, -5.5913, 2.3037},
@@ -102,7 +103,7 @@ Mat NewtonSchulz(const Mat& in, const std::vector<Coeffs>& set, int steps) {
   const double norm = std::sqrt(sq) + 1e-7;
   for (double& v : x.a) v /= norm;
   for (int k = 0; k < steps; ++k) {
-    const Coeffs& t = set[std::min<size_t>(static_cast<size_t>(k), set.size() - 1)];
+    const Coeffs& t = set[static_cast<size_t>(k) % set.size()];
     const Mat a = Product(x, Transposed(x));
     const Mat a2 = Product(a, a);
     Mat b(a.r, a.c);
@@ -204,12 +205,12 @@ std::vector<MuonCase> MuonCases() {
   PlainMuon heavy = md;  // momentum without the Nesterov look-ahead
   heavy.nesterov = false;
   heavy.momentum = 0.8;
-  PlainMuon seven = plain;  // more steps than quintic tuples: the last one repeats
-  seven.ns_steps = 7;
+  PlainMuon ten = plain;  // more steps than quintic tuples: the set is cycled
+  ten.ns_steps = 10;
   return {{"preset=md-muon sphere=none gains=none", md},
           {"preset=muon", plain},
           {"preset=md-muon sphere=none gains=none nesterov=0 momentum=0.8", heavy},
-          {"preset=muon ns_steps=7", seven}};
+          {"preset=muon ns_steps=10", ten}};
 }
 
 class PlainMuonTest : public ::testing::TestWithParam<std::tuple<int, int>> {};
@@ -511,7 +512,7 @@ TEST(crosscheck, NewtonSchulzMatchesIndependent) {
   for (const auto& [p, q] : std::vector<std::pair<int64_t, int64_t>>{{7, 19}, {23, 6}, {1, 11}, {16, 16}}) {
     Mat x(p, q);
     x.a = testing::RandomNormal(x.a.size(), 77 + p, 0.3);
-    for (int steps : {1, 5, 7}) {
+    for (int steps : {1, 5, 7, 10}) {
       const Mat want_q = NewtonSchulz(x, kQuinticSet, steps);
       const Mat want_j = NewtonSchulz(x, kJordanSet, steps);
       EXPECT_LE(RelMaxError(RefNs(NsCoeffSet::kQuintic, steps, x).a, want_q.a), kRefTol);

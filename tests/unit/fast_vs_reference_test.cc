@@ -91,7 +91,8 @@ const std::vector<std::string>& Modes() {
       "preset=md-muon gain_param=direct", "preset=md-muon gain_param=exp",
       "preset=md-adamw gain_param=exp gain_lr=0.01", "preset=md-muon gain_lr=0.05",
       // Muon options
-      "preset=md-muon nesterov=0", "preset=md-muon ns_steps=3", "preset=md-muon ns_steps=8",
+      "preset=md-muon nesterov=0", "preset=md-muon ns_coeffs=quintic_hold ns_steps=3",
+      "preset=md-muon ns_coeffs=quintic_hold ns_steps=8", "preset=md-muon ns_steps=10",
       "preset=md-muon ns_coeffs=jordan", "preset=md-muon ns_coeffs=polar_express",
       "preset=md-muon ns_coeffs=polar_express ns_steps=10", "preset=md-muon muon_scale=max1",
       "preset=md-muon muon_scale=rms", "preset=md-muon muon_scale=none", "preset=md-muon momentum=0.8",
