@@ -83,7 +83,7 @@ class Engine {
   // What the last step did to the matrices of `group`, as seen by this rank: counts[0..2] =
   // matrices orthogonalised, projected, gain-stepped (each matrix counted by exactly one
   // rank), and per matrix of the group (in slot order) this rank's partial sums of
-  // ||W' - W||^2 and ||W'||^2 (zeros unless update_norms). Filled only by the fast engine.
+  // ||W' - W||^2 and ||W||^2 (W before the step; zeros unless update_norms). Filled only by the fast engine.
   virtual void LastStep(int group, int64_t counts[3], std::vector<double>* norms) const = 0;
   // The params' rules changed in their scalars (mdopt_set_group_hparam): beta1, beta2, eps,
   // momentum, weight_decay. Engines that read the registry's rules at every step need

@@ -188,7 +188,7 @@ typedef struct {
   int64_t projected;      /* put back onto their sphere */
   int64_t gain_stepped;   /* whose gains took an Adam step */
   int64_t skipped;        /* not updated because the step was skipped (all, or none) */
-  /* mean over the group's matrices of ||W_after - W_before||_F / ||W_after||_F; NaN unless
+  /* mean over the group's matrices of ||W_after - W_before||_F / ||W_before||_F; NaN unless
    * mdopt_create was given update_norms=1 (it costs a copy of the weights per step) */
   double mean_relative_update;
   /* New fields go here, at the end, and nowhere else. */

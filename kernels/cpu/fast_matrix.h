@@ -119,7 +119,7 @@ void SliceSquares(const UpdateRule& rule, const MatrixView& v, Partials* p, Scra
 // Writes the model copy from v.w (after init or a checkpoint load).
 void WriteModel(const MatrixView& v);
 
-// sum (w - w_old)^2 and sum w^2 over the view's rows (w: v.w after Finish; w_old: the rows
+// sum (w - w_old)^2 and sum w_old^2 over the view's rows (w: v.w after Finish; w_old: the rows
 // before the step, `rows x n`), in float64 over the fixed row partition.
 void UpdateNorms(const MatrixView& v, const float* w_old, double* delta_sq, double* w_sq,
                  Scratch* scratch);

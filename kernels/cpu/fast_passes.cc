@@ -661,9 +661,9 @@ void UpdateNorms(const MatrixView& v, const float* w_old, double* delta_sq, doub
     const int64_t b = rr.begin(k) * v.n, e = rr.end(k) * v.n;
 #pragma omp simd reduction(+ : dk, qk)
     for (int64_t x = b; x < e; ++x) {
-      const double w = v.w[x], diff = w - static_cast<double>(w_old[x]);
+      const double w0 = w_old[x], diff = static_cast<double>(v.w[x]) - w0;
       dk += diff * diff;
-      qk += w * w;
+      qk += w0 * w0;  // the weight before the step, as the method's relative update
     }
     d[k] = dk;
     q[k] = qk;

@@ -267,9 +267,9 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
           if (model != nullptr) model[e] = FloatToBf16(wv);
         }
         if (norms) {
-          const double nw = wv, diff = nw - static_cast<double>(s.wold[e]);
+          const double ow = s.wold[e], diff = static_cast<double>(wv) - ow;
           acc.tile[0] += diff * diff;
-          acc.tile[1] += nw * nw;
+          acc.tile[1] += ow * ow;  // ||W||^2 before the step
         }
       }
     }

@@ -47,7 +47,7 @@ TEST_P(GroupInfoPresets, CountsWhatTheStepDid) {
   EXPECT_EQ(info.projected, r.sphere != kernels::Sphere::kNone ? matrices - vectors : 0);
   EXPECT_EQ(info.gain_stepped, r.gains != kernels::Gains::kNone ? matrices - vectors : 0);
   EXPECT_EQ(info.skipped, 0);
-  // The relative update from the weights before and after, matrix by matrix.
+  // The relative update ||W' - W|| / ||W|| (W before the step), matrix by matrix.
   double acc = 0.0;
   for (size_t i = 0; i < t.size(); ++i) {
     const std::vector<double> w1 = h.Model(i);
@@ -57,7 +57,7 @@ TEST_P(GroupInfoPresets, CountsWhatTheStepDid) {
       double d = 0.0, q = 0.0;
       for (size_t k = e * per; k < (e + 1) * per; ++k) {
         d += (w1[k] - w0[i][k]) * (w1[k] - w0[i][k]);
-        q += w1[k] * w1[k];
+        q += w0[i][k] * w0[i][k];  // divided by the weight before the step
       }
       acc += std::sqrt(d / q);
     }
