@@ -253,6 +253,16 @@ absl::Status CheckConsistency(const GroupSpec& g, const std::set<std::string>& g
     for (const char* k : {"gain_lr", "gain_param"})
       if (given.count(k)) return Contradiction(k, "has no effect with gains=none");
   }
+  if (g.preserve_init && r.sphere != Sphere::kNone &&
+      kernels::PreserveInitTarget(r.sphere, r.gains) == kernels::AbsorbInto::kNone) {
+    return Contradiction(
+        "preserve_init",
+        absl::StrCat("preserve_init=1 keeps the initial weights by putting each sphere slice's "
+                     "norm into the gains, and sphere=", ToString(r.sphere), " with gains=",
+                     ToString(r.gains), " has no gains along that axis (use gains=",
+                     r.sphere == Sphere::kCol ? "col or rowcol" : r.sphere == Sphere::kRow ? "row or rowcol" : "scalar, row, col or rowcol",
+                     ", or radius=init, which keeps the norms as the radii)"));
+  }
   if (r.sphere == Sphere::kNone) {
     if (given.count("radius")) return Contradiction("radius", "has no effect with sphere=none");
     if (r.tangent) return Contradiction("tangent", "tangent=1 needs a sphere (sphere=none given)");

@@ -53,6 +53,17 @@ MDOPT_HD inline double GainRawForOne(GainParam p) {
   return 1.0;
 }
 
+// The raw value whose gain is g > 0: phi^-1(g) (softplus: log(e^g - 1), written to stay
+// finite for large g; direct: g; exp: log g). preserve_init=1 starts gains here.
+inline double GainRawFor(GainParam p, double g) {
+  switch (p) {
+    case GainParam::kSoftplus: return g > 20.0 ? g + std::log1p(-std::exp(-g)) : std::log(std::expm1(g));
+    case GainParam::kDirect: return g;
+    case GainParam::kExp: return std::log(g);
+  }
+  return g;
+}
+
 }  // namespace mdopt::kernels
 
 #endif  // MDOPT_KERNELS_COMMON_GAIN_PARAM_H_

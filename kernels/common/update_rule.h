@@ -56,6 +56,28 @@ MDOPT_HD inline int64_t SphereSlices(Sphere s, int64_t m, int64_t n) {
   return 0;
 }
 
+// Which gains take the initial magnitude under preserve_init=1 (docs/ARCHITECTURE.md, "The
+// math"): the factor c_s = ||W_s|| / R_s of each sphere slice s goes into the gains along
+// the slice's axis, so that W = gains (x) D is the initial weight with D on its sphere.
+// frobenius (one slice): the row gains when the rule has them, else the column gains, else
+// the scalar gain, every entry c; row sphere: the row gains, entry i = c_i; col sphere: the
+// column gains, entry j = c_j. kNone: this sphere and these gains cannot hold it (the group
+// spec refuses preserve_init=1 there); sphere=none has nothing to absorb.
+enum class AbsorbInto { kNone, kRow, kCol, kScalar };
+MDOPT_HD inline AbsorbInto PreserveInitTarget(Sphere s, Gains g) {
+  switch (s) {
+    case Sphere::kFrobenius:
+      return HasRowGains(g) ? AbsorbInto::kRow
+             : HasColGains(g) ? AbsorbInto::kCol
+             : HasScalarGain(g) ? AbsorbInto::kScalar
+                                : AbsorbInto::kNone;
+    case Sphere::kRow: return HasRowGains(g) ? AbsorbInto::kRow : AbsorbInto::kNone;
+    case Sphere::kCol: return HasColGains(g) ? AbsorbInto::kCol : AbsorbInto::kNone;
+    case Sphere::kNone: return AbsorbInto::kNone;
+  }
+  return AbsorbInto::kNone;
+}
+
 // The radius that `radius=auto` means (DESIGN.md section 1, step 6): the Frobenius norm of
 // a 1/sqrt(d) init for the whole matrix, unit rows/columns for row/col spheres.
 double AutoRadius(Sphere s, int64_t m, int64_t n);

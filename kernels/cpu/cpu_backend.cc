@@ -50,6 +50,25 @@ struct Workspace {
 
 size_t Bytes(Dtype d) { return d == Dtype::kF32 ? 4 : 2; }
 
+// preserve_init: slice q's factor c = ||W_q|| / R_q into the gains PreserveInitTarget names
+// (every entry for a frobenius sphere, entry q for a row or column sphere).
+void AbsorbInitNorm(const UpdateRule& r, int64_t q, double c, SlotState* s) {
+  const float raw = static_cast<float>(GainRawFor(r.gain_param, c));
+  auto put = [&](std::vector<float>* v) {
+    if (r.sphere == Sphere::kFrobenius) {
+      std::fill(v->begin(), v->end(), raw);
+    } else {
+      (*v)[static_cast<size_t>(q)] = raw;
+    }
+  };
+  switch (PreserveInitTarget(r.sphere, r.gains)) {
+    case AbsorbInto::kRow: put(&s->row_raw); break;
+    case AbsorbInto::kCol: put(&s->col_raw); break;
+    case AbsorbInto::kScalar: s->scalar_raw[0] = raw; break;
+    case AbsorbInto::kNone: break;
+  }
+}
+
 class CpuBackend final : public StepBackend {
  public:
   explicit CpuBackend(int threads) : threads_(threads) {}
@@ -337,6 +356,7 @@ bool CpuBackend::InitRadii(int b, BadSlice* bad) {
       if (r.radius_mode == RadiusMode::kAuto) radius = AutoRadius(r.sphere, p.m, p.n);
       if (r.radius_mode == RadiusMode::kInit) radius = std::sqrt(sq);
       s.radius[q] = static_cast<float>(radius);
+      if (p.preserve_init) AbsorbInitNorm(r, q, std::sqrt(sq) / s.radius[q], &s);
     }
   }
   return true;

@@ -894,6 +894,21 @@ bool CudaBackend::InitRadii(int b, BadSlice* bad) {
       radius[q] = static_cast<float>(value);
     }
     cudaMemcpy(slots_[k].radius, radius.data(), radius.size() * sizeof(float), cudaMemcpyHostToDevice);
+    // preserve_init: each slice's ||W_q|| / R_q into the gains PreserveInitTarget names (every
+    // entry for a frobenius sphere, entry q for a row or column sphere); W is not touched.
+    const AbsorbInto into = p.preserve_init ? PreserveInitTarget(r.sphere, r.gains) : AbsorbInto::kNone;
+    if (into != AbsorbInto::kNone) {
+      const int64_t count = into == AbsorbInto::kRow ? sd.rows : into == AbsorbInto::kCol ? p.n : 1;
+      float* dst = into == AbsorbInto::kRow   ? slots_[k].row_raw
+                   : into == AbsorbInto::kCol ? slots_[k].col_raw
+                                              : slots_[k].scalar_raw;
+      std::vector<float> raw(static_cast<size_t>(count));
+      for (int64_t e = 0; e < count; ++e) {
+        const int64_t q = r.sphere == Sphere::kFrobenius ? 0 : e;
+        raw[e] = static_cast<float>(GainRawFor(r.gain_param, std::sqrt(sq[q]) / radius[q]));
+      }
+      cudaMemcpy(dst, raw.data(), raw.size() * sizeof(float), cudaMemcpyHostToDevice);
+    }
   }
   return true;
 }

@@ -111,7 +111,25 @@ int64_t Init(const UpdateRule& rule, int64_t m, int64_t n, const double* w0, boo
   }
   for (size_t k = 0; k < norms.size(); ++k)
     if (!(norms[k] > 0.0) || !std::isfinite(norms[k])) return static_cast<int64_t>(k);
-  if (project) Project(rule.sphere, s->radius.data(), m, n, s->w.data());
+  if (project) {
+    Project(rule.sphere, s->radius.data(), m, n, s->w.data());
+  } else if (rule.sphere != Sphere::kNone) {
+    // preserve_init: W stays; the gains take c_k = ||W_k|| / R_k so that D = W / gains is
+    // on its sphere.
+    auto raw = [&](size_t k) { return GainRawFor(rule.gain_param, norms[k] / s->radius[k]); };
+    switch (PreserveInitTarget(rule.sphere, rule.gains)) {
+      case AbsorbInto::kRow:
+        for (size_t i = 0; i < s->row.raw.size(); ++i)
+          s->row.raw[i] = raw(rule.sphere == Sphere::kRow ? i : 0);
+        break;
+      case AbsorbInto::kCol:
+        for (size_t j = 0; j < s->col.raw.size(); ++j)
+          s->col.raw[j] = raw(rule.sphere == Sphere::kCol ? j : 0);
+        break;
+      case AbsorbInto::kScalar: s->scalar.raw[0] = raw(0); break;
+      case AbsorbInto::kNone: break;
+    }
+  }
   return -1;
 }
 

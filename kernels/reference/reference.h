@@ -33,7 +33,9 @@ struct MatrixState {
 std::vector<double> SliceNorms(Sphere sphere, int64_t m, int64_t n, const double* w);
 
 // Sets up state for initial weights w0: gains at 1, moments at 0, radii from the rule
-// (per-slice norms of w0 for radius=init), and projects W onto its sphere when `project`.
+// (per-slice norms of w0 for radius=init), and projects W onto its sphere when `project`;
+// otherwise (preserve_init) W stays w0 and the gains take each slice's ||W_k|| / R_k
+// (PreserveInitTarget).
 // Returns the index of a slice whose norm is zero or non-finite (it cannot be projected),
 // or -1 when every slice is fine.
 int64_t Init(const UpdateRule& rule, int64_t m, int64_t n, const double* w0, bool project,

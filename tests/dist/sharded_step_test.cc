@@ -52,7 +52,10 @@ std::vector<Case> Cases() {
       "preset=md-muon",    "preset=md-adamw", "preset=muon",      "preset=adamw",
       "preset=muonh",      "preset=adamh",    "preset=router",    "preset=embedding",
       "preset=vector",     "preset=md-muon sphere=col tangent=1 gains=scalar",
-      "preset=md-adamw tangent=1 gains=col"};
+      "preset=md-adamw tangent=1 gains=col",
+      // preserve_init: the initial norms (summed over ranks) into the gains on every rank
+      "preset=md-muon preserve_init=1", "preset=router preserve_init=1 gain_param=exp",
+      "preset=md-adamw sphere=col gains=col preserve_init=1"};
   for (const std::string& s : specs)
     for (const char* layout : {"rows", "owner"})
       for (bool reduced : {false, true}) c.push_back({s, layout, reduced, !reduced});

@@ -73,7 +73,8 @@ const Preset kResumePresets[] = {{"preset=md-muon", false},
                                  {"preset=adamw", true},
                                  {"preset=router", false},
                                  {"preset=embedding", true},
-                                 {"preset=md-muon gains=scalar sphere=col radius=init", false}};
+                                 {"preset=md-muon gains=scalar sphere=col radius=init", false},
+                                 {"preset=md-muon gains=col preserve_init=1", false}};
 
 std::vector<TensorSpec> ResumeTensors(const Preset& preset, const Engine& eng) {
   const mdopt_dtype p = eng.param, g = eng.grad;

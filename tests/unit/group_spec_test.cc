@@ -233,7 +233,11 @@ const std::vector<Override>& Overrides() {
        [](const GroupSpec& g) -> const char* { return g.rule.sphere != Sphere::kNone ? "weight_decay" : nullptr; }},
       {"tangent", fixed("1"), [](GroupSpec* g) { g->rule.tangent = true; },
        [](const GroupSpec& g) -> const char* { return g.rule.sphere == Sphere::kNone ? "tangent" : nullptr; }},
-      {"preserve_init", fixed("1"), [](GroupSpec* g) { g->preserve_init = true; }, never},
+      {"preserve_init", fixed("1"), [](GroupSpec* g) { g->preserve_init = true; },
+       // The initial norm goes into the gains: a sphere without gains cannot hold it.
+       [](const GroupSpec& g) -> const char* {
+         return g.rule.sphere != Sphere::kNone && g.rule.gains == Gains::kNone ? "preserve_init" : nullptr;
+       }},
       {"layout", fixed("rows"), [](GroupSpec* g) { g->layout = Layout::kRows; }, never},
   };
   return *o;
@@ -313,12 +317,12 @@ TEST(GroupSpecOverrides, BoundsAndSpellings) {
       {"preset=md-muon ns_coeffs=quintic_hold ns_steps=1", true, "ns_steps"},
       {"preset=md-muon ns_steps=1", false, "ns_steps"},
       {"preset=md-muon ns_steps=100", true, "ns_steps"},
+      {"preset=md-muon ns_steps=7", false, "ns_steps"},
+      {"preset=md-muon ns_coeffs=quintic_hold", true, "ns_coeffs"},
       {"preset=md-muon ns_steps=0", false, "ns_steps"},
       {"preset=md-muon ns_steps=101", false, "ns_steps"},
       {"preset=md-muon ns_steps=2.5", false, "ns_steps"},
       {"preset=md-muon ns_coeffs=polar_express", true, "ns_coeffs"},
-      {"preset=md-muon ns_steps=7", false, "ns_steps"},
-      {"preset=md-muon ns_coeffs=quintic_hold", true, "ns_coeffs"},
       {"preset=md-muon ns_coeffs=newton", false, "ns_coeffs"},
       {"preset=md-muon muon_scale=max1", true, "muon_scale"},
       {"preset=md-muon muon_scale=huge", false, "muon_scale"},
@@ -402,7 +406,7 @@ TEST(GroupSpecCanonical, RoundTripsEveryPresetAndManyOverrides) {
            "preset=embedding sphere=col radius=3",
            "preset=router gains=col gain_param=exp gain_lr=0.5",
            "preset=vector preserve_init=1 beta2=0.999",
-           "preset=adamh tangent=1 sphere=row preserve_init=true",
+           "preset=adamh tangent=1 sphere=row gains=row preserve_init=true",
            "preset=md-muon lr=-0",
        }) {
     ExpectRoundTrip(MustParse(spec), spec);
