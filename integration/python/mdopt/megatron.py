@@ -18,12 +18,15 @@ Each is split by the tensor's role into mdopt groups named "<role>.<index>":
     matrix     2-D weights of the transformer          config.optimizer "muon" -> md-muon,
                                                         "adam" -> md-adamw
     embedding  word/position embeddings                embedding (rows on the unit sphere)
-    output     the LM head (output_layer.weight)       embedding, lr 1e-3
+    output     the LM head (output_layer.weight)       embedding with row and column gains
+                                                        (gains=rowcol), lr 1e-3
     router     MoE routers (".router." in the name)    router
     vector     1-D tensors (norms, biases)             vector
 
 as the method does (matrices on their sphere with row and column gains; embeddings and the
-LM head with unit-norm rows and fixed Adam learning rates; gains, norms and biases with
+LM head with unit-norm rows and fixed Adam learning rates, an untied LM head with row and
+column gains as well (a head tied to the embedding is the embedding's parameter and takes
+its group; spec={"output": {"gains": "none"}} turns the head's gains off); gains, norms and biases with
 Adam). `presets=`, `lrs=` and `spec=` change this per role.
 
 Fused weights are found from the modules and their config (megatron_layouts): a gated
@@ -85,6 +88,9 @@ ROLES = ("matrix", "embedding", "output", "router", "vector")
 DEFAULT_PRESETS = {"embedding": "embedding", "output": "embedding", "router": "router",
                    "vector": "vector"}
 MATRIX_PRESETS = {"muon": "md-muon", "adam": "md-adamw"}
+# Spec keys a role gets over its default preset (not over one given in presets=): the
+# untied LM head carries row and column gains, as in the method's code.
+DEFAULT_SPECS = {"output": {"gains": "rowcol"}}
 # Roles whose base lr is fixed (the paper holds them while sweeping the matrix lr).
 DEFAULT_LRS = {"embedding": 3e-3, "output": 1e-3, "vector": 1e-3}
 # Presets by their base optimizer and sphere (docs/ABI.md, "Group specs").
@@ -276,6 +282,9 @@ class MegatronMDOptimizer(MegatronOptimizer):
         self._presets["matrix"] = matrix_preset
         self._lrs = dict(DEFAULT_LRS, **(lrs or {}))
         self._spec = {r: dict(s) for r, s in (spec or {}).items()}
+        for r, s in DEFAULT_SPECS.items():
+            if self._presets[r] == DEFAULT_PRESETS[r]:
+                self._spec[r] = dict(s, **self._spec.get(r, {}))
 
         # The fused weights' logical blocks, from the modules and their configs.
         self._layouts = megatron_layouts(list(model_chunks), split_heads=bool(split_heads))

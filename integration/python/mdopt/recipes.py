@@ -7,7 +7,8 @@
 The method (Hägele et al., "Decoupling the Magnitude and Direction of Weight Vectors"):
 hidden matrices get the matrix optimizer on a Frobenius sphere with row and column gains
 (md-muon, or md-adamw); embeddings and the LM head keep unit-norm rows under Adam
-(`embedding` preset) at 3e-3 (embeddings) and 1e-3 (output layer); every other
+(`embedding` preset) at 3e-3 (embeddings) and 1e-3 (output layer), an untied head with row
+and column gains (gains=rowcol; a tied head is the embedding's parameter and takes its group); every other
 Adam-optimized parameter (norm gains, biases: `vector`) and the gains at 1e-3; MoE routers
 are normalized along the expert axis (rows) with Muon at the matrix lr (`router`); MoE
 expert stacks (E x d_out x d_in tensors) are E independent matrices of the matrix group.
@@ -51,7 +52,8 @@ def param_groups(model, matrix_preset="md-muon", lr=None, *, embedding_lr=3e-3, 
     - `head`: the output layer (a 2-D parameter named like lm_head/output/head/classifier
       .weight -- with as many rows as an embedding has entries, when the model has one --,
       or those listed in `head_names`; a head tied to the embedding is the embedding's
-      Parameter and stays there), `embedding` preset at `head_lr`;
+      Parameter and stays there), `embedding` preset with row and column gains at `head_lr`
+      (gains at `gain_lr`);
     - `routers`: 2-D weights named like *router* or *.gate, `router` preset at `router_lr`
       (default: the matrix lr);
     - `vectors`: 1-D tensors (norm gains, biases), `vector` preset at `vector_lr`.
@@ -143,7 +145,7 @@ def param_groups(model, matrix_preset="md-muon", lr=None, *, embedding_lr=3e-3, 
         group("routers", "router", preset="router", lr=router_lr if router_lr is not None else lr,
               gain_lr=gain_lr),
         group("embeddings", "embedding", preset="embedding", lr=embedding_lr),
-        group("head", "head", preset="embedding", lr=head_lr),
+        group("head", "head", preset="embedding", gains="rowcol", lr=head_lr, gain_lr=gain_lr),
         group("vectors", "vector", preset="vector", lr=vector_lr),
     ]
     return [g for g in out if g["params"]]

@@ -133,7 +133,7 @@ def to_main_grad(model):
 def reference_groups(model, matrix_preset, cfg):
     """The groups the method's recipe gives this model, written out by name: 2-D weights
     of the blocks -> the matrix preset at cfg.lr; word and position embeddings -> embedding
-    at 3e-3; the LM head -> embedding at 1e-3; 1-D tensors -> vector at 1e-3 (Megatron puts
+    at 3e-3; the LM head -> embedding with row and column gains at 1e-3; 1-D tensors -> vector at 1e-3 (Megatron puts
     no weight decay on them). Same order as the adapter's: matrix, embedding, output, vector."""
     named = list(model.named_parameters())
     muon = matrix_preset in ("md-muon", "muon")
@@ -147,7 +147,8 @@ def reference_groups(model, matrix_preset, cfg):
     groups = [
         (mat, [n for n, p in named if p.dim() == 2 and n.startswith("decoder.")]),
         (dict(common, preset="embedding", lr=3e-3, name="embedding.0"), list(emb_names)),
-        (dict(common, preset="embedding", lr=1e-3, name="output.0"), ["output_layer.weight"]),
+        (dict(common, preset="embedding", gains="rowcol", lr=1e-3, name="output.0"),
+         ["output_layer.weight"]),
         (dict(common, preset="vector", lr=1e-3, weight_decay=0.0, name="vector.1"),
          [n for n, p in named if p.dim() == 1]),
     ]
@@ -547,3 +548,61 @@ def test_split_heads_puts_every_attention_head_on_its_own_sphere():
         norms = heads.flatten(1).norm(dim=1)
         torch.testing.assert_close(norms, torch.full_like(norms, math.sqrt(32)), rtol=1e-5,
                                    atol=0)
+
+
+def test_lm_head_gains():
+    """An untied LM head gets row and column gains by default (spec={"output": {"gains":
+    "none"}} turns them off); a head tied to the embedding has no output group and steps
+    with the embedding's (gainless) group; recipes.param_groups does the same."""
+    from mdopt.recipes import param_groups
+
+    def groups(opt):
+        return {g["name"]: g for g in opt.optimizer.param_groups}
+
+    model = make_model(3)
+    opt = get_megatron_mdopt_optimizer(config(), [model], threads=1)
+    assert groups(opt)["output.0"]["gains"] == "rowcol"
+    assert "gains" not in groups(opt)["embedding.0"]
+    backward(model, batches(1)[0])
+    to_main_grad(model)
+    assert opt.step()[0]
+    assert opt.group_info("output.0").gain_stepped == 1
+    assert opt.group_info("embedding.0").gain_stepped == 0
+    # Rows on the unit sphere, the row gains on top: the head's row norms are its row gains.
+    state = opt.optimizer.mdopt
+    gr = torch.tensor(state.get_state(opt.optimizer.param_index(model.output_layer.weight),
+                                      "gain_row"), dtype=torch.float64)
+    gc = torch.tensor(state.get_state(opt.optimizer.param_index(model.output_layer.weight),
+                                      "gain_col"), dtype=torch.float64)
+    d = model.output_layer.weight.detach().double() / torch.outer(gr, gc)
+    torch.testing.assert_close(d.norm(dim=1), torch.ones(VOCAB, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-5)
+    off = get_megatron_mdopt_optimizer(config(), [make_model(3)], threads=1,
+                                       spec={"output": {"gains": "none"}})
+    assert groups(off)["output.0"]["gains"] == "none"
+    plain = get_megatron_mdopt_optimizer(config(), [make_model(3)], threads=1,
+                                         presets={"output": "vector"})
+    assert "gains" not in groups(plain)["output.0"]
+
+    torch.manual_seed(3)
+    cfg = TransformerConfig(num_layers=LAYERS, hidden_size=32, num_attention_heads=4,
+                            use_cpu_initialization=True, hidden_dropout=0.0,
+                            attention_dropout=0.0)
+    tied = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(),
+                    vocab_size=VOCAB, max_sequence_length=SEQ,
+                    share_embeddings_and_output_weights=True)
+    opt = get_megatron_mdopt_optimizer(config(), [tied], threads=1)
+    names = [n for n, _, _ in opt.mdopt_groups()]
+    assert "output.0" not in names and "embedding.0" in names
+    assert "gains" not in groups(opt)["embedding.0"]
+
+    head = torch.nn.Module()
+    head.emb = torch.nn.Embedding(VOCAB, 32)
+    head.hidden = torch.nn.Linear(32, 32, bias=False)
+    head.lm_head = torch.nn.Linear(32, VOCAB, bias=False)
+    g = {x["name"]: x for x in param_groups(head, lr=0.02)}
+    assert g["head"]["gains"] == "rowcol" and g["head"]["gain_lr"] == 1e-3
+    assert g["head"]["preset"] == "embedding" and "gains" not in g["embeddings"]
+    head.lm_head.weight = head.emb.weight  # tied: the embedding's parameter and group
+    g = {x["name"]: x for x in param_groups(head, lr=0.02)}
+    assert "head" not in g and len(g["embeddings"]["params"]) == 1
