@@ -560,6 +560,7 @@ mdopt_status mdopt_add_param(mdopt_optimizer* opt, const mdopt_param_desc* desc,
     d.grad_dtype = in.grad_dtype;
     d.param = in.param;
     d.grad = in.grad;
+    d.radius_scale = in.radius_scale;
     absl::StatusOr<int64_t> index = opt->impl->AddParam(d);
     if (!index.ok()) return Report(index.status());
     if (index_out != nullptr) *index_out = *index;

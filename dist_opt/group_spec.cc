@@ -153,12 +153,14 @@ absl::Status SetRadius(absl::string_view key, absl::string_view value, GroupSpec
     g->rule.radius_mode = RadiusMode::kAuto;
   } else if (value == "init") {
     g->rule.radius_mode = RadiusMode::kInit;
+  } else if (value == "fan_in") {
+    g->rule.radius_mode = RadiusMode::kFanIn;
   } else {
     double r;
     absl::Status s = ParseNumber(key, value, 0.0, true, kInf, true, &r);
     if (!s.ok()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "spec key 'radius': bad value '", value, "' (auto, init or a positive number)"));
+          "spec key 'radius': bad value '", value, "' (auto, fan_in, init or a positive number)"));
     }
     g->rule.radius_mode = RadiusMode::kValue;
     g->rule.radius_value = r;
@@ -370,9 +372,10 @@ std::string CanonicalSpec(const GroupSpec& g) {
                                  " layout=", ToString(g.layout));
   if (g.row_blocks > 1) absl::StrAppend(&out, " blocks=rows:", g.row_blocks);
   if (r.sphere != Sphere::kNone) {
-    const std::string radius = r.radius_mode == RadiusMode::kAuto   ? "auto"
-                               : r.radius_mode == RadiusMode::kInit ? "init"
-                                                                    : FormatNumber(r.radius_value);
+    const std::string radius = r.radius_mode == RadiusMode::kAuto    ? "auto"
+                               : r.radius_mode == RadiusMode::kInit  ? "init"
+                               : r.radius_mode == RadiusMode::kFanIn ? "fan_in"
+                                                                     : FormatNumber(r.radius_value);
     absl::StrAppend(&out, " radius=", radius, " tangent=", r.tangent ? 1 : 0);
   }
   if (r.gains != Gains::kNone) {

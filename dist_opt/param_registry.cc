@@ -1,5 +1,7 @@
 #include "dist_opt/param_registry.h"
 
+#include <cmath>
+
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -93,6 +95,20 @@ absl::StatusOr<int64_t> ParamRegistry::Add(const ParamDescription& d,
   e.grad = d.grad;
   e.rule = spec.rule;
   e.preserve_init = spec.preserve_init;
+  if (d.radius_scale != 0.0) {
+    if (!std::isfinite(d.radius_scale) || !(d.radius_scale > 0.0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "param '", d.name, "': radius_scale = ", d.radius_scale,
+          " is not a finite number > 0 (0 means 1)"));
+    }
+    if (spec.rule.sphere == kernels::Sphere::kNone || d.ndim == 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "param '", d.name, "': radius_scale = ", d.radius_scale, " but ",
+          d.ndim == 1 ? "the parameter is 1-D" : "its group has sphere=none",
+          ": there is no sphere to scale"));
+    }
+    e.rule.radius_scale = d.radius_scale;
+  }
   if (d.ndim == 1) {
     if (spec.rule.base == kernels::Base::kMuon) {
       return absl::InvalidArgumentError(absl::StrCat(

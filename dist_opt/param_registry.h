@@ -34,6 +34,7 @@ struct ParamDescription {
   void* param = nullptr;
   int grad_dtype = 0;
   const void* grad = nullptr;
+  double radius_scale = 0.0;  // 0: 1; else finite > 0, and the parameter has a sphere
 };
 
 struct ParamEntry {

@@ -47,6 +47,10 @@ typedef struct {
   void* param;         /* the model's tensor; mdopt writes the updated weights here */
   int32_t grad_dtype;  /* an mdopt_dtype */
   const void* grad;    /* the data-parallel mean gradient, same shape */
+  /* Since ABI 1 (minor 4): */
+  double radius_scale; /* multiplies this parameter's sphere radius (radius=auto, fan_in or a
+                        * number; radius=init ignores it), e.g. 1/sqrt(2 layers) for output
+                        * projections; 0 (the initializer's value) means 1 */
   /* New fields go here, at the end, and nowhere else. */
 } mdopt_param_desc;
 
@@ -84,7 +88,7 @@ typedef struct {
  *   mdopt_param_desc d = MDOPT_PARAM_DESC_INIT;   mdopt_step_info i = MDOPT_STEP_INFO_INIT;
  * A field appended to a struct is appended to its initializer too. */
 #define MDOPT_PARAM_DESC_INIT \
-  { sizeof(mdopt_param_desc), NULL, NULL, 0, {0, 0, 0}, 0, NULL, 0, NULL }
+  { sizeof(mdopt_param_desc), NULL, NULL, 0, {0, 0, 0}, 0, NULL, 0, NULL, 0.0 }
 #define MDOPT_STEP_INFO_INIT { sizeof(mdopt_step_info), 0, 0, 0.0, 0.0, 0.0, 0.0, 0 }
 
 /* The same as functions, for expressions (d = mdopt_param_desc_init();) and bindings. */

@@ -10,6 +10,27 @@ double AutoRadius(Sphere s, int64_t m, int64_t n) {
   return 1.0;
 }
 
+double FanInRadius(Sphere s, int64_t m, int64_t n) {
+  const double dm = static_cast<double>(m), dn = static_cast<double>(n);
+  switch (s) {
+    case Sphere::kFrobenius: return std::sqrt(dm);
+    case Sphere::kRow: return 1.0;
+    case Sphere::kCol: return std::sqrt(dm / dn);
+    case Sphere::kNone: return 1.0;
+  }
+  return 1.0;
+}
+
+double SliceRadius(const UpdateRule& rule, int64_t m, int64_t n, double slice_norm) {
+  switch (rule.radius_mode) {
+    case RadiusMode::kAuto: return rule.radius_scale * AutoRadius(rule.sphere, m, n);
+    case RadiusMode::kFanIn: return rule.radius_scale * FanInRadius(rule.sphere, m, n);
+    case RadiusMode::kValue: return rule.radius_scale * rule.radius_value;
+    case RadiusMode::kInit: return slice_norm;
+  }
+  return slice_norm;
+}
+
 double MuonScaleFactor(MuonScale s, int64_t m, int64_t n) {
   const double dm = static_cast<double>(m), dn = static_cast<double>(n);
   switch (s) {

@@ -15,7 +15,7 @@ enum class Sphere { kNone, kFrobenius, kRow, kCol };
 enum class Gains { kNone, kScalar, kRow, kCol, kRowCol };
 enum class GainParam { kSoftplus, kDirect, kExp };
 enum class MuonScale { kRatio, kMax1, kRms, kNone };
-enum class RadiusMode { kAuto, kInit, kValue };
+enum class RadiusMode { kAuto, kInit, kValue, kFanIn };
 // kQuintic cycles its five tuples (ns_steps a multiple of 5, as the authors' Newton-Schulz);
 // kQuinticHold runs them once and then repeats the last one (any ns_steps).
 enum class NsCoeffSet { kQuintic, kJordan, kPolarExpress, kQuinticHold };
@@ -25,6 +25,9 @@ struct UpdateRule {
   Sphere sphere = Sphere::kFrobenius;
   RadiusMode radius_mode = RadiusMode::kAuto;
   double radius_value = 0.0;  // used when radius_mode == kValue
+  // Per parameter (mdopt_param_desc.radius_scale, 1 when not given): multiplies the radius of
+  // radius=auto, fan_in and a number; radius=init ignores it.
+  double radius_scale = 1.0;
   Gains gains = Gains::kRowCol;
   GainParam gain_param = GainParam::kSoftplus;
   double lr = 8e-3;
@@ -81,6 +84,15 @@ MDOPT_HD inline AbsorbInto PreserveInitTarget(Sphere s, Gains g) {
 // The radius that `radius=auto` means (DESIGN.md section 1, step 6): the Frobenius norm of
 // a 1/sqrt(d) init for the whole matrix, unit rows/columns for row/col spheres.
 double AutoRadius(Sphere s, int64_t m, int64_t n);
+
+// The radius that `radius=fan_in` means: the norm of an init with standard deviation
+// 1/sqrt(n) (n = d_in): sqrt(m) for frobenius, 1 per row, sqrt(m / n) per column.
+double FanInRadius(Sphere s, int64_t m, int64_t n);
+
+// The radius of one sphere slice of an m x n matrix (m, n its global shape) under the rule:
+// auto / fan_in / a number, times rule.radius_scale; init: `slice_norm` (its norm at
+// registration).
+double SliceRadius(const UpdateRule& rule, int64_t m, int64_t n, double slice_norm);
 
 // Shape factor s of U = s * NS(X) for an m x n matrix.
 double MuonScaleFactor(MuonScale s, int64_t m, int64_t n);

@@ -352,10 +352,7 @@ bool CpuBackend::InitRadii(int b, BadSlice* bad) {
         bad->slice = r.sphere == Sphere::kRow ? sd.row_begin + q : q;
         return false;
       }
-      double radius = r.radius_value;
-      if (r.radius_mode == RadiusMode::kAuto) radius = AutoRadius(r.sphere, p.m, p.n);
-      if (r.radius_mode == RadiusMode::kInit) radius = std::sqrt(sq);
-      s.radius[q] = static_cast<float>(radius);
+      s.radius[q] = static_cast<float>(SliceRadius(r, p.m, p.n, std::sqrt(sq)));
       if (p.preserve_init) AbsorbInitNorm(r, q, std::sqrt(sq) / s.radius[q], &s);
     }
   }

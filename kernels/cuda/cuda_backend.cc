@@ -888,10 +888,7 @@ bool CudaBackend::InitRadii(int b, BadSlice* bad) {
         bad->slice = r.sphere == Sphere::kRow ? sd.row_begin + q : q;
         return false;
       }
-      double value = r.radius_value;
-      if (r.radius_mode == RadiusMode::kAuto) value = AutoRadius(r.sphere, p.m, p.n);
-      if (r.radius_mode == RadiusMode::kInit) value = std::sqrt(sq[q]);
-      radius[q] = static_cast<float>(value);
+      radius[q] = static_cast<float>(SliceRadius(r, p.m, p.n, std::sqrt(sq[q])));
     }
     cudaMemcpy(slots_[k].radius, radius.data(), radius.size() * sizeof(float), cudaMemcpyHostToDevice);
     // preserve_init: each slice's ||W_q|| / R_q into the gains PreserveInitTarget names (every

@@ -103,11 +103,7 @@ int64_t Init(const UpdateRule& rule, int64_t m, int64_t n, const double* w0, boo
   const std::vector<double> norms = SliceNorms(rule.sphere, m, n, w0);
   s->radius.assign(norms.size(), 0.0);
   for (size_t k = 0; k < norms.size(); ++k) {
-    switch (rule.radius_mode) {
-      case RadiusMode::kAuto: s->radius[k] = AutoRadius(rule.sphere, m, n); break;
-      case RadiusMode::kInit: s->radius[k] = norms[k]; break;
-      case RadiusMode::kValue: s->radius[k] = rule.radius_value; break;
-    }
+    s->radius[k] = SliceRadius(rule, m, n, norms[k]);
   }
   for (size_t k = 0; k < norms.size(); ++k)
     if (!(norms[k] > 0.0) || !std::isfinite(norms[k])) return static_cast<int64_t>(k);

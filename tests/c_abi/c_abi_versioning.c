@@ -72,7 +72,7 @@ static int run(void) {
   CHECK(MDOPT_STEP_INFO_SIZE_V1 == offsetof(mdopt_step_info, exposed_comm_seconds) + sizeof(double));
   /* The initializers: struct_size = sizeof, the rest zero. */
   CHECK(d.struct_size == sizeof(mdopt_param_desc) && d.name == NULL && d.ndim == 0 &&
-        d.param_dtype == 0 && d.grad == NULL);
+        d.param_dtype == 0 && d.grad == NULL && d.radius_scale == 0.0);
   CHECK(info.struct_size == sizeof(mdopt_step_info) && info.step == 0 && info.seconds == 0.0);
   CHECK(mdopt_param_desc_init().struct_size == sizeof(mdopt_param_desc));
   CHECK(mdopt_step_info_init().struct_size == sizeof(mdopt_step_info));

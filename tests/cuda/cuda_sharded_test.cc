@@ -161,6 +161,11 @@ const Config kConfigs[] = {
     {"glu_blocks_rows", "md-muon", "blocks=rows:2", "", MDOPT_DTYPE_F32, MDOPT_DTYPE_F32},
     {"glu_blocks_owner_bf16", "md-adamw", "blocks=rows:2 layout=owner", "", MDOPT_DTYPE_BF16,
      MDOPT_DTYPE_F32},
+    // The initial norms (summed over ranks in the rows layout) into the gains; fan_in radii
+    // from the global shape.
+    {"preserve_init_col_fan_in", "md-adamw", "sphere=col gains=col preserve_init=1 radius=fan_in",
+     "update_norms=1", MDOPT_DTYPE_F32, MDOPT_DTYPE_F32},
+    {"preserve_init_rows", "md-muon", "preserve_init=1 ns_steps=10", "", MDOPT_DTYPE_F32, MDOPT_DTYPE_F32},
 };
 
 INSTANTIATE_TEST_SUITE_P(Configs, CudaSharded, ::testing::ValuesIn(kConfigs),

@@ -90,6 +90,11 @@ TestModel::TestModel(Communicator* comm, const std::string& options, const std::
     d.param = bf16 ? static_cast<void*>(wb_[i].data()) : w_[i].data();
     d.grad_dtype = 0;
     d.grad = g_[i].data();
+    // Specs with radius=fan_in also give every other matrix a per-parameter radius scale
+    // (mdopt_param_desc.radius_scale), so that both reach every rank count.
+    if (spec.find("radius=fan_in") != std::string::npos && d.ndim >= 2 && i % 2 == 1) {
+      d.radius_scale = 0.5;
+    }
     EXPECT_TRUE(opt_->AddParam(d).ok());
   }
 }

@@ -55,7 +55,9 @@ std::vector<Case> Cases() {
       "preset=md-adamw tangent=1 gains=col",
       // preserve_init: the initial norms (summed over ranks) into the gains on every rank
       "preset=md-muon preserve_init=1", "preset=router preserve_init=1 gain_param=exp",
-      "preset=md-adamw sphere=col gains=col preserve_init=1"};
+      "preset=md-adamw sphere=col gains=col preserve_init=1",
+      // radius=fan_in from each matrix's global shape, not a rank's rows
+      "preset=md-adamw radius=fan_in", "preset=md-muon sphere=col radius=fan_in"};
   for (const std::string& s : specs)
     for (const char* layout : {"rows", "owner"})
       for (bool reduced : {false, true}) c.push_back({s, layout, reduced, !reduced});

@@ -105,7 +105,7 @@ const std::vector<std::string>& Modes() {
       "preset=adamw weight_decay=0.3 beta1=0.8 beta2=0.99 eps=1e-6",
       "preset=md-adamw beta1=0.5 beta2=0.9", "preset=md-muon preserve_init=1",
       "preset=router preserve_init=1", "preset=md-adamw sphere=col gains=col preserve_init=1 gain_param=exp",
-      "preset=md-muon gains=scalar preserve_init=1",
+      "preset=md-adamw sphere=col radius=fan_in",
       "preset=md-muon sphere=none gains=rowcol", "preset=adamw gains=row",
   };
   return *modes;

@@ -72,8 +72,10 @@ class Optimizer:
                                           ctypes.byref(gain_lr)))
         return lr.value, gain_lr.value
 
-    def add_param(self, name, group, shape, dtype, param_ptr, grad_dtype, grad_ptr=None):
+    def add_param(self, name, group, shape, dtype, param_ptr, grad_dtype, grad_ptr=None,
+                  radius_scale=0.0):
         d = _lib.init(_lib.ParamDesc)
+        d.radius_scale = radius_scale
         d.name, d.group = _b(name), _b(group)
         d.ndim = len(shape)
         for k, s in enumerate(shape):

@@ -57,6 +57,7 @@ class ParamDesc(ctypes.Structure):
         ("param", ctypes.c_void_p),
         ("grad_dtype", ctypes.c_int32),
         ("grad", ctypes.c_void_p),
+        ("radius_scale", ctypes.c_double),  # since ABI 1 minor 4; 0 means 1
     ]
 
 

@@ -23,7 +23,9 @@ Each is split by the tensor's role into mdopt groups named "<role>.<index>":
     router     MoE routers (".router." in the name)    router
     vector     1-D tensors (norms, biases)             vector
 
-as the method does (matrices on their sphere with row and column gains; embeddings and the
+as the method does (matrices on their sphere with row and column gains, the output
+projections linear_proj and linear_fc2 on a sphere shrunk by 1/sqrt(2 num_layers) --
+scale_out_proj_radius=False turns that off --; embeddings and the
 LM head with unit-norm rows and fixed Adam learning rates, an untied LM head with row and
 column gains as well (a head tied to the embedding is the embedding's parameter and takes
 its group; spec={"output": {"gains": "none"}} turns the head's gains off); gains, norms and biases with
@@ -98,6 +100,11 @@ _MUON_PRESETS = {"md-muon", "muon", "muonh", "router"}
 _FLAT_PRESETS = {"muon", "adamw", "vector"}  # no sphere
 _STATE_FORMAT = "mdopt-megatron-state"
 SHARDED_KEY = "optimizer.mdopt.state"
+
+
+def _is_out_proj(name):
+    """An attention or MLP output projection (Megatron's linear_proj, linear_fc2)."""
+    return name.endswith(("linear_proj.weight", "linear_fc2.weight"))
 
 
 def megatron_role(name, param):
@@ -248,12 +255,18 @@ class MegatronMDOptimizer(MegatronOptimizer):
     spec: {role: {spec key: value}} extra mdopt spec keys (e.g. {"matrix": {"gains": "row"}}).
     split_heads: every attention head of linear_qkv (and of MLA's q_up/kv_up) a matrix of its
         own (megatron_layouts); by default those weights stay one matrix.
+    scale_out_proj_radius: the output projections of attention and MLP (linear_proj,
+        linear_fc2) of a matrix group on a sphere get radius_scale 1/sqrt(2 num_layers)
+        (their sphere shrunk as Megatron's scaled init shrinks them, as the method's code
+        does with hypersphere_scale_out_proj_init); False keeps every radius as the spec
+        says. No effect with radius=init.
     comm, options and keyword arguments (threads=2, kernels="reference", ...): as for
         mdopt.torch.MDOptimizer.
     """
 
     def __init__(self, config, model_chunks, config_overrides=None, *, presets=None,
                  lrs=None, spec=None, comm=None, options="", split_heads=False,
+                 scale_out_proj_radius=True,
                  **mdopt_kwargs):
         if not isinstance(config, OptimizerConfig):
             raise TypeError("mdopt.megatron: config must be a megatron.core.optimizer."
@@ -282,6 +295,13 @@ class MegatronMDOptimizer(MegatronOptimizer):
         self._presets["matrix"] = matrix_preset
         self._lrs = dict(DEFAULT_LRS, **(lrs or {}))
         self._spec = {r: dict(s) for r, s in (spec or {}).items()}
+        out_proj_scale = 1.0
+        if scale_out_proj_radius:
+            layers = getattr(getattr(model_chunks[0], "config", None), "num_layers", None)
+            if not layers:
+                raise ValueError("mdopt.megatron: scale_out_proj_radius needs the model's "
+                                 "config.num_layers; pass scale_out_proj_radius=False")
+            out_proj_scale = 1.0 / math.sqrt(2.0 * layers)
         for r, s in DEFAULT_SPECS.items():
             if self._presets[r] == DEFAULT_PRESETS[r]:
                 self._spec[r] = dict(s, **self._spec.get(r, {}))
@@ -317,6 +337,12 @@ class MegatronMDOptimizer(MegatronOptimizer):
                     base_lr = float(max_lr)
                 else:
                     base_lr = float(self._lrs[role])
+                if role == "matrix" and not flat and keys.get("radius") != "init":
+                    for p in by_role[role]:  # depth-scaled spheres of the output projections
+                        if _is_out_proj(names.get(p, "")) and out_proj_scale != 1.0:
+                            p.mdopt_radius_scale = out_proj_scale
+                        elif hasattr(p, "mdopt_radius_scale"):
+                            del p.mdopt_radius_scale
                 # Matrices by their blocks: a group per blocks= layout ("matrix-rows2.0"),
                 # the others in "matrix.0".
                 split = {}

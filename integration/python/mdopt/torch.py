@@ -531,8 +531,11 @@ class MDOptimizer(torch.optim.Optimizer):
                 if not t.is_contiguous():  # mdopt works on a contiguous copy (staged)
                     weights = stages[len(entries)] = t.detach().contiguous()
                 try:
+                    # A tensor attribute mdopt_radius_scale scales its sphere's radius
+                    # (mdopt_param_desc.radius_scale; 0 or absent: 1).
                     index = opt.add_param(pname, group["name"], _mdopt_shape(t), dt,
-                                          weights.data_ptr(), gdt, None)
+                                          weights.data_ptr(), gdt, None,
+                                          float(getattr(t, "mdopt_radius_scale", 0.0)))
                 except MdoptError as e:
                     message = e.message
                     if t.dim() == 0:  # mdopt sees a 0-d tensor as 1-D of one element

@@ -154,7 +154,15 @@ def reference_groups(model, matrix_preset, cfg):
     ]
     params = dict(named)
     assert sum(len(ns) for _, ns in groups) == len(named)
+    if matrix_preset.startswith("md-"):  # the output projections' depth-scaled spheres
+        for n, p in named:
+            if n.endswith(("linear_proj.weight", "linear_fc2.weight")):
+                p.mdopt_radius_scale = 1.0 / math.sqrt(2 * cfg_layers(model))
     return [dict(g, params=[params[n] for n in ns], names=ns) for g, ns in groups]
+
+
+def cfg_layers(model):
+    return model.config.num_layers
 
 
 def lr_mult(t):
@@ -606,3 +614,40 @@ def test_lm_head_gains():
     head.lm_head.weight = head.emb.weight  # tied: the embedding's parameter and group
     g = {x["name"]: x for x in param_groups(head, lr=0.02)}
     assert "head" not in g and len(g["embeddings"]["params"]) == 1
+
+
+def test_out_proj_radius_scale():
+    """linear_proj and linear_fc2 of the matrix group sit on a sphere of radius
+    sqrt(max(m, n)) / sqrt(2 num_layers) (the method's hypersphere_scale_out_proj_init), the
+    other matrices on sqrt(max(m, n)); scale_out_proj_radius=False, a flat matrix preset or
+    radius=init leave every radius alone."""
+    def radii(opt, model):
+        out = {}
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and n.startswith("decoder."):
+                r = opt.optimizer.mdopt.get_state(opt.optimizer.param_index(p), "radius")
+                out[n] = (r[0], math.sqrt(max(p.shape)), p.detach().double().norm().item())
+        return out
+
+    scale = 1.0 / math.sqrt(2 * LAYERS)
+    model = make_model(5)
+    opt = get_megatron_mdopt_optimizer(config(), [model], threads=1)
+    got = radii(opt, model)
+    assert len(got) == 4 * LAYERS
+    for n, (r, auto, norm) in got.items():
+        want = auto * scale if n.endswith(("linear_proj.weight", "linear_fc2.weight")) else auto
+        assert r == pytest.approx(want, rel=1e-6), n
+        assert norm == pytest.approx(want, rel=1e-5), n  # projected at finalize
+    assert sum(n.endswith(("linear_proj.weight", "linear_fc2.weight")) for n in got) == 2 * LAYERS
+    model = make_model(5)
+    off = get_megatron_mdopt_optimizer(config(), [model], threads=1, scale_out_proj_radius=False)
+    for n, (r, auto, _) in radii(off, model).items():
+        assert r == pytest.approx(auto, rel=1e-6), n
+    model = make_model(5)
+    init = get_megatron_mdopt_optimizer(config(), [model], threads=1,
+                                        spec={"matrix": {"radius": "init"}})
+    for n, (r, _, norm) in radii(init, model).items():
+        assert r == pytest.approx(norm, rel=1e-5), n
+    model = make_model(5)
+    get_megatron_mdopt_optimizer(config(), [model], threads=1, presets={"matrix": "muon"})
+    assert not any(hasattr(p, "mdopt_radius_scale") for p in model.parameters())
