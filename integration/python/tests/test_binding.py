@@ -18,7 +18,7 @@ def test_library_loads_and_reports():
 
 def test_struct_sizes_match_the_headers():
     # LP64 sizes of the current headers (the library accepts any size from the v1 one up).
-    assert ctypes.sizeof(_lib.ParamDesc) == 88
+    assert ctypes.sizeof(_lib.ParamDesc) == 96  # 88 (v1) + radius_scale
     assert ctypes.sizeof(_lib.StepInfo) == 64
     assert ctypes.sizeof(_lib.GroupStats) == 56
     assert _lib.init(_lib.StepInfo).struct_size == 64

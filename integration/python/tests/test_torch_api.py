@@ -214,6 +214,7 @@ def test_param_groups_follow_the_method():
     assert groups["embeddings"]["names"] == ["tok.weight"]
     assert groups["embeddings"]["preset"] == "embedding" and groups["embeddings"]["lr"] == 3e-3
     assert groups["head"]["names"] == ["lm_head.weight"] and groups["head"]["lr"] == 1e-3
+    assert groups["head"]["gains"] == "rowcol" and groups["head"]["gain_lr"] == 1e-3
     assert groups["routers"]["names"] == ["router.weight"]
     assert groups["routers"]["preset"] == "router" and groups["routers"]["lr"] == 0.02
     assert groups["vectors"]["names"] == ["norm.weight", "norm.bias"]
@@ -238,9 +239,17 @@ def test_recipe_trains_a_tiny_gpt_with_the_examples_spelling():
         sched.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
-    # Embedding and head rows at unit norm; every expert of the stack on its own sphere.
+    # Embedding rows at unit norm; the untied head's direction rows at unit norm, its row and
+    # column gains on top; every expert of the stack on its own sphere.
     assert torch.allclose(model.tok.weight.norm(dim=1), torch.ones(50), atol=1e-5)
-    assert torch.allclose(model.lm_head.weight.norm(dim=1), torch.ones(50), atol=1e-5)
+    head = opt.param_index(model.lm_head.weight)
+    direction = torch.tensor(opt.mdopt.get_state(head, "direction")).reshape(50, 16)
+    assert torch.allclose(direction.norm(dim=1), torch.ones(50, dtype=direction.dtype), atol=1e-5)
+    gains = torch.outer(torch.tensor(opt.mdopt.get_state(head, "gain_row")),
+                        torch.tensor(opt.mdopt.get_state(head, "gain_col")))
+    assert torch.allclose(direction * gains, model.lm_head.weight.detach().to(direction.dtype),
+                          atol=1e-5)
+    assert opt.group_info("head").gain_stepped == 1
     info = opt.group_info("matrices")
     assert info.matrices == 1 + 3 + 1 and info.orthogonalized == 5 and info.projected == 5
     assert opt.group_info("routers").orthogonalized == 1
