@@ -576,7 +576,7 @@ def test_lm_head_gains():
     assert opt.step()[0]
     assert opt.group_info("output.0").gain_stepped == 1
     assert opt.group_info("embedding.0").gain_stepped == 0
-    # Rows on the unit sphere, the row gains on top: the head's row norms are its row gains.
+    # The direction's rows on the unit sphere, the row and column gains on top.
     state = opt.optimizer.mdopt
     gr = torch.tensor(state.get_state(opt.optimizer.param_index(model.output_layer.weight),
                                       "gain_row"), dtype=torch.float64)
