@@ -549,7 +549,7 @@ TEST(CAbiAddParam, NullArgumentsBadNamesShapesAndDtypes) {
   const std::vector<Case> cases = {
       {"struct_size 0", [](mdopt_param_desc* d) { d->struct_size = 0; },
        {"struct_size = 0", "sizeof(mdopt_param_desc)"}},
-      {"struct_size short", [](mdopt_param_desc* d) { d->struct_size = sizeof(mdopt_param_desc) - 1; },
+      {"struct_size short", [](mdopt_param_desc* d) { d->struct_size = MDOPT_PARAM_DESC_SIZE_V1 - 1; },
        {"struct_size"}},
       {"struct_size of one field", [](mdopt_param_desc* d) { d->struct_size = sizeof(size_t); },
        {"struct_size"}},
