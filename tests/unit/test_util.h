@@ -73,14 +73,15 @@ struct TensorSpec {
   }
 };
 
-// The descriptor of a tensor with its buffers; name and group must outlive the call it is
-// passed to.
-inline mdopt_param_desc DescFor(const std::string& name, const std::string& group,
+// The descriptor of a tensor with its buffers. It keeps `name` and `group` as pointers: they must outlive its use. String
+// literals (static storage) take the const char* overload; a std::string must be an object
+// that lives on (not a temporary built from a literal, which dies with the call's statement).
+inline mdopt_param_desc DescFor(const char* name, const char* group,
                                 const std::vector<int64_t>& shape, mdopt_dtype param_dtype,
                                 void* param, mdopt_dtype grad_dtype, const void* grad) {
   mdopt_param_desc d = MDOPT_PARAM_DESC_INIT;
-  d.name = name.c_str();
-  d.group = group.c_str();
+  d.name = name;
+  d.group = group;
   d.ndim = static_cast<int>(shape.size());
   for (size_t k = 0; k < shape.size() && k < 3; ++k) d.shape[k] = shape[k];
   d.param_dtype = param_dtype;
@@ -88,6 +89,11 @@ inline mdopt_param_desc DescFor(const std::string& name, const std::string& grou
   d.grad_dtype = grad_dtype;
   d.grad = grad;
   return d;
+}
+inline mdopt_param_desc DescFor(const std::string& name, const std::string& group,
+                                const std::vector<int64_t>& shape, mdopt_dtype param_dtype,
+                                void* param, mdopt_dtype grad_dtype, const void* grad) {
+  return DescFor(name.c_str(), group.c_str(), shape, param_dtype, param, grad_dtype, grad);
 }
 
 // Buffers of one tensor in the dtype the optimizer sees.
