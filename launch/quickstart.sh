@@ -3,13 +3,15 @@
 #  1. mdopt-bench steps a GPT-shaped parameter set (5.8 M parameters) with md-muon, muon,
 #     md-adamw and adamw and prints the time of each against the float64 reference engine,
 #     what MD decoupling costs over plain Muon and AdamW, and optimizer-state bytes per
-#     parameter, with a legend (well under a minute on 2 idle vCPUs).
+#     parameter, with a legend (14 s on 2 idle Zen 4 vCPUs).
 #  2. integration/examples/train_gpt.py trains a 0.46 M-parameter byte-level GPT on Debian's
 #     fortunes (real English text shipped by the distribution) for 300 steps with md-muon
 #     through mdopt's Python package, and with torch's own AdamW and Muon as references, then
 #     prints each one's validation loss (nats per byte) and writes a CSV and a PNG of the loss,
-#     gradient norm and relative updates (a few minutes on 2 idle vCPUs).
-# Both come after a build of a few minutes. The demo builds into its own folder (build-demo,
+#     gradient norm and relative updates (75 s on 2 idle Zen 4 vCPUs: 24 s md-muon, 19 s
+#     AdamW, 26 s Muon, plus loading torch; several times that on cores shared with other
+#     work). Both come after the build, under 4 minutes on 2 vCPUs (and, on a fresh
+#     machine, the installation of torch, a download of several GB). The demo builds into its own folder (build-demo,
 # without tests), so that "Building by hand" in the README, into build/, still gets the
 # test suite.
 set -euo pipefail
@@ -18,7 +20,8 @@ build="${MDOPT_DEMO_BUILD_DIR:-$root/build-demo}"
 "$root/launch/install-deps.sh"
 MDOPT_BUILD_DIR="$build" "$root/launch/build.sh" -DMDOPT_BUILD_TESTS=OFF
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  echo "mdopt: a GPU is present, but this version has no CUDA backend; running on the CPU."
+  echo "mdopt: a GPU is present; these demos run on the CPU (the GPU check and benchmarks:"
+  echo "  launch/build-cuda.sh, then launch/device-check.sh; docs/cuda.md)."
 fi
 threads="$(nproc 2>/dev/null || echo 2)"
 # 12 timed steps after 2 warm-up ones, medians: steady on a small shared VM.

@@ -21,8 +21,8 @@ t0=$(date +%s)
 MDOPT_BUILD_DIR="$build" "$root/launch/build.sh" -DMDOPT_BUILD_TESTS=ON
 elapsed "build" "$t0"
 # One test at a time: every test already runs OpenMP on all cores, and two at once make
-# their threads spin against each other (serially a pass takes a few minutes on 2 cores;
-# with -j2 it gets slower, not faster).
+# their threads spin against each other (serially a pass takes about ten minutes on 2
+# cores; with -j2 it gets slower, not faster).
 t0=$(date +%s)
 echo "mdopt: [1/3] the suite"
 ctest --test-dir "$build" --output-on-failure --timeout 900

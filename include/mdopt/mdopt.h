@@ -11,6 +11,10 @@
  * field to a versioned struct is compatible: docs/ABI.md, "Versioning"). libmdopt.so's
  * SONAME is libmdopt.so.<MDOPT_ABI_VERSION>; CMake reads the number from this line. */
 #define MDOPT_ABI_VERSION 1
+/* Compatible additions within ABI MDOPT_ABI_VERSION so far: a function or field marked
+ * "since ABI 1 (minor N)" needs a library of minor N or later. The library's file name is
+ * libmdopt.so.<MDOPT_ABI_VERSION>.<MDOPT_ABI_MINOR>.<release patch>; CMake reads it here. */
+#define MDOPT_ABI_MINOR 4
 
 #ifdef __cplusplus
 extern "C" {

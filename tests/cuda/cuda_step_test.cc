@@ -119,8 +119,9 @@ void Train(const std::string& device, const char* preset, mdopt_dtype pd, mdopt_
     }
     if (hparams && s == 2) {
       ABI_OK(mdopt_set_group_hparam(opt, "g", "beta1", 0.7));
-      if (std::string(preset).find("muon") != std::string::npos)
+      if (std::string(preset).find("muon") != std::string::npos) {
         ABI_OK(mdopt_set_group_hparam(opt, "g", "momentum", 0.8));
+      }
       ABI_OK(mdopt_set_group_hparam(opt, "v", "beta2", 0.9));
     }
     mdopt_step_info info = mdopt_step_info_init();
@@ -292,7 +293,9 @@ TEST(CudaStepCheckpoint, SaveLoadContinuesBitForBit) {
       }
       ABI_OK(mdopt_finalize(opt));
       const int first = load != nullptr ? 2 : 0;
-      if (load != nullptr) ABI_OK(mdopt_load(opt, load));
+      if (load != nullptr) {
+        ABI_OK(mdopt_load(opt, load));
+      }
       for (int s = first; s < first + steps; ++s) {
         for (size_t i = 0; i < tensors.size(); ++i) {
           // In place: the optimizer holds the buffer's address.
@@ -300,7 +303,9 @@ TEST(CudaStepCheckpoint, SaveLoadContinuesBitForBit) {
           cudaMemcpy(dg[i]->get(), v.data(), v.size(), cudaMemcpyHostToDevice);
         }
         ABI_OK(mdopt_step(opt, 1.0, nullptr, nullptr));
-        if (save != nullptr && s == 1) ABI_OK(mdopt_save(opt, save));
+        if (save != nullptr && s == 1) {
+          ABI_OK(mdopt_save(opt, save));
+        }
       }
       cudaDeviceSynchronize();
       for (auto& w : dw) out->push_back(w->Download());

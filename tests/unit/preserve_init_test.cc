@@ -56,6 +56,10 @@ double Radius(const kernels::UpdateRule& r, int64_t m, int64_t n, double slice_n
     case RadiusMode::kAuto: return r.sphere == Sphere::kFrobenius ? std::sqrt(static_cast<double>(std::max(m, n))) : 1.0;
     case RadiusMode::kInit: return slice_norm;
     case RadiusMode::kValue: return r.radius_value;
+    case RadiusMode::kFanIn:  // sqrt(fan_out) for a sphere of the whole matrix, per column sqrt(m / n)
+      return r.sphere == Sphere::kFrobenius ? std::sqrt(static_cast<double>(m))
+             : r.sphere == Sphere::kCol     ? std::sqrt(static_cast<double>(m) / n)
+                                            : 1.0;
   }
   return 0.0;
 }
@@ -136,12 +140,15 @@ TEST_P(PreserveInit, GainsTakeTheInitialNorm) {
         col.insert(col.end(), g.col.begin(), g.col.end());
         scalar.push_back(g.scalar);
       }
-      if (rule.gains == Gains::kRow || rule.gains == Gains::kRowCol)
+      if (rule.gains == Gains::kRow || rule.gains == Gains::kRowCol) {
         EXPECT_LE(MaxRel(h.State(i, "gain_row"), row), gain_tol) << h.tensor(i).name;
-      if (rule.gains == Gains::kCol || rule.gains == Gains::kRowCol)
+      }
+      if (rule.gains == Gains::kCol || rule.gains == Gains::kRowCol) {
         EXPECT_LE(MaxRel(h.State(i, "gain_col"), col), gain_tol) << h.tensor(i).name;
-      if (rule.gains == Gains::kScalar)
+      }
+      if (rule.gains == Gains::kScalar) {
         EXPECT_LE(MaxRel(h.State(i, "gain_scalar"), scalar), gain_tol) << h.tensor(i).name;
+      }
     }
     for (int step = 1; step <= 2; ++step) {
       ASSERT_NO_FATAL_FAILURE(h.StepChecked(5, step));
