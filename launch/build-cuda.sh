@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds, on a machine without a GPU, everything launch/device-check.sh runs on one, into ONE
-# folder to carry there: ${MDOPT_CUDA_BUILD_DIR:-build-cuda}/device-bin/
+# folder to copy to the GPU machine: ${MDOPT_CUDA_BUILD_DIR:-build-cuda}/device-bin/
 #   - the CUDA test programs (cuda_backend_test, cuda_step_test, cuda_newton_schulz_test,
 #     cuda_window_copy_test,
 #     nccl_comm_test) and mdopt-cuda-bench;

@@ -53,8 +53,12 @@ if ! "$py" -c 'import pytest, numpy, torch' 2>/dev/null; then
   pip_install() { PIP_BREAK_SYSTEM_PACKAGES=1 "$py" -m pip install --quiet "$@"; }
   "$py" -c 'import pytest' 2>/dev/null || pip_install pytest || true
   "$py" -c 'import numpy' 2>/dev/null || pip_install numpy || true
-  "$py" -c 'import torch' 2>/dev/null ||
+  if ! "$py" -c 'import torch' 2>/dev/null; then
+    # pip is quiet (its progress bars fill CI logs): say what the silence is.
+    echo "mdopt: installing torch 2.15.0 for $py with pip (about 5 GB with its CUDA libraries;"
+    echo "       minutes on a fast link, nothing is printed meanwhile)"
     pip_install torch==2.15.0 || true
+  fi
   "$py" -c 'import pytest, numpy, torch' 2>/dev/null ||
     echo "mdopt: pytest, numpy or torch could not be installed for $py; the Python tests will skip"
 fi
