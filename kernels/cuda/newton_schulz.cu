@@ -36,6 +36,7 @@
 
 #include "kernels/common/bf16.h"
 #include "kernels/common/ns_coeffs.h"
+#include "kernels/cuda/cublaslt_api.h"
 #include "kernels/cuda/cuda_check.h"
 
 namespace mdopt::kernels::cuda {
@@ -55,6 +56,11 @@ constexpr unsigned kMaxElementwiseBlocks = 4096;          // row blocks per matr
 std::atomic<int64_t> g_max_batch{NewtonSchulzRunner::kMaxBatchPerCall};
 
 int64_t RoundUp(int64_t v, int64_t k) { return (v + k - 1) / k * k; }
+
+// cuBLASLt's functions (opened at first use: kernels/cuda/cublaslt_api.h). Valid once a
+// NewtonSchulzRunner exists: Create loads the table or fails, and every other call here
+// comes from a runner.
+const CublasLtApi& Lt() { return *LoadCublasLt(nullptr); }
 
 // ---- kernels -------------------------------------------------------------------------
 
@@ -252,21 +258,21 @@ struct Gemm {
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;
   ~Gemm() {
-    if (a) cublasLtMatrixLayoutDestroy(a);
-    if (b) cublasLtMatrixLayoutDestroy(b);
-    if (cd) cublasLtMatrixLayoutDestroy(cd);
-    if (desc) cublasLtMatmulDescDestroy(desc);
+    if (a) Lt().MatrixLayoutDestroy(a);
+    if (b) Lt().MatrixLayoutDestroy(b);
+    if (cd) Lt().MatrixLayoutDestroy(cd);
+    if (desc) Lt().MatmulDescDestroy(desc);
   }
 };
 
 // The column-major view of a stored row-major operand.
 DeviceStatus ColumnMajor(const Operand& o, int64_t nb, cublasLtMatrixLayout_t* out) {
-  MDOPT_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(
+  MDOPT_CUBLAS_RETURN_IF_ERROR(Lt().MatrixLayoutCreate(
       out, o.type, static_cast<uint64_t>(o.cols), static_cast<uint64_t>(o.rows), o.ld));
   const int32_t count = static_cast<int32_t>(nb);
-  MDOPT_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutSetAttribute(
+  MDOPT_CUBLAS_RETURN_IF_ERROR(Lt().MatrixLayoutSetAttribute(
       *out, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count));
-  MDOPT_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutSetAttribute(
+  MDOPT_CUBLAS_RETURN_IF_ERROR(Lt().MatrixLayoutSetAttribute(
       *out, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &o.stride, sizeof o.stride));
   return {};
 }
@@ -275,20 +281,20 @@ DeviceStatus MakeGemm(cublasLtHandle_t h, int64_t nb, const Operand& l, bool tl,
                       bool tr, const Operand& out, Gemm* g) {
   // float32 accumulation; with float32 operands this is plain FP32 (no TF32: that would be
   // CUBLAS_COMPUTE_32F_FAST_TF32).
-  MDOPT_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&g->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  MDOPT_CUBLAS_RETURN_IF_ERROR(Lt().MatmulDescCreate(&g->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const cublasOperation_t opa = tr ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t opb = tl ? CUBLAS_OP_T : CUBLAS_OP_N;
   MDOPT_CUBLAS_RETURN_IF_ERROR(
-      cublasLtMatmulDescSetAttribute(g->desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa));
+      Lt().MatmulDescSetAttribute(g->desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa));
   MDOPT_CUBLAS_RETURN_IF_ERROR(
-      cublasLtMatmulDescSetAttribute(g->desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb));
+      Lt().MatmulDescSetAttribute(g->desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb));
   if (DeviceStatus s = ColumnMajor(r, nb, &g->a); !s.ok()) return s;
   if (DeviceStatus s = ColumnMajor(l, nb, &g->b); !s.ok()) return s;
   if (DeviceStatus s = ColumnMajor(out, nb, &g->cd); !s.ok()) return s;
   cublasLtMatmulPreference_t pref = nullptr;
-  MDOPT_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref));
+  MDOPT_CUBLAS_RETURN_IF_ERROR(Lt().MatmulPreferenceCreate(&pref));
   const uint64_t ws = kLtWorkspaceBytes;
-  cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(
+  cublasStatus_t st = Lt().MatmulPreferenceSetAttribute(
       pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
   // The true alignment of every operand (cuBLASLt assumes 256 bytes unless told), so that
   // the heuristic offers only algorithms that work at it.
@@ -299,13 +305,13 @@ DeviceStatus MakeGemm(cublasLtHandle_t h, int64_t nb, const Operand& l, bool tl,
       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, out.align}};
   for (const auto& [attr, value] : aligns)
     if (st == CUBLAS_STATUS_SUCCESS)
-      st = cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof value);
+      st = Lt().MatmulPreferenceSetAttribute(pref, attr, &value, sizeof value);
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   if (st == CUBLAS_STATUS_SUCCESS)
-    st = cublasLtMatmulAlgoGetHeuristic(h, g->desc, g->a, g->b, g->cd, g->cd, pref, 1, &result,
+    st = Lt().MatmulAlgoGetHeuristic(h, g->desc, g->a, g->b, g->cd, g->cd, pref, 1, &result,
                                         &found);
-  cublasLtMatmulPreferenceDestroy(pref);
+  Lt().MatmulPreferenceDestroy(pref);
   MDOPT_CUBLAS_RETURN_IF_ERROR(st);
   if (found < 1)
     return DeviceStatus::Error("cuBLASLt has no " + std::string(l.type == CUDA_R_16BF ? "bf16" : "f32") +
@@ -317,7 +323,7 @@ DeviceStatus MakeGemm(cublasLtHandle_t h, int64_t nb, const Operand& l, bool tl,
 
 DeviceStatus Matmul(cublasLtHandle_t h, const Gemm& g, float alpha, const void* l, const void* r,
                     float beta, const void* c, void* d, void* lt_workspace, cudaStream_t stream) {
-  MDOPT_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(h, g.desc, &alpha, r, g.a, l, g.b, &beta, c, g.cd, d,
+  MDOPT_CUBLAS_RETURN_IF_ERROR(Lt().Matmul(h, g.desc, &alpha, r, g.a, l, g.b, &beta, c, g.cd, d,
                                               g.cd, &g.algo, lt_workspace, kLtWorkspaceBytes,
                                               stream));
   return {};
@@ -370,7 +376,7 @@ struct NewtonSchulzRunner::Impl {
 
   ~Impl() {
     plans.clear();  // descriptors before the handle
-    if (handle) cublasLtDestroy(handle);
+    if (handle) Lt().Destroy(handle);
   }
 
   DeviceStatus GetPlan(int64_t nb, int64_t m, int64_t n, bool gram, bool bf16, Plan** out) {
@@ -518,8 +524,10 @@ NewtonSchulzRunner::NewtonSchulzRunner(std::unique_ptr<Impl> impl) : impl_(std::
 NewtonSchulzRunner::~NewtonSchulzRunner() = default;
 
 DeviceStatus NewtonSchulzRunner::Create(std::unique_ptr<NewtonSchulzRunner>* out) {
+  std::string error;
+  if (LoadCublasLt(&error) == nullptr) return DeviceStatus::Error(error);
   auto impl = std::make_unique<Impl>();
-  MDOPT_CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&impl->handle));
+  MDOPT_CUBLAS_RETURN_IF_ERROR(Lt().Create(&impl->handle));
   out->reset(new NewtonSchulzRunner(std::move(impl)));
   return {};
 }

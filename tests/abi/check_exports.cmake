@@ -82,6 +82,12 @@ endif()
 if(NOT dyn MATCHES "mdopt_create@@MDOPT_${ABI_VERSION}")
   message(FATAL_ERROR "mdopt_create is not under the version node MDOPT_${ABI_VERSION}")
 endif()
+# cuBLASLt is opened when the CUDA backend first runs Newton-Schulz, never linked: every
+# process loading libmdopt.so would otherwise pay its initialisation (about 0.1 s), and a
+# CUDA build would not load where the toolkit's libraries are missing.
+if(dyn MATCHES "\\(NEEDED\\)[^\n]*\\[libcublas")
+  message(FATAL_ERROR "libmdopt.so links cuBLAS(Lt); it must open it at first use:\n${dyn}")
+endif()
 list(LENGTH exported n)
 message(STATUS "libmdopt.so: ${n} symbols, all mdopt_* under MDOPT_${ABI_VERSION}; "
                "SONAME libmdopt.so.${ABI_VERSION}")
