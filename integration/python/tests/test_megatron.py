@@ -651,3 +651,58 @@ def test_out_proj_radius_scale():
     model = make_model(5)
     get_megatron_mdopt_optimizer(config(), [model], threads=1, presets={"matrix": "muon"})
     assert not any(hasattr(p, "mdopt_radius_scale") for p in model.parameters())
+
+
+@pytest.mark.parametrize("glu", [True, False])
+def test_legacy_grouped_mlp_is_refused(glu, monkeypatch):
+    """Megatron's legacy GroupedMLP (moe_grouped_gemm=True with the local spec) keeps every
+    expert's fc1 transposed, side by side in one hidden x (E * fc1 width) weight1 ([gate |
+    up] as column halves with a GLU) and the fc2s in one (E * ffn) x hidden weight2. mdopt
+    would put them all on one sphere, so the layouts say what they are and the adapter
+    refuses the model, naming the module and what to build instead. GroupedMLP checks at
+    construction that the grouped_gemm package (a CUDA extension) is importable; that check
+    is bypassed here (test-only): the weights are built on the CPU as on a GPU, and nothing
+    runs them."""
+    from megatron.core.transformer.moe import experts as megatron_experts
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    from mdopt.megatron import megatron_layouts
+
+    monkeypatch.setattr(grouped_gemm_util, "assert_grouped_gemm_is_available", lambda: None)
+    torch.manual_seed(31)
+    kw = dict(num_layers=LAYERS, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+              add_bias_linear=False, use_cpu_initialization=True, hidden_dropout=0.0,
+              attention_dropout=0.0, num_moe_experts=4, moe_router_topk=2,
+              moe_ffn_hidden_size=20, moe_grouped_gemm=True)
+    if glu:
+        kw.update(gated_linear_unit=True, activation_func=torch.nn.functional.silu)
+    model = GPTModel(config=TransformerConfig(**kw),
+                     transformer_layer_spec=get_gpt_layer_local_spec(num_experts=4,
+                                                                     moe_grouped_gemm=True),
+                     vocab_size=VOCAB, max_sequence_length=SEQ)
+    experts = model.decoder.layers[0].mlp.experts
+    assert type(experts) is megatron_experts.GroupedMLP
+    width = 2 * 20 if glu else 20
+    assert tuple(experts.weight1.shape) == (32, 4 * width)
+    assert tuple(experts.weight2.shape) == (4 * 20, 32)
+    names = {p: n for n, p in model.named_parameters()}
+    got = {names[p]: lay for p, lay in megatron_layouts(model).items()}
+    fc1 = "gate:20,up:20" if glu else "ffn:20"
+    want = {}
+    for i in range(LAYERS):
+        want["decoder.layers.%d.mlp.experts.weight1" % i] = \
+            "grouped_fc1=experts:4,%s transposed" % fc1
+        want["decoder.layers.%d.mlp.experts.weight2" % i] = \
+            "grouped_fc2=experts:4,ffn:20 transposed"
+        want["decoder.layers.%d.self_attention.linear_qkv.weight" % i] = \
+            "qkv=groups:4,q:1,k:1,v:1 head_dim:8"
+    assert got == want
+    with pytest.raises(ValueError) as err:
+        get_megatron_mdopt_optimizer(config(), [model], threads=1)
+    msg = str(err.value)
+    print("[ message  ]", msg)
+    assert msg.startswith("mdopt.megatron: decoder.layers.0.mlp.experts (and 1 more) is "
+                          "Megatron's legacy GroupedMLP")
+    assert "weight1 (32 x %d) holds the fc1 of all 4 experts transposed" % (4 * width) in msg
+    assert ("gate and up as column halves" in msg) == glu
+    assert "TEGroupedMLP" in msg and "SequentialMLP (moe_grouped_gemm=False)" in msg
