@@ -175,7 +175,8 @@ def _layout_of_module(mod, split_heads=False):
             out[p] = "blocks=rows:%d" % heads if split_heads else \
                 "mla_q_up=heads:%d,rows:%d" % (heads, q_head)
         for p in weights(getattr(mod, "linear_q_proj", None)):
-            out[p] = "mla_q=heads:%d,rows:%d" % (heads, q_head)
+            out[p] = "blocks=rows:%d" % heads if split_heads else \
+                "mla_q=heads:%d,rows:%d" % (heads, q_head)
         for p in weights(mod.linear_kv_up_proj):
             if split_heads and cfg.qk_head_dim == cfg.v_head_dim:
                 out[p] = "blocks=rows:%d" % (2 * heads)  # per head: its K rows, its V rows
@@ -214,8 +215,8 @@ def megatron_layouts(model_chunks, split_heads=False):
     (docs/integration.md), their tensors stay one matrix each. With `split_heads`, every
     attention head is a block of its own instead (the per-head splitting the method's
     authors offer as an option): linear_qkv blocks=rows:<heads in it> (query, gate, key and
-    value heads), linear_q_up_proj blocks=rows:H, and linear_kv_up_proj blocks=rows:2H when
-    qk_head_dim == v_head_dim (each head's K rows, then its V rows)."""
+    value heads), linear_q_up_proj (or linear_q_proj) blocks=rows:H, and linear_kv_up_proj
+    blocks=rows:2H when qk_head_dim == v_head_dim (each head's K rows, then its V rows)."""
     if not isinstance(model_chunks, (list, tuple)):
         model_chunks = [model_chunks]
     out = {}
