@@ -418,12 +418,55 @@ def _halves_norms(w):
     return float(w[:f].double().norm()), float(w[f:].double().norm())
 
 
+def _glu_model_mapping(moe, tied=False):
+    """Every parameter of make_glu_model, written out by name: (mdopt group, layout or None,
+    radius of each block: sqrt(max(rows, cols)) of the block, times 1/sqrt(2 layers) for
+    linear_proj and linear_fc2; None for the tensors off a Frobenius sphere)."""
+    d, scale = 32, 1.0 / math.sqrt(2 * LAYERS)
+    qkv = "qkv=groups:2,q:2,k:1,v:1 head_dim:8"
+    want = {"embedding.word_embeddings.weight": ("embedding.0", None, None),
+            "embedding.position_embeddings.weight": ("embedding.0", None, None),
+            "decoder.final_layernorm.weight": ("vector.1", None, None),
+            "decoder.final_layernorm.bias": ("vector.1", None, None)}
+    if not tied:
+        want["output_layer.weight"] = ("output.0", None, None)
+    for i in range(LAYERS):
+        layer = "decoder.layers.%d." % i
+        for norm in ("input_layernorm", "pre_mlp_layernorm"):
+            for t in ("weight", "bias"):
+                want[layer + norm + "." + t] = ("vector.1", None, None)
+        want[layer + "self_attention.linear_qkv.weight"] = ("matrix.0", qkv, math.sqrt(64))
+        want[layer + "self_attention.linear_proj.weight"] = ("matrix.0", None,
+                                                             math.sqrt(d) * scale)
+        mlps = {"mlp.": 48}
+        if moe:
+            mlps = {"mlp.shared_experts.": 24}
+            mlps.update({"mlp.experts.local_experts.%d." % e: 20 for e in range(4)})
+            want[layer + "mlp.router.weight"] = ("router.0", None, None)
+        for m, ffn in mlps.items():
+            want[layer + m + "linear_fc1.weight"] = ("matrix-rows2.0", "blocks=rows:2",
+                                                     math.sqrt(max(ffn, d)))
+            want[layer + m + "linear_fc2.weight"] = ("matrix.0", None,
+                                                     math.sqrt(max(ffn, d)) * scale)
+    return want
+
+
+def _gains(opt, p):
+    """A parameter's row and column gains as mdopt holds them, in float64."""
+    idx = opt.optimizer.param_index(p)
+    return [torch.tensor(opt.optimizer.mdopt.get_state(idx, k), dtype=torch.float64)
+            for k in ("gain_row", "gain_col")]
+
+
 @pytest.mark.parametrize("moe", [False, True])
 def test_fused_layouts_detected_and_blocks_on_their_spheres(moe):
-    """Every fused weight of a SwiGLU + GQA GPT (and of an MoE one: experts, shared expert,
-    router) is tagged with its layout from the modules and config alone; each GLU fc1 is
-    registered with blocks=rows:2, so after steps each half is on its own sphere
-    (sqrt(max(f, d)), muonh: no gains) where the same run without blocks leaves them off.
+    """A SwiGLU + GQA GPT (and an MoE one: 4 SequentialMLP experts, a shared expert, the
+    router) through the adapter end to end: every parameter's mdopt group and layout, as
+    written out by name, and the depth-scaled radii of linear_proj and linear_fc2; each GLU
+    fc1 is registered with blocks=rows:2, so after steps each half is on its own sphere
+    (sqrt(max(f, d)), muonh: no gains) where the same run without blocks leaves them off,
+    and every other matrix on its radius; the router's and the untied head's directions
+    (weight / row and column gains) keep unit rows; a tied head has no group of its own.
     (tests/unit/blocks_test.cc holds each block's update to the float64 reference run on
     that block alone; this test checks the detection and the wiring.)"""
     model = make_glu_model(21, moe)
@@ -431,6 +474,18 @@ def test_fused_layouts_detected_and_blocks_on_their_spheres(moe):
                                        threads=1)
     named = dict(model.named_parameters())
     layouts = opt.layouts
+    want = _glu_model_mapping(moe)
+    groups = {n: g["name"] for g in opt.optimizer.param_groups for n in g["names"]}
+    assert groups == {n: w[0] for n, w in want.items()}
+    assert layouts == {n: w[1] for n, w in want.items() if w[1]}
+    by_name = {g["name"]: g for g in opt.optimizer.param_groups}
+    assert by_name["output.0"]["preset"] == "embedding"
+    assert by_name["output.0"]["gains"] == "rowcol"
+    assert by_name["matrix-rows2.0"]["blocks"] == "rows:2"
+    for n, p in named.items():
+        out_proj = n.endswith(("linear_proj.weight", "linear_fc2.weight"))
+        assert getattr(p, "mdopt_radius_scale", None) == \
+            (1.0 / math.sqrt(2 * LAYERS) if out_proj else None), n
     fc1 = sorted(n for n in named if n.endswith("linear_fc1.weight"))
     qkv = sorted(n for n in named if n.endswith("linear_qkv.weight"))
     assert len(qkv) == LAYERS
@@ -478,6 +533,30 @@ def test_fused_layouts_detected_and_blocks_on_their_spheres(moe):
     print("[ measured ] fc1 halves vs their radius: blocks %.2e, one sphere %.2e" % (worst, off))
     assert worst < 1e-5
     assert off > 1e-2
+    worst = 0.0
+    for n, (_, lay, radius) in want.items():
+        if radius is not None and lay is None:
+            worst = max(worst, abs(float(named[n].detach().double().norm()) - radius) / radius)
+    print("[ measured ] the other matrices vs their radius: %.2e" % worst)
+    assert worst < 1e-5
+    heads = ["output_layer.weight"] + [n for n in named if n.endswith("router.weight")]
+    for n in heads:  # the direction's rows on the unit sphere, row and column gains on top
+        gr, gc = _gains(opt, named[n])
+        rows = (named[n].detach().double() / torch.outer(gr, gc)).norm(dim=1)
+        torch.testing.assert_close(rows, torch.ones_like(rows), rtol=1e-5, atol=0, msg=n)
+    assert opt.group_info("output.0").gain_stepped == 1
+    # A head tied to the embedding is the embedding's parameter: no output group.
+    torch.manual_seed(21)
+    tied = GPTModel(config=model.config, transformer_layer_spec=get_gpt_layer_local_spec(
+        num_experts=4 if moe else None), vocab_size=VOCAB, max_sequence_length=SEQ,
+        share_embeddings_and_output_weights=True)
+    assert tied.output_layer.weight is None
+    opt = get_megatron_mdopt_optimizer(config(), [tied], presets={"matrix": "muonh"},
+                                       threads=1)
+    want = _glu_model_mapping(moe, tied=True)
+    groups = {n: g["name"] for g in opt.optimizer.param_groups for n in g["names"]}
+    assert groups == {n: w[0] for n, w in want.items()}
+    assert "gains" not in {g["name"]: g for g in opt.optimizer.param_groups}["embedding.0"]
 
 
 def test_layouts_of_mla_and_gated_attention_modules():
