@@ -1,13 +1,15 @@
 """The optimizers the examples compare, behind one small interface.
 
-`build(name, model, matrix_lr, threads)` returns an object with `zero_grad()` and
-`step(lr_scale)`, where lr_scale multiplies every group's learning rate (the schedule).
+`build(name, model, matrix_lr, threads, head_gains)` returns an object with `zero_grad()`
+and `step(lr_scale)`, where lr_scale multiplies every group's learning rate (the schedule).
 
 Names:
   md-muon, md-adamw, muon, adamw, muonh, adamh
       mdopt's presets for the hidden matrices (docs/ABI.md); embeddings, the LM head and the
       1-D gains get mdopt's embedding and vector presets at the recipe's fixed Adam LRs
-      (3e-3 embeddings, 1e-3 LM head and gains).
+      (3e-3 embeddings, 1e-3 LM head and gains). The untied LM head keeps unit-norm rows
+      with row and column gains (Adam at 1e-3), as in the method's code (mdopt.recipes;
+      head_gains="none" gives it none).
   torch-adamw
       torch.optim.AdamW on everything: matrices at matrix_lr with weight decay 0.1,
       embeddings 3e-3, LM head and gains 1e-3 without weight decay.
@@ -37,6 +39,7 @@ DEFAULT_MATRIX_LR = {
 }
 EMBED_LR = 3e-3
 HEAD_LR = 1e-3
+HEAD_GAINS = "rowcol"  # the untied LM head's gains under mdopt (the method's default)
 VECTOR_LR = 1e-3
 WEIGHT_DECAY = 0.1
 BETAS = (0.9, 0.95)
@@ -82,7 +85,8 @@ def _adamw_rest(embed, head, vectors, extra=()):
     return torch.optim.AdamW(groups, betas=BETAS, eps=1e-8)
 
 
-def build(name: str, model: torch.nn.Module, matrix_lr: float | None, threads: int):
+def build(name: str, model: torch.nn.Module, matrix_lr: float | None, threads: int,
+          head_gains: str = HEAD_GAINS):
     if name not in NAMES:
         raise ValueError(f"unknown optimizer {name!r}; one of {', '.join(NAMES)}")
     lr = DEFAULT_MATRIX_LR[name] if matrix_lr is None else matrix_lr
@@ -94,10 +98,11 @@ def build(name: str, model: torch.nn.Module, matrix_lr: float | None, threads: i
         muon = torch.optim.Muon(hidden, lr=lr, weight_decay=WEIGHT_DECAY, momentum=0.95,
                                 nesterov=True, adjust_lr_fn="original")
         return _TorchOptimizers([muon, _adamw_rest(embed, head, vectors)])
-    return _build_mdopt(name, model, lr, threads)
+    return _build_mdopt(name, model, lr, threads, head_gains)
 
 
-def _build_mdopt(preset: str, model: torch.nn.Module, lr: float, threads: int):
+def _build_mdopt(preset: str, model: torch.nn.Module, lr: float, threads: int,
+                 head_gains: str):
     # The package lives in this repository (integration/python); libmdopt.so is found by
     # $MDOPT_LIBRARY, $MDOPT_BUILD_DIR or the checkout's build/ (see mdopt/_lib.py).
     here = os.path.dirname(os.path.abspath(__file__))
@@ -111,7 +116,12 @@ def _build_mdopt(preset: str, model: torch.nn.Module, lr: float, threads: int):
         raise SystemExit(f"--optimizer {preset} needs mdopt's Python package "
                          f"(integration/python): {e}") from e
     groups = param_groups(model, matrix_preset=preset, lr=lr, embedding_lr=EMBED_LR,
-                          head_lr=HEAD_LR, vector_lr=VECTOR_LR, gain_lr=VECTOR_LR)
+                          head_lr=HEAD_LR, vector_lr=VECTOR_LR, gain_lr=VECTOR_LR,
+                          head_gains=head_gains)
+    head = [g for g in groups if g["name"] == "head"]
+    if head_gains != "none" and (len(head) != 1 or head[0]["names"] != ["lm_head.weight"]):
+        raise SystemExit(f"--optimizer {preset}: expected the untied lm_head.weight as the "
+                         f"head group, got {[g['names'] for g in head]}")
     # A torch.optim.Optimizer: its groups' "lr" is read at every step, as for torch's own.
     return _TorchOptimizers([MDOptimizer(groups, threads=threads,
                                          named_parameters=model.named_parameters())])

@@ -60,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None,
                    help="peak LR of the hidden matrices (default: each optimizer's own, "
                         "see optimizers.py); embeddings, LM head and gains keep theirs")
+    p.add_argument("--head-gains", choices=("rowcol", "none"), default=optimizers.HEAD_GAINS,
+                   help="the untied LM head's gains under mdopt's optimizers (unit-norm rows "
+                        "with row and column gains: the method's default); torch's "
+                        "optimizers leave the head free")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=64, help="bytes per sequence")
@@ -109,7 +113,7 @@ def train_one(args, name: str, corpus, lr: float | None = None, progress: bool =
     torch.manual_seed(args.seed)
     cfg = GPTConfig(d_model=args.d_model, layers=args.layers, heads=args.heads, seq_len=args.seq_len)
     model = TinyGPT(cfg).to(device)
-    opt = optimizers.build(name, model, lr, args.threads)
+    opt = optimizers.build(name, model, lr, args.threads, args.head_gains)
     matrix_lr = optimizers.DEFAULT_MATRIX_LR[name] if lr is None else lr
     batches = fortunes_data.Batches(corpus.train, args.batch_size, args.seq_len, args.seed + 1)
     val = fortunes_data.val_windows(corpus.val, args.seq_len, args.val_tokens)
@@ -249,6 +253,11 @@ def main(argv=None) -> int:
     csv_path = os.path.join(args.out_dir, "train_gpt.csv")
     write_csv(csv_path, all_rows)
     print(f"\nvalidation loss after {args.steps} steps, nats/byte (bits/byte); lower is better:")
+    if any(n in optimizers.MDOPT for n in args.optimizers):
+        head = ("unit-norm rows with row and column gains" if args.head_gains == "rowcol"
+                else "unit-norm rows, no gains")
+        free = "; free under torch's AdamW" if any(n in optimizers.TORCH for n in args.optimizers) else ""
+        print(f"  (LM head: {head} under mdopt{free})")
     for label, res in results.items():
         v = res["final_val"]
         state = "DIVERGED" if res["diverged"] else f"{v:.4f} ({v / math.log(2):.3f})"

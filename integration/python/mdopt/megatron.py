@@ -35,6 +35,8 @@ Fused weights are found from the modules and their config (megatron_layouts): a 
 MLP's linear_fc1 ([gate; up]: dense MLPs, shared experts, every expert) goes to a group
 "matrix-rows2.<index>" with blocks=rows:2, each half its own matrix (own sphere, own
 Newton-Schulz); linear_qkv and MLA projections are reported in `layouts` and stay whole.
+Megatron's legacy GroupedMLP (every expert's fc1 and fc2 stored transposed, side by side in
+one weight1 and one weight2) is refused: mdopt cannot register its experts apart.
 
 Learning rates: the matrix and router groups take their Megatron group's max_lr (config.lr);
 embedding, output and vector groups take their fixed learning rate (`lrs`, default 3e-3,
@@ -61,7 +63,8 @@ their found-inf check.
 
 Not supported (refused with a message): fp16 and loss scaling, Megatron's distributed
 optimizer (mdopt shards its own state), precision-aware optimizer and CPU offload, tensor
-parallelism (mdopt would put each shard on its own sphere), muon_extra_scale_factor != 1.
+parallelism (mdopt would put each shard on its own sphere), muon_extra_scale_factor != 1,
+the legacy GroupedMLP (use TEGroupedMLP or SequentialMLP).
 """
 
 import io
@@ -152,6 +155,19 @@ def _layout_of_module(mod, split_heads=False):
             else:
                 out[p] = "qkv=groups:%d,q:%d%s,k:1,v:1 head_dim:%d" % (groups, q, gate,
                                                                         cfg.kv_channels)
+    w1, w2 = getattr(mod, "weight1", None), getattr(mod, "weight2", None)
+    experts = getattr(mod, "num_local_experts", None)
+    if fc1 is None and experts and isinstance(w1, torch.Tensor) and \
+            isinstance(w2, torch.Tensor) and w1.dim() == 2 and w2.dim() == 2:
+        # Megatron's legacy GroupedMLP: weight1 is hidden x (E * fc1 width), every expert's
+        # fc1 stored transposed (input x output; [gate | up] as column halves with a GLU),
+        # weight2 (E * ffn) x hidden, every expert's fc2 transposed. Reported; the optimizer
+        # refuses it (MegatronMDOptimizer).
+        ffn = w2.shape[0] // experts
+        glu = ",gate:%d,up:%d" % (ffn, ffn) if getattr(cfg, "gated_linear_unit", False) \
+            else ",ffn:%d" % ffn
+        out[w1] = "grouped_fc1=experts:%d%s transposed" % (experts, glu)
+        out[w2] = "grouped_fc2=experts:%d,ffn:%d transposed" % (experts, ffn)
     heads = getattr(cfg, "num_attention_heads", None)
     if getattr(mod, "linear_kv_up_proj", None) is not None and heads:
         q_head = cfg.qk_head_dim + cfg.qk_pos_emb_head_dim
@@ -159,7 +175,8 @@ def _layout_of_module(mod, split_heads=False):
             out[p] = "blocks=rows:%d" % heads if split_heads else \
                 "mla_q_up=heads:%d,rows:%d" % (heads, q_head)
         for p in weights(getattr(mod, "linear_q_proj", None)):
-            out[p] = "mla_q=heads:%d,rows:%d" % (heads, q_head)
+            out[p] = "blocks=rows:%d" % heads if split_heads else \
+                "mla_q=heads:%d,rows:%d" % (heads, q_head)
         for p in weights(mod.linear_kv_up_proj):
             if split_heads and cfg.qk_head_dim == cfg.v_head_dim:
                 out[p] = "blocks=rows:%d" % (2 * heads)  # per head: its K rows, its V rows
@@ -187,13 +204,19 @@ def megatron_layouts(model_chunks, split_heads=False):
         mla_q_up / mla_q / mla_kv_up / mla_kv_down
                                           multi-latent attention's projections (per head
                                           rows; kv_down = [kv_lora_rank; rope dims]).
+        grouped_fc1=experts:E,gate:F,up:F transposed (ffn:F without a GLU)
+        grouped_fc2=experts:E,ffn:F transposed
+                                          weight1 and weight2 of the legacy GroupedMLP:
+                                          each expert's matrix stored input x output, the
+                                          E experts side by side. MegatronMDOptimizer
+                                          refuses a model that has one.
 
     Only blocks=... layouts are split today; qkv and MLA layouts are detected and reported
     (docs/integration.md), their tensors stay one matrix each. With `split_heads`, every
     attention head is a block of its own instead (the per-head splitting the method's
     authors offer as an option): linear_qkv blocks=rows:<heads in it> (query, gate, key and
-    value heads), linear_q_up_proj blocks=rows:H, and linear_kv_up_proj blocks=rows:2H when
-    qk_head_dim == v_head_dim (each head's K rows, then its V rows)."""
+    value heads), linear_q_up_proj (or linear_q_proj) blocks=rows:H, and linear_kv_up_proj
+    blocks=rows:2H when qk_head_dim == v_head_dim (each head's K rows, then its V rows)."""
     if not isinstance(model_chunks, (list, tuple)):
         model_chunks = [model_chunks]
     out = {}
@@ -201,6 +224,33 @@ def megatron_layouts(model_chunks, split_heads=False):
         for _, mod in chunk.named_modules():
             out.update(_layout_of_module(mod, split_heads))
     return out
+
+
+def _refuse_grouped_mlp(layouts, names):
+    """Megatron's legacy GroupedMLP cannot be registered as its experts: refuse it, naming
+    the module and what to use instead."""
+    found = sorted({names.get(p, "?").rsplit(".", 1)[0] for p, lay in layouts.items()
+                    if lay.startswith("grouped_fc1=") and p.requires_grad})
+    if not found:
+        return
+    w1 = next(p for p, lay in layouts.items() if lay.startswith("grouped_fc1=") and
+              names.get(p, "?").rsplit(".", 1)[0] == found[0])
+    lay = layouts[w1]
+    experts = int(lay.split("experts:")[1].split(",")[0])
+    glu = ",gate:" in lay
+    raise ValueError(
+        "mdopt.megatron: %s%s is Megatron's legacy GroupedMLP (moe_grouped_gemm=True with the "
+        "local layer spec, or moe_use_legacy_grouped_gemm=True): its weight1 (%d x %d) holds "
+        "the fc1 of all %d experts transposed (input x output) side by side%s, and weight2 "
+        "their fc2, which mdopt cannot register as separate matrices (its matrices and "
+        "blocks are row ranges of output x input weights): it would put every expert%s on "
+        "one sphere and orthogonalize them together. Build the experts as TEGroupedMLP "
+        "(moe_grouped_gemm=True with the Transformer Engine layer spec and "
+        "moe_use_legacy_grouped_gemm=False) or SequentialMLP (moe_grouped_gemm=False)"
+        % (found[0], " (and %d more)" % (len(found) - 1) if len(found) > 1 else "",
+           w1.shape[0], w1.shape[1], experts,
+           ", each one's gate and up as column halves" if glu else "",
+           " and its gate and up halves" if glu else ""))
 
 
 def _check_config(config):
@@ -312,6 +362,7 @@ class MegatronMDOptimizer(MegatronOptimizer):
         for ci, chunk in enumerate(model_chunks):
             for n, p in chunk.named_parameters():
                 names.setdefault(p, n if len(model_chunks) == 1 else "chunk%d.%s" % (ci, n))
+        _refuse_grouped_mlp(self._layouts, names)
         # Megatron's groups: the same as get_megatron_optimizer builds (wd_mult, max_lr...),
         # expert-parallel ones included (one mdopt optimizer serves them all).
         megatron_groups = _get_param_groups(list(model_chunks), config, config_overrides)

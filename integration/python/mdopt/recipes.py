@@ -40,7 +40,7 @@ def _default_kind(name, param, module, embeddings, head_names):
 
 def param_groups(model, matrix_preset="md-muon", lr=None, *, embedding_lr=3e-3, head_lr=1e-3,
                  vector_lr=1e-3, gain_lr=1e-3, router_lr=None, head_names=None,
-                 classify=None, blocks=None, **matrix_overrides):
+                 classify=None, blocks=None, head_gains="rowcol", **matrix_overrides):
     """Param groups for MDOptimizer from a model, by what each tensor is:
 
     - `matrices`: 2-D hidden matrices and 3-D expert stacks (each expert its own matrix, with
@@ -53,7 +53,8 @@ def param_groups(model, matrix_preset="md-muon", lr=None, *, embedding_lr=3e-3, 
       .weight -- with as many rows as an embedding has entries, when the model has one --,
       or those listed in `head_names`; a head tied to the embedding is the embedding's
       Parameter and stays there), `embedding` preset with row and column gains at `head_lr`
-      (gains at `gain_lr`);
+      (gains at `gain_lr`; `head_gains="none"` for a head without gains, or another spec
+      value of `gains`);
     - `routers`: 2-D weights named like *router* or *.gate, `router` preset at `router_lr`
       (default: the matrix lr);
     - `vectors`: 1-D tensors (norm gains, biases), `vector` preset at `vector_lr`.
@@ -145,7 +146,8 @@ def param_groups(model, matrix_preset="md-muon", lr=None, *, embedding_lr=3e-3, 
         group("routers", "router", preset="router", lr=router_lr if router_lr is not None else lr,
               gain_lr=gain_lr),
         group("embeddings", "embedding", preset="embedding", lr=embedding_lr),
-        group("head", "head", preset="embedding", gains="rowcol", lr=head_lr, gain_lr=gain_lr),
+        group("head", "head", preset="embedding", gains=head_gains, lr=head_lr,
+              gain_lr=gain_lr if head_gains != "none" else None),
         group("vectors", "vector", preset="vector", lr=vector_lr),
     ]
     return [g for g in out if g["params"]]

@@ -418,12 +418,55 @@ def _halves_norms(w):
     return float(w[:f].double().norm()), float(w[f:].double().norm())
 
 
+def _glu_model_mapping(moe, tied=False):
+    """Every parameter of make_glu_model, written out by name: (mdopt group, layout or None,
+    radius of each block: sqrt(max(rows, cols)) of the block, times 1/sqrt(2 layers) for
+    linear_proj and linear_fc2; None for the tensors off a Frobenius sphere)."""
+    d, scale = 32, 1.0 / math.sqrt(2 * LAYERS)
+    qkv = "qkv=groups:2,q:2,k:1,v:1 head_dim:8"
+    want = {"embedding.word_embeddings.weight": ("embedding.0", None, None),
+            "embedding.position_embeddings.weight": ("embedding.0", None, None),
+            "decoder.final_layernorm.weight": ("vector.1", None, None),
+            "decoder.final_layernorm.bias": ("vector.1", None, None)}
+    if not tied:
+        want["output_layer.weight"] = ("output.0", None, None)
+    for i in range(LAYERS):
+        layer = "decoder.layers.%d." % i
+        for norm in ("input_layernorm", "pre_mlp_layernorm"):
+            for t in ("weight", "bias"):
+                want[layer + norm + "." + t] = ("vector.1", None, None)
+        want[layer + "self_attention.linear_qkv.weight"] = ("matrix.0", qkv, math.sqrt(64))
+        want[layer + "self_attention.linear_proj.weight"] = ("matrix.0", None,
+                                                             math.sqrt(d) * scale)
+        mlps = {"mlp.": 48}
+        if moe:
+            mlps = {"mlp.shared_experts.": 24}
+            mlps.update({"mlp.experts.local_experts.%d." % e: 20 for e in range(4)})
+            want[layer + "mlp.router.weight"] = ("router.0", None, None)
+        for m, ffn in mlps.items():
+            want[layer + m + "linear_fc1.weight"] = ("matrix-rows2.0", "blocks=rows:2",
+                                                     math.sqrt(max(ffn, d)))
+            want[layer + m + "linear_fc2.weight"] = ("matrix.0", None,
+                                                     math.sqrt(max(ffn, d)) * scale)
+    return want
+
+
+def _gains(opt, p):
+    """A parameter's row and column gains as mdopt holds them, in float64."""
+    idx = opt.optimizer.param_index(p)
+    return [torch.tensor(opt.optimizer.mdopt.get_state(idx, k), dtype=torch.float64)
+            for k in ("gain_row", "gain_col")]
+
+
 @pytest.mark.parametrize("moe", [False, True])
 def test_fused_layouts_detected_and_blocks_on_their_spheres(moe):
-    """Every fused weight of a SwiGLU + GQA GPT (and of an MoE one: experts, shared expert,
-    router) is tagged with its layout from the modules and config alone; each GLU fc1 is
-    registered with blocks=rows:2, so after steps each half is on its own sphere
-    (sqrt(max(f, d)), muonh: no gains) where the same run without blocks leaves them off.
+    """A SwiGLU + GQA GPT (and an MoE one: 4 SequentialMLP experts, a shared expert, the
+    router) through the adapter end to end: every parameter's mdopt group and layout, as
+    written out by name, and the depth-scaled radii of linear_proj and linear_fc2; each GLU
+    fc1 is registered with blocks=rows:2, so after steps each half is on its own sphere
+    (sqrt(max(f, d)), muonh: no gains) where the same run without blocks leaves them off,
+    and every other matrix on its radius; the router's and the untied head's directions
+    (weight / row and column gains) keep unit rows; a tied head has no group of its own.
     (tests/unit/blocks_test.cc holds each block's update to the float64 reference run on
     that block alone; this test checks the detection and the wiring.)"""
     model = make_glu_model(21, moe)
@@ -431,6 +474,18 @@ def test_fused_layouts_detected_and_blocks_on_their_spheres(moe):
                                        threads=1)
     named = dict(model.named_parameters())
     layouts = opt.layouts
+    want = _glu_model_mapping(moe)
+    groups = {n: g["name"] for g in opt.optimizer.param_groups for n in g["names"]}
+    assert groups == {n: w[0] for n, w in want.items()}
+    assert layouts == {n: w[1] for n, w in want.items() if w[1]}
+    by_name = {g["name"]: g for g in opt.optimizer.param_groups}
+    assert by_name["output.0"]["preset"] == "embedding"
+    assert by_name["output.0"]["gains"] == "rowcol"
+    assert by_name["matrix-rows2.0"]["blocks"] == "rows:2"
+    for n, p in named.items():
+        out_proj = n.endswith(("linear_proj.weight", "linear_fc2.weight"))
+        assert getattr(p, "mdopt_radius_scale", None) == \
+            (1.0 / math.sqrt(2 * LAYERS) if out_proj else None), n
     fc1 = sorted(n for n in named if n.endswith("linear_fc1.weight"))
     qkv = sorted(n for n in named if n.endswith("linear_qkv.weight"))
     assert len(qkv) == LAYERS
@@ -478,12 +533,36 @@ def test_fused_layouts_detected_and_blocks_on_their_spheres(moe):
     print("[ measured ] fc1 halves vs their radius: blocks %.2e, one sphere %.2e" % (worst, off))
     assert worst < 1e-5
     assert off > 1e-2
+    worst = 0.0
+    for n, (_, lay, radius) in want.items():
+        if radius is not None and lay is None:
+            worst = max(worst, abs(float(named[n].detach().double().norm()) - radius) / radius)
+    print("[ measured ] the other matrices vs their radius: %.2e" % worst)
+    assert worst < 1e-5
+    heads = ["output_layer.weight"] + [n for n in named if n.endswith("router.weight")]
+    for n in heads:  # the direction's rows on the unit sphere, row and column gains on top
+        gr, gc = _gains(opt, named[n])
+        rows = (named[n].detach().double() / torch.outer(gr, gc)).norm(dim=1)
+        torch.testing.assert_close(rows, torch.ones_like(rows), rtol=1e-5, atol=0, msg=n)
+    assert opt.group_info("output.0").gain_stepped == 1
+    # A head tied to the embedding is the embedding's parameter: no output group.
+    torch.manual_seed(21)
+    tied = GPTModel(config=model.config, transformer_layer_spec=get_gpt_layer_local_spec(
+        num_experts=4 if moe else None), vocab_size=VOCAB, max_sequence_length=SEQ,
+        share_embeddings_and_output_weights=True)
+    assert tied.output_layer.weight is None
+    opt = get_megatron_mdopt_optimizer(config(), [tied], presets={"matrix": "muonh"},
+                                       threads=1)
+    want = _glu_model_mapping(moe, tied=True)
+    groups = {n: g["name"] for g in opt.optimizer.param_groups for n in g["names"]}
+    assert groups == {n: w[0] for n, w in want.items()}
+    assert "gains" not in {g["name"]: g for g in opt.optimizer.param_groups}["embedding.0"]
 
 
 def test_layouts_of_mla_and_gated_attention_modules():
-    """megatron_layouts reads modules and their config alone: an MLA attention (Megatron-Core's
-    local MLA spec needs Transformer Engine, so a module with the same attributes stands in)
-    and a linear_qkv with the attention output gate."""
+    """megatron_layouts reads modules and their config alone: a module with MLA's attributes
+    (the real MLASelfAttention is test_mla_gpt_layouts_and_spheres'; this one also changes
+    v_head_dim after construction) and a linear_qkv with the attention output gate."""
     from types import SimpleNamespace
 
     from mdopt.megatron import megatron_layouts
@@ -651,3 +730,204 @@ def test_out_proj_radius_scale():
     model = make_model(5)
     get_megatron_mdopt_optimizer(config(), [model], threads=1, presets={"matrix": "muon"})
     assert not any(hasattr(p, "mdopt_radius_scale") for p in model.parameters())
+
+
+@pytest.mark.parametrize("glu", [True, False])
+def test_legacy_grouped_mlp_is_refused(glu, monkeypatch):
+    """Megatron's legacy GroupedMLP (moe_grouped_gemm=True with the local spec) keeps every
+    expert's fc1 transposed, side by side in one hidden x (E * fc1 width) weight1 ([gate |
+    up] as column halves with a GLU) and the fc2s in one (E * ffn) x hidden weight2. mdopt
+    would put them all on one sphere, so the layouts say what they are and the adapter
+    refuses the model, naming the module and what to build instead. GroupedMLP checks at
+    construction that the grouped_gemm package (a CUDA extension) is importable; that check
+    is bypassed here (test-only): the weights are built on the CPU as on a GPU, and nothing
+    runs them."""
+    from megatron.core.transformer.moe import experts as megatron_experts
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    from mdopt.megatron import megatron_layouts
+
+    monkeypatch.setattr(grouped_gemm_util, "assert_grouped_gemm_is_available", lambda: None)
+    torch.manual_seed(31)
+    kw = dict(num_layers=LAYERS, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+              add_bias_linear=False, use_cpu_initialization=True, hidden_dropout=0.0,
+              attention_dropout=0.0, num_moe_experts=4, moe_router_topk=2,
+              moe_ffn_hidden_size=20, moe_grouped_gemm=True)
+    if glu:
+        kw.update(gated_linear_unit=True, activation_func=torch.nn.functional.silu)
+    model = GPTModel(config=TransformerConfig(**kw),
+                     transformer_layer_spec=get_gpt_layer_local_spec(num_experts=4,
+                                                                     moe_grouped_gemm=True),
+                     vocab_size=VOCAB, max_sequence_length=SEQ)
+    experts = model.decoder.layers[0].mlp.experts
+    assert type(experts) is megatron_experts.GroupedMLP
+    width = 2 * 20 if glu else 20
+    assert tuple(experts.weight1.shape) == (32, 4 * width)
+    assert tuple(experts.weight2.shape) == (4 * 20, 32)
+    names = {p: n for n, p in model.named_parameters()}
+    got = {names[p]: lay for p, lay in megatron_layouts(model).items()}
+    fc1 = "gate:20,up:20" if glu else "ffn:20"
+    want = {}
+    for i in range(LAYERS):
+        want["decoder.layers.%d.mlp.experts.weight1" % i] = \
+            "grouped_fc1=experts:4,%s transposed" % fc1
+        want["decoder.layers.%d.mlp.experts.weight2" % i] = \
+            "grouped_fc2=experts:4,ffn:20 transposed"
+        want["decoder.layers.%d.self_attention.linear_qkv.weight" % i] = \
+            "qkv=groups:4,q:1,k:1,v:1 head_dim:8"
+    assert got == want
+    with pytest.raises(ValueError) as err:
+        get_megatron_mdopt_optimizer(config(), [model], threads=1)
+    msg = str(err.value)
+    print("[ message  ]", msg)
+    assert msg.startswith("mdopt.megatron: decoder.layers.0.mlp.experts (and 1 more) is "
+                          "Megatron's legacy GroupedMLP")
+    assert "weight1 (32 x %d) holds the fc1 of all 4 experts transposed" % (4 * width) in msg
+    assert ("gate and up as column halves" in msg) == glu
+    assert "TEGroupedMLP" in msg and "SequentialMLP (moe_grouped_gemm=False)" in msg
+
+
+class _SDPACoreAttention(torch.nn.Module):
+    """Core attention for the MLA test (parameter-free, as Megatron's own): softmax(QK^T *
+    scale) V with the query/key and value head dims MLA passes (k_channels, v_channels),
+    which Megatron-Core 0.16.1's local DotProductAttention does not accept."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 softmax_scale=None, k_channels=None, v_channels=None, cp_comm_type=None,
+                 pg_collection=None):
+        super().__init__()
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                packed_seq_params=None):
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, dim]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask.logical_not(), scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
+
+
+def make_mla_model(seed, q_lora_rank, monkeypatch):
+    """A real Megatron-Core GPT with multi-latent attention (MLASelfAttention from the local
+    layer spec, SwiGLU MLPs, RoPE) on the CPU: 4 heads, qk_head_dim 8, rope dims 4,
+    v_head_dim 6, kv_lora_rank 12, q_lora_rank 16 (q_down + q_up) or None (one q
+    projection). Three test-only shims, none touching a parameter: in 0.16.1 the MLA module
+    believes Transformer Engine is there when it is not (HAVE_TE with mocked classes), its
+    RoPE asks torch.cuda.current_device() for where to put its frequencies, and the local
+    spec's DotProductAttention does not take MLA's k_channels/v_channels, so a
+    parameter-free SDPA core attention stands in."""
+    from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    monkeypatch.setattr(multi_latent_attention, "HAVE_TE", False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    torch.manual_seed(seed)
+    cfg = MLATransformerConfig(
+        num_layers=LAYERS, hidden_size=32, num_attention_heads=4, q_lora_rank=q_lora_rank,
+        kv_lora_rank=12, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=6, rope_type="rope",
+        ffn_hidden_size=48, gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+        add_bias_linear=False, use_cpu_initialization=True, hidden_dropout=0.0,
+        attention_dropout=0.0)
+    spec = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm=True,
+                                    normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = _SDPACoreAttention
+    return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=VOCAB,
+                    max_sequence_length=SEQ, position_embedding_type="rope")
+
+
+@pytest.mark.parametrize("q_lora_rank", [16, None])
+def test_mla_gpt_layouts_and_spheres(q_lora_rank, monkeypatch):
+    """A real MLA GPT through the adapter: every parameter's group and layout (q_up or q by
+    heads of qk + rope rows, kv_down = [kv_lora_rank; rope rows], kv_up per head K then V),
+    linear_proj and linear_fc2 on depth-scaled spheres; after 3 steps on its own gradients
+    (forward and backward through MLASelfAttention) every matrix's Frobenius norm, computed
+    here in float64, equals the radius written out from its shape (muonh: no gains, so the
+    weight is the direction), each SwiGLU half its own."""
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    from mdopt.megatron import megatron_layouts
+
+    model = make_mla_model(41, q_lora_rank, monkeypatch)
+    assert all(isinstance(layer.self_attention, MLASelfAttention)
+               for layer in model.decoder.layers)
+    opt = get_megatron_mdopt_optimizer(config(), [model], presets={"matrix": "muonh"},
+                                       threads=1)
+    named = dict(model.named_parameters())
+    heads, qk, rope, v, kv_lora, d, ffn = 4, 8, 4, 6, 12, 32, 48
+    scale = 1.0 / math.sqrt(2 * LAYERS)
+    # name -> (mdopt group, layout or None, the radius of each block)
+    want = {"embedding.word_embeddings.weight": ("embedding.0", None, None),
+            "output_layer.weight": ("output.0", None, None),
+            "decoder.final_layernorm.weight": ("vector.1", None, None)}
+    for i in range(LAYERS):
+        at = "decoder.layers.%d.self_attention." % i
+        mlp = "decoder.layers.%d.mlp." % i
+        want.update({
+            "decoder.layers.%d.input_layernorm.weight" % i: ("vector.1", None, None),
+            "decoder.layers.%d.pre_mlp_layernorm.weight" % i: ("vector.1", None, None),
+            at + "kv_layernorm.weight": ("vector.1", None, None),
+            at + "linear_kv_down_proj.weight": ("matrix.0", "mla_kv_down=rows:%d,%d"
+                                                % (kv_lora, rope), math.sqrt(d)),
+            at + "linear_kv_up_proj.weight": ("matrix.0", "mla_kv_up=heads:%d,k:%d,v:%d"
+                                              % (heads, qk, v), math.sqrt(heads * (qk + v))),
+            at + "linear_proj.weight": ("matrix.0", None, math.sqrt(d) * scale),
+            mlp + "linear_fc1.weight": ("matrix-rows2.0", "blocks=rows:2", math.sqrt(ffn)),
+            mlp + "linear_fc2.weight": ("matrix.0", None, math.sqrt(ffn) * scale),
+        })
+        if q_lora_rank:
+            want.update({
+                at + "q_layernorm.weight": ("vector.1", None, None),
+                at + "linear_q_down_proj.weight": ("matrix.0", None, math.sqrt(d)),
+                at + "linear_q_up_proj.weight": ("matrix.0", "mla_q_up=heads:%d,rows:%d"
+                                                 % (heads, qk + rope),
+                                                 math.sqrt(heads * (qk + rope))),
+            })
+        else:
+            want[at + "linear_q_proj.weight"] = ("matrix.0", "mla_q=heads:%d,rows:%d"
+                                                 % (heads, qk + rope),
+                                                 math.sqrt(heads * (qk + rope)))
+    groups = {n: g["name"] for g in opt.optimizer.param_groups for n in g["names"]}
+    assert groups == {n: w[0] for n, w in want.items()}
+    assert opt.layouts == {n: w[1] for n, w in want.items() if w[1]}
+    # The layouts' pieces are the weights' rows: kv_down [kv_lora; rope], kv_up and q_up
+    # heads x (their K and V rows; their qk and rope rows).
+    for n, (_, lay, _) in want.items():
+        if lay and lay.startswith("mla_kv_down"):
+            assert named[n].shape == (kv_lora + rope, d)
+        elif lay and lay.startswith("mla_kv_up"):
+            assert named[n].shape == (heads * (qk + v), kv_lora)
+        elif lay and lay.startswith("mla_q"):
+            assert named[n].shape == (heads * (qk + rope), q_lora_rank or d)
+    for n, p in named.items():
+        out_proj = n.endswith(("linear_proj.weight", "linear_fc2.weight"))
+        assert getattr(p, "mdopt_radius_scale", None) == (scale if out_proj else None), n
+    # Per head with split_heads: q_up (or q) by its 4 heads; kv_up's K and V heads differ
+    # in height (8 and 6 rows), so it stays whole.
+    names = {p: n for n, p in named.items()}
+    split = {names[p]: lay for p, lay in megatron_layouts(model, split_heads=True).items()}
+    for n, (_, lay, _) in want.items():
+        if lay and lay.startswith("mla_q"):
+            assert split[n] == "blocks=rows:%d" % heads, n
+        elif lay:
+            assert split[n] == lay, n
+
+    for batch in batches(3, seed=13):
+        opt.zero_grad()
+        backward(model, batch)
+        assert all(p.grad is not None and float(p.grad.abs().sum()) > 0
+                   for p in named.values())
+        ok, _, _ = opt.step()
+        assert ok
+    assert opt.last_step.step == 3
+    worst = 0.0
+    for n, (_, lay, radius) in want.items():
+        if radius is None:
+            continue
+        w = named[n].detach().double()
+        blocks = w.chunk(2) if lay == "blocks=rows:2" else [w]
+        for b in blocks:
+            worst = max(worst, abs(float(b.norm()) - radius) / radius)
+    print("[ measured ] MLA GPT (q_lora_rank %s): matrices vs their radius, worst relative "
+          "error %.2e" % (q_lora_rank, worst))
+    assert worst < 1e-5
+    rows = named["embedding.word_embeddings.weight"].detach().double().norm(dim=1)
+    torch.testing.assert_close(rows, torch.ones_like(rows), rtol=1e-5, atol=0)

@@ -221,6 +221,13 @@ def test_param_groups_follow_the_method():
     assert groups["vectors"]["lr"] == 1e-3
     tied = {g["name"]: g for g in param_groups(TinyGPT(tied=True))}
     assert "head" not in tied and tied["embeddings"]["names"] == ["tok.weight"]
+    # head_gains="none": the head keeps unit-norm rows and has no gains (nor a gain_lr).
+    model = TinyGPT()
+    plain = {g["name"]: g for g in param_groups(model, head_gains="none")}
+    assert plain["head"]["gains"] == "none" and "gain_lr" not in plain["head"]
+    MDOptimizer(list(plain.values()), threads=1)  # projects the head's rows at finalize
+    rows = model.lm_head.weight.detach().double().norm(dim=1)
+    torch.testing.assert_close(rows, torch.ones_like(rows), rtol=1e-6, atol=0)
 
 
 def test_recipe_trains_a_tiny_gpt_with_the_examples_spelling():
