@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -191,6 +192,8 @@ struct Case {
     return s;
   }
 };
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.Name(); }
 
 class Blocks : public ::testing::TestWithParam<Case> {};
 
