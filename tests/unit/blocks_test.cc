@@ -24,10 +24,13 @@
 #include <string>
 #include <vector>
 
+#include "dist_opt/crc32c.h"
 #include "dist_opt/group_spec.h"
 #include "dist_opt/shard_plan.h"
 #include "kernels/common/gain_param.h"
 #include "kernels/reference/reference.h"
+#include "nlohmann/json.hpp"
+#include "numeric_util.h"
 #include "test_util.h"
 
 namespace mdopt {
@@ -489,6 +492,37 @@ TEST(BlocksSpec, CheckpointsRefuseOtherBlocks) {
   MDOPT_ASSERT_OK(mdopt_load(same.opt(), dir.c_str()));
   EXPECT_EQ(same.State(0, "master"), saver.State(0, "master"));
   EXPECT_EQ(same.State(0, "gain_col"), saver.State(0, "gain_col"));
+  std::filesystem::remove_all(dir);
+}
+
+// A checkpoint of blocks with column or scalar gains written before those gains were shared
+// (its manifest lacks "block_gains": "shared") holds per-block gains whose copies differ: it
+// is refused, naming the group, and the state is left as it was.
+TEST(BlocksSpec, CheckpointsOfPerBlockGainsAreRefused) {
+  const std::string dir = ::testing::TempDir() + "/mdopt_blocks_ckpt_old";
+  std::filesystem::remove_all(dir);
+  const std::string spec = "preset=md-muon blocks=rows:2";
+  AbiHarness saver("threads=1", spec, {TensorSpec{"fc1", {12, 10}}}, kSeed);
+  MDOPT_ASSERT_OK(mdopt_finalize(saver.opt()));
+  saver.StepChecked(kSeed, 1);
+  MDOPT_ASSERT_OK(mdopt_save(saver.opt(), dir.c_str()));
+  const std::string path = dir + "/manifest.json";
+  nlohmann::json m = nlohmann::json::parse(testing::ReadBytes(path));
+  ASSERT_EQ(m["groups"][0]["block_gains"], "shared");
+  m["groups"][0].erase("block_gains");
+  m.erase("crc32c");
+  const std::string body = m.dump();
+  char hex[9];
+  std::snprintf(hex, sizeof hex, "%08x", Crc32c(0, body.data(), body.size()));
+  m["crc32c"] = hex;
+  testing::WriteBytes(path, m.dump(2));
+  AbiHarness loader("threads=1", spec, {TensorSpec{"fc1", {12, 10}}}, kSeed + 1);
+  MDOPT_ASSERT_OK(mdopt_finalize(loader.opt()));
+  const std::vector<double> before = loader.State(0, "gain_col");
+  EXPECT_EQ(mdopt_load(loader.opt(), dir.c_str()), MDOPT_IO_ERROR);
+  EXPECT_NE(std::string(mdopt_last_error()).find("gains of its own"), std::string::npos)
+      << mdopt_last_error();
+  EXPECT_EQ(loader.State(0, "gain_col"), before);
   std::filesystem::remove_all(dir);
 }
 
