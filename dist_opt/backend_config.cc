@@ -103,6 +103,13 @@ kernels::BackendConfig DescribeRank(const ShardPlan& plan, const std::vector<Par
     // Each matrix is counted by one rank: its owner, or rank 0 (which always holds rows).
     s.accounts = sp.layout == Layout::kOwner ? sp.owner == rank : rank == 0;
     s.seg_offset = sp.seg_pos;
+    // blocks=rows:K: the K slots of a matrix share its column and scalar gains.
+    const ParamEntry& pe = params[sp.param];
+    const kernels::Gains gains = pe.rule.gains;
+    if (pe.blocks > 1 && (kernels::HasColGains(gains) || kernels::HasScalarGain(gains))) {
+      s.gain_blocks = static_cast<int>(pe.blocks);
+      s.gain_block = static_cast<int>(sp.expert % pe.blocks);
+    }
   }
   for (size_t b = 0; b < plan.buckets.size(); ++b) {
     const BucketPlan& bp = plan.buckets[b];

@@ -55,6 +55,15 @@ uint32_t ManifestCrc(json j) {
   return Crc32c(0, s.data(), s.size());
 }
 
+// blocks=rows:K with column or scalar gains: the K block slots hold equal copies of their
+// matrix's shared gains. The manifest says so ("block_gains": "shared"); a checkpoint of
+// such a group without it was written when each block had gains of its own, and its copies
+// differ, so it is refused rather than loaded as diverged replicas.
+bool SharesBlockGains(const GroupSpec& g) {
+  return g.row_blocks > 1 &&
+         (kernels::HasColGains(g.rule.gains) || kernels::HasScalarGain(g.rule.gains));
+}
+
 }  // namespace
 
 std::string ManifestText(const ManifestContent& c) {
@@ -66,7 +75,11 @@ std::string ManifestText(const ManifestContent& c) {
   j["world_size"] = c.world_size;
   j["step"] = c.step;
   json groups = json::array();
-  for (const Group& g : *c.groups) groups.push_back({{"name", g.name}, {"spec", CanonicalSpec(g.spec)}});
+  for (const Group& g : *c.groups) {
+    json entry = {{"name", g.name}, {"spec", CanonicalSpec(g.spec)}};
+    if (SharesBlockGains(g.spec)) entry["block_gains"] = "shared";
+    groups.push_back(std::move(entry));
+  }
   j["groups"] = std::move(groups);
   json params = json::array();
   for (const ParamEntry& p : *c.params) params.push_back(ParamJson(p, *c.groups));
@@ -160,6 +173,13 @@ absl::Status ReadManifest(const std::string& dir, const std::string& engine,
       if (StateLayoutOf(*theirs) != StateLayoutOf(ours.spec)) {
         return mismatch(absl::StrCat("group '", ours.name, "' was saved with ", StateLayoutOf(*theirs),
                                      ", this optimizer has ", StateLayoutOf(ours.spec)));
+      }
+      if (SharesBlockGains(ours.spec) &&
+          (!g[k].contains("block_gains") || g[k].at("block_gains") != "shared")) {
+        return mismatch(absl::StrCat(
+            "group '", ours.name, "' (blocks=rows:", ours.spec.row_blocks,
+            ") was saved when each row block had column and scalar gains of its own; this "
+            "build shares them over a matrix's blocks"));
       }
     }
     const json& p = j.at("params");

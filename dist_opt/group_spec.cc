@@ -265,6 +265,21 @@ absl::Status CheckConsistency(const GroupSpec& g, const std::set<std::string>& g
                      r.sphere == Sphere::kCol ? "col or rowcol" : r.sphere == Sphere::kRow ? "row or rowcol" : "scalar, row, col or rowcol",
                      ", or radius=init, which keeps the norms as the radii)"));
   }
+  // blocks=rows:K shares the column and scalar gains over the K blocks, so they cannot hold
+  // a factor of each block's own norm; row gains can (each block's rows are its own).
+  if (g.preserve_init && g.row_blocks > 1 && r.sphere != Sphere::kNone) {
+    const kernels::AbsorbInto into = kernels::PreserveInitTarget(r.sphere, r.gains);
+    if (into == kernels::AbsorbInto::kCol || into == kernels::AbsorbInto::kScalar) {
+      return Contradiction(
+          "blocks",
+          absl::StrCat("blocks=rows:", g.row_blocks, " with preserve_init=1 needs the initial "
+                       "norms in the row gains (each block's rows are its own), but sphere=",
+                       ToString(r.sphere), " with gains=", ToString(r.gains), " puts them into the ",
+                       into == kernels::AbsorbInto::kCol ? "column gains" : "scalar gain",
+                       ", which the blocks share (use gains=row or rowcol with sphere=frobenius "
+                       "or row, or radius=init without preserve_init)"));
+    }
+  }
   if (r.sphere == Sphere::kNone) {
     if (given.count("radius")) return Contradiction("radius", "has no effect with sphere=none");
     if (r.tangent) return Contradiction("tangent", "tangent=1 needs a sphere (sphere=none given)");

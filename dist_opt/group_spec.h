@@ -24,9 +24,10 @@ struct GroupSpec {
   Layout layout = Layout::kAuto;
   // blocks=rows:K: every matrix of the group is K logical matrices stacked by rows (a GLU
   // fc1's [gate; up] is rows:2), each (m / K) x n. Each block is a matrix of its own: its own
-  // sphere and radius, tangent projection, Newton-Schulz (or Adam) update, Muon scale and
-  // gains (row gains cover its rows, so the fused tensor's row gains are the blocks' together;
-  // column and scalar gains are the block's own). 1: the matrix is one block.
+  // sphere and radius, tangent projection, Newton-Schulz (or Adam) update and Muon scale.
+  // Row gains stay per row (a block's row gains are its rows'); the column gains and the
+  // scalar gain are the fused matrix's, shared by its K blocks (per expert of a stack), their
+  // gradient summed over every block's rows. 1: the matrix is one block.
   int64_t row_blocks = 1;
 };
 

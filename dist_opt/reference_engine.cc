@@ -1,6 +1,7 @@
 // The float64 engine: kernels/reference/reference.h on whole matrices, one plain pass per step of
 // the math. It is the oracle the fast engine is tested against and the baseline mdopt-bench
 // reports ratios to. One rank only: it never shards.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <iterator>
@@ -117,11 +118,33 @@ absl::Status ReferenceEngine::Step(double lr_scale, void*) {
   for (size_t i = 0; i < params_.size(); ++i) {
     const ParamEntry& p = params_[i];
     const int64_t mn = p.m * p.n;
-    g_.resize(static_cast<size_t>(mn));
-    for (int64_t e = 0; e < p.experts; ++e) {
-      for (int64_t q = 0; q < mn; ++q) g_[q] = Load(p.grad, p.grad_dtype, e * mn + q);
-      ref::Step(p.rule, g_.data(), p.rule.lr * lr_scale, p.rule.gain_lr * lr_scale, t, &st_[i][e]);
-      WriteModel(static_cast<int64_t>(i), e);
+    // A matrix of K row blocks (blocks=rows:K) is K matrices here that share its column and
+    // scalar gains: each keeps a copy, stepped with the gradient summed over the K blocks
+    // (each block's taken before any block steps).
+    const int64_t K = std::max<int64_t>(1, p.blocks);
+    const bool share = K > 1 && (kernels::HasColGains(p.rule.gains) ||
+                                 kernels::HasScalarGain(p.rule.gains));
+    g_.resize(static_cast<size_t>(K * mn));
+    for (int64_t e0 = 0; e0 < p.experts; e0 += K) {
+      for (int64_t q = 0; q < K * mn; ++q) g_[q] = Load(p.grad, p.grad_dtype, e0 * mn + q);
+      ref::ColScalarGrads sum;
+      if (share) {
+        for (int64_t k = 0; k < K; ++k) {
+          const ref::ColScalarGrads b =
+              ref::ColScalarGradients(p.rule, g_.data() + k * mn, st_[i][e0 + k]);
+          if (k == 0) {
+            sum = b;
+            continue;
+          }
+          for (size_t j = 0; j < sum.col.size(); ++j) sum.col[j] += b.col[j];
+          sum.scalar += b.scalar;
+        }
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        ref::Step(p.rule, g_.data() + k * mn, p.rule.lr * lr_scale, p.rule.gain_lr * lr_scale, t,
+                  &st_[i][e0 + k], share ? &sum : nullptr);
+        WriteModel(static_cast<int64_t>(i), e0 + k);
+      }
     }
   }
   return absl::OkStatus();

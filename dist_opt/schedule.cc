@@ -373,12 +373,18 @@ absl::Status ScheduledEngine::Step(double lr_scale, void* stream) {
     // Nothing to overlap: each matrix goes through all its stages before the next starts,
     // so that the finishing pass finds the rows the first pass wrote still in cache (a
     // bucket's worth of matrices in between would have evicted them). Matrices are
-    // independent, so the order changes no result.
+    // independent, so the order changes no result. The K row blocks of one matrix
+    // (blocks=rows:K) go together: Finish sums their column/scalar-gain gradients.
     for (int b = 0; b < B; ++b) {
-      for (size_t q = 0; q < plan_.buckets[b].slots.size(); ++q) {
+      const std::vector<int>& slots = plan_.buckets[b].slots;
+      for (size_t q = 0; q < slots.size();) {
+        const SlotPlan& sp = plan_.slots[slots[q]];
+        const size_t end = std::min(
+            slots.size(), q + static_cast<size_t>(std::max<int64_t>(1, params_[sp.param].blocks)));
         for (int stage = 0; stage < kScheduleStages; ++stage) {
-          if (absl::Status s = Stage(b, stage, SlotRange{b, q, q + 1}); !s.ok()) return s;
+          if (absl::Status s = Stage(b, stage, SlotRange{b, q, end}); !s.ok()) return s;
         }
+        q = end;
       }
     }
   } else {

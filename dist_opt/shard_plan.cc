@@ -72,9 +72,12 @@ std::vector<SlotRun> FormBuckets(const std::vector<ParamEntry>& params, const Sh
     const ParamEntry& p = params[i];
     const int64_t pb = p.numel() * 4;
     if (pb > bucket_bytes) {
-      // Its own buckets: experts in runs that fit (at least one expert each).
-      const int64_t eb = p.m * p.n * 4;
-      const int64_t per = std::max<int64_t>(1, bucket_bytes / std::max<int64_t>(eb, 1));
+      // Its own buckets: experts in runs that fit (at least one expert each). A matrix of K
+      // row blocks (blocks=rows:K) is K slots that sum their column/scalar-gain gradients
+      // in Finish, so a run never splits one: runs are whole matrices, multiples of K slots.
+      const int64_t K = std::max<int64_t>(1, p.blocks);
+      const int64_t eb = K * p.m * p.n * 4;
+      const int64_t per = K * std::max<int64_t>(1, bucket_bytes / std::max<int64_t>(eb, 1));
       for (int64_t e0 = 0; e0 < p.experts; e0 += per) {
         SlotRun r{i, i + 1, {}};
         for (int64_t e = e0; e < std::min(p.experts, e0 + per); ++e)
@@ -163,17 +166,25 @@ ShardPlan BuildShardPlan(const std::vector<ParamEntry>& params, const std::vecto
     if (s.muon) ns_total += NsCost(s.m, s.n);
     if (s.layout == Layout::kOwner) bytes_total += static_cast<double>(s.m * s.n);
   }
+  // The K row blocks of one owner-layout matrix (blocks=rows:K) are one item: they share
+  // column and scalar gains, whose gradient is summed over the K slots where they are held.
+  // `lead[k]` is the slot whose owner slot k takes (itself, or its matrix's block 0).
   std::vector<double> weight(S, 0.0);
-  std::vector<int> items, owner(S, 0);
+  std::vector<int> items, owner(S, 0), lead(S, 0);
   for (size_t k = 0; k < S; ++k) {
     const SlotPlan& s = plan.slots[k];
+    const int64_t K = std::max<int64_t>(1, params[s.param].blocks);
+    const bool grouped = s.layout == Layout::kOwner && K > 1;
+    lead[k] = grouped ? static_cast<int>(k - s.expert % K) : static_cast<int>(k);
     if (!s.muon && s.layout != Layout::kOwner) continue;
-    if (s.muon) weight[k] += NsCost(s.m, s.n) / ns_total;
-    if (s.layout == Layout::kOwner) weight[k] += static_cast<double>(s.m * s.n) / bytes_total;
-    items.push_back(static_cast<int>(k));
+    double w = 0.0;
+    if (s.muon) w += NsCost(s.m, s.n) / ns_total;
+    if (s.layout == Layout::kOwner) w += static_cast<double>(s.m * s.n) / bytes_total;
+    weight[lead[k]] += w;
+    if (lead[k] == static_cast<int>(k)) items.push_back(static_cast<int>(k));
   }
   Pack(std::move(items), weight, N, &owner);
-  for (size_t k = 0; k < S; ++k) plan.slots[k].owner = owner[k];
+  for (size_t k = 0; k < S; ++k) plan.slots[k].owner = owner[lead[k]];
 
   plan.bucket_of_param.assign(params.size(), 0);
   for (SlotRun& run : FormBuckets(params, plan, o.bucket_bytes)) {

@@ -18,6 +18,11 @@
 // the load of a rank being its share of the whole-matrix state bytes plus its share of the
 // Newton-Schulz cost, so that neither memory nor NS time piles up on one rank.
 //
+// The K row blocks of one matrix (blocks=rows:K: K slots, one per block) share its column
+// and scalar gains, whose gradient is summed over the K slots where the gains are held. So
+// they stay together: under the owner layout they are one packing item (one owner), and a
+// parameter split over buckets is split at whole matrices (multiples of K slots).
+//
 // A bucket is a run of parameters (in reverse registration order, the order backward
 // produces gradients) of one (param dtype, grad dtype) pair, about bucket_bytes of f32
 // state. A parameter larger than that gets buckets of its own: an expert stack is split by

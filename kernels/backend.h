@@ -87,6 +87,13 @@ struct SlotDesc {
   int64_t cross_offset = 0;        // in the bucket's cross record
   int64_t radial_offset = 0;       // in the bucket's radial record (tangent=1)
   int64_t full_offset = 0;         // ns_gathered: the whole X in the bucket's full buffer
+  // A matrix of K row blocks (blocks=rows:K) is K slots, consecutive in their bucket, that
+  // share column and scalar gains: each keeps a replica, and Finish steps every replica
+  // with the same gradient, the K slots' (cross-rank summed) gradients added in block order,
+  // so the replicas stay bitwise equal. gain_block: this slot's block; gain_blocks: K (1:
+  // gains of its own, also when the rule has no column or scalar gains). A SlotRange given
+  // to Finish holds all K slots of such a matrix or none.
+  int gain_block = 0, gain_blocks = 1;
 };
 
 // A range of a float buffer that crosses the wire in bf16 (ns_comm_dtype=bf16).

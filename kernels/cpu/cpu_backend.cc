@@ -163,6 +163,8 @@ class CpuBackend final : public StepBackend {
   size_t BatchRun(const BucketDesc& bd, size_t q, size_t q1, size_t* end) const;
   void ConvertToBf16(const float* src, uint16_t* dst, const std::vector<ElementRange>& ranges);
   void ConvertToF32(const uint16_t* src, float* dst, const std::vector<ElementRange>& ranges);
+  // blocks=rows:K: every block's column/scalar-gain gradient becomes the K blocks' sum.
+  void ShareBlockGains(const SlotRange& r);
 
   const int threads_;
   int depth_ = 0, previous_threads_ = 0;
@@ -635,8 +637,32 @@ void CpuBackend::ApplyCross(const SlotRange& r) {
   }
 }
 
+// The K slots of a matrix of row blocks hold replicas of its column and scalar gains: block
+// 0's partials take the sum over blocks 0..K-1 (added in that order, after any cross-rank
+// sum), and the other blocks a copy, so every replica steps with the same gradient.
+void CpuBackend::ShareBlockGains(const SlotRange& r) {
+  const BucketDesc& bd = cfg_.buckets[r.bucket];
+  for (size_t q = r.q0; q < r.q1; ++q) {
+    const SlotDesc& sd = cfg_.slots[bd.slots[q]];
+    if (sd.gain_blocks < 2 || sd.gain_block != 0 || !sd.holds) continue;
+    const size_t end = std::min(r.q1, q + static_cast<size_t>(sd.gain_blocks));
+    fast::Partials& sum = st_[bd.slots[q]].partials;
+    for (size_t j = q + 1; j < end; ++j) {
+      const fast::Partials& p = st_[bd.slots[j]].partials;
+      for (size_t c = 0; c < sum.col_grad.size(); ++c) sum.col_grad[c] += p.col_grad[c];
+      for (size_t c = 0; c < sum.scalar_grad.size(); ++c) sum.scalar_grad[c] += p.scalar_grad[c];
+    }
+    for (size_t j = q + 1; j < end; ++j) {
+      fast::Partials& p = st_[bd.slots[j]].partials;
+      std::copy(sum.col_grad.begin(), sum.col_grad.end(), p.col_grad.begin());
+      std::copy(sum.scalar_grad.begin(), sum.scalar_grad.end(), p.scalar_grad.begin());
+    }
+  }
+}
+
 void CpuBackend::Finish(const SlotRange& r) {
   if (skip_) return;
+  ShareBlockGains(r);
   const BucketDesc& bd = cfg_.buckets[r.bucket];
   Workspace& ws = Pool(r.bucket);
   for (size_t q = r.q0; q < r.q1; ++q) {

@@ -700,6 +700,8 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
     s.rows = sd.rows;
     s.model_off = sd.tensor_offset + sd.row_begin * p.n;
     s.cross_slot = sd.cross;
+    s.gain_block = sd.gain_block;
+    s.gain_blocks = sd.gain_blocks;
   }
   buckets_.assign(B, BucketDev{});
   for (size_t b = 0; b < B; ++b) BuildBucket(static_cast<int>(b));

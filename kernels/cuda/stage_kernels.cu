@@ -532,11 +532,24 @@ __global__ void __launch_bounds__(kTileCols) GainsKernel(DevTables t, const int3
   if (HasRowGains(gains))
     for (int64_t i = threadIdx.x; i < s.rows; i += kTileCols)
       md::GainAdamElement(gp, gs, s.row_grad[i], s.row_raw + i, s.row_m + i, s.row_v + i);
+  // The column and scalar gains of a matrix of K row blocks: each block's replica steps with
+  // the gradient summed over the K blocks in block order (the CPU backend's order), so the
+  // replicas stay bitwise equal. Only the raw gains and moments are written here, never a
+  // gradient, so the blocks of this launch read each other's sums without a race.
+  const DevSlot* peers = t.slots + (slots[blockIdx.x] - s.gain_block);
+  auto shared = [&](const double* own, int64_t j, double* DevSlot::*field) {
+    if (s.gain_blocks < 2) return own[j];
+    double g = (peers[0].*field)[j];
+    for (int32_t k = 1; k < s.gain_blocks; ++k) g += (peers[k].*field)[j];
+    return g;
+  };
   if (HasColGains(gains))
     for (int64_t j = threadIdx.x; j < s.n; j += kTileCols)
-      md::GainAdamElement(gp, gs, s.col_grad[j], s.col_raw + j, s.col_m + j, s.col_v + j);
+      md::GainAdamElement(gp, gs, shared(s.col_grad, j, &DevSlot::col_grad), s.col_raw + j,
+                          s.col_m + j, s.col_v + j);
   if (HasScalarGain(gains) && threadIdx.x == 0)
-    md::GainAdamElement(gp, gs, s.scalar_grad[0], s.scalar_raw, s.scalar_m, s.scalar_v);
+    md::GainAdamElement(gp, gs, shared(s.scalar_grad, 0, &DevSlot::scalar_grad), s.scalar_raw,
+                        s.scalar_m, s.scalar_v);
 }
 
 // The record of a slot: column-gain gradients, the scalar-gain gradient, the squared norms

@@ -78,6 +78,9 @@ struct DevSlot {
   double* cross = nullptr;         // its place in the bucket's cross record (cross slots)
   double* radial = nullptr;        // ... in the radial record (tangent, cross slots)
   uint8_t cross_slot = 0;
+  // blocks=rows:K: this slot is block gain_block of K = gain_blocks consecutive slots that
+  // step replicas of one column/scalar gain with the sum of their gradients (SlotDesc).
+  int32_t gain_block = 0, gain_blocks = 1;
   // Its tiles' places in the scratch.
   int32_t row_tiles = 0, col_tiles = 0;
   int64_t row_part = 0, col_part = 0, tile_part = 0;

@@ -177,8 +177,25 @@ double ScalarGain(const UpdateRule& rule, const MatrixState& s) {
   return HasScalarGain(rule.gains) ? GainValue(rule.gain_param, s.scalar.raw[0]) : 1.0;
 }
 
+ColScalarGrads ColScalarGradients(const UpdateRule& rule, const double* g, const MatrixState& s) {
+  const int64_t m = s.m, n = s.n;
+  const std::vector<double> gr = RowGains(rule, s);
+  const std::vector<double> gc = ColGains(rule, s);
+  const double gs = ScalarGain(rule, s);
+  ColScalarGrads out;
+  out.col.assign(static_cast<size_t>(n), 0.0);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      const double d = s.w[i * n + j] / (gs * gr[i] * gc[j]);
+      const double dg = d * g[i * n + j];
+      out.col[j] += dg * gs * gr[i];
+      out.scalar += dg * gr[i] * gc[j];
+    }
+  return out;
+}
+
 void Step(const UpdateRule& rule, const double* g, double lr, double gain_lr, int64_t t,
-          MatrixState* s) {
+          MatrixState* s, const ColScalarGrads* shared) {
   const int64_t m = s->m, n = s->n;
   const size_t numel = static_cast<size_t>(m * n);
 
@@ -200,6 +217,11 @@ void Step(const UpdateRule& rule, const double* g, double lr, double gain_lr, in
       grad_col[j] += dg * gs * gr[i];
       grad_scalar[0] += dg * gr[i] * gc[j];
     }
+
+  if (shared != nullptr) {
+    grad_col = shared->col;
+    grad_scalar[0] = shared->scalar;
+  }
 
   // 3. The direction's gradient.
   std::vector<double> gd(numel);

@@ -49,10 +49,20 @@ void Project(Sphere sphere, const double* radius, int64_t m, int64_t n, double* 
 void NewtonSchulz(NsCoeffSet set, int steps, int64_t m, int64_t n, const double* x,
                   double* out);
 
+// Gradients with respect to the column gains (n) and the scalar gain (1) for gradient g at
+// state s (step 2 of the math), zeros where the rule has no such gain.
+struct ColScalarGrads {
+  std::vector<double> col;
+  double scalar = 0.0;
+};
+ColScalarGrads ColScalarGradients(const UpdateRule& rule, const double* g, const MatrixState& s);
+
 // One step with gradient g (m x n). lr and gain_lr already include the lr schedule's scale;
-// t is the 1-based count of steps taken, for Adam's bias correction.
+// t is the 1-based count of steps taken, for Adam's bias correction. `shared`, when given,
+// replaces the matrix's own column- and scalar-gain gradients: a matrix of row blocks
+// (blocks=rows:K) steps each block with the sum of ColScalarGradients over its K blocks.
 void Step(const UpdateRule& rule, const double* g, double lr, double gain_lr, int64_t t,
-          MatrixState* s);
+          MatrixState* s, const ColScalarGrads* shared = nullptr);
 
 // The effective gains gamma = phi(raw), or ones where the rule has no such gain.
 std::vector<double> RowGains(const UpdateRule& rule, const MatrixState& s);

@@ -161,6 +161,13 @@ const Config kConfigs[] = {
     {"glu_blocks_rows", "md-muon", "blocks=rows:2", "", MDOPT_DTYPE_F32, MDOPT_DTYPE_F32},
     {"glu_blocks_owner_bf16", "md-adamw", "blocks=rows:2 layout=owner", "", MDOPT_DTYPE_BF16,
      MDOPT_DTYPE_F32},
+    // The blocks' shared column/scalar gains: gradients summed over the blocks after the
+    // cross-row record (rows) or at the one owner of all of a matrix's blocks (owner).
+    {"glu_blocks_scalar_owner", "md-muon", "blocks=rows:2 gains=scalar tangent=1 layout=owner", "",
+     MDOPT_DTYPE_F32, MDOPT_DTYPE_F32},
+    {"glu_blocks_col_rows_preserve_fan_in", "md-adamw",
+     "blocks=rows:2 gains=rowcol preserve_init=1 radius=fan_in", "update_norms=1", MDOPT_DTYPE_F32,
+     MDOPT_DTYPE_F32},
     // The initial norms (summed over ranks in the rows layout) into the gains; fan_in radii
     // from the global shape.
     {"preserve_init_col_fan_in", "md-adamw", "sphere=col gains=col preserve_init=1 radius=fan_in",

@@ -124,7 +124,10 @@ const Case kCases[] = {{"preset=md-muon", "rows", false},
                        {"preset=md-adamw", "rows", false},
                        {"preset=md-adamw", "owner", true},
                        {"preset=md-muon blocks=rows:2", "rows", false},
-                       {"preset=md-adamw blocks=rows:2", "owner", false}};
+                       {"preset=md-adamw blocks=rows:2", "owner", false},
+                       // shared column/scalar gains: K copies per matrix, resharded as such
+                       {"preset=md-muon gains=scalar blocks=rows:2", "owner", false},
+                       {"preset=md-adamw gains=col blocks=rows:2", "rows", true}};
 
 std::string CaseName(const ::testing::TestParamInfo<int>& info) {
   return TestNameOf(kCases[info.param].Name());

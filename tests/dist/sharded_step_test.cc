@@ -21,7 +21,7 @@ namespace mdopt::dist_test {
 namespace {
 
 // f32 state on both sides; the only differences are the order of cross-rank sums and the
-// mean's rounding. Measured worst case 3.0e-7 (N = 4, 2026-12-01).
+// mean's rounding. Measured worst case 3.5e-7 (N = 4, 2026-12-07).
 constexpr double kTolerance = 5e-6;
 constexpr int kSteps = 20;
 
@@ -75,15 +75,23 @@ std::vector<Case> Cases() {
     c.push_back(e);
   }
   // Logical row blocks (a GLU fc1 and an expert stack of them, blocks of 1 row, of fewer rows
-  // than ranks, of odd heights): every block a slot of its own, in both layouts.
+  // than ranks, of odd heights): every block a slot of its own for its sphere and update,
+  // the column and scalar gains shared by a matrix's blocks, in both layouts, in one bucket
+  // and in one bucket per matrix (a stack split over buckets, windows), with preserve_init
+  // (each block's norm into its row gains) and radius=fan_in.
   const std::vector<Tensor> glu = {{"fc1", {14, 19}},        {"small", {2, 9}},
                                    {"experts", {3, 10, 8}},  {"big", {40, 90}}};
-  for (const char* s : {"preset=md-muon blocks=rows:2", "preset=md-adamw blocks=rows:2"})
-    for (const char* layout : {"rows", "owner"}) {
-      Case b{s, layout, false, false};
-      b.tensors = glu;
-      c.push_back(b);
-    }
+  for (const char* s : {"preset=md-muon blocks=rows:2", "preset=md-adamw blocks=rows:2",
+                        "preset=md-muon gains=scalar tangent=1 blocks=rows:2",
+                        "preset=md-adamw gains=col blocks=rows:2",
+                        "preset=md-muon preserve_init=1 blocks=rows:2",
+                        "preset=md-adamw radius=fan_in blocks=rows:2"})
+    for (const char* layout : {"rows", "owner"})
+      for (bool many : {false, true}) {
+        Case b{s, layout, false, many};
+        b.tensors = glu;
+        c.push_back(b);
+      }
   return c;
 }
 
@@ -138,6 +146,25 @@ void Compare(const Case& c) {
       if (!x.ok()) continue;
       ASSERT_EQ(x->size(), y->size()) << field;
       EXPECT_LE(RelMaxError(*x, *y), c.tolerance) << "tensor " << i << " " << field;
+    }
+  }
+  // blocks=rows:K: the column and scalar gains a matrix's blocks share are bitwise one value
+  // (each block slot holds a copy) on N ranks as on one.
+  if (const size_t at = c.spec.find("blocks=rows:"); at != std::string::npos) {
+    const int64_t K = std::stoll(c.spec.substr(at + 12));
+    for (size_t i = 0; i < sharded.size(); ++i) {
+      const int64_t n = c.tensors[i].shape.back();
+      for (const char* field : {"gain_col", "gain_scalar"}) {
+        absl::StatusOr<std::vector<double>> x = sharded.opt().GetState(static_cast<int64_t>(i), field);
+        if (!x.ok()) continue;
+        const int64_t per = std::string(field) == "gain_col" ? n : 1;
+        const int64_t slots = static_cast<int64_t>(x->size()) / per;
+        ASSERT_EQ(slots % K, 0) << field;
+        for (int64_t s = 0; s < slots; ++s)
+          for (int64_t j = 0; j < per; ++j)
+            ASSERT_EQ((*x)[s * per + j], (*x)[(s - s % K) * per + j])
+                << "tensor " << i << " " << field << " slot " << s << " entry " << j;
+      }
     }
   }
   // mdopt_group_info: every matrix counted once over the ranks, as on one rank; the relative

@@ -1,40 +1,49 @@
 // Logical row blocks (spec key blocks=rows:K): a fused matrix whose K blocks of rows are
-// separate linear maps (a GLU fc1 [gate; up]) is K matrices to the optimizer. Held here to an
-// oracle that knows nothing of blocks: the float64 reference (kernels/reference) run on each
-// block alone, as if the block were a parameter of its own. Checked for both engines, Muon
-// and Adam bases, with and without gains, 2-D and 3-D (an expert stack of GLU fc1s):
-//   - every block's bare direction (W over its effective gains) has Frobenius norm equal to
-//     its radius after every step;
-//   - every block's weights equal the reference's for that block alone (kernels=reference:
-//     1e-12; kernels=fast: float32, 5e-6, the tolerances of crosscheck_test);
+// separate linear maps (a GLU fc1 [gate; up]) is K matrices to the optimizer for its sphere,
+// radius, tangent projection and base update, while its gains are the fused matrix's: row
+// gains per row, one column-gain vector and one scalar gain shared by the K blocks (per
+// expert of a stack), their gradients summed over every block's rows. Held here to a float64
+// reference of the fused tensor written in this file (FusedRef: only Newton-Schulz and the
+// gain parametrisation come from the library). Checked for both engines, Muon and Adam bases,
+// with and without gains, 2-D and 3-D (an expert stack of GLU fc1s), preserve_init (the
+// initial norms into each block's row gains), radius=fan_in and radius_scale:
+//   - every block's weights equal the reference's (kernels=reference: 1e-12; kernels=fast:
+//     float32, 5e-6, the tolerances of crosscheck_test), and so do the gains;
+//   - the column and scalar gains of a matrix's blocks stay bitwise equal;
+//   - every block's bare direction (W over the effective gains) has Frobenius norm equal to
+//     its own radius after every step;
 //   - the same model without blocks does NOT keep the blocks on their spheres (the failure
-//     the key exists for), and bad values are INVALID_ARGUMENT errors naming the key.
+//     the key exists for), and bad values or combinations are INVALID_ARGUMENT errors naming
+//     the key.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <ostream>
 #include <string>
 #include <vector>
 
+#include "dist_opt/crc32c.h"
 #include "dist_opt/group_spec.h"
+#include "dist_opt/shard_plan.h"
+#include "kernels/common/gain_param.h"
 #include "kernels/reference/reference.h"
+#include "nlohmann/json.hpp"
+#include "numeric_util.h"
 #include "test_util.h"
 
 namespace mdopt {
 namespace {
 
+using kernels::Base;
+using kernels::Sphere;
 using testing::AbiHarness;
 using testing::RelMaxError;
 using testing::TensorSpec;
 
 constexpr int kSteps = 8;
 constexpr uint64_t kSeed = 5;
-
-// The block (e, b) of a tensor of E experts of K blocks of f x d, row-major.
-std::vector<double> Block(const std::vector<double>& t, int64_t slot, int64_t f, int64_t d) {
-  return std::vector<double>(t.begin() + slot * f * d, t.begin() + (slot + 1) * f * d);
-}
 
 // Gradients whose first block of every matrix is 10x larger than the others: one sphere and
 // one Newton-Schulz over the fused matrix would give the small blocks a sliver of the update.
@@ -45,45 +54,184 @@ std::vector<double> Gradient(int64_t numel, int64_t slot_elems, int64_t blocks, 
   return g;
 }
 
+// Adam on raw gains (the method's gain step), given the gradient with respect to the gains.
+struct GainAdam {
+  std::vector<double> raw, m, v;
+  void Init(size_t count, double raw0) {
+    raw.assign(count, raw0);
+    m.assign(count, 0.0);
+    v.assign(count, 0.0);
+  }
+  void Step(const kernels::UpdateRule& r, const std::vector<double>& grad, double lr, int t) {
+    const double bc1 = 1.0 - std::pow(r.beta1, t), bc2 = 1.0 - std::pow(r.beta2, t);
+    for (size_t k = 0; k < raw.size(); ++k) {
+      const double g = grad[k] * kernels::GainDerivative(r.gain_param, raw[k]);
+      m[k] = r.beta1 * m[k] + (1.0 - r.beta1) * g;
+      v[k] = r.beta2 * v[k] + (1.0 - r.beta2) * g * g;
+      raw[k] -= lr * (m[k] / bc1) / (std::sqrt(v[k] / bc2) + r.eps);
+    }
+  }
+  double Value(const kernels::UpdateRule& r, size_t k) const {
+    return raw.empty() ? 1.0 : kernels::GainValue(r.gain_param, raw[k]);
+  }
+};
+
+// The float64 reference of one fused matrix of K blocks of f x d (Frobenius sphere or none):
+// W = gs * g_row (x) D (x) g_col with g_row over all K f rows, g_col (d) and gs shared by the
+// blocks, and each block of D on its own sphere with its own base update.
+struct FusedRef {
+  kernels::UpdateRule r;
+  int64_t K = 1, f = 1, d = 1;
+  std::vector<double> w, mom, m, v, radius;  // radius: one per block
+  GainAdam row, col, scalar;
+
+  double& W(int64_t i, int64_t j) { return w[i * d + j]; }
+
+  // Sets the weights w0 (K f x d); each block's radius from `radius_of(block norm)`; either
+  // projects every block onto its sphere or (preserve_init) leaves w0 and puts each block's
+  // factor ||W_k|| / R_k into its rows' gains.
+  template <typename RadiusOf>
+  void Init(const kernels::UpdateRule& rule, int64_t blocks, int64_t rows, int64_t cols,
+            const std::vector<double>& w0, bool preserve_init, RadiusOf radius_of) {
+    r = rule;
+    K = blocks, f = rows, d = cols;
+    w = w0;
+    mom.assign(w.size(), 0.0);
+    m.assign(w.size(), 0.0);
+    v.assign(w.size(), 0.0);
+    const double one = kernels::GainRawForOne(r.gain_param);
+    if (kernels::HasRowGains(r.gains)) row.Init(static_cast<size_t>(K * f), one);
+    if (kernels::HasColGains(r.gains)) col.Init(static_cast<size_t>(d), one);
+    if (kernels::HasScalarGain(r.gains)) scalar.Init(1, one);
+    radius.assign(static_cast<size_t>(K), 0.0);
+    if (r.sphere == Sphere::kNone) return;
+    for (int64_t k = 0; k < K; ++k) {
+      const double norm = BlockNorm(w, k);
+      radius[k] = radius_of(norm);
+      if (!preserve_init) {
+        for (int64_t q = k * f * d; q < (k + 1) * f * d; ++q) w[q] *= radius[k] / norm;
+      } else {
+        for (int64_t i = k * f; i < (k + 1) * f; ++i)
+          row.raw[i] = kernels::GainRawFor(r.gain_param, norm / radius[k]);
+      }
+    }
+  }
+
+  double BlockNorm(const std::vector<double>& x, int64_t k) const {
+    double sq = 0.0;
+    for (int64_t q = k * f * d; q < (k + 1) * f * d; ++q) sq += x[q] * x[q];
+    return std::sqrt(sq);
+  }
+
+  void Step(const std::vector<double>& g, double lr, double gain_lr, int t) {
+    const int64_t M = K * f;
+    std::vector<double> gd(w.size()), D(w.size()), a_row(static_cast<size_t>(M), 0.0),
+        a_col(static_cast<size_t>(d), 0.0), a_s(1, 0.0);
+    const double gs = scalar.Value(r, 0);
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < d; ++j) {
+        const double gr = row.Value(r, i), gc = col.Value(r, j);
+        const size_t q = static_cast<size_t>(i * d + j);
+        D[q] = w[q] / (gs * gr * gc);
+        const double dg = D[q] * g[q];
+        a_row[i] += gs * dg * gc;
+        a_col[j] += gs * dg * gr;  // over the rows of every block: the shared column gains
+        a_s[0] += dg * gr * gc;
+        gd[q] = g[q] * gs * gr * gc;
+      }
+    for (int64_t k = 0; k < K; ++k) {
+      const size_t b0 = static_cast<size_t>(k * f * d), b1 = static_cast<size_t>((k + 1) * f * d);
+      if (r.tangent && r.sphere != Sphere::kNone) {
+        double dot = 0.0, dd = 0.0;
+        for (size_t q = b0; q < b1; ++q) dot += gd[q] * D[q], dd += D[q] * D[q];
+        for (size_t q = b0; q < b1; ++q) gd[q] -= dot / dd * D[q];
+      }
+      std::vector<double> u(b1 - b0);
+      if (r.base == Base::kMuon) {
+        std::vector<double> x(b1 - b0);
+        for (size_t q = b0; q < b1; ++q) {
+          mom[q] = r.momentum * mom[q] + gd[q];
+          x[q - b0] = r.nesterov ? gd[q] + r.momentum * mom[q] : mom[q];
+        }
+        kernels::ref::NewtonSchulz(r.ns_coeffs, r.ns_steps, f, d, x.data(), u.data());
+        for (double& e : u) e *= kernels::MuonScaleFactor(r.muon_scale, f, d);
+      } else {
+        const double bc1 = 1.0 - std::pow(r.beta1, t), bc2 = 1.0 - std::pow(r.beta2, t);
+        for (size_t q = b0; q < b1; ++q) {
+          m[q] = r.beta1 * m[q] + (1.0 - r.beta1) * gd[q];
+          v[q] = r.beta2 * v[q] + (1.0 - r.beta2) * gd[q] * gd[q];
+          u[q - b0] = (m[q] / bc1) / (std::sqrt(v[q] / bc2) + r.eps);
+        }
+      }
+      for (size_t q = b0; q < b1; ++q) D[q] = D[q] * (1.0 - lr * r.weight_decay) - lr * u[q - b0];
+      if (r.sphere != Sphere::kNone) {
+        const double s = radius[k] / BlockNorm(D, k);
+        for (size_t q = b0; q < b1; ++q) D[q] *= s;
+      }
+    }
+    if (!row.raw.empty()) row.Step(r, a_row, gain_lr, t);
+    if (!col.raw.empty()) col.Step(r, a_col, gain_lr, t);
+    if (!scalar.raw.empty()) scalar.Step(r, a_s, gain_lr, t);
+    const double gs2 = scalar.Value(r, 0);
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < d; ++j) W(i, j) = gs2 * row.Value(r, i) * D[i * d + j] * col.Value(r, j);
+  }
+};
+
 struct Case {
   std::string preset;
   std::string engine;
   std::vector<int64_t> shape;  // 2-D [K f, d] or 3-D [E, K f, d]
   int64_t blocks;
+  std::string extra = "";      // more spec keys (preserve_init=1, radius=fan_in)
+  double radius_scale = 0.0;   // mdopt_param_desc.radius_scale (0: not given, 1)
   std::string Name() const {
-    std::string s = preset + "_" + engine.substr(8) + "_";
+    std::string s = preset + "_" + extra + "_" + engine.substr(8) + "_";
     for (int64_t x : shape) s += std::to_string(x) + "x";
     s += "_rows" + std::to_string(blocks);
+    if (radius_scale > 0) s += "_scale" + std::to_string(static_cast<int>(radius_scale * 100));
     for (char& c : s)
       if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
     return s;
   }
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.Name(); }
+
 class Blocks : public ::testing::TestWithParam<Case> {};
 
-TEST_P(Blocks, EachBlockIsItsOwnMatrix) {
+TEST_P(Blocks, BlocksShareColumnAndScalarGains) {
   const Case& c = GetParam();
   const bool stack = c.shape.size() == 3;
   const int64_t E = stack ? c.shape[0] : 1, K = c.blocks;
   const int64_t f = c.shape[stack ? 1 : 0] / K, d = c.shape.back();
-  const int64_t slots = E * K, numel = slots * f * d;
-  const std::string spec = "preset=" + c.preset + " blocks=rows:" + std::to_string(K);
-  AbiHarness h(c.engine + " threads=1", spec, {TensorSpec{"fc1", c.shape}}, kSeed);
+  const int64_t slots = E * K, numel = slots * f * d, mat = K * f * d;
+  const std::string spec = "preset=" + c.preset + " " + c.extra;
+  TensorSpec t{"fc1", c.shape};
+  t.radius_scale = c.radius_scale;
+  AbiHarness h(c.engine + " threads=1", spec + " blocks=rows:" + std::to_string(K), {t}, kSeed);
   const std::vector<double> w0 = h.Model(0);
   MDOPT_ASSERT_OK(mdopt_finalize(h.opt()));
 
-  absl::StatusOr<GroupSpec> parsed = ParseGroupSpec("preset=" + c.preset);
-  ASSERT_TRUE(parsed.ok());
+  absl::StatusOr<GroupSpec> parsed = ParseGroupSpec(spec);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
   const kernels::UpdateRule rule = parsed->rule;
-  std::vector<kernels::ref::MatrixState> ref(static_cast<size_t>(slots));
-  for (int64_t s = 0; s < slots; ++s) {
-    const std::vector<double> b = Block(w0, s, f, d);
-    ASSERT_EQ(kernels::ref::Init(rule, f, d, b.data(), /*project=*/true, &ref[s]), -1);
+  ASSERT_TRUE(rule.sphere == Sphere::kFrobenius || rule.sphere == Sphere::kNone);
+  const double scale = c.radius_scale > 0 ? c.radius_scale : 1.0;
+  const bool fan_in = rule.radius_mode == kernels::RadiusMode::kFanIn;
+  ASSERT_TRUE(fan_in || rule.radius_mode == kernels::RadiusMode::kAuto);
+  // radius=auto: sqrt(max(f, d)); fan_in: sqrt(f), of the block's own shape, times the scale.
+  const double block_radius =
+      scale * std::sqrt(static_cast<double>(fan_in ? f : std::max(f, d)));
+  std::vector<FusedRef> ref(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) {
+    ref[e].Init(rule, K, f, d, std::vector<double>(w0.begin() + e * mat, w0.begin() + (e + 1) * mat),
+                parsed->preserve_init, [&](double) { return block_radius; });
   }
   const double tol = c.engine == "kernels=fast" ? 5e-6 : 1e-12;
-  const bool sphere = rule.sphere != kernels::Sphere::kNone;
-  double worst_norm = 0.0, worst_w = 0.0;
+  const bool sphere = rule.sphere != Sphere::kNone;
+  const kernels::Gains gk = rule.gains;
+  double worst_norm = 0.0, worst_w = 0.0, worst_gain = 0.0;
   for (int step = 1; step <= kSteps; ++step) {
     std::vector<double> g = Gradient(numel, f * d, K, kSeed * 977 + step);
     for (int64_t k = 0; k < numel; ++k) {
@@ -96,13 +244,13 @@ TEST_P(Blocks, EachBlockIsItsOwnMatrix) {
     // The master weights: float64 on the reference engine, float32 on the fast one.
     const std::vector<double> w = h.State(0, "master");
     ASSERT_EQ(static_cast<int64_t>(w.size()), numel);
-    // Effective gains: row gains along the fused tensor's rows (slots * f of them), column
-    // gains per block (slots * d), a scalar per block; ones where the rule has none.
+    // Effective gains as the ABI gives them: row gains along the fused tensor's rows
+    // (slots * f), column gains and the scalar per block slot (slots * d, slots): the
+    // blocks' copies of their matrix's shared gains. Ones where the rule has none.
     std::vector<double> grow(slots * f, 1.0), gcol(slots * d, 1.0), gsc(slots, 1.0), radius;
-    const kernels::Gains gk = rule.gains;
-    if (gk == kernels::Gains::kRow || gk == kernels::Gains::kRowCol) grow = h.State(0, "gain_row");
-    if (gk == kernels::Gains::kCol || gk == kernels::Gains::kRowCol) gcol = h.State(0, "gain_col");
-    if (gk == kernels::Gains::kScalar) gsc = h.State(0, "gain_scalar");
+    if (kernels::HasRowGains(gk)) grow = h.State(0, "gain_row");
+    if (kernels::HasColGains(gk)) gcol = h.State(0, "gain_col");
+    if (kernels::HasScalarGain(gk)) gsc = h.State(0, "gain_scalar");
     ASSERT_EQ(static_cast<int64_t>(grow.size()), slots * f);
     ASSERT_EQ(static_cast<int64_t>(gcol.size()), slots * d);
     ASSERT_EQ(static_cast<int64_t>(gsc.size()), slots);
@@ -110,41 +258,70 @@ TEST_P(Blocks, EachBlockIsItsOwnMatrix) {
       radius = h.State(0, "radius");
       ASSERT_EQ(static_cast<int64_t>(radius.size()), slots);
     }
-    for (int64_t s = 0; s < slots; ++s) {
-      const std::vector<double> g_block = Block(g, s, f, d);
-      kernels::ref::Step(rule, g_block.data(), rule.lr, rule.gain_lr, step, &ref[s]);
-      const std::vector<double> mine = Block(w, s, f, d);
-      const double err = RelMaxError(mine, ref[s].w);
+    for (int64_t e = 0; e < E; ++e) {
+      FusedRef& fr = ref[e];
+      fr.Step(std::vector<double>(g.begin() + e * mat, g.begin() + (e + 1) * mat), rule.lr,
+              rule.gain_lr, step);
+      const std::vector<double> mine(w.begin() + e * mat, w.begin() + (e + 1) * mat);
+      const double err = RelMaxError(mine, fr.w);
       worst_w = std::max(worst_w, err);
-      EXPECT_LE(err, tol) << "step " << step << " block " << s;
+      EXPECT_LE(err, tol) << "step " << step << " expert " << e;
+      // The shared gains: bitwise one value over the matrix's blocks, the reference's value.
+      std::vector<double> mine_col(gcol.begin() + e * K * d, gcol.begin() + (e * K + 1) * d);
+      std::vector<double> ref_col(static_cast<size_t>(d)), ref_row(static_cast<size_t>(K * f));
+      for (int64_t j = 0; j < d; ++j) ref_col[j] = fr.col.Value(rule, static_cast<size_t>(j));
+      for (int64_t i = 0; i < K * f; ++i) ref_row[i] = fr.row.Value(rule, static_cast<size_t>(i));
+      for (int64_t k = 1; k < K; ++k) {
+        for (int64_t j = 0; j < d; ++j)
+          ASSERT_EQ(gcol[(e * K + k) * d + j], gcol[e * K * d + j])
+              << "step " << step << " expert " << e << " block " << k << " column " << j;
+        ASSERT_EQ(gsc[e * K + k], gsc[e * K]) << "step " << step << " expert " << e << " block " << k;
+      }
+      const std::vector<double> mine_row(grow.begin() + e * K * f, grow.begin() + (e + 1) * K * f);
+      const double gerr = std::max({RelMaxError(mine_col, ref_col), RelMaxError(mine_row, ref_row),
+                                    std::abs(gsc[e * K] - fr.scalar.Value(rule, 0))});
+      worst_gain = std::max(worst_gain, gerr);
+      EXPECT_LE(gerr, tol) << "step " << step << " expert " << e;
       if (!sphere) continue;
-      double sq = 0.0;
-      for (int64_t i = 0; i < f; ++i)
-        for (int64_t j = 0; j < d; ++j) {
-          const double bare = mine[i * d + j] / (grow[s * f + i] * gcol[s * d + j] * gsc[s]);
-          sq += bare * bare;
-        }
-      const double rel = std::abs(std::sqrt(sq) - radius[s]) / radius[s];
-      worst_norm = std::max(worst_norm, rel);
-      EXPECT_LE(rel, 1e-5) << "step " << step << " block " << s;
-      // The radius is the block's own: sqrt(max(f, d)) (radius=auto).
-      EXPECT_NEAR(radius[s], std::sqrt(static_cast<double>(std::max(f, d))), 1e-6);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t s = e * K + k;
+        double sq = 0.0;
+        for (int64_t i = 0; i < f; ++i)
+          for (int64_t j = 0; j < d; ++j) {
+            const double bare = w[(s * f + i) * d + j] / (grow[s * f + i] * gcol[s * d + j] * gsc[s]);
+            sq += bare * bare;
+          }
+        const double rel = std::abs(std::sqrt(sq) - radius[s]) / radius[s];
+        worst_norm = std::max(worst_norm, rel);
+        EXPECT_LE(rel, 1e-5) << "step " << step << " block " << s;
+        // The radius is the block's own (its shape, its param's radius_scale).
+        EXPECT_NEAR(radius[s], block_radius, 1e-6 * block_radius);
+      }
     }
   }
-  std::printf("[ measured ] %s: worst |block norm - radius| / radius %.2e, worst block "
-              "weights vs per-block reference %.2e\n",
-              c.Name().c_str(), worst_norm, worst_w);
+  std::printf("[ measured ] %s: worst |block norm - radius| / radius %.2e, worst weights vs "
+              "fused reference %.2e, worst gains %.2e\n",
+              c.Name().c_str(), worst_norm, worst_w, worst_gain);
 }
 
 std::vector<Case> Cases() {
   std::vector<Case> out;
   for (const char* preset : {"md-muon", "muonh", "md-adamw", "adamh",
-                             "md-muon gains=scalar tangent=1"})
+                             "md-muon gains=scalar tangent=1", "md-adamw gains=col"})
     for (const char* engine : {"kernels=reference", "kernels=fast"}) {
       out.push_back({preset, engine, {12, 10}, 2});  // a GLU fc1 [gate; up], f < d
       out.push_back({preset, engine, {3, 16, 5}, 2});  // a 3-D expert stack of GLU fc1s
       out.push_back({preset, engine, {9, 7}, 3});  // three blocks of 3 x 7
     }
+  for (const char* engine : {"kernels=reference", "kernels=fast"}) {
+    // preserve_init: each block's initial norm into its rows' gains (frobenius, row gains).
+    out.push_back({"md-muon", engine, {12, 10}, 2, "preserve_init=1"});
+    out.push_back({"md-adamw gains=row", engine, {3, 16, 5}, 2, "preserve_init=1"});
+    // radius=fan_in (sqrt of the block's rows) and a param's radius_scale, alone and together.
+    out.push_back({"md-muon", engine, {12, 10}, 2, "radius=fan_in"});
+    out.push_back({"md-adamw", engine, {3, 16, 5}, 2, "", 0.5});
+    out.push_back({"md-muon gains=scalar", engine, {9, 7}, 3, "radius=fan_in", 0.25});
+  }
   return out;
 }
 
@@ -189,6 +366,82 @@ TEST(BlocksSpec, BadValuesNameTheKey) {
   EXPECT_EQ(ParseGroupSpec(canon)->row_blocks, 2);
   EXPECT_EQ(CanonicalSpec(*ParseGroupSpec("preset=md-muon blocks=none")).find("blocks"),
             std::string::npos);
+}
+
+// preserve_init puts each block's initial norm into the gains; the shared column and scalar
+// gains cannot hold K different factors, so the specs that would put them there are refused
+// (naming the key), and those that put them into the row gains are taken.
+TEST(BlocksSpec, PreserveInitNeedsRowGains) {
+  for (const char* bad : {"preset=md-muon gains=col", "preset=md-adamw gains=scalar",
+                          "preset=md-adamw sphere=col gains=col",
+                          "preset=md-muon sphere=col gains=rowcol"}) {
+    const std::string spec = std::string(bad) + " preserve_init=1 blocks=rows:2";
+    absl::StatusOr<GroupSpec> s = ParseGroupSpec(spec);
+    ASSERT_FALSE(s.ok()) << spec;
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument) << spec;
+    EXPECT_NE(s.status().message().find("'blocks'"), std::string::npos) << s.status();
+    EXPECT_NE(s.status().message().find("preserve_init"), std::string::npos) << s.status();
+    // The same without blocks, or with one block, is fine.
+    EXPECT_TRUE(ParseGroupSpec(std::string(bad) + " preserve_init=1").ok()) << bad;
+    EXPECT_TRUE(ParseGroupSpec(std::string(bad) + " preserve_init=1 blocks=rows:1").ok()) << bad;
+  }
+  for (const char* good : {"preset=md-muon", "preset=md-adamw gains=row", "preset=router",
+                           "preset=md-muon sphere=row gains=rowcol"}) {
+    const std::string spec = std::string(good) + " preserve_init=1 blocks=rows:2";
+    EXPECT_TRUE(ParseGroupSpec(spec).ok()) << spec << ": " << ParseGroupSpec(spec).status();
+  }
+}
+
+// The plan keeps the K blocks of a matrix where their shared gains' gradient is summed: in
+// one bucket (a stack split over buckets is split at whole matrices) and, in the owner
+// layout, on one owner; the matrices themselves still spread over the ranks.
+TEST(BlocksPlan, AMatrixsBlocksShareBucketAndOwner) {
+  for (const char* layout : {"owner", "rows"}) {
+    absl::StatusOr<GroupSpec> spec =
+        ParseGroupSpec(std::string("preset=md-muon blocks=rows:2 layout=") + layout);
+    ASSERT_TRUE(spec.ok());
+    std::vector<Group> groups(1);
+    groups[0].name = "g";
+    groups[0].spec = *spec;
+    std::vector<ParamEntry> params(2);
+    params[0].name = "fc1";
+    params[0].ndim = 2;
+    params[0].experts = 2, params[0].m = 24, params[0].n = 16;
+    params[1].name = "experts";
+    params[1].ndim = 3;
+    params[1].experts = 7 * 2, params[1].m = 8, params[1].n = 16;
+    for (ParamEntry& p : params) {
+      p.blocks = 2;
+      p.rule = spec->rule;
+    }
+    for (int world : {1, 2, 3, 4, 7}) {
+      for (int64_t bytes : {int64_t{1}, int64_t{2100}, int64_t{32} << 20}) {
+        PlanOptions o;
+        o.world = world;
+        o.bucket_bytes = bytes;
+        const ShardPlan plan = BuildShardPlan(params, groups, o);
+        std::vector<int> owners_used(static_cast<size_t>(world), 0);
+        for (size_t k = 0; k < plan.slots.size(); ++k) {
+          const SlotPlan& s = plan.slots[k];
+          if (s.expert % 2 == 0) {
+            ++owners_used[s.owner];
+            continue;
+          }
+          const SlotPlan& first = plan.slots[k - 1];
+          EXPECT_EQ(s.bucket, first.bucket) << layout << " N=" << world << " bytes=" << bytes;
+          EXPECT_EQ(s.bucket_pos, first.bucket_pos + 1);
+          if (s.layout == Layout::kOwner) {
+            EXPECT_EQ(s.owner, first.owner) << "N=" << world;
+          }
+        }
+        if (std::string(layout) == "owner") {
+          int used = 0;
+          for (int c : owners_used) used += c > 0;
+          EXPECT_EQ(used, std::min(world, 8)) << "N=" << world;
+        }
+      }
+    }
+  }
 }
 
 TEST(BlocksSpec, RowsNotAMultipleAreRefused) {
@@ -239,6 +492,37 @@ TEST(BlocksSpec, CheckpointsRefuseOtherBlocks) {
   MDOPT_ASSERT_OK(mdopt_load(same.opt(), dir.c_str()));
   EXPECT_EQ(same.State(0, "master"), saver.State(0, "master"));
   EXPECT_EQ(same.State(0, "gain_col"), saver.State(0, "gain_col"));
+  std::filesystem::remove_all(dir);
+}
+
+// A checkpoint of blocks with column or scalar gains written before those gains were shared
+// (its manifest lacks "block_gains": "shared") holds per-block gains whose copies differ: it
+// is refused, naming the group, and the state is left as it was.
+TEST(BlocksSpec, CheckpointsOfPerBlockGainsAreRefused) {
+  const std::string dir = ::testing::TempDir() + "/mdopt_blocks_ckpt_old";
+  std::filesystem::remove_all(dir);
+  const std::string spec = "preset=md-muon blocks=rows:2";
+  AbiHarness saver("threads=1", spec, {TensorSpec{"fc1", {12, 10}}}, kSeed);
+  MDOPT_ASSERT_OK(mdopt_finalize(saver.opt()));
+  saver.StepChecked(kSeed, 1);
+  MDOPT_ASSERT_OK(mdopt_save(saver.opt(), dir.c_str()));
+  const std::string path = dir + "/manifest.json";
+  nlohmann::json m = nlohmann::json::parse(testing::ReadBytes(path));
+  ASSERT_EQ(m["groups"][0]["block_gains"], "shared");
+  m["groups"][0].erase("block_gains");
+  m.erase("crc32c");
+  const std::string body = m.dump();
+  char hex[9];
+  std::snprintf(hex, sizeof hex, "%08x", Crc32c(0, body.data(), body.size()));
+  m["crc32c"] = hex;
+  testing::WriteBytes(path, m.dump(2));
+  AbiHarness loader("threads=1", spec, {TensorSpec{"fc1", {12, 10}}}, kSeed + 1);
+  MDOPT_ASSERT_OK(mdopt_finalize(loader.opt()));
+  const std::vector<double> before = loader.State(0, "gain_col");
+  EXPECT_EQ(mdopt_load(loader.opt(), dir.c_str()), MDOPT_IO_ERROR);
+  EXPECT_NE(std::string(mdopt_last_error()).find("gains of its own"), std::string::npos)
+      << mdopt_last_error();
+  EXPECT_EQ(loader.State(0, "gain_col"), before);
   std::filesystem::remove_all(dir);
 }
 

@@ -66,6 +66,7 @@ struct TensorSpec {
   std::vector<int64_t> shape;
   mdopt_dtype param_dtype = MDOPT_DTYPE_F32;
   mdopt_dtype grad_dtype = MDOPT_DTYPE_F32;
+  double radius_scale = 0.0;  // mdopt_param_desc.radius_scale (0: not given)
   int64_t numel() const {
     int64_t n = 1;
     for (int64_t s : shape) n *= s;
@@ -136,8 +137,9 @@ class AbiHarness {
            &bufs_[i].param_f32, &bufs_[i].param_bf16);
       Fill(std::vector<double>(t.numel(), 0.0), t.grad_dtype, &bufs_[i].grad_f32,
            &bufs_[i].grad_bf16);
-      const mdopt_param_desc d = DescFor(t.name, kGroup, t.shape, t.param_dtype, bufs_[i].param(),
-                                         t.grad_dtype, bufs_[i].grad());
+      mdopt_param_desc d = DescFor(t.name, kGroup, t.shape, t.param_dtype, bufs_[i].param(),
+                                   t.grad_dtype, bufs_[i].grad());
+      d.radius_scale = t.radius_scale;
       EXPECT_EQ(mdopt_add_param(opt_, &d, nullptr), MDOPT_SUCCESS) << mdopt_last_error();
     }
   }

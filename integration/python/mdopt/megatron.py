@@ -34,9 +34,10 @@ Adam). `presets=`, `lrs=` and `spec=` change this per role.
 Fused weights are found from the modules and their config (megatron_layouts): a gated
 MLP's linear_fc1 ([gate; up]: dense MLPs, shared experts, every expert) goes to a group
 "matrix-rows2.<index>" with blocks=rows:2, each half its own matrix (own sphere, own
-Newton-Schulz); linear_qkv and MLA projections are reported in `layouts` and stay whole.
-Megatron's legacy GroupedMLP (every expert's fc1 and fc2 stored transposed, side by side in
-one weight1 and one weight2) is refused: mdopt cannot register its experts apart.
+Newton-Schulz; the column and scalar gains shared by the halves); linear_qkv and MLA
+projections are reported in `layouts` and stay whole. Megatron's legacy GroupedMLP (every
+expert's fc1 and fc2 stored transposed, side by side in one weight1 and one weight2) is
+refused: mdopt cannot register its experts apart.
 
 Learning rates: the matrix and router groups take their Megatron group's max_lr (config.lr);
 embedding, output and vector groups take their fixed learning rate (`lrs`, default 3e-3,
@@ -196,7 +197,8 @@ def megatron_layouts(model_chunks, split_heads=False):
                                           gate and up projections stacked by rows; dense MLPs,
                                           shared experts, every expert (SequentialMLP and
                                           TEGroupedMLP). Registered with blocks=rows:2: each
-                                          half its own matrix.
+                                          half its own matrix (sphere, Newton-Schulz),
+                                          column and scalar gains shared.
         qkv=groups:G,q:Q[,gate:Q],k:1,v:1 head_dim:D
                                           linear_qkv (per query group: Q query heads, the
                                           output gate's Q heads when attention_output_gate,

@@ -60,8 +60,9 @@ def param_groups(model, matrix_preset="md-muon", lr=None, *, embedding_lr=3e-3, 
     - `vectors`: 1-D tensors (norm gains, biases), `vector` preset at `vector_lr`.
 
     `blocks` {name: K} (or a callable (name, param) -> K or None): matrices that are K
-    logical matrices stacked by rows, each its own matrix to the optimizer (spec key
-    blocks=rows:K; docs/ARCHITECTURE.md, "Logical blocks"): a GLU linear's [gate; up] is 2.
+    logical matrices stacked by rows, each its own matrix to the optimizer (own sphere and
+    Newton-Schulz; the column and scalar gains shared by the blocks; spec key blocks=rows:K;
+    docs/ARCHITECTURE.md, "Logical blocks"): a GLU linear's [gate; up] is 2.
     They form a group "matrices-rowsK" with the matrices' settings.
 
     `classify(name, param, module)` may return one of "matrix", "embedding", "head",
