@@ -53,7 +53,8 @@ struct Config {
   const char* options;  // more optimizer options
   mdopt_dtype pd, gd;
   // At the second step "tall" has no gradient (NULL) on any rank, and with grads=local
-  // "square" none on rank 0 (the others' mean with its zeros): "tall" must not change.
+  // "square" none on rank 0 (the others' mean with its zeros): "tall" must not change. With
+  // grads=reduced, before the third step rank 0 alone drops "tiny"'s: refused everywhere.
   bool skip = false;
 };
 
@@ -116,6 +117,24 @@ void Train(const Config& c, bool gpu, std::vector<std::vector<uint8_t>>* out) {
       if (!reduced && rank == 0) ABI_OK(mdopt_set_pointers(opt, 4, param_of(4), nullptr));
       if (gpu) cudaDeviceSynchronize();
       tall_before = gpu ? dw[1]->Download() : w[1];
+    }
+    if (c.skip && reduced && s == 2) {
+      // grads=reduced, the ranks disagree on "tiny" (rank 0 has no gradient): the step fails
+      // on every rank naming it and changes nothing.
+      int size = 1;
+      ABI_OK(mdopt_comm_size(comm, &size));
+      if (size > 1) {
+        if (rank == 0) ABI_OK(mdopt_set_pointers(opt, 2, param_of(2), nullptr));
+        std::vector<std::vector<uint8_t>> was;
+        if (gpu) cudaDeviceSynchronize();
+        for (size_t i = 0; i < tensors.size(); ++i) was.push_back(gpu ? dw[i]->Download() : w[i]);
+        EXPECT_EQ(mdopt_step(opt, 1.0, nullptr, nullptr), MDOPT_INVALID_ARGUMENT);
+        EXPECT_NE(std::strstr(mdopt_last_error(), "'tiny'"), nullptr) << mdopt_last_error();
+        if (gpu) cudaDeviceSynchronize();
+        for (size_t i = 0; i < tensors.size(); ++i)
+          EXPECT_TRUE((gpu ? dw[i]->Download() : w[i]) == was[i]) << "a refused step changed " << tensors[i].name;
+        ABI_OK(mdopt_set_pointers(opt, 2, param_of(2), grad_of(2)));
+      }
     }
     // Half the gradients reported early, as a backward hook would.
     ABI_OK(mdopt_grads_ready(opt, 3, 3, nullptr));
