@@ -162,8 +162,8 @@ MDOPT_API mdopt_status mdopt_finalize(mdopt_optimizer* opt);
 /* One optimizer step with every group's lr (and gain_lr) multiplied by lr_scale.
  * stream: a cudaStream_t for device=cuda:K (NULL: the legacy default stream), NULL on the
  * CPU; the step is ordered after the work queued on it and before the work queued after the
- * call. Without info the call returns with the step queued (no host wait). info_or_null may
- * be NULL.
+ * call. Without info the call returns with the step queued (no host wait; with grads=reduced
+ * at several ranks it waits for the outcome, see below). info_or_null may be NULL.
  * Non-finite gradients skip the step: nothing changes, info->skipped = 1, the call
  * returns MDOPT_SUCCESS and mdopt_last_error() names the first offending parameter.
  * A parameter whose gradient pointer is NULL has no gradient this step and is skipped: its
