@@ -72,7 +72,8 @@ kernels::BackendConfig DescribeRank(const ShardPlan& plan, const std::vector<Par
   c.ns_bf16 = opt.ns_bf16;
   c.ns_form = opt.ns_form;
   c.update_norms = opt.update_norms;
-  c.check_len = static_cast<int64_t>(params.size());
+  c.grads_agree = sharded && !segmented;
+  c.check_len = 2 * static_cast<int64_t>(params.size());
   for (const ParamEntry& p : params) {
     kernels::ParamDesc d;
     d.name = p.name;

@@ -56,7 +56,8 @@ class Engine {
   virtual absl::Status CheckStream(void* stream) const = 0;
 
   // One step, lr_scale multiplying lr and gain_lr: the finite check, then (unless a gradient
-  // holds NaN/Inf anywhere) the update. Enqueued on the backend's stream; what the step did
+  // holds NaN/Inf anywhere) the update of every param that has a gradient (a NULL gradient
+  // pointer: none; at several ranks, none on any rank). Enqueued on the backend's stream; what the step did
   // is known after Outcome.
   // `stream`: the caller's (mdopt_step's); the step is ordered after its work and its later
   // work after the step.
@@ -80,11 +81,12 @@ class Engine {
   // Writes the model tensors from the master copies (after a checkpoint load; collective).
   virtual absl::Status WriteModels() = 0;
 
-  // What the last step did to the matrices of `group`, as seen by this rank: counts[0..2] =
-  // matrices orthogonalised, projected, gain-stepped (each matrix counted by exactly one
-  // rank), and per matrix of the group (in slot order) this rank's partial sums of
-  // ||W' - W||^2 and ||W||^2 (W before the step; zeros unless update_norms). Filled only by the fast engine.
-  virtual void LastStep(int group, int64_t counts[3], std::vector<double>* norms) const = 0;
+  // What the last step did to the matrices of `group`, as seen by this rank: counts[0..3] =
+  // matrices orthogonalised, projected, gain-stepped, skipped for want of a gradient (each
+  // matrix counted by exactly one rank), and per matrix of the group (in slot order) three
+  // values: this rank's partial sums of ||W' - W||^2 and ||W||^2 (W before the step; zeros
+  // unless update_norms), and 1 where this rank counts the matrix as skipped.
+  virtual void LastStep(int group, int64_t counts[4], std::vector<double>* norms) const = 0;
   // The params' rules changed in their scalars (mdopt_set_group_hparam): beta1, beta2, eps,
   // momentum, weight_decay. Engines that read the registry's rules at every step need
   // nothing; the scheduled engine hands them to its backend for the next step.

@@ -234,24 +234,25 @@ absl::StatusOr<StepResult> Optimizer::Step(double lr_scale, void* stream, bool w
         absl::StrCat("lr_scale = ", lr_scale, " must be finite and >= 0"));
   }
   if (absl::Status s = engine_->CheckStream(stream); !s.ok()) return s;
-  const std::vector<ParamEntry>& params = registry_.params();
-  for (const ParamEntry& p : params) {
-    if (p.grad == nullptr) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "param '", p.name, "' has no gradient buffer (give one to mdopt_set_pointers)"));
-    }
-  }
+  // A param whose gradient pointer is NULL has no gradient this step: the engine skips it
+  // (at several ranks: when no rank has one; with grads=reduced the ranks must agree).
   const auto t0 = std::chrono::steady_clock::now();
   const CommStats c0 = comm_->size() > 1 ? comm_->stats() : CommStats{};
   EngineScope scope(engine_.get());
   // The engine decides the skip itself (the finite check is a stage of the step): the host
   // learns of it from the outcome, read here only when it costs no wait or is asked for.
   if (absl::Status s = engine_->Step(lr_scale, stream); !s.ok()) return s;
-  stepped_ = true;
   outcome_pending_ = true;
+  // With grads=reduced at several ranks the ranks may disagree on which params have a
+  // gradient; the step is then a no-op everywhere, and this call must say so on every rank,
+  // so the outcome is read here even from a device (one wait per step in that mode).
+  const bool agree = options_.grads_reduced && comm_->size() > 1;
   StepResult r;
-  if (want_info || engine_->HostSynchronous()) {
+  if (want_info || agree || engine_->HostSynchronous()) {
     if (absl::Status s = SyncOutcome(); !s.ok()) return s;
+  }
+  stepped_ = true;
+  if (want_info || engine_->HostSynchronous()) {
     r.skipped = last_skipped_;
     r.grad_norm = last_grad_norm_;
     r.skip_reason = skip_reason_;
@@ -273,6 +274,14 @@ absl::Status Optimizer::SyncOutcome() const {
   if (absl::Status s = engine_->Outcome(&o); !s.ok()) return s;
   outcome_pending_ = false;
   step_ = o.steps_taken;
+  if (o.disagree_param >= 0) {
+    // The step changed nothing: what the step before it did still stands.
+    return absl::InvalidArgumentError(absl::StrCat(
+        "param '", registry_.params()[o.disagree_param].name,
+        "' has a gradient on some ranks and a NULL one on others; with grads=reduced every "
+        "rank passes the same mean gradient (or NULL on every rank to skip the param); the "
+        "step changed nothing"));
+  }
   last_skipped_ = o.skipped;
   last_grad_norm_ = o.grad_norm;
   if (o.skipped && o.bad_param >= 0) {
@@ -298,13 +307,13 @@ absl::StatusOr<GroupInfo> Optimizer::LastStepOfGroup(absl::string_view name) con
     info.skipped = info.matrices;
     return info;
   }
-  int64_t counts[3];
+  int64_t counts[4];
   std::vector<double> norms;
   engine_->LastStep(group, counts, &norms);
   // counts and norms of every rank, added in rank order.
-  std::vector<double> mine(norms.size() + 3);
-  for (int k = 0; k < 3; ++k) mine[k] = static_cast<double>(counts[k]);
-  std::copy(norms.begin(), norms.end(), mine.begin() + 3);
+  std::vector<double> mine(norms.size() + 4);
+  for (int k = 0; k < 4; ++k) mine[k] = static_cast<double>(counts[k]);
+  std::copy(norms.begin(), norms.end(), mine.begin() + 4);
   const int world = comm_->size();
   std::vector<double> all(mine.size() * world);
   if (world > 1) {
@@ -321,14 +330,18 @@ absl::StatusOr<GroupInfo> Optimizer::LastStepOfGroup(absl::string_view name) con
   info.orthogonalized = static_cast<int64_t>(sum[0]);
   info.projected = static_cast<int64_t>(sum[1]);
   info.gain_stepped = static_cast<int64_t>(sum[2]);
+  info.skipped = static_cast<int64_t>(sum[3]);
   if (!options_.update_norms || options_.kernels != OptimizerOptions::Kernels::kFast) {
     info.mean_relative_update = std::nan("");
   } else {
+    // Over the matrices that stepped: a skipped one did not move for want of a gradient.
     double acc = 0.0;
-    const size_t m = norms.size() / 2;
-    for (size_t k = 0; k < m; ++k) {
-      const double d = sum[3 + 2 * k], w = sum[4 + 2 * k];
+    size_t m = 0;
+    for (size_t k = 0; k < norms.size() / 3; ++k) {
+      const double d = sum[4 + 3 * k], w = sum[5 + 3 * k], skipped = sum[6 + 3 * k];
+      if (skipped > 0) continue;
       acc += w > 0 ? std::sqrt(d / w) : 0.0;
+      ++m;
     }
     info.mean_relative_update = m > 0 ? acc / static_cast<double>(m) : 0.0;
   }

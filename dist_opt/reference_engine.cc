@@ -43,7 +43,7 @@ class ReferenceEngine final : public Engine {
   absl::Status GradsReady(int64_t, int64_t, void*) override { return absl::OkStatus(); }
   absl::Status GatherParams(void*) override { return absl::OkStatus(); }
   int64_t WorkspaceBytes() const override { return 0; }
-  void LastStep(int group, int64_t counts[3], std::vector<double>* norms) const override;
+  void LastStep(int group, int64_t counts[4], std::vector<double>* norms) const override;
   const char* name() const override { return "reference"; }
   const ShardPlan* plan() const override { return &plan_; }
 
@@ -64,6 +64,7 @@ class ReferenceEngine final : public Engine {
   ShardPlan plan_;
   std::vector<std::vector<ref::MatrixState>> st_;  // [param][expert]
   std::vector<double> g_;                          // gradient of one matrix, as double
+  std::vector<uint8_t> skipped_;  // per param: no gradient at the last step (sized at Init)
   StepOutcome outcome_;
   int64_t t_ = 0;
 };
@@ -86,6 +87,7 @@ absl::Status ReferenceEngine::Init() {
     }
   }
   st_ = std::move(st);
+  skipped_.assign(params_.size(), 0);
   plan_ = BuildShardPlan(params_, groups_, PlanOptions{});
   return WriteModels();
 }
@@ -93,6 +95,7 @@ absl::Status ReferenceEngine::Init() {
 double ReferenceEngine::GradSumSq(int64_t index) const {
   const ParamEntry& p = params_[index];
   double total = 0.0;
+  if (p.grad == nullptr) return total;  // no gradient: skipped, counts nothing
   for (int64_t q = 0; q < p.numel(); ++q) {
     const double g = Load(p.grad, p.grad_dtype, q);
     total += g * g;
@@ -117,6 +120,9 @@ absl::Status ReferenceEngine::Step(double lr_scale, void*) {
   const int64_t t = ++t_;
   for (size_t i = 0; i < params_.size(); ++i) {
     const ParamEntry& p = params_[i];
+    // A NULL gradient: the param has none this step and is left as it was, state included.
+    skipped_[i] = p.grad == nullptr;
+    if (skipped_[i]) continue;
     const int64_t mn = p.m * p.n;
     // A matrix of K row blocks (blocks=rows:K) is K matrices here that share its column and
     // scalar gains: each keeps a copy, stepped with the gradient summed over the K blocks
@@ -220,16 +226,23 @@ absl::Status ReferenceEngine::WriteState(int64_t index, int64_t e, size_t array,
   return absl::OkStatus();
 }
 
-void ReferenceEngine::LastStep(int group, int64_t counts[3], std::vector<double>* norms) const {
-  // One rank, whole matrices: every matrix of the group took the step its rule describes.
-  counts[0] = counts[1] = counts[2] = 0;
+void ReferenceEngine::LastStep(int group, int64_t counts[4], std::vector<double>* norms) const {
+  // One rank, whole matrices: every matrix of the group took the step its rule describes,
+  // unless its param had no gradient.
+  counts[0] = counts[1] = counts[2] = counts[3] = 0;
   norms->clear();
-  for (const ParamEntry& p : params_) {
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const ParamEntry& p = params_[i];
     if (p.group != group) continue;
+    const bool skipped = skipped_[i] != 0;
+    for (int64_t e = 0; e < p.experts; ++e) norms->insert(norms->end(), {0.0, 0.0, skipped ? 1.0 : 0.0});
+    if (skipped) {
+      counts[3] += p.experts;
+      continue;
+    }
     counts[0] += p.rule.base == kernels::Base::kMuon ? p.experts : 0;
     counts[1] += p.rule.sphere != kernels::Sphere::kNone ? p.experts : 0;
     counts[2] += p.rule.gains != kernels::Gains::kNone ? p.experts : 0;
-    norms->insert(norms->end(), static_cast<size_t>(2 * p.experts), 0.0);
   }
 }
 

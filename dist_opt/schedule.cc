@@ -60,7 +60,7 @@ class ScheduledEngine final : public Engine {
     return backend_->WriteState(Slot(index, expert), array, host);
   }
   absl::Status WriteModels() override;
-  void LastStep(int group, int64_t counts[3], std::vector<double>* norms) const override;
+  void LastStep(int group, int64_t counts[4], std::vector<double>* norms) const override;
   int64_t WorkspaceBytes() const override { return backend_->WorkspaceBytes(); }
   const char* name() const override { return "fast"; }
   const ShardPlan* plan() const override { return &plan_; }
@@ -274,12 +274,8 @@ absl::Status ScheduledEngine::Init() {
 
 absl::Status ScheduledEngine::StartReduceScatter(int b) {
   const BucketPlan& bp = plan_.buckets[b];
-  for (int64_t i = bp.first_param; i < bp.end_param; ++i) {
-    if (params_[i].grad == nullptr) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "param '", params_[i].name, "' has no gradient buffer (give one to mdopt_set_pointers)"));
-    }
-  }
+  // A param without a gradient here (NULL) is packed as zeros: this rank's part of the mean,
+  // as a data-parallel trainer's unused parameter.
   // The staging buffer alternates between buckets: the one two back must be done with it.
   if (b >= 2) {
     if (absl::Status s = Order(&rs_[b - 2]); !s.ok()) return s;
@@ -348,7 +344,9 @@ absl::Status ScheduledEngine::Step(double lr_scale, void* stream) {
   const int B = static_cast<int>(plan_.buckets.size());
 
   // The finite check rides on the reduced gradients: this rank's rows of each param, summed
-  // over ranks, so every rank reaches the same verdict and the same grad norm.
+  // over ranks, so every rank reaches the same verdict and the same grad norm. The same
+  // record says which params have a gradient on some rank (kernels/common/grad_presence.h):
+  // every rank skips the same params, with no collective of its own.
   if (Segmented()) {
     for (; next_rs_ < plan_.buckets.size(); ++next_rs_) {
       if (absl::Status s = StartReduceScatter(static_cast<int>(next_rs_)); !s.ok()) return s;
@@ -361,7 +359,7 @@ absl::Status ScheduledEngine::Step(double lr_scale, void* stream) {
   next_rs_ = 0;
   std::fill(param_ready_.begin(), param_ready_.end(), 0);
   if (Sharded()) {
-    if (absl::Status s = SumRecord(backend_->check_record(), static_cast<int64_t>(params_.size()),
+    if (absl::Status s = SumRecord(backend_->check_record(), 2 * static_cast<int64_t>(params_.size()),
                                    &traffic_.check);
         !s.ok()) {
       return s;
@@ -509,8 +507,8 @@ absl::Status ScheduledEngine::WriteModels() {
   return absl::OkStatus();
 }
 
-void ScheduledEngine::LastStep(int group, int64_t counts[3], std::vector<double>* norms) const {
-  counts[0] = counts[1] = counts[2] = 0;
+void ScheduledEngine::LastStep(int group, int64_t counts[4], std::vector<double>* norms) const {
+  counts[0] = counts[1] = counts[2] = counts[3] = 0;
   norms->clear();
   for (size_t k = 0; k < plan_.slots.size(); ++k) {
     if (params_[plan_.slots[k].param].group != group) continue;
@@ -518,8 +516,10 @@ void ScheduledEngine::LastStep(int group, int64_t counts[3], std::vector<double>
     counts[0] += c.ns_ran;
     counts[1] += c.projected;
     counts[2] += c.gains_stepped;
+    counts[3] += c.skipped;
     norms->push_back(c.delta_sq);
     norms->push_back(c.w_sq);
+    norms->push_back(c.skipped ? 1.0 : 0.0);
   }
 }
 

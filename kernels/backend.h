@@ -18,6 +18,16 @@
 //     left bit for bit as they were). The host learns of it only through ReadOutcome. The
 //     copy stages (PackGrads, PackWeights, UnpackWeights, the NS pack/unpack inside the
 //     stages) do not read it: they move values that do not change.
+//   - Params without a gradient. A NULL gradient pointer means the param has no gradient
+//     this step (kernels/common/grad_presence.h). CheckFinite writes this rank's presence of
+//     every param into the check record next to the sums of squares; ApplyCheck derives from
+//     the summed record a per-param skip flag in the backend's memory, which every later
+//     stage reads for each slot like the step's skip flag: a skipped param's weights, master
+//     copy, moments, gains and radii stay bit for bit as they were, its counters say
+//     `skipped`, and a Newton-Schulz batch may run on its X but never applies the result.
+//     PackGrads writes zeros for a NULL gradient; nothing dereferences one. With
+//     `grads_agree` (gradients arrive reduced on several ranks) a param that some ranks have
+//     a gradient for and others not sets the step's skip flag and the outcome names it.
 //   - Failure. A call returns an error only for what the host can see at the call (a bad
 //     argument, out of memory at Setup); device faults surface at the next call that
 //     synchronises (ReadOutcome, the state calls) as DEVICE_ERROR.
@@ -34,6 +44,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "kernels/common/dtype.h"
+#include "kernels/common/grad_presence.h"
 #include "kernels/common/ns_coeffs.h"
 #include "kernels/common/segment_map.h"
 #include "kernels/common/update_rule.h"
@@ -143,7 +154,12 @@ struct BackendConfig {
   bool ns_bf16 = false;          // Newton-Schulz products in bf16
   NsForm ns_form = NsForm::kAuto;
   bool update_norms = false;
-  int64_t check_len = 1;     // the finite-check record: one double per param
+  // Every rank passes the same (reduced) gradients: a param with a gradient on some ranks
+  // and none on others is an error of the step (several ranks, grads=reduced).
+  bool grads_agree = false;
+  // The finite-check record: per param its sum of squares, then per param its presence
+  // (grad_presence.h): 2 doubles per param.
+  int64_t check_len = 1;
 };
 
 // What a backend's rotating pool of `pipeline` bucket workspaces is sized for: each buffer's
@@ -214,12 +230,16 @@ struct StepOutcome {
   bool skipped = false;
   double grad_norm = 0.0;
   int64_t bad_param = -1;   // the first param whose gradient held NaN/Inf
+  // grads_agree: the first param that some ranks had a gradient for and others not (the
+  // step was a no-op); -1 when none.
+  int64_t disagree_param = -1;
   int64_t steps_taken = 0;  // steps applied so far (the bias-correction count)
 };
 
 // What the last step did to one slot (mdopt_group_info).
 struct SlotCounters {
   bool ns_ran = false, projected = false, gains_stepped = false;
+  bool skipped = false;  // its param had no gradient on any rank (counted where `accounts`)
   double delta_sq = 0.0, w_sq = 0.0;
 };
 
@@ -301,9 +321,11 @@ class StepBackend {
   // Sums of squares of this rank's gradient rows, per param, into the check record: the
   // param's slots in this bucket. Buckets are checked in order; the bucket holding a param's
   // first slot sets its entry, later ones (an expert stack split over buckets) add to it.
+  // The bucket of a param's first slot also writes its presence entry.
   virtual void CheckFinite(int bucket) = 0;
   virtual double* check_record() = 0;
-  // After the record is summed over ranks: the skip flag and the grad norm.
+  // After the record is summed over ranks: the skip flag, the per-param skip flags and the
+  // grad norm.
   virtual void ApplyCheck() = 0;
   // Resets the step's partial sums; tangent=1: radial dots into the radial record.
   virtual void Prepare(const SlotRange& r) = 0;

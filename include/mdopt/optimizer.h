@@ -46,7 +46,8 @@ typedef struct {
   int32_t param_dtype; /* an mdopt_dtype */
   void* param;         /* the model's tensor; mdopt writes the updated weights here */
   int32_t grad_dtype;  /* an mdopt_dtype */
-  const void* grad;    /* the data-parallel mean gradient, same shape */
+  const void* grad;    /* the data-parallel mean gradient, same shape; NULL: none (skipped,
+                        * see mdopt_step) */
   /* Since ABI 1 (minor 4): */
   double radius_scale; /* multiplies this parameter's sphere radius (radius=auto, fan_in or a
                         * number; radius=init ignores it), e.g. 1/sqrt(2 layers) for output
@@ -149,7 +150,8 @@ MDOPT_API mdopt_status mdopt_add_param(mdopt_optimizer* opt, const mdopt_param_d
                                        int64_t* index_out);
 
 /* Points a registered parameter at new buffers (same shape and dtypes). For f32 parameters
- * the param buffer is the master copy: it must hold the current weights. */
+ * the param buffer is the master copy: it must hold the current weights. grad may be NULL:
+ * the parameter has no gradient (see mdopt_step). */
 MDOPT_API mdopt_status mdopt_set_pointers(mdopt_optimizer* opt, int64_t index, void* param,
                                           const void* grad);
 
@@ -160,10 +162,17 @@ MDOPT_API mdopt_status mdopt_finalize(mdopt_optimizer* opt);
 /* One optimizer step with every group's lr (and gain_lr) multiplied by lr_scale.
  * stream: a cudaStream_t for device=cuda:K (NULL: the legacy default stream), NULL on the
  * CPU; the step is ordered after the work queued on it and before the work queued after the
- * call. Without info the call returns with the step queued (no host wait). info_or_null may
- * be NULL.
+ * call. Without info the call returns with the step queued (no host wait; with grads=reduced
+ * at several ranks it waits for the outcome, see below). info_or_null may be NULL.
  * Non-finite gradients skip the step: nothing changes, info->skipped = 1, the call
  * returns MDOPT_SUCCESS and mdopt_last_error() names the first offending parameter.
+ * A parameter whose gradient pointer is NULL has no gradient this step and is skipped: its
+ * weights and every part of its state stay bit for bit as they were, mdopt_group_info
+ * counts its matrices as skipped; the step count still advances (it is the optimizer's).
+ * Several ranks: with grads=local a rank without a gradient adds zeros to the mean and the
+ * parameter is skipped only when no rank has one; with grads=reduced every rank must pass
+ * a gradient or NULL alike, else the step changes nothing on any rank and returns
+ * MDOPT_INVALID_ARGUMENT naming the parameter on every rank.
  * info->struct_size outside [MDOPT_STEP_INFO_SIZE_V1, MDOPT_STRUCT_SIZE_MAX] is
  * MDOPT_INVALID_ARGUMENT (and no step is taken). */
 MDOPT_API mdopt_status mdopt_step(mdopt_optimizer* opt, double lr_scale, void* stream,
@@ -173,7 +182,8 @@ MDOPT_API mdopt_status mdopt_step(mdopt_optimizer* opt, double lr_scale, void* s
  * [first_index, first_index + count) are final, e.g. from a backward hook. Starts the
  * reduce-scatter of every bucket whose gradients are all final, buckets in their fixed
  * order whatever order the calls come in; mdopt_step starts the rest. The gradient buffers
- * are copied at the call. A no-op on one rank and with grads=reduced. stream: NULL on the CPU. */
+ * are copied at the call (a NULL gradient as zeros). A no-op on one rank and with
+ * grads=reduced. stream: NULL on the CPU. */
 MDOPT_API mdopt_status mdopt_grads_ready(mdopt_optimizer* opt, int64_t first_index, int64_t count,
                                          void* stream);
 
@@ -191,8 +201,9 @@ typedef struct {
   int64_t orthogonalized; /* Newton-Schulz runs */
   int64_t projected;      /* put back onto their sphere */
   int64_t gain_stepped;   /* whose gains took an Adam step */
-  int64_t skipped;        /* not updated because the step was skipped (all, or none) */
-  /* mean over the group's matrices of ||W_after - W_before||_F / ||W_before||_F; NaN unless
+  int64_t skipped;        /* not updated: all when the step was skipped (NaN/Inf), else
+                           * those whose parameter had no gradient (NULL on every rank) */
+  /* mean over the group's matrices that stepped of ||W_after - W_before||_F / ||W_before||_F; NaN unless
    * mdopt_create was given update_norms=1 (it costs a copy of the weights per step) */
   double mean_relative_update;
   /* New fields go here, at the end, and nowhere else. */

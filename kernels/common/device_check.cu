@@ -6,6 +6,7 @@
 #include "kernels/common/bf16.h"
 #include "kernels/common/dtype.h"
 #include "kernels/common/gain_param.h"
+#include "kernels/common/grad_presence.h"
 #include "kernels/common/ns_coeffs.h"
 #include "kernels/common/row_ranges.h"
 #include "kernels/common/update_rule.h"
@@ -25,8 +26,10 @@ __global__ void CommonHeadersCompileForDevice(const float* in, float* out, doubl
   const int64_t slices = SphereSlices(Sphere::kRow, ranges.begin(0), ranges.end(0));
   const bool gains = HasRowGains(Gains::kRowCol) && HasColGains(Gains::kCol) && !HasScalarGain(Gains::kRow);
   const Dtype d = gains ? Dtype::kBf16 : Dtype::kF32;
+  const double presence = GradPresence(in) + GradPresence(nullptr);
+  const bool mixed = SomeRankHasGrad(presence) && SomeRankLacksGrad(presence);
   out[threadIdx.x] = y + static_cast<float>(slices) + (d == Dtype::kBf16 ? 1.0f : 0.0f) +
-                     static_cast<float>(kNsNormEps);
+                     static_cast<float>(kNsNormEps) + (mixed ? 1.0f : 0.0f);
 }
 
 }  // namespace mdopt::kernels

@@ -1,7 +1,8 @@
 // The CPU backend (cpu_backend.h): this rank's float32 state in host vectors, the fused
 // passes of fast_matrix.h over each slot's rows, Newton-Schulz on OpenBLAS or oneDNN. Calls
 // run to completion on the calling thread (the "stream" of a host backend), so the skip flag
-// is a plain bool that each stage reads when it starts.
+// is a plain bool that each stage reads when it starts, and the per-param skip flags a plain
+// vector each stage reads per slot.
 #include "kernels/cpu/cpu_backend.h"
 
 #include <omp.h>
@@ -149,6 +150,8 @@ class CpuBackend final : public StepBackend {
 
  private:
   const ParamDesc& ParamOf(int k) const { return cfg_.params[cfg_.slots[k].param]; }
+  // Slot k's param has no gradient on any rank this step: every stage leaves it alone.
+  bool Skips(int k) const { return param_skip_[static_cast<size_t>(cfg_.slots[k].param)] != 0; }
   bool AliasesModel(const ParamDesc& p) const { return p.param_dtype == Dtype::kF32; }
   fast::MatrixView View(int k) const;
   Workspace& Pool(int b) { return pool_[static_cast<size_t>(b) % pool_.size()]; }
@@ -176,6 +179,7 @@ class CpuBackend final : public StepBackend {
   std::vector<std::vector<uint8_t>> grad_seg_;  // per bucket: this rank's reduced rows
   std::vector<std::vector<uint8_t>> grad_send_;  // two staging buffers, alternating
   std::vector<double> check_;
+  std::vector<uint8_t> param_skip_;  // per param, set by ApplyCheck
   std::vector<fast::StepScalars> scalars_;  // per group, for the step in progress
   fast::NsWorkspace ns_;
   fast::Bf16NewtonSchulz ns_bf16_;
@@ -233,6 +237,7 @@ absl::Status CpuBackend::Setup(BackendConfig config, absl::Span<const ParamPoint
   for (size_t k = S; k-- > 0;) first_slot_[cfg_.slots[k].param] = static_cast<int64_t>(k);
   scalars_.assign(static_cast<size_t>(std::max(cfg_.groups, 1)), fast::StepScalars{});
   check_.assign(static_cast<size_t>(std::max<int64_t>(cfg_.check_len, 1)), 0.0);
+  param_skip_.assign(cfg_.params.size(), 0);
 
   // State, with the initial master weights read from the model; nothing is written.
   int64_t max_rows = 1, max_n = 1;
@@ -391,6 +396,10 @@ void CpuBackend::PackGrads(int b, int w) {
     const ParamDesc& p = cfg_.params[c.param];
     const void* src_base = ptrs_[c.param].grad;
     uint8_t* dst = send + buffer * out_bytes;
+    if (src_base == nullptr) {  // no gradient here: this rank adds zeros to the mean
+      std::memset(dst, 0, static_cast<size_t>(count + pad) * out_bytes);
+      return;
+    }
     if (p.grad_dtype == Dtype::kF32 && !to_bf16) {
       std::memcpy(dst, static_cast<const float*>(src_base) + tensor, count * 4);
     } else if (p.grad_dtype == Dtype::kBf16 && to_bf16) {
@@ -426,28 +435,39 @@ void CpuBackend::CheckFinite(int b) {
   for (size_t q = 0; q < bd.slots.size();) {
     const int64_t i = cfg_.slots[bd.slots[q]].param;
     double total = 0.0;
+    // Reduced rows exist even without a local gradient (zeros from this rank); a gradient
+    // read from the model pointer does not.
+    const bool readable = cfg_.grads_segmented || ptrs_[i].grad != nullptr;
     for (; q < bd.slots.size() && cfg_.slots[bd.slots[q]].param == i; ++q) {
       const int k = bd.slots[q];
-      if (cfg_.slots[k].rows > 0) total += fast::GradSumSq(View(k), &scratch_);
+      if (readable && cfg_.slots[k].rows > 0) total += fast::GradSumSq(View(k), &scratch_);
     }
     const bool first = cfg_.slots[first_slot_[i]].bucket == b;
     check_[i] = first ? total : check_[i] + total;
+    if (first) check_[cfg_.params.size() + i] = GradPresence(ptrs_[i].grad);
   }
 }
 
 void CpuBackend::ApplyCheck() {
   double total = 0.0;
   outcome_ = StepOutcome{};
-  for (size_t i = 0; i < cfg_.params.size(); ++i) {
+  const size_t P = cfg_.params.size();
+  for (size_t i = 0; i < P; ++i) {
     const double sq = check_[i];
     total += sq;
     if (!std::isfinite(sq) && !outcome_.skipped) {
       outcome_.skipped = true;
       outcome_.bad_param = static_cast<int64_t>(i);
     }
+    const double presence = check_[P + i];
+    param_skip_[i] = !SomeRankHasGrad(presence);
+    if (cfg_.grads_agree && !param_skip_[i] && SomeRankLacksGrad(presence) &&
+        outcome_.disagree_param < 0) {
+      outcome_.disagree_param = static_cast<int64_t>(i);
+    }
   }
   outcome_.grad_norm = std::sqrt(total);
-  skip_ = outcome_.skipped;
+  skip_ = outcome_.skipped || outcome_.disagree_param >= 0;
 }
 
 void CpuBackend::Prepare(const SlotRange& r) {
@@ -458,9 +478,13 @@ void CpuBackend::Prepare(const SlotRange& r) {
     const int k = bd.slots[q];
     const SlotDesc& sd = cfg_.slots[k];
     const UpdateRule& rule = ParamOf(k).rule;
-    const fast::MatrixView v = View(k);
     SlotState& s = st_[k];
     s.counters = SlotCounters{};
+    if (Skips(k)) {
+      s.counters.skipped = sd.accounts;
+      continue;
+    }
+    const fast::MatrixView v = View(k);
     if (cfg_.update_norms && sd.rows > 0) {
       std::copy(v.w, v.w + sd.rows * v.n, ws.wold.data() + sd.seg_offset);
     }
@@ -483,7 +507,7 @@ void CpuBackend::ApplyRadial(int b) {
   for (int k : cfg_.buckets[b].slots) {
     const SlotDesc& sd = cfg_.slots[k];
     const UpdateRule& rule = ParamOf(k).rule;
-    if (!sd.cross || !rule.tangent) continue;
+    if (!sd.cross || !rule.tangent || Skips(k)) continue;
     if (rule.sphere != Sphere::kFrobenius && rule.sphere != Sphere::kCol) continue;
     fast::Partials& p = st_[k].partials;
     const double* in = ws.radial.data() + sd.radial_offset;
@@ -513,6 +537,19 @@ void CpuBackend::Pass1(const SlotRange& r) {
     const int k = bd.slots[q];
     const SlotDesc& sd = cfg_.slots[k];
     const ParamDesc& p = cfg_.params[sd.param];
+    if (Skips(k)) {
+      // Its X may go through a Newton-Schulz batch (and to its owner): zeros, whose result
+      // no later stage applies.
+      if (sd.muon && sd.rows > 0) {
+        float* x = XOf(r.bucket, k);
+        std::fill(x, x + sd.rows * p.n, 0.0f);
+        if (sd.ns_gathered) {
+          float* f = ws.x_full.data() + sd.full_offset + sd.row_begin * p.n;
+          std::fill(f, f + sd.rows * p.n, 0.0f);
+        }
+      }
+      continue;
+    }
     if (sd.rows > 0) {
       fast::Pass1(p.rule, View(k), scalars_[p.group], sd.muon ? XOf(r.bucket, k) : nullptr,
                   &st_[k].partials, &scratch_);
@@ -566,13 +603,21 @@ void CpuBackend::NewtonSchulz(const SlotRange& r) {
     // them, bitwise what one call per matrix gives.
     size_t end = q + 1;
     const size_t run = cfg_.ns_bf16 || sd.ns_gathered ? 1 : BatchRun(bd, q, r.q1, &end);
+    bool any = false;  // a matrix of the run that steps (skipped ones hold zeros)
+    for (size_t j = q; j < end; ++j) any = any || !Skips(bd.slots[j]);
+    if (!any) {
+      q = end;
+      continue;
+    }
     const int64_t mn = p.m * p.n;
     const float* o = cfg_.ns_bf16
                          ? ns_bf16_.Run(rule.ns_coeffs, rule.ns_steps, p.m, p.n, x, cfg_.ns_form)
                          : fast::NewtonSchulzBatch(rule.ns_coeffs, rule.ns_steps, static_cast<int64_t>(run),
                                                    p.m, p.n, x, &ns_, cfg_.ns_form);
     if (o != x) std::copy(o, o + static_cast<int64_t>(run) * mn, x);
-    for (size_t j = q; j < end; ++j) st_[bd.slots[j]].counters.ns_ran |= cfg_.slots[bd.slots[j]].ns_here;
+    for (size_t j = q; j < end; ++j) {
+      if (!Skips(bd.slots[j])) st_[bd.slots[j]].counters.ns_ran |= cfg_.slots[bd.slots[j]].ns_here;
+    }
     // This rank's block of O stays here; the others go back to their ranks.
     if (sd.ns_gathered) {
       std::copy(x + sd.row_begin * p.n, x + (sd.row_begin + sd.rows) * p.n, XOf(r.bucket, k));
@@ -590,7 +635,7 @@ void CpuBackend::Pass2(const SlotRange& r) {
   for (size_t q = r.q0; q < r.q1; ++q) {
     const int k = bd.slots[q];
     const SlotDesc& sd = cfg_.slots[k];
-    if (!sd.muon || sd.rows == 0) continue;
+    if (!sd.muon || sd.rows == 0 || Skips(k)) continue;
     const ParamDesc& p = cfg_.params[sd.param];
     fast::Pass2(p.rule, View(k), scalars_[p.group], XOf(r.bucket, k), &st_[k].partials, &scratch_);
   }
@@ -605,7 +650,7 @@ void CpuBackend::AssembleCross(const SlotRange& r) {
   for (size_t q = r.q0; q < r.q1; ++q) {
     const int k = bd.slots[q];
     const SlotDesc& sd = cfg_.slots[k];
-    if (!sd.cross) continue;
+    if (!sd.cross || Skips(k)) continue;
     const UpdateRule& rule = ParamOf(k).rule;
     const fast::Partials& p = st_[k].partials;
     double* out = record + sd.cross_offset;
@@ -623,7 +668,7 @@ void CpuBackend::ApplyCross(const SlotRange& r) {
   for (size_t q = r.q0; q < r.q1; ++q) {
     const int k = bd.slots[q];
     const SlotDesc& sd = cfg_.slots[k];
-    if (!sd.cross) continue;
+    if (!sd.cross || Skips(k)) continue;
     const UpdateRule& rule = ParamOf(k).rule;
     fast::Partials& p = st_[k].partials;
     const double* in = record + sd.cross_offset;
@@ -670,7 +715,7 @@ void CpuBackend::Finish(const SlotRange& r) {
     const SlotDesc& sd = cfg_.slots[k];
     const ParamDesc& p = cfg_.params[sd.param];
     SlotState& s = st_[k];
-    if (!sd.holds) continue;
+    if (!sd.holds || Skips(k)) continue;
     const fast::MatrixView v = View(k);
     fast::StepGains(p.rule, v, scalars_[p.group], s.partials);
     if (sd.rows > 0) fast::Finish(p.rule, v, s.partials, &scratch_);

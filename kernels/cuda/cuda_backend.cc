@@ -518,6 +518,7 @@ absl::Status CudaBackend::LayOut(ArenaLayout* arena) {
   arena->Take(&ptrs_dev_, static_cast<int64_t>(P), true);
   arena->Take(&groups_dev_, std::max(cfg_.groups, 1), true);
   arena->Take(&status_dev_, 1, true);
+  arena->Take(&tables_.param_skip, static_cast<int64_t>(P), true);
   for (size_t b = 0; b < buckets_.size(); ++b) {
     BucketDev& bd = buckets_[b];
     arena->Take(&bd.tiles, static_cast<int64_t>(bd.tiles_host.size()), true);
@@ -952,12 +953,13 @@ void CudaBackend::CheckFinite(int b) {
   Tiles(TilePass::kCheck, Whole(b));
   Combine(TilePass::kCheck, Whole(b));
   Check(cuda::LaunchParamCheck(tables_, bd.check_entries, static_cast<int32_t>(bd.checks.entries.size()),
-                               bd.check_slots, check_, stream_),
+                               bd.check_slots, check_, static_cast<int64_t>(cfg_.params.size()), stream_),
         "CheckFinite");
 }
 
 void CudaBackend::ApplyCheck() {
-  Check(cuda::LaunchApplyCheck(tables_, check_, static_cast<int64_t>(cfg_.params.size()), stream_),
+  Check(cuda::LaunchApplyCheck(tables_, check_, static_cast<int64_t>(cfg_.params.size()),
+                               cfg_.grads_agree, stream_),
         "ApplyCheck");
 }
 
@@ -1051,6 +1053,7 @@ absl::Status CudaBackend::ReadOutcome(StepOutcome* out) {
   out->skipped = status_host_->skip != 0;
   out->grad_norm = status_host_->grad_norm;
   out->bad_param = status_host_->bad_param;
+  out->disagree_param = status_host_->disagree_param;
   out->steps_taken = status_host_->t;
   return absl::OkStatus();
 }
@@ -1146,7 +1149,9 @@ SlotCounters CudaBackend::Counters(int k) const {
   const double* v = counters_host_.data() + 3 * static_cast<size_t>(k);
   const SlotDesc& sd = cfg_.slots[k];
   const UpdateRule& r = cfg_.params[sd.param].rule;
-  const bool applied = v[0] != 0.0;
+  // v[0]: 1 after a step that applied the slot, 2 when its param had no gradient.
+  const bool applied = v[0] == 1.0;
+  c.skipped = v[0] == 2.0 && sd.accounts;
   c.ns_ran = applied && sd.ns_here;
   c.projected = applied && sd.accounts && r.sphere != Sphere::kNone;
   c.gains_stepped = applied && sd.accounts && r.gains != Gains::kNone;

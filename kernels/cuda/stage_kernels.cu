@@ -8,6 +8,7 @@
 
 #include "kernels/common/bf16.h"
 #include "kernels/common/gain_param.h"
+#include "kernels/common/grad_presence.h"
 #include "kernels/common/md_elementwise.h"
 #include "kernels/common/update_rule.h"
 #include "kernels/cuda/stage_kernels.h"
@@ -96,6 +97,12 @@ __device__ __forceinline__ void PutDirection(float dn, int64_t e, bool direct, f
   acc->tile[1] += sq;
 }
 
+// Whether a pass over slot s leaves it alone because its param has no gradient this step.
+// The finite check (which decides it) and Init's passes never do.
+__device__ __forceinline__ bool ParamSkipped(const DevTables& t, int32_t param, TilePass pass, bool init) {
+  return !init && pass != TilePass::kCheck && pass != TilePass::kSliceSquares && t.param_skip[param] != 0;
+}
+
 __device__ void RowDone(const double (&rv)[kRowChannels], int r,
                         double (*row_sm)[kTileRows][kWarps]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -119,6 +126,16 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
   }
   __syncthreads();
   if (t.status->skip) return;  // uniform over the block
+  if (ParamSkipped(t, s.param, P, init)) {
+    // Its X may still go through a Newton-Schulz batch: zeros, whose result is never applied.
+    if (P == TilePass::kPass1 && s.muon) {
+      const int64_t jz = static_cast<int64_t>(tile.col_tile) * kTileCols + threadIdx.x;
+      const int64_t iz = static_cast<int64_t>(tile.row_tile) * kTileRows;
+      if (jz < s.n)
+        for (int64_t i = iz; i < s.rows && i < iz + kTileRows; ++i) s.x[i * s.n + jz] = 0.0f;
+    }
+    return;
+  }
   const Sphere sphere = SphereOf(p);
   const Gains gains = GainsOf(p);
   const GainParam gp = GainParamOf(p);
@@ -215,7 +232,8 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
         acc.col[0] += sq;
         acc.tile[0] += sq;
       } else if constexpr (P == TilePass::kCheck) {
-        const double v = LoadValue(grad, grad_bf16, e);
+        // No gradient here (NULL, grads not segmented): nothing to add.
+        const double v = grad != nullptr ? static_cast<double>(LoadValue(grad, grad_bf16, e)) : 0.0;
         acc.tile[0] += v * v;
       } else if constexpr (P == TilePass::kWold) {
         s.wold[e] = w[e];
@@ -361,6 +379,15 @@ __global__ void __launch_bounds__(kTileCols) CombineKernel(DevTables t, const in
   }
   __syncthreads();
   if (t.status->skip) return;
+  if (ParamSkipped(t, s.param, P, init)) {
+    // The counters of a skipped slot: not applied, marked skipped (2), no norms.
+    if (P == TilePass::kRescale && s.holds && blockIdx.y == 0 && threadIdx.x == 0) {
+      s.counters[0] = 2.0;
+      s.counters[1] = 0.0;
+      s.counters[2] = 0.0;
+    }
+    return;
+  }
   const SlotPartials sp{t, s};
   const Sphere sphere = SphereOf(p);
   const Gains gains = GainsOf(p);
@@ -502,11 +529,12 @@ __global__ void SpanCopyKernel(const DevCopySpan* spans, int32_t count, SegmentV
   char* buf = static_cast<char*>(buffer) + blk.buffer * bb;
   const DevPointers& p = ptrs[d.span.param];
   if (to_buffer) {
-    const char* src = static_cast<const char*>(grads ? p.grad : p.param) + blk.tensor * tb;
-    const int64_t real_end = blk.real < e1 ? blk.real : e1;
-    if (e0 < real_end) MoveElements(src, d.tensor_bf16, buf, buffer_bf16, e0, real_end);
+    const char* base = static_cast<const char*>(grads ? p.grad : p.param);
+    // A NULL gradient (no gradient on this rank): its elements go as zeros, like padding.
+    const int64_t real_end = base == nullptr ? e0 : blk.real < e1 ? blk.real : e1;
+    if (e0 < real_end) MoveElements(base + blk.tensor * tb, d.tensor_bf16, buf, buffer_bf16, e0, real_end);
     // Padding: zeros, written as 16-bit words of the buffer's dtype.
-    const int64_t z0 = (e0 > blk.real ? e0 : blk.real) * bb / 2, z1 = e1 * bb / 2;
+    const int64_t z0 = (e0 > real_end ? e0 : real_end) * bb / 2, z1 = e1 * bb / 2;
     for (int64_t e = z0 + threadIdx.x; e < z1; e += kCopyThreads) reinterpret_cast<uint16_t*>(buf)[e] = 0;
   } else {
     char* dst = static_cast<char*>(p.param) + blk.tensor * tb;
@@ -522,7 +550,7 @@ __global__ void __launch_bounds__(kTileCols) GainsKernel(DevTables t, const int3
     p = t.params[s.param];
   }
   __syncthreads();
-  if (t.status->skip || !s.holds) return;
+  if (t.status->skip || !s.holds || t.param_skip[s.param]) return;
   const Gains gains = GainsOf(p);
   if (gains == Gains::kNone) return;
   const GainParam gp = GainParamOf(p);
@@ -563,7 +591,7 @@ __global__ void __launch_bounds__(kTileCols) RecordKernel(DevTables t, const int
     p = t.params[s.param];
   }
   __syncthreads();
-  if (t.status->skip || !s.cross_slot) return;
+  if (t.status->skip || !s.cross_slot || t.param_skip[s.param]) return;
   const Sphere sphere = SphereOf(p);
   const Gains gains = GainsOf(p);
   const bool partial_slices = sphere == Sphere::kFrobenius || sphere == Sphere::kCol;
@@ -596,7 +624,7 @@ __global__ void __launch_bounds__(kTileCols) RecordKernel(DevTables t, const int
 }
 
 __global__ void ParamCheckKernel(DevTables t, const DevParamCheck* entries, int32_t count,
-                                 const int32_t* slot_list, double* check) {
+                                 const int32_t* slot_list, double* check, int64_t params) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= count) return;
   const DevParamCheck c = entries[i];
@@ -604,32 +632,42 @@ __global__ void ParamCheckKernel(DevTables t, const DevParamCheck* entries, int3
   for (int32_t q = c.q0; q < c.q1; ++q) total += t.slots[slot_list[q]].check[0];
   if (c.sets) {
     check[c.param] = total;
+    check[params + c.param] = GradPresence(t.ptrs[c.param].grad);
   } else {
     check[c.param] += total;
   }
 }
 
 __global__ void __launch_bounds__(kTileCols) ApplyCheckKernel(DevTables t, const double* check,
-                                                              int64_t count) {
+                                                              int64_t count, bool grads_agree) {
   __shared__ double sm[kWarps + 1];
-  __shared__ long long bad_sm[kTileCols];
+  __shared__ long long bad_sm[kTileCols], mixed_sm[kTileCols];
   double sum = 0.0;
-  long long bad = count;
+  long long bad = count, mixed = count;
   for (int64_t i = threadIdx.x; i < count; i += kTileCols) {
     const double v = check[i];
     sum += v;
     if (!isfinite(v) && bad == count) bad = i;
+    const double presence = check[count + i];
+    const bool some = SomeRankHasGrad(presence);
+    t.param_skip[i] = some ? 0 : 1;
+    if (grads_agree && some && SomeRankLacksGrad(presence) && mixed == count) mixed = i;
   }
   const double total = BlockSum(sum, sm);
   bad_sm[threadIdx.x] = bad;
+  mixed_sm[threadIdx.x] = mixed;
   __syncthreads();
   if (threadIdx.x == 0) {
-    long long first = count;
-    for (int k = 0; k < kTileCols; ++k) first = bad_sm[k] < first ? bad_sm[k] : first;
+    long long first = count, first_mixed = count;
+    for (int k = 0; k < kTileCols; ++k) {
+      first = bad_sm[k] < first ? bad_sm[k] : first;
+      first_mixed = mixed_sm[k] < first_mixed ? mixed_sm[k] : first_mixed;
+    }
     DevStatus* st = t.status;
     st->grad_norm = sqrt(total);
-    st->skip = first < count ? 1 : 0;
+    st->skip = first < count || first_mixed < count ? 1 : 0;
     st->bad_param = first < count ? first : -1;
+    st->disagree_param = first_mixed < count ? first_mixed : -1;
   }
 }
 
@@ -637,6 +675,7 @@ __global__ void BeginStepKernel(DevStatus* st) {
   st->skip = 0;
   st->grad_norm = 0.0;
   st->bad_param = -1;
+  st->disagree_param = -1;
 }
 
 __global__ void EndStepKernel(DevStatus* st) {
@@ -739,16 +778,18 @@ int LaunchRecord(const DevTables& t, const int32_t* slots, int32_t count, bool r
 }
 
 int LaunchParamCheck(const DevTables& t, const DevParamCheck* entries, int32_t count,
-                     const int32_t* slot_list, double* check, void* stream) {
+                     const int32_t* slot_list, double* check, int64_t params, void* stream) {
   if (count <= 0) return 0;
   const int64_t blocks = (count + 255) / 256;
   MDOPT_LAUNCH(ParamCheckKernel, static_cast<unsigned>(blocks), 256, static_cast<cudaStream_t>(stream),
-      t, entries, count, slot_list, check);
+      t, entries, count, slot_list, check, params);
   return Err();
 }
 
-int LaunchApplyCheck(const DevTables& t, const double* check, int64_t count, void* stream) {
-  MDOPT_LAUNCH(ApplyCheckKernel, 1, kTileCols, static_cast<cudaStream_t>(stream), t, check, count);
+int LaunchApplyCheck(const DevTables& t, const double* check, int64_t count, bool grads_agree,
+                     void* stream) {
+  MDOPT_LAUNCH(ApplyCheckKernel, 1, kTileCols, static_cast<cudaStream_t>(stream), t, check, count,
+               grads_agree);
   return Err();
 }
 

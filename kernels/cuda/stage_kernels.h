@@ -98,6 +98,7 @@ struct DevStatus {
   int32_t pad = 0;
   double grad_norm = 0.0;
   int64_t bad_param = -1;
+  int64_t disagree_param = -1;  // grads_agree: the first param some ranks lacked a gradient for
 };
 
 struct DevGroup {
@@ -111,6 +112,9 @@ struct DevTables {
   const DevGroup* groups = nullptr;
   DevSlot* slots = nullptr;
   DevStatus* status = nullptr;
+  // Per param: 1 when no rank has its gradient this step (set by ApplyCheck, read by every
+  // later stage: a no-op for its slots).
+  uint8_t* param_skip = nullptr;
   double* row_part = nullptr;   // kRowChannels x row_part_stride
   double* col_part = nullptr;
   double* tile_part = nullptr;
@@ -187,11 +191,15 @@ struct DevParamCheck {
 };
 
 // For each entry: the sum of its slots' check values in order, set into or added to
-// check[param].
+// check[param]; an entry that sets also writes the param's presence into
+// check[params + param] (kernels/common/grad_presence.h).
 int LaunchParamCheck(const DevTables& t, const DevParamCheck* entries, int32_t count,
-                     const int32_t* slot_list, double* check, void* stream);
-// The skip flag, grad norm and first bad param from the summed check record.
-int LaunchApplyCheck(const DevTables& t, const double* check, int64_t count, void* stream);
+                     const int32_t* slot_list, double* check, int64_t params, void* stream);
+// From the summed check record of `count` params (sums of squares, then presence): the skip
+// flag, grad norm, first bad param, the per-param skip flags and (grads_agree) the first
+// param the ranks disagree on, which sets the skip flag too.
+int LaunchApplyCheck(const DevTables& t, const double* check, int64_t count, bool grads_agree,
+                     void* stream);
 int LaunchBeginStep(const DevTables& t, void* stream);
 int LaunchEndStep(const DevTables& t, void* stream);
 // Fills n floats with `value`.

@@ -112,7 +112,7 @@ BackendConfig OneRank(const UpdateRule& rule, const std::vector<Shape>& shapes, 
   BackendConfig c;
   c.ns_bf16 = ns_bf16;
   c.update_norms = update_norms;
-  c.check_len = static_cast<int64_t>(shapes.size());
+  c.check_len = 2 * static_cast<int64_t>(shapes.size());  // sums of squares, then presence
   BucketDesc b;
   int64_t seg = 0;
   for (size_t i = 0; i < shapes.size(); ++i) {

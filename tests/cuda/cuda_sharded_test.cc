@@ -52,6 +52,10 @@ struct Config {
   const char* spec;     // more group keys
   const char* options;  // more optimizer options
   mdopt_dtype pd, gd;
+  // At the second step "tall" has no gradient (NULL) on any rank, and with grads=local
+  // "square" none on rank 0 (the others' mean with its zeros): "tall" must not change. With
+  // grads=reduced, before the third step rank 0 alone drops "tiny"'s: refused everywhere.
+  bool skip = false;
 };
 
 // kSteps steps at this rank; the params as they end on this rank.
@@ -101,12 +105,55 @@ void Train(const Config& c, bool gpu, std::vector<std::vector<uint8_t>>* out) {
       std::memcpy(g[i].data(), v.data(), v.size());
       if (gpu) cudaMemcpy(dg[i]->get(), v.data(), v.size(), cudaMemcpyHostToDevice);
     }
+    const bool skipping = c.skip && s == 1;
+    const bool reduced = std::strstr(c.options, "grads=reduced") != nullptr;
+    auto grad_of = [&](size_t i) {
+      return gpu ? static_cast<const void*>(dg[i]->get()) : g[i].data();
+    };
+    auto param_of = [&](size_t i) { return gpu ? static_cast<void*>(dw[i]->get()) : w[i].data(); };
+    std::vector<uint8_t> tall_before;
+    if (skipping) {
+      ABI_OK(mdopt_set_pointers(opt, 1, param_of(1), nullptr));
+      if (!reduced && rank == 0) ABI_OK(mdopt_set_pointers(opt, 4, param_of(4), nullptr));
+      if (gpu) cudaDeviceSynchronize();
+      tall_before = gpu ? dw[1]->Download() : w[1];
+    }
+    if (c.skip && reduced && s == 2) {
+      // grads=reduced, the ranks disagree on "tiny" (rank 0 has no gradient): the step fails
+      // on every rank naming it and changes nothing.
+      int size = 1;
+      ABI_OK(mdopt_comm_size(comm, &size));
+      if (size > 1) {
+        if (rank == 0) ABI_OK(mdopt_set_pointers(opt, 2, param_of(2), nullptr));
+        std::vector<std::vector<uint8_t>> was;
+        if (gpu) cudaDeviceSynchronize();
+        for (size_t i = 0; i < tensors.size(); ++i) was.push_back(gpu ? dw[i]->Download() : w[i]);
+        EXPECT_EQ(mdopt_step(opt, 1.0, nullptr, nullptr), MDOPT_INVALID_ARGUMENT);
+        EXPECT_NE(std::strstr(mdopt_last_error(), "'tiny'"), nullptr) << mdopt_last_error();
+        if (gpu) cudaDeviceSynchronize();
+        for (size_t i = 0; i < tensors.size(); ++i)
+          EXPECT_TRUE((gpu ? dw[i]->Download() : w[i]) == was[i]) << "a refused step changed " << tensors[i].name;
+        ABI_OK(mdopt_set_pointers(opt, 2, param_of(2), grad_of(2)));
+      }
+    }
     // Half the gradients reported early, as a backward hook would.
     ABI_OK(mdopt_grads_ready(opt, 3, 3, nullptr));
     mdopt_step_info info = mdopt_step_info_init();
     ABI_OK(mdopt_step(opt, 1.0, nullptr, &info));
     EXPECT_EQ(info.skipped, 0);
     EXPECT_EQ(info.step, s + 1);
+    if (skipping) {
+      if (gpu) cudaDeviceSynchronize();
+      EXPECT_TRUE((gpu ? dw[1]->Download() : w[1]) == tall_before) << "'tall' moved without a gradient";
+      mdopt_group_stats st = MDOPT_GROUP_STATS_INIT;
+      ABI_OK(mdopt_group_info(opt, "g", &st));
+      int size = 1;
+      ABI_OK(mdopt_comm_size(comm, &size));
+      // One rank: rank 0's "square" has no gradient anywhere either.
+      EXPECT_EQ(st.skipped, !reduced && size == 1 ? 2 : 1);
+      ABI_OK(mdopt_set_pointers(opt, 1, param_of(1), grad_of(1)));
+      ABI_OK(mdopt_set_pointers(opt, 4, param_of(4), grad_of(4)));
+    }
 #ifdef MDOPT_CUDA_EMULATION
     // A step allocates nothing after the first (the host-staged collectives keep their
     // pinned buffers from the first step on).
@@ -173,6 +220,9 @@ const Config kConfigs[] = {
     {"preserve_init_col_fan_in", "md-adamw", "sphere=col gains=col preserve_init=1 radius=fan_in",
      "update_norms=1", MDOPT_DTYPE_F32, MDOPT_DTYPE_F32},
     {"preserve_init_rows", "md-muon", "preserve_init=1 ns_steps=10", "", MDOPT_DTYPE_F32, MDOPT_DTYPE_F32},
+    // Params without a gradient: one on no rank (skipped), one on all but rank 0 (zeros).
+    {"skip_owner_local", "md-muon", "layout=owner", "", MDOPT_DTYPE_F32, MDOPT_DTYPE_F32, true},
+    {"skip_rows_reduced_bf16", "md-adamw", "", "grads=reduced", MDOPT_DTYPE_BF16, MDOPT_DTYPE_F32, true},
 };
 
 INSTANTIATE_TEST_SUITE_P(Configs, CudaSharded, ::testing::ValuesIn(kConfigs),

@@ -325,7 +325,7 @@ TEST_P(CudaWindowCopies, PackAndUnpackEveryWindowAsTheSpansSay) {
   for (const RowMat& r : l.rows) add_param(r.m, r.n);
   for (const OwnMat& o : l.owned) add_param(o.m, o.n);
   b.end_param = static_cast<int64_t>(cfg.params.size());
-  cfg.check_len = b.end_param;
+  cfg.check_len = 2 * b.end_param;  // sums of squares, then presence
   for (size_t c = 0; c + 1 < cuts.size(); ++c)
     b.chunks.push_back(MakeWindow(l, cuts[c], cuts[c + 1] - cuts[c], tc.equal));
   cfg.buckets.push_back(b);
@@ -468,7 +468,7 @@ TEST(CudaWindowCheck, SplitExpertStackSumsOverItsBuckets) {
   b1.end_param = 1;
   b1.seg = seg[1];
   cfg.buckets = {b0, b1};
-  cfg.check_len = 2;
+  cfg.check_len = 4;  // 2 params: sums of squares, then presence
 
   std::vector<std::unique_ptr<testing::DeviceVec<float>>> dw, dg;
   std::vector<ParamPointers> ptrs;

@@ -77,9 +77,7 @@ TestModel::TestModel(Communicator* comm, const std::string& options, const std::
   g_.resize(tensors_.size());
   for (size_t i = 0; i < tensors_.size(); ++i) {
     const Tensor& t = tensors_[i];
-    const std::vector<double> w0 = Normal(t.numel(), 17 + i, 1.0 / std::sqrt(double(t.shape.back())));
-    w_[i].assign(w0.begin(), w0.end());
-    for (float f : w_[i]) wb_[i].push_back(kernels::FloatToBf16(f));
+    InitAs(i, i);
     g_[i].assign(t.numel(), 0.0f);
     ParamDescription d;
     d.name = t.name;
@@ -136,6 +134,19 @@ void TestModel::SetMean(int step, int world) {
 }
 
 void TestModel::Poison(size_t i) { g_[i][g_[i].size() / 2] = NAN; }
+
+void TestModel::InitAs(size_t i, size_t as) {
+  const Tensor& t = tensors_[i];
+  const std::vector<double> w0 = Normal(t.numel(), 17 + as, 1.0 / std::sqrt(double(t.shape.back())));
+  w_[i].assign(w0.begin(), w0.end());
+  wb_[i].clear();
+  for (float f : w_[i]) wb_[i].push_back(kernels::FloatToBf16(f));
+}
+
+absl::Status TestModel::HasGrad(size_t i, bool has) {
+  void* param = bf16_ ? static_cast<void*>(wb_[i].data()) : w_[i].data();
+  return opt_->SetPointers(static_cast<int64_t>(i), param, has ? g_[i].data() : nullptr);
+}
 
 std::vector<double> TestModel::Model(size_t i) const {
   std::vector<double> v;

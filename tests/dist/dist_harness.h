@@ -77,6 +77,13 @@ class TestModel {
   void SetLocal(int step, int rank);   // this rank's own
   void SetMean(int step, int world);   // the mean of `world` ranks' own
   void Poison(size_t i);               // a NaN in tensor i's gradient
+  // Tensor i's gradient buffer given to the optimizer (has) or a NULL gradient: none.
+  absl::Status HasGrad(size_t i, bool has);
+  std::vector<float>& grad(size_t i) { return g_[i]; }
+  // Before Finalize: tensor i's initial weights as a model's tensor `as` gets them (a model
+  // holding a subset of another's tensors starts from the same weights).
+  void InitAs(size_t i, size_t as);
+  const std::vector<Tensor>& tensors() const { return tensors_; }
 
   // Model tensor i as it is now (bf16 widened).
   std::vector<double> Model(size_t i) const;

@@ -194,7 +194,8 @@ TEST(ScheduleCollectives, CrossRowSumsAreBitwiseEqualAndFlatInN) {
   EXPECT_EQ(t->cross, 2 * (N - 1) * bytes / N);
   EXPECT_LE(t->cross, 2 * bytes);
   const int64_t params = static_cast<int64_t>(Tensors(true).size());
-  EXPECT_EQ(t->check, 2 * (N - 1) * params * 8 / N);
+  // The finite check: a sum of squares and a gradient-presence entry per param.
+  EXPECT_EQ(t->check, 2 * (N - 1) * 2 * params * 8 / N);
   if (rank == 0) {
     std::printf("cross-row record %lld doubles: %lld bytes per rank per step at N = %d (finite check %lld)\n",
                 static_cast<long long>(record), static_cast<long long>(t->cross), N,

@@ -5,7 +5,8 @@
 // md-muon and md-adamw, layout=rows and layout=owner, grads=local and grads=reduced,
 // gather=eager and gather=deferred (+ mdopt_gather_params, counted), one or many buckets,
 // bf16 weights and bf16 Newton-Schulz traffic, mdopt_grads_ready in backward order before
-// the step (counted), and a step skipped because one rank's gradient holds a NaN. After the
+// the step (counted), a step skipped because one rank's gradient holds a NaN, and params
+// without a gradient (NULL: on every rank, and with grads=local on one rank). After the
 // run every rank's weights must equal the same optimizer's on one rank fed the mean gradient
 // (as in sharded_step_test), so that recycled records cannot have mixed up buffers unseen.
 //
@@ -121,6 +122,7 @@ namespace {
 
 constexpr int kSteps = 6;       // step 1 may allocate (first use); 2..kSteps must not
 constexpr int kNanStep = 4;     // grads=local cases: rank N-1's gradient holds a NaN
+constexpr int kNullStep = 3;    // null_grad cases: params without a gradient (NULL)
 constexpr double kTolerance = 5e-6;
 
 bool g_host_init = false;
@@ -170,13 +172,16 @@ struct Case {
   bool bf16 = false;         // bf16 weights
   bool ns_comm_bf16 = false;
   bool comm_pad = false;     // comm_pad=on: buckets padded to equal segments
+  // At kNullStep "small" has no gradient on any rank (skipped) and, with grads=local,
+  // "odd" none on rank 0 (zeros in the mean).
+  bool null_grad = false;
   double tolerance = kTolerance;
   std::string Name() const {
     return spec + " layout=" + layout + (reduced ? " grads=reduced" : " grads=local") +
            (deferred ? " gather=deferred" : " gather=eager") +
            (many_buckets ? " bucket_mb=0.0001" : "") + (grads_ready ? " grads_ready" : "") +
            (bf16 ? " bf16" : "") + (ns_comm_bf16 ? " ns_comm_dtype=bf16" : "") +
-           (comm_pad ? " comm_pad=on" : "");
+           (comm_pad ? " comm_pad=on" : "") + (null_grad ? " null_grad" : "");
   }
 };
 
@@ -213,6 +218,14 @@ std::vector<Case> Cases() {
       p.comm_pad = true;
       c.push_back(p);
     }
+  // Params without a gradient: the skip flags ride on the check record, nothing to allocate.
+  Case z{"preset=md-muon", "rows", false, false, true};
+  z.grads_ready = true;
+  z.null_grad = true;
+  c.push_back(z);
+  Case y{"preset=md-adamw", "owner", true, false, true};
+  y.null_grad = true;
+  c.push_back(y);
   return c;
 }
 
@@ -246,6 +259,14 @@ void RunCase(const Case& c) {
       sharded.SetLocal(step, rank);
     }
     if (poisoned && rank == N - 1) sharded.Poison(5);
+    const bool nulls = c.null_grad && step == kNullStep;
+    if (c.null_grad) {
+      ASSERT_TRUE(sharded.HasGrad(1, !nulls).ok());
+      ASSERT_TRUE(single.HasGrad(1, !nulls).ok());
+      if (!c.reduced) {
+        ASSERT_TRUE(sharded.HasGrad(0, !nulls || rank != 0).ok());
+      }
+    }
     absl::Status ready = absl::OkStatus(), gathered = absl::OkStatus();
     absl::StatusOr<StepResult> r;
     int64_t n = 0, b = 0;
@@ -266,6 +287,14 @@ void RunCase(const Case& c) {
       EXPECT_NE(r->skip_reason.find("param 'big'"), absl::string_view::npos) << r->skip_reason;
     } else {
       single.SetMean(step, N);
+      if (nulls && !c.reduced) {  // "odd": the mean of the ranks but rank 0, over N
+        std::vector<double> mean(static_cast<size_t>(single.tensors()[0].numel()), 0.0);
+        for (int q = 1; q < N; ++q) {
+          const std::vector<double> g = TestModel::Grad(single.tensors()[0], 0, step, q);
+          for (size_t k = 0; k < g.size(); ++k) mean[k] += g[k] / N;
+        }
+        std::copy(mean.begin(), mean.end(), single.grad(0).begin());
+      }
       ASSERT_TRUE(single.opt().Step(1.0, nullptr).ok());
     }
     calls[static_cast<size_t>(rank * kSteps + step - 1)] = static_cast<double>(n);

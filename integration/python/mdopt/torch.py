@@ -34,8 +34,12 @@ and state_dict() carries mdopt's checkpoint (on CUDA the library stages it throu
 memory).
 
 torch's conventions (docs/integration.md, "Differences from torch.optim"): frozen
-parameters (requires_grad=False at the build) are listed but not registered; a step where
-no parameter has a gradient does nothing; non-contiguous parameters are staged through
+parameters (requires_grad=False at the build) are listed but not registered; a parameter
+whose gradient is None at a step is left untouched, weights and state (at several ranks with
+grads=local: when no rank has a gradient for it; a rank without one adds zeros to the mean,
+as DDP does for unused parameters); a step where no parameter has a gradient does nothing;
+the step count (state["step"], Adam's bias correction) is the optimizer's, counted by every
+step, not per parameter; non-contiguous parameters are staged through
 contiguous copies; invalid hyperparameters are ValueErrors worded like torch's; a tensor
 listed twice is warned of and registered once; copy.deepcopy makes an independent
 optimizer (one rank), copy.copy one sharing this one.
@@ -573,10 +577,9 @@ class MDOptimizer(torch.optim.Optimizer):
         self._spec_lrs = lrs  # each group's lr in its spec (gain_lr follows lr / this)
         self._state_version += 1
         self._pointers = [None] * len(entries)
-        self._buffers = {}  # index -> staging/zero gradient buffer
+        self._buffers = {}  # index -> staging copy of a gradient mdopt cannot read as it is
         self._pushed = [None] * len(self.param_groups)  # lr last set in mdopt, per group
         self._fixed = [_fixed(g) for g in self.param_groups]
-        self._warned_no_grad = set()
         if self._overlap and self.comm.size > 1:
             for k, (t, _, _, _) in enumerate(entries):
                 self._hooks.append(t.register_post_accumulate_grad_hook(
@@ -654,29 +657,26 @@ class MDOptimizer(torch.optim.Optimizer):
         return t.grad if g is None else g
 
     def _grad_pointer(self, k):
+        """The gradient pointer mdopt reads for parameter k: None (NULL) when it has no
+        gradient, so that mdopt leaves it untouched (at several ranks the ranks without one
+        add zeros to the mean)."""
         t, dt, gdt, pname = self._entries[k]
         g = self._grad_tensor(t)
+        if g is None:
+            return None
         want = _TORCH_DTYPES[gdt]
-        if g is not None and g.device == t.device and not g.is_sparse and \
+        if g.device == t.device and not g.is_sparse and \
                 g.dtype == want and g.is_contiguous() and g.shape == t.shape:
             return g.data_ptr()
         buf = self._buffers.get(k)
         if buf is None:
             buf = self._buffers[k] = torch.zeros(t.shape, dtype=want, device=t.device)
-        if g is None:
-            if pname not in self._warned_no_grad:
-                self._warned_no_grad.add(pname)
-                warnings.warn("MDOptimizer: parameter '%s' has no gradient; mdopt steps it "
-                              "with a zero gradient" % pname, stacklevel=3)
-            buf.zero_()
-        else:
-            if g.is_sparse:
-                raise ValueError("MDOptimizer: parameter '%s' has a sparse gradient" % pname)
-            if g.numel() != t.numel():
-                raise ValueError("MDOptimizer: parameter '%s' has a gradient of shape %s for "
-                                 "a weight of shape %s" % (pname, tuple(g.shape),
-                                                           tuple(t.shape)))
-            buf.copy_(g.reshape(t.shape))
+        if g.is_sparse:
+            raise ValueError("MDOptimizer: parameter '%s' has a sparse gradient" % pname)
+        if g.numel() != t.numel():
+            raise ValueError("MDOptimizer: parameter '%s' has a gradient of shape %s for "
+                             "a weight of shape %s" % (pname, tuple(g.shape), tuple(t.shape)))
+        buf.copy_(g.reshape(t.shape))
         return buf.data_ptr()
 
     def _weight(self, k):
@@ -708,7 +708,11 @@ class MDOptimizer(torch.optim.Optimizer):
     def step(self, closure=None, *, info=None):
         """One mdopt step (collective on several ranks, each passing its own gradients with
         grads=local). Returns the closure's loss. A NaN/Inf gradient skips the step:
-        nothing changes and `last_step.skipped` is True.
+        nothing changes and `last_step.skipped` is True. A parameter whose gradient is None
+        is left as it was, weights and state (as torch.optim does); at several ranks with
+        grads=local only when no rank has a gradient for it (a rank without one adds zeros
+        to the mean, as DDP does for unused parameters), with grads=reduced every rank must
+        have one or none (else MdoptError MDOPT_INVALID_ARGUMENT and nothing changes).
 
         info: ask for the step's outcome (last_step) this time; None follows step_info.
         On CUDA without it the call returns with the step queued on torch's current stream
@@ -725,21 +729,11 @@ class MDOptimizer(torch.optim.Optimizer):
                     "the optimizer was built, so mdopt does not hold it, but it has a "
                     "gradient now; build the optimizer after unfreezing it" % pname)
         self._push_lrs()
-        absent = [self._entries[k][3] for k in range(len(self._entries))
-                  if self._grad_tensor(self._entries[k][0]) is None]
-        if self.comm.size == 1 and absent:
-            if len(absent) == len(self._entries):
-                self.last_step = None  # no gradient at all: nothing to do, as in torch
-                return loss
-            raise MdoptError(
-                "MDOPT_INVALID_ARGUMENT",
-                "MDOptimizer.step: %d of %d parameters have no gradient (%s%s); mdopt steps "
-                "every parameter it holds together and cannot yet leave some untouched. "
-                "Nothing was changed. Freeze parameters that never get one "
-                "(requires_grad=False before building the optimizer), or give them a zero "
-                "gradient (p.grad = torch.zeros_like(p)) to step them with it"
-                % (len(absent), len(self._entries), ", ".join("'%s'" % n for n in absent[:5]),
-                   ", ..." if len(absent) > 5 else ""))
+        if self.comm.size == 1 and all(self._grad_tensor(t) is None
+                                       for t, _, _, _ in self._entries):
+            self.last_step = None  # no gradient at all: nothing to do, as in torch
+            return loss
+        # A parameter without a gradient gets a NULL gradient pointer: mdopt skips it.
         self._point()
         if info is None:
             info = self.step_info

@@ -52,6 +52,28 @@ for t in range(steps):
     torch.nn.functional.mse_loss(overlapped(x[share]), y[share]).backward()
     o2.step()
     o2.gather_params()
+# An MoE layer, a module per expert: at the second step no rank routes a token to expert 1
+# (its .grad is None everywhere: left as it was, state too) and only rank 0 to expert 2
+# (rank 1 adds zeros to the mean: it steps).
+torch.manual_seed(5)
+experts = [torch.nn.Linear(8, 8, bias=False) for _ in range(3)]
+o3 = MDOptimizer([e.weight for e in experts], comm=comm, threads=1)
+moe = {}
+for t in range(3):
+    x = torch.randn(8, 8)[rank * 8 // size:(rank + 1) * 8 // size]
+    o3.zero_grad()
+    routed = ([0, 2] if rank == 0 else [0]) if t == 1 else [0, 1, 2]
+    for k in routed:
+        experts[k](x * (k + 1)).square().mean().backward()
+    before = [e.weight.detach().clone() for e in experts]
+    o3.step()
+    if t == 1:
+        after = [e.weight.detach() for e in experts]
+        moe = {"e1_kept": torch.equal(before[1], after[1]),
+               "e0_moved": not torch.equal(before[0], after[0]),
+               "e2_moved": not torch.equal(before[2], after[2]),
+               "skipped": o3.group_info(0).skipped, "step": o3.last_step.step}
+moe["e1_moved_after"] = not torch.equal(before[1], experts[1].weight)
 sd = opt.state_dict()
 info = opt.group_info("matrices")
 if rank == 0:
@@ -59,7 +81,7 @@ if rank == 0:
                 "overlapped": [p.detach().clone() for p in overlapped.parameters()],
                 "reported": len(reported), "params": len(list(overlapped.parameters())),
                 "size": size, "step": opt.last_step.step, "orthogonalized": info.orthogonalized,
-                "bytes_sent": opt.last_step.bytes_sent}, out)
-opt = o2 = None
+                "bytes_sent": opt.last_step.bytes_sent, "moe": moe}, out)
+opt = o2 = o3 = None
 comm.close()
 print("rank %d of %d: ok" % (rank, size))

@@ -4,7 +4,8 @@ mdopt averages the ranks' gradients, so both take the same steps up to float32 r
 the reduction order (bound 1e-5 relative, measured in the output). Then the 2-rank
 state_dict loads into a 1-rank optimizer and continues like the 1-rank run. The same
 2-rank run with overlap=True (gradients reported from backward hooks) and gather=deferred
-gives the same weights bit for bit."""
+gives the same weights bit for bit. MoE experts without a gradient (.grad None) on every
+rank are left untouched while one with a gradient on one rank only steps."""
 import os
 import shutil
 import subprocess
@@ -46,6 +47,9 @@ def test_two_ranks_equal_one(tmp_path):
         torch.load.__code__.co_varnames else torch.load(str(out))
     assert two["size"] == 2 and two["step"] == STEPS and two["bytes_sent"] > 0
     assert two["orthogonalized"] == 3  # every matrix ran Newton-Schulz once, on some rank
+    # MoE experts without a gradient: on no rank -> untouched; on one rank -> stepped.
+    assert two["moe"] == {"e1_kept": True, "e0_moved": True, "e2_moved": True, "skipped": 1,
+                          "step": 2, "e1_moved_after": True}
 
     model = mlp(21)
     opt = MDOptimizer(param_groups(model, matrix_preset="md-muon", lr=0.02), threads=1)
