@@ -166,7 +166,8 @@ MDOPT_API mdopt_status mdopt_finalize(mdopt_optimizer* opt);
  * at several ranks it waits for the outcome, see below). info_or_null may be NULL.
  * Non-finite gradients skip the step: nothing changes, info->skipped = 1, the call
  * returns MDOPT_SUCCESS and mdopt_last_error() names the first offending parameter.
- * A parameter whose gradient pointer is NULL has no gradient this step and is skipped: its
+ * Since ABI 1 (minor 5; an older library refuses a NULL gradient with MDOPT_INVALID_STATE):
+ * a parameter whose gradient pointer is NULL has no gradient this step and is skipped: its
  * weights and every part of its state stay bit for bit as they were, mdopt_group_info
  * counts its matrices as skipped; the step count still advances (it is the optimizer's).
  * Several ranks: with grads=local a rank without a gradient adds zeros to the mean and the
