@@ -1,7 +1,8 @@
 // The whole step through the C ABI: device=cuda:0 against device=cpu at one rank, for every
 // preset and every (param, grad) dtype pair the ABI takes (f32/f32, bf16/bf16, bf16/f32), over a model with square, wide, tall and odd
-// matrices, an expert stack and a vector; the state bytes per parameter, the same as on the
-// CPU; the step on an NCCL communicator of one rank. Also the ABI's contract for a CUDA
+// matrices, an expert stack and a vector; row blocks (blocks=rows:2 and rows:3: their gains
+// and directions too, the blocks' shared gains bitwise equal on the device); the state bytes
+// per parameter, the same as on the CPU; the step on an NCCL communicator of one rank. Also the ABI's contract for a CUDA
 // optimizer: host pointers refused naming the param, and a device the machine lacks refused
 // with the runtime's reason.
 //
@@ -26,6 +27,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <ostream>
 #include <string>
@@ -51,18 +53,33 @@ const std::vector<Tensor>& Tensors() {
   return t;
 }
 
+// blocks=rows:2 and rows:3 (GLU fc1s [gate; up], a fused [q; k; v]): every matrix's rows a
+// multiple of 6, so one model serves both; blocks square-ish (fc1), tall (tall) and an
+// expert stack's (experts: 3 experts of K blocks each).
+const std::vector<Tensor>& BlockTensors() {
+  static const std::vector<Tensor> t = {
+      {"fc1", 2, {96, 48, 0}}, {"tall", 2, {240, 32, 0}}, {"experts", 3, {3, 60, 24}}};
+  return t;
+}
+
 struct Trained {
   std::vector<std::vector<uint8_t>> w;  // host copies of the params after the steps
   int64_t params = 0, state_bytes = 0, workspace_bytes = 0;
   int64_t allocations = 0;  // emulation only: CUDA allocations after the first step
+  // Where Train was given a model: each matrix's state after the steps, by mdopt_get_state
+  // field (gain_row, gain_col, gain_scalar, radius, direction; those its rule has).
+  std::vector<std::map<std::string, std::vector<double>>> state;
 };
 
 
 // kSteps steps of `preset` on `device` ("cpu" or "cuda:0"); the params as they end.
 // hparams: before the third step, mdopt_set_group_hparam changes beta1 (and momentum where
 // the group runs Muon) of the matrices' group and beta2 of the vectors'.
+// model: the matrices to train instead of Tensors() (a bias vector is added either way); with
+// one, the matrices' gains, radii and directions are read back into out->state.
 void Train(const std::string& device, const char* preset, mdopt_dtype pd, mdopt_dtype gd,
-           const char* ns_dtype, Trained* out, bool nccl = false, bool hparams = false) {
+           const char* ns_dtype, Trained* out, bool nccl = false, bool hparams = false,
+           const std::vector<Tensor>* model = nullptr) {
   mdopt_comm* comm = nullptr;
   if (nccl) {
     char id[MDOPT_NCCL_UNIQUE_ID_BYTES];
@@ -77,7 +94,7 @@ void Train(const std::string& device, const char* preset, mdopt_dtype pd, mdopt_
   ABI_OK(mdopt_add_group(opt, "g", (std::string("preset=") + preset).c_str()));
   ABI_OK(mdopt_add_group(opt, "v", "preset=vector"));
   const bool gpu = device != "cpu";
-  std::vector<Tensor> tensors = Tensors();
+  std::vector<Tensor> tensors = model != nullptr ? *model : Tensors();
   tensors.push_back({"bias", 1, {300, 0, 0}});
   std::vector<std::vector<uint8_t>> w, g;
   std::vector<std::unique_ptr<testing::DeviceVec<uint8_t>>> dw, dg;
@@ -144,6 +161,19 @@ void Train(const std::string& device, const char* preset, mdopt_dtype pd, mdopt_
     for (size_t i = 0; i < tensors.size(); ++i) w[i] = dw[i]->Download();
   }
   out->w = w;
+  if (model != nullptr) {
+    for (size_t i = 0; i < model->size(); ++i) {
+      out->state.emplace_back();
+      for (const char* field : {"gain_row", "gain_col", "gain_scalar", "radius", "direction"}) {
+        int64_t n = 0;
+        // A field the rule lacks (gain_col under gains=scalar) is refused: left out.
+        if (mdopt_get_state(opt, static_cast<int64_t>(i), field, nullptr, 0, &n) != MDOPT_SUCCESS) continue;
+        std::vector<double>& v = out->state.back()[field];
+        v.resize(static_cast<size_t>(n));
+        ABI_OK(mdopt_get_state(opt, static_cast<int64_t>(i), field, v.data(), n, nullptr));
+      }
+    }
+  }
   ABI_OK(mdopt_destroy(opt));
   ABI_OK(mdopt_comm_destroy(comm));
 }
@@ -241,6 +271,124 @@ INSTANTIATE_TEST_SUITE_P(Presets, CudaStep, ::testing::ValuesIn(AllParams()),
                                   (i.param.gd == MDOPT_DTYPE_BF16 ? "_bf16g" : "_f32g") + "_ns_" +
                                   i.param.ns_dtype;
                          });
+
+// blocks=rows:K at one rank (cuda_sharded_test has 2 and 3 ranks): on the device each block
+// slot has its own sphere, radius and Newton-Schulz (or Adam moments), the row gains are per
+// row, and the column and scalar gains are shared by a matrix's K blocks (every block slot's
+// replica stepped with the one gradient summed over the K blocks). md-muon and md-adamw keep
+// row and column gains, so the shared column gains are exercised; one case has the shared
+// scalar gain instead. Held, after kSteps steps, to device=cpu (ns_dtype=f32 on both):
+//   - the weights with CudaStep's bounds (2e-5; 1/128 with bf16 params, one bf16 rounding);
+//   - the f32 state the weights are made of, directions and effective gains, to 2e-5 for
+//     every dtype (the masters stay float32 under bf16 params, so no bf16 rounding enters);
+//   - on the device, the shared gains' replicas bitwise equal over a matrix's K blocks (a
+//     replica stepped with a different sum drifts by float32 rounding and would show here
+//     first), and every block's bare direction on its own radius sqrt(max(m/K, n)) to 1e-5
+//     (blocks_test's bound for float32 state): a block sharing its matrix's sphere would not be.
+struct BlockParam {
+  const char* name;
+  const char* spec;  // the preset and the group's keys
+  int64_t blocks;
+  mdopt_dtype pd, gd;
+};
+
+void PrintTo(const BlockParam& p, std::ostream* os) {
+  *os << p.spec << (p.pd == MDOPT_DTYPE_BF16 ? ", bf16 params" : ", f32 params")
+      << (p.gd == MDOPT_DTYPE_BF16 ? ", bf16 grads" : ", f32 grads");
+}
+
+class CudaStepBlocks : public ::testing::TestWithParam<BlockParam> {};
+
+TEST_P(CudaStepBlocks, MatchesDeviceCpu) {
+  MDOPT_SKIP_WITHOUT_GPU();
+  const BlockParam& p = GetParam();
+  const std::vector<Tensor>& model = BlockTensors();
+  Trained gpu, cpu;
+  ASSERT_NO_FATAL_FAILURE(Train("cuda:0", p.spec, p.pd, p.gd, "f32", &gpu, false, false, &model));
+  ASSERT_NO_FATAL_FAILURE(Train("cpu", p.spec, p.pd, p.gd, "f32", &cpu, false, false, &model));
+  ASSERT_EQ(gpu.state.size(), model.size());
+  ASSERT_EQ(cpu.state.size(), model.size());
+  const double bound = p.pd == MDOPT_DTYPE_BF16 ? 1.0 / 128 : 2e-5, state_bound = 2e-5;
+  double worst_w = 0.0, worst_state = 0.0, worst_norm = 0.0;
+  for (size_t i = 0; i < cpu.w.size(); ++i) {
+    const double e = testing::RelMaxError(AsDouble(gpu.w[i], p.pd), AsDouble(cpu.w[i], p.pd));
+    worst_w = std::max(worst_w, e);
+    EXPECT_LE(e, bound) << "tensor " << i;
+  }
+  const bool col = std::strstr(p.spec, "gains=scalar") == nullptr;
+  for (size_t i = 0; i < model.size(); ++i) {
+    const Tensor& t = model[i];
+    const std::map<std::string, std::vector<double>>& gs = gpu.state[i];
+    const std::map<std::string, std::vector<double>>& cs = cpu.state[i];
+    SCOPED_TRACE(t.name);
+    // The fields the rule has, on both devices.
+    std::vector<std::string> fields = {"direction", "radius"};
+    if (col) {
+      fields.insert(fields.end(), {"gain_row", "gain_col"});
+    } else {
+      fields.push_back("gain_scalar");
+    }
+    for (const std::string& f : fields) {
+      ASSERT_TRUE(gs.count(f) && cs.count(f)) << f;
+      ASSERT_EQ(gs.at(f).size(), cs.at(f).size()) << f;
+      const double e = testing::RelMaxError(gs.at(f), cs.at(f));
+      worst_state = std::max(worst_state, e);
+      EXPECT_LE(e, state_bound) << f;
+    }
+    const int64_t E = t.ndim == 3 ? t.shape[0] : 1, K = p.blocks;
+    const int64_t m = t.shape[t.ndim - 2] / K, n = t.shape[t.ndim - 1], slots = E * K;
+    // The shared gains: each block slot's replica bitwise its matrix's block 0's.
+    int64_t mismatches = 0;
+    if (col) {
+      const std::vector<double>& gc = gs.at("gain_col");
+      ASSERT_EQ(static_cast<int64_t>(gc.size()), slots * n);
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t k = 1; k < K; ++k)
+          for (int64_t j = 0; j < n; ++j) mismatches += gc[(e * K + k) * n + j] != gc[e * K * n + j];
+      // Row gains are per row, not shared: block 1's are not a copy of block 0's.
+      const std::vector<double>& gr = gs.at("gain_row");
+      EXPECT_NE(std::vector<double>(gr.begin(), gr.begin() + m),
+                std::vector<double>(gr.begin() + m, gr.begin() + 2 * m));
+    } else {
+      const std::vector<double>& sc = gs.at("gain_scalar");
+      ASSERT_EQ(static_cast<int64_t>(sc.size()), slots);
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t k = 1; k < K; ++k) mismatches += sc[e * K + k] != sc[e * K];
+    }
+    EXPECT_EQ(mismatches, 0) << "shared gains differ between blocks on the device";
+    // Every block on its own sphere.
+    const std::vector<double>& dir = gs.at("direction");
+    const std::vector<double>& radius = gs.at("radius");
+    ASSERT_EQ(static_cast<int64_t>(dir.size()), t.numel());
+    ASSERT_EQ(static_cast<int64_t>(radius.size()), slots);
+    const double want = std::sqrt(static_cast<double>(std::max(m, n)));
+    for (int64_t s = 0; s < slots; ++s) {
+      double sq = 0.0;
+      for (int64_t q = s * m * n; q < (s + 1) * m * n; ++q) sq += dir[q] * dir[q];
+      EXPECT_NEAR(radius[s], want, 1e-6 * want) << "block slot " << s;
+      const double rel = std::abs(std::sqrt(sq) - radius[s]) / radius[s];
+      worst_norm = std::max(worst_norm, rel);
+      EXPECT_LE(rel, 1e-5) << "block slot " << s;
+    }
+  }
+  std::printf("MDOPT_METRIC step_blocks.%s %.3e %.1e\n", p.name, worst_w, bound);
+  std::printf("MDOPT_METRIC step_blocks_state.%s %.3e %.1e\n", p.name, worst_state, state_bound);
+  std::printf("MDOPT_METRIC step_blocks_norm.%s %.3e %.1e\n", p.name, worst_norm, 1e-5);
+}
+
+const BlockParam kBlockParams[] = {
+    {"md_muon_rows2_f32p_f32g", "md-muon blocks=rows:2", 2, MDOPT_DTYPE_F32, MDOPT_DTYPE_F32},
+    {"md_muon_rows2_bf16p_bf16g", "md-muon blocks=rows:2", 2, MDOPT_DTYPE_BF16, MDOPT_DTYPE_BF16},
+    {"md_adamw_rows2_f32p_f32g", "md-adamw blocks=rows:2", 2, MDOPT_DTYPE_F32, MDOPT_DTYPE_F32},
+    {"md_adamw_rows2_bf16p_f32g", "md-adamw blocks=rows:2", 2, MDOPT_DTYPE_BF16, MDOPT_DTYPE_F32},
+    {"md_muon_rows3_f32p_f32g", "md-muon blocks=rows:3", 3, MDOPT_DTYPE_F32, MDOPT_DTYPE_F32},
+    // The shared scalar gain (no column gains), with the tangent projection per block.
+    {"md_adamw_rows3_scalar_tangent_bf16p_bf16g", "md-adamw blocks=rows:3 gains=scalar tangent=1", 3,
+     MDOPT_DTYPE_BF16, MDOPT_DTYPE_BF16},
+};
+
+INSTANTIATE_TEST_SUITE_P(Blocks, CudaStepBlocks, ::testing::ValuesIn(kBlockParams),
+                         [](const ::testing::TestParamInfo<BlockParam>& i) { return std::string(i.param.name); });
 
 // The same step on an NCCL communicator of one rank: the same bits as on the local one.
 TEST(CudaStepNccl, OneRankMatchesLocal) {

@@ -107,7 +107,9 @@ struct Tensor {
 };
 
 // One optimizer with one group over a few tensors large enough that the passes and the
-// Newton-Schulz products run on several threads.
+// Newton-Schulz products run on several threads. A spec with blocks=rows:K gets matrices
+// whose rows are a multiple of 6 (K = 2 or 3) and its vector in a group of its own (a
+// blocks group takes matrices only), so that both groups step side by side.
 class Harness {
  public:
   Harness(const std::string& options, const std::string& spec, bool bf16) : comm_(MakeLocalCommunicator()) {
@@ -115,8 +117,15 @@ class Harness {
     opt_ = std::make_unique<Optimizer>(comm_.get(), o);
     EXPECT_TRUE(opt_->AddGroup("g", spec).ok());
     const bool adam = ParseGroupSpec(spec)->rule.base == kernels::Base::kAdamW;
-    tensors_ = {{"wide", {67, 530}, bf16}, {"tall", {600, 41}, bf16}, {"experts", {2, 40, 90}, bf16}};
-    if (adam) tensors_.push_back({"vec", {40000}, bf16});
+    const bool blocks = spec.find("blocks=") != std::string::npos;
+    if (blocks) {
+      EXPECT_TRUE(opt_->AddGroup("v", "preset=vector").ok());
+      tensors_ = {{"wide", {66, 530}, bf16}, {"tall", {600, 41}, bf16}, {"experts", {2, 42, 90}, bf16},
+                  {"vec", {40000}, bf16}};
+    } else {
+      tensors_ = {{"wide", {67, 530}, bf16}, {"tall", {600, 41}, bf16}, {"experts", {2, 40, 90}, bf16}};
+      if (adam) tensors_.push_back({"vec", {40000}, bf16});
+    }
     for (size_t i = 0; i < tensors_.size(); ++i) {
       Tensor& t = tensors_[i];
       const std::vector<double> w0 = testing::RandomNormal(t.numel(), 100 + i, 0.05);
@@ -127,7 +136,7 @@ class Harness {
       }
       ParamDescription d;
       d.name = t.name;
-      d.group = "g";
+      d.group = blocks && t.shape.size() == 1 ? "v" : "g";
       d.ndim = static_cast<int>(t.shape.size());
       for (size_t k = 0; k < t.shape.size(); ++k) d.shape[k] = t.shape[k];
       d.param_dtype = bf16 ? MDOPT_DTYPE_BF16 : MDOPT_DTYPE_F32;
@@ -193,6 +202,14 @@ const Case kCases[] = {
     {"embedding", "preset=embedding", false},
     {"col_tangent_scalar", "preset=md-muon sphere=col tangent=1 gains=scalar", false},
     {"frobenius_tangent_adam", "preset=md-adamw tangent=1", true},
+    // Row blocks (a GLU fc1's gate and up, a 3-D stack of them): the blocks' shared column
+    // and scalar gains are summed and copied into every replica inside the step, from
+    // buffers sized at finalize.
+    {"md_muon_blocks2", "preset=md-muon blocks=rows:2", false},
+    {"md_muon_blocks2_bf16", "preset=md-muon blocks=rows:2", true},
+    {"md_adamw_blocks2", "preset=md-adamw blocks=rows:2", false},
+    {"md_adamw_blocks2_bf16", "preset=md-adamw blocks=rows:2", true},
+    {"md_muon_blocks3_scalar_tangent", "preset=md-muon blocks=rows:3 gains=scalar tangent=1", false},
 };
 
 class Allocations : public ::testing::TestWithParam<Case> {};
