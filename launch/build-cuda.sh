@@ -2,7 +2,7 @@
 # Builds, on a machine without a GPU, everything launch/device-check.sh runs on one, into ONE
 # folder to copy to the GPU machine: ${MDOPT_CUDA_BUILD_DIR:-build-cuda}/device-bin/
 #   - the CUDA test programs (cuda_backend_test, cuda_step_test, cuda_newton_schulz_test,
-#     cuda_window_copy_test,
+#     cuda_window_copy_test, cublaslt_api_test (cuBLASLt opened at first use),
 #     nccl_comm_test) and mdopt-cuda-bench;
 #   - libmdopt.so.1 with the CUDA backend, for the Python package (integration/python, which
 #     travels with the working tree: device-check.sh puts it on PYTHONPATH and points
@@ -35,7 +35,7 @@ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DMDOPT_CUDA=ON \
 
 # The programs the check runs (launch/device-check.sh: required_tests) and where CMake puts them.
 wanted=(cuda_backend_test cuda_step_test cuda_newton_schulz_test cuda_window_copy_test nccl_comm_test
-        mdopt-cuda-bench)
+        cublaslt_api_test mdopt-cuda-bench)
 known="$(cmake --build "$build" --target help | sed -n 's/^\.\.\. \([^ ]*\).*/\1/p')"
 targets=(mdopt)
 absent=()
