@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "dist_opt/schedule.h"
+#include "kernels/common/grad_presence.h"
 
 namespace mdopt {
 namespace {
@@ -73,7 +74,7 @@ kernels::BackendConfig DescribeRank(const ShardPlan& plan, const std::vector<Par
   c.ns_form = opt.ns_form;
   c.update_norms = opt.update_norms;
   c.grads_agree = sharded && !segmented;
-  c.check_len = 2 * static_cast<int64_t>(params.size());
+  c.check_len = kernels::CheckRecordLength(static_cast<int64_t>(params.size()));
   for (const ParamEntry& p : params) {
     kernels::ParamDesc d;
     d.name = p.name;

@@ -19,6 +19,9 @@
 
 namespace mdopt::kernels {
 
+// Doubles of the check record for `params` params (sums of squares, then presence).
+MDOPT_HD inline constexpr long long CheckRecordLength(long long params) { return 2 * params; }
+
 inline constexpr double kGradPresent = 1.0;
 inline constexpr double kGradAbsent = 4294967296.0;  // 2^32
 

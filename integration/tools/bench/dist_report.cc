@@ -48,7 +48,7 @@ FloorTerms Floor(const DistSetup& s, const BenchRow& row) {
       t.cross_as_allgather += (n - 1) * 8 * row.radial_record[b];
     }
   }
-  t.check = all_reduce(row.tensors);
+  t.check = all_reduce(2 * row.tensors);  // a sum of squares and a gradient presence per param
   return t;
 }
 
@@ -109,8 +109,8 @@ void PrintDistributed(std::FILE* out, const DistSetup& s, const std::vector<Benc
                "  over buckets of floor(2 (N-1) x 8 L_b / N): one float64 all-reduce of the\n"
                "  bucket's record of L_b doubles (per rows-layout matrix: n with column gains,\n"
                "  1 with a scalar gain, 1 with a frobenius sphere, n with a column sphere;\n"
-               "  tangent=1 adds 2 or 2n); check = floor(2 (N-1) x 8 T / N) for T params: the\n"
-               "  finite check's all-reduce. cross as AG: (N-1) x 8 x L_b per bucket, what an\n"
+               "  tangent=1 adds 2 or 2n); check = floor(2 (N-1) x 16 T / N) for T params: the\n"
+               "  finite check's all-reduce (per param a sum of squares and a gradient count). cross as AG: (N-1) x 8 x L_b per bucket, what an\n"
                "  all-gather of every rank's record would send.\n");
 }
 

@@ -166,9 +166,10 @@ TEST(Bytes, ClosedFormOfEqualSegmentsEqualsTheWindows) {
       SimOptions o;
       o.ns_comm_bf16 = true;
       for (int r = 0; r < N; ++r) {
-        // The schedule's calls, one per window, through comm/traffic.h.
-        int64_t want = mdopt::AllReduceTraffic(static_cast<int64_t>(m.registry.params().size()), N,
-                                               mdopt::DataType::kF64);
+        // The schedule's calls, one per window, through comm/traffic.h; the finite check's
+        // record holds two doubles per param (its sum of squares and its gradient presence).
+        int64_t want = mdopt::AllReduceTraffic(2 * static_cast<int64_t>(m.registry.params().size()),
+                                               N, mdopt::DataType::kF64);
         bool windows = false;
         for (const mdopt::BucketPlan& b : plan.buckets) {
           windows = windows || b.Windows() > 1;

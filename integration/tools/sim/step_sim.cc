@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "comm/traffic.h"
+#include "kernels/common/grad_presence.h"
 #include "../scale/plan_model.h"
 
 namespace mdopt_sim {
@@ -46,7 +47,11 @@ int64_t RankBytesSent(const mdopt::ShardPlan& plan, const std::vector<ParamEntry
                       const SimOptions& o, int rank) {
   const int N = plan.world;
   if (N <= 1) return 0;
-  int64_t bytes = mdopt::AllReduceTraffic(static_cast<int64_t>(params.size()), N, mdopt::DataType::kF64);
+  // The finite check: one all-reduce of the check record (sums of squares and gradient
+  // presence per param).
+  int64_t bytes = mdopt::AllReduceTraffic(
+      mdopt::kernels::CheckRecordLength(static_cast<int64_t>(params.size())), N,
+      mdopt::DataType::kF64);
   const mdopt::DataType grad = o.grad_comm_bf16 ? mdopt::DataType::kBf16 : mdopt::DataType::kF32;
   const int64_t ns_elem = o.ns_comm_bf16 ? 2 : 4;
   std::vector<int64_t> counts(static_cast<size_t>(N));
@@ -268,9 +273,9 @@ StepEstimate SimulateStep(const mdopt::ShardPlan& plan, const std::vector<ParamE
     c.backward = 4.0 * active * o.tokens_per_gpu / trainer;
     active_total += active;
   }
-  const int64_t T = static_cast<int64_t>(params.size());
-  bytes_mean += static_cast<double>(mdopt::AllReduceTraffic(T, N, mdopt::DataType::kF64));
-  const double check = AllReduceTime(hw, topo, 8.0 * T);
+  const int64_t check_len = mdopt::kernels::CheckRecordLength(static_cast<int64_t>(params.size()));
+  bytes_mean += static_cast<double>(mdopt::AllReduceTraffic(check_len, N, mdopt::DataType::kF64));
+  const double check = AllReduceTime(hw, topo, 8.0 * static_cast<double>(check_len));
 
   // The trainer's backward releases the buckets in order (buckets are in reverse
   // registration order, the order backward produces gradients).
