@@ -65,8 +65,9 @@ typedef struct {
  * MDOPT_STEP_INFO_SIZE_V1 up. Start from MDOPT_STEP_INFO_INIT or mdopt_step_info_init(). */
 typedef struct {
   size_t struct_size;
-  int64_t step;                /* steps taken so far, skipped steps excluded (a parameter's
-                                  own count, its bias-correction t: mdopt_get_state "step") */
+  int64_t step;                /* steps taken so far, skipped steps excluded (the t of a
+                                  parameter's bias corrections is its own count, which
+                                  lags where it lacked a gradient: mdopt_get_state "step") */
   int skipped;                 /* 1 when non-finite gradients made this call skip */
   double grad_norm;            /* global L2 norm of all gradients (NaN/Inf when skipped) */
   double seconds;              /* wall time of the call */
@@ -132,8 +133,8 @@ MDOPT_API mdopt_status mdopt_get_group_lr(const mdopt_optimizer* opt, const char
  * the gains' Adam), "eps", "momentum" (Muon's), "weight_decay", with the ranges and rules of
  * the group spec (a key the group's rule refuses in a spec is refused here too), or "lr"
  * (as mdopt_set_group_lr). Used from the next mdopt_step on; Adam's bias correction takes
- * the current betas with the parameter's step count, as torch's does. Any time after mdopt_add_group of
- * that group. An unknown group or key, a NULL or a bad value is MDOPT_INVALID_ARGUMENT and
+ * the current betas with the parameter's step count, as torch's does. Any time after
+ * mdopt_add_group of that group. An unknown group or key, a NULL or a bad value is MDOPT_INVALID_ARGUMENT and
  * changes nothing. */
 MDOPT_API mdopt_status mdopt_set_group_hparam(mdopt_optimizer* opt, const char* group,
                                               const char* key, double value);
