@@ -175,6 +175,7 @@ struct LoadPlan {
   std::vector<std::unique_ptr<RankFileReader>> readers;
   std::vector<Planned> arrays;
   int64_t step = 0;
+  std::vector<int64_t> param_steps;  // one per param
 };
 
 // Reads the elements of every source of `a`, a chunk of the file at a time, through `read`;
@@ -316,6 +317,7 @@ absl::Status LoadLocal(const std::string& dir, const CheckpointLayout& want, Eng
     if (absl::Status s = ReadSources(lp, a, &scratch, nullptr); !s.ok()) return s;
   }
   lp->step = m.step;
+  lp->param_steps = m.param_steps;
   return absl::OkStatus();
 }
 
@@ -344,7 +346,10 @@ absl::Status SaveCheckpoint(const std::string& dir, const CheckpointLayout& l, E
   Record outcome;
   if (rank == 0) {
     absl::Status s = NoThrow("mdopt_save", [&] {
-      ManifestContent c{l.engine, world, l.step, l.groups, l.params, engine->plan(), {}};
+      ManifestContent c{l.engine, world, l.step, l.groups, l.params, engine->plan(), {}, {}};
+      // Every rank holds the same counts (the skips come from one summed record).
+      c.param_steps.resize(l.params->size());
+      if (absl::Status s = engine->ReadParamSteps(c.param_steps.data()); !s.ok()) return s;
       for (const Record& r : all) {
         WrittenRankFile f;
         std::memcpy(&f.bytes, r.bytes + 8, sizeof f.bytes);
@@ -392,6 +397,7 @@ absl::Status LoadCheckpoint(const std::string& dir, const CheckpointLayout& want
     if (absl::Status s = engine->WriteState(a.param, a.expert, a.array, buffer.get()); !s.ok()) return s;
   }
   buffer.reset();
+  if (absl::Status s = engine->WriteParamSteps(lp.param_steps.data()); !s.ok()) return s;
   if (absl::Status s = engine->WriteModels(); !s.ok()) return s;
   *step = lp.step;
   return absl::OkStatus();

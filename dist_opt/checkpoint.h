@@ -42,7 +42,8 @@ absl::Status SaveCheckpoint(const std::string& dir, const CheckpointLayout& layo
 // shapes, the state layout of every group, sizes, checksums) and reads every chunk of this
 // rank's rows, checking its CRC, one chunk in memory at a time; only when every rank
 // succeeded it reads them again from the files it holds open, one state array at a time,
-// into the engine's state, writes the model tensors and returns the step count. Memory
+// into the engine's state, sets each param's step count (a checkpoint without them: every
+// count = the step), writes the model tensors and returns the step count. Memory
 // beyond the live state: the largest of this rank's state arrays, the open files' indexes.
 // The checkpoint may come from any rank count and either layout. On any error in the check
 // on any rank nothing has changed on any rank, and every rank returns the same error

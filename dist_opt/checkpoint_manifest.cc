@@ -74,6 +74,7 @@ std::string ManifestText(const ManifestContent& c) {
   j["engine"] = c.engine;
   j["world_size"] = c.world_size;
   j["step"] = c.step;
+  j["param_steps"] = c.param_steps;
   json groups = json::array();
   for (const Group& g : *c.groups) {
     json entry = {{"name", g.name}, {"spec", CanonicalSpec(g.spec)}};
@@ -193,6 +194,21 @@ absl::Status ReadManifest(const std::string& dir, const std::string& engine,
         return mismatch(absl::StrCat("param ", i, " is '", theirs, "', expected '", ours, "'"));
       }
       slots += params[i].experts;
+    }
+
+    // Each param's own count (after the params matched), at most the optimizer's. A
+    // manifest without them predates them: every param used the optimizer's count.
+    if (j.contains("param_steps")) {
+      const json& ps = j.at("param_steps");
+      if (!ps.is_array() || ps.size() != params.size()) {
+        return bad("param_steps does not hold one count per param");
+      }
+      out->param_steps = ps.get<std::vector<int64_t>>();
+      for (int64_t t : out->param_steps) {
+        if (t < 0 || t > out->step) return bad("a param_steps count is not in [0, step]");
+      }
+    } else {
+      out->param_steps.assign(params.size(), out->step);
     }
 
     // The saving run's plan: which rows of which slot each of its rank files holds.

@@ -1,7 +1,8 @@
 // The manifest of a checkpoint (format 2): `manifest.json`, written by rank 0 last (the
 // commit point of a save). Keys:
 //   format ("mdopt-checkpoint"), format_version, abi_version, engine, world_size, step,
-//   groups [{name, spec}], params [{name, group, ndim, shape, param_dtype, grad_dtype}],
+//   param_steps [per param, its own step count], groups [{name, spec}],
+//   params [{name, group, ndim, shape, param_dtype, grad_dtype}],
 //   plan {world, slots [{param, expert, m, n, layout, owner, block_rows, bucket}]},
 //   rank_files [{rank, name, bytes, crc32c}],
 //   crc32c: the CRC-32C (8 hex digits) of the compact dump of every other key.
@@ -34,6 +35,7 @@ struct ManifestContent {
   const std::vector<ParamEntry>* params = nullptr;
   const ShardPlan* plan = nullptr;
   std::vector<WrittenRankFile> rank_files;
+  std::vector<int64_t> param_steps;  // one per param
 };
 
 // The manifest's text (pretty JSON with its checksum).
@@ -43,6 +45,9 @@ std::string ManifestText(const ManifestContent& c);
 struct LoadedManifest {
   int world_size = 1;
   int64_t step = 0;
+  // One per param. A manifest without param_steps was written when the optimizer kept one
+  // count for every param: each param's count is then `step`, what it meant.
+  std::vector<int64_t> param_steps;
   std::vector<SlotPlan> slots;  // the plan of the saving run, in slot order
   std::vector<int64_t> first_slot;
   std::vector<WrittenRankFile> rank_files;

@@ -66,6 +66,11 @@ class Engine {
   virtual absl::Status Outcome(StepOutcome* out) = 0;
   // The count of taken steps (checkpoint load).
   virtual void SetStepsTaken(int64_t t) = 0;
+  // Each param's own step count, the t of its bias corrections: the steps applied while it
+  // had a gradient. `host` holds one int64 per param (host-synchronous). Every rank holds
+  // the same counts.
+  virtual absl::Status ReadParamSteps(int64_t* host) = 0;
+  virtual absl::Status WriteParamSteps(const int64_t* host) = 0;
 
   // gather=deferred: the weight all-gather the last step left to do (mdopt_gather_params).
   virtual absl::Status GatherParams(void* stream) = 0;

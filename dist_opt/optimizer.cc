@@ -413,6 +413,13 @@ absl::StatusOr<std::vector<double>> Optimizer::GetState(int64_t index,
     return absl::InvalidArgumentError(absl::StrCat("param '", p.name, "' has no ", what,
                                                    " (group '", groups_[p.group].name, "')"));
   };
+  // The param's own step count (the t of its bias corrections): the same on every rank, so
+  // no collective.
+  if (field == "step") {
+    std::vector<int64_t> counts(static_cast<size_t>(registry_.size()));
+    if (absl::Status s = engine_->ReadParamSteps(counts.data()); !s.ok()) return s;
+    return std::vector<double>{static_cast<double>(counts[static_cast<size_t>(index)])};
+  }
   // The moments: Muon's momentum buffer, Adam's exp_avg / exp_avg_sq (one per element).
   const bool moment = field == "momentum" || field == "exp_avg" || field == "exp_avg_sq";
   const bool known = field == "master" || field == "direction" || field == "gain_row" ||
@@ -421,7 +428,7 @@ absl::StatusOr<std::vector<double>> Optimizer::GetState(int64_t index,
     return absl::InvalidArgumentError(absl::StrCat(
         "field '", field,
         "' is unknown (master, direction, gain_row, gain_col, gain_scalar, radius, momentum, "
-        "exp_avg, exp_avg_sq)"));
+        "exp_avg, exp_avg_sq, step)"));
   }
   if (field == "momentum" && r.base != kernels::Base::kMuon) return missing("momentum buffer (not Muon)");
   if ((field == "exp_avg" || field == "exp_avg_sq") && r.base == kernels::Base::kMuon)

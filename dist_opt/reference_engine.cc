@@ -35,6 +35,14 @@ class ReferenceEngine final : public Engine {
     return absl::OkStatus();
   }
   void SetStepsTaken(int64_t t) override { t_ = t; }
+  absl::Status ReadParamSteps(int64_t* host) override {
+    std::copy(param_t_.begin(), param_t_.end(), host);
+    return absl::OkStatus();
+  }
+  absl::Status WriteParamSteps(const int64_t* host) override {
+    std::copy(host, host + param_t_.size(), param_t_.begin());
+    return absl::OkStatus();
+  }
   std::vector<StateArray> State(int64_t index, int64_t expert) override;
   absl::Status ReadState(int64_t index, int64_t expert, size_t array, int64_t first, int64_t count,
                          void* host) override;
@@ -65,6 +73,7 @@ class ReferenceEngine final : public Engine {
   std::vector<std::vector<ref::MatrixState>> st_;  // [param][expert]
   std::vector<double> g_;                          // gradient of one matrix, as double
   std::vector<uint8_t> skipped_;  // per param: no gradient at the last step (sized at Init)
+  std::vector<int64_t> param_t_;  // per param: the steps it took, its bias-correction count
   StepOutcome outcome_;
   int64_t t_ = 0;
 };
@@ -88,6 +97,7 @@ absl::Status ReferenceEngine::Init() {
   }
   st_ = std::move(st);
   skipped_.assign(params_.size(), 0);
+  param_t_.assign(params_.size(), 0);
   plan_ = BuildShardPlan(params_, groups_, PlanOptions{});
   return WriteModels();
 }
@@ -117,12 +127,14 @@ absl::Status ReferenceEngine::Step(double lr_scale, void*) {
   }
   outcome_.grad_norm = std::sqrt(total);
   if (outcome_.skipped) return absl::OkStatus();
-  const int64_t t = ++t_;
+  ++t_;
   for (size_t i = 0; i < params_.size(); ++i) {
     const ParamEntry& p = params_[i];
-    // A NULL gradient: the param has none this step and is left as it was, state included.
+    // A NULL gradient: the param has none this step and is left as it was, state and step
+    // count included; a param that has one is bias-corrected with its own count.
     skipped_[i] = p.grad == nullptr;
     if (skipped_[i]) continue;
+    const int64_t t = ++param_t_[i];
     const int64_t mn = p.m * p.n;
     // A matrix of K row blocks (blocks=rows:K) is K matrices here that share its column and
     // scalar gains: each keeps a copy, stepped with the gradient summed over the K blocks

@@ -44,6 +44,10 @@ class ScheduledEngine final : public Engine {
   absl::Status Step(double lr_scale, void* stream) override;
   absl::Status Outcome(StepOutcome* out) override { return backend_->ReadOutcome(out); }
   void SetStepsTaken(int64_t t) override { backend_->SetStepsTaken(t); }
+  absl::Status ReadParamSteps(int64_t* host) override { return backend_->ReadParamSteps(host); }
+  absl::Status WriteParamSteps(const int64_t* host) override {
+    return backend_->WriteParamSteps(host);
+  }
   void RulesChanged() override {
     for (size_t i = 0; i < params_.size(); ++i)
       backend_->SetParamScalars(static_cast<int>(i), params_[i].rule);

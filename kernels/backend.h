@@ -23,8 +23,14 @@
 //     every param into the check record next to the sums of squares; ApplyCheck derives from
 //     the summed record a per-param skip flag in the backend's memory, which every later
 //     stage reads for each slot like the step's skip flag: a skipped param's weights, master
-//     copy, moments, gains and radii stay bit for bit as they were, its counters say
-//     `skipped`, and a Newton-Schulz batch may run on its X but never applies the result.
+//     copy, moments, gains, radii and step count stay bit for bit as they were, its counters
+//     say `skipped`, and a Newton-Schulz batch may run on its X but never applies the result.
+//   - Step counts. Besides the count of steps applied (StepOutcome::steps_taken) the backend
+//     keeps one per param in its memory: the steps that param took (applied and not skipped
+//     for want of a gradient). The bias corrections of a param's Adam moments (direction and
+//     gains) use its own count, as torch's per-param `step`; EndStep advances them. Every
+//     rank holding a slot of a param derives the same skip flag from the same summed record,
+//     so their counts agree.
 //     PackGrads writes zeros for a NULL gradient; nothing dereferences one. With
 //     `grads_agree` (gradients arrive reduced on several ranks) a param that some ranks have
 //     a gradient for and others not sets the step's skip flag and the outcome names it.
@@ -233,7 +239,7 @@ struct StepOutcome {
   // grads_agree: the first param that some ranks had a gradient for and others not (the
   // step was a no-op); -1 when none.
   int64_t disagree_param = -1;
-  int64_t steps_taken = 0;  // steps applied so far (the bias-correction count)
+  int64_t steps_taken = 0;  // steps applied so far (each param's own count: ReadParamSteps)
 };
 
 // What the last step did to one slot (mdopt_group_info).
@@ -346,7 +352,8 @@ class StepBackend {
   // ranks' rows.
   virtual void PackWeights(int bucket, int chunk) = 0;
   virtual void UnpackWeights(int bucket, int chunk) = 0;
-  // Counts the step (unless skipped).
+  // Counts the step (unless skipped): the optimizer's count and that of every param that
+  // took it.
   virtual void EndStep() = 0;
   // Waits for the step; what the host may know of it.
   virtual absl::Status ReadOutcome(StepOutcome* out) = 0;
@@ -360,6 +367,10 @@ class StepBackend {
   virtual absl::Status WriteState(int slot, size_t array, const void* host) = 0;
   virtual SlotCounters Counters(int slot) const = 0;
   virtual void SetStepsTaken(int64_t t) = 0;
+  // Every param's step count (one int64 per param, in param order), after the work queued so
+  // far; and all of them from host memory (a checkpoint load).
+  virtual absl::Status ReadParamSteps(int64_t* host) = 0;
+  virtual absl::Status WriteParamSteps(const int64_t* host) = 0;
   // Writes this rank's model rows from the master copies (after a checkpoint load).
   virtual void WriteModelRows() = 0;
   virtual int64_t WorkspaceBytes() const = 0;

@@ -65,7 +65,9 @@ typedef struct {
  * MDOPT_STEP_INFO_SIZE_V1 up. Start from MDOPT_STEP_INFO_INIT or mdopt_step_info_init(). */
 typedef struct {
   size_t struct_size;
-  int64_t step;                /* steps taken so far, skipped steps excluded */
+  int64_t step;                /* steps taken so far, skipped steps excluded (the t of a
+                                  parameter's bias corrections is its own count, which
+                                  lags where it lacked a gradient: mdopt_get_state "step") */
   int skipped;                 /* 1 when non-finite gradients made this call skip */
   double grad_norm;            /* global L2 norm of all gradients (NaN/Inf when skipped) */
   double seconds;              /* wall time of the call */
@@ -131,8 +133,8 @@ MDOPT_API mdopt_status mdopt_get_group_lr(const mdopt_optimizer* opt, const char
  * the gains' Adam), "eps", "momentum" (Muon's), "weight_decay", with the ranges and rules of
  * the group spec (a key the group's rule refuses in a spec is refused here too), or "lr"
  * (as mdopt_set_group_lr). Used from the next mdopt_step on; Adam's bias correction takes
- * the current betas with the step count, as torch's does. Any time after mdopt_add_group of
- * that group. An unknown group or key, a NULL or a bad value is MDOPT_INVALID_ARGUMENT and
+ * the current betas with the parameter's step count, as torch's does. Any time after
+ * mdopt_add_group of that group. An unknown group or key, a NULL or a bad value is MDOPT_INVALID_ARGUMENT and
  * changes nothing. */
 MDOPT_API mdopt_status mdopt_set_group_hparam(mdopt_optimizer* opt, const char* group,
                                               const char* key, double value);
@@ -169,7 +171,12 @@ MDOPT_API mdopt_status mdopt_finalize(mdopt_optimizer* opt);
  * Since ABI 1 (minor 5; an older library refuses a NULL gradient with MDOPT_INVALID_STATE):
  * a parameter whose gradient pointer is NULL has no gradient this step and is skipped: its
  * weights and every part of its state stay bit for bit as they were, mdopt_group_info
- * counts its matrices as skipped; the step count still advances (it is the optimizer's).
+ * counts its matrices as skipped. Since ABI 1 (minor 6) each parameter keeps its own step
+ * count, as torch's per-parameter state["step"]: it advances at the steps the parameter
+ * takes (applied and with a gradient) and is the t of the bias corrections of its Adam
+ * moments (direction and gains); mdopt_get_state's "step" reads it. info->step counts the
+ * optimizer's steps, whichever parameters took them. (Minor 5 bias-corrected every
+ * parameter with the optimizer's count.)
  * Several ranks: with grads=local a rank without a gradient adds zeros to the mean and the
  * parameter is skipped only when no rank has one; with grads=reduced every rank must pass
  * a gradient or NULL alike, else the step changes nothing on any rank and returns
@@ -240,8 +247,10 @@ MDOPT_API mdopt_status mdopt_workspace_bytes(const mdopt_optimizer* opt, int64_t
  * field: "master" (the weights, numel), "direction" (W / gains, numel),
  *        "gain_row" (E*d_out), "gain_col" (E*d_in), "gain_scalar" (E) (effective gains),
  *        "radius" (one per sphere slice), and (since ABI 1 minor 4; an older library refuses
- *        the name) the moments "momentum" (Muon), "exp_avg", "exp_avg_sq" (Adam) (numel).
- *        count must equal the field's length;
+ *        the name) the moments "momentum" (Muon), "exp_avg", "exp_avg_sq" (Adam) (numel),
+ *        and (since ABI 1 minor 6; an older library refuses the name) "step" (1: the
+ *        parameter's own step count, see mdopt_step; the same on every rank, so not
+ *        collective). count must equal the field's length;
  * *count_out (may be NULL) receives the length (call with out = NULL to query it). */
 MDOPT_API mdopt_status mdopt_get_state(const mdopt_optimizer* opt, int64_t index,
                                        const char* field, double* out, int64_t count,

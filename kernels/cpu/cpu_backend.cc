@@ -131,8 +131,12 @@ class CpuBackend final : public StepBackend {
   void Finish(const SlotRange& r) override;
   void PackWeights(int bucket, int chunk) override;
   void UnpackWeights(int bucket, int chunk) override;
+  // The step counts, the optimizer's and each param's that took the step (not skipped for
+  // want of a gradient): a param's count is the t of its bias corrections.
   void EndStep() override {
-    if (!skip_) ++t_;
+    if (skip_) return;
+    ++t_;
+    for (size_t i = 0; i < param_t_.size(); ++i) param_t_[i] += param_skip_[i] == 0 ? 1 : 0;
   }
   absl::Status ReadOutcome(StepOutcome* out) override {
     *out = outcome_;
@@ -145,6 +149,14 @@ class CpuBackend final : public StepBackend {
   absl::Status WriteState(int slot, size_t array, const void* host) override;
   SlotCounters Counters(int slot) const override { return st_[slot].counters; }
   void SetStepsTaken(int64_t t) override { t_ = t; }
+  absl::Status ReadParamSteps(int64_t* host) override {
+    std::copy(param_t_.begin(), param_t_.end(), host);
+    return absl::OkStatus();
+  }
+  absl::Status WriteParamSteps(const int64_t* host) override {
+    std::copy(host, host + param_t_.size(), param_t_.begin());
+    return absl::OkStatus();
+  }
   void WriteModelRows() override;
   int64_t WorkspaceBytes() const override;
 
@@ -152,6 +164,14 @@ class CpuBackend final : public StepBackend {
   const ParamDesc& ParamOf(int k) const { return cfg_.params[cfg_.slots[k].param]; }
   // Slot k's param has no gradient on any rank this step: every stage leaves it alone.
   bool Skips(int k) const { return param_skip_[static_cast<size_t>(cfg_.slots[k].param)] != 0; }
+  // The step's scalars of slot k: its group's lr and gain_lr, and its param's own count for
+  // the bias corrections (a copy of three numbers: the passes take them by value).
+  fast::StepScalars ScalarsOf(int k) const {
+    const ParamDesc& p = ParamOf(k);
+    fast::StepScalars s = scalars_[static_cast<size_t>(p.group)];
+    s.t = param_t_[static_cast<size_t>(cfg_.slots[k].param)] + 1;
+    return s;
+  }
   bool AliasesModel(const ParamDesc& p) const { return p.param_dtype == Dtype::kF32; }
   fast::MatrixView View(int k) const;
   Workspace& Pool(int b) { return pool_[static_cast<size_t>(b) % pool_.size()]; }
@@ -181,6 +201,7 @@ class CpuBackend final : public StepBackend {
   std::vector<double> check_;
   std::vector<uint8_t> param_skip_;  // per param, set by ApplyCheck
   std::vector<fast::StepScalars> scalars_;  // per group, for the step in progress
+  std::vector<int64_t> param_t_;  // per param: the steps it took (its bias-correction count)
   fast::NsWorkspace ns_;
   fast::Bf16NewtonSchulz ns_bf16_;
   fast::Scratch scratch_;
@@ -238,6 +259,7 @@ absl::Status CpuBackend::Setup(BackendConfig config, absl::Span<const ParamPoint
   scalars_.assign(static_cast<size_t>(std::max(cfg_.groups, 1)), fast::StepScalars{});
   check_.assign(static_cast<size_t>(std::max<int64_t>(cfg_.check_len, 1)), 0.0);
   param_skip_.assign(cfg_.params.size(), 0);
+  param_t_.assign(cfg_.params.size(), 0);
 
   // State, with the initial master weights read from the model; nothing is written.
   int64_t max_rows = 1, max_n = 1;
@@ -378,7 +400,6 @@ void CpuBackend::BeginStep(absl::Span<const GroupScalars> groups) {
   for (size_t g = 0; g < groups.size() && g < scalars_.size(); ++g) {
     scalars_[g].lr = groups[g].lr;
     scalars_[g].gain_lr = groups[g].gain_lr;
-    scalars_[g].t = t_ + 1;
   }
   skip_ = false;
   outcome_ = StepOutcome{};
@@ -551,7 +572,7 @@ void CpuBackend::Pass1(const SlotRange& r) {
       continue;
     }
     if (sd.rows > 0) {
-      fast::Pass1(p.rule, View(k), scalars_[p.group], sd.muon ? XOf(r.bucket, k) : nullptr,
+      fast::Pass1(p.rule, View(k), ScalarsOf(k), sd.muon ? XOf(r.bucket, k) : nullptr,
                   &st_[k].partials, &scratch_);
     }
     // The NS owner's own block goes straight into the whole-X buffer.
@@ -637,7 +658,7 @@ void CpuBackend::Pass2(const SlotRange& r) {
     const SlotDesc& sd = cfg_.slots[k];
     if (!sd.muon || sd.rows == 0 || Skips(k)) continue;
     const ParamDesc& p = cfg_.params[sd.param];
-    fast::Pass2(p.rule, View(k), scalars_[p.group], XOf(r.bucket, k), &st_[k].partials, &scratch_);
+    fast::Pass2(p.rule, View(k), ScalarsOf(k), XOf(r.bucket, k), &st_[k].partials, &scratch_);
   }
 }
 
@@ -717,7 +738,7 @@ void CpuBackend::Finish(const SlotRange& r) {
     SlotState& s = st_[k];
     if (!sd.holds || Skips(k)) continue;
     const fast::MatrixView v = View(k);
-    fast::StepGains(p.rule, v, scalars_[p.group], s.partials);
+    fast::StepGains(p.rule, v, ScalarsOf(k), s.partials);
     if (sd.rows > 0) fast::Finish(p.rule, v, s.partials, &scratch_);
     s.counters.projected = sd.accounts && p.rule.sphere != Sphere::kNone;
     s.counters.gains_stepped = sd.accounts && p.rule.gains != Gains::kNone;

@@ -50,7 +50,8 @@ struct MatrixView {
 struct StepScalars {
   double lr = 0.0;       // rule.lr * lr_scale
   double gain_lr = 0.0;  // rule.gain_lr * lr_scale
-  int64_t t = 1;         // 1-based count of taken steps, for bias correction
+  int64_t t = 1;         // 1-based count of the steps the matrix's param took (this one
+                         // included), for bias correction
 };
 
 // Buffers the passes work in, sized once (Reserve) for the largest view they will see, so

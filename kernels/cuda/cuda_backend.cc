@@ -207,7 +207,9 @@ class CudaBackend final : public StepBackend {
   void Finish(const SlotRange& r) override;
   void PackWeights(int bucket, int chunk) override;
   void UnpackWeights(int bucket, int chunk) override;
-  void EndStep() override { Check(cuda::LaunchEndStep(tables_, stream_), "EndStep"); }
+  void EndStep() override {
+    Check(cuda::LaunchEndStep(tables_, static_cast<int64_t>(cfg_.params.size()), stream_), "EndStep");
+  }
   absl::Status ReadOutcome(StepOutcome* out) override;
 
   std::vector<StateArray> State(int slot) override;
@@ -215,6 +217,8 @@ class CudaBackend final : public StepBackend {
   absl::Status WriteState(int slot, size_t array, const void* host) override;
   SlotCounters Counters(int slot) const override;
   void SetStepsTaken(int64_t t) override;
+  absl::Status ReadParamSteps(int64_t* host) override;
+  absl::Status WriteParamSteps(const int64_t* host) override;
   void WriteModelRows() override;
   int64_t WorkspaceBytes() const override { return static_cast<int64_t>(workspace_bytes_); }
 
@@ -519,6 +523,7 @@ absl::Status CudaBackend::LayOut(ArenaLayout* arena) {
   arena->Take(&groups_dev_, std::max(cfg_.groups, 1), true);
   arena->Take(&status_dev_, 1, true);
   arena->Take(&tables_.param_skip, static_cast<int64_t>(P), true);
+  arena->Take(&tables_.param_t, static_cast<int64_t>(P), false);  // state: zeroed with it
   for (size_t b = 0; b < buckets_.size(); ++b) {
     BucketDev& bd = buckets_[b];
     arena->Take(&bd.tiles, static_cast<int64_t>(bd.tiles_host.size()), true);
@@ -1163,6 +1168,35 @@ SlotCounters CudaBackend::Counters(int k) const {
 void CudaBackend::SetStepsTaken(int64_t t) {
   Check(cudaStreamSynchronize(stream_), "SetStepsTaken");
   Check(cudaMemcpy(&status_dev_->t, &t, sizeof t, cudaMemcpyHostToDevice), "SetStepsTaken");
+}
+
+// The per-param counts through the pinned staging, a piece at a time (as the state arrays).
+absl::Status CudaBackend::ReadParamSteps(int64_t* host) {
+  if (absl::Status s = Sync("reading the step counts"); !s.ok()) return s;
+  const int64_t count = static_cast<int64_t>(cfg_.params.size());
+  for (int64_t done = 0; done < count;) {
+    const int64_t n = std::min<int64_t>(count - done, kStagingBytes / sizeof(int64_t));
+    const cudaError_t e = cudaMemcpy(staging_, tables_.param_t + done, n * sizeof(int64_t),
+                                     cudaMemcpyDeviceToHost);
+    if (e != cudaSuccess) return DeviceError(CudaMessage(e, "reading the step counts"));
+    std::memcpy(host + done, staging_, n * sizeof(int64_t));
+    done += n;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::WriteParamSteps(const int64_t* host) {
+  if (absl::Status s = Sync("writing the step counts"); !s.ok()) return s;
+  const int64_t count = static_cast<int64_t>(cfg_.params.size());
+  for (int64_t done = 0; done < count;) {
+    const int64_t n = std::min<int64_t>(count - done, kStagingBytes / sizeof(int64_t));
+    std::memcpy(staging_, host + done, n * sizeof(int64_t));
+    const cudaError_t e = cudaMemcpy(tables_.param_t + done, staging_, n * sizeof(int64_t),
+                                     cudaMemcpyHostToDevice);
+    if (e != cudaSuccess) return DeviceError(CudaMessage(e, "writing the step counts"));
+    done += n;
+  }
+  return absl::OkStatus();
 }
 
 void CudaBackend::WriteModelRows() {

@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
     if (sphere == Sphere::kFrobenius) frob = md::ProjectionFactor(s.radius[0], s.slice_sq[0]);
   }
   const DevGroup g = t.groups[p.group];
-  const int64_t step_t = t.status->t + 1;
+  const int64_t step_t = t.param_t[s.param] + 1;  // the param's own count, this step included
   md::AdamScalars adam{};
   if (P == TilePass::kPass1 && !s.muon) adam = DeviceAdamScalars(p, g.lr, step_t);
   const float muon_step = static_cast<float>(g.lr * p.muon_scale);
@@ -554,7 +554,7 @@ __global__ void __launch_bounds__(kTileCols) GainsKernel(DevTables t, const int3
   const Gains gains = GainsOf(p);
   if (gains == Gains::kNone) return;
   const GainParam gp = GainParamOf(p);
-  const double tt = static_cast<double>(t.status->t + 1);
+  const double tt = static_cast<double>(t.param_t[s.param] + 1);
   const md::GainAdamScalars gs{p.beta1, p.beta2, 1.0 - pow(p.beta1, tt), 1.0 - pow(p.beta2, tt),
                                p.eps, t.groups[p.group].gain_lr};
   if (HasRowGains(gains))
@@ -678,8 +678,10 @@ __global__ void BeginStepKernel(DevStatus* st) {
   st->disagree_param = -1;
 }
 
-__global__ void EndStepKernel(DevStatus* st) {
-  if (!st->skip) ++st->t;
+__global__ void __launch_bounds__(kTileCols) EndStepKernel(DevTables t, int64_t params) {
+  if (t.status->skip) return;
+  for (int64_t i = threadIdx.x; i < params; i += kTileCols) t.param_t[i] += t.param_skip[i] ? 0 : 1;
+  if (threadIdx.x == 0) ++t.status->t;
 }
 
 __global__ void FillKernel(float* data, int64_t n, float value) {
@@ -798,8 +800,8 @@ int LaunchBeginStep(const DevTables& t, void* stream) {
   return Err();
 }
 
-int LaunchEndStep(const DevTables& t, void* stream) {
-  MDOPT_LAUNCH(EndStepKernel, 1, 1, static_cast<cudaStream_t>(stream), t.status);
+int LaunchEndStep(const DevTables& t, int64_t params, void* stream) {
+  MDOPT_LAUNCH(EndStepKernel, 1, kTileCols, static_cast<cudaStream_t>(stream), t, params);
   return Err();
 }
 

@@ -93,7 +93,7 @@ struct DevTile {
 // Step-wide values in device memory: written by kernels, read by the host only in
 // ReadOutcome.
 struct DevStatus {
-  int64_t t = 0;          // steps applied so far
+  int64_t t = 0;          // steps applied so far (each param's own count: param_t)
   int32_t skip = 0;       // the finite check failed this step
   int32_t pad = 0;
   double grad_norm = 0.0;
@@ -115,6 +115,9 @@ struct DevTables {
   // Per param: 1 when no rank has its gradient this step (set by ApplyCheck, read by every
   // later stage: a no-op for its slots).
   uint8_t* param_skip = nullptr;
+  // Per param: the steps it took (applied, and not skipped for want of a gradient), the t of
+  // its bias corrections; EndStep advances it.
+  int64_t* param_t = nullptr;
   double* row_part = nullptr;   // kRowChannels x row_part_stride
   double* col_part = nullptr;
   double* tile_part = nullptr;
@@ -201,7 +204,9 @@ int LaunchParamCheck(const DevTables& t, const DevParamCheck* entries, int32_t c
 int LaunchApplyCheck(const DevTables& t, const double* check, int64_t count, bool grads_agree,
                      void* stream);
 int LaunchBeginStep(const DevTables& t, void* stream);
-int LaunchEndStep(const DevTables& t, void* stream);
+// Counts the step unless skipped: the optimizer's count and each of the `params` params'
+// that took it.
+int LaunchEndStep(const DevTables& t, int64_t params, void* stream);
 // Fills n floats with `value`.
 int LaunchFill(float* data, int64_t n, float value, void* stream);
 

@@ -9,7 +9,11 @@
 //  (b) a checkpoint written at 1 rank loads at 4, bitwise;
 //  (c) at 4 ranks, a missing rank file, a flipped bit in one rank file and a checkpoint of
 //      another param shape are refused on every rank with DataLoss and the same message,
-//      the state bitwise untouched.
+//      the state bitwise untouched;
+//  (d) params that skipped steps (no gradient) keep their own step counts through a save
+//      at 4 ranks and a load at 3, and the run continues as an uninterrupted one-rank run;
+//      a manifest without per-param counts (written before they existed) loads with every
+//      count equal to the optimizer's step.
 #include <gtest/gtest.h>
 #include <mpi.h>
 #include <stdlib.h>
@@ -25,6 +29,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "dist_opt/crc32c.h"
 #include "dist_opt/optimizer.h"
 #include "nlohmann/json.hpp"
 #include "tests/dist/dist_harness.h"
@@ -297,6 +302,106 @@ TEST(ckpt, RefusalsAtFourRanksLeaveStateUntouched) {
   EXPECT_EQ(opt.opt().steps_taken(), 5);
   Barrier();
   if (rank == 0) std::filesystem::remove_all(root);
+}
+
+}  // namespace
+}  // namespace mdopt::dist_test
+
+namespace mdopt::dist_test {
+namespace {
+
+// Params 1 ("small") and 4 ("experts") have no gradient at steps 2, 3 and 7 on any rank.
+bool Skipping(int step) { return step == 2 || step == 3 || step == 7; }
+constexpr size_t kSkippedParams[] = {1, 4};
+
+void StepSkipping(Trainer& t, int step) {
+  for (size_t i : kSkippedParams) ASSERT_TRUE(t.HasGrad(i, !Skipping(step)).ok());
+  ASSERT_NO_FATAL_FAILURE(t.Step(step));
+}
+
+// Each param's "step" field.
+std::vector<double> Counts(Trainer& t) {
+  std::vector<double> out;
+  for (size_t i = 0; i < t.size(); ++i) {
+    absl::StatusOr<std::vector<double>> v = t.opt().GetState(static_cast<int64_t>(i), "step");
+    EXPECT_TRUE(v.ok()) << v.status();
+    out.push_back(v.ok() && v->size() == 1 ? (*v)[0] : -1.0);
+  }
+  return out;
+}
+
+TEST(ckpt, SkippedParamsKeepTheirCountsAcrossRankCounts) {
+  ASSERT_NE(World(), nullptr);
+  ASSERT_EQ(World()->size(), 4) << "run under mpirun -np 4";
+  const std::string spec = "preset=md-adamw layout=rows";
+  const std::string root = SharedTempDir();
+  std::unique_ptr<Communicator> local = MakeLocalCommunicator();
+  Trainer straight(local.get(), spec, false);
+  for (int s = 1; s <= 8; ++s) ASSERT_NO_FATAL_FAILURE(StepSkipping(straight, s));
+  const std::vector<double> want_counts = {8, 5, 8, 8, 5, 8, 8};
+  EXPECT_EQ(Counts(straight), want_counts);
+  const auto want = straight.Everything();
+
+  std::map<std::string, std::vector<double>> saved;
+  {
+    Trainer four(World(), spec, false);
+    for (int s = 1; s <= 5; ++s) ASSERT_NO_FATAL_FAILURE(StepSkipping(four, s));
+    EXPECT_EQ(Counts(four), (std::vector<double>{5, 3, 5, 5, 3, 5, 5}));
+    saved = four.Everything();
+    ASSERT_TRUE(four.opt().Save(root + "/at4").ok());
+  }
+  std::unique_ptr<Communicator> three = FirstRanks(3);
+  bool ok = true;
+  if (three != nullptr) {
+    ok = false;
+    [&] {
+      Trainer run(three.get(), spec, false);
+      absl::Status s = run.opt().Load(root + "/at4");
+      ASSERT_TRUE(s.ok()) << s;
+      const auto loaded = run.Everything();
+      for (const auto& [key, v] : saved) EXPECT_EQ(loaded.at(key), v) << "right after load: " << key;
+      for (int step = 6; step <= 8; ++step) ASSERT_NO_FATAL_FAILURE(StepSkipping(run, step));
+      EXPECT_EQ(Counts(run), want_counts);
+      ExpectClose(run.Everything(), want, false);
+      ok = true;
+    }();
+  }
+  ASSERT_NO_FATAL_FAILURE(Barrier());
+  ASSERT_TRUE(ok);
+
+  // The same checkpoint as an older build wrote it: no param_steps in the manifest (its
+  // checksum recomputed as the format defines it: over the compact dump of the other keys).
+  if (World()->rank() == 0) {
+    namespace fs = std::filesystem;
+    fs::copy(root + "/at4", root + "/old");
+    nlohmann::json m;
+    {
+      std::ifstream in(root + "/old/manifest.json");
+      m = nlohmann::json::parse(in);
+    }
+    ASSERT_TRUE(m.contains("param_steps"));
+    m.erase("param_steps");
+    m.erase("crc32c");
+    const std::string compact = m.dump();
+    char crc[16];
+    std::snprintf(crc, sizeof crc, "%08x", Crc32c(0, compact.data(), compact.size()));
+    m["crc32c"] = crc;
+    std::ofstream(root + "/old/manifest.json") << m.dump(1) << "\n";
+  }
+  ASSERT_NO_FATAL_FAILURE(Barrier());
+  Trainer old(World(), spec, false);
+  ASSERT_NO_FATAL_FAILURE(old.Steps(1, 2));
+  absl::Status s = old.opt().Load(root + "/old");
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(old.opt().steps_taken(), 5);
+  EXPECT_EQ(Counts(old), std::vector<double>(old.size(), 5.0)) << "each count = the step";
+  // The state arrays load as they were saved.
+  const auto loaded = old.Everything();
+  for (const auto& [key, v] : saved) {
+    if (key.size() < 5 || key.substr(key.size() - 5) != "/step") EXPECT_EQ(loaded.at(key), v) << key;
+  }
+  Barrier();
+  if (World()->rank() == 0) std::filesystem::remove_all(root);
 }
 
 }  // namespace

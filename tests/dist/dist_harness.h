@@ -41,7 +41,7 @@ double RelMaxError(const std::vector<double>& a, const std::vector<double>& b);
 
 // The mdopt_get_state fields a test compares (those a param lacks are refused and skipped).
 inline constexpr const char* kStateFields[] = {"master", "gain_row", "gain_col", "gain_scalar",
-                                               "radius"};
+                                               "radius", "step"};
 
 // The worst relative error against one rank a test program saw, printed when it ends (the
 // figure behind the tolerance table of docs/ARCHITECTURE.md).

@@ -4,7 +4,10 @@
 //     expert of a set of same-shape experts that share a Newton-Schulz batch) keep their
 //     weights and every state field bit for bit through those steps, are counted as
 //     skipped, and every other param ends where an optimizer that never held the skipped
-//     ones puts it (one rank, the mean gradient), within the sharded tolerance;
+//     ones puts it (one rank, the mean gradient), within the sharded tolerance; a skipped
+//     param keeps its own step count (mdopt_get_state "step"), so that after the skips it
+//     steps as a fresh one-rank optimizer fed only its gradients, at its own steps 1, 2, 3
+//     (the same bias corrections);
 //   - grads=local: a param only rank 0 has a gradient for steps with the mean in which the
 //     other ranks' gradients are zeros (DDP's unused parameters);
 //   - grads=reduced: ranks that disagree (rank 0 NULL, the others a gradient) get
@@ -115,8 +118,19 @@ TEST_P(SkipGrad, SkippedParamsStayAndTheOthersStepAsWithoutThem) {
   std::unique_ptr<Communicator> local = MakeLocalCommunicator();
   TestModel b(local.get(), "threads=1 update_norms=1", spec, false, kept);
   for (size_t j = 0; j < kept.size(); ++j) b.InitAs(j, from[j]);
+  // The skipped params alone, one rank, fed their mean gradients at the steps they take.
+  std::vector<Tensor> alone;
+  std::vector<size_t> alone_from;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!c.skipped.count(a.tensors()[i].name)) continue;
+    alone.push_back(a.tensors()[i]);
+    alone_from.push_back(i);
+  }
+  TestModel own(local.get(), "threads=1 update_norms=1", spec, false, alone);
+  for (size_t j = 0; j < alone.size(); ++j) own.InitAs(j, alone_from[j]);
   ASSERT_TRUE(a.opt().Finalize().ok());
   ASSERT_TRUE(b.opt().Finalize().ok());
+  ASSERT_TRUE(own.opt().Finalize().ok());
   int64_t skipped_matrices = 0;
   for (size_t i = 0; i < a.size(); ++i) {
     if (!c.skipped.count(a.tensors()[i].name)) continue;
@@ -152,6 +166,26 @@ TEST_P(SkipGrad, SkippedParamsStayAndTheOthersStepAsWithoutThem) {
     ASSERT_TRUE(rb.ok()) << rb.status();
     ASSERT_FALSE(ra->skipped);
     ASSERT_EQ(ra->step, step);
+    if (!skipping) {
+      for (size_t j = 0; j < alone.size(); ++j) {
+        std::vector<double> mean(static_cast<size_t>(alone[j].numel()), 0.0);
+        for (int r = 0; r < N; ++r) {
+          const std::vector<double> g = TestModel::Grad(a.tensors()[alone_from[j]], alone_from[j], step, r);
+          for (size_t k = 0; k < g.size(); ++k) mean[k] += g[k] / N;
+        }
+        std::copy(mean.begin(), mean.end(), own.grad(j).begin());
+      }
+      absl::StatusOr<StepResult> ro = own.opt().Step(1.0, nullptr);
+      ASSERT_TRUE(ro.ok()) << ro.status();
+    }
+    // Each param's own count: the steps it took.
+    const int64_t own_steps = step <= 1 ? step : step <= 3 ? 1 : step - 2;
+    for (size_t i = 0; i < a.size(); ++i) {
+      absl::StatusOr<std::vector<double>> t = a.opt().GetState(static_cast<int64_t>(i), "step");
+      ASSERT_TRUE(t.ok()) << t.status();
+      ASSERT_EQ(t->size(), 1u);
+      EXPECT_EQ((*t)[0], c.skipped.count(a.tensors()[i].name) ? own_steps : step) << a.tensors()[i].name;
+    }
     const auto after = Of(Bits(a), c.skipped);
     if (skipping) {
       EXPECT_EQ(after, before) << "a param without a gradient changed";
@@ -181,6 +215,21 @@ TEST_P(SkipGrad, SkippedParamsStayAndTheOthersStepAsWithoutThem) {
     const double err = RelMaxError(a.Model(from[j]), b.Model(j));
     g_worst->Record(err);
     EXPECT_LE(err, kTolerance) << kept[j].name;
+  }
+  // The skipped params after their own steps 1..3 (global 1, 4, 5), as the fresh optimizer
+  // puts them: weights and every state field, "step" included (3).
+  for (size_t j = 0; j < alone.size(); ++j) {
+    const double err = RelMaxError(a.Model(alone_from[j]), own.Model(j));
+    g_worst->Record(err);
+    EXPECT_LE(err, kTolerance) << alone[j].name << " (its own count)";
+    for (const char* field : {"master", "gain_row", "gain_col", "gain_scalar", "radius", "momentum",
+                              "exp_avg", "exp_avg_sq", "step"}) {
+      absl::StatusOr<std::vector<double>> x = a.opt().GetState(static_cast<int64_t>(alone_from[j]), field);
+      absl::StatusOr<std::vector<double>> y = own.opt().GetState(static_cast<int64_t>(j), field);
+      ASSERT_EQ(x.ok(), y.ok()) << field;
+      if (!x.ok()) continue;
+      EXPECT_LE(RelMaxError(*x, *y), kTolerance) << alone[j].name << " " << field;
+    }
   }
 }
 

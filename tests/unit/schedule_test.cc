@@ -204,6 +204,8 @@ class RecordingBackend final : public kernels::StepBackend {
   absl::Status WriteState(int, size_t, const void*) override { return absl::OkStatus(); }
   kernels::SlotCounters Counters(int) const override { return {}; }
   void SetStepsTaken(int64_t) override {}
+  absl::Status ReadParamSteps(int64_t*) override { return absl::OkStatus(); }
+  absl::Status WriteParamSteps(const int64_t*) override { return absl::OkStatus(); }
   void WriteModelRows() override { Add("WriteModelRows", -1); }
   int64_t WorkspaceBytes() const override { return 0; }
 

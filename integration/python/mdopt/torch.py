@@ -38,8 +38,9 @@ parameters (requires_grad=False at the build) are listed but not registered; a p
 whose gradient is None at a step is left untouched, weights and state (at several ranks with
 grads=local: when no rank has a gradient for it; a rank without one adds zeros to the mean,
 as DDP does for unused parameters); a step where no parameter has a gradient does nothing;
-the step count (state["step"], Adam's bias correction) is the optimizer's, counted by every
-step, not per parameter; non-contiguous parameters are staged through
+each parameter keeps its own step count (state["step"], the t of its Adam bias
+corrections), advanced only at the steps where it had a gradient, as torch's Adam keeps it;
+non-contiguous parameters are staged through
 contiguous copies; invalid hyperparameters are ValueErrors worded like torch's; a tensor
 listed twice is warned of and registered once; copy.deepcopy makes an independent
 optimizer (one rank), copy.copy one sharing this one.
@@ -801,7 +802,12 @@ class MDOptimizer(torch.optim.Optimizer):
         self._sync()
         for k, (t, _, _, _) in enumerate(self._entries):
             st = {}
-            if self._steps_known is not None:
+            # The parameter's own count (mdopt_get_state "step", ABI minor 6); a library
+            # without it refuses the field: then the optimizer's count, which it used.
+            own = self._read_field(k, "step")
+            if own is not None:
+                st["step"] = torch.tensor(float(own[0]))
+            elif self._steps_known is not None:
                 st["step"] = torch.tensor(float(self._steps_known))
             for field, name in _STATE_FIELDS:
                 v = self._read_field(k, field)
@@ -814,8 +820,8 @@ class MDOptimizer(torch.optim.Optimizer):
         return out
 
     def read_state(self):
-        """mdopt's per-parameter state, {param: {name: tensor}}: `step` (steps taken,
-        skipped ones excluded), `momentum_buffer` (Muon), `exp_avg` and `exp_avg_sq`
+        """mdopt's per-parameter state, {param: {name: tensor}}: `step` (the steps the
+        parameter took: with a gradient, skipped ones excluded), `momentum_buffer` (Muon), `exp_avg` and `exp_avg_sq`
         (Adam), the effective gains `gain_row` / `gain_col` / `gain_scalar` and the sphere
         `radius`, each present where the parameter has it; float32 copies on the
         parameter's device (changing them changes nothing in mdopt). Every tensor is whole:

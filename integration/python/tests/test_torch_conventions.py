@@ -155,9 +155,8 @@ def test_an_expert_without_tokens_is_left_untouched_while_the_others_train():
             assert experts[1].weight.grad is None
             assert torch.equal(experts[1].weight, before[1])
             after = opt.read_state()[experts[1].weight]
-            for key in state[experts[1].weight]:
-                if key != "step":  # the optimizer's step count (docs: a stated difference)
-                    assert torch.equal(after[key], state[experts[1].weight][key]), key
+            for key in state[experts[1].weight]:  # its own step count included
+                assert torch.equal(after[key], state[experts[1].weight][key]), key
             assert (stats.skipped, stats.orthogonalized, stats.projected) == (1, 2, 2)
         else:
             assert not torch.equal(experts[1].weight, before[1])
@@ -165,6 +164,35 @@ def test_an_expert_without_tokens_is_left_untouched_while_the_others_train():
         for k in (0, 2):
             assert not torch.equal(experts[k].weight, before[k])
             assert torch.equal(experts[k].weight, twins[k].weight), (t, k)
+        # Each expert's own step count: expert 1 lags by the step it sat out.
+        steps = [opt.state[e.weight]["step"].item() for e in experts]
+        assert steps == [t + 1, t if t >= 2 else t + 1, t + 1], (t, steps)
+
+
+def test_an_adam_expert_that_sat_out_steps_steps_as_torch_adamw():
+    # adamw: an expert without tokens at steps 2 and 3 of 6 keeps its own step count, so its
+    # steps after them are bias-corrected as torch.optim.AdamW's (which leaves a parameter
+    # whose .grad is None untouched, its state["step"] included): the same weights to
+    # float32 rounding, and state["step"] as torch's.
+    torch.manual_seed(9)
+    ours = [P(6, 5) for _ in range(3)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = MDOptimizer(ours, preset="adamw", threads=1, **kw)
+    ref = torch.optim.AdamW(theirs, **kw)
+    for t in range(6):
+        for k in range(3):
+            has = not (k == 1 and t in (1, 2))
+            g = torch.randn(6, 5) if has else None
+            ours[k].grad = None if g is None else g.clone()
+            theirs[k].grad = None if g is None else g.clone()
+        opt.step()
+        ref.step()
+        for k in range(3):
+            assert opt.state[ours[k]]["step"].item() == ref.state[theirs[k]]["step"].item(), (t, k)
+            err = ((ours[k] - theirs[k]).abs().max() / theirs[k].abs().max()).item()
+            assert err < 1e-5, (t, k, err)
+    assert opt.state[ours[1]]["step"].item() == 4 and opt.last_step.step == 6
 
 
 def test_gradients_are_never_modified():
