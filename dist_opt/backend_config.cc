@@ -80,8 +80,8 @@ kernels::BackendConfig DescribeRank(const ShardPlan& plan, const std::vector<Par
     d.name = p.name;
     d.group = p.group;
     d.experts = p.experts;
-    d.m = p.m;
     d.n = p.n;
+    d.row_map = p.row_map;
     d.param_dtype = p.param_dtype;
     d.grad_dtype = p.grad_dtype;
     d.rule = p.rule;
@@ -94,6 +94,7 @@ kernels::BackendConfig DescribeRank(const ShardPlan& plan, const std::vector<Par
     kernels::SlotDesc& s = c.slots[k];
     s.param = sp.param;
     s.bucket = sp.bucket;
+    s.m = sp.m;
     s.tensor_offset = sp.TensorOffset();
     s.row_begin = sp.RowBegin(rank);
     s.rows = sp.Rows(rank);

@@ -227,12 +227,13 @@ absl::Status ReadManifest(const std::string& dir, const std::string& engine,
         sp.expert = s.at("expert").get<int64_t>();
         sp.m = s.at("m").get<int64_t>();
         sp.n = s.at("n").get<int64_t>();
+        sp.row0 = params[i].SlotRow0(e);
         sp.owner = s.at("owner").get<int>();
         sp.block_rows = s.at("block_rows").get<int64_t>();
         const std::string layout = s.at("layout").get<std::string>();
         sp.layout = layout == "rows" ? Layout::kRows : Layout::kOwner;
         const bool fits = sp.param == static_cast<int64_t>(i) && sp.expert == e &&
-                          sp.m == params[i].m && sp.n == params[i].n &&
+                          sp.m == params[i].SlotM(e) && sp.n == params[i].n &&
                           (layout == "rows" || layout == "owner") && sp.owner >= 0 &&
                           sp.owner < out->world_size &&
                           (layout == "owner" || sp.block_rows * out->world_size >= sp.m) &&

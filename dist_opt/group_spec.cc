@@ -12,8 +12,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "dist_opt/key_values.h"
 #include "kernels/common/ns_coeffs.h"
+#include "kernels/common/row_map.h"
 
 namespace mdopt {
 namespace {
@@ -201,19 +203,43 @@ const std::vector<std::pair<std::string, Setter>>& Keys() {
       {"layout", [](auto k, auto v, GroupSpec* g) { return ParseEnum(kLayouts, k, v, &g->layout); }},
       {"blocks",
        [](absl::string_view k, absl::string_view v, GroupSpec* g) {
-         // "none" or "rows:K", K in [1, 65536].
+         // "none", "rows:K" (K in [1, 65536]) or "groups:G:h0,h1,..." (G in [1, 2^20], 1 to
+         // kMaxRowPieces pieces of 1 to 2^31 rows each).
+         g->block_groups = 0;
+         g->block_heights.clear();
          if (v == "none") {
            g->row_blocks = 1;
            return absl::OkStatus();
          }
-         int64_t n = 0;
-         if (!absl::StartsWith(v, "rows:") || !absl::SimpleAtoi(v.substr(5), &n) || n < 1 ||
-             n > 65536) {
+         const auto bad = [&] {
            return absl::InvalidArgumentError(absl::StrCat(
                "spec key '", k, "': bad value '", v,
-               "' (none, or rows:K with K in [1, 65536]: K row blocks of equal height)"));
+               "' (none; rows:K with K in [1, 65536]: K row blocks of equal height; or "
+               "groups:G:h0,h1,... with G in [1, 1048576] and 1 to ", kernels::kMaxRowPieces,
+               " heights in [1, 2147483648]: G groups of pieces of h0, h1, ... rows, block j "
+               "piece j of every group)"));
+         };
+         int64_t n = 0;
+         if (absl::StartsWith(v, "rows:")) {
+           if (!absl::SimpleAtoi(v.substr(5), &n) || n < 1 || n > 65536) return bad();
+           g->row_blocks = n;
+           return absl::OkStatus();
          }
-         g->row_blocks = n;
+         if (!absl::StartsWith(v, "groups:")) return bad();
+         const std::vector<absl::string_view> parts = absl::StrSplit(v.substr(7), ':');
+         if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &n) || n < 1 || n > (1 << 20))
+           return bad();
+         std::vector<int64_t> heights;
+         for (absl::string_view h : absl::StrSplit(parts[1], ',')) {
+           int64_t x = 0;
+           if (!absl::SimpleAtoi(h, &x) || x < 1 || x > (int64_t{1} << 31)) return bad();
+           heights.push_back(x);
+         }
+         if (heights.empty() || heights.size() > static_cast<size_t>(kernels::kMaxRowPieces))
+           return bad();
+         g->block_groups = n;
+         g->block_heights = std::move(heights);
+         g->row_blocks = static_cast<int64_t>(g->block_heights.size());
          return absl::OkStatus();
        }},
   };
@@ -272,7 +298,7 @@ absl::Status CheckConsistency(const GroupSpec& g, const std::set<std::string>& g
     if (into == kernels::AbsorbInto::kCol || into == kernels::AbsorbInto::kScalar) {
       return Contradiction(
           "blocks",
-          absl::StrCat("blocks=rows:", g.row_blocks, " with preserve_init=1 needs the initial "
+          absl::StrCat("blocks=", BlocksText(g), " with preserve_init=1 needs the initial "
                        "norms in the row gains (each block's rows are its own), but sphere=",
                        ToString(r.sphere), " with gains=", ToString(r.gains), " puts them into the ",
                        into == kernels::AbsorbInto::kCol ? "column gains" : "scalar gain",
@@ -376,6 +402,12 @@ absl::Status SetSpecNumber(GroupSpec* g, absl::string_view key, double value) {
   return absl::OkStatus();
 }
 
+std::string BlocksText(const GroupSpec& g) {
+  if (g.block_groups > 0)
+    return absl::StrCat("groups:", g.block_groups, ":", absl::StrJoin(g.block_heights, ","));
+  return g.row_blocks > 1 ? absl::StrCat("rows:", g.row_blocks) : "none";
+}
+
 std::string CanonicalSpec(const GroupSpec& g) {
   const UpdateRule& r = g.rule;
   std::string out = absl::StrCat("preset=", g.preset, " base=", ToString(r.base),
@@ -385,7 +417,11 @@ std::string CanonicalSpec(const GroupSpec& g) {
                                  " weight_decay=", FormatNumber(r.weight_decay),
                                  " preserve_init=", g.preserve_init ? 1 : 0,
                                  " layout=", ToString(g.layout));
-  if (g.row_blocks > 1) absl::StrAppend(&out, " blocks=rows:", g.row_blocks);
+  if (g.block_groups > 0) {
+    absl::StrAppend(&out, " blocks=", BlocksText(g));
+  } else if (g.row_blocks > 1) {
+    absl::StrAppend(&out, " blocks=rows:", g.row_blocks);
+  }
   if (r.sphere != Sphere::kNone) {
     const std::string radius = r.radius_mode == RadiusMode::kAuto    ? "auto"
                                : r.radius_mode == RadiusMode::kInit  ? "init"

@@ -29,6 +29,13 @@ struct GroupSpec {
   // scalar gain are the fused matrix's, shared by its K blocks (per expert of a stack), their
   // gradient summed over every block's rows. 1: the matrix is one block.
   int64_t row_blocks = 1;
+  // blocks=groups:G:h0,h1,...: the matrix's rows are G groups of K = row_blocks pieces of
+  // h0, h1, ... rows (a GQA linear_qkv: per query group its Q heads, then K, then V); block
+  // j is piece j of every group, in group order (G * hj rows), a matrix as above
+  // (kernels/common/row_map.h). With G = 1 the blocks are contiguous and may differ in
+  // height (MLA's kv_down). Empty for rows:K.
+  int64_t block_groups = 0;
+  std::vector<int64_t> block_heights;
 };
 
 // The layout of kAuto: rows for Adam-based and row-sphere groups (every rank holds 1/N of
@@ -47,6 +54,9 @@ absl::StatusOr<GroupSpec> ParseGroupSpec(absl::string_view spec);
 // "preset=md-muon base=muon ...". Parsing it gives the same GroupSpec back (numbers are
 // printed to round-trip); keys of features the rule lacks are left out.
 std::string CanonicalSpec(const GroupSpec& spec);
+
+// The value of spec key blocks= ("none", "rows:K" or "groups:G:h0,h1,...").
+std::string BlocksText(const GroupSpec& spec);
 
 // mdopt_set_group_hparam: sets one of the numbers that may change between steps (beta1,
 // beta2, eps, momentum, weight_decay) as mdopt_add_group would have parsed it: the same

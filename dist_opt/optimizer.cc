@@ -522,6 +522,18 @@ absl::StatusOr<std::vector<double>> Optimizer::GetState(int64_t index,
       out.insert(out.end(), local.begin(), local.end());
     }
   }
+  // Per-row fields come out in the tensor's row order: blocks=groups:G keeps the rows in
+  // block order inside (kernels/common/row_map.h), the user sees the model's layout.
+  if (per_row && !p.row_map.identity()) {
+    const int64_t width = static_cast<int64_t>(out.size()) / (p.numel() / p.n);
+    std::vector<double> tensor_order(out.size());
+    for (int64_t l = 0; l < p.numel() / p.n; ++l) {
+      const int64_t t = p.row_map.TensorRow(l);
+      std::copy(out.begin() + l * width, out.begin() + (l + 1) * width,
+                tensor_order.begin() + t * width);
+    }
+    out = std::move(tensor_order);
+  }
   return out;
 }
 

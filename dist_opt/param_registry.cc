@@ -120,33 +120,64 @@ absl::StatusOr<int64_t> ParamRegistry::Add(const ParamDescription& d,
     e.rule.sphere = kernels::Sphere::kNone;
     e.rule.gains = kernels::Gains::kNone;
     e.rule.tangent = false;
-    e.m = 1;
+    e.matrix_m = 1;
     e.n = d.shape[0];
   } else if (d.ndim == 2) {
-    e.m = d.shape[0];
+    e.matrix_m = d.shape[0];
     e.n = d.shape[1];
   } else {
     e.experts = d.shape[0];
-    e.m = d.shape[1];
+    e.matrix_m = d.shape[1];
     e.n = d.shape[2];
   }
-  if (spec.row_blocks > 1) {
-    // Logical row blocks: K matrices of m / K rows per matrix, stored one after another like
-    // the experts of a stack, so that every engine, plan and checkpoint treats each as a slot.
-    if (d.ndim == 1 || e.m % spec.row_blocks != 0) {
+  e.block_m = {e.matrix_m};
+  e.block_row0 = {0};
+  if (spec.row_blocks > 1 || spec.block_groups > 1) {
+    // Logical row blocks: K matrices per matrix, stored (in block order) one after another
+    // like the experts of a stack, so that every engine, plan and checkpoint treats each as a
+    // slot.
+    const int64_t K = spec.row_blocks, m = e.matrix_m;
+    int64_t sum = 0;
+    for (int64_t h : spec.block_heights) sum += h;
+    const bool fits = spec.block_groups > 0 ? spec.block_groups * sum == m : m % K == 0;
+    if (d.ndim == 1 || !fits) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "param '", d.name, "': spec key 'blocks': group '", d.group, "' has blocks=rows:",
-          spec.row_blocks, ", which needs a matrix whose rows (", d.ndim == 1 ? 0 : e.m,
-          ") are a multiple of ", spec.row_blocks));
+          "param '", d.name, "': spec key 'blocks': group '", d.group, "' has blocks=",
+          BlocksText(spec), ", which needs a matrix whose rows (", d.ndim == 1 ? 0 : m,
+          spec.block_groups > 0
+              ? absl::StrCat(") are ", spec.block_groups, " x ", sum, " = ", spec.block_groups * sum)
+              : absl::StrCat(") are a multiple of ", K)));
     }
-    e.blocks = spec.row_blocks;
-    e.experts *= spec.row_blocks;
-    e.m /= spec.row_blocks;
+    e.blocks = K;
+    e.experts *= K;
+    e.block_m.assign(static_cast<size_t>(K), m / K);
+    e.block_row0.assign(static_cast<size_t>(K), 0);
+    if (spec.block_groups > 0) {
+      kernels::RowMap& map = e.row_map;
+      map.groups = spec.block_groups;
+      map.pieces = static_cast<int32_t>(K);
+      map.group_rows = sum;
+      for (int64_t j = 0, at = 0; j < K; ++j) {
+        map.height[j] = spec.block_heights[static_cast<size_t>(j)];
+        map.start[j] = at;
+        at += map.height[j];
+        e.block_m[static_cast<size_t>(j)] = spec.block_groups * map.height[j];
+      }
+    }
+    for (int64_t j = 1; j < K; ++j)
+      e.block_row0[static_cast<size_t>(j)] =
+          e.block_row0[static_cast<size_t>(j - 1)] + e.block_m[static_cast<size_t>(j - 1)];
   }
   const int64_t index = static_cast<int64_t>(params_.size());
   by_name_[e.name] = index;
   params_.push_back(std::move(e));
   return index;
+}
+
+bool ParamEntry::EqualSlots() const {
+  for (int64_t h : block_m)
+    if (h != block_m[0]) return false;
+  return true;
 }
 
 std::string ParamEntry::SlotWhere(int64_t slot) const {

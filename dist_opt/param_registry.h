@@ -11,6 +11,7 @@
 #include "absl/status/statusor.h"
 #include "dist_opt/group_spec.h"
 #include "kernels/common/dtype.h"
+#include "kernels/common/row_map.h"
 #include "kernels/common/update_rule.h"
 
 namespace mdopt {
@@ -46,16 +47,29 @@ struct ParamEntry {
   Dtype grad_dtype = Dtype::kF32;
   void* param = nullptr;
   const void* grad = nullptr;
-  // As matrices: `experts` independent m x n matrices (1-D: one 1 x len matrix).
-  // A matrix of K logical row blocks (spec key blocks=rows:K) counts as K matrices here:
-  // `experts` is the stack's experts times K, m the rows of one block (blocks = K).
-  int64_t experts = 1, m = 1, n = 1;
+  // As matrices (slots): `experts` matrices of n columns (1-D: one 1 x len matrix). A matrix
+  // of K logical row blocks (spec key blocks=) counts as K matrices here: `experts` is the
+  // stack's experts times K, and slot s is block s % K of matrix s / K. matrix_m: the rows of
+  // one matrix of the stack (every block together); block_m[j], block_row0[j]: block j's
+  // rows and its first row in block order (kernels/common/row_map.h: for blocks=groups:G the
+  // blocks' rows interleave in the tensor, row_map says where).
+  int64_t experts = 1, n = 1;
+  int64_t matrix_m = 1;
   int64_t blocks = 1;
+  std::vector<int64_t> block_m{1}, block_row0{0};
+  kernels::RowMap row_map;
   // The group's rule made to fit the tensor (1-D: no sphere, no gains).
   kernels::UpdateRule rule;
   bool preserve_init = false;
 
-  int64_t numel() const { return experts * m * n; }
+  // Rows of slot `s`, and its first row in the tensor in block order.
+  int64_t SlotM(int64_t s) const { return block_m[static_cast<size_t>(s % blocks)]; }
+  int64_t SlotRow0(int64_t s) const {
+    return (s / blocks) * matrix_m + block_row0[static_cast<size_t>(s % blocks)];
+  }
+  // Whether every slot has the same rows (no blocks, or blocks of equal height).
+  bool EqualSlots() const;
+  int64_t numel() const { return (experts / blocks) * matrix_m * n; }
   // " of expert E", " of block B", " of expert E block B" or "" for matrix `slot` (of
   // `experts`), for messages.
   std::string SlotWhere(int64_t slot) const;

@@ -61,6 +61,12 @@ class ReferenceEngine final : public Engine {
     return dt == Dtype::kF32 ? static_cast<const float*>(base)[q]
                              : kernels::Bf16ToFloat(static_cast<const uint16_t*>(base)[q]);
   }
+  // Element q of a param in block order -> its index in the tensor (kernels/common/row_map.h).
+  static int64_t At(const ParamEntry& p, int64_t q) {
+    if (p.row_map.identity()) return q;
+    const int64_t l = q / p.n;
+    return p.row_map.TensorRow(l) * p.n + (q - l * p.n);
+  }
   void WriteModel(int64_t index, int64_t expert);
   double GradSumSq(int64_t index) const;
   // The non-empty state arrays of a matrix, in State's order.
@@ -87,11 +93,11 @@ absl::Status ReferenceEngine::Init() {
   for (size_t i = 0; i < params_.size(); ++i) {
     const ParamEntry& p = params_[i];
     st[i].resize(static_cast<size_t>(p.experts));
-    const int64_t mn = p.m * p.n;
-    w0.resize(static_cast<size_t>(mn));
     for (int64_t e = 0; e < p.experts; ++e) {
-      for (int64_t q = 0; q < mn; ++q) w0[q] = Load(p.param, p.param_dtype, e * mn + q);
-      const int64_t bad = ref::Init(p.rule, p.m, p.n, w0.data(), !p.preserve_init, &st[i][e]);
+      const int64_t mn = p.SlotM(e) * p.n, off = p.SlotRow0(e) * p.n;
+      w0.resize(static_cast<size_t>(mn));
+      for (int64_t q = 0; q < mn; ++q) w0[q] = Load(p.param, p.param_dtype, At(p, off + q));
+      const int64_t bad = ref::Init(p.rule, p.SlotM(e), p.n, w0.data(), !p.preserve_init, &st[i][e]);
       if (bad >= 0) return absl::InvalidArgumentError(ZeroSliceMessage(p, e, bad));
     }
   }
@@ -135,21 +141,22 @@ absl::Status ReferenceEngine::Step(double lr_scale, void*) {
     skipped_[i] = p.grad == nullptr;
     if (skipped_[i]) continue;
     const int64_t t = ++param_t_[i];
-    const int64_t mn = p.m * p.n;
-    // A matrix of K row blocks (blocks=rows:K) is K matrices here that share its column and
+    const int64_t mn = p.matrix_m * p.n;  // one matrix, every block
+    // A matrix of K row blocks (blocks=) is K matrices here that share its column and
     // scalar gains: each keeps a copy, stepped with the gradient summed over the K blocks
     // (each block's taken before any block steps).
     const int64_t K = std::max<int64_t>(1, p.blocks);
     const bool share = K > 1 && (kernels::HasColGains(p.rule.gains) ||
                                  kernels::HasScalarGain(p.rule.gains));
-    g_.resize(static_cast<size_t>(K * mn));
+    g_.resize(static_cast<size_t>(mn));
     for (int64_t e0 = 0; e0 < p.experts; e0 += K) {
-      for (int64_t q = 0; q < K * mn; ++q) g_[q] = Load(p.grad, p.grad_dtype, e0 * mn + q);
+      const int64_t base = (e0 / K) * mn;
+      for (int64_t q = 0; q < mn; ++q) g_[q] = Load(p.grad, p.grad_dtype, At(p, base + q));
+      auto block = [&](int64_t k) { return g_.data() + p.block_row0[static_cast<size_t>(k)] * p.n; };
       ref::ColScalarGrads sum;
       if (share) {
         for (int64_t k = 0; k < K; ++k) {
-          const ref::ColScalarGrads b =
-              ref::ColScalarGradients(p.rule, g_.data() + k * mn, st_[i][e0 + k]);
+          const ref::ColScalarGrads b = ref::ColScalarGradients(p.rule, block(k), st_[i][e0 + k]);
           if (k == 0) {
             sum = b;
             continue;
@@ -159,7 +166,7 @@ absl::Status ReferenceEngine::Step(double lr_scale, void*) {
         }
       }
       for (int64_t k = 0; k < K; ++k) {
-        ref::Step(p.rule, g_.data() + k * mn, p.rule.lr * lr_scale, p.rule.gain_lr * lr_scale, t,
+        ref::Step(p.rule, block(k), p.rule.lr * lr_scale, p.rule.gain_lr * lr_scale, t,
                   &st_[i][e0 + k], share ? &sum : nullptr);
         WriteModel(static_cast<int64_t>(i), e0 + k);
       }
@@ -171,13 +178,14 @@ absl::Status ReferenceEngine::Step(double lr_scale, void*) {
 void ReferenceEngine::WriteModel(int64_t index, int64_t e) {
   const ParamEntry& p = params_[index];
   const std::vector<double>& w = st_[index][e].w;
-  const int64_t off = e * p.m * p.n;
+  const int64_t off = p.SlotRow0(e) * p.n;
   for (size_t q = 0; q < w.size(); ++q) {
     const float f = static_cast<float>(w[q]);
+    const int64_t at = At(p, off + static_cast<int64_t>(q));
     if (p.param_dtype == Dtype::kF32) {
-      static_cast<float*>(p.param)[off + q] = f;
+      static_cast<float*>(p.param)[at] = f;
     } else {
-      static_cast<uint16_t*>(p.param)[off + q] = kernels::FloatToBf16(f);
+      static_cast<uint16_t*>(p.param)[at] = kernels::FloatToBf16(f);
     }
   }
 }

@@ -76,7 +76,7 @@ std::vector<SlotRun> FormBuckets(const std::vector<ParamEntry>& params, const Sh
       // row blocks (blocks=rows:K) is K slots that sum their column/scalar-gain gradients
       // in Finish, so a run never splits one: runs are whole matrices, multiples of K slots.
       const int64_t K = std::max<int64_t>(1, p.blocks);
-      const int64_t eb = K * p.m * p.n * 4;
+      const int64_t eb = p.matrix_m * p.n * 4;
       const int64_t per = K * std::max<int64_t>(1, bucket_bytes / std::max<int64_t>(eb, 1));
       for (int64_t e0 = 0; e0 < p.experts; e0 += per) {
         SlotRun r{i, i + 1, {}};
@@ -139,16 +139,21 @@ ShardPlan BuildShardPlan(const std::vector<ParamEntry>& params, const std::vecto
     Layout layout = p.ndim == 1 ? Layout::kOwner : ResolvedLayout(groups[p.group].spec);
     // See the header: held whole when segments may differ; with equal segments an owner's
     // matrix would pad every other rank's segment to its size, N times its volume.
-    if (layout == Layout::kRows && p.m < N && !o.equal_segments) layout = Layout::kOwner;
+    // (Blocks of one param may differ in height; the smallest decides, so that a matrix's
+    // blocks share a layout and its K slots stay one bin-packing item in the owner layout.)
+    int64_t min_m = p.block_m[0];
+    for (int64_t h : p.block_m) min_m = std::min(min_m, h);
+    if (layout == Layout::kRows && min_m < N && !o.equal_segments) layout = Layout::kOwner;
     for (int64_t e = 0; e < p.experts; ++e) {
       SlotPlan s;
       s.param = static_cast<int64_t>(i);
       s.expert = e;
-      s.m = p.m;
+      s.m = p.SlotM(e);
+      s.row0 = p.SlotRow0(e);
       s.n = p.n;
       s.layout = layout;
       s.muon = p.rule.base == kernels::Base::kMuon;
-      s.block_rows = layout == Layout::kRows ? (p.m + N - 1) / N : p.m;
+      s.block_rows = layout == Layout::kRows ? (s.m + N - 1) / N : s.m;
       if (layout == Layout::kRows && N > 1) {
         s.cross = CrossRecordLength(p.rule, p.n);
         s.radial = RadialRecordLength(p.rule, p.n);

@@ -55,6 +55,7 @@ namespace mdopt {
 struct SlotPlan {
   int64_t param = 0, expert = 0;
   int64_t m = 1, n = 1;
+  int64_t row0 = 0;        // its first row in the param's tensor, in block order (row_map.h)
   Layout layout = Layout::kRows;
   bool muon = false;
   int owner = 0;           // owner layout: the rank holding it; rows + muon: the NS owner
@@ -75,7 +76,8 @@ struct SlotPlan {
   // Rows of rank r's segment in a bucket's collectives (real rows plus padding).
   int64_t PackedRows(int r) const;
   // Elements of the model tensor before this slot's first row.
-  int64_t TensorOffset() const { return expert * m * n; }
+  // (In block order: blocks=groups:G interleaves a matrix's blocks in the tensor itself.)
+  int64_t TensorOffset() const { return row0 * n; }
 };
 
 struct BucketPlan {

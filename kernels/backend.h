@@ -52,6 +52,7 @@
 #include "kernels/common/dtype.h"
 #include "kernels/common/grad_presence.h"
 #include "kernels/common/ns_coeffs.h"
+#include "kernels/common/row_map.h"
 #include "kernels/common/segment_map.h"
 #include "kernels/common/update_rule.h"
 
@@ -69,11 +70,16 @@ inline bool IsDeviceError(const absl::Status& s) {
   return s.GetPayload(kDeviceErrorPayload).has_value();
 }
 
-// One parameter tensor: `experts` matrices of m x n, its rule and its model pointers.
+// One parameter tensor: `experts` matrices (slots) of n columns, its rule and its model
+// pointers. The slots' rows (SlotDesc::m) may differ between the blocks of a fused weight;
+// the backend's own buffers hold them in block order, and the model's weight and gradient
+// tensors are read and written at row_map.TensorRow of a block-order row (the identity but
+// for blocks=groups:G, G > 1).
 struct ParamDesc {
   std::string name;               // for messages (a pointer refused at BindParams)
   int group = 0;                  // index into BeginStep's per-group scalars
-  int64_t experts = 1, m = 1, n = 1;
+  int64_t experts = 1, n = 1;
+  RowMap row_map;
   Dtype param_dtype = Dtype::kF32, grad_dtype = Dtype::kF32;
   UpdateRule rule;                // the param's rule (1-D: no sphere, no gains)
   bool preserve_init = false;
@@ -89,7 +95,9 @@ struct ParamPointers {
 struct SlotDesc {
   int64_t param = 0;
   int bucket = 0;
-  int64_t tensor_offset = 0;       // elements of the param tensor before this matrix
+  int64_t m = 1;                   // the matrix's rows (every rank's)
+  int64_t tensor_offset = 0;       // elements of the param tensor before this matrix, in
+                                   // block order (ParamDesc::row_map)
   int64_t row_begin = 0, rows = 0; // the rows this rank holds (rows may be 0)
   bool holds = false;              // holds the column/scalar gains and radii (every rank
                                    // of a rows-layout matrix; the owner of a whole one)

@@ -172,7 +172,11 @@ class CpuBackend final : public StepBackend {
     s.t = param_t_[static_cast<size_t>(cfg_.slots[k].param)] + 1;
     return s;
   }
-  bool AliasesModel(const ParamDesc& p) const { return p.param_dtype == Dtype::kF32; }
+  // f32 weights serve as their own master copy, unless blocks=groups:G interleaves the
+  // blocks' rows in the tensor: the master is then kept in block order, as bf16 ones are.
+  bool AliasesModel(const ParamDesc& p) const {
+    return p.param_dtype == Dtype::kF32 && p.row_map.identity();
+  }
   fast::MatrixView View(int k) const;
   Workspace& Pool(int b) { return pool_[static_cast<size_t>(b) % pool_.size()]; }
   template <typename F>
@@ -216,11 +220,18 @@ fast::MatrixView CpuBackend::View(int k) const {
   const SlotState& s = st_[k];
   const ParamPointers& ptr = ptrs_[sd.param];
   fast::MatrixView v;
-  v.m = p.m;
+  v.m = sd.m;
   v.n = p.n;
   v.row_begin = sd.row_begin;
   v.rows = sd.rows;
-  const int64_t model_off = sd.tensor_offset + sd.row_begin * p.n;
+  // Interleaved blocks: the model pointers stay at the tensor's start and the passes find
+  // each row through the row map (fast_matrix.h).
+  const bool mapped = !p.row_map.identity();
+  const int64_t model_off = mapped ? 0 : sd.tensor_offset + sd.row_begin * p.n;
+  if (mapped) {
+    v.model_map = &p.row_map;
+    v.map_row0 = sd.tensor_offset / p.n + sd.row_begin;
+  }
   auto f = [](const std::vector<float>& vec) {
     return vec.empty() ? nullptr : const_cast<float*>(vec.data());
   };
@@ -228,8 +239,13 @@ fast::MatrixView CpuBackend::View(int k) const {
     v.w = static_cast<float*>(ptr.param) + model_off;
   } else {
     v.w = f(s.master);
-    v.model = static_cast<uint16_t*>(ptr.param) + model_off;
-    v.model_dtype = Dtype::kBf16;
+    if (p.param_dtype == Dtype::kF32) {
+      v.model = static_cast<float*>(ptr.param) + model_off;
+      v.model_dtype = Dtype::kF32;
+    } else {
+      v.model = static_cast<uint16_t*>(ptr.param) + model_off;
+      v.model_dtype = Dtype::kBf16;
+    }
   }
   v.state0 = f(s.state0);
   v.state1 = f(s.state1);
@@ -245,6 +261,7 @@ fast::MatrixView CpuBackend::View(int k) const {
     v.grad_dtype = p.grad_dtype;
     v.grad = ptr.grad == nullptr ? nullptr
                                  : static_cast<const char*>(ptr.grad) + model_off * Bytes(p.grad_dtype);
+    v.grad_in_model = true;
   }
   return v;
 }
@@ -273,9 +290,17 @@ absl::Status CpuBackend::Setup(BackendConfig config, absl::Span<const ParamPoint
     max_n = std::max(max_n, p.n);
     if (!AliasesModel(p)) {
       s.master.resize(numel);
-      const uint16_t* src =
-          static_cast<const uint16_t*>(ptrs_[sd.param].param) + sd.tensor_offset + sd.row_begin * p.n;
-      for (size_t q = 0; q < numel; ++q) s.master[q] = Bf16ToFloat(src[q]);
+      const void* base = ptrs_[sd.param].param;
+      ForEachTensorRun(p.row_map, p.n, sd.tensor_offset + sd.row_begin * p.n,
+                       static_cast<int64_t>(numel), [&](int64_t at, int64_t rel, int64_t len) {
+                         float* dst = s.master.data() + rel;
+                         if (p.param_dtype == Dtype::kF32) {
+                           std::memcpy(dst, static_cast<const float*>(base) + at, len * sizeof(float));
+                         } else {
+                           const uint16_t* src = static_cast<const uint16_t*>(base) + at;
+                           for (int64_t q = 0; q < len; ++q) dst[q] = Bf16ToFloat(src[q]);
+                         }
+                       });
     }
     s.state0.assign(numel, 0.0f);  // muon momentum | adam exp_avg
     if (r.base != Base::kMuon) s.state1.assign(numel, 0.0f);
@@ -290,7 +315,7 @@ absl::Status CpuBackend::Setup(BackendConfig config, absl::Span<const ParamPoint
     gains(HasRowGains(r.gains), sd.rows, &s.row_raw, &s.row_m, &s.row_v);
     gains(HasColGains(r.gains), p.n, &s.col_raw, &s.col_m, &s.col_v);
     gains(HasScalarGain(r.gains), 1, &s.scalar_raw, &s.scalar_m, &s.scalar_v);
-    s.slices = !sd.holds ? 0 : r.sphere == Sphere::kRow ? sd.rows : SphereSlices(r.sphere, p.m, p.n);
+    s.slices = !sd.holds ? 0 : r.sphere == Sphere::kRow ? sd.rows : SphereSlices(r.sphere, sd.m, p.n);
     s.radius.assign(static_cast<size_t>(s.slices), 0.0f);
     fast::ReservePartials(std::max<int64_t>(sd.rows, 1), p.n, &s.partials);
   }
@@ -328,11 +353,11 @@ absl::Status CpuBackend::Setup(BackendConfig config, absl::Span<const ParamPoint
       if (!sd.muon || !sd.ns_here) continue;
       const ParamDesc& p = cfg_.params[sd.param];
       if (cfg_.ns_bf16) {
-        ns_bf16_.Reserve(p.m, p.n, cfg_.ns_form);
+        ns_bf16_.Reserve(sd.m, p.n, cfg_.ns_form);
       } else {
         size_t end = q + 1;
         const size_t run = sd.ns_gathered ? 1 : BatchRun(bd, q, bd.slots.size(), &end);
-        ns_.Reserve(p.m, p.n, cfg_.ns_form, static_cast<int64_t>(run));
+        ns_.Reserve(sd.m, p.n, cfg_.ns_form, static_cast<int64_t>(run));
       }
     }
   }
@@ -381,7 +406,7 @@ bool CpuBackend::InitRadii(int b, BadSlice* bad) {
         bad->slice = r.sphere == Sphere::kRow ? sd.row_begin + q : q;
         return false;
       }
-      s.radius[q] = static_cast<float>(SliceRadius(r, p.m, p.n, std::sqrt(sq)));
+      s.radius[q] = static_cast<float>(SliceRadius(r, sd.m, p.n, std::sqrt(sq)));
       if (p.preserve_init) AbsorbInitNorm(r, q, std::sqrt(sq) / s.radius[q], &s);
     }
   }
@@ -421,19 +446,23 @@ void CpuBackend::PackGrads(int b, int w) {
       std::memset(dst, 0, static_cast<size_t>(count + pad) * out_bytes);
       return;
     }
-    if (p.grad_dtype == Dtype::kF32 && !to_bf16) {
-      std::memcpy(dst, static_cast<const float*>(src_base) + tensor, count * 4);
-    } else if (p.grad_dtype == Dtype::kBf16 && to_bf16) {
-      std::memcpy(dst, static_cast<const uint16_t*>(src_base) + tensor, count * 2);
-    } else if (p.grad_dtype == Dtype::kBf16) {  // bf16 -> f32: exact
-      const uint16_t* src = static_cast<const uint16_t*>(src_base) + tensor;
-      float* out = reinterpret_cast<float*>(dst);
-      for (int64_t e = 0; e < count; ++e) out[e] = Bf16ToFloat(src[e]);
-    } else {  // f32 -> bf16 (grad_comm_dtype=bf16 with f32 gradients)
-      const float* src = static_cast<const float*>(src_base) + tensor;
-      uint16_t* out = reinterpret_cast<uint16_t*>(dst);
-      for (int64_t e = 0; e < count; ++e) out[e] = FloatToBf16(src[e]);
-    }
+    // Interleaved blocks (row_map.h): the span is in block order, the tensor is not.
+    ForEachTensorRun(p.row_map, p.n, tensor, count, [&](int64_t at, int64_t rel, int64_t len) {
+      uint8_t* to = dst + rel * out_bytes;
+      if (p.grad_dtype == Dtype::kF32 && !to_bf16) {
+        std::memcpy(to, static_cast<const float*>(src_base) + at, len * 4);
+      } else if (p.grad_dtype == Dtype::kBf16 && to_bf16) {
+        std::memcpy(to, static_cast<const uint16_t*>(src_base) + at, len * 2);
+      } else if (p.grad_dtype == Dtype::kBf16) {  // bf16 -> f32: exact
+        const uint16_t* src = static_cast<const uint16_t*>(src_base) + at;
+        float* out = reinterpret_cast<float*>(to);
+        for (int64_t e = 0; e < len; ++e) out[e] = Bf16ToFloat(src[e]);
+      } else {  // f32 -> bf16 (grad_comm_dtype=bf16 with f32 gradients)
+        const float* src = static_cast<const float*>(src_base) + at;
+        uint16_t* out = reinterpret_cast<uint16_t*>(to);
+        for (int64_t e = 0; e < len; ++e) out[e] = FloatToBf16(src[e]);
+      }
+    });
     std::memset(dst + count * out_bytes, 0, static_cast<size_t>(pad) * out_bytes);
   };
   for (const CopySpan& c : ch.grad_pack) {
@@ -593,9 +622,9 @@ size_t CpuBackend::BatchRun(const BucketDesc& bd, size_t q, size_t q1, size_t* e
     const SlotDesc& sd = cfg_.slots[bd.slots[j]];
     if (!sd.ns_here && sd.rows == 0) continue;  // a matrix held elsewhere: nothing of it here
     const ParamDesc& pj = cfg_.params[sd.param];
-    const bool same = sd.muon && sd.ns_here && !sd.ns_gathered && pj.m == p.m && pj.n == p.n &&
+    const bool same = sd.muon && sd.ns_here && !sd.ns_gathered && sd.m == first.m && pj.n == p.n &&
                       pj.rule.ns_coeffs == p.rule.ns_coeffs && pj.rule.ns_steps == p.rule.ns_steps &&
-                      sd.seg_offset == first.seg_offset + static_cast<int64_t>(run) * p.m * p.n;
+                      sd.seg_offset == first.seg_offset + static_cast<int64_t>(run) * first.m * p.n;
     if (!same) break;
     ++run;
     *end = j + 1;
@@ -630,11 +659,11 @@ void CpuBackend::NewtonSchulz(const SlotRange& r) {
       q = end;
       continue;
     }
-    const int64_t mn = p.m * p.n;
+    const int64_t mn = sd.m * p.n;
     const float* o = cfg_.ns_bf16
-                         ? ns_bf16_.Run(rule.ns_coeffs, rule.ns_steps, p.m, p.n, x, cfg_.ns_form)
+                         ? ns_bf16_.Run(rule.ns_coeffs, rule.ns_steps, sd.m, p.n, x, cfg_.ns_form)
                          : fast::NewtonSchulzBatch(rule.ns_coeffs, rule.ns_steps, static_cast<int64_t>(run),
-                                                   p.m, p.n, x, &ns_, cfg_.ns_form);
+                                                   sd.m, p.n, x, &ns_, cfg_.ns_form);
     if (o != x) std::copy(o, o + static_cast<int64_t>(run) * mn, x);
     for (size_t j = q; j < end; ++j) {
       if (!Skips(bd.slots[j])) st_[bd.slots[j]].counters.ns_ran |= cfg_.slots[bd.slots[j]].ns_here;
@@ -754,9 +783,12 @@ void CpuBackend::PackWeights(int b, int w) {
   const size_t eb = Bytes(bd.param_dtype);
   uint8_t* buf = static_cast<uint8_t*>(Pool(b).weights.data());
   for (const CopySpan& c : bd.chunks[w].weight_pack) {
-    std::memcpy(buf + c.buffer_offset * eb,
-                static_cast<const uint8_t*>(ptrs_[c.param].param) + c.tensor_offset * eb,
-                static_cast<size_t>(c.count) * eb);
+    const ParamDesc& p = cfg_.params[c.param];
+    ForEachTensorRun(p.row_map, p.n, c.tensor_offset, c.count, [&](int64_t at, int64_t rel, int64_t len) {
+      std::memcpy(buf + (c.buffer_offset + rel) * eb,
+                  static_cast<const uint8_t*>(ptrs_[c.param].param) + at * eb,
+                  static_cast<size_t>(len) * eb);
+    });
   }
 }
 
@@ -767,8 +799,11 @@ void CpuBackend::UnpackWeights(int b, int w) {
   const size_t eb = Bytes(bd.param_dtype);
   const uint8_t* buf = Pool(b).weights.data();
   auto copy = [&](const CopySpan& c, int64_t tensor, int64_t buffer, int64_t count) {
-    std::memcpy(static_cast<uint8_t*>(ptrs_[c.param].param) + tensor * eb, buf + buffer * eb,
-                static_cast<size_t>(count) * eb);
+    const ParamDesc& p = cfg_.params[c.param];
+    ForEachTensorRun(p.row_map, p.n, tensor, count, [&](int64_t at, int64_t rel, int64_t len) {
+      std::memcpy(static_cast<uint8_t*>(ptrs_[c.param].param) + at * eb,
+                  buf + (buffer + rel) * eb, static_cast<size_t>(len) * eb);
+    });
   };
   for (const CopySpan& c : ch.weight_unpack) {
     if (c.blocks == 0) {

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "kernels/common/dtype.h"
+#include "kernels/common/row_map.h"
 #include "kernels/common/update_rule.h"
 
 namespace mdopt::kernels::fast {
@@ -44,7 +45,23 @@ struct MatrixView {
   Dtype model_dtype = Dtype::kF32;
   const void* grad = nullptr;
   Dtype grad_dtype = Dtype::kF32;
+  // blocks=groups:G (kernels/common/row_map.h): the view's rows are in block order and the
+  // model's tensors interleave them. Then `model` (and `grad` when grad_in_model) point at
+  // the tensor's start and row i is at model_map->TensorRow(map_row0 + i); else (nullptr)
+  // they point at the view's first row and row i is i * n further.
+  const RowMap* model_map = nullptr;
+  int64_t map_row0 = 0;
+  bool grad_in_model = false;
 };
+
+// Row i of the model's tensors (`model`, and `grad` when it is read in place) in elements
+// from their pointers.
+inline int64_t ModelRowOffset(const MatrixView& v, int64_t i) {
+  return v.model_map == nullptr ? i * v.n : v.model_map->TensorRow(v.map_row0 + i) * v.n;
+}
+inline int64_t GradRowOffset(const MatrixView& v, int64_t i) {
+  return v.grad_in_model ? ModelRowOffset(v, i) : i * v.n;
+}
 
 // Step-wide numbers of one matrix: the schedule applied to the rule.
 struct StepScalars {

@@ -65,8 +65,9 @@ GainValues CurrentGains(const UpdateRule& r, const MatrixView& v, Scratch* sc) {
 // The gradient row i as float32: the tensor itself, or converted into `scratch_row` (n
 // floats owned by the calling range).
 const float* GradRow(const MatrixView& v, int64_t i, float* scratch_row) {
-  if (v.grad_dtype == Dtype::kF32) return static_cast<const float*>(v.grad) + i * v.n;
-  const uint16_t* src = static_cast<const uint16_t*>(v.grad) + i * v.n;
+  const int64_t at = GradRowOffset(v, i);
+  if (v.grad_dtype == Dtype::kF32) return static_cast<const float*>(v.grad) + at;
+  const uint16_t* src = static_cast<const uint16_t*>(v.grad) + at;
   for (int64_t j = 0; j < v.n; ++j) scratch_row[j] = Bf16ToFloat(src[j]);
   return scratch_row;
 }
@@ -75,10 +76,11 @@ const float* GradRow(const MatrixView& v, int64_t i, float* scratch_row) {
 void StoreModelRow(const MatrixView& v, int64_t i) {
   if (v.model == nullptr) return;
   const float* src = v.w + i * v.n;
+  const int64_t at = ModelRowOffset(v, i);
   if (v.model_dtype == Dtype::kF32) {
-    std::memcpy(static_cast<float*>(v.model) + i * v.n, src, sizeof(float) * v.n);
+    std::memcpy(static_cast<float*>(v.model) + at, src, sizeof(float) * v.n);
   } else {
-    uint16_t* dst = static_cast<uint16_t*>(v.model) + i * v.n;
+    uint16_t* dst = static_cast<uint16_t*>(v.model) + at;
     for (int64_t j = 0; j < v.n; ++j) dst[j] = FloatToBf16(src[j]);
   }
 }
@@ -683,7 +685,18 @@ double GradSumSq(const MatrixView& v, Scratch* sc) {
   for (int64_t k = 0; k < rr.count; ++k) {
     double acc = 0.0;
     const int64_t b = rr.begin(k) * v.n, e = rr.end(k) * v.n;
-    if (v.grad_dtype == Dtype::kF32) {
+    if (v.grad_in_model && v.model_map != nullptr) {
+      // Interleaved blocks read in place: row by row through the row map.
+      for (int64_t i = rr.begin(k); i < rr.end(k); ++i) {
+        const int64_t at = GradRowOffset(v, i);
+        for (int64_t j = 0; j < v.n; ++j) {
+          const double f = v.grad_dtype == Dtype::kF32
+                               ? static_cast<const float*>(v.grad)[at + j]
+                               : Bf16ToFloat(static_cast<const uint16_t*>(v.grad)[at + j]);
+          acc += f * f;
+        }
+      }
+    } else if (v.grad_dtype == Dtype::kF32) {
       const float* g = static_cast<const float*>(v.grad);
 #pragma omp simd reduction(+ : acc)
       for (int64_t q = b; q < e; ++q) acc += static_cast<double>(g[q]) * g[q];

@@ -453,7 +453,7 @@ absl::Status CudaBackend::LayOut(ArenaLayout* arena) {
       }
     }
     const int64_t slices =
-        !sd.holds ? 0 : r.sphere == Sphere::kRow ? sd.rows : SphereSlices(r.sphere, p.m, p.n);
+        !sd.holds ? 0 : r.sphere == Sphere::kRow ? sd.rows : SphereSlices(r.sphere, sd.m, p.n);
     arena->Take(&s.radius, slices, false);
     arena->Take(&s.row_grad, HasRowGains(r.gains) ? sd.rows : 0, true);
     arena->Take(&s.col_grad, HasColGains(r.gains) ? p.n : 0, true);
@@ -610,7 +610,7 @@ void CudaBackend::BuildBucket(int b) {
     const ParamDesc& p = cfg_.params[sd.param];
     NsRun run;
     run.q = q;
-    run.m = p.m;
+    run.m = sd.m;
     run.n = p.n;
     run.set = p.rule.ns_coeffs;
     run.steps = p.rule.ns_steps;
@@ -622,10 +622,10 @@ void CudaBackend::BuildBucket(int b) {
         const SlotDesc& sj = cfg_.slots[bd.slots[j]];
         if (!sj.ns_here && sj.rows == 0) continue;  // held elsewhere: nothing of it here
         const ParamDesc& pj = cfg_.params[sj.param];
-        const bool same = sj.muon && sj.ns_here && !sj.ns_gathered && pj.m == p.m && pj.n == p.n &&
+        const bool same = sj.muon && sj.ns_here && !sj.ns_gathered && sj.m == sd.m && pj.n == p.n &&
                           pj.rule.ns_coeffs == p.rule.ns_coeffs &&
                           pj.rule.ns_steps == p.rule.ns_steps &&
-                          sj.seg_offset == sd.seg_offset + run.batch * p.m * p.n;
+                          sj.seg_offset == sd.seg_offset + run.batch * sd.m * p.n;
         if (!same) break;
         ++run.batch;
       }
@@ -643,6 +643,13 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
     return absl::FailedPreconditionError(absl::StrCat("device=cuda:", device_, ": no such device"));
   }
   const size_t S = cfg_.slots.size(), P = cfg_.params.size(), B = cfg_.buckets.size();
+  for (const ParamDesc& p : cfg_.params) {
+    if (!p.row_map.identity()) {
+      return absl::UnimplementedError(absl::StrCat(
+          "param '", p.name, "': blocks=groups:G with G > 1 (interleaved blocks) is not "
+          "implemented on the CUDA backend yet"));
+    }
+  }
   ptrs_.assign(P, ParamPointers{});
   // Every model pointer is checked before anything is allocated.
   for (size_t i = 0; i < P; ++i) {
@@ -688,7 +695,6 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
     d.beta2 = r.beta2;
     d.eps = r.eps;
     d.weight_decay = r.weight_decay;
-    d.muon_scale = MuonScaleFactor(r.muon_scale, p.m, p.n);
   }
   for (size_t k = S; k-- > 0;) first_slot_[cfg_.slots[k].param] = static_cast<int64_t>(k);
   slots_.assign(S, DevSlot{});
@@ -701,7 +707,8 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
     s.muon = sd.muon;
     s.direct = p.rule.sphere == Sphere::kNone && p.rule.gains == Gains::kNone;
     s.aliases = p.param_dtype == Dtype::kF32;
-    s.m = p.m;
+    s.m = sd.m;
+    s.muon_scale = MuonScaleFactor(p.rule.muon_scale, sd.m, p.n);
     s.n = p.n;
     s.rows = sd.rows;
     s.model_off = sd.tensor_offset + sd.row_begin * p.n;
@@ -885,7 +892,7 @@ bool CudaBackend::InitRadii(int b, BadSlice* bad) {
     const ParamDesc& p = cfg_.params[sd.param];
     const UpdateRule& r = p.rule;
     if (r.sphere == Sphere::kNone || !sd.holds) continue;
-    const int64_t slices = r.sphere == Sphere::kRow ? sd.rows : SphereSlices(r.sphere, p.m, p.n);
+    const int64_t slices = r.sphere == Sphere::kRow ? sd.rows : SphereSlices(r.sphere, sd.m, p.n);
     if (slices == 0) continue;
     std::vector<double> sq(static_cast<size_t>(slices));
     std::vector<float> radius(static_cast<size_t>(slices));
@@ -896,7 +903,7 @@ bool CudaBackend::InitRadii(int b, BadSlice* bad) {
         bad->slice = r.sphere == Sphere::kRow ? sd.row_begin + q : q;
         return false;
       }
-      radius[q] = static_cast<float>(SliceRadius(r, p.m, p.n, std::sqrt(sq[q])));
+      radius[q] = static_cast<float>(SliceRadius(r, sd.m, p.n, std::sqrt(sq[q])));
     }
     cudaMemcpy(slots_[k].radius, radius.data(), radius.size() * sizeof(float), cudaMemcpyHostToDevice);
     // preserve_init: each slice's ||W_q|| / R_q into the gains PreserveInitTarget names (every
@@ -1089,7 +1096,7 @@ std::vector<CudaBackend::Array> CudaBackend::Arrays(int k) const {
   add("scalar_raw", s.scalar_raw, 1);
   add("scalar_exp_avg", s.scalar_m, 1);
   add("scalar_exp_avg_sq", s.scalar_v, 1);
-  const int64_t slices = !sd.holds ? 0 : p.rule.sphere == Sphere::kRow ? sd.rows : SphereSlices(p.rule.sphere, p.m, p.n);
+  const int64_t slices = !sd.holds ? 0 : p.rule.sphere == Sphere::kRow ? sd.rows : SphereSlices(p.rule.sphere, sd.m, p.n);
   add("radius", s.radius, slices);
   return out;
 }

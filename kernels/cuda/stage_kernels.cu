@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
   const int64_t step_t = t.param_t[s.param] + 1;  // the param's own count, this step included
   md::AdamScalars adam{};
   if (P == TilePass::kPass1 && !s.muon) adam = DeviceAdamScalars(p, g.lr, step_t);
-  const float muon_step = static_cast<float>(g.lr * p.muon_scale);
+  const float muon_step = static_cast<float>(g.lr * s.muon_scale);
   const float muon_wdf = static_cast<float>(1.0 - g.lr * p.weight_decay);
   const bool direct = s.direct;
   const bool norms = P == TilePass::kRescale && !init && s.wold != nullptr;

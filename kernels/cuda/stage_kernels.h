@@ -33,7 +33,6 @@ struct DevParam {
   uint8_t nesterov = 0, tangent = 0, param_bf16 = 0, grad_bf16 = 0, preserve_init = 0;
   float momentum = 0.0f;
   double beta1 = 0.0, beta2 = 0.0, eps = 0.0, weight_decay = 0.0;
-  double muon_scale = 1.0;  // MuonScaleFactor of the param's shape
 };
 
 // The model's buffers of one param for the step in progress (uploaded when they change).
@@ -47,6 +46,7 @@ struct DevSlot {
   int32_t param = 0;
   uint8_t holds = 0, muon = 0, direct = 0, aliases = 0;  // aliases: f32 model is the master
   int64_t m = 0, n = 0, rows = 0;
+  double muon_scale = 1.0;  // MuonScaleFactor of the slot's shape (blocks may differ)
   int64_t model_off = 0;  // elements of the param tensor before this rank's first row
   float* master = nullptr;  // bf16 params; f32: the model tensor (through DevPointers)
   float* state0 = nullptr;  // muon momentum | adam exp_avg

@@ -119,8 +119,8 @@ BackendConfig OneRank(const UpdateRule& rule, const std::vector<Shape>& shapes, 
     ParamDesc p;
     p.name = "p" + std::to_string(i);
     p.experts = shapes[i].experts;
-    p.m = shapes[i].m;
     p.n = shapes[i].n;
+    const int64_t pm = shapes[i].m;
     p.param_dtype = pd;
     p.grad_dtype = gd;
     p.rule = rule;
@@ -130,15 +130,16 @@ BackendConfig OneRank(const UpdateRule& rule, const std::vector<Shape>& shapes, 
     for (int64_t e = 0; e < p.experts; ++e) {
       SlotDesc s;
       s.param = static_cast<int64_t>(i);
-      s.tensor_offset = e * p.m * p.n;
-      s.rows = p.m;
+      s.m = pm;
+      s.tensor_offset = e * pm * p.n;
+      s.rows = pm;
       s.holds = true;
       s.muon = p.rule.base == Base::kMuon;
       s.ns_here = s.muon;
       s.accounts = true;
       s.seg_offset = seg;
-      if (s.muon) b.x_local = std::max(b.x_local, seg + p.m * p.n);
-      seg += p.m * p.n;
+      if (s.muon) b.x_local = std::max(b.x_local, seg + pm * p.n);
+      seg += pm * p.n;
       b.slots.push_back(static_cast<int>(c.slots.size()));
       c.slots.push_back(s);
     }
@@ -147,6 +148,13 @@ BackendConfig OneRank(const UpdateRule& rule, const std::vector<Shape>& shapes, 
   b.seg = seg;  // one rank: no collectives, so no windows
   c.buckets.push_back(b);
   return c;
+}
+
+// The rows of param i's matrices (every slot of a param here has the same).
+int64_t MOf(const BackendConfig& c, size_t i) {
+  for (const SlotDesc& s : c.slots)
+    if (s.param == static_cast<int64_t>(i)) return s.m;
+  return 1;
 }
 
 // The model's tensors on the host and on the GPU.
@@ -172,7 +180,7 @@ Model MakeModel(const BackendConfig& c, uint64_t seed) {
   Model m;
   for (size_t i = 0; i < c.params.size(); ++i) {
     const ParamDesc& p = c.params[i];
-    const int64_t count = p.experts * p.m * p.n;
+    const int64_t count = p.experts * MOf(c, i) * p.n;
     m.w.emplace_back();
     m.g.emplace_back();
     Fill(&m.w.back(), p.param_dtype, count, seed + 10 * i, 1.0 / std::sqrt(static_cast<double>(p.n)));
@@ -193,7 +201,7 @@ Model MakeModel(const BackendConfig& c, uint64_t seed) {
 void NewGrads(const BackendConfig& c, Model* m, uint64_t seed) {
   for (size_t i = 0; i < c.params.size(); ++i) {
     const ParamDesc& p = c.params[i];
-    Fill(&m->g[i], p.grad_dtype, p.experts * p.m * p.n, seed + 7 * i, 1e-2);
+    Fill(&m->g[i], p.grad_dtype, p.experts * MOf(c, i) * p.n, seed + 7 * i, 1e-2);
     cudaMemcpy(m->dg[i]->get(), m->g[i].data(), m->g[i].size(), cudaMemcpyHostToDevice);
   }
 }

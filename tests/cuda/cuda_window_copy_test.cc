@@ -311,13 +311,13 @@ TEST_P(CudaWindowCopies, PackAndUnpackEveryWindowAsTheSpansSay) {
   auto add_param = [&](int64_t m, int64_t n) {
     ParamDesc p;
     p.name = "p" + std::to_string(cfg.params.size());
-    p.m = m;
     p.n = n;
     p.param_dtype = tc.param;
     p.grad_dtype = tc.grad;
     p.rule.base = Base::kAdamW;
     SlotDesc s;
     s.param = static_cast<int64_t>(cfg.params.size());
+    s.m = m;
     b.slots.push_back(static_cast<int>(cfg.slots.size()));
     cfg.slots.push_back(s);
     cfg.params.push_back(p);
@@ -334,7 +334,7 @@ TEST_P(CudaWindowCopies, PackAndUnpackEveryWindowAsTheSpansSay) {
   std::vector<std::unique_ptr<testing::DeviceVec<uint8_t>>> dg, dw;
   std::vector<ParamPointers> ptrs;
   for (size_t i = 0; i < cfg.params.size(); ++i) {
-    const int64_t count = cfg.params[i].m * cfg.params[i].n;
+    const int64_t count = cfg.slots[i].m * cfg.params[i].n;  // one slot per param
     grads.push_back(Random(tc.grad, count, 100 + i));
     weights.push_back(Random(tc.param, count, 200 + i));
     dg.push_back(std::make_unique<testing::DeviceVec<uint8_t>>());
@@ -435,7 +435,6 @@ TEST(CudaWindowCheck, SplitExpertStackSumsOverItsBuckets) {
     ParamDesc p;
     p.name = i == 0 ? "stack" : "other";
     p.experts = i == 0 ? experts : 1;
-    p.m = i == 0 ? m : ym;
     p.n = i == 0 ? n : yn;
     p.rule.base = Base::kAdamW;
     cfg.params.push_back(p);
@@ -445,15 +444,17 @@ TEST(CudaWindowCheck, SplitExpertStackSumsOverItsBuckets) {
   std::vector<int64_t> seg(2, 0);
   auto slot = [&](int64_t param, int64_t e, int bucket) {
     const ParamDesc& p = cfg.params[param];
+    const int64_t pm = param == 0 ? m : ym;
     SlotDesc s;
     s.param = param;
     s.bucket = bucket;
-    s.tensor_offset = e * p.m * p.n;
-    s.rows = p.m;
+    s.m = pm;
+    s.tensor_offset = e * pm * p.n;
+    s.rows = pm;
     s.holds = true;
     s.accounts = true;
     s.seg_offset = seg[bucket];
-    seg[bucket] += p.m * p.n;
+    seg[bucket] += pm * p.n;
     cfg.slots.push_back(s);
   };
   for (int64_t e = 0; e < experts; ++e) slot(0, e, e < 2 ? 0 : 1);
@@ -473,7 +474,7 @@ TEST(CudaWindowCheck, SplitExpertStackSumsOverItsBuckets) {
   std::vector<std::unique_ptr<testing::DeviceVec<float>>> dw, dg;
   std::vector<ParamPointers> ptrs;
   for (const ParamDesc& p : cfg.params) {
-    const size_t count = static_cast<size_t>(p.experts * p.m * p.n);
+    const size_t count = static_cast<size_t>(p.experts * (&p == &cfg.params[0] ? m : ym) * p.n);
     dw.push_back(std::make_unique<testing::DeviceVec<float>>(count));
     dg.push_back(std::make_unique<testing::DeviceVec<float>>(count));
     const std::vector<double> w = testing::RandomNormal(count, 5 + ptrs.size());

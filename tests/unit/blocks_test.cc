@@ -406,12 +406,14 @@ TEST(BlocksPlan, AMatrixsBlocksShareBucketAndOwner) {
     std::vector<ParamEntry> params(2);
     params[0].name = "fc1";
     params[0].ndim = 2;
-    params[0].experts = 2, params[0].m = 24, params[0].n = 16;
+    params[0].experts = 2, params[0].matrix_m = 48, params[0].n = 16;
     params[1].name = "experts";
     params[1].ndim = 3;
-    params[1].experts = 7 * 2, params[1].m = 8, params[1].n = 16;
+    params[1].experts = 7 * 2, params[1].matrix_m = 16, params[1].n = 16;
     for (ParamEntry& p : params) {
       p.blocks = 2;
+      p.block_m = {p.matrix_m / 2, p.matrix_m / 2};
+      p.block_row0 = {0, p.matrix_m / 2};
       p.rule = spec->rule;
     }
     for (int world : {1, 2, 3, 4, 7}) {
