@@ -132,7 +132,7 @@ absl::StatusOr<int64_t> ParamRegistry::Add(const ParamDescription& d,
   }
   e.block_m = {e.matrix_m};
   e.block_row0 = {0};
-  if (spec.row_blocks > 1 || spec.block_groups > 1) {
+  if (spec.row_blocks > 1 || spec.block_groups > 0) {
     // Logical row blocks: K matrices per matrix, stored (in block order) one after another
     // like the experts of a stack, so that every engine, plan and checkpoint treats each as a
     // slot.

@@ -118,6 +118,8 @@ struct Case {
   // blocks=rows:2 needs even rows: a GLU fc1, a stack of them, blocks of one row.
   std::vector<Tensor> Model() const {
     if (spec.find("blocks=") == std::string::npos) return {};
+    if (spec.find("blocks=groups:") != std::string::npos)  // GQA-like: 4 groups of 3, 2, 2 rows
+      return {{"qkv", {28, 19}}, {"stack", {3, 28, 8}}};
     return {{"fc1", {14, 19}}, {"small", {2, 9}}, {"experts", {3, 10, 8}}, {"big", {40, 90}}};
   }
 };
@@ -132,7 +134,10 @@ const Case kCases[] = {{"preset=md-muon", "rows", false},
                        {"preset=md-adamw blocks=rows:2", "owner", false},
                        // shared column/scalar gains: K copies per matrix, resharded as such
                        {"preset=md-muon gains=scalar blocks=rows:2", "owner", false},
-                       {"preset=md-adamw gains=col blocks=rows:2", "rows", true}};
+                       {"preset=md-adamw gains=col blocks=rows:2", "rows", true},
+                       // interleaved blocks: the state in block order, the model through the map
+                       {"preset=md-muon blocks=groups:4:3,2,2", "rows", false},
+                       {"preset=md-adamw gains=col blocks=groups:4:3,2,2", "owner", true}};
 
 std::string CaseName(const ::testing::TestParamInfo<int>& info) {
   return TestNameOf(kCases[info.param].Name());

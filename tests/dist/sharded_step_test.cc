@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "dist_opt/group_spec.h"
 #include "dist_opt/optimizer.h"
 #include "tests/dist/dist_harness.h"
 
@@ -92,6 +93,24 @@ std::vector<Case> Cases() {
         b.tensors = glu;
         c.push_back(b);
       }
+  // Interleaved and unequal blocks (blocks=groups:G:h0,h1,...): a GQA linear_qkv of 4 query
+  // groups (3 query rows, 2 key rows, 2 value rows each), a stack of them and a wide one, and
+  // MLA kv_down-like contiguous blocks of 17 and 11 rows; the model's rows are read and
+  // written through the row map on every rank.
+  const std::vector<Tensor> qkv = {{"qkv", {28, 19}}, {"stack", {3, 28, 8}}, {"wide", {28, 90}}};
+  for (const char* s : {"preset=md-muon blocks=groups:4:3,2,2",
+                        "preset=md-adamw gains=col blocks=groups:4:3,2,2",
+                        "preset=md-muon gains=scalar tangent=1 blocks=groups:1:17,11"})
+    for (const char* layout : {"rows", "owner"})
+      for (bool many : {false, true}) {
+        Case b{s, layout, false, many};
+        b.tensors = qkv;
+        c.push_back(b);
+      }
+  Case bf{"preset=md-muon blocks=groups:4:3,2,2", "rows", false, true};
+  bf.bf16 = true;
+  bf.tensors = qkv;
+  c.push_back(bf);
   return c;
 }
 
@@ -150,8 +169,8 @@ void Compare(const Case& c) {
   }
   // blocks=rows:K: the column and scalar gains a matrix's blocks share are bitwise one value
   // (each block slot holds a copy) on N ranks as on one.
-  if (const size_t at = c.spec.find("blocks=rows:"); at != std::string::npos) {
-    const int64_t K = std::stoll(c.spec.substr(at + 12));
+  if (c.spec.find("blocks=") != std::string::npos) {
+    const int64_t K = ParseGroupSpec(c.spec)->row_blocks;
     for (size_t i = 0; i < sharded.size(); ++i) {
       const int64_t n = c.tensors[i].shape.back();
       for (const char* field : {"gain_col", "gain_scalar"}) {
