@@ -14,7 +14,7 @@
 /* Compatible additions within ABI MDOPT_ABI_VERSION so far: a function or field marked
  * "since ABI 1 (minor N)" needs a library of minor N or later. The library's file name is
  * libmdopt.so.<MDOPT_ABI_VERSION>.<MDOPT_ABI_MINOR>.<release patch>; CMake reads it here. */
-#define MDOPT_ABI_MINOR 6
+#define MDOPT_ABI_MINOR 7
 
 #ifdef __cplusplus
 extern "C" {

@@ -111,7 +111,10 @@ static inline mdopt_step_info mdopt_step_info_init(void) {
  *                                        where bf16 needs oneDNN, bf16 on a GPU) */
 MDOPT_API mdopt_status mdopt_create(mdopt_comm* comm, const char* options, mdopt_optimizer** out);
 
-/* A named parameter group; spec = "preset=<name> key=value ...", see docs/ABI.md. */
+/* A named parameter group; spec = "preset=<name> key=value ...", see docs/ABI.md.
+ * Since ABI 1 (minor 7) the key blocks= also takes groups:G:h0,h1,... (a fused weight of G
+ * groups of pieces, block j piece j of every group: a GQA linear_qkv); an older library
+ * refuses it. */
 MDOPT_API mdopt_status mdopt_add_group(mdopt_optimizer* opt, const char* name, const char* spec);
 
 /* Since ABI 1 (minor 2); an older libmdopt.so.1 lacks the symbol.

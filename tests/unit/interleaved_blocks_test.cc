@@ -371,6 +371,21 @@ TEST(InterleavedControl, FusedQkvLeavesBlocksOffTheirSpheres) {
   }
 }
 
+// An f32 weight is its own master copy unless its blocks interleave: then mdopt keeps a
+// float32 master in block order, exactly 4 bytes per element more state.
+TEST(InterleavedMemory, AnInterleavedF32WeightKeepsAMaster) {
+  int64_t bytes[2] = {0, 0};
+  for (int k = 0; k < 2; ++k) {
+    // Same block heights (12 rows, 6, 6): contiguous in the tensor, or interleaved.
+    AbiHarness h("threads=1",
+                 std::string("preset=md-muon blocks=") + (k == 0 ? "groups:1:12,6,6" : "groups:3:4,2,2"),
+                 {TensorSpec{"qkv", {24, 10}}}, kSeed);
+    MDOPT_ASSERT_OK(mdopt_finalize(h.opt()));
+    MDOPT_ASSERT_OK(mdopt_state_bytes(h.opt(), &bytes[k]));
+  }
+  EXPECT_EQ(bytes[1] - bytes[0], 4 * 24 * 10);
+}
+
 TEST(InterleavedSpec, BadValuesNameTheKey) {
   for (const char* v : {"groups:0:2,1", "groups:2:", "groups:2:0,1", "groups:2:1,x", "groups:2",
                         "groups:x:1", "groups:2:1,1,1,1,1,1,1,1,1", "groups:1048577:1"}) {
