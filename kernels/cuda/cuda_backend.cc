@@ -291,6 +291,8 @@ class CudaBackend final : public StepBackend {
   std::unique_ptr<cuda::NewtonSchulzRunner> ns_;
   std::vector<int64_t> first_slot_;
   ChunkList to_master_, to_model_;  // bf16 params: model rows -> master, and back
+  ChunkList to_master32_, to_model32_;  // mapped f32 params (blocks=groups:G): the same
+  RowMap* row_maps_dev_ = nullptr;      // per param (DevTables::row_maps)
   double* counters_ = nullptr;      // 3 per slot: applied, delta_sq, w_sq
   int64_t steps_begun_ = 0;
   mutable int64_t counters_step_ = -1;       // the step counters_host_ was read after
@@ -643,13 +645,6 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
     return absl::FailedPreconditionError(absl::StrCat("device=cuda:", device_, ": no such device"));
   }
   const size_t S = cfg_.slots.size(), P = cfg_.params.size(), B = cfg_.buckets.size();
-  for (const ParamDesc& p : cfg_.params) {
-    if (!p.row_map.identity()) {
-      return absl::UnimplementedError(absl::StrCat(
-          "param '", p.name, "': blocks=groups:G with G > 1 (interleaved blocks) is not "
-          "implemented on the CUDA backend yet"));
-    }
-  }
   ptrs_.assign(P, ParamPointers{});
   // Every model pointer is checked before anything is allocated.
   for (size_t i = 0; i < P; ++i) {
@@ -706,12 +701,17 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
     s.holds = sd.holds;
     s.muon = sd.muon;
     s.direct = p.rule.sphere == Sphere::kNone && p.rule.gains == Gains::kNone;
-    s.aliases = p.param_dtype == Dtype::kF32;
+    // f32 weights serve as their own master copy, unless blocks=groups:G interleaves the
+    // blocks' rows in the tensor: the master is then kept in block order, as bf16 ones are,
+    // and every access of the model's tensors goes through the row map.
+    s.mapped = !p.row_map.identity();
+    s.aliases = p.param_dtype == Dtype::kF32 && !s.mapped;
     s.m = sd.m;
     s.muon_scale = MuonScaleFactor(p.rule.muon_scale, sd.m, p.n);
     s.n = p.n;
     s.rows = sd.rows;
     s.model_off = sd.tensor_offset + sd.row_begin * p.n;
+    s.map_row0 = sd.tensor_offset / p.n + sd.row_begin;
     s.cross_slot = sd.cross;
     s.gain_block = sd.gain_block;
     s.gain_blocks = sd.gain_blocks;
@@ -721,16 +721,25 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
 
   ArenaLayout arena;
   if (absl::Status s = LayOut(&arena); !s.ok()) return s;
-  // bf16 params' master copies <-> the model rows, as copies between the arena (offsets in
-  // floats from its base) and the model tensors.
+  // Master copies <-> the model rows, as copies between the arena (offsets in floats from its
+  // base) and the model tensors: bf16 params', and those of mapped f32 params (their own
+  // lists: a copy launch has one dtype per side). A mapped param's rows go as one chunk per
+  // run of rows consecutive in its tensor (row_map.h).
   for (size_t k = 0; k < S; ++k) {
     const DevSlot& s = slots_[k];
     if (s.aliases || s.rows == 0) continue;
     const int64_t at = static_cast<int64_t>(master_off_[k] / 4);
-    AddChunks(&to_master_, s.param, false, s.model_off, -1, at, s.rows * s.n, 0);
-    AddChunks(&to_model_, -1, false, at, s.param, s.model_off, s.rows * s.n, 0);
+    const bool f32 = cfg_.params[s.param].param_dtype == Dtype::kF32;
+    ChunkList* to_master = f32 ? &to_master32_ : &to_master_;
+    ChunkList* to_model = f32 ? &to_model32_ : &to_model_;
+    ForEachTensorRun(cfg_.params[s.param].row_map, s.n, s.model_off, s.rows * s.n,
+                     [&](int64_t tensor, int64_t rel, int64_t len) {
+                       AddChunks(to_master, s.param, false, tensor, -1, at + rel, len, 0);
+                       AddChunks(to_model, -1, false, at + rel, s.param, tensor, len, 0);
+                     });
   }
-  for (ChunkList* l : {&to_master_, &to_model_}) {
+  arena.Take(&row_maps_dev_, static_cast<int64_t>(P), true);
+  for (ChunkList* l : {&to_master_, &to_model_, &to_master32_, &to_model32_}) {
     l->start = {0, static_cast<int64_t>(l->host.size())};
     arena.Take(&l->dev, static_cast<int64_t>(l->host.size()), true);
   }
@@ -780,6 +789,7 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
   tables_.groups = groups_dev_;
   tables_.slots = slots_dev_;
   tables_.status = status_dev_;
+  tables_.row_maps = row_maps_dev_;
 
   // Everything zero (moments, sums, status), then the tables, then the state's initial values.
   auto fail = [&](cudaError_t e, const char* what) { return DeviceError(CudaMessage(e, what)); };
@@ -809,8 +819,13 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
         if (e == cudaSuccess) e = put(t->dev, t->host.data(), t->host.size() * sizeof(DevCopySpan));
     }
   }
-  for (ChunkList* l : {&to_master_, &to_model_})
+  for (ChunkList* l : {&to_master_, &to_model_, &to_master32_, &to_model32_})
     if (e == cudaSuccess) e = put(l->dev, l->host.data(), l->host.size() * sizeof(CopyChunk));
+  {
+    std::vector<RowMap> maps(P);
+    for (size_t i = 0; i < P; ++i) maps[i] = cfg_.params[i].row_map;
+    if (e == cudaSuccess) e = put(row_maps_dev_, maps.data(), P * sizeof(RowMap));
+  }
   if (e != cudaSuccess) return fail(e, "uploading the kernels' tables");
   if (cuda::DeviceStatus st = [&]() -> cuda::DeviceStatus {
         for (const BucketDev& bd : buckets_)
@@ -833,6 +848,7 @@ absl::Status CudaBackend::Setup(BackendConfig config, absl::Span<const ParamPoin
     if (s.scalar_raw) Check(cuda::LaunchFill(s.scalar_raw, 1, one, stream_), "gain init");
   }
   CopyAll(to_master_, nullptr, true, arena_, false, "master weights");
+  CopyAll(to_master32_, nullptr, false, arena_, false, "master weights (block order)");
   return Sync("initialising the CUDA backend's state");
 }
 
@@ -951,7 +967,7 @@ void CudaBackend::CopySpans(int b, int chunk, const SpanTable WindowDev::*table,
   const SegmentView view{map.rows, map.equal, w.owned, static_cast<int32_t>(map.owned.size())};
   UploadPointers();
   Check(cuda::LaunchSpanCopy(t.dev, static_cast<int32_t>(t.host.size()), t.blocks, view, ptrs_dev_,
-                             grads, buffer, buffer_bf16, to_buffer, stream_),
+                             row_maps_dev_, grads, buffer, buffer_bf16, to_buffer, stream_),
         what);
 }
 
@@ -1208,6 +1224,7 @@ absl::Status CudaBackend::WriteParamSteps(const int64_t* host) {
 
 void CudaBackend::WriteModelRows() {
   CopyAll(to_model_, arena_, false, nullptr, true, "WriteModelRows");
+  CopyAll(to_model32_, arena_, false, nullptr, false, "WriteModelRows (block order)");
 }
 
 }  // namespace

@@ -21,6 +21,8 @@ SpanTable BuildSpanTable(const std::vector<CopySpan>& spans, const std::vector<P
     d.pieces = (len + kCopyPiece - 1) / kCopyPiece;
     const ParamDesc& p = params[static_cast<size_t>(c.param)];
     d.tensor_bf16 = (grads ? p.grad_dtype : p.param_dtype) == Dtype::kBf16;
+    d.mapped = !p.row_map.identity();
+    d.n = p.n;
     t.host.push_back(d);
     t.blocks += ranks * d.pieces;
   }

@@ -80,15 +80,26 @@ struct TileSums {
   double tile[kTileChannels];
 };
 
+// The model's copy of a master weight: bf16 (rounded to nearest even), or f32 (a mapped
+// param's master is in block order, its model in the tensor's).
+__device__ __forceinline__ void StoreModel(void* model, bool bf16, int64_t me, float v) {
+  if (bf16) {
+    static_cast<uint16_t*>(model)[me] = FloatToBf16(v);
+  } else {
+    static_cast<float*>(model)[me] = v;
+  }
+}
+
 // D' of one element (pass 1 with Adam, pass 2 with Muon) into w; for a rule with neither
-// sphere nor gains it is W, so the model copy is written now, else its square goes to the
-// slice sums (channel 1 of rows, columns and the tile) for the projection.
-__device__ __forceinline__ void PutDirection(float dn, int64_t e, bool direct, float* w,
-                                             uint16_t* model, double (&rv)[kRowChannels],
-                                             TileSums* acc) {
+// sphere nor gains it is W, so the model copy is written now (at `me`, the element's place in
+// the model tensor), else its square goes to the slice sums (channel 1 of rows, columns and
+// the tile) for the projection.
+__device__ __forceinline__ void PutDirection(float dn, int64_t e, int64_t me, bool direct, float* w,
+                                             void* model, bool model_bf16,
+                                             double (&rv)[kRowChannels], TileSums* acc) {
   w[e] = dn;
   if (direct) {
-    if (model != nullptr) model[e] = FloatToBf16(dn);
+    if (model != nullptr) StoreModel(model, model_bf16, me, dn);
     return;
   }
   const double sq = static_cast<double>(dn) * dn;
@@ -150,14 +161,24 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
   const int64_t i0 = static_cast<int64_t>(tile.row_tile) * kTileRows;
   const int rows_here = static_cast<int>(s.rows - i0 < kTileRows ? s.rows - i0 : kTileRows);
   const DevPointers ptr = t.ptrs[s.param];
+  // Unmapped: the model's row i at model_off + i * n, like the slot's own buffers. Mapped
+  // (interleaved blocks): the model pointers stay at the tensor's start and each row's place
+  // comes from the row map (row_model_sm); the master is the slot's own, in block order.
+  const bool mapped = s.mapped;
+  const int64_t model_off = mapped ? 0 : s.model_off;
   float* w = s.aliases ? static_cast<float*>(ptr.param) + s.model_off : s.master;
-  uint16_t* model = s.aliases ? nullptr : static_cast<uint16_t*>(ptr.param) + s.model_off;
+  const bool model_bf16 = p.param_bf16;
+  void* model = s.aliases ? nullptr
+                : model_bf16 ? static_cast<void*>(static_cast<uint16_t*>(ptr.param) + model_off)
+                             : static_cast<void*>(static_cast<float*>(ptr.param) + model_off);
   const void* grad = s.seg_grad;
   bool grad_bf16 = s.seg_grad_bf16;
+  bool grad_mapped = false;  // read in place from a mapped param's gradient tensor
   if (grad == nullptr && ptr.grad != nullptr) {
     grad_bf16 = p.grad_bf16;
-    grad = grad_bf16 ? static_cast<const void*>(static_cast<const uint16_t*>(ptr.grad) + s.model_off)
-                     : static_cast<const void*>(static_cast<const float*>(ptr.grad) + s.model_off);
+    grad = grad_bf16 ? static_cast<const void*>(static_cast<const uint16_t*>(ptr.grad) + model_off)
+                     : static_cast<const void*>(static_cast<const float*>(ptr.grad) + model_off);
+    grad_mapped = mapped;
   }
 
   // Column values of this thread's column.
@@ -192,6 +213,10 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
   // Row values, once per row of the tile (a float64 softplus per element would cost as much
   // as the pass's memory traffic): the row gain, the tangent coefficient, the rescale factor.
   __shared__ float row_gain_sm[kTileRows], row_coef_sm[kTileRows], row_mult_sm[kTileRows];
+  // Mapped: the model tensor's element of each row's column 0.
+  __shared__ int64_t row_model_sm[kTileRows];
+  if (mapped && threadIdx.x < rows_here)
+    row_model_sm[threadIdx.x] = t.row_maps[s.param].TensorRow(s.map_row0 + i0 + threadIdx.x) * n;
   constexpr bool kRowValues = P == TilePass::kRadial || P == TilePass::kPass1 ||
                               P == TilePass::kPass2 || P == TilePass::kRescale;
   if (kRowValues && threadIdx.x < rows_here) {
@@ -219,6 +244,8 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
   for (int r = 0; r < rows_here; ++r) {
     const int64_t i = i0 + r;
     const int64_t e = i * n + j;
+    const int64_t me = mapped ? row_model_sm[r] + j : e;  // the model tensors' element
+    const int64_t ge = grad_mapped ? me : e;              // the gradient's
     double rv[kRowChannels] = {0.0, 0.0};
     const float row_gain = kRowValues ? row_gain_sm[r] : 1.0f;
     const double row_scale = scalar * row_gain;  // W_ij = D_ij * row_scale * col_j
@@ -233,12 +260,12 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
         acc.tile[0] += sq;
       } else if constexpr (P == TilePass::kCheck) {
         // No gradient here (NULL, grads not segmented): nothing to add.
-        const double v = grad != nullptr ? static_cast<double>(LoadValue(grad, grad_bf16, e)) : 0.0;
+        const double v = grad != nullptr ? static_cast<double>(LoadValue(grad, grad_bf16, ge)) : 0.0;
         acc.tile[0] += v * v;
       } else if constexpr (P == TilePass::kWold) {
         s.wold[e] = w[e];
       } else if constexpr (P == TilePass::kRadial) {
-        const float gv = LoadValue(grad, grad_bf16, e);
+        const float gv = LoadValue(grad, grad_bf16, ge);
         const float d = md::Direction(w[e], inv_row, inv_col);
         const float gd = md::DirectionGrad(gv, sr, col);
         const double dot = static_cast<double>(gd) * d, dd = static_cast<double>(d) * d;
@@ -249,7 +276,7 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
         acc.tile[0] += dot;
         acc.tile[1] += dd;
       } else if constexpr (P == TilePass::kPass1) {
-        const float gv = LoadValue(grad, grad_bf16, e);
+        const float gv = LoadValue(grad, grad_bf16, ge);
         const float wv = w[e];
         const float d = md::Direction(wv, inv_row, inv_col);
         if (gains != Gains::kNone) {
@@ -271,18 +298,18 @@ __global__ void __launch_bounds__(kTileCols) TileKernel(DevTables t, const DevTi
           s.state0[e] = m1;
           s.state1[e] = m2;
           const float dn = md::AdamApply(adam, d, m1, m2);
-          PutDirection(dn, e, direct, w, model, rv, &acc);
+          PutDirection(dn, e, me, direct, w, model, model_bf16, rv, &acc);
         }
       } else if constexpr (P == TilePass::kPass2) {
         const float dn =
             md::MuonApply(md::Direction(w[e], inv_row, inv_col), muon_wdf, muon_step, s.x[e]);
-        PutDirection(dn, e, direct, w, model, rv, &acc);
+        PutDirection(dn, e, me, direct, w, model, model_bf16, rv, &acc);
       } else if constexpr (P == TilePass::kRescale) {
         float wv = w[e];
         if (!direct) {
           wv = md::Rescale(wv, row_mult_sm[r], col_mult);
           w[e] = wv;
-          if (model != nullptr) model[e] = FloatToBf16(wv);
+          if (model != nullptr) StoreModel(model, model_bf16, me, wv);
         }
         if (norms) {
           const double ow = s.wold[e], diff = static_cast<double>(wv) - ow;
@@ -471,6 +498,31 @@ __device__ __forceinline__ void MoveElements(const char* src, bool src_bf16, cha
   }
 }
 
+// Elements [e0, e1) of a span between a mapped param's tensor and a buffer: element e of the
+// span is block-order element tensor0 + e, found in the tensor through the row map (rows of
+// n elements). tensor_src: from the tensor to the buffer, else back. Conversions as
+// MoveElements.
+__device__ void MoveMapped(const char* src, bool src_bf16, char* dst, bool dst_bf16, int64_t e0,
+                           int64_t e1, const RowMap& map, int64_t n, int64_t tensor0,
+                           bool tensor_src) {
+  for (int64_t e = e0 + threadIdx.x; e < e1; e += kCopyThreads) {
+    const int64_t x = tensor0 + e, l = x / n;
+    const int64_t te = map.TensorRow(l) * n + (x - l * n);
+    const int64_t si = tensor_src ? te : e, di = tensor_src ? e : te;
+    if (src_bf16 == dst_bf16) {  // bit for bit
+      if (dst_bf16) {
+        reinterpret_cast<uint16_t*>(dst)[di] = reinterpret_cast<const uint16_t*>(src)[si];
+      } else {
+        reinterpret_cast<uint32_t*>(dst)[di] = reinterpret_cast<const uint32_t*>(src)[si];
+      }
+    } else if (src_bf16) {
+      reinterpret_cast<float*>(dst)[di] = Bf16ToFloat(reinterpret_cast<const uint16_t*>(src)[si]);
+    } else {
+      reinterpret_cast<uint16_t*>(dst)[di] = FloatToBf16(reinterpret_cast<const float*>(src)[si]);
+    }
+  }
+}
+
 __global__ void CopyKernel(const CopyChunk* chunks, const DevPointers* ptrs, const void* src_base,
                            bool src_bf16, void* dst_base, bool dst_bf16) {
   const CopyChunk c = chunks[blockIdx.x];
@@ -492,8 +544,8 @@ __global__ void CopyKernel(const CopyChunk* chunks, const DevPointers* ptrs, con
 // staging by the window's segment map (SegmentView::Start, a binary search over the owned
 // parts): nothing per rank is stored.
 __global__ void SpanCopyKernel(const DevCopySpan* spans, int32_t count, SegmentView map,
-                               const DevPointers* ptrs, bool grads, void* buffer, bool buffer_bf16,
-                               bool to_buffer) {
+                               const DevPointers* ptrs, const RowMap* row_maps, bool grads,
+                               void* buffer, bool buffer_bf16, bool to_buffer) {
   __shared__ DevCopySpan d;
   __shared__ SpanBlock blk;
   __shared__ int64_t piece;
@@ -532,13 +584,25 @@ __global__ void SpanCopyKernel(const DevCopySpan* spans, int32_t count, SegmentV
     const char* base = static_cast<const char*>(grads ? p.grad : p.param);
     // A NULL gradient (no gradient on this rank): its elements go as zeros, like padding.
     const int64_t real_end = base == nullptr ? e0 : blk.real < e1 ? blk.real : e1;
-    if (e0 < real_end) MoveElements(base + blk.tensor * tb, d.tensor_bf16, buf, buffer_bf16, e0, real_end);
+    if (e0 < real_end) {
+      if (d.mapped) {
+        MoveMapped(base, d.tensor_bf16, buf, buffer_bf16, e0, real_end, row_maps[d.span.param],
+                   d.n, blk.tensor, /*tensor_src=*/true);
+      } else {
+        MoveElements(base + blk.tensor * tb, d.tensor_bf16, buf, buffer_bf16, e0, real_end);
+      }
+    }
     // Padding: zeros, written as 16-bit words of the buffer's dtype.
     const int64_t z0 = (e0 > real_end ? e0 : real_end) * bb / 2, z1 = e1 * bb / 2;
     for (int64_t e = z0 + threadIdx.x; e < z1; e += kCopyThreads) reinterpret_cast<uint16_t*>(buf)[e] = 0;
   } else {
-    char* dst = static_cast<char*>(p.param) + blk.tensor * tb;
-    MoveElements(buf, buffer_bf16, dst, d.tensor_bf16, e0, e1);
+    if (d.mapped) {
+      MoveMapped(buf, buffer_bf16, static_cast<char*>(p.param), d.tensor_bf16, e0, e1,
+                 row_maps[d.span.param], d.n, blk.tensor, /*tensor_src=*/false);
+    } else {
+      char* dst = static_cast<char*>(p.param) + blk.tensor * tb;
+      MoveElements(buf, buffer_bf16, dst, d.tensor_bf16, e0, e1);
+    }
   }
 }
 
@@ -755,13 +819,13 @@ int LaunchCopy(const CopyChunk* chunks, int64_t count, const DevPointers* ptrs, 
 }
 
 int LaunchSpanCopy(const DevCopySpan* spans, int32_t count, int64_t blocks, const SegmentView& map,
-                   const DevPointers* ptrs, bool grads, void* buffer, bool buffer_bf16,
-                   bool to_buffer, void* stream) {
+                   const DevPointers* ptrs, const RowMap* row_maps, bool grads, void* buffer,
+                   bool buffer_bf16, bool to_buffer, void* stream) {
   if (count <= 0 || blocks == 0) return 0;
   if (!GridOk(blocks)) return static_cast<int>(cudaErrorInvalidConfiguration);
   MDOPT_LAUNCH(SpanCopyKernel, static_cast<unsigned>(blocks), kCopyThreads,
-      static_cast<cudaStream_t>(stream), spans, count, map, ptrs, grads, buffer, buffer_bf16,
-      to_buffer);
+      static_cast<cudaStream_t>(stream), spans, count, map, ptrs, row_maps, grads, buffer,
+      buffer_bf16, to_buffer);
   return Err();
 }
 

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 
+#include "kernels/common/row_map.h"
 #include "kernels/common/segment_map.h"
 
 namespace mdopt::kernels::cuda {
@@ -45,10 +46,16 @@ struct DevPointers {
 struct DevSlot {
   int32_t param = 0;
   uint8_t holds = 0, muon = 0, direct = 0, aliases = 0;  // aliases: f32 model is the master
+  // mapped: the param's blocks are interleaved in its tensor (blocks=groups:G, G > 1): the
+  // model's weight and gradient rows are found through DevTables::row_maps, row i of this
+  // slot at tensor row TensorRow(map_row0 + i); such a slot never aliases the model.
+  uint8_t mapped = 0;
   int64_t m = 0, n = 0, rows = 0;
   double muon_scale = 1.0;  // MuonScaleFactor of the slot's shape (blocks may differ)
   int64_t model_off = 0;  // elements of the param tensor before this rank's first row
-  float* master = nullptr;  // bf16 params; f32: the model tensor (through DevPointers)
+                          // (unmapped: the model's row i is at model_off + i * n)
+  int64_t map_row0 = 0;   // mapped: block-order row (over the tensor) of this rank's first row
+  float* master = nullptr;  // bf16 or mapped params; f32: the model tensor (through DevPointers)
   float* state0 = nullptr;  // muon momentum | adam exp_avg
   float* state1 = nullptr;  // adam exp_avg_sq
   float* row_raw = nullptr;
@@ -112,6 +119,8 @@ struct DevTables {
   const DevGroup* groups = nullptr;
   DevSlot* slots = nullptr;
   DevStatus* status = nullptr;
+  // Per param: where its blocks' rows sit in its tensor (row_map.h; read for mapped slots only).
+  const RowMap* row_maps = nullptr;
   // Per param: 1 when no rank has its gradient this step (set by ApplyCheck, read by every
   // later stage: a no-op for its slots).
   uint8_t* param_skip = nullptr;
@@ -159,6 +168,10 @@ struct DevCopySpan {
   int64_t first_block = 0;  // the launch's first block of this span (ascending)
   int64_t pieces = 1;       // blocks per rank block (per plain span): kCopyPiece elements each
   uint8_t tensor_bf16 = 0;  // the tensor side's dtype (the buffer's is the launch's)
+  // Interleaved blocks: the span's tensor offsets count in block order; each element's place
+  // in the tensor comes from the param's row map (rows of n elements).
+  uint8_t mapped = 0;
+  int64_t n = 1;
 };
 
 // Launches; each returns the cudaError_t of the launch as an int (0: queued).
@@ -175,9 +188,10 @@ int LaunchCopy(const CopyChunk* chunks, int64_t count, const DevPointers* ptrs,
 // first_block plus its blocks). `map` is the window's segment map with `owned` in device
 // memory. to_buffer: tensor -> staging (padding written as zeros), else staging -> tensor
 // (padding skipped). grads: the tensor side is the params' gradients, else the params.
+// row_maps: per param, read for mapped spans (device memory).
 int LaunchSpanCopy(const DevCopySpan* spans, int32_t count, int64_t blocks, const SegmentView& map,
-                   const DevPointers* ptrs, bool grads, void* buffer, bool buffer_bf16,
-                   bool to_buffer, void* stream);
+                   const DevPointers* ptrs, const RowMap* row_maps, bool grads, void* buffer,
+                   bool buffer_bf16, bool to_buffer, void* stream);
 // Adam on the gains of the slots listed (holds only).
 int LaunchGains(const DevTables& t, const int32_t* slots, int32_t count, void* stream);
 // The cross record (or, radial=true, the radial record) from the slots' sums, or back.

@@ -34,7 +34,8 @@ using Tensor = testing::AbiTensor;
 using testing::AsDouble;
 using testing::Values;
 
-const std::vector<Tensor>& Tensors(bool glu = false) {
+// The model of a config by its group keys.
+const std::vector<Tensor>& Tensors(const char* spec) {
   static const std::vector<Tensor> t = {{"wide", 2, {37, 300, 0}},  {"tall", 2, {131, 48, 0}},
                                         {"tiny", 2, {2, 64, 0}},    {"experts", 3, {3, 40, 24}},
                                         {"square", 2, {64, 64, 0}}, {"bias", 1, {77, 0, 0}}};
@@ -42,7 +43,13 @@ const std::vector<Tensor>& Tensors(bool glu = false) {
   static const std::vector<Tensor> g = {{"fc1", 2, {96, 48, 0}},     {"tall", 2, {130, 48, 0}},
                                         {"tiny", 2, {2, 64, 0}},     {"experts", 3, {3, 40, 24}},
                                         {"square", 2, {64, 64, 0}},  {"bias", 1, {77, 0, 0}}};
-  return glu ? g : t;
+  // blocks=groups:3:4,2,2 (GQA linear_qkv: per query group 4 Q rows, 2 K, 2 V): every
+  // matrix 24 rows, its blocks interleaved; wide, narrow, square and a stack.
+  static const std::vector<Tensor> q = {{"qkv_wide", 2, {24, 300, 0}},  {"qkv", 2, {24, 48, 0}},
+                                        {"qkv_narrow", 2, {24, 16, 0}}, {"experts", 3, {3, 24, 40}},
+                                        {"qkv_square", 2, {24, 24, 0}}, {"bias", 1, {77, 0, 0}}};
+  if (std::strstr(spec, "blocks=groups:") != nullptr) return q;
+  return std::strstr(spec, "blocks=") != nullptr ? g : t;
 }
 
 
@@ -73,7 +80,7 @@ void Train(const Config& c, bool gpu, std::vector<std::vector<uint8_t>>* out) {
   ABI_OK(mdopt_add_group(opt, "v", "preset=vector"));
   std::vector<std::vector<uint8_t>> w, g;
   std::vector<std::unique_ptr<testing::DeviceVec<uint8_t>>> dw, dg;
-  const std::vector<Tensor>& tensors = Tensors(std::strstr(c.spec, "blocks=") != nullptr);
+  const std::vector<Tensor>& tensors = Tensors(c.spec);
   for (size_t i = 0; i < tensors.size(); ++i) {
     const Tensor& t = tensors[i];
     // The same weights on every rank; gradients differ by rank (their mean is the step's).
@@ -200,7 +207,7 @@ TEST_P(CudaSharded, MatchesTheCpuBackendAtTheSameRanks) {
     const std::vector<double> a = AsDouble(gpu[i], c.pd), b = AsDouble(cpu[i], c.pd);
     const double e = testing::RelMaxError(a, b);
     worst = std::max(worst, e);
-    EXPECT_LE(e, bound) << "tensor " << Tensors(std::strstr(c.spec, "blocks=") != nullptr)[i].name;
+    EXPECT_LE(e, bound) << "tensor " << Tensors(c.spec)[i].name;
   }
   int rank = 0, size = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
@@ -228,6 +235,13 @@ const Config kConfigs[] = {
     {"glu_blocks_col_rows_preserve_fan_in", "md-adamw",
      "blocks=rows:2 gains=rowcol preserve_init=1 radius=fan_in", "update_norms=1", MDOPT_DTYPE_F32,
      MDOPT_DTYPE_F32},
+    // Interleaved blocks: the gradient pack, the finite check and the weight unpack through
+    // the row map (grads local, f32: a master in block order), and the gradient read in
+    // place through it (grads=reduced) with bf16 params at one owner per matrix.
+    {"gqa_groups_rows", "md-muon", "blocks=groups:3:4,2,2", "update_norms=1 grad_comm_dtype=bf16",
+     MDOPT_DTYPE_F32, MDOPT_DTYPE_F32},
+    {"gqa_groups_owner_reduced_bf16", "md-adamw", "blocks=groups:3:4,2,2 layout=owner",
+     "grads=reduced", MDOPT_DTYPE_BF16, MDOPT_DTYPE_BF16},
     // The initial norms (summed over ranks in the rows layout) into the gains; fan_in radii
     // from the global shape.
     {"preserve_init_col_fan_in", "md-adamw", "sphere=col gains=col preserve_init=1 radius=fan_in",

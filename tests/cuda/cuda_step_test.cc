@@ -390,6 +390,116 @@ const BlockParam kBlockParams[] = {
 INSTANTIATE_TEST_SUITE_P(Blocks, CudaStepBlocks, ::testing::ValuesIn(kBlockParams),
                          [](const ::testing::TestParamInfo<BlockParam>& i) { return std::string(i.param.name); });
 
+// Interleaved blocks (blocks=groups:G:h0,h1,...): a fused weight whose rows are G groups of
+// K pieces, block j piece j of every group (GQA linear_qkv: per query group its Q heads, K,
+// V), and blocks of unequal height one after another (groups:1, MLA kv_down). On the device
+// the master copy is in block order for f32 params too, and every read and write of the
+// model's weight and gradient goes through the row map. Held, after kSteps steps, to
+// device=cpu as CudaStepBlocks (weights 2e-5, 1/128 with bf16 params; the f32 state 2e-5),
+// and every block's bare direction, gathered from the tensor's rows of its pieces
+// (mdopt_get_state gives them in the tensor's order), on its own radius sqrt(max(G hj, n)) to
+// 1e-5: rows read through a wrong map would leave the blocks off their spheres. The model:
+// one matrix, a wider one (two column tiles) and a stack of two experts.
+struct InterleavedParam {
+  const char* name;
+  const char* spec;
+  int64_t groups;
+  std::vector<int64_t> heights;
+  mdopt_dtype pd, gd;
+};
+
+void PrintTo(const InterleavedParam& p, std::ostream* os) {
+  *os << p.spec << (p.pd == MDOPT_DTYPE_BF16 ? ", bf16 params" : ", f32 params")
+      << (p.gd == MDOPT_DTYPE_BF16 ? ", bf16 grads" : ", f32 grads");
+}
+
+class CudaStepInterleaved : public ::testing::TestWithParam<InterleavedParam> {};
+
+TEST_P(CudaStepInterleaved, MatchesDeviceCpu) {
+  MDOPT_SKIP_WITHOUT_GPU();
+  const InterleavedParam& p = GetParam();
+  const int64_t G = p.groups, K = static_cast<int64_t>(p.heights.size());
+  int64_t H = 0;
+  std::vector<int64_t> start;
+  for (int64_t h : p.heights) {
+    start.push_back(H);
+    H += h;
+  }
+  const int64_t M = G * H;
+  const std::vector<Tensor> model = {
+      {"qkv", 2, {M, 16, 0}}, {"qkv_wide", 2, {M, 300, 0}}, {"experts", 3, {2, M, 24}}};
+  Trained gpu, cpu;
+  ASSERT_NO_FATAL_FAILURE(Train("cuda:0", p.spec, p.pd, p.gd, "f32", &gpu, false, false, &model));
+  ASSERT_NO_FATAL_FAILURE(Train("cpu", p.spec, p.pd, p.gd, "f32", &cpu, false, false, &model));
+  ASSERT_EQ(gpu.state.size(), model.size());
+  ASSERT_EQ(cpu.state.size(), model.size());
+  const double bound = p.pd == MDOPT_DTYPE_BF16 ? 1.0 / 128 : 2e-5, state_bound = 2e-5;
+  double worst_w = 0.0, worst_state = 0.0, worst_norm = 0.0;
+  for (size_t i = 0; i < cpu.w.size(); ++i) {
+    const double e = testing::RelMaxError(AsDouble(gpu.w[i], p.pd), AsDouble(cpu.w[i], p.pd));
+    worst_w = std::max(worst_w, e);
+    EXPECT_LE(e, bound) << "tensor " << i;
+  }
+  for (size_t i = 0; i < model.size(); ++i) {
+    const Tensor& t = model[i];
+    const std::map<std::string, std::vector<double>>& gs = gpu.state[i];
+    const std::map<std::string, std::vector<double>>& cs = cpu.state[i];
+    SCOPED_TRACE(t.name);
+    for (const std::string f : {"direction", "radius", "gain_row", "gain_col"}) {
+      ASSERT_TRUE(gs.count(f) && cs.count(f)) << f;
+      ASSERT_EQ(gs.at(f).size(), cs.at(f).size()) << f;
+      const double e = testing::RelMaxError(gs.at(f), cs.at(f));
+      worst_state = std::max(worst_state, e);
+      EXPECT_LE(e, state_bound) << f;
+    }
+    const int64_t E = t.ndim == 3 ? t.shape[0] : 1, n = t.shape[t.ndim - 1];
+    const std::vector<double>& dir = gs.at("direction");
+    const std::vector<double>& radius = gs.at("radius");
+    ASSERT_EQ(static_cast<int64_t>(dir.size()), t.numel());
+    ASSERT_EQ(static_cast<int64_t>(radius.size()), E * K);
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t s = e * K + j, hj = p.heights[static_cast<size_t>(j)];
+        double sq = 0.0;
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t r = 0; r < hj; ++r) {
+            const int64_t row = e * M + g * H + start[static_cast<size_t>(j)] + r;
+            for (int64_t c = 0; c < n; ++c) sq += dir[row * n + c] * dir[row * n + c];
+          }
+        const double want = std::sqrt(static_cast<double>(std::max(G * hj, n)));
+        EXPECT_NEAR(radius[s], want, 1e-6 * want) << "block slot " << s;
+        const double rel = std::abs(std::sqrt(sq) - radius[s]) / radius[s];
+        worst_norm = std::max(worst_norm, rel);
+        EXPECT_LE(rel, 1e-5) << "block slot " << s;
+      }
+    }
+  }
+  testing::PrintMetric(std::string("step_interleaved.") + p.name, worst_w, bound);
+  testing::PrintMetric(std::string("step_interleaved_state.") + p.name, worst_state, state_bound);
+  testing::PrintMetric(std::string("step_interleaved_norm.") + p.name, worst_norm, 1e-5);
+}
+
+const InterleavedParam kInterleavedParams[] = {
+    {"md_muon_gqa_f32p_f32g", "md-muon blocks=groups:3:4,2,2", 3, {4, 2, 2}, MDOPT_DTYPE_F32,
+     MDOPT_DTYPE_F32},
+    {"md_muon_gqa_bf16p_bf16g", "md-muon blocks=groups:3:4,2,2", 3, {4, 2, 2}, MDOPT_DTYPE_BF16,
+     MDOPT_DTYPE_BF16},
+    {"md_adamw_gqa_f32p_f32g", "md-adamw blocks=groups:3:4,2,2", 3, {4, 2, 2}, MDOPT_DTYPE_F32,
+     MDOPT_DTYPE_F32},
+    {"md_adamw_gqa_bf16p_f32g", "md-adamw blocks=groups:3:4,2,2", 3, {4, 2, 2}, MDOPT_DTYPE_BF16,
+     MDOPT_DTYPE_F32},
+    // Unequal blocks one after another (G = 1: the identity map).
+    {"md_muon_unequal_f32p_f32g", "md-muon blocks=groups:1:5,3", 1, {5, 3}, MDOPT_DTYPE_F32,
+     MDOPT_DTYPE_F32},
+    {"md_adamw_unequal_bf16p_bf16g", "md-adamw blocks=groups:1:5,3", 1, {5, 3}, MDOPT_DTYPE_BF16,
+     MDOPT_DTYPE_BF16},
+};
+
+INSTANTIATE_TEST_SUITE_P(Interleaved, CudaStepInterleaved, ::testing::ValuesIn(kInterleavedParams),
+                         [](const ::testing::TestParamInfo<InterleavedParam>& i) {
+                           return std::string(i.param.name);
+                         });
+
 // The same step on an NCCL communicator of one rank: the same bits as on the local one.
 TEST(CudaStepNccl, OneRankMatchesLocal) {
   MDOPT_SKIP_WITHOUT_GPU();
