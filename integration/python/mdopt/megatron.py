@@ -31,13 +31,18 @@ column gains as well (a head tied to the embedding is the embedding's parameter 
 its group; spec={"output": {"gains": "none"}} turns the head's gains off); gains, norms and biases with
 Adam). `presets=`, `lrs=` and `spec=` change this per role.
 
-Fused weights are found from the modules and their config (megatron_layouts): a gated
-MLP's linear_fc1 ([gate; up]: dense MLPs, shared experts, every expert) goes to a group
-"matrix-rows2.<index>" with blocks=rows:2, each half its own matrix (own sphere, own
-Newton-Schulz; the column and scalar gains shared by the halves); linear_qkv and MLA
-projections are reported in `layouts` and stay whole. Megatron's legacy GroupedMLP (every
-expert's fc1 and fc2 stored transposed, side by side in one weight1 and one weight2) is
-refused: mdopt cannot register its experts apart.
+Fused weights are found from the modules and their config (megatron_layouts) and split
+into their logical matrices, each with its own sphere and Newton-Schulz (the column and
+scalar gains shared by the blocks, the row gains per row), as the method's authors split
+them: a gated MLP's linear_fc1 ([gate; up]: dense MLPs, shared experts, every expert) with
+blocks=rows:2; linear_qkv into Q, K and V (and the output gate's heads with
+attention_output_gate), each across all query groups (blocks=groups:G:...); MLA's
+linear_kv_up_proj into K and V across heads, and linear_kv_down_proj into its
+[kv_lora_rank; qk_pos_emb_head_dim] rows. Each distinct blocks= value gets an mdopt group of
+its own ("matrix-rows2.<index>", "matrix-groups2-16_8_8.<index>"). split_heads=True makes
+every attention head a block instead. Megatron's legacy GroupedMLP (every expert's fc1 and
+fc2 stored transposed, side by side in one weight1 and one weight2) is refused: mdopt
+cannot register its experts apart.
 
 Learning rates: the matrix and router groups take their Megatron group's max_lr (config.lr);
 embedding, output and vector groups take their fixed learning rate (`lrs`, default 3e-3,
@@ -71,6 +76,7 @@ the legacy GroupedMLP (use TEGroupedMLP or SequentialMLP).
 import io
 import math
 import os
+import warnings
 
 import torch
 
@@ -85,6 +91,7 @@ except ImportError as e:  # pragma: no cover - exercised only without megatron-c
                       "pip install megatron-core==0.16.1): %s" % e) from e
 
 from . import checkpoint_ref as _ckref
+from ._lib import MdoptError
 from .torch import MDOptimizer
 
 MEGATRON_CORE_TESTED = "0.16.1"
@@ -148,14 +155,21 @@ def _layout_of_module(mod, split_heads=False):
         heads = cfg.num_attention_heads
         groups = cfg.num_query_groups or heads
         q = heads // groups
-        gate = ",gate:%d" % q if getattr(cfg, "attention_output_gate", False) else ""
-        per_group = q * (2 if gate else 1) + 2
+        dim = cfg.kv_channels
+        # Per query group, linear_qkv's output rows are its q query heads, with
+        # attention_output_gate then its q gate heads, then its key head and its value head
+        # (Megatron-Core's SelfAttention.get_query_key_value_tensors splits each group's
+        # rows as [query, gate, key, value]).
+        gated = getattr(cfg, "attention_output_gate", False)
+        pieces = [q * dim] + ([q * dim] if gated else []) + [dim, dim]
         for p in weights(qkv):
-            if split_heads and p.shape[0] == groups * per_group * cfg.kv_channels:
-                out[p] = "blocks=rows:%d" % (groups * per_group)
-            else:
-                out[p] = "qkv=groups:%d,q:%d%s,k:1,v:1 head_dim:%d" % (groups, q, gate,
-                                                                        cfg.kv_channels)
+            if p.shape[0] != groups * sum(pieces):  # not the whole weight: kept whole
+                out[p] = "qkv=groups:%d,q:%d%s,k:1,v:1 head_dim:%d" % (
+                    groups, q, ",gate:%d" % q if gated else "", dim)
+            elif split_heads:
+                out[p] = "blocks=rows:%d" % (groups * sum(pieces) // dim)
+            else:  # Q, (gate,) K and V, each across all query groups
+                out[p] = "blocks=groups:%d:%s" % (groups, ",".join(map(str, pieces)))
     w1, w2 = getattr(mod, "weight1", None), getattr(mod, "weight2", None)
     experts = getattr(mod, "num_local_experts", None)
     if fc1 is None and experts and isinstance(w1, torch.Tensor) and \
@@ -172,20 +186,28 @@ def _layout_of_module(mod, split_heads=False):
     heads = getattr(cfg, "num_attention_heads", None)
     if getattr(mod, "linear_kv_up_proj", None) is not None and heads:
         q_head = cfg.qk_head_dim + cfg.qk_pos_emb_head_dim
-        for p in weights(getattr(mod, "linear_q_up_proj", None)):
-            out[p] = "blocks=rows:%d" % heads if split_heads else \
-                "mla_q_up=heads:%d,rows:%d" % (heads, q_head)
-        for p in weights(getattr(mod, "linear_q_proj", None)):
-            out[p] = "blocks=rows:%d" % heads if split_heads else \
-                "mla_q=heads:%d,rows:%d" % (heads, q_head)
+        # q_up (or q): whole by default, per head with split_heads.
+        for sub, key in (("linear_q_up_proj", "mla_q_up"), ("linear_q_proj", "mla_q")):
+            for p in weights(getattr(mod, sub, None)):
+                out[p] = "blocks=rows:%d" % heads if split_heads and \
+                    p.shape[0] == heads * q_head else "%s=heads:%d,rows:%d" % (key, heads, q_head)
+        # kv_up: per head its qk_head_dim K rows, then its v_head_dim V rows; K and V each
+        # across all heads (per head with split_heads, when K and V heads are of one height).
+        qk, v = cfg.qk_head_dim, cfg.v_head_dim
         for p in weights(mod.linear_kv_up_proj):
-            if split_heads and cfg.qk_head_dim == cfg.v_head_dim:
-                out[p] = "blocks=rows:%d" % (2 * heads)  # per head: its K rows, its V rows
+            if p.shape[0] != heads * (qk + v):
+                out[p] = "mla_kv_up=heads:%d,k:%d,v:%d" % (heads, qk, v)
+            elif split_heads and qk == v:
+                out[p] = "blocks=rows:%d" % (2 * heads)
             else:
-                out[p] = "mla_kv_up=heads:%d,k:%d,v:%d" % (heads, cfg.qk_head_dim,
-                                                            cfg.v_head_dim)
+                out[p] = "blocks=groups:%d:%d,%d" % (heads, qk, v)
+        # kv_down: [kv_lora_rank rows; qk_pos_emb_head_dim rows], two contiguous blocks.
+        lora, rope = cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim
         for p in weights(getattr(mod, "linear_kv_down_proj", None)):
-            out[p] = "mla_kv_down=rows:%d,%d" % (cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim)
+            if rope > 0 and p.shape[0] == lora + rope:
+                out[p] = "blocks=groups:1:%d,%d" % (lora, rope)
+            else:
+                out[p] = "mla_kv_down=rows:%d,%d" % (lora, rope)
     return out
 
 
@@ -196,16 +218,20 @@ def megatron_layouts(model_chunks, split_heads=False):
         blocks=rows:2                     linear_fc1 of a gated MLP (gated_linear_unit): the
                                           gate and up projections stacked by rows; dense MLPs,
                                           shared experts, every expert (SequentialMLP and
-                                          TEGroupedMLP). Registered with blocks=rows:2: each
-                                          half its own matrix (sphere, Newton-Schulz),
-                                          column and scalar gains shared.
-        qkv=groups:G,q:Q[,gate:Q],k:1,v:1 head_dim:D
-                                          linear_qkv (per query group: Q query heads, the
-                                          output gate's Q heads when attention_output_gate,
-                                          one key and one value head, D rows each).
-        mla_q_up / mla_q / mla_kv_up / mla_kv_down
-                                          multi-latent attention's projections (per head
-                                          rows; kv_down = [kv_lora_rank; rope dims]).
+                                          TEGroupedMLP).
+        blocks=groups:G:qD,D,D            linear_qkv (G = num_query_groups, q query heads per
+        blocks=groups:G:qD,qD,D,D         group, D = kv_channels): per query group its q
+                                          query heads, with attention_output_gate its q gate
+                                          heads, one key and one value head; blocks Q, (gate,)
+                                          K and V, each across all query groups.
+        blocks=groups:H:qk_head_dim,v_head_dim
+                                          MLA's linear_kv_up_proj: per head its K rows, then
+                                          its V rows; blocks K and V across the H heads.
+        blocks=groups:1:kv_lora_rank,qk_pos_emb_head_dim
+                                          MLA's linear_kv_down_proj: two contiguous blocks.
+        mla_q_up=heads:H,rows:R / mla_q=heads:H,rows:R
+                                          MLA's linear_q_up_proj (linear_q_proj without
+                                          q_lora_rank): H heads of qk + rope rows; one matrix.
         grouped_fc1=experts:E,gate:F,up:F transposed (ffn:F without a GLU)
         grouped_fc2=experts:E,ffn:F transposed
                                           weight1 and weight2 of the legacy GroupedMLP:
@@ -213,12 +239,15 @@ def megatron_layouts(model_chunks, split_heads=False):
                                           E experts side by side. MegatronMDOptimizer
                                           refuses a model that has one.
 
-    Only blocks=... layouts are split today; qkv and MLA layouts are detected and reported
-    (docs/integration.md), their tensors stay one matrix each. With `split_heads`, every
-    attention head is a block of its own instead (the per-head splitting the method's
-    authors offer as an option): linear_qkv blocks=rows:<heads in it> (query, gate, key and
-    value heads), linear_q_up_proj (or linear_q_proj) blocks=rows:H, and linear_kv_up_proj
-    blocks=rows:2H when qk_head_dim == v_head_dim (each head's K rows, then its V rows)."""
+    The blocks=... values are spec keys: MegatronMDOptimizer registers those weights with
+    them, each block its own matrix (sphere, Newton-Schulz; column and scalar gains shared).
+    Any other value is reported and the weight stays one matrix: besides MLA's q_up/q, a
+    linear_qkv or MLA weight whose rows do not add up to its layout (qkv=..., mla_kv_up=...,
+    mla_kv_down=...). With `split_heads`, every attention head is a block of its own
+    instead (the per-head splitting the method's authors offer as an option): linear_qkv
+    blocks=rows:<heads in it> (query, gate, key and value heads), linear_q_up_proj (or
+    linear_q_proj) blocks=rows:H, and linear_kv_up_proj blocks=rows:2H when qk_head_dim ==
+    v_head_dim (each head's K rows, then its V rows; else K and V across heads as above)."""
     if not isinstance(model_chunks, (list, tuple)):
         model_chunks = [model_chunks]
     out = {}
@@ -226,6 +255,34 @@ def megatron_layouts(model_chunks, split_heads=False):
         for _, mod in chunk.named_modules():
             out.update(_layout_of_module(mod, split_heads))
     return out
+
+
+def _blocks_numbers(blocks):
+    """rows:K -> (K,); groups:G:h0,h1,... -> (G, h0, h1, ...)."""
+    rest = blocks.partition(":")[2]
+    return tuple(int(x) for x in rest.replace(":", ",").split(","))
+
+
+def _blocks_order(blocks):
+    """The order of a role's groups: the whole matrices, then rows:K by K, then groups:G:...
+    by G and heights."""
+    if blocks is None:
+        return (0, ())
+    return (1 if blocks.startswith("rows:") else 2, _blocks_numbers(blocks))
+
+
+def _blocks_tag(blocks):
+    """A group name's part for a blocks= value: rows:2 -> rows2, groups:2:16,8,8 ->
+    groups2-16_8_8."""
+    if blocks.startswith("rows:"):
+        return "rows" + blocks[len("rows:"):]
+    g, heights = blocks[len("groups:"):].split(":")
+    return "groups%s-%s" % (g, heights.replace(",", "_"))
+
+
+def _interleaved(layout):
+    """A blocks=groups:G:... layout with G > 1 (block j is piece j of every group)."""
+    return layout.startswith("blocks=groups:") and int(layout.split(":")[1]) > 1
 
 
 def _refuse_grouped_mlp(layouts, names):
@@ -306,7 +363,8 @@ class MegatronMDOptimizer(MegatronOptimizer):
     lrs: {role: lr} base learning rates of the embedding, output and vector roles.
     spec: {role: {spec key: value}} extra mdopt spec keys (e.g. {"matrix": {"gains": "row"}}).
     split_heads: every attention head of linear_qkv (and of MLA's q_up/kv_up) a matrix of its
-        own (megatron_layouts); by default those weights stay one matrix.
+        own (megatron_layouts); by default linear_qkv is split into Q, (gate,) K and V across
+        query groups, MLA's kv_up into K and V across heads, and q_up stays one matrix.
     scale_out_proj_radius: the output projections of attention and MLP (linear_proj,
         linear_fc2) of a matrix group on a sphere get radius_scale 1/sqrt(2 num_layers)
         (their sphere shrunk as Megatron's scaled init shrinks them, as the method's code
@@ -368,6 +426,35 @@ class MegatronMDOptimizer(MegatronOptimizer):
         # Megatron's groups: the same as get_megatron_optimizer builds (wd_mult, max_lr...),
         # expert-parallel ones included (one mdopt optimizer serves them all).
         megatron_groups = _get_param_groups(list(model_chunks), config, config_overrides)
+        mdopt_kwargs = dict(comm=comm, options=options, **mdopt_kwargs)
+        self._mdopt_args = (self._build_groups(megatron_groups, config, names, out_proj_scale),
+                            mdopt_kwargs)
+        self._load_dir = None  # sharded_state_dict(is_loading=True)'s mdopt_state_dir
+        try:
+            mdopt = self._make_mdopt()
+        except MdoptError as e:
+            # A backend without interleaved blocks (CUDA, for now): those weights whole.
+            interleaved = {p: lay for p, lay in self._layouts.items()
+                           if _interleaved(lay) and p in names}
+            if e.status != "MDOPT_UNSUPPORTED" or "interleaved" not in e.message or \
+                    not interleaved:
+                raise
+            warnings.warn("mdopt.megatron: %s; %d fused weights (%s, ...) stay one matrix "
+                          "each instead of their blocks" % (
+                              e.message, len(interleaved), names[next(iter(interleaved))]),
+                          stacklevel=3)
+            for p, lay in interleaved.items():
+                self._layouts[p] = "whole (%s not applied: no interleaved blocks on this " \
+                    "backend)" % lay
+            self._mdopt_args = (self._build_groups(megatron_groups, config, names,
+                                                   out_proj_scale), mdopt_kwargs)
+            mdopt = self._make_mdopt()
+        super().__init__(mdopt, config, init_state_fn=lambda *a: None)
+        self.is_stub_optimizer = False
+
+    def _build_groups(self, megatron_groups, config, names, out_proj_scale):
+        """Megatron's groups (self._megatron_groups) and the mdopt groups they split into by
+        role and blocks= layout (self._mdopt_args[0], self._links)."""
         self._megatron_groups = []
         mdopt_groups = []
         self._links = []  # per mdopt group: (megatron group index, base lr, flat, role)
@@ -396,8 +483,8 @@ class MegatronMDOptimizer(MegatronOptimizer):
                             p.mdopt_radius_scale = out_proj_scale
                         elif hasattr(p, "mdopt_radius_scale"):
                             del p.mdopt_radius_scale
-                # Matrices by their blocks: a group per blocks= layout ("matrix-rows2.0"),
-                # the others in "matrix.0".
+                # Matrices by their blocks: a group per distinct blocks= layout
+                # ("matrix-rows2.0", "matrix-groups2-16_8_8.0"), the others in "matrix.0".
                 split = {}
                 for p in by_role[role]:
                     # A blocks key the caller gave (spec=) applies to the whole role.
@@ -405,11 +492,10 @@ class MegatronMDOptimizer(MegatronOptimizer):
                         "blocks" not in keys else ""
                     blocks = lay[len("blocks="):] if lay.startswith("blocks=") else None
                     split.setdefault(blocks, []).append(p)
-                for blocks in sorted(split, key=lambda b: (b is not None,
-                                                           int(b.split(":")[1]) if b else 0)):
+                for blocks in sorted(split, key=_blocks_order):
                     ps = split[blocks]
                     extra = {} if blocks is None else {"blocks": blocks}
-                    suffix = "" if blocks is None else "-" + blocks.replace(":", "")
+                    suffix = "" if blocks is None else "-" + _blocks_tag(blocks)
                     mdopt_groups.append(dict(keys, params=ps, preset=preset, lr=base_lr,
                                              name="%s%s.%d" % (role, suffix, mi),
                                              names=[names.get(p, "") for p in ps], **extra))
@@ -423,16 +509,15 @@ class MegatronMDOptimizer(MegatronOptimizer):
             self._megatron_groups.append(group)
         if not mdopt_groups:
             raise ValueError("mdopt.megatron: the model chunks have no trainable parameters")
-        self._mdopt_args = (mdopt_groups, dict(comm=comm, options=options, **mdopt_kwargs))
         self._built_wd = [mg["weight_decay"] for mg in self._megatron_groups]
-        self._load_dir = None  # sharded_state_dict(is_loading=True)'s mdopt_state_dir
-        super().__init__(self._make_mdopt(), config, init_state_fn=lambda *a: None)
-        self.is_stub_optimizer = False
+        return mdopt_groups
 
     @property
     def layouts(self):
-        """{param name: layout} of every fused weight found (megatron_layouts); those of the
-        form blocks=... are registered with that spec key."""
+        """{param name: layout} of every fused weight found (megatron_layouts): those of the
+        form blocks=... are the spec key each was registered with; the others stay one
+        matrix (on a backend without interleaved blocks, a blocks=groups:G:... with G > 1
+        reads "whole (blocks=... not applied: ...)")."""
         names = {}
         for g in self._mdopt_args[0]:
             names.update(zip(g["params"], g["names"]))

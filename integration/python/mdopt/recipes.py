@@ -59,11 +59,15 @@ def param_groups(model, matrix_preset="md-muon", lr=None, *, embedding_lr=3e-3, 
       (default: the matrix lr);
     - `vectors`: 1-D tensors (norm gains, biases), `vector` preset at `vector_lr`.
 
-    `blocks` {name: K} (or a callable (name, param) -> K or None): matrices that are K
-    logical matrices stacked by rows, each its own matrix to the optimizer (own sphere and
-    Newton-Schulz; the column and scalar gains shared by the blocks; spec key blocks=rows:K;
-    docs/ARCHITECTURE.md, "Logical blocks"): a GLU linear's [gate; up] is 2.
-    They form a group "matrices-rowsK" with the matrices' settings.
+    `blocks` {name: K or blocks= value} (or a callable (name, param) -> the same or None):
+    matrices made of logical matrices stacked by rows, each its own matrix to the optimizer
+    (own sphere and Newton-Schulz; row gains per row, the column and scalar gains shared by
+    the blocks; docs/ARCHITECTURE.md, "Logical blocks"). K (or "rows:K"): K blocks of equal
+    height, a GLU linear's [gate; up] is 2. "groups:G:h0,h1,...": G groups of pieces of h0,
+    h1, ... rows, block j piece j of every group: a fused QKV of 4 query groups with 4 query
+    heads of 64 rows per group is "groups:4:256,64,64" (Q, K and V each across the groups;
+    G = 1 gives contiguous blocks of unequal height). Each distinct value forms a group with
+    the matrices' settings, "matrices-rowsK" or "matrices-groupsG-h0_h1_...".
 
     `classify(name, param, module)` may return one of "matrix", "embedding", "head",
     "router", "vector" (or None for the default) to override the choice. Parameters that do
@@ -102,22 +106,20 @@ def param_groups(model, matrix_preset="md-muon", lr=None, *, embedding_lr=3e-3, 
                              "head, router or vector)" % (kind, name))
         buckets[kind].append((name, p))
 
-    # Matrices with logical row blocks: a bucket per K.
-    block_kinds = []
+    # Matrices with logical row blocks: a bucket per distinct blocks= value.
+    block_kinds = []  # (bucket, blocks= value)
     if blocks is not None:
         rest = []
         for name, p in buckets["matrix"]:
             k = blocks(name, p) if callable(blocks) else blocks.get(name)
-            if k is None or int(k) == 1:
+            value = _blocks_value(k, name, p)
+            if value is None:
                 rest.append((name, p))
                 continue
-            if int(k) != k or k < 1 or p.dim() < 2 or p.shape[-2] % int(k) != 0:
-                raise ValueError("param_groups: blocks=%r for '%s' of shape %s: rows must be "
-                                 "a multiple of it" % (k, name, tuple(p.shape)))
-            kind = "matrix-rows%d" % int(k)
+            kind = "matrix-" + _blocks_tag(value)
             if kind not in buckets:
                 buckets[kind] = []
-                block_kinds.append(int(k))
+                block_kinds.append((kind, value))
             buckets[kind].append((name, p))
         buckets["matrix"] = rest
         if not callable(blocks):
@@ -140,9 +142,9 @@ def param_groups(model, matrix_preset="md-muon", lr=None, *, embedding_lr=3e-3, 
     out = [
         group("matrices", "matrix", preset=matrix_preset, lr=lr, **matrix),
     ] + [
-        group("matrices-rows%d" % k, "matrix-rows%d" % k, preset=matrix_preset, lr=lr,
-              blocks="rows:%d" % k, **matrix)
-        for k in block_kinds
+        group("matrices" + kind[len("matrix"):], kind, preset=matrix_preset, lr=lr,
+              blocks=value, **matrix)
+        for kind, value in block_kinds
     ] + [
         group("routers", "router", preset="router", lr=router_lr if router_lr is not None else lr,
               gain_lr=gain_lr),
@@ -152,6 +154,48 @@ def param_groups(model, matrix_preset="md-muon", lr=None, *, embedding_lr=3e-3, 
         group("vectors", "vector", preset="vector", lr=vector_lr),
     ]
     return [g for g in out if g["params"]]
+
+
+def _blocks_value(k, name, p):
+    """The blocks= value of param_groups' `blocks` entry for one matrix (None: one block):
+    K (an int) or "rows:K", K equal row blocks; or "groups:G:h0,h1,...", G groups of pieces
+    of h0, h1, ... rows, block j piece j of every group."""
+    bad = "param_groups: blocks=%r for '%s' of shape %s: " % (k, name, tuple(p.shape))
+    if k is None or k == "none":
+        return None
+    if isinstance(k, str) and k.startswith("rows:"):
+        try:
+            k = int(k[len("rows:"):])
+        except ValueError:
+            raise ValueError(bad + "rows:K takes an integer K") from None
+    if isinstance(k, str):
+        parts = k.split(":")
+        try:
+            if len(parts) != 3 or parts[0] != "groups":
+                raise ValueError
+            g, heights = int(parts[1]), [int(h) for h in parts[2].split(",")]
+        except ValueError:
+            raise ValueError(bad + "a number of row blocks K, \"rows:K\" or "
+                             "\"groups:G:h0,h1,...\"") from None
+        if g < 1 or min(heights) < 1 or p.dim() < 2 or p.shape[-2] != g * sum(heights):
+            raise ValueError(bad + "its %s rows are not %d groups of %s rows"
+                             % (p.shape[-2] if p.dim() >= 2 else "no", g,
+                                " + ".join(map(str, heights))))
+        return "groups:%d:%s" % (g, ",".join(map(str, heights)))
+    if int(k) == 1:
+        return None
+    if int(k) != k or k < 1 or p.dim() < 2 or p.shape[-2] % int(k) != 0:
+        raise ValueError(bad + "rows must be a multiple of it")
+    return "rows:%d" % int(k)
+
+
+def _blocks_tag(value):
+    """A group name's part for a blocks= value: rows:2 -> rows2, groups:4:256,64,64 ->
+    groups4-256_64_64."""
+    if value.startswith("rows:"):
+        return "rows" + value[len("rows:"):]
+    g, heights = value[len("groups:"):].split(":")
+    return "groups%s-%s" % (g, heights.replace(",", "_"))
 
 
 def linear_decay(optimizer, total_steps, warmup_steps=0, final_ratio=1e-8):

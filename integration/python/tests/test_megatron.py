@@ -134,7 +134,10 @@ def reference_groups(model, matrix_preset, cfg):
     """The groups the method's recipe gives this model, written out by name: 2-D weights
     of the blocks -> the matrix preset at cfg.lr; word and position embeddings -> embedding
     at 3e-3; the LM head -> embedding with row and column gains at 1e-3; 1-D tensors -> vector at 1e-3 (Megatron puts
-    no weight decay on them). Same order as the adapter's: matrix, embedding, output, vector."""
+    no weight decay on them); linear_qkv (4 heads of 8 rows, no GQA: 4 query groups of one
+    Q, K and V head each) in a matrix group of its own with blocks=groups:4:8,8,8 (Q, K and
+    V each across the groups). Same order as the adapter's: matrix, matrix-groups...,
+    embedding, output, vector."""
     named = list(model.named_parameters())
     muon = matrix_preset in ("md-muon", "muon")
     common = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
@@ -144,8 +147,12 @@ def reference_groups(model, matrix_preset, cfg):
     if matrix_preset in ("muon", "adamw"):
         mat["weight_decay"] = cfg.weight_decay
     emb_names = ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight")
+    qkv = QKV_GROUP[0]
     groups = [
-        (mat, [n for n, p in named if p.dim() == 2 and n.startswith("decoder.")]),
+        (mat, [n for n, p in named if p.dim() == 2 and n.startswith("decoder.") and
+               not n.endswith("linear_qkv.weight")]),
+        (dict(mat, name=qkv, blocks=QKV_GROUP[1]),
+         [n for n, p in named if n.endswith("linear_qkv.weight")]),
         (dict(common, preset="embedding", lr=3e-3, name="embedding.0"), list(emb_names)),
         (dict(common, preset="embedding", gains="rowcol", lr=1e-3, name="output.0"),
          ["output_layer.weight"]),
@@ -170,7 +177,9 @@ def lr_mult(t):
     return max(0.0, 1.0 - t / DECAY_STEPS)
 
 
-BASE_LRS = {"matrix.0": LR, "embedding.0": 3e-3, "output.0": 1e-3, "vector.1": 1e-3}
+# make_model's linear_qkv: its mdopt group and blocks.
+QKV_GROUP = ("matrix-groups4-8_8_8.0", "groups:4:8,8,8")
+BASE_LRS = {"matrix.0": LR, QKV_GROUP[0]: LR, "embedding.0": 3e-3, "output.0": 1e-3, "vector.1": 1e-3}
 
 
 def set_reference_lrs(ref, t):
@@ -204,8 +213,8 @@ def test_steps_equal_mdoptimizer(optimizer, presets, matrix_preset):
     opt = get_megatron_mdopt_optimizer(cfg, [model_a], presets=presets, threads=1)
     sched = scheduler(opt)
     ref = MDOptimizer(reference_groups(model_b, matrix_preset, cfg), threads=1)
-    assert [n for n, _, _ in opt.mdopt_groups()] == ["matrix.0", "embedding.0", "output.0",
-                                                     "vector.1"]
+    assert [n for n, _, _ in opt.mdopt_groups()] == ["matrix.0", QKV_GROUP[0], "embedding.0",
+                                                     "output.0", "vector.1"]
     for a, b in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(a, b)  # both projected onto their spheres alike at build
 
@@ -236,11 +245,13 @@ def test_steps_equal_mdoptimizer(optimizer, presets, matrix_preset):
     assert lr == pytest.approx(LR * mult, rel=1e-12)
     if matrix_preset.startswith("md-"):
         assert gain_lr == pytest.approx(1e-3 * mult, rel=1e-12)
-    # No silent fallback: every block matrix was orthogonalized (Muon) and projected (MD).
-    info = opt.group_info("matrix.0")
-    assert info.matrices == 4 * LAYERS
-    assert info.orthogonalized == (4 * LAYERS if "muon" in matrix_preset else 0)
-    assert info.projected == (4 * LAYERS if matrix_preset.startswith("md-") else 0)
+    # No silent fallback: every block matrix was orthogonalized (Muon) and projected (MD):
+    # linear_proj, fc1, fc2 in matrix.0, each linear_qkv's Q, K and V blocks in its group.
+    for name, matrices in (("matrix.0", 3 * LAYERS), (QKV_GROUP[0], 3 * LAYERS)):
+        info = opt.group_info(name)
+        assert info.matrices == matrices, name
+        assert info.orthogonalized == (matrices if "muon" in matrix_preset else 0), name
+        assert info.projected == (matrices if matrix_preset.startswith("md-") else 0), name
     assert opt.group_info("embedding.0").projected == 2
 
 
@@ -351,7 +362,8 @@ def test_non_finite_gradient_skips():
     assert "linear_fc1" in opt.last_step.message
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
-    assert opt.group_info("matrix.0").skipped == 4 * LAYERS
+    assert opt.group_info("matrix.0").skipped == 3 * LAYERS
+    assert opt.group_info(QKV_GROUP[0]).skipped == 3 * LAYERS
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
     backward(model, data[1])
@@ -418,12 +430,29 @@ def _halves_norms(w):
     return float(w[:f].double().norm()), float(w[f:].double().norm())
 
 
+def _blocks_of(w, layout):
+    """The logical matrices of weight w under a blocks= layout, gathered from its rows in
+    torch: rows:K -> K equal contiguous blocks; groups:G:h0,h1,... -> block j = piece j of
+    each of the G groups (hj rows each), in group order; anything else -> [w]."""
+    if not layout or not layout.startswith("blocks="):
+        return [w]
+    kind, _, rest = layout[len("blocks="):].partition(":")
+    if kind == "rows":
+        return list(w.chunk(int(rest)))
+    g, heights = rest.split(":")
+    heights = [int(h) for h in heights.split(",")]
+    per_group = w.reshape(int(g), sum(heights), w.shape[-1])
+    return [b.reshape(-1, w.shape[-1]) for b in per_group.split(heights, dim=1)]
+
+
 def _glu_model_mapping(moe, tied=False):
     """Every parameter of make_glu_model, written out by name: (mdopt group, layout or None,
     radius of each block: sqrt(max(rows, cols)) of the block, times 1/sqrt(2 layers) for
-    linear_proj and linear_fc2; None for the tensors off a Frobenius sphere)."""
+    linear_proj and linear_fc2; None for the tensors off a Frobenius sphere). linear_qkv (2
+    query groups of 2 query heads, one key and one value head, 8 rows each): Q, K and V
+    across the groups, blocks of 32, 16 and 16 rows x 32."""
     d, scale = 32, 1.0 / math.sqrt(2 * LAYERS)
-    qkv = "qkv=groups:2,q:2,k:1,v:1 head_dim:8"
+    qkv = "blocks=groups:2:16,8,8"
     want = {"embedding.word_embeddings.weight": ("embedding.0", None, None),
             "embedding.position_embeddings.weight": ("embedding.0", None, None),
             "decoder.final_layernorm.weight": ("vector.1", None, None),
@@ -435,7 +464,8 @@ def _glu_model_mapping(moe, tied=False):
         for norm in ("input_layernorm", "pre_mlp_layernorm"):
             for t in ("weight", "bias"):
                 want[layer + norm + "." + t] = ("vector.1", None, None)
-        want[layer + "self_attention.linear_qkv.weight"] = ("matrix.0", qkv, math.sqrt(64))
+        want[layer + "self_attention.linear_qkv.weight"] = ("matrix-groups2-16_8_8.0", qkv,
+                                                            math.sqrt(32))
         want[layer + "self_attention.linear_proj.weight"] = ("matrix.0", None,
                                                              math.sqrt(d) * scale)
         mlps = {"mlp.": 48}
@@ -464,8 +494,9 @@ def test_fused_layouts_detected_and_blocks_on_their_spheres(moe):
     router) through the adapter end to end: every parameter's mdopt group and layout, as
     written out by name, and the depth-scaled radii of linear_proj and linear_fc2; each GLU
     fc1 is registered with blocks=rows:2, so after steps each half is on its own sphere
-    (sqrt(max(f, d)), muonh: no gains) where the same run without blocks leaves them off,
-    and every other matrix on its radius; the router's and the untied head's directions
+    (sqrt(max(f, d)), muonh: no gains) where the same run without blocks leaves them off;
+    each linear_qkv with blocks=groups:2:16,8,8, its Q, K and V (gathered across the query
+    groups) each on its own sphere; every other matrix on its radius; the router's and the untied head's directions
     (weight / row and column gains) keep unit rows; a tied head has no group of its own.
     (tests/unit/blocks_test.cc holds each block's update to the float64 reference run on
     that block alone; this test checks the detection and the wiring.)"""
@@ -493,8 +524,10 @@ def test_fused_layouts_detected_and_blocks_on_their_spheres(moe):
     for n in fc1:
         assert layouts[n] == "blocks=rows:2", n
     for n in qkv:
-        assert layouts[n] == "qkv=groups:2,q:2,k:1,v:1 head_dim:8", n
+        assert layouts[n] == "blocks=groups:2:16,8,8", n
     assert set(layouts) == set(fc1) | set(qkv)  # linear_proj, fc2, routers: not fused
+    assert by_name["matrix-groups2-16_8_8.0"]["blocks"] == "groups:2:16,8,8"
+    assert sorted(by_name["matrix-groups2-16_8_8.0"]["names"]) == qkv
     glu = [g for g in opt.optimizer.param_groups if g["name"].startswith("matrix-rows2.")]
     assert len(glu) == 1 and sorted(glu[0]["names"]) == fc1
     plain = [g for g in opt.optimizer.param_groups if g["name"].startswith("matrix.")]
@@ -531,6 +564,17 @@ def test_fused_layouts_detected_and_blocks_on_their_spheres(moe):
         wc = dict(control.named_parameters())[n].detach()
         off = max(off, max(abs(b - radius) / radius for b in _halves_norms(wc)))
     print("[ measured ] fc1 halves vs their radius: blocks %.2e, one sphere %.2e" % (worst, off))
+    assert worst < 1e-5
+    assert off > 1e-2
+    worst, off = 0.0, 0.0
+    for n in qkv:  # Q, K, V across the query groups; the control's one sphere over all
+        for b in _blocks_of(named[n].detach().double(), layouts[n]):
+            worst = max(worst, abs(float(b.norm()) - math.sqrt(32)) / math.sqrt(32))
+        wc = dict(control.named_parameters())[n].detach().double()
+        off = max(off, max(abs(float(b.norm()) - math.sqrt(32)) / math.sqrt(32)
+                           for b in _blocks_of(wc, layouts[n])))
+    print("[ measured ] qkv Q/K/V vs their radius: blocks %.2e, one sphere %.2e"
+          % (worst, off))
     assert worst < 1e-5
     assert off > 1e-2
     worst = 0.0
@@ -593,19 +637,22 @@ def test_layouts_of_mla_and_gated_attention_modules():
     model = torch.nn.ModuleDict({"mla": MLA(), "attn": GatedAttention()})
     names = {p: n for n, p in model.named_parameters()}
     got = {names[p]: lay for p, lay in megatron_layouts(model).items()}
+    # The authors' split: q_up whole; kv_up's K (8 rows a head) and V (6) across the 4
+    # heads; kv_down's [kv_lora_rank; rope] rows; linear_qkv's Q, gate, K and V (stored per
+    # query group in that order) across the 2 groups.
     assert got == {
         "mla.linear_q_up_proj.weight": "mla_q_up=heads:4,rows:12",
-        "mla.linear_kv_up_proj.weight": "mla_kv_up=heads:4,k:8,v:6",
-        "mla.linear_kv_down_proj.weight": "mla_kv_down=rows:12,4",
-        "attn.linear_qkv.weight": "qkv=groups:2,q:4,gate:4,k:1,v:1 head_dim:4",
+        "mla.linear_kv_up_proj.weight": "blocks=groups:4:8,6",
+        "mla.linear_kv_down_proj.weight": "blocks=groups:1:12,4",
+        "attn.linear_qkv.weight": "blocks=groups:2:16,16,4,4",
     }
     # Per head: q_up by heads, qkv by its 20 heads; kv_up's K and V heads differ in height
-    # (8 and 6 rows), which equal row blocks cannot express, so it stays whole.
+    # (8 and 6 rows), which equal row blocks cannot express: K and V across heads as above.
     got = {names[p]: lay for p, lay in megatron_layouts(model, split_heads=True).items()}
     assert got == {
         "mla.linear_q_up_proj.weight": "blocks=rows:4",
-        "mla.linear_kv_up_proj.weight": "mla_kv_up=heads:4,k:8,v:6",
-        "mla.linear_kv_down_proj.weight": "mla_kv_down=rows:12,4",
+        "mla.linear_kv_up_proj.weight": "blocks=groups:4:8,6",
+        "mla.linear_kv_down_proj.weight": "blocks=groups:1:12,4",
         "attn.linear_qkv.weight": "blocks=rows:20",
     }
     mla_cfg.v_head_dim = 8
@@ -613,6 +660,16 @@ def test_layouts_of_mla_and_gated_attention_modules():
     names = {p: n for n, p in model.named_parameters()}
     got = {names[p]: lay for p, lay in megatron_layouts(model, split_heads=True).items()}
     assert got["mla.linear_kv_up_proj.weight"] == "blocks=rows:8"
+    # Weights whose rows do not add up to their layout are reported and stay whole.
+    gate_cfg.attention_output_gate = False  # 2 x (4 + 1 + 1) x 4 = 48 rows, not 80
+    mla_cfg.kv_lora_rank = 10
+    got = {names[p]: lay for p, lay in megatron_layouts(model).items()}
+    assert got == {
+        "mla.linear_q_up_proj.weight": "mla_q_up=heads:4,rows:12",
+        "mla.linear_kv_up_proj.weight": "blocks=groups:4:8,8",
+        "mla.linear_kv_down_proj.weight": "mla_kv_down=rows:10,4",
+        "attn.linear_qkv.weight": "qkv=groups:2,q:4,k:1,v:1 head_dim:4",
+    }
 
 
 def test_split_heads_puts_every_attention_head_on_its_own_sphere():
@@ -635,6 +692,67 @@ def test_split_heads_puts_every_attention_head_on_its_own_sphere():
         norms = heads.flatten(1).norm(dim=1)
         torch.testing.assert_close(norms, torch.full_like(norms, math.sqrt(32)), rtol=1e-5,
                                    atol=0)
+
+
+def test_qkv_blocks_with_gains_and_on_a_backend_without_interleaved_blocks(monkeypatch):
+    """md-muon (row and column gains) on the SwiGLU + GQA GPT: after steps the direction of
+    every linear_qkv (the weight over its effective gains from opt.state) has its Q, K and V,
+    gathered across the 2 query groups, each on its own sphere (sqrt(max(rows, cols)) =
+    sqrt(32), radius scale 1). On a backend that refuses interleaved blocks (the CUDA one,
+    for now; stood in for here), the adapter warns, keeps those weights whole in matrix.0
+    and says so in `layouts`."""
+    import mdopt.megatron as adapter
+    from mdopt._lib import MdoptError
+
+    model = make_glu_model(25)
+    opt = get_megatron_mdopt_optimizer(config(), [model], threads=1)
+    named = dict(model.named_parameters())
+    qkv = sorted(n for n in named if n.endswith("linear_qkv.weight"))
+    by = {g["name"]: g for g in opt.optimizer.param_groups}
+    assert by["matrix-groups2-16_8_8.0"]["preset"] == "md-muon"
+    assert sorted(by["matrix-groups2-16_8_8.0"]["names"]) == qkv
+    g = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        for p in named.values():
+            p.main_grad = torch.randn(p.shape, generator=g) * 1e-2
+        assert opt.step()[0]
+    worst = 0.0
+    for n in qkv:
+        st = opt.optimizer.state[named[n]]
+        assert len(st["radius"]) == 3, n  # one sphere per block
+        cols = torch.as_tensor(st["gain_col"], dtype=torch.float64).view(3, 32)  # per block
+        assert torch.equal(cols, cols[:1].expand(3, 32)), n  # shared by the blocks
+        d = named[n].detach().double() / torch.outer(
+            torch.as_tensor(st["gain_row"], dtype=torch.float64), cols[0])
+        for b in _blocks_of(d, opt.layouts[n]):
+            worst = max(worst, abs(float(b.norm()) - math.sqrt(32)) / math.sqrt(32))
+    print("[ measured ] md-muon qkv directions' Q/K/V vs their radius: %.2e" % worst)
+    assert worst < 1e-5
+
+    class NoInterleaved(MDOptimizer):
+        def __init__(self, groups, **kw):
+            for grp in groups:
+                blocks = grp.get("blocks", "")
+                if blocks.startswith("groups:") and int(blocks.split(":")[1]) > 1:
+                    raise MdoptError("MDOPT_UNSUPPORTED", "param '%s': blocks=groups:G with "
+                                     "G > 1 (interleaved blocks) is not implemented on the "
+                                     "CUDA backend yet" % grp["names"][0])
+            super().__init__(groups, **kw)
+
+    monkeypatch.setattr(adapter, "MDOptimizer", NoInterleaved)
+    model = make_glu_model(25)
+    with pytest.warns(UserWarning, match="interleaved blocks.*2 fused weights"):
+        opt = get_megatron_mdopt_optimizer(config(), [model], threads=1)
+    groups = {n: g["name"] for g in opt.optimizer.param_groups for n in g["names"]}
+    for n in qkv:
+        assert groups[n] == "matrix.0", n
+        assert opt.layouts[n] == "whole (blocks=groups:2:16,8,8 not applied: no interleaved " \
+            "blocks on this backend)", n
+    assert not any(g["name"].startswith("matrix-groups") for g in opt.optimizer.param_groups)
+    named = dict(model.named_parameters())
+    for n in qkv:  # one sphere over the whole 64 x 32 weight, projected at build
+        r = opt.optimizer.mdopt.get_state(opt.optimizer.param_index(named[n]), "radius")
+        assert list(r) == [pytest.approx(8.0, rel=1e-6)], n
 
 
 def test_lm_head_gains():
@@ -701,11 +819,14 @@ def test_out_proj_radius_scale():
     other matrices on sqrt(max(m, n)); scale_out_proj_radius=False, a flat matrix preset or
     radius=init leave every radius alone."""
     def radii(opt, model):
+        """name -> (mdopt's radius, sqrt(max(rows, cols)), Frobenius norm) of the first
+        block: linear_qkv's Q (4 query groups of one 8-row head each: 32 x 32)."""
         out = {}
         for n, p in model.named_parameters():
             if p.dim() == 2 and n.startswith("decoder."):
                 r = opt.optimizer.mdopt.get_state(opt.optimizer.param_index(p), "radius")
-                out[n] = (r[0], math.sqrt(max(p.shape)), p.detach().double().norm().item())
+                w = _blocks_of(p.detach().double(), opt.layouts.get(n))[0]
+                out[n] = (r[0], math.sqrt(max(w.shape)), w.norm().item())
         return out
 
     scale = 1.0 / math.sqrt(2 * LAYERS)
@@ -774,7 +895,7 @@ def test_legacy_grouped_mlp_is_refused(glu, monkeypatch):
         want["decoder.layers.%d.mlp.experts.weight2" % i] = \
             "grouped_fc2=experts:4,ffn:20 transposed"
         want["decoder.layers.%d.self_attention.linear_qkv.weight" % i] = \
-            "qkv=groups:4,q:1,k:1,v:1 head_dim:8"
+            "blocks=groups:4:8,8,8"
     assert got == want
     with pytest.raises(ValueError) as err:
         get_megatron_mdopt_optimizer(config(), [model], threads=1)
@@ -837,11 +958,12 @@ def make_mla_model(seed, q_lora_rank, monkeypatch):
 @pytest.mark.parametrize("q_lora_rank", [16, None])
 def test_mla_gpt_layouts_and_spheres(q_lora_rank, monkeypatch):
     """A real MLA GPT through the adapter: every parameter's group and layout (q_up or q by
-    heads of qk + rope rows, kv_down = [kv_lora_rank; rope rows], kv_up per head K then V),
-    linear_proj and linear_fc2 on depth-scaled spheres; after 3 steps on its own gradients
-    (forward and backward through MLASelfAttention) every matrix's Frobenius norm, computed
-    here in float64, equals the radius written out from its shape (muonh: no gains, so the
-    weight is the direction), each SwiGLU half its own."""
+    heads of qk + rope rows, reported and whole; kv_down split into its [kv_lora_rank; rope
+    rows]; kv_up per head K then V, split into K and V across the heads), linear_proj and
+    linear_fc2 on depth-scaled spheres; after 3 steps on its own gradients (forward and
+    backward through MLASelfAttention) every matrix's Frobenius norm, computed here in
+    float64, equals the radius written out from its shape (muonh: no gains, so the weight is
+    the direction), each SwiGLU half, kv_down piece and kv_up K and V block its own."""
     from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
     from mdopt.megatron import megatron_layouts
@@ -865,10 +987,13 @@ def test_mla_gpt_layouts_and_spheres(q_lora_rank, monkeypatch):
             "decoder.layers.%d.input_layernorm.weight" % i: ("vector.1", None, None),
             "decoder.layers.%d.pre_mlp_layernorm.weight" % i: ("vector.1", None, None),
             at + "kv_layernorm.weight": ("vector.1", None, None),
-            at + "linear_kv_down_proj.weight": ("matrix.0", "mla_kv_down=rows:%d,%d"
-                                                % (kv_lora, rope), math.sqrt(d)),
-            at + "linear_kv_up_proj.weight": ("matrix.0", "mla_kv_up=heads:%d,k:%d,v:%d"
-                                              % (heads, qk, v), math.sqrt(heads * (qk + v))),
+            # kv_down: [kv_lora_rank; rope] rows, 12 x 32 and 4 x 32; kv_up: K and V across
+            # the heads, 4 x 8 = 32 rows and 4 x 6 = 24 rows x kv_lora_rank.
+            at + "linear_kv_down_proj.weight": ("matrix-groups1-12_4.0", "blocks=groups:1:%d,%d"
+                                                % (kv_lora, rope), [math.sqrt(d)] * 2),
+            at + "linear_kv_up_proj.weight": ("matrix-groups4-8_6.0", "blocks=groups:%d:%d,%d"
+                                              % (heads, qk, v),
+                                              [math.sqrt(heads * qk), math.sqrt(heads * v)]),
             at + "linear_proj.weight": ("matrix.0", None, math.sqrt(d) * scale),
             mlp + "linear_fc1.weight": ("matrix-rows2.0", "blocks=rows:2", math.sqrt(ffn)),
             mlp + "linear_fc2.weight": ("matrix.0", None, math.sqrt(ffn) * scale),
@@ -891,9 +1016,9 @@ def test_mla_gpt_layouts_and_spheres(q_lora_rank, monkeypatch):
     # The layouts' pieces are the weights' rows: kv_down [kv_lora; rope], kv_up and q_up
     # heads x (their K and V rows; their qk and rope rows).
     for n, (_, lay, _) in want.items():
-        if lay and lay.startswith("mla_kv_down"):
+        if "kv_down" in n:
             assert named[n].shape == (kv_lora + rope, d)
-        elif lay and lay.startswith("mla_kv_up"):
+        elif "kv_up" in n:
             assert named[n].shape == (heads * (qk + v), kv_lora)
         elif lay and lay.startswith("mla_q"):
             assert named[n].shape == (heads * (qk + rope), q_lora_rank or d)
@@ -901,7 +1026,7 @@ def test_mla_gpt_layouts_and_spheres(q_lora_rank, monkeypatch):
         out_proj = n.endswith(("linear_proj.weight", "linear_fc2.weight"))
         assert getattr(p, "mdopt_radius_scale", None) == (scale if out_proj else None), n
     # Per head with split_heads: q_up (or q) by its 4 heads; kv_up's K and V heads differ
-    # in height (8 and 6 rows), so it stays whole.
+    # in height (8 and 6 rows), so K and V stay split across heads.
     names = {p: n for n, p in named.items()}
     split = {names[p]: lay for p, lay in megatron_layouts(model, split_heads=True).items()}
     for n, (_, lay, _) in want.items():
@@ -923,9 +1048,11 @@ def test_mla_gpt_layouts_and_spheres(q_lora_rank, monkeypatch):
         if radius is None:
             continue
         w = named[n].detach().double()
-        blocks = w.chunk(2) if lay == "blocks=rows:2" else [w]
-        for b in blocks:
-            worst = max(worst, abs(float(b.norm()) - radius) / radius)
+        blocks = _blocks_of(w, lay)
+        radii = radius if isinstance(radius, list) else [radius] * len(blocks)
+        assert len(radii) == len(blocks), n
+        for b, r in zip(blocks, radii):
+            worst = max(worst, abs(float(b.norm()) - r) / r)
     print("[ measured ] MLA GPT (q_lora_rank %s): matrices vs their radius, worst relative "
           "error %.2e" % (q_lora_rank, worst))
     assert worst < 1e-5

@@ -375,3 +375,49 @@ def test_param_groups_blocks_put_each_half_of_a_glu_on_its_own_sphere():
         param_groups(model, blocks={"fc1.weight": 3})
     with pytest.raises(ValueError, match="lacks"):
         param_groups(model, blocks={"fc9.weight": 2})
+
+
+def test_param_groups_blocks_split_a_fused_qkv_across_its_query_groups():
+    """A fused QKV of 2 query groups, each 2 query heads, one key and one value head of 4
+    rows (rows per group: [q; q; k; v]): blocks={"qkv.weight": "groups:2:8,4,4"} makes Q, K
+    and V, each gathered across the groups, a matrix of its own: after steps with md-muon
+    (row and column gains) each one's direction (the weight over its gains, from opt.state)
+    has the Frobenius norm sqrt(max(rows, cols)) of its own shape."""
+    torch.manual_seed(5)
+    model = torch.nn.Module()
+    model.qkv = torch.nn.Linear(12, 2 * (8 + 4 + 4), bias=False)
+    model.proj = torch.nn.Linear(12, 12, bias=False)
+    groups = param_groups(model, matrix_preset="md-muon", lr=0.02,
+                          blocks={"qkv.weight": "groups:2:8,4,4", "proj.weight": "rows:2"})
+    by = {g["name"]: g for g in groups}
+    assert by["matrices-groups2-8_4_4"]["names"] == ["qkv.weight"]
+    assert by["matrices-groups2-8_4_4"]["blocks"] == "groups:2:8,4,4"
+    assert by["matrices-rows2"]["blocks"] == "rows:2"
+    opt = MDOptimizer(groups, threads=1)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(16, 12, generator=g)
+    for _ in range(4):
+        opt.zero_grad()
+        model.proj(model.qkv(x)[:, :12]).square().mean().backward()
+        model.qkv.weight.grad += torch.randn(model.qkv.weight.shape, generator=g) * 1e-2
+        opt.step()
+    st = opt.state[model.qkv.weight]
+    # gain_col: one copy per block (3 x 12), the copies equal (shared by the blocks).
+    cols = torch.as_tensor(st["gain_col"], dtype=torch.float64).view(3, 12)
+    assert torch.equal(cols, cols[:1].expand(3, 12))
+    assert "gain_scalar" not in st  # md-muon: row and column gains
+    d = model.qkv.weight.detach().double() / torch.outer(
+        torch.as_tensor(st["gain_row"], dtype=torch.float64), cols[0])
+    per_group = d.view(2, 16, 12)
+    worst = 0.0
+    for piece in per_group.split([8, 4, 4], dim=1):  # Q (16 x 12), K and V (8 x 12)
+        b = piece.reshape(-1, 12)
+        radius = math.sqrt(max(b.shape))
+        worst = max(worst, abs(float(b.norm()) - radius) / radius)
+    assert worst < 1e-5
+    assert abs(float(d.norm()) - math.sqrt(32)) > 1e-2  # not one sphere over the weight
+    assert opt.group_info("matrices-groups2-8_4_4").matrices == 3
+    with pytest.raises(ValueError, match="not 2 groups of 8 \\+ 4 \\+ 3 rows"):
+        param_groups(model, blocks={"qkv.weight": "groups:2:8,4,3"})
+    with pytest.raises(ValueError, match="groups:G:h0,h1"):
+        param_groups(model, blocks={"qkv.weight": "groups:2"})
