@@ -176,6 +176,7 @@ struct Case {
   // "odd" none on rank 0 (zeros in the mean).
   bool null_grad = false;
   double tolerance = kTolerance;
+  std::vector<dist_test::Tensor> tensors = {};  // empty: the harness's default model
   std::string Name() const {
     return spec + " layout=" + layout + (reduced ? " grads=reduced" : " grads=local") +
            (deferred ? " gather=deferred" : " gather=eager") +
@@ -226,6 +227,17 @@ std::vector<Case> Cases() {
   Case y{"preset=md-adamw", "owner", true, false, true};
   y.null_grad = true;
   c.push_back(y);
+  // Interleaved blocks (a GQA linear_qkv of 4 query groups): the gradient pack and the weight
+  // unpack cut their spans through the row map, with nothing allocated. Tensor 5 is "big",
+  // the one the NaN step poisons.
+  const std::vector<dist_test::Tensor> qkv = {{"qkv", {28, 19}}, {"q2", {28, 7}},
+                                              {"stack", {3, 28, 8}}, {"wide", {28, 30}},
+                                              {"x", {28, 5}}, {"big", {28, 90}}};
+  for (const char* layout : {"rows", "owner"}) {
+    Case q{"preset=md-muon blocks=groups:4:3,2,2", layout, false, false, true};
+    q.tensors = qkv;
+    c.push_back(q);
+  }
   return c;
 }
 
@@ -241,8 +253,8 @@ void RunCase(const Case& c) {
   if (c.comm_pad) options += " comm_pad=on";
   const std::string spec = c.spec + " layout=" + c.layout;
   std::unique_ptr<Communicator> local = MakeLocalCommunicator();
-  TestModel sharded(world, options, spec, c.bf16);
-  TestModel single(local.get(), "threads=1", spec, c.bf16);
+  TestModel sharded(world, options, spec, c.bf16, c.tensors);
+  TestModel single(local.get(), "threads=1", spec, c.bf16, c.tensors);
   ASSERT_TRUE(sharded.opt().Finalize().ok());
   ASSERT_TRUE(single.opt().Finalize().ok());
   const bool nan_step = !c.reduced;  // one rank's local gradient; the contract of reduced

@@ -118,7 +118,12 @@ class Harness {
     EXPECT_TRUE(opt_->AddGroup("g", spec).ok());
     const bool adam = ParseGroupSpec(spec)->rule.base == kernels::Base::kAdamW;
     const bool blocks = spec.find("blocks=") != std::string::npos;
-    if (blocks) {
+    if (spec.find("blocks=groups:") != std::string::npos) {
+      // Interleaved blocks (groups:6:6,3,3: 72 rows): the model rows go through the row map.
+      EXPECT_TRUE(opt_->AddGroup("v", "preset=vector").ok());
+      tensors_ = {{"wide", {72, 530}, bf16}, {"tall", {72, 41}, bf16}, {"experts", {2, 72, 90}, bf16},
+                  {"vec", {40000}, bf16}};
+    } else if (blocks) {
       EXPECT_TRUE(opt_->AddGroup("v", "preset=vector").ok());
       tensors_ = {{"wide", {66, 530}, bf16}, {"tall", {600, 41}, bf16}, {"experts", {2, 42, 90}, bf16},
                   {"vec", {40000}, bf16}};
@@ -210,6 +215,9 @@ const Case kCases[] = {
     {"md_adamw_blocks2", "preset=md-adamw blocks=rows:2", false},
     {"md_adamw_blocks2_bf16", "preset=md-adamw blocks=rows:2", true},
     {"md_muon_blocks3_scalar_tangent", "preset=md-muon blocks=rows:3 gains=scalar tangent=1", false},
+    // Interleaved blocks (a GQA linear_qkv): rows read and written through the row map.
+    {"md_muon_groups", "preset=md-muon blocks=groups:6:6,3,3", false},
+    {"md_adamw_groups_bf16", "preset=md-adamw blocks=groups:6:6,3,3", true},
 };
 
 class Allocations : public ::testing::TestWithParam<Case> {};

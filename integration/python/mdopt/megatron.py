@@ -280,11 +280,6 @@ def _blocks_tag(blocks):
     return "groups%s-%s" % (g, heights.replace(",", "_"))
 
 
-def _interleaved(layout):
-    """A blocks=groups:G:... layout with G > 1 (block j is piece j of every group)."""
-    return layout.startswith("blocks=groups:") and int(layout.split(":")[1]) > 1
-
-
 def _refuse_grouped_mlp(layouts, names):
     """Megatron's legacy GroupedMLP cannot be registered as its experts: refuse it, naming
     the module and what to use instead."""
@@ -430,25 +425,7 @@ class MegatronMDOptimizer(MegatronOptimizer):
         self._mdopt_args = (self._build_groups(megatron_groups, config, names, out_proj_scale),
                             mdopt_kwargs)
         self._load_dir = None  # sharded_state_dict(is_loading=True)'s mdopt_state_dir
-        try:
-            mdopt = self._make_mdopt()
-        except MdoptError as e:
-            # A backend without interleaved blocks (CUDA, for now): those weights whole.
-            interleaved = {p: lay for p, lay in self._layouts.items()
-                           if _interleaved(lay) and p in names}
-            if e.status != "MDOPT_UNSUPPORTED" or "interleaved" not in e.message or \
-                    not interleaved:
-                raise
-            warnings.warn("mdopt.megatron: %s; %d fused weights (%s, ...) stay one matrix "
-                          "each instead of their blocks" % (
-                              e.message, len(interleaved), names[next(iter(interleaved))]),
-                          stacklevel=3)
-            for p, lay in interleaved.items():
-                self._layouts[p] = "whole (%s not applied: no interleaved blocks on this " \
-                    "backend)" % lay
-            self._mdopt_args = (self._build_groups(megatron_groups, config, names,
-                                                   out_proj_scale), mdopt_kwargs)
-            mdopt = self._make_mdopt()
+        mdopt = self._make_mdopt()
         super().__init__(mdopt, config, init_state_fn=lambda *a: None)
         self.is_stub_optimizer = False
 
@@ -516,8 +493,7 @@ class MegatronMDOptimizer(MegatronOptimizer):
     def layouts(self):
         """{param name: layout} of every fused weight found (megatron_layouts): those of the
         form blocks=... are the spec key each was registered with; the others stay one
-        matrix (on a backend without interleaved blocks, a blocks=groups:G:... with G > 1
-        reads "whole (blocks=... not applied: ...)")."""
+        matrix."""
         names = {}
         for g in self._mdopt_args[0]:
             names.update(zip(g["params"], g["names"]))

@@ -694,16 +694,11 @@ def test_split_heads_puts_every_attention_head_on_its_own_sphere():
                                    atol=0)
 
 
-def test_qkv_blocks_with_gains_and_on_a_backend_without_interleaved_blocks(monkeypatch):
+def test_qkv_blocks_with_gains():
     """md-muon (row and column gains) on the SwiGLU + GQA GPT: after steps the direction of
     every linear_qkv (the weight over its effective gains from opt.state) has its Q, K and V,
     gathered across the 2 query groups, each on its own sphere (sqrt(max(rows, cols)) =
-    sqrt(32), radius scale 1). On a backend that refuses interleaved blocks (the CUDA one,
-    for now; stood in for here), the adapter warns, keeps those weights whole in matrix.0
-    and says so in `layouts`."""
-    import mdopt.megatron as adapter
-    from mdopt._lib import MdoptError
-
+    sqrt(32), radius scale 1)."""
     model = make_glu_model(25)
     opt = get_megatron_mdopt_optimizer(config(), [model], threads=1)
     named = dict(model.named_parameters())
@@ -728,31 +723,6 @@ def test_qkv_blocks_with_gains_and_on_a_backend_without_interleaved_blocks(monke
             worst = max(worst, abs(float(b.norm()) - math.sqrt(32)) / math.sqrt(32))
     print("[ measured ] md-muon qkv directions' Q/K/V vs their radius: %.2e" % worst)
     assert worst < 1e-5
-
-    class NoInterleaved(MDOptimizer):
-        def __init__(self, groups, **kw):
-            for grp in groups:
-                blocks = grp.get("blocks", "")
-                if blocks.startswith("groups:") and int(blocks.split(":")[1]) > 1:
-                    raise MdoptError("MDOPT_UNSUPPORTED", "param '%s': blocks=groups:G with "
-                                     "G > 1 (interleaved blocks) is not implemented on the "
-                                     "CUDA backend yet" % grp["names"][0])
-            super().__init__(groups, **kw)
-
-    monkeypatch.setattr(adapter, "MDOptimizer", NoInterleaved)
-    model = make_glu_model(25)
-    with pytest.warns(UserWarning, match="interleaved blocks.*2 fused weights"):
-        opt = get_megatron_mdopt_optimizer(config(), [model], threads=1)
-    groups = {n: g["name"] for g in opt.optimizer.param_groups for n in g["names"]}
-    for n in qkv:
-        assert groups[n] == "matrix.0", n
-        assert opt.layouts[n] == "whole (blocks=groups:2:16,8,8 not applied: no interleaved " \
-            "blocks on this backend)", n
-    assert not any(g["name"].startswith("matrix-groups") for g in opt.optimizer.param_groups)
-    named = dict(model.named_parameters())
-    for n in qkv:  # one sphere over the whole 64 x 32 weight, projected at build
-        r = opt.optimizer.mdopt.get_state(opt.optimizer.param_index(named[n]), "radius")
-        assert list(r) == [pytest.approx(8.0, rel=1e-6)], n
 
 
 def test_lm_head_gains():

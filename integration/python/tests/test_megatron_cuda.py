@@ -152,9 +152,14 @@ def test_megatron_ddp_on_the_gpu_equals_mdoptimizer(dtype):
             assert torch.equal(a, b), "%s differs after step %d" % (n, t + 1)
     report_metric("python.megatron_cuda.grad_norm_%s" % str(dtype).split(".")[-1], worst, 1e-5)
     assert worst <= 1e-5
+    # linear_proj, linear_fc1, linear_fc2 in matrix.0; linear_qkv's Q, K and V (4 heads, each
+    # its own query group, kv_channels 16) three matrices each in their own group.
     info = opt.group_info("matrix.0")
-    assert info.matrices == 4 * LAYERS and info.orthogonalized == 4 * LAYERS
-    assert info.projected == 4 * LAYERS
+    assert info.matrices == 3 * LAYERS and info.orthogonalized == 3 * LAYERS
+    assert info.projected == 3 * LAYERS
+    info = opt.group_info("matrix-groups4-16_16_16.0")
+    assert info.matrices == 3 * LAYERS and info.orthogonalized == 3 * LAYERS
+    assert info.projected == 3 * LAYERS
 
     # A NaN in Megatron's gradient buffer: the step is skipped, nothing changes.
     forward_backward(model, batches(1, seed=9)[0])
