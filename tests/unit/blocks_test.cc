@@ -3,7 +3,7 @@
 // radius, tangent projection and base update, while its gains are the fused matrix's: row
 // gains per row, one column-gain vector and one scalar gain shared by the K blocks (per
 // expert of a stack), their gradients summed over every block's rows. Held here to a float64
-// reference of the fused tensor written in this file (FusedRef: only Newton-Schulz and the
+// reference of the fused tensor (fused_reference.h, LayoutRef: only Newton-Schulz and the
 // gain parametrisation come from the library). Checked for both engines, Muon and Adam bases,
 // with and without gains, 2-D and 3-D (an expert stack of GLU fc1s), preserve_init (the
 // initial norms into each block's row gains), radius=fan_in and radius_scale:
@@ -30,6 +30,7 @@
 #include "kernels/common/gain_param.h"
 #include "kernels/reference/reference.h"
 #include "nlohmann/json.hpp"
+#include "fused_reference.h"
 #include "numeric_util.h"
 #include "test_util.h"
 
@@ -39,6 +40,8 @@ namespace {
 using kernels::Base;
 using kernels::Sphere;
 using testing::AbiHarness;
+using testing::BlockRows;
+using testing::LayoutRef;
 using testing::RelMaxError;
 using testing::TensorSpec;
 
@@ -53,130 +56,6 @@ std::vector<double> Gradient(int64_t numel, int64_t slot_elems, int64_t blocks, 
     if ((k / slot_elems) % blocks == 0) g[k] *= 10.0;
   return g;
 }
-
-// Adam on raw gains (the method's gain step), given the gradient with respect to the gains.
-struct GainAdam {
-  std::vector<double> raw, m, v;
-  void Init(size_t count, double raw0) {
-    raw.assign(count, raw0);
-    m.assign(count, 0.0);
-    v.assign(count, 0.0);
-  }
-  void Step(const kernels::UpdateRule& r, const std::vector<double>& grad, double lr, int t) {
-    const double bc1 = 1.0 - std::pow(r.beta1, t), bc2 = 1.0 - std::pow(r.beta2, t);
-    for (size_t k = 0; k < raw.size(); ++k) {
-      const double g = grad[k] * kernels::GainDerivative(r.gain_param, raw[k]);
-      m[k] = r.beta1 * m[k] + (1.0 - r.beta1) * g;
-      v[k] = r.beta2 * v[k] + (1.0 - r.beta2) * g * g;
-      raw[k] -= lr * (m[k] / bc1) / (std::sqrt(v[k] / bc2) + r.eps);
-    }
-  }
-  double Value(const kernels::UpdateRule& r, size_t k) const {
-    return raw.empty() ? 1.0 : kernels::GainValue(r.gain_param, raw[k]);
-  }
-};
-
-// The float64 reference of one fused matrix of K blocks of f x d (Frobenius sphere or none):
-// W = gs * g_row (x) D (x) g_col with g_row over all K f rows, g_col (d) and gs shared by the
-// blocks, and each block of D on its own sphere with its own base update.
-struct FusedRef {
-  kernels::UpdateRule r;
-  int64_t K = 1, f = 1, d = 1;
-  std::vector<double> w, mom, m, v, radius;  // radius: one per block
-  GainAdam row, col, scalar;
-
-  double& W(int64_t i, int64_t j) { return w[i * d + j]; }
-
-  // Sets the weights w0 (K f x d); each block's radius from `radius_of(block norm)`; either
-  // projects every block onto its sphere or (preserve_init) leaves w0 and puts each block's
-  // factor ||W_k|| / R_k into its rows' gains.
-  template <typename RadiusOf>
-  void Init(const kernels::UpdateRule& rule, int64_t blocks, int64_t rows, int64_t cols,
-            const std::vector<double>& w0, bool preserve_init, RadiusOf radius_of) {
-    r = rule;
-    K = blocks, f = rows, d = cols;
-    w = w0;
-    mom.assign(w.size(), 0.0);
-    m.assign(w.size(), 0.0);
-    v.assign(w.size(), 0.0);
-    const double one = kernels::GainRawForOne(r.gain_param);
-    if (kernels::HasRowGains(r.gains)) row.Init(static_cast<size_t>(K * f), one);
-    if (kernels::HasColGains(r.gains)) col.Init(static_cast<size_t>(d), one);
-    if (kernels::HasScalarGain(r.gains)) scalar.Init(1, one);
-    radius.assign(static_cast<size_t>(K), 0.0);
-    if (r.sphere == Sphere::kNone) return;
-    for (int64_t k = 0; k < K; ++k) {
-      const double norm = BlockNorm(w, k);
-      radius[k] = radius_of(norm);
-      if (!preserve_init) {
-        for (int64_t q = k * f * d; q < (k + 1) * f * d; ++q) w[q] *= radius[k] / norm;
-      } else {
-        for (int64_t i = k * f; i < (k + 1) * f; ++i)
-          row.raw[i] = kernels::GainRawFor(r.gain_param, norm / radius[k]);
-      }
-    }
-  }
-
-  double BlockNorm(const std::vector<double>& x, int64_t k) const {
-    double sq = 0.0;
-    for (int64_t q = k * f * d; q < (k + 1) * f * d; ++q) sq += x[q] * x[q];
-    return std::sqrt(sq);
-  }
-
-  void Step(const std::vector<double>& g, double lr, double gain_lr, int t) {
-    const int64_t M = K * f;
-    std::vector<double> gd(w.size()), D(w.size()), a_row(static_cast<size_t>(M), 0.0),
-        a_col(static_cast<size_t>(d), 0.0), a_s(1, 0.0);
-    const double gs = scalar.Value(r, 0);
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < d; ++j) {
-        const double gr = row.Value(r, i), gc = col.Value(r, j);
-        const size_t q = static_cast<size_t>(i * d + j);
-        D[q] = w[q] / (gs * gr * gc);
-        const double dg = D[q] * g[q];
-        a_row[i] += gs * dg * gc;
-        a_col[j] += gs * dg * gr;  // over the rows of every block: the shared column gains
-        a_s[0] += dg * gr * gc;
-        gd[q] = g[q] * gs * gr * gc;
-      }
-    for (int64_t k = 0; k < K; ++k) {
-      const size_t b0 = static_cast<size_t>(k * f * d), b1 = static_cast<size_t>((k + 1) * f * d);
-      if (r.tangent && r.sphere != Sphere::kNone) {
-        double dot = 0.0, dd = 0.0;
-        for (size_t q = b0; q < b1; ++q) dot += gd[q] * D[q], dd += D[q] * D[q];
-        for (size_t q = b0; q < b1; ++q) gd[q] -= dot / dd * D[q];
-      }
-      std::vector<double> u(b1 - b0);
-      if (r.base == Base::kMuon) {
-        std::vector<double> x(b1 - b0);
-        for (size_t q = b0; q < b1; ++q) {
-          mom[q] = r.momentum * mom[q] + gd[q];
-          x[q - b0] = r.nesterov ? gd[q] + r.momentum * mom[q] : mom[q];
-        }
-        kernels::ref::NewtonSchulz(r.ns_coeffs, r.ns_steps, f, d, x.data(), u.data());
-        for (double& e : u) e *= kernels::MuonScaleFactor(r.muon_scale, f, d);
-      } else {
-        const double bc1 = 1.0 - std::pow(r.beta1, t), bc2 = 1.0 - std::pow(r.beta2, t);
-        for (size_t q = b0; q < b1; ++q) {
-          m[q] = r.beta1 * m[q] + (1.0 - r.beta1) * gd[q];
-          v[q] = r.beta2 * v[q] + (1.0 - r.beta2) * gd[q] * gd[q];
-          u[q - b0] = (m[q] / bc1) / (std::sqrt(v[q] / bc2) + r.eps);
-        }
-      }
-      for (size_t q = b0; q < b1; ++q) D[q] = D[q] * (1.0 - lr * r.weight_decay) - lr * u[q - b0];
-      if (r.sphere != Sphere::kNone) {
-        const double s = radius[k] / BlockNorm(D, k);
-        for (size_t q = b0; q < b1; ++q) D[q] *= s;
-      }
-    }
-    if (!row.raw.empty()) row.Step(r, a_row, gain_lr, t);
-    if (!col.raw.empty()) col.Step(r, a_col, gain_lr, t);
-    if (!scalar.raw.empty()) scalar.Step(r, a_s, gain_lr, t);
-    const double gs2 = scalar.Value(r, 0);
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < d; ++j) W(i, j) = gs2 * row.Value(r, i) * D[i * d + j] * col.Value(r, j);
-  }
-};
 
 struct Case {
   std::string preset;
@@ -223,10 +102,11 @@ TEST_P(Blocks, BlocksShareColumnAndScalarGains) {
   // radius=auto: sqrt(max(f, d)); fan_in: sqrt(f), of the block's own shape, times the scale.
   const double block_radius =
       scale * std::sqrt(static_cast<double>(fan_in ? f : std::max(f, d)));
-  std::vector<FusedRef> ref(static_cast<size_t>(E));
+  std::vector<LayoutRef> ref(static_cast<size_t>(E));
   for (int64_t e = 0; e < E; ++e) {
-    ref[e].Init(rule, K, f, d, std::vector<double>(w0.begin() + e * mat, w0.begin() + (e + 1) * mat),
-                parsed->preserve_init, [&](double) { return block_radius; });
+    ref[e].Init(rule, BlockRows(1, std::vector<int64_t>(static_cast<size_t>(K), f)), d,
+                std::vector<double>(w0.begin() + e * mat, w0.begin() + (e + 1) * mat),
+                parsed->preserve_init, [&](int64_t, double) { return block_radius; });
   }
   const double tol = c.engine == "kernels=fast" ? 5e-6 : 1e-12;
   const bool sphere = rule.sphere != Sphere::kNone;
@@ -259,7 +139,7 @@ TEST_P(Blocks, BlocksShareColumnAndScalarGains) {
       ASSERT_EQ(static_cast<int64_t>(radius.size()), slots);
     }
     for (int64_t e = 0; e < E; ++e) {
-      FusedRef& fr = ref[e];
+      LayoutRef& fr = ref[e];
       fr.Step(std::vector<double>(g.begin() + e * mat, g.begin() + (e + 1) * mat), rule.lr,
               rule.gain_lr, step);
       const std::vector<double> mine(w.begin() + e * mat, w.begin() + (e + 1) * mat);
