@@ -76,7 +76,6 @@ the legacy GroupedMLP (use TEGroupedMLP or SequentialMLP).
 import io
 import math
 import os
-import warnings
 
 import torch
 
@@ -91,7 +90,7 @@ except ImportError as e:  # pragma: no cover - exercised only without megatron-c
                       "pip install megatron-core==0.16.1): %s" % e) from e
 
 from . import checkpoint_ref as _ckref
-from ._lib import MdoptError
+from .recipes import _blocks_tag
 from .torch import MDOptimizer
 
 MEGATRON_CORE_TESTED = "0.16.1"
@@ -269,15 +268,6 @@ def _blocks_order(blocks):
     if blocks is None:
         return (0, ())
     return (1 if blocks.startswith("rows:") else 2, _blocks_numbers(blocks))
-
-
-def _blocks_tag(blocks):
-    """A group name's part for a blocks= value: rows:2 -> rows2, groups:2:16,8,8 ->
-    groups2-16_8_8."""
-    if blocks.startswith("rows:"):
-        return "rows" + blocks[len("rows:"):]
-    g, heights = blocks[len("groups:"):].split(":")
-    return "groups%s-%s" % (g, heights.replace(",", "_"))
 
 
 def _refuse_grouped_mlp(layouts, names):
