@@ -207,6 +207,15 @@ def _layout_of_module(mod, split_heads=False):
                 out[p] = "blocks=groups:1:%d,%d" % (lora, rope)
             else:
                 out[p] = "mla_kv_down=rows:%d,%d" % (lora, rope)
+        # FusedMLASelfAttention (newer megatron-core) fuses q_down and kv_down into one
+        # linear_qkv_down_proj: [q_lora_rank rows; kv_lora_rank rows; qk_pos_emb_head_dim
+        # rows], three contiguous blocks.
+        q_lora = getattr(cfg, "q_lora_rank", None) or 0
+        for p in weights(getattr(mod, "linear_qkv_down_proj", None)):
+            if q_lora > 0 and rope > 0 and p.shape[0] == q_lora + lora + rope:
+                out[p] = "blocks=groups:1:%d,%d,%d" % (q_lora, lora, rope)
+            else:
+                out[p] = "mla_qkv_down=rows:%d,%d,%d" % (q_lora, lora, rope)
     return out
 
 
@@ -228,6 +237,9 @@ def megatron_layouts(model_chunks, split_heads=False):
                                           its V rows; blocks K and V across the H heads.
         blocks=groups:1:kv_lora_rank,qk_pos_emb_head_dim
                                           MLA's linear_kv_down_proj: two contiguous blocks.
+        blocks=groups:1:q_lora_rank,kv_lora_rank,qk_pos_emb_head_dim
+                                          the fused MLA's linear_qkv_down_proj (q_down and
+                                          kv_down in one weight): three contiguous blocks.
         mla_q_up=heads:H,rows:R / mla_q=heads:H,rows:R
                                           MLA's linear_q_up_proj (linear_q_proj without
                                           q_lora_rank): H heads of qk + rope rows; one matrix.
@@ -242,7 +254,7 @@ def megatron_layouts(model_chunks, split_heads=False):
     them, each block its own matrix (sphere, Newton-Schulz; column and scalar gains shared).
     Any other value is reported and the weight stays one matrix: besides MLA's q_up/q, a
     linear_qkv or MLA weight whose rows do not add up to its layout (qkv=..., mla_kv_up=...,
-    mla_kv_down=...). With `split_heads`, every attention head is a block of its own
+    mla_kv_down=..., mla_qkv_down=...). With `split_heads`, every attention head is a block of its own
     instead (the per-head splitting the method's authors offer as an option): linear_qkv
     blocks=rows:<heads in it> (query, gate, key and value heads), linear_q_up_proj (or
     linear_q_proj) blocks=rows:H, and linear_kv_up_proj blocks=rows:2H when qk_head_dim ==

@@ -672,6 +672,35 @@ def test_layouts_of_mla_and_gated_attention_modules():
     }
 
 
+def test_layouts_of_fused_mla_down_projection():
+    """Newer megatron-core's FusedMLASelfAttention keeps q_down and kv_down in one
+    linear_qkv_down_proj, [q_lora_rank; kv_lora_rank; rope] rows: three contiguous blocks
+    (a module with its attributes stands in for it; the installed megatron-core has none)."""
+    from types import SimpleNamespace
+
+    from mdopt.megatron import megatron_layouts
+
+    heads, q_lora, kv_lora, qk, rope, v, d = 4, 16, 12, 8, 4, 6, 32
+    cfg = SimpleNamespace(num_attention_heads=heads, qk_head_dim=qk, qk_pos_emb_head_dim=rope,
+                          v_head_dim=v, kv_lora_rank=kv_lora, q_lora_rank=q_lora,
+                          gated_linear_unit=False)
+
+    class FusedMLA(torch.nn.Module):
+        def __init__(self, rows):
+            super().__init__()
+            self.config = cfg
+            self.linear_qkv_down_proj = torch.nn.Linear(d, rows, bias=False)
+            self.linear_q_up_proj = torch.nn.Linear(q_lora, heads * (qk + rope), bias=False)
+            self.linear_kv_up_proj = torch.nn.Linear(kv_lora, heads * (qk + v), bias=False)
+
+    for rows, want in ((q_lora + kv_lora + rope, "blocks=groups:1:16,12,4"),
+                       (q_lora + kv_lora, "mla_qkv_down=rows:16,12,4")):
+        mod = FusedMLA(rows)
+        got = megatron_layouts(mod)
+        assert got[mod.linear_qkv_down_proj.weight] == want
+        assert got[mod.linear_kv_up_proj.weight] == "blocks=groups:4:8,6"
+
+
 def test_split_heads_puts_every_attention_head_on_its_own_sphere():
     model = make_glu_model(23)
     opt = get_megatron_mdopt_optimizer(config(), [model], presets={"matrix": "muonh"},
