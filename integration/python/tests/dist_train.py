@@ -145,6 +145,9 @@ def main():
                os.path.join(a.out, "rank%d.pt" % comm.rank))
     if a.comm == "torch":
         import torch.distributed as dist
+        # Both ranks done before either tears gloo down: a rank whose peer has already
+        # closed its connections can be aborted by gloo's transport.
+        dist.barrier()
         dist.destroy_process_group()
 
 
