@@ -17,27 +17,8 @@ namespace {
 
 using nlohmann::json;
 
-std::string SpecOf(const json& c) {
-  std::string spec = "preset=" + c["preset"].get<std::string>();
-  for (const auto& [key, value] : c["overrides"].items()) {
-    spec += " " + key + "=";
-    if (value.is_boolean()) {
-      spec += value.get<bool>() ? "1" : "0";
-    } else if (value.is_string()) {
-      spec += value.get<std::string>();
-    } else {
-      spec += value.dump();
-    }
-  }
-  return spec;
-}
-
-std::vector<double> Flatten(const json& m) {
-  std::vector<double> v;
-  for (const auto& row : m)
-    for (const auto& x : row) v.push_back(x.get<double>());
-  return v;
-}
+std::string SpecOf(const json& c) { return testing::VectorsSpecOf(c); }
+std::vector<double> Flatten(const json& m) { return testing::FlattenRows(m); }
 
 class ReferenceVectors : public ::testing::TestWithParam<int> {};
 

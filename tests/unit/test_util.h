@@ -18,10 +18,35 @@
 
 namespace mdopt::testing {
 
-inline nlohmann::json LoadVectors() {
-  std::ifstream in(std::string(MDOPT_TEST_DATA_DIR) + "/md-vectors.json");
-  EXPECT_TRUE(in.good()) << "cannot open md-vectors.json";
+// A file of float64 trajectories in tests/data (md-vectors.json, md-block-vectors.json).
+inline nlohmann::json LoadVectors(const std::string& file = "md-vectors.json") {
+  std::ifstream in(std::string(MDOPT_TEST_DATA_DIR) + "/" + file);
+  EXPECT_TRUE(in.good()) << "cannot open " << file;
   return nlohmann::json::parse(in);
+}
+
+// A trajectory case's group spec: "preset=<preset> key=value ..." from its overrides.
+inline std::string VectorsSpecOf(const nlohmann::json& c) {
+  std::string spec = "preset=" + c["preset"].get<std::string>();
+  for (const auto& [key, value] : c["overrides"].items()) {
+    spec += " " + key + "=";
+    if (value.is_boolean()) {
+      spec += value.get<bool>() ? "1" : "0";
+    } else if (value.is_string()) {
+      spec += value.get<std::string>();
+    } else {
+      spec += value.dump();
+    }
+  }
+  return spec;
+}
+
+// A matrix stored as a list of rows, flattened row-major.
+inline std::vector<double> FlattenRows(const nlohmann::json& m) {
+  std::vector<double> v;
+  for (const auto& row : m)
+    for (const auto& x : row) v.push_back(x.get<double>());
+  return v;
 }
 
 // Why ns_dtype=bf16 cannot run here, for GTEST_SKIP(): mdopt_runtime_info() tells a build
