@@ -174,12 +174,6 @@ absl::StatusOr<int64_t> ParamRegistry::Add(const ParamDescription& d,
   return index;
 }
 
-bool ParamEntry::EqualSlots() const {
-  for (int64_t h : block_m)
-    if (h != block_m[0]) return false;
-  return true;
-}
-
 std::string ParamEntry::SlotWhere(int64_t slot) const {
   const int64_t stack = experts / blocks;
   if (blocks == 1) return stack > 1 ? absl::StrCat(" of expert ", slot) : "";

@@ -67,8 +67,6 @@ struct ParamEntry {
   int64_t SlotRow0(int64_t s) const {
     return (s / blocks) * matrix_m + block_row0[static_cast<size_t>(s % blocks)];
   }
-  // Whether every slot has the same rows (no blocks, or blocks of equal height).
-  bool EqualSlots() const;
   int64_t numel() const { return (experts / blocks) * matrix_m * n; }
   // " of expert E", " of block B", " of expert E block B" or "" for matrix `slot` (of
   // `experts`), for messages.

@@ -62,11 +62,7 @@ class ReferenceEngine final : public Engine {
                              : kernels::Bf16ToFloat(static_cast<const uint16_t*>(base)[q]);
   }
   // Element q of a param in block order -> its index in the tensor (kernels/common/row_map.h).
-  static int64_t At(const ParamEntry& p, int64_t q) {
-    if (p.row_map.identity()) return q;
-    const int64_t l = q / p.n;
-    return p.row_map.TensorRow(l) * p.n + (q - l * p.n);
-  }
+  static int64_t At(const ParamEntry& p, int64_t q) { return p.row_map.TensorElement(q, p.n); }
   void WriteModel(int64_t index, int64_t expert);
   double GradSumSq(int64_t index) const;
   // The non-empty state arrays of a matrix, in State's order.

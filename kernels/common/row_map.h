@@ -48,6 +48,12 @@ struct RowMap {
     if (run != nullptr) *run = height[j] - i;
     return e * M + g * group_rows + start[j] + i;
   }
+  // The tensor element of block-order element `x` of a tensor with rows of `n` elements.
+  MDOPT_HD int64_t TensorElement(int64_t x, int64_t n) const {
+    if (identity()) return x;
+    const int64_t l = x / n;
+    return TensorRow(l) * n + (x - l * n);
+  }
 };
 
 // Calls f(tensor_element, rel, len) for the pieces of elements [first, first + count) in

@@ -506,8 +506,7 @@ __device__ void MoveMapped(const char* src, bool src_bf16, char* dst, bool dst_b
                            int64_t e1, const RowMap& map, int64_t n, int64_t tensor0,
                            bool tensor_src) {
   for (int64_t e = e0 + threadIdx.x; e < e1; e += kCopyThreads) {
-    const int64_t x = tensor0 + e, l = x / n;
-    const int64_t te = map.TensorRow(l) * n + (x - l * n);
+    const int64_t te = map.TensorElement(tensor0 + e, n);
     const int64_t si = tensor_src ? te : e, di = tensor_src ? e : te;
     if (src_bf16 == dst_bf16) {  // bit for bit
       if (dst_bf16) {

@@ -168,7 +168,9 @@ TEST_P(Interleaved, EveryBlockIsAMatrixOfItsOwn) {
   }
   // f32 weights: the model tensor holds the float32 master, row for row (the reference
   // engine's master is float64).
-  if (c.engine == "kernels=fast") EXPECT_EQ(worst_model, 0.0);
+  if (c.engine == "kernels=fast") {
+    EXPECT_EQ(worst_model, 0.0);
+  }
   std::printf("[ measured ] %s: worst weights vs reference %.2e, gains %.2e, "
               "|block norm - radius| / radius %.2e\n",
               c.Name().c_str(), worst_w, worst_gain, worst_norm);
